@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# One-command load comparison of the modelux gateway against a plain nginx
+# proxy_pass hop, both in front of the same zero-latency mock OpenAI upstream.
+#
+#   loadtest/run.sh                  # 10 s per phase
+#   DURATION_S=30 loadtest/run.sh
+#   SKIP_GATEWAY=1 loadtest/run.sh   # direct + nginx only
+#
+# Core layout (2-core machine): core 0 = the proxy under test, alone;
+# core 1 = loadgen + mock upstream. See loadtest/README.md.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION_S=${DURATION_S:-10}
+WARMUP_S=${WARMUP_S:-2}
+CONNECTIONS=${CONNECTIONS:-64}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+MOCK_CPU=${MOCK_CPU:-1}
+SKIP_GATEWAY=${SKIP_GATEWAY:-0}
+SKIP_BUILD=${SKIP_BUILD:-0}
+BUILD_TIMEOUT_S=${BUILD_TIMEOUT_S:-3600}
+READY_TIMEOUT_S=${READY_TIMEOUT_S:-30}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+
+GW_KEY=mlx_sk_loadtest_0123456789abcdef
+CLK_TCK=$(getconf CLK_TCK)
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/modelux-load.XXXXXX")
+PIDS=()
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+cleanup() {
+    local rc=$? pid
+    # Only the processes this script started, by PID: TERM, then KILL.
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+        local alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    if [ "$rc" != 0 ]; then
+        log "failed; logs kept in $TMP"
+        for f in "$TMP"/*.log "$TMP"/nginx/error.log; do
+            [ -s "$f" ] && { log "--- $f (tail)"; tail -n 20 "$f" >&2; }
+        done
+    elif [ "${KEEP_TMP:-0}" = 1 ]; then
+        log "temp files kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+need() { command -v "$1" >/dev/null 2>&1; }
+
+apt_install() {
+    need apt-get || die "$* missing and apt-get unavailable"
+    log "installing $*"
+    timeout 600 apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq "$@" >/dev/null
+}
+
+need curl || apt_install curl
+need taskset || apt_install util-linux
+need pgrep || apt_install procps
+if ! need nginx && ! [ -x /usr/sbin/nginx ]; then
+    apt_install nginx-light || apt_install nginx
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+# A port nobody listens on right now (small race window is acceptable here).
+free_port() {
+    local p
+    for _ in $(seq 1 200); do
+        p=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# wait_status URL STATUS: poll until URL answers STATUS, bounded.
+wait_status() {
+    local url=$1 want=$2 code
+    for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
+        [ "$code" = "$want" ] && return 0
+        sleep 0.1
+    done
+    die "$url did not answer $want within ${READY_TIMEOUT_S}s (last: ${code:-none})"
+}
+
+alive() { kill -0 "$1" 2>/dev/null || die "$2 exited early"; }
+
+# CPU ticks (utime+stime, all threads) and RSS (KiB) of a PID.
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+# Numeric field of loadgen's one-line JSON (no jq dependency).
+jnum() { sed -nE "s/.*\"$2\":(-?[0-9][0-9.eE+-]*).*/\1/p" "$1"; }
+
+# ---------------------------------------------------------------- build
+if [ "$SKIP_BUILD" != 1 ]; then
+    pkgs=(-p modelux-loadtest)
+    [ "$SKIP_GATEWAY" = 1 ] || pkgs=(-p modelux "${pkgs[@]}")
+    log "building release binaries (${pkgs[*]})"
+    (cd "$ROOT" && timeout "$BUILD_TIMEOUT_S" cargo build --release "${pkgs[@]}") ||
+        die "cargo build failed"
+fi
+for b in mock-upstream loadgen; do [ -x "$BIN/$b" ] || die "missing $BIN/$b"; done
+[ "$SKIP_GATEWAY" = 1 ] || [ -x "$BIN/modelux" ] || die "missing $BIN/modelux (SKIP_GATEWAY=1 to skip)"
+
+# Other work on the machine (a cargo build, say) skews every number here.
+LOAD1=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$LOAD1" 'BEGIN { exit !(l > 0.5) }'; then
+    log "warning: 1-minute load average is $LOAD1; results will be noisy on a busy machine"
+fi
+
+# ---------------------------------------------------------------- mock
+taskset -c "$MOCK_CPU" "$BIN/mock-upstream" --listen 127.0.0.1:0 --threads 1 \
+    >"$TMP/mock.out" 2>"$TMP/mock.log" &
+MOCK_PID=$!
+PIDS+=("$MOCK_PID")
+MOCK_ADDR=
+for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
+    MOCK_ADDR=$(sed -n 's/^listening on //p' "$TMP/mock.out")
+    [ -n "$MOCK_ADDR" ] && break
+    alive "$MOCK_PID" mock-upstream
+    sleep 0.1
+done
+[ -n "$MOCK_ADDR" ] || die "mock-upstream did not report its address"
+MOCK_PORT=${MOCK_ADDR##*:}
+wait_status "http://$MOCK_ADDR/v1/models" 200
+log "mock upstream on $MOCK_ADDR"
+
+BODY_MOCK=$TMP/body-direct.json
+BODY_GW=$TMP/body-gateway.json
+printf '%s' '{"model":"mock/mock-model","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_GW"
+# Direct and nginx hops send the same body; the mock echoes any model.
+cp "$BODY_GW" "$BODY_MOCK"
+
+# ---------------------------------------------------------------- gateway
+if [ "$SKIP_GATEWAY" != 1 ]; then
+    GW_PORT=$(free_port) || die "no free port"
+    GW_MANAGE_PORT=$(free_port) || die "no free port"
+    cat >"$TMP/gw.yaml" <<YAML
+server:
+  proxy_listen: "127.0.0.1:$GW_PORT"
+  manage_listen: "127.0.0.1:$GW_MANAGE_PORT"
+  threads: 1
+providers:
+  - { id: mock, kind: openai_compatible, base_url: "http://127.0.0.1:$MOCK_PORT/v1", api_key: "sk-mock" }
+projects:
+  - id: default
+    keys:
+      - { name: load, key: "$GW_KEY" }
+management_keys:
+  - { name: admin, key: "mlx_mk_loadtest_0123456789abcdef" }
+YAML
+    "$BIN/modelux" check --config "$TMP/gw.yaml" >"$TMP/gw-check.log" 2>&1 ||
+        die "gateway rejected the generated config: $(cat "$TMP/gw-check.log")"
+    RUST_LOG=${RUST_LOG:-warn} taskset -c "$PROXY_CPU" "$BIN/modelux" serve --config "$TMP/gw.yaml" \
+        >"$TMP/gateway.log" 2>&1 &
+    GW_PID=$!
+    PIDS+=("$GW_PID")
+    wait_status "http://127.0.0.1:$GW_MANAGE_PORT/healthz" 200
+    alive "$GW_PID" gateway
+    log "gateway on 127.0.0.1:$GW_PORT (manage $GW_MANAGE_PORT), pid $GW_PID"
+fi
+
+# ---------------------------------------------------------------- nginx
+NGINX_PORT=$(free_port) || die "no free port"
+NP=$TMP/nginx
+mkdir -p "$NP/tmp"
+cat >"$NP/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $NP/nginx.pid;
+error_log $NP/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $NP/tmp/body;
+    proxy_temp_path $NP/tmp/proxy;
+    fastcgi_temp_path $NP/tmp/fastcgi;
+    uwsgi_temp_path $NP/tmp/uwsgi;
+    scgi_temp_path $NP/tmp/scgi;
+    keepalive_requests 1000000;
+    upstream mock {
+        server 127.0.0.1:$MOCK_PORT;
+        keepalive 128;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+CONF
+taskset -c "$PROXY_CPU" "$NGINX" -p "$NP/" -c "$NP/nginx.conf" -e "$NP/error.log" \
+    >"$TMP/nginx.log" 2>&1 &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+wait_status "http://127.0.0.1:$NGINX_PORT/v1/models" 200
+NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -n 1 || true)
+[ -n "$NGINX_WORKER" ] || die "nginx worker not found"
+PIDS+=("$NGINX_WORKER")
+log "nginx on 127.0.0.1:$NGINX_PORT, master $NGINX_PID, worker $NGINX_WORKER"
+
+# ---------------------------------------------------------------- phases
+# run_phase NAME PORT PATH MEASURE_PID [extra loadgen args...]
+run_phase() {
+    local name=$1 port=$2 path=$3 pid=$4
+    shift 4
+    local body=$BODY_MOCK
+    [ "$name" = gateway ] && body=$BODY_GW
+    local common=(--target "127.0.0.1:$port" --path "$path" --body-file "$body" --threads 1 --json "$@")
+    # One request first so a broken hop fails loudly instead of timing 10 s
+    # of errors.
+    timeout 30 "$BIN/loadgen" "${common[@]}" --connections 1 --max-requests 1 \
+        --warmup-s 0 --duration-s 10 >"$TMP/$name.check.json" ||
+        die "$name: sanity request failed"
+    [ "$(jnum "$TMP/$name.check.json" ok)" = 1 ] ||
+        die "$name: sanity request did not return 2xx: $(cat "$TMP/$name.check.json")"
+    local t0=0 t1=0
+    [ "$pid" != - ] && t0=$(cpu_ticks "$pid")
+    log "phase $name: ${CONNECTIONS} connections, ${WARMUP_S}s warmup + ${DURATION_S}s"
+    timeout $((DURATION_S + WARMUP_S + 60)) taskset -c "$LOAD_CPU" "$BIN/loadgen" "${common[@]}" \
+        --connections "$CONNECTIONS" --warmup-s "$WARMUP_S" --duration-s "$DURATION_S" \
+        >"$TMP/$name.json" || die "$name: loadgen failed"
+    if [ "$pid" != - ]; then
+        t1=$(cpu_ticks "$pid")
+        echo "$((t1 - t0))" >"$TMP/$name.ticks"
+        rss_kib "$pid" >"$TMP/$name.rss"
+    fi
+}
+
+run_phase direct "$MOCK_PORT" /v1/chat/completions -
+if [ "$SKIP_GATEWAY" != 1 ]; then
+    alive "$GW_PID" gateway
+    run_phase gateway "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+        --header "Authorization: Bearer $GW_KEY"
+fi
+alive "$NGINX_PID" nginx
+run_phase nginx "$NGINX_PORT" /v1/chat/completions "$NGINX_WORKER"
+
+# ---------------------------------------------------------------- report
+row() {
+    local name=$1 f=$TMP/$1.json
+    local rps p50 p99 p999 errs all base50 base99 ticks rss
+    rps=$(jnum "$f" rps)
+    p50=$(jnum "$f" p50_us)
+    p99=$(jnum "$f" p99_us)
+    p999=$(jnum "$f" p999_us)
+    errs=$(jnum "$f" errors)
+    all=$(jnum "$f" completed_all)
+    base50=$(jnum "$TMP/direct.json" p50_us)
+    base99=$(jnum "$TMP/direct.json" p99_us)
+    ticks=$(cat "$TMP/$name.ticks" 2>/dev/null || echo -)
+    rss=$(cat "$TMP/$name.rss" 2>/dev/null || echo -)
+    awk -v n="$name" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v p999="$p999" \
+        -v errs="$errs" -v all="$all" -v b50="$base50" -v b99="$base99" \
+        -v ticks="$ticks" -v rss="$rss" -v tck="$CLK_TCK" 'BEGIN {
+        add50 = (n == "direct") ? "–" : sprintf("%+d", p50 - b50)
+        add99 = (n == "direct") ? "–" : sprintf("%+d", p99 - b99)
+        cpu = (ticks == "-" || all == 0) ? "–" : sprintf("%.1f", ticks / tck * 1e6 / all)
+        mib = (rss == "-") ? "–" : sprintf("%.1f", rss / 1024)
+        printf "| %s | %.0f | %d | %d | %d | %s | %s | %s | %s | %d |\n",
+            n, rps, p50, p99, p999, add50, add99, cpu, mib, errs
+    }'
+}
+
+{
+    echo "## modelux load test"
+    echo
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) · $(nproc) CPUs · ${CONNECTIONS} connections · non-streaming" \
+        "· ${WARMUP_S}s warmup + ${DURATION_S}s per target · proxy on CPU $PROXY_CPU," \
+        "loadgen on CPU $LOAD_CPU, mock on CPU $MOCK_CPU · $("$NGINX" -v 2>&1 | sed 's/.*: //')"
+    echo
+    echo "| target | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | CPU µs/req | RSS MiB | errors |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    row direct
+    [ "$SKIP_GATEWAY" = 1 ] || row gateway
+    row nginx
+    echo
+    if [ "$SKIP_GATEWAY" != 1 ]; then
+        awk -v g="$(jnum "$TMP/gateway.json" rps)" -v n="$(jnum "$TMP/nginx.json" rps)" \
+            'BEGIN { if (n > 0) printf "Gateway throughput: **%.1f%%** of nginx.\n", 100 * g / n }'
+    else
+        echo "Gateway phase skipped (SKIP_GATEWAY=1)."
+    fi
+} | tee "$TMP/report.md"
+if [ -n "${REPORT_OUT:-}" ]; then cp "$TMP/report.md" "$REPORT_OUT"; fi

@@ -1,0 +1,775 @@
+//! Mock OpenAI upstream.
+//!
+//! Speaks the published Chat Completions wire format (shapes come from the
+//! fixtures in `tests/fixtures/openai/`), over a small hand-written HTTP/1.1
+//! server so it is fast enough to be the baseline in load tests and fully
+//! controllable (latency, streaming pace, scripted failures) in gateway tests.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::template::{self, StreamTemplates, Template, Templates, Vals};
+use crate::wire::{self, ChunkedDecoder, Decoded};
+
+/// Largest request head (request line + headers) accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Largest request body accepted (the contract is "at least 64 MiB").
+const MAX_BODY: u64 = 256 * 1024 * 1024;
+const MAX_HEADERS: usize = 128;
+
+/// How the mock answers; see [`Behavior`] for per-request overrides.
+#[derive(Clone, Debug)]
+pub struct MockConfig {
+    /// Delay before response headers (every answered request).
+    pub latency: Duration,
+    /// Streaming: delay between the role chunk and the first content chunk.
+    pub ttft: Duration,
+    /// Streaming: delay between consecutive content chunks.
+    pub inter_token: Duration,
+    /// Content tokens per response (`" tok0"`, `" tok1"`, ...).
+    pub tokens: usize,
+    /// Fraction (0..=1) of requests answered with `error_status`. Applied
+    /// deterministically (every 1/rate-th request), so tests are repeatable.
+    pub error_rate: f64,
+    pub error_status: u16,
+    /// Consumed one per request (any route), in order; defaults apply once
+    /// it is empty.
+    pub script: Vec<Behavior>,
+    /// Keep every request for [`MockServer::requests`]. Off for load runs.
+    pub record: bool,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            latency: Duration::ZERO,
+            ttft: Duration::ZERO,
+            inter_token: Duration::ZERO,
+            tokens: 16,
+            error_rate: 0.0,
+            error_status: 500,
+            script: Vec::new(),
+            record: true,
+        }
+    }
+}
+
+/// Per-request behavior override (see [`MockConfig::script`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Behavior {
+    Normal,
+    /// Answer with this status and an OpenAI-shaped error body; 429 also
+    /// sets `retry-after: 1`. Statuses below 400 answer normally.
+    Status(u16),
+    /// Read the request, then reset the connection without any response.
+    ResetBeforeHeaders,
+    /// Send headers and this many SSE events (the role chunk counts), then
+    /// reset the connection: no finish chunk, no `[DONE]`, no chunked
+    /// terminator. For a non-streamed request half of the body is sent.
+    ResetMidStream {
+        after_chunks: usize,
+    },
+    /// Read the request and never answer (until the client hangs up).
+    Hang,
+    /// Wait this long (on top of `latency`), then answer normally.
+    Delay(Duration),
+}
+
+/// One request as received (when [`MockConfig::record`] is on).
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    /// Header names lowercased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RecordedRequest {
+    /// First header with this (case-insensitive) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON.
+    pub fn json(&self) -> serde_json::Result<serde_json::Value> {
+        serde_json::from_slice(&self.body)
+    }
+}
+
+struct Shared {
+    cfg: MockConfig,
+    script: Mutex<VecDeque<Behavior>>,
+    /// Length of `script`, so the load path never takes the lock.
+    script_len: AtomicUsize,
+    recorded: Mutex<Vec<RecordedRequest>>,
+    count: AtomicUsize,
+    /// Sequence for response ids and the deterministic error rate.
+    seq: AtomicU64,
+    tpl: Templates,
+    /// JSON string of the whole non-streamed content.
+    content_json: Vec<u8>,
+    /// JSON string of each streamed content token.
+    token_json: Vec<Vec<u8>>,
+}
+
+/// A running mock upstream. Dropping it shuts it down.
+pub struct MockServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+impl MockServer {
+    /// Binds `127.0.0.1:0` and serves on the current tokio runtime.
+    pub async fn start(cfg: MockConfig) -> io::Result<MockServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(listener, cfg).await
+    }
+
+    /// Serves on an already bound listener.
+    pub async fn start_on(listener: TcpListener, cfg: MockConfig) -> io::Result<MockServer> {
+        let addr = listener.local_addr()?;
+        let tpl = Templates::load()?;
+        let tokens: Vec<String> = (0..cfg.tokens).map(|i| format!(" tok{i}")).collect();
+        let content_json = serde_json::to_vec(&tokens.concat()).map_err(io::Error::other)?;
+        let token_json =
+            tokens.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>().map_err(io::Error::other)?;
+        let shared = Arc::new(Shared {
+            script: Mutex::new(cfg.script.iter().cloned().collect()),
+            script_len: AtomicUsize::new(cfg.script.len()),
+            cfg,
+            recorded: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+            seq: AtomicU64::new(0),
+            tpl,
+            content_json,
+            token_json,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
+        Ok(MockServer { addr, shared, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT/v1`, the OpenAI-style base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Requests received so far (empty when `record` is off).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.recorded).clone()
+    }
+
+    /// Requests received so far (counted even when `record` is off).
+    pub fn request_count(&self) -> usize {
+        self.shared.count.load(Ordering::Relaxed)
+    }
+
+    /// Appends behaviors to the script at runtime.
+    pub fn push_script(&self, behaviors: impl IntoIterator<Item = Behavior>) {
+        let mut script = lock(&self.shared.script);
+        script.extend(behaviors);
+        self.shared.script_len.store(script.len(), Ordering::Release);
+    }
+
+    /// Stops accepting and closes every open connection.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A poisoned lock only means a test thread panicked; the data is still fine.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn accept_loop(listener: TcpListener, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            r = listener.accept() => match r {
+                Ok((sock, _)) => {
+                    // Latency matters more than packet count here: SSE chunks
+                    // must leave immediately.
+                    let _ = sock.set_nodelay(true);
+                    let sh = sh.clone();
+                    let mut stop = stop.clone();
+                    tokio::spawn(async move {
+                        if *stop.borrow_and_update() {
+                            return;
+                        }
+                        tokio::select! {
+                            _ = stop.changed() => {}
+                            _ = serve_conn(sock, &sh) => {}
+                        }
+                    });
+                }
+                // Out of fds and the like: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    ChatCompletions,
+    Models,
+    NotFound,
+}
+
+enum BodyKind {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+struct Head {
+    len: usize,
+    route: Route,
+    body: BodyKind,
+    close: bool,
+    expect_continue: bool,
+    /// `METHOD path`, kept only for the 404 message.
+    not_found: Option<String>,
+    recorded: Option<RecordedRequest>,
+}
+
+/// Parses a request head from the front of `buf`; `None` when incomplete.
+fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(wire::invalid(&format!("bad request head: {e}"))),
+    };
+    let method = req.method.unwrap_or("");
+    let full_path = req.path.unwrap_or("");
+    let path = full_path.split('?').next().unwrap_or("");
+    let route = match (method, path) {
+        ("POST", "/v1/chat/completions") => Route::ChatCompletions,
+        ("GET", "/v1/models") => Route::Models,
+        _ => Route::NotFound,
+    };
+    let mut body = BodyKind::Empty;
+    let mut close = req.version == Some(0);
+    let mut expect_continue = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            if !matches!(body, BodyKind::Chunked) {
+                body = BodyKind::Length(wire::parse_len(h.value)?);
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if wire::has_token(h.value, "chunked") {
+                body = BodyKind::Chunked;
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            if wire::has_token(h.value, "close") {
+                close = true;
+            } else if wire::has_token(h.value, "keep-alive") {
+                close = false;
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue = wire::has_token(h.value, "100-continue");
+        }
+    }
+    if matches!(body, BodyKind::Length(0)) {
+        body = BodyKind::Empty;
+    }
+    let not_found = (route == Route::NotFound).then(|| format!("{method} {path}"));
+    let recorded = record.then(|| RecordedRequest {
+        method: method.to_owned(),
+        path: full_path.to_owned(),
+        headers: req
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+            .collect(),
+        body: Vec::new(),
+    });
+    Ok(Some(Head { len, route, body, close, expect_continue, not_found, recorded }))
+}
+
+/// Per-connection reusable buffers, so steady-state requests do not allocate.
+struct ConnBufs {
+    out: Vec<u8>,
+    body: Vec<u8>,
+    model: Vec<u8>,
+}
+
+async fn serve_conn(mut sock: TcpStream, sh: &Shared) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut bufs = ConnBufs {
+        out: Vec::with_capacity(4096),
+        body: Vec::with_capacity(2048),
+        model: Vec::with_capacity(64),
+    };
+    loop {
+        let head = loop {
+            if !buf.is_empty() {
+                match parse_head(&buf, sh.cfg.record) {
+                    Ok(Some(h)) => break h,
+                    Ok(None) => {}
+                    Err(_) => {
+                        write_error(&mut sock, &mut bufs, 400, &[], true).await?;
+                        return Ok(());
+                    }
+                }
+                if buf.len() > MAX_HEAD {
+                    write_error(&mut sock, &mut bufs, 431, &[], true).await?;
+                    return Ok(());
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            if sock.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        };
+        buf.advance(head.len);
+        if let BodyKind::Length(n) = head.body {
+            if n > MAX_BODY {
+                write_error(&mut sock, &mut bufs, 413, &[], true).await?;
+                return Ok(());
+            }
+        }
+        if head.expect_continue && !matches!(head.body, BodyKind::Empty) {
+            sock.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+        }
+        let body = read_body(&mut sock, &mut buf, &head.body).await?;
+        let keep = handle(&mut sock, sh, head, body, &mut bufs).await?;
+        if !keep {
+            return Ok(());
+        }
+    }
+}
+
+async fn read_body(sock: &mut TcpStream, buf: &mut BytesMut, kind: &BodyKind) -> io::Result<Bytes> {
+    match *kind {
+        BodyKind::Empty => Ok(Bytes::new()),
+        BodyKind::Length(n) => {
+            let n = usize::try_from(n).map_err(|_| wire::invalid("body too large"))?;
+            if buf.len() < n {
+                buf.reserve(n - buf.len());
+            }
+            while buf.len() < n {
+                if sock.read_buf(buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            Ok(buf.split_to(n).freeze())
+        }
+        BodyKind::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            let mut out = BytesMut::new();
+            loop {
+                match dec.next(buf)? {
+                    Decoded::Data(d) => {
+                        if (out.len() + d.len()) as u64 > MAX_BODY {
+                            return Err(wire::invalid("body too large"));
+                        }
+                        out.extend_from_slice(&d);
+                    }
+                    Decoded::Done => return Ok(out.freeze()),
+                    Decoded::NeedMore => {
+                        if buf.capacity() - buf.len() < 4096 {
+                            buf.reserve(64 * 1024);
+                        }
+                        if sock.read_buf(buf).await? == 0 {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn next_behavior(&self) -> Behavior {
+        if self.script_len.load(Ordering::Acquire) > 0 {
+            let mut script = lock(&self.script);
+            if let Some(b) = script.pop_front() {
+                self.script_len.store(script.len(), Ordering::Release);
+                return b;
+            }
+        }
+        let rate = self.cfg.error_rate;
+        if rate > 0.0 {
+            // Deterministic spread: request n errors when floor(n*rate) steps.
+            let n = self.seq.load(Ordering::Relaxed) as f64;
+            if ((n + 1.0) * rate).floor() > (n * rate).floor() {
+                return Behavior::Status(self.cfg.error_status);
+            }
+        }
+        Behavior::Normal
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// Answers one request; returns whether the connection stays open.
+async fn handle(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    mut head: Head,
+    body: Bytes,
+    bufs: &mut ConnBufs,
+) -> io::Result<bool> {
+    sh.count.fetch_add(1, Ordering::Relaxed);
+    if let Some(mut rec) = head.recorded.take() {
+        rec.body = body.to_vec();
+        lock(&sh.recorded).push(rec);
+    }
+    let behavior = sh.next_behavior();
+    let seq = sh.seq.fetch_add(1, Ordering::Relaxed);
+    let mut cut = None;
+    match behavior {
+        Behavior::ResetBeforeHeaders => {
+            reset(sock);
+            return Ok(false);
+        }
+        Behavior::Hang => {
+            let mut scratch = [0u8; 4096];
+            while let Ok(n) = sock.read(&mut scratch).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            return Ok(false);
+        }
+        Behavior::Delay(d) => sleep(d).await,
+        Behavior::ResetMidStream { after_chunks } => cut = Some(after_chunks),
+        Behavior::Normal | Behavior::Status(_) => {}
+    }
+    sleep(sh.cfg.latency).await;
+    if let Behavior::Status(s) = behavior {
+        if s >= 400 {
+            write_error(sock, bufs, s, &[], head.close).await?;
+            return Ok(!head.close);
+        }
+    }
+    match head.route {
+        Route::NotFound => {
+            let msg = format!("Invalid URL ({})", head.not_found.as_deref().unwrap_or(""));
+            write_error(sock, bufs, 404, msg.as_bytes(), head.close).await?;
+        }
+        Route::Models => {
+            write_response(sock, bufs, 200, "application/json", MODELS.as_bytes(), head.close).await?;
+        }
+        Route::ChatCompletions => {
+            let req: ChatRequest<'_> = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(_) => {
+                    write_error(sock, bufs, 400, &[], head.close).await?;
+                    return Ok(!head.close);
+                }
+            };
+            let Some(model) = req.model else {
+                write_error(sock, bufs, 400, b"you must provide a model parameter", head.close).await?;
+                return Ok(!head.close);
+            };
+            bufs.model.clear();
+            serde_json::to_writer(&mut bufs.model, &*model).map_err(io::Error::other)?;
+            let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let mut vals = Vals {
+                seq,
+                created,
+                model_json: &[],
+                content_json: &sh.content_json,
+                // Rough tokenizer stand-in: ~4 bytes per token.
+                prompt_tokens: (body.len() as u64 / 4).max(1),
+                completion_tokens: sh.cfg.tokens as u64,
+            };
+            let model_json = std::mem::take(&mut bufs.model);
+            vals.model_json = &model_json;
+            let r = if req.stream == Some(true) {
+                let usage = req.stream_options.and_then(|o| o.include_usage) == Some(true);
+                stream_completion(sock, sh, bufs, &mut vals, usage, cut, head.close).await
+            } else {
+                bufs.body.clear();
+                sh.tpl.completion.render(&vals, &mut bufs.body);
+                if cut.is_some() {
+                    write_truncated(sock, bufs).await
+                } else {
+                    let body = std::mem::take(&mut bufs.body);
+                    let r = write_response(sock, bufs, 200, "application/json", &body, head.close).await;
+                    bufs.body = body;
+                    r.map(|()| true)
+                }
+            };
+            bufs.model = model_json;
+            if !r? {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(!head.close)
+}
+
+/// Streams the SSE response. Returns false when the connection was cut.
+async fn stream_completion<'a>(
+    sock: &mut TcpStream,
+    sh: &'a Shared,
+    bufs: &mut ConnBufs,
+    vals: &mut Vals<'a>,
+    usage: bool,
+    cut: Option<usize>,
+    close: bool,
+) -> io::Result<bool> {
+    let t: &StreamTemplates = &sh.tpl.stream;
+    let (role, content, finish) =
+        if usage { (&t.role, &t.content, &t.finish) } else { (&t.role_nu, &t.content_nu, &t.finish_nu) };
+    bufs.out.clear();
+    bufs.out.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
+          cache-control: no-cache\r\ntransfer-encoding: chunked\r\n",
+    );
+    push_common_headers(&mut bufs.out, vals.seq, close);
+    bufs.out.extend_from_slice(b"\r\n");
+    // Headers go out on their own so a client sees the status before TTFT.
+    sock.write_all(&bufs.out).await?;
+
+    let mut sent = 0usize;
+    // One event per chunk, one write per chunk: nothing is held back.
+    macro_rules! event {
+        ($tpl:expr) => {{
+            if cut == Some(sent) {
+                reset(sock);
+                return Ok(false);
+            }
+            write_event(sock, bufs, $tpl, vals).await?;
+            sent += 1;
+        }};
+    }
+    vals.content_json = b"\"\"";
+    event!(role);
+    sleep(sh.cfg.ttft).await;
+    for (i, tok) in sh.token_json.iter().enumerate() {
+        if i > 0 {
+            sleep(sh.cfg.inter_token).await;
+        }
+        vals.content_json = tok;
+        event!(content);
+    }
+    event!(finish);
+    if usage {
+        event!(&t.usage);
+    }
+    if cut.is_some_and(|c| c >= sent) {
+        reset(sock);
+        return Ok(false);
+    }
+    bufs.out.clear();
+    wire::push_chunk(&mut bufs.out, b"data: [DONE]\n\n");
+    bufs.out.extend_from_slice(b"0\r\n\r\n");
+    sock.write_all(&bufs.out).await?;
+    Ok(true)
+}
+
+async fn write_event(
+    sock: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    tpl: &Template,
+    vals: &Vals<'_>,
+) -> io::Result<()> {
+    bufs.body.clear();
+    bufs.body.extend_from_slice(b"data: ");
+    tpl.render(vals, &mut bufs.body);
+    bufs.body.extend_from_slice(b"\n\n");
+    bufs.out.clear();
+    wire::push_chunk(&mut bufs.out, &bufs.body);
+    sock.write_all(&bufs.out).await
+}
+
+/// Non-streamed ResetMidStream: headers promise the full body, half is sent.
+async fn write_truncated(sock: &mut TcpStream, bufs: &mut ConnBufs) -> io::Result<bool> {
+    bufs.out.clear();
+    let _ = write!(
+        bufs.out,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        bufs.body.len()
+    );
+    bufs.out.extend_from_slice(&bufs.body[..bufs.body.len() / 2]);
+    sock.write_all(&bufs.out).await?;
+    reset(sock);
+    Ok(false)
+}
+
+fn push_common_headers(out: &mut Vec<u8>, seq: u64, close: bool) {
+    let _ = write!(out, "x-request-id: req_mock{seq:024}\r\nopenai-processing-ms: 0\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+}
+
+/// Headers and body in one buffer and one write.
+async fn write_response(
+    sock: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    close: bool,
+) -> io::Result<()> {
+    write_response_with(sock, bufs, status, content_type, body, close, "").await
+}
+
+async fn write_response_with(
+    sock: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    close: bool,
+    extra_headers: &str,
+) -> io::Result<()> {
+    let out = &mut bufs.out;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{extra_headers}",
+        reason(status),
+        body.len()
+    );
+    push_common_headers(out, 0, close);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    sock.write_all(out).await
+}
+
+/// An OpenAI error envelope for `status`. `message` overrides the fixture's
+/// message when non-empty.
+async fn write_error(
+    sock: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    status: u16,
+    message: &[u8],
+    close: bool,
+) -> io::Result<()> {
+    let body = error_body(status, &String::from_utf8_lossy(message));
+    let extra = if status == 429 { "retry-after: 1\r\n" } else { "" };
+    write_response_with(sock, bufs, status, "application/json", &body, close, extra).await
+}
+
+fn error_body(status: u16, message: &str) -> Cow<'static, [u8]> {
+    let fixture = match status {
+        429 => template::ERROR_429,
+        400 => template::ERROR_400,
+        s if s >= 500 => template::ERROR_500,
+        _ => "",
+    };
+    if message.is_empty() && !fixture.is_empty() {
+        return Cow::Borrowed(fixture.as_bytes());
+    }
+    let (ty, code) = match status {
+        401 => ("invalid_request_error", serde_json::json!("invalid_api_key")),
+        429 => ("requests", serde_json::json!("rate_limit_exceeded")),
+        s if s >= 500 => ("server_error", serde_json::Value::Null),
+        _ => ("invalid_request_error", serde_json::Value::Null),
+    };
+    let message =
+        if message.is_empty() { format!("mock upstream error {status}") } else { message.to_owned() };
+    let v = serde_json::json!({
+        "error": { "message": message, "type": ty, "param": null, "code": code }
+    });
+    Cow::Owned(serde_json::to_vec_pretty(&v).unwrap_or_default())
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+/// Drops the connection with an RST (SO_LINGER 0) so the peer sees an abrupt
+/// reset, not a graceful close. The socket is dropped by the caller.
+fn reset(sock: &TcpStream) {
+    // Deprecated because a non-zero linger blocks on drop; zero never does.
+    #[allow(deprecated)]
+    let _ = sock.set_linger(Some(Duration::ZERO));
+}
+
+async fn sleep(d: Duration) {
+    // Skip the timer entirely at zero so the baseline stays cheap.
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// `GET /v1/models` body, in OpenAI's list shape.
+const MODELS: &str = r#"{
+  "object": "list",
+  "data": [
+    {
+      "id": "gpt-4o-mini",
+      "object": "model",
+      "created": 1721172741,
+      "owned_by": "system"
+    },
+    {
+      "id": "gpt-4o",
+      "object": "model",
+      "created": 1715367049,
+      "owned_by": "system"
+    },
+    {
+      "id": "mock-model",
+      "object": "model",
+      "created": 1700000000,
+      "owned_by": "modelux-mock"
+    }
+  ]
+}"#;

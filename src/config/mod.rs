@@ -1,0 +1,477 @@
+//! Configuration: YAML text → raw serde types (`raw`) → validated runtime `Snapshot`.
+//! Every error names the path of the offending value. The live snapshot sits in one
+//! `ArcSwap` (see `store`), so a request sees either the old or the new config, never a mix.
+
+pub mod env;
+pub mod raw;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::Value;
+
+use crate::auth::{self, KeyIndex, Principal, MANAGEMENT_KEY_PREFIX, PROJECT_KEY_PREFIX};
+use crate::providers::{self, Provider, Target};
+use raw::*;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Server-level settings with defaults applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub proxy_listen: String,
+    pub manage_listen: String,
+    pub threads: usize,
+    pub max_body_bytes: u64,
+    pub client_body_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub watch_config: bool,
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Strategy {
+    Single { target: Target },
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Single { .. } => "single",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RoutingConfig {
+    pub slug: String,
+    pub project: String,
+    /// Starts at 1; bumped whenever a reload changes this config's definition.
+    pub version: u32,
+    pub strategy: Strategy,
+    /// Canonical text of the definition, compared across reloads to decide version bumps.
+    pub definition: String,
+}
+
+/// Everything the hot path reads, immutable once built.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increases by one with every successful (re)load.
+    pub generation: u64,
+    pub settings: Settings,
+    pub providers: HashMap<String, Arc<Provider>>,
+    pub project_keys: KeyIndex,
+    pub management_keys: KeyIndex,
+    pub routing_configs: HashMap<String, Arc<RoutingConfig>>,
+    pub projects: Vec<String>,
+}
+
+pub fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Parses and validates config text. `previous` carries routing-config versions forward.
+pub fn build_snapshot(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let raw = parse(text, lookup)?;
+    validate(raw, previous)
+}
+
+fn section<T: DeserializeOwned>(value: Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let full = match (path.is_empty(), inner.as_str()) {
+                (_, ".") => path.to_string(),
+                (true, _) => inner,
+                (false, _) if inner.starts_with('[') => format!("{path}{inner}"),
+                (false, _) => format!("{path}.{inner}"),
+            };
+            errors.push(ConfigError::new(full, e.into_inner().to_string()));
+            None
+        }
+    }
+}
+
+fn sequence(value: Value, path: &str, errors: &mut Vec<ConfigError>) -> Vec<Value> {
+    match value {
+        Value::Sequence(items) => items,
+        Value::Null => Vec::new(),
+        _ => {
+            errors.push(ConfigError::new(path, "expected a list"));
+            Vec::new()
+        }
+    }
+}
+
+/// YAML → raw sections. Each list entry is deserialized separately so that all broken
+/// entries are reported in one run, not just the first.
+pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawConfig, Vec<ConfigError>> {
+    let mut root: Value = serde_yaml_ng::from_str(text)
+        .map_err(|e| vec![ConfigError::new("", format!("invalid YAML: {e}"))])?;
+    let mut errors = Vec::new();
+    env::substitute(&mut root, "", lookup, &mut errors);
+    let map = match root {
+        Value::Mapping(m) => m,
+        Value::Null => Default::default(),
+        _ => return Err(vec![ConfigError::new("", "the config must be a mapping")]),
+    };
+    let mut raw = RawConfig::default();
+    for (key, value) in map {
+        let Value::String(key) = key else {
+            errors.push(ConfigError::new("", format!("non-string key {key:?}")));
+            continue;
+        };
+        match key.as_str() {
+            "server" => {
+                if !value.is_null() {
+                    if let Some(s) = section(value, "server", &mut errors) {
+                        raw.server = s;
+                    }
+                }
+            }
+            "providers" => {
+                for (i, item) in sequence(value, "providers", &mut errors).into_iter().enumerate() {
+                    if let Some(p) = section(item, &format!("providers[{i}]"), &mut errors) {
+                        raw.providers.push(p);
+                    }
+                }
+            }
+            "projects" => {
+                for (i, item) in sequence(value, "projects", &mut errors).into_iter().enumerate() {
+                    if let Some(p) = section(item, &format!("projects[{i}]"), &mut errors) {
+                        raw.projects.push(p);
+                    }
+                }
+            }
+            "management_keys" => {
+                for (i, item) in sequence(value, "management_keys", &mut errors).into_iter().enumerate() {
+                    if let Some(k) = section(item, &format!("management_keys[{i}]"), &mut errors) {
+                        raw.management_keys.push(k);
+                    }
+                }
+            }
+            "routing_configs" => match value {
+                Value::Mapping(m) => {
+                    for (slug, def) in m {
+                        let Value::String(slug) = slug else {
+                            errors.push(ConfigError::new("routing_configs", "slugs must be strings"));
+                            continue;
+                        };
+                        let path = format!("routing_configs.{slug}");
+                        if let Some(rc) = section(def, &path, &mut errors) {
+                            raw.routing_configs.insert(slug, rc);
+                        }
+                    }
+                }
+                Value::Null => {}
+                _ => errors.push(ConfigError::new("routing_configs", "expected a mapping of slug to config")),
+            },
+            other => errors.push(ConfigError::new(
+                other,
+                format!("unknown key; expected one of {}", TOP_LEVEL_KEYS.join(", ")),
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(raw)
+    } else {
+        Err(errors)
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+fn settings(raw: &RawServer, errors: &mut Vec<ConfigError>) -> Settings {
+    let ms = |v: Option<u64>, default: u64, path: &str, errors: &mut Vec<ConfigError>| {
+        let v = v.unwrap_or(default);
+        if v == 0 {
+            errors.push(ConfigError::new(path, "must be greater than 0"));
+        }
+        Duration::from_millis(v)
+    };
+    let threads =
+        raw.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if threads == 0 {
+        errors.push(ConfigError::new("server.threads", "must be at least 1"));
+    }
+    let proxy_listen = raw.proxy_listen.clone().unwrap_or_else(|| DEFAULT_PROXY_LISTEN.into());
+    let manage_listen = raw.manage_listen.clone().unwrap_or_else(|| DEFAULT_MANAGE_LISTEN.into());
+    for (path, addr) in [("server.proxy_listen", &proxy_listen), ("server.manage_listen", &manage_listen)] {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(ConfigError::new(path, format!("\"{addr}\" is not an IP:port address")));
+        }
+    }
+    if proxy_listen == manage_listen {
+        errors.push(ConfigError::new("server.manage_listen", "must differ from server.proxy_listen"));
+    }
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes == 0 {
+        errors.push(ConfigError::new("server.max_body_bytes", "must be greater than 0"));
+    }
+    Settings {
+        proxy_listen,
+        manage_listen,
+        threads: threads.max(1),
+        max_body_bytes,
+        client_body_timeout: ms(raw.client_body_timeout_ms, 30_000, "server.client_body_timeout_ms", errors),
+        upstream_connect_timeout: ms(
+            raw.upstream_connect_timeout_ms,
+            5_000,
+            "server.upstream_connect_timeout_ms",
+            errors,
+        ),
+        upstream_timeout: ms(raw.upstream_timeout_ms, 600_000, "server.upstream_timeout_ms", errors),
+        upstream_idle_timeout: ms(
+            raw.upstream_idle_timeout_ms,
+            60_000,
+            "server.upstream_idle_timeout_ms",
+            errors,
+        ),
+        watch_config: raw.watch_config.unwrap_or(true),
+        shutdown_grace_seconds: raw.shutdown_grace_seconds.unwrap_or(10),
+    }
+}
+
+fn key_digest(
+    key: &RawKey,
+    prefix: &str,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<auth::KeyDigest> {
+    if key.name.trim().is_empty() {
+        errors.push(ConfigError::new(format!("{path}.name"), "must not be empty"));
+    }
+    match (&key.key, &key.key_sha256) {
+        (Some(k), None) => {
+            if !k.starts_with(prefix) || k.len() < prefix.len() + 16 {
+                errors.push(ConfigError::new(
+                    format!("{path}.key"),
+                    format!("must start with \"{prefix}\" followed by at least 16 characters"),
+                ));
+                return None;
+            }
+            Some(auth::digest(k))
+        }
+        (None, Some(h)) => {
+            let mut out = [0u8; 32];
+            match hex::decode_to_slice(h.trim(), &mut out) {
+                Ok(()) => Some(out),
+                Err(_) => {
+                    errors.push(ConfigError::new(
+                        format!("{path}.key_sha256"),
+                        "must be 64 hexadecimal characters (the SHA-256 of the key)",
+                    ));
+                    None
+                }
+            }
+        }
+        (Some(_), Some(_)) => {
+            errors.push(ConfigError::new(path, "set either key or key_sha256, not both"));
+            None
+        }
+        (None, None) => {
+            errors.push(ConfigError::new(path, "one of key or key_sha256 is required"));
+            None
+        }
+    }
+}
+
+/// Raw → runtime. Collects every problem rather than stopping at the first.
+pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let settings = settings(&raw.server, &mut errors);
+
+    let mut providers: HashMap<String, Arc<Provider>> = HashMap::new();
+    for (i, p) in raw.providers.into_iter().enumerate() {
+        let path = format!("providers[{i}]");
+        if !valid_id(&p.id) {
+            errors
+                .push(ConfigError::new(format!("{path}.id"), "must be 1-64 characters of a-z, 0-9, _, -, ."));
+            continue;
+        }
+        if providers.contains_key(&p.id) {
+            errors
+                .push(ConfigError::new(format!("{path}.id"), format!("duplicate provider id \"{}\"", p.id)));
+            continue;
+        }
+        if !providers::kind_supported(p.kind) {
+            errors.push(ConfigError::new(
+                format!("{path}.kind"),
+                format!(
+                    "\"{}\" is not supported by this build (supported: openai, openai_compatible)",
+                    p.kind.as_str()
+                ),
+            ));
+            continue;
+        }
+        let Some(base_url) = p.base_url.as_deref().or_else(|| providers::default_base_url(p.kind)) else {
+            errors.push(ConfigError::new(
+                format!("{path}.base_url"),
+                format!("is required for kind {}", p.kind.as_str()),
+            ));
+            continue;
+        };
+        match Provider::new(p.id.clone(), p.kind, base_url, p.api_key, p.models) {
+            Ok(provider) => {
+                providers.insert(p.id, Arc::new(provider));
+            }
+            Err(e) => errors.push(ConfigError::new(format!("{path}.base_url"), e)),
+        }
+    }
+
+    let mut project_keys = KeyIndex::default();
+    let mut projects = Vec::new();
+    for (i, project) in raw.projects.iter().enumerate() {
+        let path = format!("projects[{i}]");
+        if !valid_id(&project.id) {
+            errors
+                .push(ConfigError::new(format!("{path}.id"), "must be 1-64 characters of a-z, 0-9, _, -, ."));
+            continue;
+        }
+        if projects.contains(&project.id) {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate project id \"{}\"", project.id),
+            ));
+            continue;
+        }
+        projects.push(project.id.clone());
+        for (j, key) in project.keys.iter().enumerate() {
+            let kpath = format!("{path}.keys[{j}]");
+            if let Some(d) = key_digest(key, PROJECT_KEY_PREFIX, &kpath, &mut errors) {
+                let principal =
+                    Principal { project: project.id.as_str().into(), key_name: key.name.as_str().into() };
+                if !project_keys.insert(d, principal) {
+                    errors.push(ConfigError::new(kpath, "the same key is configured twice"));
+                }
+            }
+        }
+    }
+
+    let mut management_keys = KeyIndex::default();
+    for (i, key) in raw.management_keys.iter().enumerate() {
+        let path = format!("management_keys[{i}]");
+        if let Some(d) = key_digest(key, MANAGEMENT_KEY_PREFIX, &path, &mut errors) {
+            if project_keys.contains(&d) {
+                errors
+                    .push(ConfigError::new(path.clone(), "a management key must not also be a project key"));
+            }
+            let principal = Principal { project: "".into(), key_name: key.name.as_str().into() };
+            if !management_keys.insert(d, principal) {
+                errors.push(ConfigError::new(path, "the same key is configured twice"));
+            }
+        }
+    }
+
+    let mut routing_configs = HashMap::new();
+    for (slug, rc) in raw.routing_configs {
+        let path = format!("routing_configs.{slug}");
+        if !valid_id(&slug) {
+            errors.push(ConfigError::new(&path, "slug must be 1-64 characters of a-z, 0-9, _, -, ."));
+            continue;
+        }
+        if !projects.contains(&rc.project) {
+            errors.push(ConfigError::new(
+                format!("{path}.project"),
+                format!("unknown project \"{}\"", rc.project),
+            ));
+        }
+        let strategy = match rc.strategy.as_str() {
+            "single" => {
+                let Some(model) = rc.model.as_deref() else {
+                    errors.push(ConfigError::new(format!("{path}.model"), "is required for strategy single"));
+                    continue;
+                };
+                if model.starts_with('@') {
+                    errors.push(ConfigError::new(
+                        format!("{path}.model"),
+                        "strategy single takes a model, not a routing config",
+                    ));
+                    continue;
+                }
+                match providers::resolve_model(&providers, model) {
+                    Ok((target, _)) => Strategy::Single { target },
+                    Err(e) => {
+                        errors.push(ConfigError::new(format!("{path}.model"), e.message()));
+                        continue;
+                    }
+                }
+            }
+            other => {
+                errors.push(ConfigError::new(
+                    format!("{path}.strategy"),
+                    format!("unknown strategy \"{other}\" (supported: single)"),
+                ));
+                continue;
+            }
+        };
+        let definition = format!("{}|{}|{}", rc.project, rc.strategy, rc.model.as_deref().unwrap_or(""));
+        let version = match previous.and_then(|p| p.routing_configs.get(&slug)) {
+            Some(old) if old.definition == definition => old.version,
+            Some(old) => old.version + 1,
+            None => 1,
+        };
+        routing_configs.insert(
+            slug.clone(),
+            Arc::new(RoutingConfig { slug, project: rc.project, version, strategy, definition }),
+        );
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Snapshot {
+        generation: previous.map_or(1, |p| p.generation + 1),
+        settings,
+        providers,
+        project_keys,
+        management_keys,
+        routing_configs,
+        projects,
+    })
+}
+
+/// Routing configs of one project, sorted by slug (for `GET /models`).
+pub fn project_configs<'a>(snapshot: &'a Snapshot, project: &str) -> BTreeMap<&'a str, &'a RoutingConfig> {
+    snapshot
+        .routing_configs
+        .values()
+        .filter(|rc| rc.project == project)
+        .map(|rc| (rc.slug.as_str(), rc.as_ref()))
+        .collect()
+}

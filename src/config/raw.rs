@@ -1,0 +1,113 @@
+//! The YAML contract, as written by users. Every struct denies unknown keys so a typo is an
+//! error with its path instead of a silently ignored setting. Validation into runtime types
+//! happens in `validate.rs`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MANAGE_LISTEN: &str = "127.0.0.1:5100";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Top-level sections, used to reject unknown top-level keys with a clear message.
+pub const TOP_LEVEL_KEYS: &[&str] =
+    &["server", "providers", "projects", "management_keys", "routing_configs"];
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub proxy_listen: Option<String>,
+    pub manage_listen: Option<String>,
+    /// Worker threads for the proxy service; default: number of CPUs.
+    pub threads: Option<usize>,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: Option<u64>,
+    /// Deadline for receiving the whole request body; a slower client gets 408.
+    pub client_body_timeout_ms: Option<u64>,
+    /// TCP (+TLS) connect deadline per upstream attempt.
+    pub upstream_connect_timeout_ms: Option<u64>,
+    /// Deadline for upstream response headers, and the longest silence allowed between
+    /// two reads of an upstream body (so a slow stream lives as long as it keeps talking).
+    pub upstream_timeout_ms: Option<u64>,
+    /// Idle upstream connections are kept this long in the pool.
+    pub upstream_idle_timeout_ms: Option<u64>,
+    /// Poll the config file for changes (SIGHUP always reloads).
+    pub watch_config: Option<bool>,
+    /// Seconds in-flight requests get to finish on SIGTERM.
+    pub shutdown_grace_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Openai,
+    OpenaiCompatible,
+    Anthropic,
+    Google,
+    Cohere,
+    Bedrock,
+    Azure,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::OpenaiCompatible => "openai_compatible",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Google => "google",
+            ProviderKind::Cohere => "cohere",
+            ProviderKind::Bedrock => "bedrock",
+            ProviderKind::Azure => "azure",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub id: String,
+    pub kind: ProviderKind,
+    pub base_url: Option<String>,
+    pub api_key: Option<String>,
+    /// Models advertised by `GET /models` as `provider/model`.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub name: String,
+    pub key: Option<String>,
+    pub key_sha256: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProject {
+    pub id: String,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+}
+
+/// A routing config, invoked as `@slug`. The strategy decides which other keys are valid.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoutingConfig {
+    pub project: String,
+    pub strategy: String,
+    pub model: Option<String>,
+}
+
+/// The parsed sections; each is deserialized on its own so one bad entry does not hide the
+/// errors of the others.
+#[derive(Debug, Default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub providers: Vec<RawProvider>,
+    pub projects: Vec<RawProject>,
+    pub management_keys: Vec<RawKey>,
+    pub routing_configs: BTreeMap<String, RawRoutingConfig>,
+}

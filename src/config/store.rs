@@ -1,0 +1,168 @@
+//! The live config: one `ArcSwap<Snapshot>`. A reload builds and validates a whole new
+//! snapshot first and swaps only on success; a bad file is logged and the old snapshot
+//! keeps serving. Reload triggers: SIGHUP and (optionally) a change of the file on disk.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use sha2::{Digest, Sha256};
+
+use super::{build_snapshot, env_lookup, ConfigError, Snapshot};
+use crate::metrics::Metrics;
+
+/// The config shipped in the binary; `modelux serve` without `--config` runs on it.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/modelux.yaml");
+
+/// How often the file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct ConfigStore {
+    path: Option<PathBuf>,
+    current: ArcSwap<Snapshot>,
+    /// Serialises reloads so two triggers cannot interleave (the swap itself is lock-free).
+    reload_lock: tokio::sync::Mutex<[u8; 32]>,
+    metrics: Arc<Metrics>,
+}
+
+fn content_hash(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+impl ConfigStore {
+    /// Loads the file at `path`, or the embedded default when `path` is `None`.
+    pub fn open(path: Option<PathBuf>, metrics: Arc<Metrics>) -> Result<ConfigStore, Vec<ConfigError>> {
+        let text = read_text(path.as_ref())?;
+        let snapshot = build_snapshot(&text, &env_lookup, None)?;
+        metrics.config_generation.set(snapshot.generation as i64);
+        Ok(ConfigStore {
+            path,
+            current: ArcSwap::from_pointee(snapshot),
+            reload_lock: tokio::sync::Mutex::new(content_hash(&text)),
+            metrics,
+        })
+    }
+
+    /// The snapshot to use for one whole request.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn path(&self) -> Option<&PathBuf> {
+        self.path.as_ref()
+    }
+
+    /// Re-reads the file; swaps in the new snapshot if it is valid and different.
+    /// Returns the active generation.
+    pub async fn reload(&self, force: bool) -> Result<u64, Vec<ConfigError>> {
+        let mut last_hash = self.reload_lock.lock().await;
+        let text = match read_text(self.path.as_ref()) {
+            Ok(t) => t,
+            Err(e) => {
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                return Err(e);
+            }
+        };
+        let hash = content_hash(&text);
+        let old = self.current.load_full();
+        if !force && hash == *last_hash {
+            return Ok(old.generation);
+        }
+        match build_snapshot(&text, &env_lookup, Some(&old)) {
+            Ok(new) => {
+                if new.settings.proxy_listen != old.settings.proxy_listen
+                    || new.settings.manage_listen != old.settings.manage_listen
+                    || new.settings.threads != old.settings.threads
+                {
+                    tracing::warn!("listen addresses and thread counts take effect only after a restart");
+                }
+                let generation = new.generation;
+                self.current.store(Arc::new(new));
+                *last_hash = hash;
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                self.metrics.config_generation.set(generation as i64);
+                tracing::info!(generation, "config reloaded");
+                Ok(generation)
+            }
+            Err(errors) => {
+                // Remember the hash so a bad file is reported once, not on every poll.
+                *last_hash = hash;
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                Err(errors)
+            }
+        }
+    }
+}
+
+fn read_text(path: Option<&PathBuf>) -> Result<String, Vec<ConfigError>> {
+    match path {
+        None => Ok(EMBEDDED_DEFAULT.to_string()),
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| vec![ConfigError::new("", format!("cannot read {}: {e}", p.display()))]),
+    }
+}
+
+/// Background service: reloads on SIGHUP and when the file's metadata changes.
+pub struct ConfigWatcher {
+    pub store: Arc<ConfigStore>,
+    pub poll_file: bool,
+    pub handle_sighup: bool,
+}
+
+fn file_stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+impl ConfigWatcher {
+    async fn reload_and_log(&self, force: bool) {
+        if let Err(errors) = self.store.reload(force).await {
+            for e in &errors {
+                tracing::error!(error = %e, "config reload rejected; the previous config stays active");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ConfigWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(path) = self.store.path().cloned() else {
+            return;
+        };
+        let mut hup = if self.handle_sighup {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install SIGHUP handler");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut stamp = file_stamp(&path);
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP: reloading config");
+                    self.reload_and_log(true).await;
+                    stamp = file_stamp(&path);
+                }
+                _ = tick.tick(), if self.poll_file => {
+                    let now = file_stamp(&path);
+                    if now.is_some() && now != stamp {
+                        stamp = now;
+                        self.reload_and_log(false).await;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! One error type for everything a request can fail with. It knows its HTTP status, its
+//! OpenAI-shaped rendering and the short code used as a metric label, so an error is built
+//! once where it happens and rendered once at the edge.
+
+use std::fmt;
+
+/// Where the request came in; decides the error envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    OpenAi,
+}
+
+impl Surface {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Surface::OpenAi => "openai",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum GatewayError {
+    /// 400: the client sent something we cannot use. `code` is the machine-readable reason.
+    InvalidRequest { code: &'static str, message: String },
+    /// 401: missing or unknown key.
+    Unauthorized { message: String },
+    /// 404: path or routing config not found.
+    NotFound { code: &'static str, message: String },
+    /// 405: known path, wrong method.
+    MethodNotAllowed { allowed: &'static str },
+    /// 408: the client did not finish sending its body in time.
+    RequestTimeout { message: String },
+    /// 413: body larger than `server.max_body_bytes`.
+    PayloadTooLarge { limit: u64 },
+    /// 415: body declared as something other than JSON.
+    UnsupportedMediaType { content_type: String },
+    /// Upstream answered with an error status; 4xx are passed through by the caller, this
+    /// variant carries 5xx and credential failures that map to 502.
+    UpstreamStatus { provider: String, status: u16, message: String },
+    /// Upstream could not be reached or broke the connection.
+    UpstreamConnect { provider: String, message: String },
+    /// Upstream did not answer within its timeout.
+    UpstreamTimeout { provider: String, after_ms: u64 },
+    /// Bug or resource failure inside the gateway.
+    Internal { message: String },
+}
+
+impl GatewayError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        GatewayError::InvalidRequest { code, message: message.into() }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        GatewayError::Internal { message: message.into() }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            GatewayError::InvalidRequest { .. } => 400,
+            GatewayError::Unauthorized { .. } => 401,
+            GatewayError::NotFound { .. } => 404,
+            GatewayError::MethodNotAllowed { .. } => 405,
+            GatewayError::RequestTimeout { .. } => 408,
+            GatewayError::PayloadTooLarge { .. } => 413,
+            GatewayError::UnsupportedMediaType { .. } => 415,
+            GatewayError::UpstreamStatus { .. } | GatewayError::UpstreamConnect { .. } => 502,
+            GatewayError::UpstreamTimeout { .. } => 504,
+            GatewayError::Internal { .. } => 500,
+        }
+    }
+
+    /// OpenAI-style `error.type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidRequest { .. }
+            | GatewayError::NotFound { .. }
+            | GatewayError::MethodNotAllowed { .. }
+            | GatewayError::RequestTimeout { .. }
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::UnsupportedMediaType { .. } => "invalid_request_error",
+            GatewayError::Unauthorized { .. } => "authentication_error",
+            GatewayError::UpstreamStatus { .. } | GatewayError::UpstreamConnect { .. } => "upstream_error",
+            GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+            GatewayError::Internal { .. } => "server_error",
+        }
+    }
+
+    /// Machine-readable `error.code`; also the `code` label of the error metric.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidRequest { code, .. } | GatewayError::NotFound { code, .. } => code,
+            GatewayError::Unauthorized { .. } => "invalid_api_key",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
+            GatewayError::RequestTimeout { .. } => "request_timeout",
+            GatewayError::PayloadTooLarge { .. } => "request_too_large",
+            GatewayError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            GatewayError::UpstreamStatus { status, .. } if *status == 401 || *status == 403 => {
+                "provider_auth_failed"
+            }
+            GatewayError::UpstreamStatus { .. } => "upstream_error",
+            GatewayError::UpstreamConnect { .. } => "upstream_unavailable",
+            GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+            GatewayError::Internal { .. } => "internal_error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            GatewayError::InvalidRequest { message, .. }
+            | GatewayError::Unauthorized { message }
+            | GatewayError::NotFound { message, .. }
+            | GatewayError::RequestTimeout { message }
+            | GatewayError::Internal { message } => message.clone(),
+            GatewayError::MethodNotAllowed { allowed } => {
+                format!("method not allowed; use {allowed}")
+            }
+            GatewayError::PayloadTooLarge { limit } => {
+                format!("request body exceeds the limit of {limit} bytes")
+            }
+            GatewayError::UnsupportedMediaType { content_type } => {
+                format!("unsupported content-type '{content_type}'; send the body as application/json")
+            }
+            GatewayError::UpstreamStatus { provider, status, message } => {
+                if *status == 401 || *status == 403 {
+                    format!("provider '{provider}' rejected the configured credential ({status}): {message}")
+                } else {
+                    format!("provider '{provider}' returned {status}: {message}")
+                }
+            }
+            GatewayError::UpstreamConnect { provider, message } => {
+                format!("provider '{provider}' is unreachable: {message}")
+            }
+            GatewayError::UpstreamTimeout { provider, after_ms } => {
+                format!("provider '{provider}' did not respond within {after_ms} ms")
+            }
+        }
+    }
+
+    /// The OpenAI error envelope: `{"error":{"type","message","code"}}`.
+    pub fn to_openai_body(&self) -> Vec<u8> {
+        openai_error_body(self.kind(), &self.message(), self.code())
+    }
+}
+
+pub fn openai_error_body(kind: &str, message: &str, code: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": { "type": kind, "message": message, "code": code, "param": null }
+    });
+    serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"error\":{}}".to_vec())
+}
+
+impl fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.status(), self.code(), self.message())
+    }
+}
+
+impl std::error::Error for GatewayError {}

@@ -1,0 +1,11 @@
+//! modelux: a self-hosted control plane for LLM traffic on Pingora.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod manage;
+pub mod metrics;
+pub mod providers;
+pub mod proxy;
+pub mod server;
+pub mod wire;

@@ -1,0 +1,80 @@
+//! The management listener: its own pingora service and port. Serves Prometheus metrics,
+//! liveness and readiness, and guards `/manage/v1/*` (and `/api/manage/v1/*`) with a
+//! management key.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::auth;
+use crate::config::store::ConfigStore;
+use crate::error::openai_error_body;
+use crate::metrics::Metrics;
+
+pub struct ManageApp {
+    pub store: Arc<ConfigStore>,
+    pub metrics: Arc<Metrics>,
+}
+
+fn json(status: u16, body: Vec<u8>) -> http::Response<Vec<u8>> {
+    respond(status, "application/json", body)
+}
+
+fn respond(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u8>> {
+    let mut resp = http::Response::new(body);
+    *resp.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    let len = resp.body().len();
+    resp.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    resp
+}
+
+#[async_trait]
+impl ServeHttp for ManageApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let req = session.req_header();
+        let path = req.uri.path().to_string();
+        let method = req.method.clone();
+        let auth_header = req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+        // Management requests carry no bodies we use yet; drain so the connection stays reusable.
+        let _ = session.drain_request_body().await;
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/metrics") => respond(200, "text/plain; version=0.0.4", self.metrics.render()),
+            ("GET", "/healthz") => json(200, br#"{"status":"ok"}"#.to_vec()),
+            ("GET", "/readyz") => {
+                let generation = self.store.load().generation;
+                json(200, format!(r#"{{"status":"ready","config_generation":{generation}}}"#).into_bytes())
+            }
+            (_, p)
+                if p.starts_with("/manage/v1/") || p == "/manage/v1" || p.starts_with("/api/manage/v1") =>
+            {
+                let snapshot = self.store.load();
+                let principal = auth::bearer_token(auth_header.as_deref())
+                    .and_then(|t| snapshot.management_keys.authenticate(t));
+                if principal.is_none() {
+                    return json(
+                        401,
+                        openai_error_body(
+                            "authentication_error",
+                            "missing or invalid management key; send Authorization: Bearer mlx_mk_...",
+                            "invalid_api_key",
+                        ),
+                    );
+                }
+                json(
+                    404,
+                    openai_error_body("not_found", &format!("no management resource at {p}"), "not_found"),
+                )
+            }
+            _ => json(
+                404,
+                openai_error_body("not_found", &format!("no such endpoint {method} {path}"), "not_found"),
+            ),
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Prometheus metrics, one registry per gateway instance (tests run several in a process).
+//! Labels are low-cardinality by construction: surfaces and provider ids come from a fixed
+//! set or the config, status is an HTTP code, and model names are capped (see `model_label`).
+
+use dashmap::DashMap;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Distinct model label values kept before new ones are folded into "other": clients can
+/// put arbitrary names behind a recognised prefix, and each label value is a new series.
+const MAX_MODEL_LABELS: usize = 200;
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub overhead: HistogramVec,
+    pub ttfb: HistogramVec,
+    pub in_flight: IntGauge,
+    pub bytes_in: IntCounterVec,
+    pub bytes_out: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub config_generation: IntGauge,
+    pub upstream_connections_reused: IntCounter,
+    pub upstream_connections_new: IntCounter,
+    models: DashMap<String, ()>,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("modelux_requests_total", "Proxy requests by surface, provider, model and status"),
+            &["surface", "provider", "model", "status"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new("modelux_errors_total", "Requests answered with a gateway error, by error code"),
+            &["surface", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "modelux_request_duration_seconds",
+                "Total request time as seen by the gateway",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["surface"],
+        )?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "modelux_upstream_duration_seconds",
+                "Time spent waiting on the upstream, connect to last byte",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["provider"],
+        )?;
+        let overhead = HistogramVec::new(
+            HistogramOpts::new(
+                "modelux_gateway_overhead_seconds",
+                "Request time not spent waiting on the upstream",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
+            &["surface"],
+        )?;
+        let ttfb = HistogramVec::new(
+            HistogramOpts::new(
+                "modelux_upstream_ttfb_seconds",
+                "Upstream time to first byte (response headers)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["provider"],
+        )?;
+        let in_flight = IntGauge::new("modelux_requests_in_flight", "Proxy requests being processed")?;
+        let bytes_in = IntCounterVec::new(
+            Opts::new("modelux_request_bytes_total", "Request body bytes received from clients"),
+            &["surface"],
+        )?;
+        let bytes_out = IntCounterVec::new(
+            Opts::new("modelux_response_bytes_total", "Response body bytes sent to clients"),
+            &["surface"],
+        )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new("modelux_config_reloads_total", "Config reload attempts by result"),
+            &["result"],
+        )?;
+        let config_generation =
+            IntGauge::new("modelux_config_generation", "Generation of the active config snapshot")?;
+        let upstream_connections_reused = IntCounter::new(
+            "modelux_upstream_connections_reused_total",
+            "Upstream requests sent on a pooled connection",
+        )?;
+        let upstream_connections_new = IntCounter::new(
+            "modelux_upstream_connections_new_total",
+            "Upstream requests that had to open a new connection",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(overhead.clone()))?;
+        registry.register(Box::new(ttfb.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(bytes_in.clone()))?;
+        registry.register(Box::new(bytes_out.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_generation.clone()))?;
+        registry.register(Box::new(upstream_connections_reused.clone()))?;
+        registry.register(Box::new(upstream_connections_new.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            errors,
+            duration,
+            upstream_duration,
+            overhead,
+            ttfb,
+            in_flight,
+            bytes_in,
+            bytes_out,
+            config_reloads,
+            config_generation,
+            upstream_connections_reused,
+            upstream_connections_new,
+            models: DashMap::new(),
+        })
+    }
+
+    /// The label value for a model name: itself while fewer than `MAX_MODEL_LABELS` distinct
+    /// names were seen, "other" afterwards.
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        if model.is_empty() {
+            return "none";
+        }
+        if self.models.contains_key(model) {
+            return model;
+        }
+        if self.models.len() < MAX_MODEL_LABELS {
+            self.models.insert(model.to_string(), ());
+            return model;
+        }
+        "other"
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,105 @@
+//! Writing answers to the client: whole responses in one write, errors in the client's
+//! wire format, and the metrics of a finished request.
+
+use bytes::Bytes;
+use http::{HeaderName, StatusCode};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use super::RequestCtx;
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+
+pub const REQUEST_ID: &str = "x-modelux-request-id";
+
+pub type Headers = Vec<(HeaderName, String)>;
+
+pub fn name(n: &'static str) -> HeaderName {
+    HeaderName::from_static(n)
+}
+
+pub fn header(status: u16, extra: Headers, ctx: &RequestCtx) -> Result<ResponseHeader, GatewayError> {
+    let build = || -> pingora::Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(status, Some(extra.len() + 3))?;
+        h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        for (name, value) in extra {
+            h.append_header(name, value)?;
+        }
+        Ok(h)
+    };
+    build().map_err(|e| GatewayError::internal(format!("building response header: {e}")))
+}
+
+/// Sends a complete response. Header and body leave in one write: pingora buffers the
+/// header and flushes it together with a Content-Length body.
+pub async fn whole(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    mut extra: Headers,
+    body: Bytes,
+) {
+    extra.push((http::header::CONTENT_LENGTH, body.len().to_string()));
+    let resp = match header(status, extra, ctx) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build response");
+            ctx.status = 500;
+            return;
+        }
+    };
+    ctx.status = status;
+    let len = body.len() as u64;
+    if let Err(e) = session.write_response_header(Box::new(resp), false).await {
+        tracing::debug!(error = %e, "client went away before the response header");
+        ctx.error_code.get_or_insert("client_disconnected");
+        return;
+    }
+    match session.write_response_body(Some(body), true).await {
+        Ok(()) => ctx.bytes_out += len,
+        Err(e) => {
+            tracing::debug!(error = %e, "client went away during the response body");
+            ctx.error_code.get_or_insert("client_disconnected");
+        }
+    }
+}
+
+/// Renders a gateway error in the OpenAI envelope.
+pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError) {
+    ctx.error_code = Some(err.code());
+    // A body we did not read would be parsed as the next request: close instead.
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
+    let mut extra: Headers = vec![(http::header::CONTENT_TYPE, "application/json".to_string())];
+    if let GatewayError::MethodNotAllowed { allowed } = err {
+        extra.push((http::header::ALLOW, (*allowed).to_string()));
+    }
+    whole(session, ctx, err.status(), extra, Bytes::from(err.to_openai_body())).await;
+}
+
+pub fn record_metrics(metrics: &Metrics, ctx: &RequestCtx) {
+    metrics.in_flight.dec();
+    let total = ctx.started.elapsed();
+    let status_code = StatusCode::from_u16(ctx.status);
+    let status = status_code.as_ref().map(|s| s.as_str()).unwrap_or("000");
+    let provider = ctx.provider.as_deref().unwrap_or("none");
+    let model = metrics.model_label(ctx.model.as_deref().unwrap_or(""));
+    metrics.requests.with_label_values(&[ctx.surface, provider, model, status]).inc();
+    metrics.duration.with_label_values(&[ctx.surface]).observe(total.as_secs_f64());
+    metrics
+        .overhead
+        .with_label_values(&[ctx.surface])
+        .observe(total.saturating_sub(ctx.upstream_time).as_secs_f64());
+    if ctx.upstream_time > std::time::Duration::ZERO {
+        metrics.upstream_duration.with_label_values(&[provider]).observe(ctx.upstream_time.as_secs_f64());
+    }
+    if let Some(ttfb) = ctx.ttfb {
+        metrics.ttfb.with_label_values(&[provider]).observe(ttfb.as_secs_f64());
+    }
+    metrics.bytes_in.with_label_values(&[ctx.surface]).inc_by(ctx.bytes_in);
+    metrics.bytes_out.with_label_values(&[ctx.surface]).inc_by(ctx.bytes_out);
+    if let Some(code) = ctx.error_code {
+        metrics.errors.with_label_values(&[ctx.surface, code]).inc();
+    }
+}

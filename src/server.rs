@@ -1,0 +1,98 @@
+//! Assembles the pingora `Server`: the proxy service, the management service and the
+//! config watcher, all sharing one config store and one metrics registry.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pingora::apps::http_app::HttpServer;
+use pingora::connectors::http::Connector;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::config::store::{ConfigStore, ConfigWatcher};
+use crate::manage::ManageApp;
+use crate::metrics::Metrics;
+use crate::proxy::{Gateway, GatewayState};
+
+/// Handles shared with the caller (tests read the store and the metrics).
+#[derive(Clone)]
+pub struct Handles {
+    pub store: Arc<ConfigStore>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct Options {
+    pub config_path: Option<PathBuf>,
+    /// Install the SIGHUP handler (off in tests: one process hosts many gateways).
+    pub handle_sighup: bool,
+}
+
+pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
+    let metrics = Arc::new(Metrics::new().map_err(|e| vec![format!("metrics: {e}")])?);
+    let store = ConfigStore::open(options.config_path.clone(), metrics.clone())
+        .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    Ok(Handles { store: Arc::new(store), metrics })
+}
+
+pub fn build(handles: &Handles, options: &Options) -> Server {
+    let snapshot = handles.store.load();
+    let settings = &snapshot.settings;
+    let conf = ServerConf {
+        threads: settings.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(settings.shutdown_grace_seconds),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let state = Arc::new(GatewayState {
+        store: handles.store.clone(),
+        metrics: handles.metrics.clone(),
+        connector: Connector::new(None),
+    });
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway { state },
+        "modelux proxy",
+    );
+    proxy.add_tcp(&settings.proxy_listen);
+
+    let mut manage = Service::new(
+        "modelux manage".to_string(),
+        HttpServer::new_app(ManageApp { store: handles.store.clone(), metrics: handles.metrics.clone() }),
+    );
+    manage.add_tcp(&settings.manage_listen);
+    manage.threads = Some(1);
+
+    let watcher = background_service(
+        "config watcher",
+        ConfigWatcher {
+            store: handles.store.clone(),
+            poll_file: settings.watch_config,
+            handle_sighup: options.handle_sighup,
+        },
+    );
+    server.add_service(proxy);
+    server.add_service(manage);
+    server.add_service(watcher);
+    server
+}
+
+/// Lets an embedding program (the tests) stop a server it started on a thread.
+pub struct ChannelShutdown(pub tokio::sync::Mutex<tokio::sync::oneshot::Receiver<()>>);
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.lock().await;
+        let _ = (&mut *rx).await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+pub fn run_until(server: Server, stop: tokio::sync::oneshot::Receiver<()>) {
+    server.run(RunArgs { shutdown_signal: Box::new(ChannelShutdown(tokio::sync::Mutex::new(stop))) });
+}

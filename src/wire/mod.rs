@@ -1,0 +1,3 @@
+//! Wire formats. No I/O here: bytes in, bytes out.
+
+pub mod openai;
