@@ -122,10 +122,23 @@ fi
 for b in mock-upstream loadgen; do [ -x "$BIN/$b" ] || die "missing $BIN/$b"; done
 [ "$SKIP_GATEWAY" = 1 ] || [ -x "$BIN/modelux" ] || die "missing $BIN/modelux (SKIP_GATEWAY=1 to skip)"
 
-# Other work on the machine (a cargo build, say) skews every number here.
-LOAD1=$(cut -d' ' -f1 /proc/loadavg)
-if awk -v l="$LOAD1" 'BEGIN { exit !(l > 0.5) }'; then
-    log "warning: 1-minute load average is $LOAD1; results will be noisy on a busy machine"
+# Other work on the machine (a cargo build, say) skews every number here:
+# sample overall CPU use for a second before starting anything.
+busy_pct() {
+    local a b
+    read -ra a </proc/stat
+    sleep 1
+    read -ra b </proc/stat
+    awk -v a="${a[*]}" -v b="${b[*]}" 'BEGIN {
+        n = split(a, x, " "); split(b, y, " ")
+        for (i = 2; i <= n && i <= 9; i++) { d = y[i] - x[i]; t += d; if (i == 5 || i == 6) idle += d }
+        # Parenthesized: a bare ">" after printf is an output redirection.
+        printf "%d", ((t > 0) ? 100 * (t - idle) / t : 0)
+    }'
+}
+BUSY=$(busy_pct)
+if [ "$BUSY" -gt 10 ]; then
+    log "warning: the machine is already ${BUSY}% busy; results will be noisy"
 fi
 
 # ---------------------------------------------------------------- mock

@@ -316,6 +316,8 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
 
 /// Per-connection reusable buffers, so steady-state requests do not allocate.
 struct ConnBufs {
+    /// Sequence number of the request being answered (for x-request-id).
+    seq: u64,
     out: Vec<u8>,
     body: Vec<u8>,
     model: Vec<u8>,
@@ -324,6 +326,7 @@ struct ConnBufs {
 async fn serve_conn(mut sock: TcpStream, sh: &Shared) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut bufs = ConnBufs {
+        seq: 0,
         out: Vec::with_capacity(4096),
         body: Vec::with_capacity(2048),
         model: Vec::with_capacity(64),
@@ -462,6 +465,7 @@ async fn handle(
     }
     let behavior = sh.next_behavior();
     let seq = sh.seq.fetch_add(1, Ordering::Relaxed);
+    bufs.seq = seq;
     let mut cut = None;
     match behavior {
         Behavior::ResetBeforeHeaders => {
@@ -671,7 +675,7 @@ async fn write_response_with(
         reason(status),
         body.len()
     );
-    push_common_headers(out, 0, close);
+    push_common_headers(out, bufs.seq, close);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     sock.write_all(out).await

@@ -76,7 +76,15 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayErr
         extra.push((http::header::ALLOW, (*allowed).to_string()));
     }
     whole(session, ctx, err.status(), extra, Bytes::from(err.to_openai_body())).await;
+    // Lingering close: closing while the client is still uploading makes the kernel send
+    // a reset that can destroy our response before the client reads it. Discard what is
+    // still arriving for a bounded time first (not for a client that is slow on purpose).
+    if !session.is_body_done() && !matches!(err, GatewayError::RequestTimeout { .. }) {
+        let _ = tokio::time::timeout(LINGER, session.drain_request_body()).await;
+    }
 }
+
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn record_metrics(metrics: &Metrics, ctx: &RequestCtx) {
     metrics.in_flight.dec();

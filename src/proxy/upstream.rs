@@ -110,6 +110,10 @@ pub async fn exchange(
     loop {
         let (mut session, reused) =
             connector.get_http_session(&peer).await.map_err(|e| map_error(provider, &e, settings))?;
+        // Peer options do not reach a session from the connector; pingora's proxy applies
+        // them itself, so do we: every read (header, each body chunk) is bounded.
+        session.set_read_timeout(Some(settings.upstream_timeout));
+        session.set_write_timeout(Some(settings.upstream_timeout));
         if reused {
             metrics.upstream_connections_reused.inc();
         } else {

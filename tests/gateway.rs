@@ -1,0 +1,644 @@
+//! End-to-end tests: the real gateway (pingora server on its own threads) and mock
+//! upstreams speaking OpenAI's wire format, all in this process over loopback sockets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use modelux::server::{self, Handles, Options};
+use modelux_loadtest::httpc::{self, Conn, Response};
+use modelux_loadtest::mock::{Behavior, MockConfig, MockServer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEY: &str = "mlx_sk_test_0123456789abcdef";
+const OTHER_KEY: &str = "mlx_sk_other_0123456789abcdef";
+const ADMIN_KEY: &str = "mlx_mk_test_0123456789abcdef";
+const CHAT: &str = "/openai/v1/chat/completions";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Gateway {
+    proxy: SocketAddr,
+    manage: SocketAddr,
+    handles: Handles,
+    config_path: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The test config: `openai` points at `upstream`, `local` at `local` (defaults to the same).
+struct Cfg<'a> {
+    upstream: &'a str,
+    local: Option<&'a str>,
+    server_extra: &'a str,
+    fast_model: &'a str,
+}
+
+impl<'a> Cfg<'a> {
+    fn new(upstream: &'a str) -> Self {
+        Cfg { upstream, local: None, server_extra: "", fast_model: "gpt-4o-mini" }
+    }
+}
+
+fn render(cfg: &Cfg, proxy: u16, manage: u16) -> String {
+    format!(
+        r#"
+server:
+  proxy_listen: "127.0.0.1:{proxy}"
+  manage_listen: "127.0.0.1:{manage}"
+  threads: 2
+{server_extra}
+providers:
+  - {{ id: openai, kind: openai, base_url: "{upstream}", api_key: "sk-test-upstream" }}
+  - {{ id: local, kind: openai_compatible, base_url: "{local}", models: ["m1"] }}
+projects:
+  - id: default
+    keys:
+      - {{ name: dev, key: "{KEY}" }}
+  - id: other
+    keys:
+      - {{ name: o, key: "{OTHER_KEY}" }}
+management_keys:
+  - {{ name: admin, key: "{ADMIN_KEY}" }}
+routing_configs:
+  fast: {{ project: default, strategy: single, model: "{fast}" }}
+  theirs: {{ project: other, strategy: single, model: "local/m1" }}
+"#,
+        server_extra = cfg.server_extra,
+        upstream = cfg.upstream,
+        local = cfg.local.unwrap_or(cfg.upstream),
+        fast = cfg.fast_model,
+    )
+}
+
+async fn start(cfg: Cfg<'_>) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy_port, manage_port) = (free_port(), free_port());
+    let config_path = dir.path().join("modelux.yaml");
+    std::fs::write(&config_path, render(&cfg, proxy_port, manage_port)).unwrap();
+    let options = Options { config_path: Some(config_path.clone()), handle_sighup: false };
+    let handles = server::open(&options).unwrap();
+    let srv = server::build(&handles, &options);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || server::run_until(srv, rx));
+    let gw = Gateway {
+        proxy: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
+        manage: SocketAddr::from(([127, 0, 0, 1], manage_port)),
+        handles,
+        config_path,
+        stop: Some(tx),
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = httpc::request(gw.manage, "GET", "/healthz", &[], b"").await;
+        let proxy_up = tokio::net::TcpStream::connect(gw.proxy).await.is_ok();
+        if proxy_up && health.map(|r| r.status == 200).unwrap_or(false) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gateway did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw
+}
+
+async fn mock(cfg: MockConfig) -> MockServer {
+    MockServer::start(cfg).await.unwrap()
+}
+
+fn chat_body(model: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})).unwrap()
+}
+
+async fn post(gw: &Gateway, key: Option<&str>, body: &[u8]) -> Response {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = auth.as_deref() {
+        headers.push(("authorization", a));
+    }
+    httpc::request(gw.proxy, "POST", CHAT, &headers, body).await.unwrap()
+}
+
+fn error_of(resp: &Response) -> Value {
+    let v = resp.json().unwrap_or_else(|_| panic!("not JSON: {}", resp.text()));
+    assert!(v["error"]["message"].is_string(), "OpenAI error shape: {v}");
+    assert!(v["error"]["type"].is_string(), "OpenAI error shape: {v}");
+    v["error"].clone()
+}
+
+fn request_id(resp: &Response) -> String {
+    let id = resp.header("x-modelux-request-id").expect("request id header").to_string();
+    assert_eq!(id.len(), 36, "uuid: {id}");
+    id
+}
+
+async fn metrics(gw: &Gateway) -> String {
+    httpc::request(gw.manage, "GET", "/metrics", &[], b"").await.unwrap().text()
+}
+
+fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completion_through_all_three_model_forms() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = start(Cfg::new(&upstream.base_url())).await;
+    for (model, config) in [("@fast", true), ("gpt-4o-mini", false), ("openai/gpt-4o-mini", false)] {
+        let body = format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"temperature":0.70,"mlx:tags":{{"team":"ml"}},"mlx:end_user":"u-1","seed":7}}"#
+        );
+        let resp = post(&gw, Some(KEY), body.as_bytes()).await;
+        assert_eq!(resp.status, 200, "{model}: {}", resp.text());
+        request_id(&resp);
+        assert_eq!(resp.header("x-modelux-provider-used"), Some("openai"));
+        assert_eq!(resp.header("x-modelux-model-used"), Some("gpt-4o-mini"));
+        assert_eq!(resp.header("x-modelux-routing-config").is_some(), config);
+        let v = resp.json().unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["model"], "gpt-4o-mini");
+        assert!(v["choices"][0]["message"]["content"].as_str().unwrap().contains("tok0"));
+        let seen = upstream.requests().pop().unwrap();
+        assert_eq!((seen.method.as_str(), seen.path.as_str()), ("POST", "/v1/chat/completions"));
+        assert_eq!(seen.header("authorization"), Some("Bearer sk-test-upstream"));
+        // model rewritten, mlx:* stripped, every other byte (order, 0.70) unchanged
+        assert_eq!(
+            String::from_utf8(seen.body).unwrap(),
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"temperature":0.70,"seed":7}"#
+        );
+    }
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.header("x-modelux-routing-config"), Some("@fast"));
+    assert_eq!(resp.header("x-modelux-config-version"), Some("v1"));
+    // the /v1 alias behaves the same
+    let resp = httpc::request(
+        gw.proxy,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &format!("Bearer {KEY}")), ("content-type", "application/json")],
+        &chat_body("local/m1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-modelux-provider-used"), Some("local"));
+    assert_eq!(resp.header("x-modelux-model-used"), Some("m1"));
+    // the local provider has no api_key: no Authorization goes upstream
+    assert_eq!(upstream.requests().pop().unwrap().header("authorization"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_and_project_isolation() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = start(Cfg::new(&upstream.base_url())).await;
+    for key in [None, Some("mlx_sk_wrong_0123456789abcdef"), Some(ADMIN_KEY)] {
+        let resp = post(&gw, key, &chat_body("@fast")).await;
+        assert_eq!(resp.status, 401, "{key:?}");
+        request_id(&resp);
+        let e = error_of(&resp);
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("authentication_error"), Some("invalid_api_key"))
+        );
+    }
+    // a key may only call its own project's routing configs
+    let resp = post(&gw, Some(OTHER_KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 404);
+    assert_eq!(error_of(&resp)["code"], "routing_config_not_found");
+    let resp = post(&gw, Some(OTHER_KEY), &chat_body("@theirs")).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(upstream.request_count(), 1);
+    let m = metrics(&gw).await;
+    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "invalid_api_key")]), 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_openai_errors_and_is_counted() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = start(Cfg::new(&upstream.base_url())).await;
+    let cases: Vec<(&[u8], u16, &str, &str)> = vec![
+        (b"{\"model\": ", 400, "invalid_json", "not valid JSON"),
+        (b"[]", 400, "invalid_json", "JSON object"),
+        (br#"{"messages":[]}"#, 400, "missing_field", "Missing required field: model"),
+        (br#"{"model":"gpt-4o"}"#, 400, "missing_field", "Missing required field: messages"),
+        (
+            br#"{"model":"llama-3","messages":[]}"#,
+            400,
+            "invalid_request",
+            "Recognized prefixes: gpt-*, o1*, o3*, o4*, text-embedding-*, claude-*, gemini-*",
+        ),
+        (br#"{"model":"claude-sonnet-4-5","messages":[]}"#, 400, "invalid_request", "'anthropic'"),
+        (br#"{"model":"@nope","messages":[]}"#, 404, "routing_config_not_found", "@nope"),
+    ];
+    for (body, status, code, message) in cases {
+        let resp = post(&gw, Some(KEY), body).await;
+        assert_eq!(resp.status, status, "{}: {}", String::from_utf8_lossy(body), resp.text());
+        request_id(&resp);
+        let e = error_of(&resp);
+        assert_eq!(e["code"], code);
+        assert!(e["message"].as_str().unwrap().contains(message), "{e}");
+    }
+    let auth = format!("Bearer {KEY}");
+    let resp = httpc::request(
+        gw.proxy,
+        "POST",
+        CHAT,
+        &[("authorization", &auth), ("content-type", "text/plain")],
+        &chat_body("@fast"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 415);
+    assert_eq!(error_of(&resp)["code"], "unsupported_media_type");
+    let resp = httpc::request(gw.proxy, "GET", CHAT, &[("authorization", &auth)], b"").await.unwrap();
+    assert_eq!((resp.status, resp.header("allow")), (405, Some("POST")));
+    let resp = httpc::request(gw.proxy, "POST", "/openai/v1/nope", &[("authorization", &auth)], b"{}")
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 404);
+    assert_eq!(error_of(&resp)["code"], "not_found");
+    assert_eq!(upstream.request_count(), 0, "nothing invalid reaches the upstream");
+    let m = metrics(&gw).await;
+    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "invalid_json")]), 2.0);
+    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "missing_field")]), 2.0);
+    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "unsupported_media_type")]), 1.0);
+    assert_eq!(metric_value(&m, "modelux_requests_total", &[("status", "400")]), 6.0);
+    // the gateway still serves after all that
+    assert_eq!(post(&gw, Some(KEY), &chat_body("@fast")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_chunks_reach_the_client_before_the_next_exists() {
+    let inter_token = Duration::from_millis(300);
+    let upstream = mock(MockConfig { tokens: 4, inter_token, ..MockConfig::default() }).await;
+    let gw = start(Cfg::new(&upstream.base_url())).await;
+    let body = serde_json::to_vec(
+        &json!({"model": "@fast", "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .unwrap();
+    let auth = format!("Bearer {KEY}");
+    let mut conn = Conn::connect(gw.proxy).await.unwrap();
+    let sent = Instant::now();
+    let mut resp = conn
+        .request_streaming(
+            "POST",
+            CHAT,
+            &[("authorization", &auth), ("content-type", "application/json")],
+            &body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(resp.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert_eq!(resp.header("x-modelux-model-used"), Some("gpt-4o-mini"));
+    let mut text = String::new();
+    let mut arrivals = Vec::new();
+    while let Some(chunk) = resp.next_chunk().await.unwrap() {
+        let s = String::from_utf8(chunk.to_vec()).unwrap();
+        for token in ["tok0", "tok1", "tok2", "tok3"] {
+            if s.contains(token) {
+                arrivals.push((token, sent.elapsed()));
+            }
+        }
+        text.push_str(&s);
+    }
+    assert_eq!(arrivals.len(), 4, "{text}");
+    // tok1 is generated inter_token after tok0: tok0 must be at the client before that.
+    assert!(arrivals[0].1 < inter_token, "first token arrived after {:?}", arrivals[0].1);
+    for pair in arrivals.windows(2) {
+        assert!(pair[1].1 - pair[0].1 > inter_token / 2, "chunks were batched: {arrivals:?}");
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(text.matches("data: ").count(), 7, "role + 4 tokens + finish + [DONE]: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mib_body_reaches_the_upstream_intact() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = start(Cfg::new(&upstream.base_url())).await;
+    // not a repeating pattern: a shifted or truncated copy would not compare equal
+    let content: String =
+        (0..10 * 1024 * 1024 / 8).map(|i: u32| format!("{:07x} ", i.wrapping_mul(2654435761))).collect();
+    let body =
+        serde_json::to_vec(&json!({"model": "@fast", "messages": [{"role": "user", "content": content}]}))
+            .unwrap();
+    assert!(body.len() > 10 * 1024 * 1024);
+    let resp = post(&gw, Some(KEY), &body).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = upstream.requests().pop().unwrap();
+    let expected = String::from_utf8(body).unwrap().replacen("\"@fast\"", "\"gpt-4o-mini\"", 1);
+    assert_eq!(seen.body.len(), expected.len());
+    assert!(seen.body == expected.as_bytes(), "body changed on the way");
+    assert_eq!(seen.header("content-length"), Some(expected.len().to_string().as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_over_the_limit_is_413() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = start(Cfg { server_extra: "  max_body_bytes: 1048576", ..Cfg::new(&upstream.base_url()) }).await;
+    let content = "a".repeat(2 * 1024 * 1024);
+    let body =
+        serde_json::to_vec(&json!({"model": "@fast", "messages": [{"role": "user", "content": content}]}))
+            .unwrap();
+    let resp = post(&gw, Some(KEY), &body).await;
+    assert_eq!(resp.status, 413);
+    request_id(&resp);
+    let e = error_of(&resp);
+    assert_eq!(e["code"], "request_too_large");
+    assert!(e["message"].as_str().unwrap().contains("1048576"));
+    // chunked bodies have no declared length: the limit applies while reading
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'a'; 256 * 1024];
+    for _ in 0..6 {
+        let framed =
+            [format!("{:x}\r\n", chunk.len()).into_bytes(), chunk.clone(), b"\r\n".to_vec()].concat();
+        if s.write_all(&framed).await.is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+    assert_eq!(upstream.request_count(), 0);
+    assert_eq!(post(&gw, Some(KEY), &chat_body("@fast")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_body_times_out_with_408() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw =
+        start(Cfg { server_extra: "  client_body_timeout_ms: 300", ..Cfg::new(&upstream.base_url()) }).await;
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("gateway hung")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    assert!(text.to_ascii_lowercase().contains("x-modelux-request-id"), "{text}");
+    assert_eq!(post(&gw, Some(KEY), &chat_body("@fast")).await.status, 200);
+    let m = metrics(&gw).await;
+    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "request_timeout")]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_statuses_are_mapped() {
+    let upstream = mock(MockConfig {
+        script: vec![
+            Behavior::Status(500),
+            Behavior::Status(429),
+            Behavior::Status(400),
+            Behavior::Status(401),
+        ],
+        ..MockConfig::default()
+    })
+    .await;
+    let gw = start(Cfg::new(&upstream.base_url())).await;
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 502);
+    request_id(&resp);
+    let e = error_of(&resp);
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("upstream_error"), Some("upstream_error")));
+    assert!(e["message"].as_str().unwrap().contains("returned 500"), "{e}");
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 429, "upstream 429 passes through");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert_eq!(error_of(&resp)["type"], "requests");
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 400, "upstream 400 passes through with its body");
+    assert_eq!(error_of(&resp)["type"], "invalid_request_error");
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 502);
+    assert_eq!(error_of(&resp)["code"], "provider_auth_failed");
+    assert_eq!(post(&gw, Some(KEY), &chat_body("@fast")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_hanging_and_resetting_upstreams() {
+    let hanging = mock(MockConfig { script: vec![Behavior::Hang], ..MockConfig::default() }).await;
+    let resetting =
+        mock(MockConfig { script: vec![Behavior::ResetBeforeHeaders], ..MockConfig::default() }).await;
+    let closed = format!("http://127.0.0.1:{}/v1", free_port());
+    let gw = start(Cfg {
+        local: Some(&resetting.base_url()),
+        server_extra: "  upstream_timeout_ms: 400",
+        ..Cfg::new(&hanging.base_url())
+    })
+    .await;
+    let started = Instant::now();
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(error_of(&resp)["code"], "upstream_timeout");
+    let resp = post(&gw, Some(KEY), &chat_body("local/m1")).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(error_of(&resp)["code"], "upstream_unavailable");
+    drop(gw);
+    let gw = start(Cfg::new(&closed)).await;
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 502);
+    assert_eq!(error_of(&resp)["code"], "upstream_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_mid_stream_ends_the_stream_cleanly() {
+    let upstream = mock(MockConfig {
+        script: vec![Behavior::ResetMidStream { after_chunks: 3 }],
+        ..MockConfig::default()
+    })
+    .await;
+    let gw = start(Cfg::new(&upstream.base_url())).await;
+    let body = serde_json::to_vec(&json!({"model": "@fast", "stream": true, "messages": []})).unwrap();
+    let mut conn = Conn::connect(gw.proxy).await.unwrap();
+    let auth = format!("Bearer {KEY}");
+    let mut resp = conn
+        .request_streaming(
+            "POST",
+            CHAT,
+            &[("authorization", &auth), ("content-type", "application/json")],
+            &body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    // collect() fails on a broken chunked framing: a clean end is part of the contract
+    let text = String::from_utf8(resp.collect().await.expect("stream must terminate cleanly")).unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    assert_eq!(events.len(), 4, "{text}");
+    let last: Value = serde_json::from_str(events[3].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "upstream_error");
+    // the same client connection stays usable
+    let resp = conn
+        .request(
+            "POST",
+            CHAT,
+            &[("authorization", &auth), ("content-type", "application/json")],
+            &chat_body("@fast"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    let m = metrics(&gw).await;
+    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "upstream_stream_error")]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_metrics_health_and_management_auth() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = start(Cfg::new(&upstream.base_url())).await;
+    let auth = format!("Bearer {KEY}");
+    let resp =
+        httpc::request(gw.proxy, "GET", "/openai/v1/models", &[("authorization", &auth)], b"").await.unwrap();
+    assert_eq!(resp.status, 200);
+    let ids: Vec<String> = resp.json().unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(ids, vec!["@fast", "local/m1"]);
+    assert_eq!(httpc::request(gw.proxy, "GET", "/v1/models", &[], b"").await.unwrap().status, 401);
+
+    for _ in 0..20 {
+        assert_eq!(post(&gw, Some(KEY), &chat_body("@fast")).await.status, 200);
+    }
+    let m = metrics(&gw).await;
+    for family in [
+        "modelux_requests_total",
+        "modelux_request_duration_seconds_bucket",
+        "modelux_upstream_duration_seconds_bucket",
+        "modelux_gateway_overhead_seconds_bucket",
+        "modelux_upstream_ttfb_seconds_bucket",
+        "modelux_requests_in_flight",
+        "modelux_request_bytes_total",
+        "modelux_response_bytes_total",
+    ] {
+        assert!(m.contains(family), "{family} missing from /metrics");
+    }
+    let ok = [("surface", "openai"), ("provider", "openai"), ("model", "gpt-4o-mini"), ("status", "200")];
+    assert_eq!(metric_value(&m, "modelux_requests_total", &ok), 20.0);
+    assert_eq!(metric_value(&m, "modelux_requests_in_flight", &[]), 0.0);
+    // upstream connections are pooled: 20 requests, (nearly) all on reused connections
+    assert!(metric_value(&m, "modelux_upstream_connections_reused_total", &[]) >= 18.0, "{m}");
+
+    assert_eq!(httpc::request(gw.manage, "GET", "/healthz", &[], b"").await.unwrap().status, 200);
+    let ready = httpc::request(gw.manage, "GET", "/readyz", &[], b"").await.unwrap();
+    assert_eq!(ready.json().unwrap()["config_generation"], 1);
+    let admin = format!("Bearer {ADMIN_KEY}");
+    for (key, status) in [(None, 401), (Some(auth.as_str()), 401), (Some(admin.as_str()), 404)] {
+        let headers: Vec<(&str, &str)> = key.map(|k| vec![("authorization", k)]).unwrap_or_default();
+        let resp = httpc::request(gw.manage, "GET", "/manage/v1/anything", &headers, b"").await.unwrap();
+        assert_eq!(resp.status, status, "{key:?}");
+        error_of(&resp);
+    }
+}
+
+fn write_config_atomically(path: &PathBuf, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn wait_for_generation(handles: &Handles, generation: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handles.store.load().generation < generation {
+        assert!(Instant::now() < deadline, "reload to generation {generation} did not happen");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_reloads_under_load_fail_no_request() {
+    let upstream = mock(MockConfig { record: false, ..MockConfig::default() }).await;
+    let base = upstream.base_url();
+    let gw = start(Cfg::new(&base)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, proxy) = (stop.clone(), ok.clone(), failed.clone(), gw.proxy);
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::connect(proxy).await.unwrap();
+            let auth = format!("Bearer {KEY}");
+            let body = chat_body("@fast");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let r = conn
+                    .request(
+                        "POST",
+                        CHAT,
+                        &[("authorization", &auth), ("content-type", "application/json")],
+                        &body,
+                    )
+                    .await;
+                match r {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let (proxy_port, manage_port) = (gw.proxy.port(), gw.manage.port());
+    for i in 0..20u64 {
+        let model = if i % 2 == 0 { "openai/gpt-4.1-mini" } else { "gpt-4o-mini" };
+        let text = render(&Cfg { fast_model: model, ..Cfg::new(&base) }, proxy_port, manage_port);
+        write_config_atomically(&gw.config_path, &text);
+        wait_for_generation(&gw.handles, i + 2).await;
+    }
+    // an invalid file is rejected and the last good snapshot keeps serving
+    write_config_atomically(&gw.config_path, "server:\n  bogus: true\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_value(&metrics(&gw).await, "modelux_config_reloads_total", &[("result", "error")]) < 1.0 {
+        assert!(Instant::now() < deadline, "invalid config was never looked at");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.handles.store.load().generation, 21);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} requests failed across reloads ({ok} succeeded)");
+    assert!(ok > 100, "too little load to prove anything: {ok}");
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 200);
+    // 20 changes of the definition → version 21; the last good config routes to gpt-4o-mini
+    assert_eq!(resp.header("x-modelux-config-version"), Some("v21"));
+    assert_eq!(resp.header("x-modelux-model-used"), Some("gpt-4o-mini"));
+    let m = metrics(&gw).await;
+    assert_eq!(metric_value(&m, "modelux_config_reloads_total", &[("result", "ok")]), 20.0);
+}
