@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error as PError, ErrorType};
+use tokio::io::AsyncWriteExt;
 
 use crate::config::Settings;
 use crate::error::GatewayError;
@@ -68,27 +69,76 @@ fn map_error(provider: &Provider, e: &PError, settings: &Settings) -> GatewayErr
     }
 }
 
-fn request_header(
+/// Serialises the request head. The head is written by us rather than by pingora's
+/// client, which flushes the head on its own: head and body then leave in one write
+/// (one packet for typical requests instead of two).
+fn request_head(
     provider: &Provider,
     path: &str,
     body_len: usize,
     accept: &str,
-) -> Result<RequestHeader, GatewayError> {
-    let build = || -> pingora::Result<RequestHeader> {
-        let mut req = RequestHeader::build("POST", path.as_bytes(), Some(8))?;
-        req.insert_header(http::header::HOST, provider.host_header.as_str())?;
-        req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        req.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
-        req.insert_header(http::header::ACCEPT, accept)?;
-        // The gateway reads upstream bodies (usage, errors): ask for them uncompressed.
-        req.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
-        req.insert_header(http::header::USER_AGENT, concat!("modelux/", env!("CARGO_PKG_VERSION")))?;
-        if let Some(auth) = &provider.authorization {
-            req.insert_header(http::header::AUTHORIZATION, auth.as_str())?;
+) -> Result<Vec<u8>, GatewayError> {
+    if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(GatewayError::internal("upstream path contains forbidden bytes"));
+    }
+    let mut head = Vec::with_capacity(256 + path.len());
+    let mut put = |parts: &[&str]| {
+        for p in parts {
+            head.extend_from_slice(p.as_bytes());
         }
-        Ok(req)
     };
-    build().map_err(|e| GatewayError::internal(format!("building upstream request: {e}")))
+    put(&["POST ", path, " HTTP/1.1\r\nHost: ", &provider.host_header, "\r\n"]);
+    put(&["Content-Type: application/json\r\nContent-Length: ", &body_len.to_string(), "\r\n"]);
+    // The gateway reads upstream bodies (usage, errors): ask for them uncompressed.
+    put(&["Accept: ", accept, "\r\nAccept-Encoding: identity\r\n"]);
+    put(&["User-Agent: modelux/", env!("CARGO_PKG_VERSION"), "\r\n"]);
+    if let Some(auth) = &provider.authorization {
+        put(&["Authorization: ", auth, "\r\n"]);
+    }
+    put(&["\r\n"]);
+    Ok(head)
+}
+
+/// Bodies up to this size are copied behind the head to go out in a single write.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+async fn send_request(
+    session: HttpSession,
+    head: &[u8],
+    body: &Bytes,
+    settings: &Settings,
+) -> (HttpSession, pingora::Result<()>) {
+    let HttpSession::H1(h1) = session else {
+        // ALPN is H1-only, so pingora never hands out another kind here.
+        return (
+            session,
+            Err(PError::explain(ErrorType::InternalError, "expected an HTTP/1.1 upstream session")),
+        );
+    };
+    let mut stream = h1.into_inner();
+    let written = async {
+        if body.len() <= COALESCE_LIMIT {
+            let mut buf = Vec::with_capacity(head.len() + body.len());
+            buf.extend_from_slice(head);
+            buf.extend_from_slice(body);
+            stream.write_all(&buf).await?;
+        } else {
+            stream.write_all(head).await?;
+            stream.write_all(body).await?;
+        }
+        stream.flush().await
+    };
+    let result = match tokio::time::timeout(settings.upstream_timeout, written).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(PError::because(ErrorType::WriteError, "writing upstream request", e)),
+        Err(_) => Err(PError::explain(ErrorType::WriteTimedout, "writing upstream request")),
+    };
+    let mut session = HttpSession::H1(pingora::protocols::http::v1::client::HttpSession::new(stream));
+    // Peer options do not reach a session from the connector; pingora's proxy applies them
+    // itself, so do we: every read (header, each body chunk) is bounded.
+    session.set_read_timeout(Some(settings.upstream_timeout));
+    session.set_write_timeout(Some(settings.upstream_timeout));
+    (session, result)
 }
 
 /// Sends one request and waits for the response header. A pooled connection that turns out
@@ -105,7 +155,7 @@ pub async fn exchange(
 ) -> Result<Exchange, GatewayError> {
     let started = Instant::now();
     let peer = provider.peer(settings).await?;
-    let header = request_header(provider, path, body.len(), accept)?;
+    let head = request_head(provider, path, body.len(), accept)?;
     let mut allow_stale_retry = true;
     loop {
         let (mut session, reused) =
@@ -119,13 +169,11 @@ pub async fn exchange(
         } else {
             metrics.upstream_connections_new.inc();
         }
-        let sent = async {
-            session.write_request_header(Box::new(header.clone())).await?;
-            session.write_request_body(body.clone(), true).await?;
-            session.finish_request_body().await?;
-            session.read_response_header().await
-        }
-        .await;
+        let (mut session, written) = send_request(session, &head, &body, settings).await;
+        let sent = match written {
+            Ok(()) => session.read_response_header().await,
+            Err(e) => Err(e),
+        };
         match sent {
             Ok(()) => {
                 let Some(resp) = session.response_header().cloned() else {

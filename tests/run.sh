@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The test command (README "run the tests"; .ci/run calls exactly this).
+#   tests/run.sh
+# Formatting and lints, the Rust unit + end-to-end tests, the release build, and the
+# official OpenAI Python SDK against the release binaries.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Pingora's zlib-ng build needs cmake; install it on a fresh Debian machine.
+if ! command -v cmake >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "== installing cmake"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+    else
+        echo "cmake is required to build pingora (apt-get install cmake)" >&2
+        exit 1
+    fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== Rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    cargo test --workspace --no-fail-fast
+fi
+
+echo "== release build"
+cargo build --release -p modelux -p modelux-loadtest
+
+echo "== OpenAI Python SDK against the release binary"
+tests/sdk/run.sh
