@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::{parse_x509, WrappedX509};
 
 use crate::config::raw::ProviderKind;
 use crate::config::Settings;
@@ -43,6 +44,8 @@ pub struct Provider {
     /// Precomputed `Authorization` header value; `None` when no key is configured.
     pub authorization: Option<String>,
     pub models: Vec<String>,
+    /// Trust anchors replacing the system roots for this provider, when configured.
+    pub tls_ca: Option<Arc<[WrappedX509]>>,
     resolved: ArcSwapOption<(SocketAddr, Instant)>,
 }
 
@@ -100,8 +103,32 @@ impl Provider {
             host_header,
             authorization: api_key.filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}")),
             models,
+            tls_ca: None,
             resolved: ArcSwapOption::empty(),
         })
+    }
+
+    /// Pins the CA certificates (PEM) this provider's TLS certificate must chain to.
+    pub fn with_ca_file(mut self, path: &str) -> Result<Provider, String> {
+        if !self.tls {
+            return Err("tls_ca_file needs an https base_url".into());
+        }
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read \"{path}\": {e}"))?;
+        let mut certs = Vec::new();
+        for block in x509_parser::pem::Pem::iter_from_buffer(&pem) {
+            let block = block.map_err(|e| format!("\"{path}\" is not valid PEM: {e}"))?;
+            if block.label != "CERTIFICATE" {
+                continue;
+            }
+            // Validate here: pingora's parser panics on a malformed certificate.
+            block.parse_x509().map_err(|e| format!("\"{path}\" holds an invalid certificate: {e}"))?;
+            certs.push(WrappedX509::new(block.contents, parse_x509));
+        }
+        if certs.is_empty() {
+            return Err(format!("\"{path}\" contains no CERTIFICATE block"));
+        }
+        self.tls_ca = Some(Arc::from(certs));
+        Ok(self)
     }
 
     pub fn upstream_path(&self, endpoint: &str) -> String {
@@ -119,6 +146,9 @@ impl Provider {
         opts.read_timeout = Some(settings.upstream_timeout);
         opts.write_timeout = Some(settings.upstream_timeout);
         opts.idle_timeout = Some(settings.upstream_idle_timeout);
+        if let Some(ca) = &self.tls_ca {
+            opts.ca = Some(ca.clone());
+        }
         Ok(peer)
     }
 
@@ -249,6 +279,15 @@ pub fn resolve_model(
         )
     })?;
     Ok((Target { provider, model: model.to_string() }, Resolution::Auto))
+}
+
+/// The provider id a model string refers to, without checking it exists: the part before
+/// `/`, or the family of a bare name's prefix.
+pub fn provider_hint(model: &str) -> Option<&str> {
+    if let Some((provider, _)) = model.split_once('/') {
+        return Some(provider);
+    }
+    BARE_PREFIXES.iter().find(|(prefix, _)| model.starts_with(prefix)).map(|(_, family)| *family)
 }
 
 /// The provider serving a bare-name family: the one with that id, else the first of that kind.

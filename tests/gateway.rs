@@ -47,11 +47,13 @@ struct Cfg<'a> {
     local: Option<&'a str>,
     server_extra: &'a str,
     fast_model: &'a str,
+    /// Extra flow-mapping entries for the `openai` provider, e.g. `, tls_ca_file: "…"`.
+    openai_extra: &'a str,
 }
 
 impl<'a> Cfg<'a> {
     fn new(upstream: &'a str) -> Self {
-        Cfg { upstream, local: None, server_extra: "", fast_model: "gpt-4o-mini" }
+        Cfg { upstream, local: None, server_extra: "", fast_model: "gpt-4o-mini", openai_extra: "" }
     }
 }
 
@@ -64,7 +66,7 @@ server:
   threads: 2
 {server_extra}
 providers:
-  - {{ id: openai, kind: openai, base_url: "{upstream}", api_key: "sk-test-upstream" }}
+  - {{ id: openai, kind: openai, base_url: "{upstream}", api_key: "sk-test-upstream"{openai_extra} }}
   - {{ id: local, kind: openai_compatible, base_url: "{local}", models: ["m1"] }}
 projects:
   - id: default
@@ -83,6 +85,7 @@ routing_configs:
         upstream = cfg.upstream,
         local = cfg.local.unwrap_or(cfg.upstream),
         fast = cfg.fast_model,
+        openai_extra = cfg.openai_extra,
     )
 }
 
@@ -641,4 +644,115 @@ async fn twenty_reloads_under_load_fail_no_request() {
     assert_eq!(resp.header("x-modelux-model-used"), Some("gpt-4o-mini"));
     let m = metrics(&gw).await;
     assert_eq!(metric_value(&m, "modelux_config_reloads_total", &[("result", "ok")]), 20.0);
+}
+
+/// A TLS front for a plain mock: terminates TLS with `leaf`, relays bytes to `backend`.
+async fn tls_front(backend: SocketAddr, leaf: &rcgen::Certificate, leaf_key: &rcgen::KeyPair) -> SocketAddr {
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key.into())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    if let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_verified_against_a_pinned_ca() {
+    let upstream = mock(MockConfig::default()).await;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "modelux test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let front = tls_front(upstream.addr(), &leaf, &leaf_key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let base = format!("https://127.0.0.1:{}/v1", front.port());
+    let extra = format!(", tls_ca_file: \"{}\"", ca_file.display());
+
+    let gw = start(Cfg { openai_extra: &extra, ..Cfg::new(&base) }).await;
+    for stream in [false, true] {
+        let body = serde_json::to_vec(&json!({"model": "@fast", "stream": stream, "messages": []})).unwrap();
+        let resp = post(&gw, Some(KEY), &body).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert!(resp.text().contains("tok15"), "{}", resp.text());
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].header("host"), Some(format!("127.0.0.1:{}", front.port()).as_str()));
+    drop(gw);
+
+    // Without the pinned CA the system roots apply and the private certificate is refused.
+    let gw = start(Cfg::new(&base)).await;
+    let resp = post(&gw, Some(KEY), &chat_body("@fast")).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(error_of(&resp)["code"], "upstream_unavailable");
+    assert_eq!(upstream.request_count(), 2, "nothing reached the upstream over an unverified connection");
+}
+
+#[test]
+fn config_errors_name_their_paths() {
+    let sample = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/modelux.yaml")).unwrap();
+    let env = |name: &str| (name == "OPENAI_API_KEY").then(|| "sk-x".to_string());
+    let snapshot = modelux::config::build_snapshot(&sample, &env, None).expect("the shipped config is valid");
+    assert_eq!(snapshot.routing_configs["fast"].version, 1);
+
+    let check = |text: &str| -> Vec<String> {
+        modelux::config::build_snapshot(text, &env, None)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    let edited = sample.replace("model: \"gpt-4o-mini\"", "model: \"antropic/claude-3\"");
+    assert_eq!(
+        check(&edited),
+        vec!["routing_configs.fast.model: unknown provider 'antropic' in model 'antropic/claude-3'; configured providers: local, openai"]
+    );
+    let edited = sample
+        .replace("    kind: openai\n", "    kind: openai\n    tls_ca_file: \"/nonexistent/ca.pem\"\n")
+        .replace("strategy: single\n    model: \"local/mock-model\"", "strategy: fallback")
+        .replace("  proxy_listen: \"127.0.0.1:8080\"", "  proxy_listen: \"127.0.0.1:8080\"\n  colour: blue");
+    let errors = check(&edited);
+    assert_eq!(errors.len(), 1, "structural errors are reported first: {errors:?}");
+    assert!(errors[0].starts_with("server.colour: unknown field `colour`"), "{errors:?}");
+    let edited = edited.replace("\n  colour: blue", "");
+    assert_eq!(
+        check(&edited),
+        vec![
+            "providers[0].tls_ca_file: cannot read \"/nonexistent/ca.pem\": No such file or directory (os error 2)",
+            "routing_configs.local.strategy: unknown strategy \"fallback\" (supported: single)",
+        ]
+    );
+    let errors =
+        check("projects:\n  - id: p\n    keys:\n      - { name: k, key: \"${MODELUX_UNSET_FOR_TEST}\" }\n");
+    assert_eq!(
+        errors,
+        vec!["projects[0].keys[0].key: environment variable MODELUX_UNSET_FOR_TEST is not set"]
+    );
 }

@@ -317,6 +317,9 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
     let settings = settings(&raw.server, &mut errors);
 
     let mut providers: HashMap<String, Arc<Provider>> = HashMap::new();
+    // Providers that are configured but invalid: their own error is reported, so references
+    // to them are not reported a second time as "not configured".
+    let mut broken: Vec<String> = Vec::new();
     for (i, p) in raw.providers.into_iter().enumerate() {
         let path = format!("providers[{i}]");
         if !valid_id(&p.id) {
@@ -346,12 +349,26 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
             ));
             continue;
         };
-        match Provider::new(p.id.clone(), p.kind, base_url, p.api_key, p.models) {
-            Ok(provider) => {
-                providers.insert(p.id, Arc::new(provider));
+        let provider = match Provider::new(p.id.clone(), p.kind, base_url, p.api_key, p.models) {
+            Ok(provider) => provider,
+            Err(e) => {
+                errors.push(ConfigError::new(format!("{path}.base_url"), e));
+                broken.push(p.id);
+                continue;
             }
-            Err(e) => errors.push(ConfigError::new(format!("{path}.base_url"), e)),
-        }
+        };
+        let provider = match p.tls_ca_file.as_deref() {
+            None => provider,
+            Some(file) => match provider.with_ca_file(file) {
+                Ok(provider) => provider,
+                Err(e) => {
+                    errors.push(ConfigError::new(format!("{path}.tls_ca_file"), e));
+                    broken.push(p.id);
+                    continue;
+                }
+            },
+        };
+        providers.insert(p.id, Arc::new(provider));
     }
 
     let mut project_keys = KeyIndex::default();
@@ -426,6 +443,12 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
                 }
                 match providers::resolve_model(&providers, model) {
                     Ok((target, _)) => Strategy::Single { target },
+                    Err(_)
+                        if providers::provider_hint(model)
+                            .is_some_and(|id| broken.iter().any(|b| b == id)) =>
+                    {
+                        continue;
+                    }
                     Err(e) => {
                         errors.push(ConfigError::new(format!("{path}.model"), e.message()));
                         continue;

@@ -71,6 +71,9 @@ pub struct RawProvider {
     pub kind: ProviderKind,
     pub base_url: Option<String>,
     pub api_key: Option<String>,
+    /// PEM file of CA certificates to trust for this provider instead of the system
+    /// roots (self-hosted servers behind a private CA).
+    pub tls_ca_file: Option<String>,
     /// Models advertised by `GET /models` as `provider/model`.
     #[serde(default)]
     pub models: Vec<String>,
