@@ -18,6 +18,8 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 MOCK_CPU=${MOCK_CPU:-1}
 SKIP_GATEWAY=${SKIP_GATEWAY:-0}
+# Paced phases: total req/s for the latency comparison below saturation (0 = skip).
+RATE=${RATE:-5000}
 SKIP_BUILD=${SKIP_BUILD:-0}
 BUILD_TIMEOUT_S=${BUILD_TIMEOUT_S:-3600}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-30}
@@ -82,7 +84,9 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 free_port() {
     local p
     for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 40000))
+        # Below the kernel's ephemeral range (32768+), where loadgen's own client sockets
+        # (and their TIME_WAIT remains) would collide with a listener.
+        p=$((20000 + RANDOM % 12000))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             echo "$p"
             return 0
@@ -241,7 +245,7 @@ run_phase() {
     local name=$1 port=$2 path=$3 pid=$4
     shift 4
     local body=$BODY_MOCK
-    [ "$name" = gateway ] && body=$BODY_GW
+    [ "${name%.paced}" = gateway ] && body=$BODY_GW
     local common=(--target "127.0.0.1:$port" --path "$path" --body-file "$body" --threads 1 --json "$@")
     # One request first so a broken hop fails loudly instead of timing 10 s
     # of errors.
@@ -263,18 +267,30 @@ run_phase() {
     fi
 }
 
-run_phase direct "$MOCK_PORT" /v1/chat/completions -
-if [ "$SKIP_GATEWAY" != 1 ]; then
-    alive "$GW_PID" gateway
-    run_phase gateway "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
-        --header "Authorization: Bearer $GW_KEY"
-fi
-alive "$NGINX_PID" nginx
-run_phase nginx "$NGINX_PORT" /v1/chat/completions "$NGINX_WORKER"
+# Saturation (closed loop: throughput and CPU per request), then paced at $RATE req/s
+# (latency added by the hop when it is not the bottleneck).
+for mode in sat paced; do
+    extra=()
+    sfx=
+    if [ "$mode" = paced ]; then
+        [ "$RATE" = 0 ] && break
+        extra=(--rate "$RATE")
+        sfx=.paced
+    fi
+    run_phase direct$sfx "$MOCK_PORT" /v1/chat/completions - "${extra[@]}"
+    if [ "$SKIP_GATEWAY" != 1 ]; then
+        alive "$GW_PID" gateway
+        run_phase gateway$sfx "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+            --header "Authorization: Bearer $GW_KEY" "${extra[@]}"
+    fi
+    alive "$NGINX_PID" nginx
+    run_phase nginx$sfx "$NGINX_PORT" /v1/chat/completions "$NGINX_WORKER" "${extra[@]}"
+done
 
 # ---------------------------------------------------------------- report
 row() {
-    local name=$1 f=$TMP/$1.json
+    local name=$1 f=$TMP/$1.json base=direct
+    [ "${name%.paced}" != "$name" ] && base=direct.paced
     local rps p50 p99 p999 errs all base50 base99 ticks rss
     rps=$(jnum "$f" rps)
     p50=$(jnum "$f" p50_us)
@@ -282,15 +298,15 @@ row() {
     p999=$(jnum "$f" p999_us)
     errs=$(jnum "$f" errors)
     all=$(jnum "$f" completed_all)
-    base50=$(jnum "$TMP/direct.json" p50_us)
-    base99=$(jnum "$TMP/direct.json" p99_us)
+    base50=$(jnum "$TMP/$base.json" p50_us)
+    base99=$(jnum "$TMP/$base.json" p99_us)
     ticks=$(cat "$TMP/$name.ticks" 2>/dev/null || echo -)
     rss=$(cat "$TMP/$name.rss" 2>/dev/null || echo -)
     awk -v n="$name" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v p999="$p999" \
         -v errs="$errs" -v all="$all" -v b50="$base50" -v b99="$base99" \
         -v ticks="$ticks" -v rss="$rss" -v tck="$CLK_TCK" 'BEGIN {
-        add50 = (n == "direct") ? "–" : sprintf("%+d", p50 - b50)
-        add99 = (n == "direct") ? "–" : sprintf("%+d", p99 - b99)
+        add50 = (n ~ /^direct/) ? "–" : sprintf("%+d", p50 - b50)
+        add99 = (n ~ /^direct/) ? "–" : sprintf("%+d", p99 - b99)
         cpu = (ticks == "-" || all == 0) ? "–" : sprintf("%.1f", ticks / tck * 1e6 / all)
         mib = (rss == "-") ? "–" : sprintf("%.1f", rss / 1024)
         printf "| %s | %.0f | %d | %d | %d | %s | %s | %s | %s | %d |\n",
@@ -311,6 +327,16 @@ row() {
     [ "$SKIP_GATEWAY" = 1 ] || row gateway
     row nginx
     echo
+    if [ "$RATE" != 0 ]; then
+        echo "Paced at $RATE req/s in total (latency below saturation; CPU is per request at that rate):"
+        echo
+        echo "| target | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | CPU µs/req | RSS MiB | errors |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        row direct.paced
+        [ "$SKIP_GATEWAY" = 1 ] || row gateway.paced
+        row nginx.paced
+        echo
+    fi
     if [ "$SKIP_GATEWAY" != 1 ]; then
         awk -v g="$(jnum "$TMP/gateway.json" rps)" -v n="$(jnum "$TMP/nginx.json" rps)" \
             'BEGIN { if (n > 0) printf "Gateway throughput: **%.1f%%** of nginx.\n", 100 * g / n }'

@@ -175,11 +175,15 @@ async fn chat_completions(
     if !(200..300).contains(&status) {
         let result = upstream_error(state, settings, &provider, &mut ex, status).await;
         ctx.upstream_time += ex.started.elapsed();
+        match result {
+            // Client errors from the upstream pass through verbatim (status, body, type).
+            Ok((status, body)) => {
+                respond::whole(session, ctx, status, headers, body).await;
+                ctx.error_code = Some("upstream_client_error");
+            }
+            Err(e) => respond::error(session, ctx, &e).await,
+        }
         upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
-        let (status, body) = result?;
-        // Client errors from the upstream pass through verbatim (status, body, type).
-        respond::whole(session, ctx, status, headers, body).await;
-        ctx.error_code = Some("upstream_client_error");
         return Ok(());
     }
 
@@ -196,8 +200,9 @@ async fn chat_completions(
             return Err(e);
         }
     };
-    upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+    // Answer first: returning the connection to the pool is not the client's business.
     respond::whole(session, ctx, status, headers, body).await;
+    upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
     Ok(())
 }
 

@@ -51,6 +51,11 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Pace the load: this many requests per second in total, spread evenly over the
+    /// connections (each sends at most one request per interval). Latency is then
+    /// measured well below saturation, i.e. without queueing in the proxy.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Per-request timeout; a timed-out request counts as an error.
     #[arg(long, default_value_t = 30.0)]
     timeout_s: f64,
@@ -114,6 +119,9 @@ struct Plan {
     budget: Option<u64>,
     issued: AtomicU64,
     stop: AtomicBool,
+    /// Paced mode: time between two sends on one connection.
+    interval: Option<Duration>,
+    connections: usize,
 }
 
 fn main() -> io::Result<()> {
@@ -177,11 +185,16 @@ async fn run(args: Args) -> io::Result<()> {
         budget: args.max_requests,
         issued: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        interval: args
+            .rate
+            .filter(|r| *r > 0.0)
+            .map(|r| Duration::from_secs_f64(args.connections.max(1) as f64 / r)),
+        connections: args.connections.max(1),
     });
 
     let mut tasks = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections.max(1) {
-        tasks.push(tokio::spawn(worker(plan.clone())));
+    for i in 0..args.connections.max(1) {
+        tasks.push(tokio::spawn(worker(plan.clone(), i)));
     }
     // Hard bound: in-flight requests get a short grace period after the
     // deadline, then are abandoned so the process always exits.
@@ -211,11 +224,24 @@ async fn run(args: Args) -> io::Result<()> {
     Ok(())
 }
 
-async fn worker(plan: Arc<Plan>) -> io::Result<Stats> {
+async fn worker(plan: Arc<Plan>, index: usize) -> io::Result<Stats> {
     let mut st = Stats::new()?;
     let hdrs: Vec<(&str, &str)> = plan.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut conn: Option<Conn> = None;
+    // Paced mode: stagger the connections across one interval so sends do not bunch up.
+    let mut next_send =
+        plan.interval.map(|iv| Instant::now() + iv.mul_f64(index as f64 / plan.connections as f64));
     loop {
+        if let (Some(iv), Some(at)) = (plan.interval, next_send.as_mut()) {
+            let now = Instant::now();
+            if *at > now {
+                tokio::time::sleep_until((*at).into()).await;
+            } else if now.duration_since(*at) > iv {
+                // Fell behind by more than an interval: do not fire a burst to catch up.
+                *at = now;
+            }
+            *at += iv;
+        }
         if plan.stop.load(Ordering::Relaxed) || Instant::now() >= plan.deadline {
             break;
         }
