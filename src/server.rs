@@ -41,6 +41,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     let settings = &snapshot.settings;
     let conf = ServerConf {
         threads: settings.threads,
+        work_stealing: settings.work_stealing,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(settings.shutdown_grace_seconds),
         ..ServerConf::default()

@@ -46,6 +46,7 @@ pub struct Settings {
     pub proxy_listen: String,
     pub manage_listen: String,
     pub threads: usize,
+    pub work_stealing: bool,
     pub max_body_bytes: u64,
     pub client_body_timeout: Duration,
     pub upstream_connect_timeout: Duration,
@@ -247,6 +248,7 @@ fn settings(raw: &RawServer, errors: &mut Vec<ConfigError>) -> Settings {
         proxy_listen,
         manage_listen,
         threads: threads.max(1),
+        work_stealing: raw.work_stealing.unwrap_or(false),
         max_body_bytes,
         client_body_timeout: ms(raw.client_body_timeout_ms, 30_000, "server.client_body_timeout_ms", errors),
         upstream_connect_timeout: ms(

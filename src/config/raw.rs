@@ -21,6 +21,10 @@ pub struct RawServer {
     pub manage_listen: Option<String>,
     /// Worker threads for the proxy service; default: number of CPUs.
     pub threads: Option<usize>,
+    /// Let idle worker threads steal tasks from busy ones (one shared tokio runtime)
+    /// instead of one runtime per thread. Off by default: measured ~10% less CPU per
+    /// request without it, and proxy requests are uniform enough not to need stealing.
+    pub work_stealing: Option<bool>,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: Option<u64>,
     /// Deadline for receiving the whole request body; a slower client gets 408.

@@ -77,8 +77,9 @@ impl ConfigStore {
                 if new.settings.proxy_listen != old.settings.proxy_listen
                     || new.settings.manage_listen != old.settings.manage_listen
                     || new.settings.threads != old.settings.threads
+                    || new.settings.work_stealing != old.settings.work_stealing
                 {
-                    tracing::warn!("listen addresses and thread counts take effect only after a restart");
+                    tracing::warn!("listen addresses and thread settings take effect only after a restart");
                 }
                 let generation = new.generation;
                 self.current.store(Arc::new(new));

@@ -20,7 +20,8 @@ pub fn name(n: &'static str) -> HeaderName {
 
 pub fn header(status: u16, extra: Headers, ctx: &RequestCtx) -> Result<ResponseHeader, GatewayError> {
     let build = || -> pingora::Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(status, Some(extra.len() + 3))?;
+        // No case map: header names go out lowercase, and building it costs an allocation per header.
+        let mut h = ResponseHeader::build_no_case(status, Some(extra.len() + 3))?;
         h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in extra {
             h.append_header(name, value)?;
