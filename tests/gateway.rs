@@ -64,6 +64,11 @@ server:
   proxy_listen: "127.0.0.1:{proxy}"
   manage_listen: "127.0.0.1:{manage}"
   threads: 2
+  # Many servers share this test process. Pingora's per-thread runtimes (the default,
+  # covered by the SDK suite against the real binary) register themselves in a
+  # process-global thread-local that a later server in the same process inherits stale
+  # entries from, so in-process tests use the shared work-stealing runtime.
+  work_stealing: true
 {server_extra}
 providers:
   - {{ id: openai, kind: openai, base_url: "{upstream}", api_key: "sk-test-upstream"{openai_extra} }}
