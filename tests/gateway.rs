@@ -167,6 +167,20 @@ fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Metrics are recorded in the logging phase, after the response went out: poll until the
+/// expected value shows up (bounded), then assert it exactly.
+async fn assert_metric(gw: &Gateway, name: &str, labels: &[(&str, &str)], expected: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = metric_value(&metrics(gw).await, name, labels);
+        if v == expected || Instant::now() > deadline {
+            assert_eq!(v, expected, "{name}{labels:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_through_all_three_model_forms() {
     let upstream = mock(MockConfig::default()).await;
@@ -235,8 +249,7 @@ async fn authentication_and_project_isolation() {
     let resp = post(&gw, Some(OTHER_KEY), &chat_body("@theirs")).await;
     assert_eq!(resp.status, 200);
     assert_eq!(upstream.request_count(), 1);
-    let m = metrics(&gw).await;
-    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "invalid_api_key")]), 3.0);
+    assert_metric(&gw, "modelux_errors_total", &[("code", "invalid_api_key")], 3.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,11 +298,10 @@ async fn bad_input_gets_openai_errors_and_is_counted() {
     assert_eq!(resp.status, 404);
     assert_eq!(error_of(&resp)["code"], "not_found");
     assert_eq!(upstream.request_count(), 0, "nothing invalid reaches the upstream");
-    let m = metrics(&gw).await;
-    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "invalid_json")]), 2.0);
-    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "missing_field")]), 2.0);
-    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "unsupported_media_type")]), 1.0);
-    assert_eq!(metric_value(&m, "modelux_requests_total", &[("status", "400")]), 6.0);
+    assert_metric(&gw, "modelux_errors_total", &[("code", "invalid_json")], 2.0).await;
+    assert_metric(&gw, "modelux_errors_total", &[("code", "missing_field")], 2.0).await;
+    assert_metric(&gw, "modelux_errors_total", &[("code", "unsupported_media_type")], 1.0).await;
+    assert_metric(&gw, "modelux_requests_total", &[("status", "400")], 6.0).await;
     // the gateway still serves after all that
     assert_eq!(post(&gw, Some(KEY), &chat_body("@fast")).await.status, 200);
 }
@@ -418,8 +430,7 @@ async fn slow_client_body_times_out_with_408() {
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     assert!(text.to_ascii_lowercase().contains("x-modelux-request-id"), "{text}");
     assert_eq!(post(&gw, Some(KEY), &chat_body("@fast")).await.status, 200);
-    let m = metrics(&gw).await;
-    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "request_timeout")]), 1.0);
+    assert_metric(&gw, "modelux_errors_total", &[("code", "request_timeout")], 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,8 +530,7 @@ async fn upstream_reset_mid_stream_ends_the_stream_cleanly() {
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
-    let m = metrics(&gw).await;
-    assert_eq!(metric_value(&m, "modelux_errors_total", &[("code", "upstream_stream_error")]), 1.0);
+    assert_metric(&gw, "modelux_errors_total", &[("code", "upstream_stream_error")], 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -557,8 +567,8 @@ async fn models_metrics_health_and_management_auth() {
         assert!(m.contains(family), "{family} missing from /metrics");
     }
     let ok = [("surface", "openai"), ("provider", "openai"), ("model", "gpt-4o-mini"), ("status", "200")];
-    assert_eq!(metric_value(&m, "modelux_requests_total", &ok), 20.0);
-    assert_eq!(metric_value(&m, "modelux_requests_in_flight", &[]), 0.0);
+    assert_metric(&gw, "modelux_requests_total", &ok, 20.0).await;
+    assert_metric(&gw, "modelux_requests_in_flight", &[], 0.0).await;
     // upstream connections are pooled: 20 requests, (nearly) all on reused connections
     assert!(metric_value(&m, "modelux_upstream_connections_reused_total", &[]) >= 18.0, "{m}");
 
@@ -647,8 +657,7 @@ async fn twenty_reloads_under_load_fail_no_request() {
     // 20 changes of the definition → version 21; the last good config routes to gpt-4o-mini
     assert_eq!(resp.header("x-modelux-config-version"), Some("v21"));
     assert_eq!(resp.header("x-modelux-model-used"), Some("gpt-4o-mini"));
-    let m = metrics(&gw).await;
-    assert_eq!(metric_value(&m, "modelux_config_reloads_total", &[("result", "ok")]), 20.0);
+    assert_metric(&gw, "modelux_config_reloads_total", &[("result", "ok")], 20.0).await;
 }
 
 /// A TLS front for a plain mock: terminates TLS with `leaf`, relays bytes to `backend`.
