@@ -211,6 +211,8 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
     }
 }
 
+const ID_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, _, -, .";
+
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -325,8 +327,7 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
     for (i, p) in raw.providers.into_iter().enumerate() {
         let path = format!("providers[{i}]");
         if !valid_id(&p.id) {
-            errors
-                .push(ConfigError::new(format!("{path}.id"), "must be 1-64 characters of a-z, 0-9, _, -, ."));
+            errors.push(ConfigError::new(format!("{path}.id"), ID_RULE));
             continue;
         }
         if providers.contains_key(&p.id) {
@@ -378,8 +379,7 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
     for (i, project) in raw.projects.iter().enumerate() {
         let path = format!("projects[{i}]");
         if !valid_id(&project.id) {
-            errors
-                .push(ConfigError::new(format!("{path}.id"), "must be 1-64 characters of a-z, 0-9, _, -, ."));
+            errors.push(ConfigError::new(format!("{path}.id"), ID_RULE));
             continue;
         }
         if projects.contains(&project.id) {
@@ -421,7 +421,7 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
     for (slug, rc) in raw.routing_configs {
         let path = format!("routing_configs.{slug}");
         if !valid_id(&slug) {
-            errors.push(ConfigError::new(&path, "slug must be 1-64 characters of a-z, 0-9, _, -, ."));
+            errors.push(ConfigError::new(&path, format!("slug {ID_RULE}")));
             continue;
         }
         if !projects.contains(&rc.project) {
