@@ -173,7 +173,7 @@ async fn chat_completions(
     }
 
     if !(200..300).contains(&status) {
-        let result = upstream_error(state, settings, &provider, &mut ex, status).await;
+        let result = upstream_error(settings, &provider, &mut ex, status).await;
         ctx.upstream_time += ex.started.elapsed();
         match result {
             // Client errors from the upstream pass through verbatim (status, body, type).
@@ -209,7 +209,6 @@ async fn chat_completions(
 /// Maps an upstream error status. 4xx other than credential failures pass through as they
 /// are (`Ok`); credential failures and 5xx become gateway errors (`Err`, rendered as 502).
 async fn upstream_error(
-    _state: &GatewayState,
     settings: &config::Settings,
     provider: &providers::Provider,
     ex: &mut Exchange,
