@@ -4,16 +4,18 @@
 
 use std::fmt;
 
-/// Where the request came in; decides the error envelope.
+/// A wire format: what a client surface speaks, and what a provider speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Surface {
     OpenAi,
+    Anthropic,
 }
 
 impl Surface {
     pub fn as_str(self) -> &'static str {
         match self {
             Surface::OpenAi => "openai",
+            Surface::Anthropic => "anthropic",
         }
     }
 }
@@ -133,6 +135,17 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { provider, after_ms } => {
                 format!("provider '{provider}' did not respond within {after_ms} ms")
             }
+        }
+    }
+
+    /// The error envelope of `surface`.
+    pub fn render(&self, surface: Surface) -> Vec<u8> {
+        match surface {
+            Surface::OpenAi => self.to_openai_body(),
+            Surface::Anthropic => crate::wire::anthropic::error_body(
+                crate::wire::anthropic::error_type(self.status()),
+                &self.message(),
+            ),
         }
     }
 

@@ -12,7 +12,7 @@ use pingora::utils::tls::{parse_x509, WrappedX509};
 
 use crate::config::raw::ProviderKind;
 use crate::config::Settings;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Surface};
 
 /// Bare model names are sent to the provider family their prefix names (PRODUCT.md §2.2).
 pub const BARE_PREFIXES: &[(&str, &str)] = &[
@@ -41,8 +41,9 @@ pub struct Provider {
     pub base_path: String,
     /// Value for the upstream `Host` header.
     pub host_header: String,
-    /// Precomputed `Authorization` header value; `None` when no key is configured.
-    pub authorization: Option<String>,
+    /// Precomputed credential header (`authorization: Bearer …` or `x-api-key: …`);
+    /// `None` when no key is configured.
+    pub auth_header: Option<(&'static str, String)>,
     pub models: Vec<String>,
     /// Trust anchors replacing the system roots for this provider, when configured.
     pub tls_ca: Option<Arc<[WrappedX509]>>,
@@ -101,7 +102,10 @@ impl Provider {
             port,
             base_path,
             host_header,
-            authorization: api_key.filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}")),
+            auth_header: api_key.filter(|k| !k.is_empty()).map(|k| match kind {
+                ProviderKind::Anthropic => ("x-api-key", k),
+                _ => ("authorization", format!("Bearer {k}")),
+            }),
             models,
             tls_ca: None,
             resolved: ArcSwapOption::empty(),
@@ -133,6 +137,22 @@ impl Provider {
 
     pub fn upstream_path(&self, endpoint: &str) -> String {
         format!("{}{}", self.base_path, endpoint)
+    }
+
+    /// The wire format this provider speaks.
+    pub fn format(&self) -> Surface {
+        match self.kind {
+            ProviderKind::Anthropic => Surface::Anthropic,
+            _ => Surface::OpenAi,
+        }
+    }
+
+    /// Path of the chat endpoint under the base URL.
+    pub fn chat_path(&self) -> String {
+        match self.format() {
+            Surface::OpenAi => self.upstream_path("/chat/completions"),
+            Surface::Anthropic => self.upstream_path("/v1/messages"),
+        }
     }
 
     /// The peer for one attempt. IP literals need no lookup; names are resolved with the
@@ -195,13 +215,14 @@ impl Provider {
 pub fn default_base_url(kind: ProviderKind) -> Option<&'static str> {
     match kind {
         ProviderKind::Openai => Some("https://api.openai.com/v1"),
+        ProviderKind::Anthropic => Some("https://api.anthropic.com"),
         _ => None,
     }
 }
 
 /// Kinds this build can send traffic to.
 pub fn kind_supported(kind: ProviderKind) -> bool {
-    matches!(kind, ProviderKind::Openai | ProviderKind::OpenaiCompatible)
+    matches!(kind, ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Anthropic)
 }
 
 /// How a model string was resolved (recorded in traces).

@@ -49,11 +49,20 @@ struct Cfg<'a> {
     fast_model: &'a str,
     /// Extra flow-mapping entries for the `openai` provider, e.g. `, tls_ca_file: "…"`.
     openai_extra: &'a str,
+    /// Base URL of an `anthropic` provider (kind anthropic), when the test needs one.
+    anthropic: Option<&'a str>,
 }
 
 impl<'a> Cfg<'a> {
     fn new(upstream: &'a str) -> Self {
-        Cfg { upstream, local: None, server_extra: "", fast_model: "gpt-4o-mini", openai_extra: "" }
+        Cfg {
+            upstream,
+            local: None,
+            server_extra: "",
+            fast_model: "gpt-4o-mini",
+            openai_extra: "",
+            anthropic: None,
+        }
     }
 }
 
@@ -73,7 +82,7 @@ server:
 providers:
   - {{ id: openai, kind: openai, base_url: "{upstream}", api_key: "sk-test-upstream"{openai_extra} }}
   - {{ id: local, kind: openai_compatible, base_url: "{local}", models: ["m1"] }}
-projects:
+{anthropic}projects:
   - id: default
     keys:
       - {{ name: dev, key: "{KEY}" }}
@@ -91,6 +100,12 @@ routing_configs:
         local = cfg.local.unwrap_or(cfg.upstream),
         fast = cfg.fast_model,
         openai_extra = cfg.openai_extra,
+        anthropic = cfg
+            .anthropic
+            .map(|url| format!(
+                "  - {{ id: anthropic, kind: anthropic, base_url: \"{url}\", api_key: \"sk-ant-test\" }}\n"
+            ))
+            .unwrap_or_default(),
     )
 }
 
@@ -769,4 +784,234 @@ fn config_errors_name_their_paths() {
         errors,
         vec!["projects[0].keys[0].key: environment variable MODELUX_UNSET_FOR_TEST is not set"]
     );
+}
+
+// ------------------------------------------------------------------ translation
+
+async fn post_to(gw: &Gateway, path: &str, headers: &[(&str, &str)], body: &Value) -> Response {
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    httpc::request(gw.proxy, "POST", path, &h, &serde_json::to_vec(body).unwrap()).await.unwrap()
+}
+
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in e.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = d.to_string();
+                }
+            }
+            (name, if data == "[DONE]" { Value::Null } else { serde_json::from_str(&data).unwrap() })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_client_reaches_an_anthropic_provider() {
+    let anthropic = mock(MockConfig { tokens: 3, ..MockConfig::default() }).await;
+    let openai = mock(MockConfig::default()).await;
+    let base = anthropic.anthropic_base_url();
+    let gw = start(Cfg { anthropic: Some(&base), ..Cfg::new(&openai.base_url()) }).await;
+    let auth = format!("Bearer {KEY}");
+    let body = json!({"model": "claude-sonnet-4-5", "messages": [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}], "mlx:end_user": "u1"});
+    let resp = post_to(&gw, CHAT, &[("authorization", &auth)], &body).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-modelux-provider-used"), Some("anthropic"));
+    let v = resp.json().unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], " tok0 tok1 tok2");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let seen = anthropic.requests().pop().unwrap();
+    assert_eq!(seen.path, "/v1/messages");
+    assert_eq!(seen.header("x-api-key"), Some("sk-ant-test"));
+    assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(seen.header("authorization"), None);
+    let sent = seen.json().unwrap();
+    assert_eq!(sent["model"], "claude-sonnet-4-5");
+    assert_eq!(sent["system"][0]["text"], "Be terse.");
+    assert_eq!(sent["max_tokens"], 4096);
+    assert!(sent.get("mlx:end_user").is_none());
+
+    // streamed, with and without the usage chunk
+    for include_usage in [false, true] {
+        let mut body = body.clone();
+        body["stream"] = true.into();
+        if include_usage {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let resp = post_to(&gw, CHAT, &[("authorization", &auth)], &body).await;
+        assert_eq!(resp.status, 200);
+        assert!(resp.header("content-type").unwrap().starts_with("text/event-stream"));
+        let events = sse_events(&resp.text());
+        assert_eq!(events.last().unwrap().1, Value::Null, "ends with [DONE]");
+        let chunks: Vec<&Value> = events.iter().map(|(_, v)| v).filter(|v| !v.is_null()).collect();
+        let text: String =
+            chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, " tok0 tok1 tok2");
+        assert_eq!(chunks.iter().filter(|c| c["usage"].is_object()).count(), usize::from(include_usage));
+    }
+
+    // tools: the Anthropic tool_use comes back as an OpenAI tool call
+    let body = json!({"model": "anthropic/claude-haiku-4-5", "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]});
+    let v = post_to(&gw, CHAT, &[("authorization", &auth)], &body).await.json().unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "lookup");
+    assert_eq!(
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap(),
+        json!({"query": "mock"})
+    );
+
+    // upstream errors arrive in the client's (OpenAI) envelope
+    anthropic.push_script([Behavior::Status(429), Behavior::Status(529), Behavior::Status(400)]);
+    let simple = json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_to(&gw, CHAT, &[("authorization", &auth)], &simple).await;
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("1")));
+    assert_eq!(error_of(&r)["type"], "rate_limit_error");
+    let r = post_to(&gw, CHAT, &[("authorization", &auth)], &simple).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(error_of(&r)["code"], "upstream_error");
+    let r = post_to(&gw, CHAT, &[("authorization", &auth)], &simple).await;
+    assert_eq!(r.status, 400);
+    assert!(error_of(&r)["message"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_surface_to_openai_and_to_anthropic() {
+    let anthropic = mock(MockConfig { tokens: 2, ..MockConfig::default() }).await;
+    let openai = mock(MockConfig { tokens: 2, ..MockConfig::default() }).await;
+    let base = anthropic.anthropic_base_url();
+    let gw = start(Cfg { anthropic: Some(&base), ..Cfg::new(&openai.base_url()) }).await;
+    let msgs = "/anthropic/v1/messages";
+    let key = [("x-api-key", KEY), ("anthropic-version", "2023-06-01")];
+
+    // no key: Anthropic-shaped 401
+    let r = post_to(&gw, msgs, &[], &json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": []})).await;
+    assert_eq!(r.status, 401);
+    let v = r.json().unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("authentication_error"))
+    );
+    request_id(&r);
+
+    // Anthropic client → OpenAI provider, plain and streamed
+    let body = json!({"model": "@fast", "max_tokens": 50, "system": "Be terse.",
+        "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_to(&gw, msgs, &key, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json().unwrap();
+    assert_eq!((v["type"].as_str(), v["role"].as_str()), (Some("message"), Some("assistant")));
+    assert_eq!(v["content"][0], json!({"type": "text", "text": " tok0 tok1"}));
+    assert_eq!(v["stop_reason"], "end_turn");
+    let seen = openai.requests().pop().unwrap();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.header("anthropic-version"), None);
+    let sent = seen.json().unwrap();
+    assert_eq!(sent["messages"][0], json!({"role": "system", "content": "Be terse."}));
+    assert_eq!(sent["max_tokens"], 50);
+
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    let r = post_to(&gw, msgs, &key, &streamed).await;
+    assert_eq!(r.status, 200);
+    let events = sse_events(&r.text());
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert!(events[5].1["usage"]["input_tokens"].as_u64().unwrap() > 0, "input tokens in message_delta");
+    assert_eq!(events[5].1["usage"]["output_tokens"], 2);
+    // the gateway asked the OpenAI upstream for usage
+    assert_eq!(
+        openai.requests().pop().unwrap().json().unwrap()["stream_options"],
+        json!({"include_usage": true})
+    );
+
+    // Anthropic client → Anthropic provider: bytes pass through, headers forwarded verbatim
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+        "mlx:tags": {"team": "ml"}, "metadata": {"user_id": "u-1"}});
+    let beta =
+        [("x-api-key", KEY), ("anthropic-version", "2023-06-01"), ("anthropic-beta", "files-api-2025-04-14")];
+    let raw = r#"{"model":"claude-sonnet-4-5","max_tokens":50,"mlx:tags":{"team":"ml"},"messages":[{"role":"user","content":"hi"}],"metadata":{"user_id":"u-1"}}"#;
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(&beta);
+    let r = httpc::request(gw.proxy, "POST", msgs, &h, raw.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().unwrap()["content"][0]["text"], " tok0 tok1");
+    let seen = anthropic.requests().pop().unwrap();
+    assert_eq!(seen.header("anthropic-beta"), Some("files-api-2025-04-14"));
+    assert_eq!(seen.header("x-api-key"), Some("sk-ant-test"));
+    assert_eq!(
+        String::from_utf8(seen.body).unwrap(),
+        r#"{"model":"claude-sonnet-4-5","max_tokens":50,"messages":[{"role":"user","content":"hi"}],"metadata":{"user_id":"u-1"}}"#
+    );
+
+    // /v1/messages alias and Bearer auth
+    let bearer = format!("Bearer {KEY}");
+    let r = post_to(&gw, "/v1/messages", &[("authorization", &bearer)], &body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().unwrap()["type"], "message");
+
+    // upstream 400 from the OpenAI provider, rendered Anthropic-style
+    openai.push_script([Behavior::Status(400)]);
+    let r = post_to(
+        &gw,
+        msgs,
+        &key,
+        &json!({"model": "@fast", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json().unwrap()["error"]["type"], "invalid_request_error");
+
+    // count_tokens: forwarded to Anthropic, estimated for others
+    let count = "/anthropic/v1/messages/count_tokens";
+    let r = post_to(
+        &gw,
+        count,
+        &key,
+        &json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hello there"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().unwrap()["input_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(anthropic.requests().pop().unwrap().path, "/v1/messages/count_tokens");
+    let r = post_to(
+        &gw,
+        count,
+        &key,
+        &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "abcdefgh"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-modelux-token-count"), Some("estimated"));
+    assert_eq!(r.json().unwrap()["input_tokens"], 2);
+
+    // models, Anthropic-shaped
+    let r = httpc::request(gw.proxy, "GET", "/anthropic/v1/models", &key, b"").await.unwrap();
+    let v = r.json().unwrap();
+    assert_eq!(
+        v["data"][0],
+        json!({"type": "model", "id": "@fast", "display_name": "@fast", "created_at": "1970-01-01T00:00:00Z"})
+    );
+    assert_eq!(v["has_more"], false);
 }

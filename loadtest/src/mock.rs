@@ -1,9 +1,12 @@
-//! Mock OpenAI upstream.
+//! Mock OpenAI and Anthropic upstream.
 //!
-//! Speaks the published Chat Completions wire format (shapes come from the
-//! fixtures in `tests/fixtures/openai/`), over a small hand-written HTTP/1.1
-//! server so it is fast enough to be the baseline in load tests and fully
-//! controllable (latency, streaming pace, scripted failures) in gateway tests.
+//! Speaks the published OpenAI Chat Completions and Anthropic Messages wire
+//! formats (shapes come from the fixtures in `tests/fixtures/openai/` and
+//! `tests/fixtures/anthropic/`), over a small hand-written HTTP/1.1 server so
+//! it is fast enough to be the baseline in load tests and fully controllable
+//! (latency, streaming pace, scripted failures) in gateway tests. The API is
+//! chosen by path: `/v1/chat/completions` is OpenAI, `/v1/messages` and
+//! `/v1/messages/count_tokens` are Anthropic.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -14,11 +17,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::anthropic::{self, Reply, StopReason};
 use crate::template::{self, StreamTemplates, Template, Templates, Vals};
 use crate::wire::{self, ChunkedDecoder, Decoded};
 
@@ -33,9 +38,11 @@ const MAX_HEADERS: usize = 128;
 pub struct MockConfig {
     /// Delay before response headers (every answered request).
     pub latency: Duration,
-    /// Streaming: delay between the role chunk and the first content chunk.
+    /// Streaming: delay before the first content chunk (OpenAI: after the
+    /// role chunk; Anthropic: before the first `content_block_delta`).
     pub ttft: Duration,
-    /// Streaming: delay between consecutive content chunks.
+    /// Streaming: delay between consecutive content chunks (Anthropic: between
+    /// consecutive `content_block_delta` events).
     pub inter_token: Duration,
     /// Content tokens per response (`" tok0"`, `" tok1"`, ...).
     pub tokens: usize,
@@ -69,14 +76,16 @@ impl Default for MockConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Behavior {
     Normal,
-    /// Answer with this status and an OpenAI-shaped error body; 429 also
-    /// sets `retry-after: 1`. Statuses below 400 answer normally.
+    /// Answer with this status and an error body in the route's API shape
+    /// (OpenAI, or Anthropic on `/v1/messages*`); 429 also sets
+    /// `retry-after: 1`. Statuses below 400 answer normally.
     Status(u16),
     /// Read the request, then reset the connection without any response.
     ResetBeforeHeaders,
-    /// Send headers and this many SSE events (the role chunk counts), then
-    /// reset the connection: no finish chunk, no `[DONE]`, no chunked
-    /// terminator. For a non-streamed request half of the body is sent.
+    /// Send headers and this many SSE events (the role chunk, or Anthropic's
+    /// `message_start`, counts), then reset the connection: no finish chunk,
+    /// no `[DONE]`/`message_stop`, no chunked terminator. For a non-streamed
+    /// request half of the body is sent.
     ResetMidStream {
         after_chunks: usize,
     },
@@ -118,6 +127,7 @@ struct Shared {
     /// Sequence for response ids and the deterministic error rate.
     seq: AtomicU64,
     tpl: Templates,
+    atpl: anthropic::Templates,
     /// JSON string of the whole non-streamed content.
     content_json: Vec<u8>,
     /// JSON string of each streamed content token.
@@ -142,6 +152,7 @@ impl MockServer {
     pub async fn start_on(listener: TcpListener, cfg: MockConfig) -> io::Result<MockServer> {
         let addr = listener.local_addr()?;
         let tpl = Templates::load()?;
+        let atpl = anthropic::Templates::load()?;
         let tokens: Vec<String> = (0..cfg.tokens).map(|i| format!(" tok{i}")).collect();
         let content_json = serde_json::to_vec(&tokens.concat()).map_err(io::Error::other)?;
         let token_json =
@@ -154,6 +165,7 @@ impl MockServer {
             count: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
             tpl,
+            atpl,
             content_json,
             token_json,
         });
@@ -169,6 +181,12 @@ impl MockServer {
     /// `http://127.0.0.1:PORT/v1`, the OpenAI-style base URL.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT`, the Anthropic-style base URL (clients append
+    /// `/v1/messages`).
+    pub fn anthropic_base_url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// Requests received so far (empty when `record` is off).
@@ -237,7 +255,25 @@ async fn accept_loop(listener: TcpListener, sh: Arc<Shared>, mut stop: watch::Re
 enum Route {
     ChatCompletions,
     Models,
+    Messages,
+    CountTokens,
     NotFound,
+}
+
+/// Which provider's headers and error shape a response uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    OpenAi,
+    Anthropic,
+}
+
+impl Route {
+    fn api(self) -> Api {
+        match self {
+            Route::Messages | Route::CountTokens => Api::Anthropic,
+            Route::ChatCompletions | Route::Models | Route::NotFound => Api::OpenAi,
+        }
+    }
 }
 
 enum BodyKind {
@@ -272,6 +308,8 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
     let route = match (method, path) {
         ("POST", "/v1/chat/completions") => Route::ChatCompletions,
         ("GET", "/v1/models") => Route::Models,
+        ("POST", "/v1/messages") => Route::Messages,
+        ("POST", "/v1/messages/count_tokens") => Route::CountTokens,
         _ => Route::NotFound,
     };
     let mut body = BodyKind::Empty;
@@ -488,11 +526,16 @@ async fn handle(
     sleep(sh.cfg.latency).await;
     if let Behavior::Status(s) = behavior {
         if s >= 400 {
-            write_error(sock, bufs, s, &[], head.close).await?;
+            match head.route.api() {
+                Api::OpenAi => write_error(sock, bufs, s, &[], head.close).await?,
+                Api::Anthropic => write_anthropic_error(sock, sh, bufs, s, "", head.close).await?,
+            }
             return Ok(!head.close);
         }
     }
     match head.route {
+        Route::Messages => return messages(sock, sh, &body, bufs, cut, head.close).await,
+        Route::CountTokens => return count_tokens(sock, sh, &body, bufs, head.close).await,
         Route::NotFound => {
             let msg = format!("Invalid URL ({})", head.not_found.as_deref().unwrap_or(""));
             write_error(sock, bufs, 404, msg.as_bytes(), head.close).await?;
@@ -610,6 +653,237 @@ async fn stream_completion<'a>(
     Ok(true)
 }
 
+#[derive(Deserialize)]
+struct MessagesRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    messages: Option<IgnoredAny>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(borrow, default)]
+    tools: Option<Vec<ToolDef<'a>>>,
+    #[serde(borrow, default)]
+    thinking: Option<ThinkingParam<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ToolDef<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct ThinkingParam<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct CountTokensRequest {
+    #[serde(default)]
+    model: Option<IgnoredAny>,
+    #[serde(default)]
+    messages: Option<IgnoredAny>,
+}
+
+/// Rough tokenizer stand-in: ~4 bytes per token.
+fn input_tokens(body: &[u8]) -> u64 {
+    (body.len() as u64 / 4).max(1)
+}
+
+/// `POST /v1/messages`. Returns whether the connection stays open.
+async fn messages(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    body: &[u8],
+    bufs: &mut ConnBufs,
+    cut: Option<usize>,
+    close: bool,
+) -> io::Result<bool> {
+    let req: MessagesRequest<'_> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return anthropic_400(sock, sh, bufs, &format!("invalid request body: {e}"), close).await,
+    };
+    let Some(model) = req.model else {
+        return anthropic_400(sock, sh, bufs, "model: Field required", close).await;
+    };
+    let Some(max_tokens) = req.max_tokens else {
+        return anthropic_400(sock, sh, bufs, "max_tokens: Field required", close).await;
+    };
+    if max_tokens == 0 {
+        return anthropic_400(
+            sock,
+            sh,
+            bufs,
+            "max_tokens: Input should be greater than or equal to 1",
+            close,
+        )
+        .await;
+    }
+    if req.messages.is_none() {
+        return anthropic_400(sock, sh, bufs, "messages: Field required", close).await;
+    }
+    let tool_json = match req.tools.as_deref().and_then(<[_]>::first) {
+        Some(t) => Some(serde_json::to_vec(&*t.name).map_err(io::Error::other)?),
+        None => None,
+    };
+    let thinking = req.thinking.is_some_and(|t| t.kind == "enabled" || t.kind == "adaptive");
+    let n = sh.cfg.tokens.min(usize::try_from(max_tokens).unwrap_or(usize::MAX));
+    let token_pieces: Vec<&[u8]>;
+    let text_pieces: &[&[u8]] = if tool_json.is_some() {
+        Reply::TOOL_TEXT_PIECES
+    } else {
+        token_pieces = sh.token_json[..n].iter().map(Vec::as_slice).collect();
+        &token_pieces
+    };
+    let stop = if tool_json.is_some() {
+        StopReason::ToolUse
+    } else if n < sh.cfg.tokens {
+        StopReason::MaxTokens
+    } else {
+        StopReason::EndTurn
+    };
+    bufs.model.clear();
+    serde_json::to_writer(&mut bufs.model, &*model).map_err(io::Error::other)?;
+    let model_json = std::mem::take(&mut bufs.model);
+    let reply = Reply {
+        seq: bufs.seq,
+        model_json: &model_json,
+        input_tokens: input_tokens(body),
+        output_tokens: n as u64,
+        thinking,
+        tool_json: tool_json.as_deref(),
+        text_pieces,
+        stop,
+    };
+    let r = if req.stream == Some(true) {
+        stream_messages(sock, sh, bufs, &reply, cut, close).await
+    } else {
+        bufs.body.clear();
+        sh.atpl.render_message(&reply, &mut bufs.body);
+        if cut.is_some() {
+            write_truncated(sock, bufs).await
+        } else {
+            let body = std::mem::take(&mut bufs.body);
+            let r = write_api_response(sock, bufs, Api::Anthropic, 200, "application/json", &body, close, "")
+                .await;
+            bufs.body = body;
+            r.map(|()| true)
+        }
+    };
+    bufs.model = model_json;
+    Ok(r? && !close)
+}
+
+/// Streams an Anthropic message as SSE. Returns false when the connection
+/// was cut.
+async fn stream_messages(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    bufs: &mut ConnBufs,
+    reply: &Reply<'_>,
+    cut: Option<usize>,
+    close: bool,
+) -> io::Result<bool> {
+    let events = sh.atpl.stream_events(reply);
+    bufs.out.clear();
+    bufs.out.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
+          cache-control: no-cache\r\ntransfer-encoding: chunked\r\n",
+    );
+    push_api_headers(&mut bufs.out, Api::Anthropic, bufs.seq, close);
+    bufs.out.extend_from_slice(b"\r\n");
+    // Headers go out on their own so a client sees the status before TTFT.
+    sock.write_all(&bufs.out).await?;
+    let mut deltas = 0usize;
+    // One event per chunk, one write per event: nothing is held back.
+    for (sent, ev) in events.iter().enumerate() {
+        if cut == Some(sent) {
+            reset(sock);
+            return Ok(false);
+        }
+        if ev.delta {
+            sleep(if deltas == 0 { sh.cfg.ttft } else { sh.cfg.inter_token }).await;
+            deltas += 1;
+        }
+        bufs.out.clear();
+        wire::push_chunk(&mut bufs.out, &ev.bytes);
+        sock.write_all(&bufs.out).await?;
+    }
+    if cut.is_some_and(|c| c >= events.len()) {
+        reset(sock);
+        return Ok(false);
+    }
+    sock.write_all(b"0\r\n\r\n").await?;
+    Ok(true)
+}
+
+/// `POST /v1/messages/count_tokens`.
+async fn count_tokens(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    body: &[u8],
+    bufs: &mut ConnBufs,
+    close: bool,
+) -> io::Result<bool> {
+    match serde_json::from_slice::<CountTokensRequest>(body) {
+        Err(e) => anthropic_400(sock, sh, bufs, &format!("invalid request body: {e}"), close).await,
+        Ok(r) if r.model.is_none() => anthropic_400(sock, sh, bufs, "model: Field required", close).await,
+        Ok(r) if r.messages.is_none() => {
+            anthropic_400(sock, sh, bufs, "messages: Field required", close).await
+        }
+        Ok(_) => {
+            let out = format!("{{\"input_tokens\":{}}}", input_tokens(body));
+            write_api_response(
+                sock,
+                bufs,
+                Api::Anthropic,
+                200,
+                "application/json",
+                out.as_bytes(),
+                close,
+                "",
+            )
+            .await?;
+            Ok(!close)
+        }
+    }
+}
+
+async fn anthropic_400(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    bufs: &mut ConnBufs,
+    message: &str,
+    close: bool,
+) -> io::Result<bool> {
+    write_anthropic_error(sock, sh, bufs, 400, message, close).await?;
+    Ok(!close)
+}
+
+/// An Anthropic error envelope for `status` (429 adds `retry-after: 1`).
+/// `message` overrides the fixture's message when non-empty.
+async fn write_anthropic_error(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    bufs: &mut ConnBufs,
+    status: u16,
+    message: &str,
+    close: bool,
+) -> io::Result<()> {
+    let mut body = std::mem::take(&mut bufs.body);
+    body.clear();
+    sh.atpl.render_error(status, message, bufs.seq, &mut body);
+    let extra = if status == 429 { "retry-after: 1\r\n" } else { "" };
+    let r =
+        write_api_response(sock, bufs, Api::Anthropic, status, "application/json", &body, close, extra).await;
+    bufs.body = body;
+    r
+}
+
 async fn write_event(
     sock: &mut TcpStream,
     bufs: &mut ConnBufs,
@@ -640,7 +914,22 @@ async fn write_truncated(sock: &mut TcpStream, bufs: &mut ConnBufs) -> io::Resul
 }
 
 fn push_common_headers(out: &mut Vec<u8>, seq: u64, close: bool) {
-    let _ = write!(out, "x-request-id: req_mock{seq:024}\r\nopenai-processing-ms: 0\r\n");
+    push_api_headers(out, Api::OpenAi, seq, close);
+}
+
+fn push_api_headers(out: &mut Vec<u8>, api: Api, seq: u64, close: bool) {
+    match api {
+        Api::OpenAi => {
+            let _ = write!(out, "x-request-id: req_mock{seq:024}\r\nopenai-processing-ms: 0\r\n");
+        }
+        Api::Anthropic => {
+            out.extend_from_slice(b"request-id: ");
+            anthropic::push_request_id(out, seq);
+            out.extend_from_slice(b"\r\nanthropic-organization-id: ");
+            out.extend_from_slice(anthropic::ORGANIZATION_ID.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -667,6 +956,20 @@ async fn write_response_with(
     close: bool,
     extra_headers: &str,
 ) -> io::Result<()> {
+    write_api_response(sock, bufs, Api::OpenAi, status, content_type, body, close, extra_headers).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_api_response(
+    sock: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    api: Api,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    close: bool,
+    extra_headers: &str,
+) -> io::Result<()> {
     let out = &mut bufs.out;
     out.clear();
     let _ = write!(
@@ -675,7 +978,7 @@ async fn write_response_with(
         reason(status),
         body.len()
     );
-    push_common_headers(out, bufs.seq, close);
+    push_api_headers(out, api, bufs.seq, close);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     sock.write_all(out).await

@@ -39,21 +39,23 @@ pub(crate) struct Vals<'a> {
 }
 
 #[derive(Debug)]
-enum Piece {
+enum Piece<S> {
     Lit(Box<[u8]>),
-    Slot(Slot),
+    Slot(S),
 }
 
+/// A fixture cut into literal runs and slots of type `S` (OpenAI's [`Slot`]
+/// by default; the Anthropic templates bring their own slot type).
 #[derive(Debug)]
-pub(crate) struct Template {
-    pieces: Vec<Piece>,
+pub(crate) struct Template<S = Slot> {
+    pieces: Vec<Piece<S>>,
 }
 
-impl Template {
+impl<S: Copy> Template<S> {
     /// Replaces the value of each `"key": <value>` (first occurrence) in
     /// `json` with a slot. Fails if a key is missing, so a fixture edit that
     /// drops a field is caught at server start rather than silently served.
-    pub(crate) fn build(json: &str, slots: &[(&str, Slot)]) -> io::Result<Template> {
+    pub(crate) fn build(json: &str, slots: &[(&str, S)]) -> io::Result<Template<S>> {
         let mut ranges = Vec::with_capacity(slots.len());
         for &(key, slot) in slots {
             let (start, end) =
@@ -75,32 +77,38 @@ impl Template {
         Ok(Template { pieces })
     }
 
-    pub(crate) fn render(&self, v: &Vals<'_>, out: &mut Vec<u8>) {
+    /// Appends the literals to `out` and lets `fill` write each slot value.
+    pub(crate) fn render_with(&self, out: &mut Vec<u8>, mut fill: impl FnMut(S, &mut Vec<u8>)) {
         for p in &self.pieces {
             match p {
                 Piece::Lit(b) => out.extend_from_slice(b),
-                // Writes into a Vec cannot fail.
-                Piece::Slot(s) => {
-                    let _ = match s {
-                        // Same length and alphabet as real ids (chatcmpl- + 29).
-                        Slot::Id => write!(out, "\"chatcmpl-mock{:025}\"", v.seq),
-                        Slot::Created => write!(out, "{}", v.created),
-                        Slot::Model => out.write_all(v.model_json),
-                        Slot::Content => out.write_all(v.content_json),
-                        Slot::PromptTokens => write!(out, "{}", v.prompt_tokens),
-                        Slot::CompletionTokens => write!(out, "{}", v.completion_tokens),
-                        Slot::TotalTokens => {
-                            write!(out, "{}", v.prompt_tokens + v.completion_tokens)
-                        }
-                    };
-                }
+                Piece::Slot(s) => fill(*s, out),
             }
         }
     }
 }
 
+impl Template<Slot> {
+    pub(crate) fn render(&self, v: &Vals<'_>, out: &mut Vec<u8>) {
+        self.render_with(out, |s, out| {
+            // Writes into a Vec cannot fail.
+            let _ = match s {
+                // Same length and alphabet as real ids (chatcmpl- + 29).
+                Slot::Id => write!(out, "\"chatcmpl-mock{:025}\"", v.seq),
+                Slot::Created => write!(out, "{}", v.created),
+                Slot::Model => out.write_all(v.model_json),
+                Slot::Content => out.write_all(v.content_json),
+                Slot::PromptTokens => write!(out, "{}", v.prompt_tokens),
+                Slot::CompletionTokens => write!(out, "{}", v.completion_tokens),
+                Slot::TotalTokens => write!(out, "{}", v.prompt_tokens + v.completion_tokens),
+            };
+        });
+    }
+}
+
 /// Byte range of the JSON value following the first `"key"` + `:`.
-fn value_range(json: &str, key: &str) -> Option<(usize, usize)> {
+/// Objects and arrays span to their matching close bracket.
+pub(crate) fn value_range(json: &str, key: &str) -> Option<(usize, usize)> {
     let needle = format!("\"{key}\"");
     let bytes = json.as_bytes();
     let mut search = 0;
@@ -130,6 +138,9 @@ fn value_range(json: &str, key: &str) -> Option<(usize, usize)> {
             }
             return None;
         }
+        if matches!(bytes.get(i), Some(b'{' | b'[')) {
+            return container_end(bytes, i).map(|end| (start, end));
+        }
         while i < bytes.len() && !matches!(bytes[i], b',' | b'}' | b']') {
             i += 1;
         }
@@ -141,6 +152,60 @@ fn value_range(json: &str, key: &str) -> Option<(usize, usize)> {
         return Some((start, end));
     }
     None
+}
+
+/// End (exclusive) of the object or array opening at `bytes[at]`.
+fn container_end(bytes: &[u8], at: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut i = at;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The raw text of the JSON value of the first `"key"`.
+pub(crate) fn raw_value<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    value_range(json, key).map(|(s, e)| &json[s..e])
+}
+
+/// The raw text of each element of a JSON array (`[a, b]` -> `["a", "b"]`).
+pub(crate) fn array_elements(array: &str) -> Option<Vec<&str>> {
+    let inner = array.trim().strip_prefix('[')?.strip_suffix(']')?;
+    let bytes = inner.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < bytes.len() && (bytes[i].is_ascii_whitespace() || bytes[i] == b',') {
+            i += 1;
+        }
+        if i >= bytes.len() {
+            return Some(out);
+        }
+        // Only objects are expected here (content blocks).
+        if bytes[i] != b'{' {
+            return None;
+        }
+        let end = container_end(bytes, i)?;
+        out.push(&inner[i..end]);
+        i = end;
+    }
 }
 
 /// The SSE events of the streamed fixture, classified by role.
@@ -242,6 +307,19 @@ mod tests {
             prompt_tokens: 5,
             completion_tokens: 1,
         }
+    }
+
+    #[test]
+    fn value_range_spans_objects_and_arrays() {
+        let j = r#"{"a":{"b":"}]","c":[1,{"d":2}]},"e":[{"x":"y\"}"},{}],"f":3}"#;
+        assert_eq!(raw_value(j, "a"), Some(r#"{"b":"}]","c":[1,{"d":2}]}"#));
+        assert_eq!(raw_value(j, "c"), Some(r#"[1,{"d":2}]"#));
+        assert_eq!(raw_value(j, "f"), Some("3"));
+        let e = raw_value(j, "e").unwrap_or_default();
+        assert_eq!(array_elements(e), Some(vec![r#"{"x":"y\"}"}"#, "{}"]));
+        assert_eq!(array_elements("[]"), Some(vec![]));
+        assert_eq!(array_elements("[1]"), None);
+        assert_eq!(raw_value(r#"{"a":{"#, "a"), None);
     }
 
     #[test]

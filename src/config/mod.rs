@@ -339,7 +339,7 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
             errors.push(ConfigError::new(
                 format!("{path}.kind"),
                 format!(
-                    "\"{}\" is not supported by this build (supported: openai, openai_compatible)",
+                    "\"{}\" is not supported by this build (supported: openai, openai_compatible, anthropic)",
                     p.kind.as_str()
                 ),
             ));

@@ -18,6 +18,7 @@ use pingora::{Error as PError, ErrorType, Result as PResult};
 
 use crate::auth::Principal;
 use crate::config::store::ConfigStore;
+use crate::error::Surface;
 use crate::metrics::Metrics;
 use crate::providers::Resolution;
 
@@ -37,7 +38,7 @@ pub struct Gateway {
 pub struct RequestCtx {
     pub request_id: String,
     pub started: Instant,
-    pub surface: &'static str,
+    pub surface: Surface,
     pub principal: Option<Arc<Principal>>,
     pub provider: Option<String>,
     pub model: Option<String>,
@@ -57,7 +58,7 @@ impl RequestCtx {
         RequestCtx {
             request_id: uuid::Uuid::new_v4().hyphenated().to_string(),
             started: Instant::now(),
-            surface: "openai",
+            surface: Surface::OpenAi,
             principal: None,
             provider: None,
             model: None,

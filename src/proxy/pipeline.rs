@@ -14,8 +14,11 @@ use super::{GatewayState, RequestCtx};
 use crate::auth::{self, Principal};
 use crate::config::{self, RoutingConfig, Snapshot, Strategy};
 use crate::error::GatewayError;
+use crate::error::{openai_error_body, Surface};
 use crate::providers::{self, Resolution, Target};
 use crate::wire::openai::ChatRequest;
+use crate::wire::{self, anthropic, Transcoder};
+use serde_json::json;
 
 /// Largest upstream body the gateway buffers (non-streamed responses and error bodies).
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
@@ -24,23 +27,39 @@ const MAX_UPSTREAM_ERROR_BODY: usize = 1024 * 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
-    ChatCompletions,
+    /// OpenAI chat completions or Anthropic messages, by surface.
+    Chat,
     Models,
+    CountTokens,
 }
 
 impl Endpoint {
-    fn from_path(path: &str) -> Option<Endpoint> {
+    /// `/v1/*` is the OpenAI surface (the modelux SDKs' base URL), except the Anthropic
+    /// message paths, which Claude Code reaches with `ANTHROPIC_BASE_URL=…/v1`.
+    fn from_path(path: &str) -> Option<(Surface, Endpoint)> {
+        if let Some(rest) = path.strip_prefix("/anthropic/v1") {
+            return match rest {
+                "/messages" => Some((Surface::Anthropic, Endpoint::Chat)),
+                "/messages/count_tokens" => Some((Surface::Anthropic, Endpoint::CountTokens)),
+                "/models" => Some((Surface::Anthropic, Endpoint::Models)),
+                _ => None,
+            };
+        }
         let rest = path.strip_prefix("/openai/v1").or_else(|| path.strip_prefix("/v1"))?;
         match rest {
-            "/chat/completions" => Some(Endpoint::ChatCompletions),
-            "/models" => Some(Endpoint::Models),
+            "/chat/completions" => Some((Surface::OpenAi, Endpoint::Chat)),
+            "/models" => Some((Surface::OpenAi, Endpoint::Models)),
+            "/messages" if path.starts_with("/v1/") => Some((Surface::Anthropic, Endpoint::Chat)),
+            "/messages/count_tokens" if path.starts_with("/v1/") => {
+                Some((Surface::Anthropic, Endpoint::CountTokens))
+            }
             _ => None,
         }
     }
 
     fn method(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions => "POST",
+            Endpoint::Chat | Endpoint::CountTokens => "POST",
             Endpoint::Models => "GET",
         }
     }
@@ -61,26 +80,47 @@ async fn serve(
 ) -> Result<(), GatewayError> {
     let req = session.req_header();
     let path = req.uri.path();
-    let endpoint = Endpoint::from_path(path).ok_or_else(|| GatewayError::NotFound {
+    if path.starts_with("/anthropic/") {
+        ctx.surface = Surface::Anthropic;
+    }
+    let (surface, endpoint) = Endpoint::from_path(path).ok_or_else(|| GatewayError::NotFound {
         code: "not_found",
         message: format!("unknown endpoint {} {path}", req.method),
     })?;
+    ctx.surface = surface;
     if req.method.as_str() != endpoint.method() {
         return Err(GatewayError::MethodNotAllowed { allowed: endpoint.method() });
     }
-    let principal = authenticate(session, snapshot)?;
+    let principal = authenticate(session, snapshot, surface)?;
     ctx.principal = Some(principal.clone());
     match endpoint {
-        Endpoint::Models => list_models(session, ctx, snapshot, &principal).await,
-        Endpoint::ChatCompletions => chat_completions(state, snapshot, session, ctx, &principal).await,
+        Endpoint::Models => list_models(session, ctx, snapshot, &principal, surface).await,
+        Endpoint::Chat => chat(state, snapshot, session, ctx, &principal, surface).await,
+        Endpoint::CountTokens => count_tokens(state, snapshot, session, ctx, &principal).await,
     }
 }
 
-fn authenticate(session: &Session, snapshot: &Snapshot) -> Result<Arc<Principal>, GatewayError> {
-    let header = session.req_header().headers.get(http::header::AUTHORIZATION);
-    let Some(token) = auth::bearer_token(header.map(|h| h.as_bytes())) else {
+/// `Authorization: Bearer` on both surfaces; `x-api-key` too on the Anthropic surface
+/// (what the Anthropic SDK sends).
+fn authenticate(
+    session: &Session,
+    snapshot: &Snapshot,
+    surface: Surface,
+) -> Result<Arc<Principal>, GatewayError> {
+    let headers = &session.req_header().headers;
+    let bearer = auth::bearer_token(headers.get(http::header::AUTHORIZATION).map(|h| h.as_bytes()));
+    let api_key = match surface {
+        Surface::Anthropic => headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim),
+        Surface::OpenAi => None,
+    };
+    let Some(token) = bearer.or(api_key) else {
         return Err(GatewayError::Unauthorized {
-            message: "missing API key; send Authorization: Bearer mlx_sk_...".into(),
+            message: match surface {
+                Surface::OpenAi => "missing API key; send Authorization: Bearer mlx_sk_...".into(),
+                Surface::Anthropic => {
+                    "missing API key; send x-api-key: mlx_sk_... or Authorization: Bearer".into()
+                }
+            },
         });
     };
     snapshot
@@ -129,7 +169,165 @@ fn resolve(snapshot: &Snapshot, principal: &Principal, model: &str) -> Result<Ro
     Ok(Route { target, resolution, config: None })
 }
 
-async fn chat_completions(
+/// Client `anthropic-version` / `anthropic-beta` headers, forwarded verbatim to
+/// Anthropic-family upstreams.
+fn anthropic_headers(session: &Session, client: Surface) -> Vec<(&'static str, String)> {
+    let h = &session.req_header().headers;
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let version = match client {
+        Surface::Anthropic => get("anthropic-version"),
+        Surface::OpenAi => None,
+    };
+    let mut out = vec![("anthropic-version", version.unwrap_or_else(|| anthropic::API_VERSION.to_string()))];
+    if let Some(beta) = get("anthropic-beta") {
+        out.push(("anthropic-beta", beta));
+    }
+    out
+}
+
+async fn chat(
+    state: &GatewayState,
+    snapshot: &Snapshot,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    principal: &Principal,
+    client: Surface,
+) -> Result<(), GatewayError> {
+    check_content_type(session)?;
+    let settings = &snapshot.settings;
+    let body = super::body::read_body(session, settings.max_body_bytes, settings.client_body_timeout).await?;
+    ctx.bytes_in = body.len() as u64;
+    let request = ChatRequest::parse(&body)?;
+    let route = resolve(snapshot, principal, &request.model)?;
+    let provider = route.target.provider.clone();
+    let upstream_format = provider.format();
+    ctx.provider = Some(provider.id.clone());
+    ctx.model = Some(route.target.model.clone());
+    ctx.resolution = Some(route.resolution);
+    let stream_requested = request.stream;
+    // Same wire format: forward the client's bytes (model rewritten, mlx:* stripped).
+    // Otherwise decode into the canonical model and encode for the provider.
+    let (upstream_body, translation) = if upstream_format == client {
+        (Bytes::from(request.encode_for_upstream(&route.target.model)), None)
+    } else {
+        drop(request);
+        let canonical = wire::decode_request(client, &body)?;
+        let upstream_body = wire::encode_request(upstream_format, &canonical, &route.target.model);
+        (Bytes::from(upstream_body), Some(canonical.stream_usage))
+    };
+    let accept = if stream_requested { "text/event-stream" } else { "application/json" };
+    let extra = match upstream_format {
+        Surface::Anthropic => anthropic_headers(session, client),
+        Surface::OpenAi => Vec::new(),
+    };
+    let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+
+    let path = provider.chat_path();
+    let call = upstream::Call { path: &path, body: upstream_body, accept, extra_headers: &extra_refs };
+    let mut ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
+    ctx.ttfb = Some(ex.ttfb);
+    let status = ex.header.status.as_u16();
+    let mut headers = match translation {
+        None => passthrough_headers(&ex.header),
+        Some(_) => retry_after(&ex.header),
+    };
+    headers.push((name("x-modelux-provider-used"), provider.id.clone()));
+    headers.push((name("x-modelux-model-used"), route.target.model.clone()));
+    if let Some(rc) = &route.config {
+        headers.push((name("x-modelux-routing-config"), format!("@{}", rc.slug)));
+        headers.push((name("x-modelux-config-version"), format!("v{}", rc.version)));
+    }
+
+    if !(200..300).contains(&status) {
+        let result = upstream_error(settings, &provider, &mut ex, status).await;
+        ctx.upstream_time += ex.started.elapsed();
+        match result {
+            // Same format: client errors from the upstream pass through verbatim.
+            Ok((status, body)) if translation.is_none() => {
+                respond::whole(session, ctx, status, headers, body).await;
+                ctx.error_code = Some("upstream_client_error");
+            }
+            // Translated: same status, the upstream's message, in the client's envelope.
+            Ok((status, body)) => {
+                let message = error_message(&body);
+                let rendered = match client {
+                    Surface::OpenAi => {
+                        openai_error_body(openai_error_type(status), &message, "upstream_client_error")
+                    }
+                    Surface::Anthropic => anthropic::error_body(anthropic::error_type(status), &message),
+                };
+                headers.push((http::header::CONTENT_TYPE, "application/json".into()));
+                respond::whole(session, ctx, status, headers, Bytes::from(rendered)).await;
+                ctx.error_code = Some("upstream_client_error");
+            }
+            Err(e) => respond::error(session, ctx, &e).await,
+        }
+        upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+        return Ok(());
+    }
+
+    if is_event_stream(&ex.header) {
+        let transcoder = translation.map(|client_wants_usage| {
+            headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
+            headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
+            Transcoder::new(upstream_format, client, &route.target.model, client_wants_usage)
+        });
+        stream(state, settings, &provider, session, ctx, ex, headers, client, transcoder).await;
+        return Ok(());
+    }
+    let body = upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, &provider, settings).await;
+    ctx.upstream_time += ex.started.elapsed();
+    let mut body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            ex.session.shutdown().await;
+            return Err(e);
+        }
+    };
+    if translation.is_some() {
+        let resp = wire::decode_response(upstream_format, &body).map_err(|message| {
+            GatewayError::UpstreamStatus { provider: provider.id.clone(), status, message }
+        });
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+                return Err(e);
+            }
+        };
+        body = Bytes::from(wire::encode_response(client, &resp));
+        headers.push((http::header::CONTENT_TYPE, "application/json".into()));
+    }
+    // Answer first: returning the connection to the pool is not the client's business.
+    respond::whole(session, ctx, status, headers, body).await;
+    upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+    Ok(())
+}
+
+/// OpenAI-style `error.type` for a status passed from a translated upstream.
+fn openai_error_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// Only `retry-after` survives a translation: the other upstream headers describe the
+/// upstream's wire format, not the client's.
+fn retry_after(h: &ResponseHeader) -> Headers {
+    h.headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| vec![(http::header::RETRY_AFTER, v.to_string())])
+        .unwrap_or_default()
+}
+
+/// `POST /anthropic/v1/messages/count_tokens`: forwarded to Anthropic-family targets,
+/// estimated locally (4 characters per token) for the others.
+async fn count_tokens(
     state: &GatewayState,
     snapshot: &Snapshot,
     session: &mut Session,
@@ -146,64 +344,62 @@ async fn chat_completions(
     ctx.provider = Some(provider.id.clone());
     ctx.model = Some(route.target.model.clone());
     ctx.resolution = Some(route.resolution);
+    let mut headers: Headers = vec![
+        (http::header::CONTENT_TYPE, "application/json".into()),
+        (name("x-modelux-provider-used"), provider.id.clone()),
+        (name("x-modelux-model-used"), route.target.model.clone()),
+    ];
+    if provider.format() != Surface::Anthropic {
+        let canonical = wire::decode_request(Surface::Anthropic, &body)?;
+        let estimate = json!({"input_tokens": estimate_tokens(&canonical)});
+        headers.push((name("x-modelux-token-count"), "estimated".into()));
+        let body = serde_json::to_vec(&estimate).map_err(|e| GatewayError::internal(e.to_string()))?;
+        respond::whole(session, ctx, 200, headers, Bytes::from(body)).await;
+        return Ok(());
+    }
     let upstream_body = Bytes::from(request.encode_for_upstream(&route.target.model));
-    let accept = if request.stream { "text/event-stream" } else { "application/json" };
     drop(request);
-
-    let path = provider.upstream_path("/chat/completions");
-    let result = upstream::exchange(
-        &state.connector,
-        &state.metrics,
-        settings,
-        &provider,
-        &path,
-        upstream_body,
-        accept,
-    )
-    .await;
-    let mut ex = result?;
+    let extra = anthropic_headers(session, Surface::Anthropic);
+    let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let path = provider.upstream_path("/v1/messages/count_tokens");
+    let call = upstream::Call {
+        path: &path,
+        body: upstream_body,
+        accept: "application/json",
+        extra_headers: &extra_refs,
+    };
+    let mut ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
     ctx.ttfb = Some(ex.ttfb);
     let status = ex.header.status.as_u16();
-    let mut headers = passthrough_headers(&ex.header);
-    headers.push((name("x-modelux-provider-used"), provider.id.clone()));
-    headers.push((name("x-modelux-model-used"), route.target.model.clone()));
-    if let Some(rc) = &route.config {
-        headers.push((name("x-modelux-routing-config"), format!("@{}", rc.slug)));
-        headers.push((name("x-modelux-config-version"), format!("v{}", rc.version)));
-    }
-
-    if !(200..300).contains(&status) {
-        let result = upstream_error(settings, &provider, &mut ex, status).await;
-        ctx.upstream_time += ex.started.elapsed();
-        match result {
-            // Client errors from the upstream pass through verbatim (status, body, type).
-            Ok((status, body)) => {
-                respond::whole(session, ctx, status, headers, body).await;
-                ctx.error_code = Some("upstream_client_error");
-            }
-            Err(e) => respond::error(session, ctx, &e).await,
-        }
-        upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
-        return Ok(());
-    }
-
-    if is_event_stream(&ex.header) {
-        stream(state, settings, &provider, session, ctx, ex, headers).await;
-        return Ok(());
-    }
-    let body = upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, &provider, settings).await;
-    ctx.upstream_time += ex.started.elapsed();
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => {
-            ex.session.shutdown().await;
-            return Err(e);
-        }
+    let result = if (200..300).contains(&status) {
+        upstream::read_all(&mut ex, MAX_UPSTREAM_ERROR_BODY, &provider, settings).await.map(|b| (status, b))
+    } else {
+        upstream_error(settings, &provider, &mut ex, status).await
     };
-    // Answer first: returning the connection to the pool is not the client's business.
-    respond::whole(session, ctx, status, headers, body).await;
+    ctx.upstream_time += ex.started.elapsed();
     upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+    let (status, body) = result?;
+    respond::whole(session, ctx, status, headers, body).await;
     Ok(())
+}
+
+/// Rough token count (4 characters a token) of everything a model would read.
+fn estimate_tokens(req: &crate::wire::canonical::Request) -> u64 {
+    use crate::wire::canonical::Part;
+    fn part_chars(p: &Part) -> usize {
+        match p {
+            Part::Text { text, .. } | Part::Thinking { text, .. } => text.len(),
+            Part::ToolCall { name, arguments, .. } => name.len() + arguments.len(),
+            Part::ToolResult { content, .. } => content.iter().map(part_chars).sum(),
+            // Images are billed by size; a fixed share keeps the estimate in range.
+            Part::Image { .. } => 6000,
+            Part::RedactedThinking { data } => data.len(),
+        }
+    }
+    let mut chars: usize = req.system.iter().map(|b| b.text.len()).sum();
+    chars += req.messages.iter().flat_map(|m| m.content.iter()).map(part_chars).sum::<usize>();
+    chars += req.tools.iter().map(|t| t.name.len() + t.parameters.to_string().len()).sum::<usize>();
+    (chars as u64).div_ceil(4).max(1)
 }
 
 /// Maps an upstream error status. 4xx other than credential failures pass through as they
@@ -276,9 +472,10 @@ fn passthrough_headers(h: &ResponseHeader) -> Headers {
     out
 }
 
-/// Streams an SSE body to the client chunk by chunk as it arrives. An upstream failure
-/// after the first byte is reported in-stream (an OpenAI error event), then the stream
-/// is closed cleanly.
+/// Streams an SSE body to the client chunk by chunk as it arrives, translating each read
+/// when the formats differ. An upstream failure after the first byte is reported in-stream
+/// (an error event in the client's format), then the stream is closed cleanly.
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     state: &GatewayState,
     settings: &config::Settings,
@@ -287,6 +484,8 @@ async fn stream(
     ctx: &mut RequestCtx,
     mut ex: Exchange,
     mut headers: Headers,
+    client: Surface,
+    mut transcoder: Option<Transcoder>,
 ) {
     headers.push((http::header::TRANSFER_ENCODING, "chunked".into()));
     let resp = match respond::header(200, headers, ctx) {
@@ -303,11 +502,29 @@ async fn stream(
         ex.session.shutdown().await;
         return;
     }
-    loop {
+    let mut out = Vec::new();
+    let failure: Option<GatewayError> = loop {
         match upstream::next_chunk(&mut ex, provider, settings).await {
             Ok(Some(chunk)) => {
-                let len = chunk.len() as u64;
-                if session.write_response_body(Some(chunk), false).await.is_err() {
+                let piece = match transcoder.as_mut() {
+                    None => chunk,
+                    Some(t) => {
+                        out.clear();
+                        if let Err(message) = t.feed(&chunk, &mut out) {
+                            break Some(GatewayError::UpstreamStatus {
+                                provider: provider.id.clone(),
+                                status: 200,
+                                message,
+                            });
+                        }
+                        if out.is_empty() {
+                            continue;
+                        }
+                        Bytes::copy_from_slice(&out)
+                    }
+                };
+                let len = piece.len() as u64;
+                if session.write_response_body(Some(piece), false).await.is_err() {
                     ctx.error_code = Some("client_disconnected");
                     ctx.upstream_time += ex.started.elapsed();
                     ex.session.shutdown().await;
@@ -315,21 +532,40 @@ async fn stream(
                 }
                 ctx.bytes_out += len;
             }
-            Ok(None) => break,
-            Err(e) => {
-                ctx.upstream_time += ex.started.elapsed();
-                ex.session.shutdown().await;
-                ctx.error_code = Some("upstream_stream_error");
-                let mut event = b"data: ".to_vec();
-                event.extend_from_slice(&e.to_openai_body());
-                event.extend_from_slice(b"\n\n");
-                ctx.bytes_out += event.len() as u64;
-                let _ = session.write_response_body(Some(Bytes::from(event)), true).await;
-                return;
+            Ok(None) => {
+                let Some(t) = transcoder.as_mut() else { break None };
+                out.clear();
+                let finished = t.finish(&mut out);
+                if !out.is_empty() {
+                    ctx.bytes_out += out.len() as u64;
+                    let _ = session.write_response_body(Some(Bytes::copy_from_slice(&out)), false).await;
+                }
+                break finished
+                    .err()
+                    .map(|message| GatewayError::UpstreamConnect { provider: provider.id.clone(), message });
             }
+            Err(e) => break Some(e),
         }
-    }
+    };
     ctx.upstream_time += ex.started.elapsed();
+    if let Some(e) = failure {
+        ex.session.shutdown().await;
+        ctx.error_code = Some("upstream_stream_error");
+        let event = match (transcoder.as_mut(), client) {
+            (Some(t), _) => {
+                let mut buf = Vec::new();
+                t.fail(e.kind(), &e.message(), &mut buf);
+                buf
+            }
+            (None, Surface::OpenAi) => [b"data: ".as_slice(), &e.to_openai_body(), b"\n\n"].concat(),
+            (None, Surface::Anthropic) => {
+                [b"event: error\ndata: ".as_slice(), &e.render(Surface::Anthropic), b"\n\n"].concat()
+            }
+        };
+        ctx.bytes_out += event.len() as u64;
+        let _ = session.write_response_body(Some(Bytes::from(event)), true).await;
+        return;
+    }
     if session.write_response_body(None, true).await.is_err() {
         ctx.error_code = Some("client_disconnected");
     }
@@ -341,20 +577,32 @@ async fn list_models(
     ctx: &mut RequestCtx,
     snapshot: &Snapshot,
     principal: &Principal,
+    surface: Surface,
 ) -> Result<(), GatewayError> {
-    let mut data = Vec::new();
+    let mut ids: Vec<(String, String)> = Vec::new();
     for (slug, _) in config::project_configs(snapshot, &principal.project) {
-        data.push(serde_json::json!({"id": format!("@{slug}"), "object": "model", "created": 0, "owned_by": "modelux"}));
+        ids.push((format!("@{slug}"), "modelux".into()));
     }
     let mut providers: Vec<_> = snapshot.providers.values().collect();
     providers.sort_by(|a, b| a.id.cmp(&b.id));
     for p in providers {
         for m in &p.models {
-            data.push(serde_json::json!({"id": format!("{}/{m}", p.id), "object": "model", "created": 0, "owned_by": p.id}));
+            ids.push((format!("{}/{m}", p.id), p.id.clone()));
         }
     }
-    let body = serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
-        .map_err(|e| GatewayError::internal(e.to_string()))?;
+    let body = match surface {
+        Surface::OpenAi => json!({
+            "object": "list",
+            "data": ids.iter().map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner})).collect::<Vec<_>>(),
+        }),
+        Surface::Anthropic => json!({
+            "data": ids.iter().map(|(id, _)| json!({"type": "model", "id": id, "display_name": id, "created_at": "1970-01-01T00:00:00Z"})).collect::<Vec<_>>(),
+            "has_more": false,
+            "first_id": ids.first().map(|(id, _)| id.clone()),
+            "last_id": ids.last().map(|(id, _)| id.clone()),
+        }),
+    };
+    let body = serde_json::to_vec(&body).map_err(|e| GatewayError::internal(e.to_string()))?;
     respond::whole(
         session,
         ctx,

@@ -76,7 +76,7 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayErr
     if let GatewayError::MethodNotAllowed { allowed } = err {
         extra.push((http::header::ALLOW, (*allowed).to_string()));
     }
-    whole(session, ctx, err.status(), extra, Bytes::from(err.to_openai_body())).await;
+    whole(session, ctx, err.status(), extra, Bytes::from(err.render(ctx.surface))).await;
     // Lingering close: closing while the client is still uploading makes the kernel send
     // a reset that can destroy our response before the client reads it. Discard what is
     // still arriving for a bounded time first (not for a client that is slow on purpose).
@@ -94,11 +94,11 @@ pub fn record_metrics(metrics: &Metrics, ctx: &RequestCtx) {
     let status = status_code.as_ref().map(|s| s.as_str()).unwrap_or("000");
     let provider = ctx.provider.as_deref().unwrap_or("none");
     let model = metrics.model_label(ctx.model.as_deref().unwrap_or(""));
-    metrics.requests.with_label_values(&[ctx.surface, provider, model, status]).inc();
-    metrics.duration.with_label_values(&[ctx.surface]).observe(total.as_secs_f64());
+    metrics.requests.with_label_values(&[ctx.surface.as_str(), provider, model, status]).inc();
+    metrics.duration.with_label_values(&[ctx.surface.as_str()]).observe(total.as_secs_f64());
     metrics
         .overhead
-        .with_label_values(&[ctx.surface])
+        .with_label_values(&[ctx.surface.as_str()])
         .observe(total.saturating_sub(ctx.upstream_time).as_secs_f64());
     if ctx.upstream_time > std::time::Duration::ZERO {
         metrics.upstream_duration.with_label_values(&[provider]).observe(ctx.upstream_time.as_secs_f64());
@@ -106,9 +106,9 @@ pub fn record_metrics(metrics: &Metrics, ctx: &RequestCtx) {
     if let Some(ttfb) = ctx.ttfb {
         metrics.ttfb.with_label_values(&[provider]).observe(ttfb.as_secs_f64());
     }
-    metrics.bytes_in.with_label_values(&[ctx.surface]).inc_by(ctx.bytes_in);
-    metrics.bytes_out.with_label_values(&[ctx.surface]).inc_by(ctx.bytes_out);
+    metrics.bytes_in.with_label_values(&[ctx.surface.as_str()]).inc_by(ctx.bytes_in);
+    metrics.bytes_out.with_label_values(&[ctx.surface.as_str()]).inc_by(ctx.bytes_out);
     if let Some(code) = ctx.error_code {
-        metrics.errors.with_label_values(&[ctx.surface, code]).inc();
+        metrics.errors.with_label_values(&[ctx.surface.as_str(), code]).inc();
     }
 }

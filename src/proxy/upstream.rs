@@ -77,6 +77,7 @@ fn request_head(
     path: &str,
     body_len: usize,
     accept: &str,
+    extra: &[(&str, &str)],
 ) -> Result<Vec<u8>, GatewayError> {
     if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(GatewayError::internal("upstream path contains forbidden bytes"));
@@ -92,8 +93,17 @@ fn request_head(
     // The gateway reads upstream bodies (usage, errors): ask for them uncompressed.
     put(&["Accept: ", accept, "\r\nAccept-Encoding: identity\r\n"]);
     put(&["User-Agent: modelux/", env!("CARGO_PKG_VERSION"), "\r\n"]);
-    if let Some(auth) = &provider.authorization {
-        put(&["Authorization: ", auth, "\r\n"]);
+    if let Some((name, value)) = &provider.auth_header {
+        put(&[name, ": ", value, "\r\n"]);
+    }
+    for (name, value) in extra {
+        if value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            return Err(GatewayError::invalid(
+                "invalid_request",
+                format!("header {name} contains a line break"),
+            ));
+        }
+        put(&[name, ": ", value, "\r\n"]);
     }
     put(&["\r\n"]);
     Ok(head)
@@ -144,18 +154,25 @@ async fn send_request(
 /// Sends one request and waits for the response header. A pooled connection that turns out
 /// to be dead (closed by the upstream while idle) is retried once on a fresh connection,
 /// only when nothing came back on it.
+/// One upstream request: where to, what, and which headers beyond the provider's own.
+pub struct Call<'a> {
+    pub path: &'a str,
+    pub body: Bytes,
+    pub accept: &'a str,
+    pub extra_headers: &'a [(&'a str, &'a str)],
+}
+
 pub async fn exchange(
     connector: &Connector,
     metrics: &Metrics,
     settings: &Settings,
     provider: &Provider,
-    path: &str,
-    body: Bytes,
-    accept: &str,
+    call: Call<'_>,
 ) -> Result<Exchange, GatewayError> {
     let started = Instant::now();
     let peer = provider.peer(settings).await?;
-    let head = request_head(provider, path, body.len(), accept)?;
+    let head = request_head(provider, call.path, call.body.len(), call.accept, call.extra_headers)?;
+    let body = call.body;
     let mut allow_stale_retry = true;
     loop {
         let (mut session, reused) =

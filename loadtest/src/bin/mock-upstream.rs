@@ -1,4 +1,4 @@
-//! Standalone mock OpenAI upstream for load tests (`modelux_loadtest::mock`).
+//! Standalone mock OpenAI + Anthropic upstream for load tests (`modelux_loadtest::mock`).
 
 use std::io;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use clap::Parser;
 use modelux_loadtest::mock::{MockConfig, MockServer};
 
 #[derive(Parser, Debug)]
-#[command(about = "Mock OpenAI Chat Completions upstream")]
+#[command(about = "Mock OpenAI Chat Completions and Anthropic Messages upstream")]
 struct Args {
     /// Address to listen on (port 0 picks a free port; see the printed line).
     #[arg(long, default_value = "127.0.0.1:9999")]
