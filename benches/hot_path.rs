@@ -10,9 +10,11 @@ use std::sync::Arc;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use modelux::auth::{digest, KeyIndex, Principal};
 use modelux::config::raw::ProviderKind;
+use modelux::error::Surface;
 use modelux::metrics::Metrics;
 use modelux::providers::{resolve_model, Provider};
 use modelux::wire::openai::ChatRequest;
+use modelux::wire::{self, Transcoder};
 
 fn chat_body(content_len: usize) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -80,5 +82,87 @@ fn metrics(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decode_and_rewrite, authenticate, resolve, metrics);
+fn translate_request(c: &mut Criterion) {
+    let body = chat_body(4 * 1024 - 200);
+    let mut group = c.benchmark_group("translate_request");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("openai_to_anthropic_4k", |b| {
+        b.iter(|| {
+            let req = wire::decode_request(Surface::OpenAi, black_box(&body)).unwrap();
+            black_box(wire::encode_request(Surface::Anthropic, &req, "claude-sonnet-4-5"))
+        })
+    });
+    group.finish();
+}
+
+/// A 200-event stream in each upstream format, each event its own network read.
+fn stream_events(format: Surface) -> Vec<Vec<u8>> {
+    let mut events = Vec::new();
+    match format {
+        Surface::OpenAi => {
+            let chunk = |delta: &str, finish: &str| {
+                format!(
+                    r#"data: {{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]}}"#
+                ) + "\n\n"
+            };
+            events.push(chunk(r#"{"role":"assistant","content":""}"#, "null"));
+            for i in 0..197 {
+                events.push(chunk(&format!(r#"{{"content":" word{i}"}}"#), "null"));
+            }
+            events.push(chunk("{}", r#""stop""#));
+            events.push("data: [DONE]\n\n".to_string());
+        }
+        Surface::Anthropic => {
+            let ev = |name: &str, data: String| format!("event: {name}\ndata: {data}\n\n");
+            events.push(ev("message_start", r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":10,"output_tokens":1}}}"#.into()));
+            events.push(ev(
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#
+                    .into(),
+            ));
+            for i in 0..195 {
+                events.push(ev("content_block_delta", format!(r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":" word{i}"}}}}"#)));
+            }
+            events.push(ev("content_block_stop", r#"{"type":"content_block_stop","index":0}"#.into()));
+            events.push(ev("message_delta", r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":195}}"#.into()));
+            events.push(ev("message_stop", r#"{"type":"message_stop"}"#.into()));
+        }
+    }
+    events.into_iter().map(String::into_bytes).collect()
+}
+
+fn transcode_stream(c: &mut Criterion) {
+    let mut group = c.benchmark_group("transcode_stream_200_events");
+    group.throughput(Throughput::Elements(200));
+    for (name, upstream, client) in [
+        ("openai_to_anthropic", Surface::OpenAi, Surface::Anthropic),
+        ("anthropic_to_openai", Surface::Anthropic, Surface::OpenAi),
+    ] {
+        let events = stream_events(upstream);
+        assert_eq!(events.len(), 200);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut t = Transcoder::new(upstream, client, "target", true);
+                let mut out = Vec::with_capacity(256);
+                for e in &events {
+                    out.clear();
+                    t.feed(black_box(e), &mut out).unwrap();
+                    black_box(&out);
+                }
+                t.finish(&mut out).unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    decode_and_rewrite,
+    authenticate,
+    resolve,
+    metrics,
+    translate_request,
+    transcode_stream
+);
 criterion_main!(benches);

@@ -761,7 +761,7 @@ fn config_errors_name_their_paths() {
     let edited = sample.replace("model: \"gpt-4o-mini\"", "model: \"antropic/claude-3\"");
     assert_eq!(
         check(&edited),
-        vec!["routing_configs.fast.model: unknown provider 'antropic' in model 'antropic/claude-3'; configured providers: local, openai"]
+        vec!["routing_configs.fast.model: unknown provider 'antropic' in model 'antropic/claude-3'; configured providers: anthropic, local, openai"]
     );
     let edited = sample
         .replace("    kind: openai\n", "    kind: openai\n    tls_ca_file: \"/nonexistent/ca.pem\"\n")
