@@ -165,6 +165,9 @@ log "mock upstream on $MOCK_ADDR"
 BODY_MOCK=$TMP/body-direct.json
 BODY_GW=$TMP/body-gateway.json
 printf '%s' '{"model":"mock/mock-model","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_GW"
+# Translated route: OpenAI client, Anthropic upstream (same mock, /v1/messages).
+BODY_XLAT=$TMP/body-gateway-xlat.json
+printf '%s' '{"model":"mockant/claude-mock","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_XLAT"
 # Direct and nginx hops send the same body; the mock echoes any model.
 cp "$BODY_GW" "$BODY_MOCK"
 
@@ -179,6 +182,7 @@ server:
   threads: 1
 providers:
   - { id: mock, kind: openai_compatible, base_url: "http://127.0.0.1:$MOCK_PORT/v1", api_key: "sk-mock" }
+  - { id: mockant, kind: anthropic, base_url: "http://127.0.0.1:$MOCK_PORT", api_key: "sk-ant-mock" }
 projects:
   - id: default
     keys:
@@ -246,6 +250,7 @@ run_phase() {
     shift 4
     local body=$BODY_MOCK
     [ "${name%.paced}" = gateway ] && body=$BODY_GW
+    [ "${name%.paced}" = gateway_xlat ] && body=$BODY_XLAT
     local common=(--target "127.0.0.1:$port" --path "$path" --body-file "$body" --threads 1 --json "$@")
     # One request first so a broken hop fails loudly instead of timing 10 s
     # of errors.
@@ -282,6 +287,10 @@ for mode in sat paced; do
         alive "$GW_PID" gateway
         run_phase gateway$sfx "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
             --header "Authorization: Bearer $GW_KEY" "${extra[@]}"
+        if [ "$mode" = sat ]; then
+            run_phase gateway_xlat "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+                --header "Authorization: Bearer $GW_KEY"
+        fi
     fi
     alive "$NGINX_PID" nginx
     run_phase nginx$sfx "$NGINX_PORT" /v1/chat/completions "$NGINX_WORKER" "${extra[@]}"
@@ -325,6 +334,7 @@ row() {
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     row direct
     [ "$SKIP_GATEWAY" = 1 ] || row gateway
+    [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat
     row nginx
     echo
     if [ "$RATE" != 0 ]; then
@@ -340,6 +350,8 @@ row() {
     if [ "$SKIP_GATEWAY" != 1 ]; then
         awk -v g="$(jnum "$TMP/gateway.json" rps)" -v n="$(jnum "$TMP/nginx.json" rps)" \
             'BEGIN { if (n > 0) printf "Gateway throughput: **%.1f%%** of nginx.\n", 100 * g / n }'
+        awk -v x="$(jnum "$TMP/gateway_xlat.json" rps)" -v g="$(jnum "$TMP/gateway.json" rps)" \
+            'BEGIN { if (g > 0) printf "Translated route (OpenAI client, Anthropic upstream): **%.1f%%** of the same-format route.\n", 100 * x / g }'
     else
         echo "Gateway phase skipped (SKIP_GATEWAY=1)."
     fi

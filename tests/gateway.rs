@@ -971,6 +971,11 @@ async fn anthropic_surface_to_openai_and_to_anthropic() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json().unwrap()["type"], "message");
 
+    // ANTHROPIC_BASE_URL=<host>/v1 makes the SDK call /v1/v1/messages
+    let r = post_to(&gw, "/v1/v1/messages", &key, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["type"], "message");
+
     // upstream 400 from the OpenAI provider, rendered Anthropic-style
     openai.push_script([Behavior::Status(400)]);
     let r = post_to(

@@ -35,8 +35,14 @@ enum Endpoint {
 
 impl Endpoint {
     /// `/v1/*` is the OpenAI surface (the modelux SDKs' base URL), except the Anthropic
-    /// message paths, which Claude Code reaches with `ANTHROPIC_BASE_URL=…/v1`.
+    /// message paths: an Anthropic client whose base URL is the bare host calls
+    /// `/v1/messages`, and one configured with `ANTHROPIC_BASE_URL=…/v1` (as the hosted
+    /// service's coding-agent guide suggests) calls `/v1/v1/messages`.
     fn from_path(path: &str) -> Option<(Surface, Endpoint)> {
+        let path = match path.strip_prefix("/v1/v1/") {
+            Some(rest) if rest.starts_with("messages") => &path[3..],
+            _ => path,
+        };
         if let Some(rest) = path.strip_prefix("/anthropic/v1") {
             return match rest {
                 "/messages" => Some((Surface::Anthropic, Endpoint::Chat)),

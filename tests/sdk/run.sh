@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the OpenAI-SDK end-to-end suite against the release binaries.
+# Run the SDK end-to-end suites (official openai and anthropic Python SDKs) against the
+# release binaries: everything under tests/sdk.
 #
 #   tests/sdk/run.sh [pytest args...]
 #

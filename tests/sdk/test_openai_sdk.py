@@ -1,290 +1,36 @@
 """End-to-end tests: the official `openai` Python SDK against the release gateway binary.
 
-Every process is started by a fixture on free 127.0.0.1 ports and stopped by PID at
-teardown. Binaries come from $MODELUX_BIN_DIR (default: <repo>/target/release); run via
-tests/sdk/run.sh, which never builds Rust.
+Processes, ports and fixtures live in conftest.py. Binaries come from $MODELUX_BIN_DIR
+(default: <repo>/target/release); run via tests/sdk/run.sh, which never builds Rust.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
+import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-from pathlib import Path
 
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-REPO = Path(__file__).resolve().parents[2]
-BIN_DIR = Path(os.environ.get("MODELUX_BIN_DIR", str(REPO / "target" / "release")))
-MODELUX = BIN_DIR / "modelux"
-MOCK = BIN_DIR / "mock-upstream"
-
-DEV_KEY = "mlx_sk_sdk_0123456789abcdef"
-ADMIN_KEY = "mlx_mk_sdk_0123456789abcdef"
-UNSET_VAR = "MODELUX_TEST_UNSET_VAR"
-
-START_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 5.0
-RELOAD_TIMEOUT_S = 5.0
-MESSAGES = [{"role": "user", "content": "Say hello"}]
-MOCK_TOKENS = 16
-EXPECTED_CONTENT = "".join(f" tok{i}" for i in range(MOCK_TOKENS))
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_STARTED: list["Proc"] = []
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    """Safety net should a fixture teardown not run (e.g. an interrupted session)."""
-    for proc in _STARTED:
-        proc.stop()
-
-
-class Proc:
-    """A child process whose stdout+stderr go to a log file (no pipe to fill up)."""
-
-    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict | None = None):
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-        self.pid = self.popen.pid
-        _STARTED.append(self)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise RuntimeError(
-                f"{self.name} (pid {self.pid}) exited with {self.popen.returncode}:\n{self.log()}"
-            )
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-                self.popen.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout=STOP_TIMEOUT_S)
-            except ProcessLookupError:
-                pass
-        if not self._log.closed:
-            self._log.close()
-
-
-def start_mock(workdir: Path, name: str, *extra: str) -> tuple[Proc, str]:
-    """Start mock-upstream on an OS-chosen port; return (proc, 'http://addr/v1')."""
-    if not MOCK.exists():
-        pytest.fail(f"{MOCK} not found: build the release binaries or set MODELUX_BIN_DIR")
-    proc = Proc(name, [str(MOCK), "--listen", "127.0.0.1:0", *extra], workdir)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        m = re.search(r"listening on (\S+)", proc.log())
-        if m:
-            return proc, f"http://{m.group(1)}/v1"
-        proc.check_alive()
-        time.sleep(0.05)
-    proc.stop()
-    raise RuntimeError(f"{name} did not report its address within {START_TIMEOUT_S}s:\n{proc.log()}")
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def gateway_config(proxy_port: int, manage_port: int, openai_url: str, local_url: str,
-                   fast_model: str = "gpt-4o-mini", upstream_timeout_ms: int = 5000) -> str:
-    return f"""\
-server:
-  proxy_listen: "127.0.0.1:{proxy_port}"
-  manage_listen: "127.0.0.1:{manage_port}"
-  threads: 2
-  watch_config: false
-  upstream_timeout_ms: {upstream_timeout_ms}
-providers:
-  - {{ id: openai, kind: openai, base_url: "{openai_url}", api_key: "sk-upstream" }}
-  - {{ id: local, kind: openai_compatible, base_url: "{local_url}", models: ["m1"] }}
-projects:
-  - id: default
-    keys:
-      - {{ name: dev, key: "{DEV_KEY}" }}
-management_keys:
-  - {{ name: admin, key: "{ADMIN_KEY}" }}
-routing_configs:
-  fast: {{ project: default, strategy: single, model: "{fast_model}" }}
-"""
-
-
-class Gateway:
-    def __init__(self, workdir: Path, name: str, openai_url: str, local_url: str,
-                 upstream_timeout_ms: int = 5000):
-        if not MODELUX.exists():
-            pytest.fail(f"{MODELUX} not found: build the release binaries or set MODELUX_BIN_DIR")
-        self.workdir = workdir
-        self.openai_url = openai_url
-        self.local_url = local_url
-        self.upstream_timeout_ms = upstream_timeout_ms
-        self.proxy_port = free_port()
-        self.manage_port = free_port()
-        self.config_path = workdir / f"{name}.yaml"
-        self.write_config()
-        self.proc = Proc(name, [str(MODELUX), "serve", "--config", str(self.config_path)], workdir)
-        self.pid = self.proc.pid
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.proc.stop()
-            raise
-
-    def write_config(self, fast_model: str = "gpt-4o-mini") -> None:
-        text = gateway_config(self.proxy_port, self.manage_port, self.openai_url, self.local_url,
-                              fast_model, self.upstream_timeout_ms)
-        self.config_path.write_text(text)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}/openai/v1"
-
-    @property
-    def v1_base_url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}/v1"
-
-    @property
-    def manage_url(self) -> str:
-        return f"http://127.0.0.1:{self.manage_port}"
-
-    def client(self, base_url: str | None = None, api_key: str = DEV_KEY) -> OpenAI:
-        return OpenAI(base_url=base_url or self.base_url, api_key=api_key, max_retries=0,
-                      timeout=10.0)
-
-    def async_client(self) -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=self.base_url, api_key=DEV_KEY, max_retries=0, timeout=10.0)
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        last = None
-        while time.monotonic() < deadline:
-            self.proc.check_alive()
-            try:
-                status, _ = http_get(f"{self.manage_url}/healthz", timeout=1.0)
-                if status == 200:
-                    with socket.create_connection(("127.0.0.1", self.proxy_port), timeout=1.0):
-                        return
-                last = f"healthz status {status}"
-            except OSError as e:
-                last = repr(e)
-            time.sleep(0.05)
-        raise RuntimeError(f"gateway not ready within {START_TIMEOUT_S}s ({last}):\n{self.proc.log()}")
-
-    def metric(self, name: str, labels: str = "") -> float:
-        status, text = http_get(f"{self.manage_url}/metrics")
-        assert status == 200, text
-        pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+(\S+)$", re.M)
-        m = pattern.search(text)
-        return float(m.group(1)) if m else 0.0
-
-    def stop(self) -> None:
-        self.proc.stop()
-
-
-@pytest.fixture(scope="session")
-def workdir():
-    with tempfile.TemporaryDirectory(prefix="modelux-sdk-") as d:
-        yield Path(d)
-
-
-@pytest.fixture(scope="session")
-def mock_url(workdir):
-    proc, url = start_mock(workdir, "mock-ok")
-    yield url
-    proc.stop()
-
-
-@pytest.fixture(scope="session")
-def gateway(workdir, mock_url):
-    gw = Gateway(workdir, "gateway-main", mock_url, mock_url)
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture(scope="session")
-def error_gateway(workdir):
-    """openai -> a mock answering every request with 429, local -> one answering 500."""
-    p429, url429 = start_mock(workdir, "mock-429", "--error-rate", "1", "--error-status", "429")
-    p500, url500 = start_mock(workdir, "mock-500", "--error-rate", "1", "--error-status", "500")
-    try:
-        gw = Gateway(workdir, "gateway-errors", url429, url500)
-    except BaseException:
-        p429.stop()
-        p500.stop()
-        raise
-    yield gw
-    gw.stop()
-    p429.stop()
-    p500.stop()
-
-
-@pytest.fixture(scope="session")
-def slow_gateway(workdir):
-    """upstream_timeout_ms 500; openai -> a mock that answers after 5 s, local -> one that
-    streams 6 tokens 100 ms apart."""
-    p_slow, url_slow = start_mock(workdir, "mock-slow", "--latency-ms", "5000")
-    p_paced, url_paced = start_mock(workdir, "mock-paced", "--inter-token-ms", "100", "--tokens", "6")
-    try:
-        gw = Gateway(workdir, "gateway-slow", url_slow, url_paced, upstream_timeout_ms=500)
-    except BaseException:
-        p_slow.stop()
-        p_paced.stop()
-        raise
-    yield gw
-    gw.stop()
-    p_slow.stop()
-    p_paced.stop()
-
-
-@pytest.fixture
-def reload_gateway(workdir, mock_url):
-    """A gateway of its own (its config file gets rewritten)."""
-    gw = Gateway(workdir, f"gateway-reload-{uuid.uuid4().hex[:8]}", mock_url, mock_url)
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture
-def client(gateway) -> OpenAI:
-    return gateway.client()
+from conftest import (
+    CLAUDE_MODEL,
+    EXPECTED_CONTENT,
+    MESSAGES,
+    MODELUX,
+    UNSET_VAR,
+    RELOAD_TIMEOUT_S,
+    WRONG_KEY,
+    free_port,
+    gateway_config,
+    wait_for,
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -369,7 +115,7 @@ def test_v1_base_url_behaves_like_openai_v1(gateway):
     ids = {m.id for m in c.models.list()}
     assert "@fast" in ids
     with pytest.raises(openai.AuthenticationError):
-        gateway.client(base_url=gateway.v1_base_url, api_key="mlx_sk_wrong_000000000000").models.list()
+        gateway.client(base_url=gateway.v1_base_url, api_key=WRONG_KEY).models.list()
 
 
 # --------------------------------------------------------------------------- streaming
@@ -429,7 +175,7 @@ def test_models_list(client):
 
 
 def test_wrong_key_is_authentication_error(gateway):
-    c = gateway.client(api_key="mlx_sk_wrong_000000000000")
+    c = gateway.client(api_key=WRONG_KEY)
     with pytest.raises(openai.AuthenticationError) as ei:
         c.chat.completions.create(model="@fast", messages=MESSAGES)
     assert_openai_error(ei.value, 401, "invalid_api_key")
@@ -481,17 +227,6 @@ def test_upstream_500_is_502_internal_server_error(error_gateway):
 
 
 # --------------------------------------------------------------------------- hot reload
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        ok, last = predicate()
-        if ok:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last}")
 
 
 def fast_headers(c: OpenAI) -> tuple[str, str]:
@@ -637,3 +372,156 @@ def test_concurrent_async_requests(gateway):
         assert used == expected
         assert content == EXPECTED_CONTENT
     assert len({r[3] for r in results}) == len(results)
+
+
+# --------------------------------------------------------------------------- Anthropic provider
+# The OpenAI SDK against `kind: anthropic` (the gateway translates Chat Completions <->
+# Messages). The mock answers Messages with the same " tok0 … tok15" text.
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look something up",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string"}},
+            "required": ["query"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("model", [CLAUDE_MODEL, "@claude", f"anthropic/{CLAUDE_MODEL}"])
+def test_anthropic_provider_completion(client, model):
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
+    completion = raw.parse()
+    assert_completion(completion)
+    assert completion.choices[0].message.content == EXPECTED_CONTENT
+    assert completion.usage.prompt_tokens > 0
+    assert completion.usage.completion_tokens > 0
+    assert raw.headers["x-modelux-provider-used"] == "anthropic"
+    assert raw.headers["x-modelux-model-used"] == CLAUDE_MODEL
+    uuid.UUID(raw.headers["x-modelux-request-id"])
+
+
+def test_anthropic_provider_system_and_params(client):
+    completion = client.chat.completions.create(
+        model=CLAUDE_MODEL,
+        messages=[{"role": "system", "content": "Be terse."}, *MESSAGES],
+        max_tokens=64,
+        temperature=0.2,
+        stop=["never"],
+    )
+    assert_completion(completion)
+    assert completion.choices[0].message.content == EXPECTED_CONTENT
+
+
+def test_anthropic_provider_streaming(client):
+    with client.chat.completions.with_streaming_response.create(
+        model=CLAUDE_MODEL, messages=MESSAGES, stream=True
+    ) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["x-modelux-provider-used"] == "anthropic"
+        chunks = list(resp.parse())
+    assert chunks
+    for chunk in chunks:
+        assert isinstance(chunk, openai.types.chat.ChatCompletionChunk)
+        assert chunk.object == "chat.completion.chunk"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == EXPECTED_CONTENT
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"]
+    assert all(c.usage is None for c in chunks)
+
+
+def test_anthropic_provider_streaming_include_usage(client):
+    stream = client.chat.completions.create(
+        model=CLAUDE_MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == EXPECTED_CONTENT
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.prompt_tokens > 0
+    assert last.usage.completion_tokens > 0
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_anthropic_provider_tools(client):
+    completion = client.chat.completions.create(
+        model=CLAUDE_MODEL, messages=MESSAGES, tools=[WEATHER_TOOL]
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert calls and len(calls) == 1
+    call = calls[0]
+    assert call.type == "function"
+    assert call.id
+    assert call.function.name == "lookup"
+    assert json.loads(call.function.arguments) == {"query": "mock"}
+    assert choice.message.content == "Let me check."
+
+
+def test_anthropic_provider_tools_streaming(client):
+    chunks = list(client.chat.completions.create(
+        model=CLAUDE_MODEL, messages=MESSAGES, tools=[WEATHER_TOOL], stream=True
+    ))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "Let me check."
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        if not c.choices:
+            continue
+        for tc in c.choices[0].delta.tool_calls or []:
+            slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            if tc.id:
+                slot["id"] = tc.id
+            if tc.function and tc.function.name:
+                slot["name"] += tc.function.name
+            if tc.function and tc.function.arguments:
+                slot["arguments"] += tc.function.arguments
+    assert list(calls) == [0], calls
+    assert calls[0]["id"]
+    assert calls[0]["name"] == "lookup"
+    assert json.loads(calls[0]["arguments"]) == {"query": "mock"}
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["tool_calls"]
+
+
+def test_anthropic_provider_tool_result_round_trip(client):
+    """The assistant's tool call and the tool's answer, sent back, must translate to
+    tool_use / tool_result blocks the (mock) Anthropic upstream accepts."""
+    first = client.chat.completions.create(
+        model=CLAUDE_MODEL, messages=MESSAGES, tools=[WEATHER_TOOL]
+    )
+    msg = first.choices[0].message
+    call = msg.tool_calls[0]
+    history = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": msg.content,
+            "tool_calls": [{"id": call.id, "type": "function",
+                            "function": {"name": call.function.name,
+                                         "arguments": call.function.arguments}}],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    second = client.chat.completions.create(model=CLAUDE_MODEL, messages=history)
+    assert_completion(second)
+    assert second.choices[0].message.content == EXPECTED_CONTENT
+
+
+def test_anthropic_provider_upstream_429_is_rate_limit_error(error_gateway):
+    c = error_gateway.client()
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError) as ei:
+            r = c.chat.completions.create(model=CLAUDE_MODEL, messages=MESSAGES, stream=stream)
+            list(r) if stream else None
+        assert_openai_error(ei.value, 429)
+        assert ei.value.response.headers["x-modelux-provider-used"] == "anthropic"
