@@ -220,6 +220,29 @@ pub fn default_base_url(kind: ProviderKind) -> Option<&'static str> {
     }
 }
 
+/// OpenAI-compatible vendors known by provider id: `{ id: groq, kind: openai_compatible }`
+/// needs no `base_url`.
+pub const VENDOR_BASE_URLS: &[(&str, &str)] = &[
+    ("groq", "https://api.groq.com/openai/v1"),
+    ("fireworks", "https://api.fireworks.ai/inference/v1"),
+    ("deepseek", "https://api.deepseek.com/v1"),
+    ("xai", "https://api.x.ai/v1"),
+    ("mistral", "https://api.mistral.ai/v1"),
+    ("cerebras", "https://api.cerebras.ai/v1"),
+    ("together", "https://api.together.xyz/v1"),
+    ("perplexity", "https://api.perplexity.ai"),
+];
+
+/// The base URL a provider gets when its config names none.
+pub fn default_base_url_for(id: &str, kind: ProviderKind) -> Option<&'static str> {
+    default_base_url(kind).or_else(|| match kind {
+        ProviderKind::OpenaiCompatible => {
+            VENDOR_BASE_URLS.iter().find(|(v, _)| *v == id).map(|(_, url)| *url)
+        }
+        _ => None,
+    })
+}
+
 /// Kinds this build can send traffic to.
 pub fn kind_supported(kind: ProviderKind) -> bool {
     matches!(kind, ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Anthropic)
@@ -336,6 +359,20 @@ mod tests {
             m.insert(id.to_string(), Arc::new(p));
         }
         m
+    }
+
+    #[test]
+    fn vendor_defaults() {
+        assert_eq!(
+            default_base_url_for("groq", ProviderKind::OpenaiCompatible),
+            Some("https://api.groq.com/openai/v1")
+        );
+        assert_eq!(default_base_url_for("groq", ProviderKind::Openai), Some("https://api.openai.com/v1"));
+        assert_eq!(default_base_url_for("my-vllm", ProviderKind::OpenaiCompatible), None);
+        assert_eq!(
+            default_base_url_for("anthropic", ProviderKind::Anthropic),
+            Some("https://api.anthropic.com")
+        );
     }
 
     #[test]

@@ -345,7 +345,8 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
             ));
             continue;
         }
-        let Some(base_url) = p.base_url.as_deref().or_else(|| providers::default_base_url(p.kind)) else {
+        let Some(base_url) = p.base_url.as_deref().or_else(|| providers::default_base_url_for(&p.id, p.kind))
+        else {
             errors.push(ConfigError::new(
                 format!("{path}.base_url"),
                 format!("is required for kind {}", p.kind.as_str()),
