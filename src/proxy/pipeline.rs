@@ -175,6 +175,32 @@ fn resolve(snapshot: &Snapshot, principal: &Principal, model: &str) -> Result<Ro
     Ok(Route { target, resolution, config: None })
 }
 
+/// The JSON body of a routed request: content type checked, size and time bounded.
+async fn read_json_body(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    settings: &config::Settings,
+) -> Result<Bytes, GatewayError> {
+    check_content_type(session)?;
+    let body = super::body::read_body(session, settings.max_body_bytes, settings.client_body_timeout).await?;
+    ctx.bytes_in = body.len() as u64;
+    Ok(body)
+}
+
+/// Resolves the request's model and records the outcome for metrics and logs.
+fn route_request(
+    snapshot: &Snapshot,
+    principal: &Principal,
+    ctx: &mut RequestCtx,
+    model: &str,
+) -> Result<Route, GatewayError> {
+    let route = resolve(snapshot, principal, model)?;
+    ctx.provider = Some(route.target.provider.id.clone());
+    ctx.model = Some(route.target.model.clone());
+    ctx.resolution = Some(route.resolution);
+    Ok(route)
+}
+
 /// Client `anthropic-version` / `anthropic-beta` headers, forwarded verbatim to
 /// Anthropic-family upstreams.
 fn anthropic_headers(session: &Session, client: Surface) -> Vec<(&'static str, String)> {
@@ -199,17 +225,12 @@ async fn chat(
     principal: &Principal,
     client: Surface,
 ) -> Result<(), GatewayError> {
-    check_content_type(session)?;
     let settings = &snapshot.settings;
-    let body = super::body::read_body(session, settings.max_body_bytes, settings.client_body_timeout).await?;
-    ctx.bytes_in = body.len() as u64;
+    let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse(&body)?;
-    let route = resolve(snapshot, principal, &request.model)?;
+    let route = route_request(snapshot, principal, ctx, &request.model)?;
     let provider = route.target.provider.clone();
     let upstream_format = provider.format();
-    ctx.provider = Some(provider.id.clone());
-    ctx.model = Some(route.target.model.clone());
-    ctx.resolution = Some(route.resolution);
     let stream_requested = request.stream;
     // Same wire format: forward the client's bytes (model rewritten, mlx:* stripped).
     // Otherwise decode into the canonical model and encode for the provider.
@@ -340,16 +361,11 @@ async fn count_tokens(
     ctx: &mut RequestCtx,
     principal: &Principal,
 ) -> Result<(), GatewayError> {
-    check_content_type(session)?;
     let settings = &snapshot.settings;
-    let body = super::body::read_body(session, settings.max_body_bytes, settings.client_body_timeout).await?;
-    ctx.bytes_in = body.len() as u64;
+    let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse(&body)?;
-    let route = resolve(snapshot, principal, &request.model)?;
+    let route = route_request(snapshot, principal, ctx, &request.model)?;
     let provider = route.target.provider.clone();
-    ctx.provider = Some(provider.id.clone());
-    ctx.model = Some(route.target.model.clone());
-    ctx.resolution = Some(route.resolution);
     let mut headers: Headers = vec![
         (http::header::CONTENT_TYPE, "application/json".into()),
         (name("x-modelux-provider-used"), provider.id.clone()),

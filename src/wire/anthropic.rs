@@ -403,29 +403,21 @@ pub fn error_type(status: u16) -> &'static str {
     }
 }
 
-/// Anthropic SSE → deltas.
+/// Anthropic SSE events → deltas (the SSE framing is parsed by the caller).
 #[derive(Default)]
 pub struct StreamDecoder {
-    parser: crate::sse::Parser,
-    events: Vec<crate::sse::Event>,
     /// Content block index → tool call number, for routing `input_json_delta`s.
     tool_blocks: Vec<(u64, usize)>,
     calls: usize,
 }
 
 impl StreamDecoder {
-    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Delta>) -> Result<(), String> {
-        self.parser.feed(bytes, &mut self.events)?;
-        self.drain(out)
-    }
-
-    pub fn finish(&mut self, out: &mut Vec<Delta>) -> Result<(), String> {
-        self.parser.finish(&mut self.events);
-        self.drain(out)
-    }
-
-    fn drain(&mut self, out: &mut Vec<Delta>) -> Result<(), String> {
-        for ev in std::mem::take(&mut self.events) {
+    pub fn decode(
+        &mut self,
+        events: &mut Vec<crate::sse::Event>,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), String> {
+        for ev in events.drain(..) {
             let v: Value =
                 serde_json::from_str(&ev.data).map_err(|e| format!("invalid stream event: {e}"))?;
             let kind = v.get("type").and_then(Value::as_str).unwrap_or(ev.event.as_str()).to_string();

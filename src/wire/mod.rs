@@ -50,6 +50,8 @@ enum Encoder {
 /// Upstream stream bytes → client stream bytes, one upstream read at a time: a synchronous
 /// state machine, so nothing is buffered beyond an incomplete SSE line.
 pub struct Transcoder {
+    parser: crate::sse::Parser,
+    events: Vec<crate::sse::Event>,
     decoder: Decoder,
     encoder: Encoder,
     deltas: Vec<Delta>,
@@ -61,6 +63,8 @@ impl Transcoder {
     /// the OpenAI usage chunk the gateway always asks an OpenAI-family upstream for.
     pub fn new(upstream: Surface, client: Surface, model: &str, client_wants_usage: bool) -> Transcoder {
         Transcoder {
+            parser: crate::sse::Parser::new(),
+            events: Vec::new(),
             decoder: match upstream {
                 Surface::OpenAi => Decoder::OpenAi(Default::default()),
                 Surface::Anthropic => Decoder::Anthropic(Default::default()),
@@ -78,20 +82,23 @@ impl Transcoder {
 
     /// Translates one upstream read; `Err` when the upstream sent something undecodable.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        let res = match &mut self.decoder {
-            Decoder::OpenAi(d) => d.feed(bytes, &mut self.deltas),
-            Decoder::Anthropic(d) => d.feed(bytes, &mut self.deltas),
-        };
+        self.parser.feed(bytes, &mut self.events)?;
+        let res = self.decode();
         self.emit(out);
         res
     }
 
+    fn decode(&mut self) -> Result<(), String> {
+        match &mut self.decoder {
+            Decoder::OpenAi(d) => d.decode(&mut self.events, &mut self.deltas),
+            Decoder::Anthropic(d) => d.decode(&mut self.events, &mut self.deltas),
+        }
+    }
+
     /// The upstream body ended; `Err` when it ended without its terminal event.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        let res = match &mut self.decoder {
-            Decoder::OpenAi(d) => d.finish(&mut self.deltas),
-            Decoder::Anthropic(d) => d.finish(&mut self.deltas),
-        };
+        self.parser.finish(&mut self.events);
+        let res = self.decode();
         self.emit(out);
         res?;
         if self.done {

@@ -712,27 +712,19 @@ pub mod codec {
         }
     }
 
-    /// OpenAI-family SSE → deltas.
+    /// OpenAI-family SSE events → deltas (the SSE framing is parsed by the caller).
     #[derive(Default)]
     pub struct StreamDecoder {
-        parser: crate::sse::Parser,
-        events: Vec<crate::sse::Event>,
         started: bool,
     }
 
     impl StreamDecoder {
-        pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Delta>) -> Result<(), String> {
-            self.parser.feed(bytes, &mut self.events)?;
-            self.drain(out)
-        }
-
-        pub fn finish(&mut self, out: &mut Vec<Delta>) -> Result<(), String> {
-            self.parser.finish(&mut self.events);
-            self.drain(out)
-        }
-
-        fn drain(&mut self, out: &mut Vec<Delta>) -> Result<(), String> {
-            for ev in self.events.drain(..) {
+        pub fn decode(
+            &mut self,
+            events: &mut Vec<crate::sse::Event>,
+            out: &mut Vec<Delta>,
+        ) -> Result<(), String> {
+            for ev in events.drain(..) {
                 let data = ev.data.trim();
                 if data == "[DONE]" {
                     out.push(Delta::Done);
