@@ -89,7 +89,7 @@ fn translate_request(c: &mut Criterion) {
     group.bench_function("openai_to_anthropic_4k", |b| {
         b.iter(|| {
             let req = wire::decode_request(Surface::OpenAi, black_box(&body)).unwrap();
-            black_box(wire::encode_request(Surface::Anthropic, &req, "claude-sonnet-4-5"))
+            black_box(wire::encode_request(wire::WireFormat::Anthropic, &req, "claude-sonnet-4-5"))
         })
     });
     group.finish();
@@ -142,7 +142,7 @@ fn transcode_stream(c: &mut Criterion) {
         assert_eq!(events.len(), 200);
         group.bench_function(name, |b| {
             b.iter(|| {
-                let mut t = Transcoder::new(upstream, client, "target", true);
+                let mut t = Transcoder::new(upstream.into(), client, "target", true);
                 let mut out = Vec::with_capacity(256);
                 for e in &events {
                     out.clear();

@@ -12,7 +12,8 @@ use pingora::utils::tls::{parse_x509, WrappedX509};
 
 use crate::config::raw::ProviderKind;
 use crate::config::Settings;
-use crate::error::{GatewayError, Surface};
+use crate::error::GatewayError;
+use crate::wire::WireFormat;
 
 /// Bare model names are sent to the provider family their prefix names (PRODUCT.md §2.2).
 pub const BARE_PREFIXES: &[(&str, &str)] = &[
@@ -47,6 +48,10 @@ pub struct Provider {
     pub models: Vec<String>,
     /// Trust anchors replacing the system roots for this provider, when configured.
     pub tls_ca: Option<Arc<[WrappedX509]>>,
+    /// Azure OpenAI `api-version` query parameter.
+    pub api_version: String,
+    /// Bedrock: IAM credentials every request is signed with (SigV4).
+    pub aws: Option<crate::wire::bedrock::Credentials>,
     resolved: ArcSwapOption<(SocketAddr, Instant)>,
 }
 
@@ -102,12 +107,19 @@ impl Provider {
             port,
             base_path,
             host_header,
-            auth_header: api_key.filter(|k| !k.is_empty()).map(|k| match kind {
-                ProviderKind::Anthropic => ("x-api-key", k),
-                _ => ("authorization", format!("Bearer {k}")),
-            }),
+            // Bedrock signs each request instead (see `signed_headers`).
+            auth_header: api_key.filter(|k| !k.is_empty() && kind != ProviderKind::Bedrock).map(
+                |k| match kind {
+                    ProviderKind::Anthropic => ("x-api-key", k),
+                    ProviderKind::Azure => ("api-key", k),
+                    ProviderKind::Google => ("x-goog-api-key", k),
+                    _ => ("authorization", format!("Bearer {k}")),
+                },
+            ),
             models,
             tls_ca: None,
+            api_version: AZURE_API_VERSION.to_string(),
+            aws: None,
             resolved: ArcSwapOption::empty(),
         })
     }
@@ -139,20 +151,82 @@ impl Provider {
         format!("{}{}", self.base_path, endpoint)
     }
 
-    /// The wire format this provider speaks.
-    pub fn format(&self) -> Surface {
-        match self.kind {
-            ProviderKind::Anthropic => Surface::Anthropic,
-            _ => Surface::OpenAi,
+    /// Bedrock: the credentials requests are signed with.
+    pub fn with_aws_credentials(mut self, creds: crate::wire::bedrock::Credentials) -> Provider {
+        self.aws = Some(creds);
+        self
+    }
+
+    /// Per-request authentication headers: a SigV4 signature over the exact path and body
+    /// for Bedrock, nothing for providers with a static key header.
+    pub fn signed_headers(&self, path: &str, body: &[u8]) -> Result<Vec<(String, String)>, GatewayError> {
+        match &self.aws {
+            None => Ok(Vec::new()),
+            Some(creds) => {
+                crate::wire::bedrock::sign(creds, &self.host_header, path, body, std::time::SystemTime::now())
+                    .map_err(|e| {
+                        GatewayError::internal(format!("signing the {} request failed: {e}", self.id))
+                    })
+            }
         }
     }
 
-    /// Path of the chat endpoint under the base URL.
-    pub fn chat_path(&self) -> String {
-        match self.format() {
-            Surface::OpenAi => self.upstream_path("/chat/completions"),
-            Surface::Anthropic => self.upstream_path("/v1/messages"),
+    /// Sets the Azure OpenAI `api-version` (query parameter on every call).
+    pub fn with_api_version(mut self, version: &str) -> Result<Provider, String> {
+        if self.kind != ProviderKind::Azure {
+            return Err("api_version applies to kind azure only".into());
         }
+        if version.is_empty() || !version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(format!("invalid api_version \"{version}\" (expected e.g. {AZURE_API_VERSION})"));
+        }
+        self.api_version = version.to_string();
+        Ok(self)
+    }
+
+    /// The wire format this provider speaks.
+    pub fn format(&self) -> WireFormat {
+        match self.kind {
+            ProviderKind::Anthropic => WireFormat::Anthropic,
+            ProviderKind::Cohere => WireFormat::Cohere,
+            ProviderKind::Google => WireFormat::Gemini,
+            ProviderKind::Openai
+            | ProviderKind::OpenaiCompatible
+            | ProviderKind::Azure
+            | ProviderKind::Bedrock => WireFormat::OpenAi,
+        }
+    }
+
+    /// Path (and query) of the chat endpoint for `model`. Azure addresses a deployment
+    /// (the model name is the deployment name) and needs `api-version`.
+    pub fn chat_path(&self, model: &str, stream: bool) -> String {
+        match self.kind {
+            ProviderKind::Anthropic => self.upstream_path("/v1/messages"),
+            ProviderKind::Cohere => self.upstream_path(&crate::wire::cohere::chat_path(model, stream)),
+            ProviderKind::Google => self.upstream_path(&crate::wire::gemini::chat_path(model, stream)),
+            ProviderKind::Bedrock => self.upstream_path(&crate::wire::bedrock::chat_path(model, stream)),
+            ProviderKind::Azure => self.azure_path(model, "chat/completions"),
+            _ => self.upstream_path("/chat/completions"),
+        }
+    }
+
+    /// Path (and query) of the embeddings endpoint for `model`.
+    pub fn embeddings_path(&self, model: &str) -> String {
+        match self.kind {
+            ProviderKind::Azure => self.azure_path(model, "embeddings"),
+            ProviderKind::Cohere => self.upstream_path(&crate::wire::cohere::embeddings_path(model)),
+            ProviderKind::Google => self.upstream_path(&crate::wire::gemini::embeddings_path(model)),
+            _ => self.upstream_path("/embeddings"),
+        }
+    }
+
+    fn azure_path(&self, deployment: &str, operation: &str) -> String {
+        format!(
+            "{}/openai/deployments/{}/{operation}?api-version={}",
+            self.base_path,
+            path_segment(deployment),
+            self.api_version
+        )
     }
 
     /// The peer for one attempt. IP literals need no lookup; names are resolved with the
@@ -211,11 +285,26 @@ impl Provider {
     }
 }
 
+/// Azure OpenAI `api-version` used when the provider config names none: the latest GA
+/// version with `stream_options` (streamed usage) and parallel tool calls.
+pub const AZURE_API_VERSION: &str = "2024-10-21";
+
+/// Percent-encodes one path segment (model and deployment names may hold `:` or `/`).
+pub fn path_segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// Everything but RFC 3986 unreserved characters.
+const SEGMENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
 /// Default base URL per kind, where the kind has a single public endpoint.
 pub fn default_base_url(kind: ProviderKind) -> Option<&'static str> {
     match kind {
         ProviderKind::Openai => Some("https://api.openai.com/v1"),
         ProviderKind::Anthropic => Some("https://api.anthropic.com"),
+        ProviderKind::Cohere => Some(crate::wire::cohere::DEFAULT_BASE_URL),
+        ProviderKind::Google => Some("https://generativelanguage.googleapis.com/v1beta"),
         _ => None,
     }
 }
@@ -241,11 +330,6 @@ pub fn default_base_url_for(id: &str, kind: ProviderKind) -> Option<&'static str
         }
         _ => None,
     })
-}
-
-/// Kinds this build can send traffic to.
-pub fn kind_supported(kind: ProviderKind) -> bool {
-    matches!(kind, ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Anthropic)
 }
 
 /// How a model string was resolved (recorded in traces).

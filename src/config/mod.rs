@@ -16,6 +16,7 @@ use serde_yaml_ng::Value;
 
 use crate::auth::{self, KeyIndex, Principal, MANAGEMENT_KEY_PREFIX, PROJECT_KEY_PREFIX};
 use crate::providers::{self, Provider, Target};
+use crate::wire;
 use raw::*;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,31 +336,58 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
                 .push(ConfigError::new(format!("{path}.id"), format!("duplicate provider id \"{}\"", p.id)));
             continue;
         }
-        if !providers::kind_supported(p.kind) {
-            errors.push(ConfigError::new(
-                format!("{path}.kind"),
-                format!(
-                    "\"{}\" is not supported by this build (supported: openai, openai_compatible, anthropic)",
-                    p.kind.as_str()
-                ),
-            ));
-            continue;
-        }
-        let Some(base_url) = p.base_url.as_deref().or_else(|| providers::default_base_url_for(&p.id, p.kind))
-        else {
+        // Bedrock's key is `ACCESS_KEY_ID::SECRET_ACCESS_KEY::REGION[::SESSION_TOKEN]`; its
+        // region also gives the default endpoint.
+        let aws = match (p.kind, p.api_key.as_deref().filter(|k| !k.is_empty())) {
+            (ProviderKind::Bedrock, Some(key)) => match wire::bedrock::Credentials::parse(key) {
+                Ok(creds) => Some(creds),
+                Err(e) => {
+                    errors.push(ConfigError::new(format!("{path}.api_key"), e));
+                    broken.push(p.id);
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        let base_url = p
+            .base_url
+            .clone()
+            .or_else(|| providers::default_base_url_for(&p.id, p.kind).map(str::to_string))
+            .or_else(|| aws.as_ref().map(|c| wire::bedrock::base_url(&c.region)));
+        let Some(base_url) = base_url else {
             errors.push(ConfigError::new(
                 format!("{path}.base_url"),
-                format!("is required for kind {}", p.kind.as_str()),
+                match p.kind {
+                    ProviderKind::Bedrock => {
+                        "is required for kind bedrock when api_key (which names the region) is not set".into()
+                    }
+                    _ => format!("is required for kind {}", p.kind.as_str()),
+                },
             ));
             continue;
         };
-        let provider = match Provider::new(p.id.clone(), p.kind, base_url, p.api_key, p.models) {
+        let provider = match Provider::new(p.id.clone(), p.kind, &base_url, p.api_key, p.models) {
             Ok(provider) => provider,
             Err(e) => {
                 errors.push(ConfigError::new(format!("{path}.base_url"), e));
                 broken.push(p.id);
                 continue;
             }
+        };
+        let provider = match aws {
+            Some(creds) => provider.with_aws_credentials(creds),
+            None => provider,
+        };
+        let provider = match p.api_version.as_deref() {
+            None => provider,
+            Some(v) => match provider.with_api_version(v) {
+                Ok(provider) => provider,
+                Err(e) => {
+                    errors.push(ConfigError::new(format!("{path}.api_version"), e));
+                    broken.push(p.id);
+                    continue;
+                }
+            },
         };
         let provider = match p.tls_ca_file.as_deref() {
             None => provider,

@@ -78,6 +78,8 @@ pub struct RawProvider {
     /// PEM file of CA certificates to trust for this provider instead of the system
     /// roots (self-hosted servers behind a private CA).
     pub tls_ca_file: Option<String>,
+    /// Azure OpenAI only: the `api-version` query parameter (default 2024-10-21).
+    pub api_version: Option<String>,
     /// Models advertised by `GET /models` as `provider/model`.
     #[serde(default)]
     pub models: Vec<String>,

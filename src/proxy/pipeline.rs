@@ -16,8 +16,8 @@ use crate::config::{self, RoutingConfig, Snapshot, Strategy};
 use crate::error::GatewayError;
 use crate::error::{openai_error_body, Surface};
 use crate::providers::{self, Resolution, Target};
-use crate::wire::openai::ChatRequest;
-use crate::wire::{self, anthropic, Transcoder};
+use crate::wire::openai::{ChatRequest, Payload};
+use crate::wire::{self, anthropic, Transcoder, WireFormat};
 use serde_json::json;
 
 /// Largest upstream body the gateway buffers (non-streamed responses and error bodies).
@@ -31,6 +31,7 @@ enum Endpoint {
     Chat,
     Models,
     CountTokens,
+    Embeddings,
 }
 
 impl Endpoint {
@@ -55,6 +56,7 @@ impl Endpoint {
         match rest {
             "/chat/completions" => Some((Surface::OpenAi, Endpoint::Chat)),
             "/models" => Some((Surface::OpenAi, Endpoint::Models)),
+            "/embeddings" => Some((Surface::OpenAi, Endpoint::Embeddings)),
             "/messages" if path.starts_with("/v1/") => Some((Surface::Anthropic, Endpoint::Chat)),
             "/messages/count_tokens" if path.starts_with("/v1/") => {
                 Some((Surface::Anthropic, Endpoint::CountTokens))
@@ -65,7 +67,7 @@ impl Endpoint {
 
     fn method(self) -> &'static str {
         match self {
-            Endpoint::Chat | Endpoint::CountTokens => "POST",
+            Endpoint::Chat | Endpoint::CountTokens | Endpoint::Embeddings => "POST",
             Endpoint::Models => "GET",
         }
     }
@@ -103,6 +105,7 @@ async fn serve(
         Endpoint::Models => list_models(session, ctx, snapshot, &principal, surface).await,
         Endpoint::Chat => chat(state, snapshot, session, ctx, &principal, surface).await,
         Endpoint::CountTokens => count_tokens(state, snapshot, session, ctx, &principal).await,
+        Endpoint::Embeddings => embeddings(state, snapshot, session, ctx, &principal).await,
     }
 }
 
@@ -203,16 +206,17 @@ fn route_request(
 
 /// Client `anthropic-version` / `anthropic-beta` headers, forwarded verbatim to
 /// Anthropic-family upstreams.
-fn anthropic_headers(session: &Session, client: Surface) -> Vec<(&'static str, String)> {
+fn anthropic_headers(session: &Session, client: Surface) -> Vec<(String, String)> {
     let h = &session.req_header().headers;
     let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
     let version = match client {
         Surface::Anthropic => get("anthropic-version"),
         Surface::OpenAi => None,
     };
-    let mut out = vec![("anthropic-version", version.unwrap_or_else(|| anthropic::API_VERSION.to_string()))];
+    let mut out =
+        vec![("anthropic-version".into(), version.unwrap_or_else(|| anthropic::API_VERSION.to_string()))];
     if let Some(beta) = get("anthropic-beta") {
-        out.push(("anthropic-beta", beta));
+        out.push(("anthropic-beta".into(), beta));
     }
     out
 }
@@ -234,62 +238,50 @@ async fn chat(
     let stream_requested = request.stream;
     // Same wire format: forward the client's bytes (model rewritten, mlx:* stripped).
     // Otherwise decode into the canonical model and encode for the provider.
-    let (upstream_body, translation) = if upstream_format == client {
+    let (upstream_body, translation) = if upstream_format == WireFormat::from(client) {
         (Bytes::from(request.encode_for_upstream(&route.target.model)), None)
     } else {
         drop(request);
         let canonical = wire::decode_request(client, &body)?;
-        let upstream_body = wire::encode_request(upstream_format, &canonical, &route.target.model);
+        let upstream_body = wire::encode_request(upstream_format, &canonical, &route.target.model)?;
         (Bytes::from(upstream_body), Some(canonical.stream_usage))
     };
-    let accept = if stream_requested { "text/event-stream" } else { "application/json" };
-    let extra = match upstream_format {
-        Surface::Anthropic => anthropic_headers(session, client),
-        Surface::OpenAi => Vec::new(),
+    let accept = match (stream_requested, upstream_format) {
+        (true, WireFormat::Bedrock) => EVENT_STREAM_AWS,
+        (true, _) => "text/event-stream",
+        (false, _) => "application/json",
     };
-    let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let path = provider.chat_path(&route.target.model, stream_requested);
+    let mut extra: Vec<(String, String)> = match upstream_format {
+        WireFormat::Anthropic => anthropic_headers(session, client),
+        _ => Vec::new(),
+    };
+    extra.extend(provider.signed_headers(&path, &upstream_body)?);
+    let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
 
-    let path = provider.chat_path();
     let call = upstream::Call { path: &path, body: upstream_body, accept, extra_headers: &extra_refs };
-    let mut ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
+    let ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
     ctx.ttfb = Some(ex.ttfb);
     let status = ex.header.status.as_u16();
     let mut headers = match translation {
         None => passthrough_headers(&ex.header),
         Some(_) => retry_after(&ex.header),
     };
-    headers.push((name("x-modelux-provider-used"), provider.id.clone()));
-    headers.push((name("x-modelux-model-used"), route.target.model.clone()));
-    if let Some(rc) = &route.config {
-        headers.push((name("x-modelux-routing-config"), format!("@{}", rc.slug)));
-        headers.push((name("x-modelux-config-version"), format!("v{}", rc.version)));
-    }
+    push_route_headers(&mut headers, &route);
 
     if !(200..300).contains(&status) {
-        let result = upstream_error(settings, &provider, &mut ex, status).await;
-        ctx.upstream_time += ex.started.elapsed();
-        match result {
-            // Same format: client errors from the upstream pass through verbatim.
-            Ok((status, body)) if translation.is_none() => {
-                respond::whole(session, ctx, status, headers, body).await;
-                ctx.error_code = Some("upstream_client_error");
-            }
-            // Translated: same status, the upstream's message, in the client's envelope.
-            Ok((status, body)) => {
-                let message = error_message(&body);
-                let rendered = match client {
-                    Surface::OpenAi => {
-                        openai_error_body(openai_error_type(status), &message, "upstream_client_error")
-                    }
-                    Surface::Anthropic => anthropic::error_body(anthropic::error_type(status), &message),
-                };
-                headers.push((http::header::CONTENT_TYPE, "application/json".into()));
-                respond::whole(session, ctx, status, headers, Bytes::from(rendered)).await;
-                ctx.error_code = Some("upstream_client_error");
-            }
-            Err(e) => respond::error(session, ctx, &e).await,
-        }
-        upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+        answer_upstream_error(
+            state,
+            settings,
+            &provider,
+            session,
+            ctx,
+            ex,
+            headers,
+            client,
+            translation.is_some(),
+        )
+        .await;
         return Ok(());
     }
 
@@ -302,7 +294,147 @@ async fn chat(
         stream(state, settings, &provider, session, ctx, ex, headers, client, transcoder).await;
         return Ok(());
     }
-    let body = upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, &provider, settings).await;
+    let served_model = route.target.model.as_str();
+    let convert = |body: &[u8]| {
+        wire::decode_response(upstream_format, body).map(|mut resp| {
+            // Cohere and Bedrock do not name the model in their answers.
+            if resp.model.is_empty() {
+                resp.model = served_model.to_string();
+            }
+            wire::encode_response(client, &resp)
+        })
+    };
+    let convert: Convert<'_> = if translation.is_some() { Some(&convert) } else { None };
+    answer_whole(state, settings, &provider, session, ctx, ex, headers, convert).await
+}
+
+/// `POST /openai/v1/embeddings`: OpenAI-family targets get the client's bytes (model
+/// rewritten); Google and Cohere get a translated request, and the answer comes back as an
+/// OpenAI embedding list in the encoding the client asked for.
+async fn embeddings(
+    state: &GatewayState,
+    snapshot: &Snapshot,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    principal: &Principal,
+) -> Result<(), GatewayError> {
+    let settings = &snapshot.settings;
+    let body = read_json_body(session, ctx, settings).await?;
+    let request = ChatRequest::parse_routed(&body, Payload::Input)?;
+    let route = route_request(snapshot, principal, ctx, &request.model)?;
+    let provider = route.target.provider.clone();
+    let format = provider.format();
+    let model = route.target.model.as_str();
+    let (upstream_body, translation) = match format {
+        WireFormat::OpenAi => (Bytes::from(request.encode_for_upstream(model)), None),
+        _ => {
+            drop(request);
+            let (canonical, encoding) = wire::embeddings::decode_request(&body)?;
+            (Bytes::from(wire::encode_embeddings(format, &canonical, model)?), Some(encoding))
+        }
+    };
+    let path = provider.embeddings_path(model);
+    let call =
+        upstream::Call { path: &path, body: upstream_body, accept: "application/json", extra_headers: &[] };
+    let ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
+    ctx.ttfb = Some(ex.ttfb);
+    let mut headers = match translation {
+        None => passthrough_headers(&ex.header),
+        Some(_) => retry_after(&ex.header),
+    };
+    push_route_headers(&mut headers, &route);
+    if !ex.header.status.is_success() {
+        answer_upstream_error(
+            state,
+            settings,
+            &provider,
+            session,
+            ctx,
+            ex,
+            headers,
+            Surface::OpenAi,
+            translation.is_some(),
+        )
+        .await;
+        return Ok(());
+    }
+    let convert = |body: &[u8]| {
+        let encoding = translation.unwrap_or(wire::embeddings::Encoding::Float);
+        wire::decode_embeddings(format, body)
+            .map(|resp| wire::embeddings::encode_response(&resp, model, encoding))
+    };
+    let convert: Convert<'_> = if translation.is_some() { Some(&convert) } else { None };
+    answer_whole(state, settings, &provider, session, ctx, ex, headers, convert).await
+}
+
+/// Which provider and model served the request, and the routing config that chose them.
+fn push_route_headers(headers: &mut Headers, route: &Route) {
+    headers.push((name("x-modelux-provider-used"), route.target.provider.id.clone()));
+    headers.push((name("x-modelux-model-used"), route.target.model.clone()));
+    if let Some(rc) = &route.config {
+        headers.push((name("x-modelux-routing-config"), format!("@{}", rc.slug)));
+        headers.push((name("x-modelux-config-version"), format!("v{}", rc.version)));
+    }
+}
+
+/// Turns a whole upstream body into the client's format; `Err` means undecodable.
+type Convert<'a> = Option<&'a (dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Sync)>;
+
+/// Answers an upstream error status. Same format: 4xx pass through verbatim. Translated:
+/// same status and the upstream's message, in the client's envelope. Credential failures
+/// and 5xx become gateway errors (502).
+#[allow(clippy::too_many_arguments)]
+async fn answer_upstream_error(
+    state: &GatewayState,
+    settings: &config::Settings,
+    provider: &providers::Provider,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut ex: Exchange,
+    mut headers: Headers,
+    client: Surface,
+    translated: bool,
+) {
+    let status = ex.header.status.as_u16();
+    let result = upstream_error(settings, provider, &mut ex, status).await;
+    ctx.upstream_time += ex.started.elapsed();
+    match result {
+        Ok((status, body)) if !translated => {
+            respond::whole(session, ctx, status, headers, body).await;
+            ctx.error_code = Some("upstream_client_error");
+        }
+        Ok((status, body)) => {
+            let message = error_message(&body);
+            let rendered = match client {
+                Surface::OpenAi => {
+                    openai_error_body(openai_error_type(status), &message, "upstream_client_error")
+                }
+                Surface::Anthropic => anthropic::error_body(anthropic::error_type(status), &message),
+            };
+            headers.push((http::header::CONTENT_TYPE, "application/json".into()));
+            respond::whole(session, ctx, status, headers, Bytes::from(rendered)).await;
+            ctx.error_code = Some("upstream_client_error");
+        }
+        Err(e) => respond::error(session, ctx, &e).await,
+    }
+    upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+}
+
+/// Reads a whole 2xx upstream body and answers with it, converted to the client's format
+/// when `convert` is given (its `Err` means the upstream sent something undecodable: 502).
+#[allow(clippy::too_many_arguments)]
+async fn answer_whole(
+    state: &GatewayState,
+    settings: &config::Settings,
+    provider: &providers::Provider,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut ex: Exchange,
+    mut headers: Headers,
+    convert: Convert<'_>,
+) -> Result<(), GatewayError> {
+    let status = ex.header.status.as_u16();
+    let body = upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, provider, settings).await;
     ctx.upstream_time += ex.started.elapsed();
     let mut body = match body {
         Ok(b) => b,
@@ -311,18 +443,14 @@ async fn chat(
             return Err(e);
         }
     };
-    if translation.is_some() {
-        let resp = wire::decode_response(upstream_format, &body).map_err(|message| {
-            GatewayError::UpstreamStatus { provider: provider.id.clone(), status, message }
-        });
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
+    if let Some(convert) = convert {
+        match convert(&body) {
+            Ok(converted) => body = Bytes::from(converted),
+            Err(message) => {
                 upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
-                return Err(e);
+                return Err(GatewayError::UpstreamStatus { provider: provider.id.clone(), status, message });
             }
-        };
-        body = Bytes::from(wire::encode_response(client, &resp));
+        }
         headers.push((http::header::CONTENT_TYPE, "application/json".into()));
     }
     // Answer first: returning the connection to the pool is not the client's business.
@@ -371,7 +499,7 @@ async fn count_tokens(
         (name("x-modelux-provider-used"), provider.id.clone()),
         (name("x-modelux-model-used"), route.target.model.clone()),
     ];
-    if provider.format() != Surface::Anthropic {
+    if provider.format() != WireFormat::Anthropic {
         let canonical = wire::decode_request(Surface::Anthropic, &body)?;
         let estimate = json!({"input_tokens": estimate_tokens(&canonical)});
         headers.push((name("x-modelux-token-count"), "estimated".into()));
@@ -382,7 +510,7 @@ async fn count_tokens(
     let upstream_body = Bytes::from(request.encode_for_upstream(&route.target.model));
     drop(request);
     let extra = anthropic_headers(session, Surface::Anthropic);
-    let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
     let path = provider.upstream_path("/v1/messages/count_tokens");
     let call = upstream::Call {
         path: &path,
@@ -449,9 +577,12 @@ async fn upstream_error(
 
 /// The human part of an upstream error body: OpenAI's `error.message`, else the text.
 fn error_message(body: &[u8]) -> String {
-    let from_json = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_string));
+    let from_json = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| {
+        // OpenAI, Anthropic and Google nest it under `error`; Cohere and Bedrock do not.
+        ["/error/message", "/message", "/Message"]
+            .iter()
+            .find_map(|p| v.pointer(p).and_then(|m| m.as_str()).map(str::to_string))
+    });
     let mut msg = from_json.unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
     if msg.len() > 512 {
         let mut cut = 512;
@@ -467,11 +598,14 @@ fn error_message(body: &[u8]) -> String {
     msg
 }
 
+/// Content type of Bedrock's binary event stream (ConverseStream).
+const EVENT_STREAM_AWS: &str = "application/vnd.amazon.eventstream";
+
 fn is_event_stream(h: &ResponseHeader) -> bool {
-    h.headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+    h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        let v = v.trim_start().to_ascii_lowercase();
+        v.starts_with("text/event-stream") || v.starts_with(EVENT_STREAM_AWS)
+    })
 }
 
 /// Upstream response headers worth keeping: the body's type, and the provider's request id,

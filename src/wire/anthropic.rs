@@ -209,8 +209,9 @@ fn block_json(p: &Part, keep_thinking: bool) -> Option<Value> {
             }
             v
         }
-        // Thinking only round-trips with its signature; without one the target rejects it.
-        Part::Thinking { text, signature: Some(sig) } if keep_thinking => {
+        // Thinking only round-trips with its own signature; without one, or with one Gemini
+        // issued (tagged `gemini:`), the target rejects it.
+        Part::Thinking { text, signature: Some(sig) } if keep_thinking && !sig.starts_with("gemini:") => {
             json!({"type": "thinking", "thinking": text, "signature": sig})
         }
         Part::RedactedThinking { data } if keep_thinking => {

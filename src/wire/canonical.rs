@@ -183,3 +183,24 @@ impl Usage {
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
+
+/// An embeddings request. Only text inputs translate across providers; token-array inputs
+/// are accepted for OpenAI-family targets only (forwarded as they are).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingsRequest {
+    pub model: String,
+    pub inputs: Vec<String>,
+    /// Requested vector length (OpenAI `dimensions`, Gemini `outputDimensionality`,
+    /// Cohere `output_dimension`).
+    pub dimensions: Option<u64>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingsResponse {
+    pub model: String,
+    /// One vector per input, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Prompt tokens billed, when the provider reports them (0 otherwise).
+    pub input_tokens: u64,
+}

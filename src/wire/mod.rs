@@ -1,32 +1,118 @@
 //! Wire formats. No I/O here: bytes in, bytes out.
 
 pub mod anthropic;
+pub mod bedrock;
 pub mod canonical;
+pub mod cohere;
+pub mod embeddings;
+pub mod gemini;
 pub mod openai;
 
-use crate::error::Surface;
+use crate::error::{GatewayError, Surface};
 use canonical::{Delta, Request, Response};
 
+/// What a provider speaks. Client surfaces are the first two; the others exist only
+/// upstream. Azure OpenAI and the OpenAI-compatible vendors speak `OpenAi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireFormat {
+    OpenAi,
+    Anthropic,
+    Cohere,
+    Gemini,
+    Bedrock,
+}
+
+impl WireFormat {
+    pub const ALL: [WireFormat; 5] = [
+        WireFormat::OpenAi,
+        WireFormat::Anthropic,
+        WireFormat::Cohere,
+        WireFormat::Gemini,
+        WireFormat::Bedrock,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireFormat::OpenAi => "openai",
+            WireFormat::Anthropic => "anthropic",
+            WireFormat::Cohere => "cohere",
+            WireFormat::Gemini => "gemini",
+            WireFormat::Bedrock => "bedrock",
+        }
+    }
+}
+
+impl From<Surface> for WireFormat {
+    fn from(s: Surface) -> WireFormat {
+        match s {
+            Surface::OpenAi => WireFormat::OpenAi,
+            Surface::Anthropic => WireFormat::Anthropic,
+        }
+    }
+}
+
 /// Client body → canonical request, by the client's wire format.
-pub fn decode_request(format: Surface, body: &[u8]) -> Result<Request, crate::error::GatewayError> {
+pub fn decode_request(format: Surface, body: &[u8]) -> Result<Request, GatewayError> {
     match format {
         Surface::OpenAi => openai::codec::decode_request(body),
         Surface::Anthropic => anthropic::decode_request(body),
     }
 }
 
-/// Canonical request → upstream body, by the provider's wire format.
-pub fn encode_request(format: Surface, req: &Request, model: &str) -> Vec<u8> {
+/// Canonical request → upstream body, by the provider's wire format. `Err` (400) when the
+/// request uses something the provider cannot express.
+pub fn encode_request(format: WireFormat, req: &Request, model: &str) -> Result<Vec<u8>, GatewayError> {
+    let provider_error = |message: String| GatewayError::invalid("unsupported_for_provider", message);
+    Ok(match format {
+        WireFormat::OpenAi => openai::codec::encode_request(req, model),
+        WireFormat::Anthropic => anthropic::encode_request(req, model),
+        WireFormat::Cohere => cohere::encode_request(req, model).map_err(provider_error)?,
+        WireFormat::Gemini => gemini::encode_request(req, model).map_err(provider_error)?,
+        WireFormat::Bedrock => bedrock::encode_request(req, model).map_err(provider_error)?,
+    })
+}
+
+pub fn decode_response(format: WireFormat, body: &[u8]) -> Result<Response, String> {
     match format {
-        Surface::OpenAi => openai::codec::encode_request(req, model),
-        Surface::Anthropic => anthropic::encode_request(req, model),
+        WireFormat::OpenAi => openai::codec::decode_response(body),
+        WireFormat::Anthropic => anthropic::decode_response(body),
+        WireFormat::Cohere => cohere::decode_response(body),
+        WireFormat::Gemini => gemini::decode_response(body),
+        WireFormat::Bedrock => bedrock::decode_response(body),
     }
 }
 
-pub fn decode_response(format: Surface, body: &[u8]) -> Result<Response, String> {
+/// Canonical embeddings request → upstream body, for translated (non-OpenAI) targets.
+pub fn encode_embeddings(
+    format: WireFormat,
+    req: &canonical::EmbeddingsRequest,
+    model: &str,
+) -> Result<Vec<u8>, GatewayError> {
+    let unsupported = |f: WireFormat| {
+        GatewayError::invalid(
+            "unsupported_endpoint",
+            format!(
+                "{} providers have no embeddings endpoint; use an OpenAI-family, Google or Cohere model",
+                f.as_str()
+            ),
+        )
+    };
+    let provider_error = |message: String| GatewayError::invalid("unsupported_for_provider", message);
     match format {
-        Surface::OpenAi => openai::codec::decode_response(body),
-        Surface::Anthropic => anthropic::decode_response(body),
+        WireFormat::Cohere => cohere::encode_embeddings(req, model).map_err(provider_error),
+        WireFormat::Gemini => gemini::encode_embeddings(req, model).map_err(provider_error),
+        WireFormat::OpenAi | WireFormat::Anthropic | WireFormat::Bedrock => Err(unsupported(format)),
+    }
+}
+
+/// Upstream embeddings body → canonical, for the formats `encode_embeddings` accepts.
+pub fn decode_embeddings(format: WireFormat, body: &[u8]) -> Result<canonical::EmbeddingsResponse, String> {
+    match format {
+        WireFormat::Cohere => cohere::decode_embeddings(body),
+        WireFormat::Gemini => gemini::decode_embeddings(body),
+        WireFormat::OpenAi | WireFormat::Anthropic | WireFormat::Bedrock => {
+            Err(format!("{} embeddings are not translated", format.as_str()))
+        }
     }
 }
 
@@ -40,6 +126,15 @@ pub fn encode_response(format: Surface, resp: &Response) -> Vec<u8> {
 enum Decoder {
     OpenAi(openai::codec::StreamDecoder),
     Anthropic(anthropic::StreamDecoder),
+    Cohere(cohere::StreamDecoder),
+    Gemini(gemini::StreamDecoder),
+    Bedrock(bedrock::StreamDecoder),
+}
+
+/// How upstream stream bytes are cut into events: SSE, or AWS's binary event-stream.
+enum Framer {
+    Sse(crate::sse::Parser),
+    EventStream(bedrock::FrameDecoder),
 }
 
 enum Encoder {
@@ -50,7 +145,7 @@ enum Encoder {
 /// Upstream stream bytes → client stream bytes, one upstream read at a time: a synchronous
 /// state machine, so nothing is buffered beyond an incomplete SSE line.
 pub struct Transcoder {
-    parser: crate::sse::Parser,
+    framer: Framer,
     events: Vec<crate::sse::Event>,
     decoder: Decoder,
     encoder: Encoder,
@@ -61,13 +156,19 @@ pub struct Transcoder {
 impl Transcoder {
     /// `model` is what the client sees in the stream; `client_wants_usage` keeps or drops
     /// the OpenAI usage chunk the gateway always asks an OpenAI-family upstream for.
-    pub fn new(upstream: Surface, client: Surface, model: &str, client_wants_usage: bool) -> Transcoder {
+    pub fn new(upstream: WireFormat, client: Surface, model: &str, client_wants_usage: bool) -> Transcoder {
         Transcoder {
-            parser: crate::sse::Parser::new(),
+            framer: match upstream {
+                WireFormat::Bedrock => Framer::EventStream(bedrock::FrameDecoder::new()),
+                _ => Framer::Sse(crate::sse::Parser::new()),
+            },
             events: Vec::new(),
             decoder: match upstream {
-                Surface::OpenAi => Decoder::OpenAi(Default::default()),
-                Surface::Anthropic => Decoder::Anthropic(Default::default()),
+                WireFormat::OpenAi => Decoder::OpenAi(Default::default()),
+                WireFormat::Anthropic => Decoder::Anthropic(Default::default()),
+                WireFormat::Cohere => Decoder::Cohere(Default::default()),
+                WireFormat::Gemini => Decoder::Gemini(Default::default()),
+                WireFormat::Bedrock => Decoder::Bedrock(Default::default()),
             },
             encoder: match client {
                 Surface::OpenAi => {
@@ -82,7 +183,10 @@ impl Transcoder {
 
     /// Translates one upstream read; `Err` when the upstream sent something undecodable.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        self.parser.feed(bytes, &mut self.events)?;
+        match &mut self.framer {
+            Framer::Sse(p) => p.feed(bytes, &mut self.events)?,
+            Framer::EventStream(f) => f.feed(bytes, &mut self.events)?,
+        }
         let res = self.decode();
         self.emit(out);
         res
@@ -92,19 +196,38 @@ impl Transcoder {
         match &mut self.decoder {
             Decoder::OpenAi(d) => d.decode(&mut self.events, &mut self.deltas),
             Decoder::Anthropic(d) => d.decode(&mut self.events, &mut self.deltas),
+            Decoder::Cohere(d) => d.decode(&mut self.events, &mut self.deltas),
+            Decoder::Gemini(d) => d.decode(&mut self.events, &mut self.deltas),
+            Decoder::Bedrock(d) => d.decode(&mut self.events, &mut self.deltas),
         }
     }
 
     /// The upstream body ended; `Err` when it ended without its terminal event.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        self.parser.finish(&mut self.events);
-        let res = self.decode();
+        let framed = match &mut self.framer {
+            Framer::Sse(p) => {
+                p.finish(&mut self.events);
+                Ok(())
+            }
+            Framer::EventStream(f) => f.finish(),
+        };
+        let res = self.decode().and_then(|()| framed).and_then(|()| self.decoder_finish());
         self.emit(out);
         res?;
         if self.done {
             Ok(())
         } else {
             Err("the upstream stream ended before its final event".into())
+        }
+    }
+
+    /// Formats without a terminal event (Gemini) decide at the end of the body.
+    fn decoder_finish(&mut self) -> Result<(), String> {
+        match &mut self.decoder {
+            Decoder::OpenAi(_) | Decoder::Anthropic(_) => Ok(()),
+            Decoder::Cohere(d) => d.finish(&mut self.deltas),
+            Decoder::Gemini(d) => d.finish(&mut self.deltas),
+            Decoder::Bedrock(d) => d.finish(&mut self.deltas),
         }
     }
 
@@ -123,7 +246,11 @@ impl Transcoder {
 
     fn emit(&mut self, out: &mut Vec<u8>) {
         for d in self.deltas.drain(..) {
-            if d == Delta::Done {
+            if self.done {
+                // After the end or an in-stream error the client stream is closed.
+                continue;
+            }
+            if matches!(d, Delta::Done | Delta::Error { .. }) {
                 self.done = true;
             }
             match &mut self.encoder {

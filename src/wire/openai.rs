@@ -53,8 +53,22 @@ fn field_error(code: &'static str, message: impl Into<String>) -> GatewayError {
     GatewayError::invalid(code, message)
 }
 
+/// The array (or string) a routed body must carry besides `model`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// Chat: `messages`, an array.
+    Messages,
+    /// Embeddings: `input`, a string or an array.
+    Input,
+}
+
 impl<'a> ChatRequest<'a> {
     pub fn parse(body: &'a [u8]) -> Result<ChatRequest<'a>, GatewayError> {
+        Self::parse_routed(body, Payload::Messages)
+    }
+
+    /// Parses any routed OpenAI/Anthropic-shaped body: `model` plus its payload field.
+    pub fn parse_routed(body: &'a [u8], payload: Payload) -> Result<ChatRequest<'a>, GatewayError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(field_error("invalid_json", "request body is empty; send a JSON object"));
         }
@@ -90,9 +104,18 @@ impl<'a> ChatRequest<'a> {
                         .map_err(|_| field_error("invalid_type", "\"stream\" must be a boolean"))?;
                     stream = s.unwrap_or(false);
                 }
-                "messages" => {
+                "messages" if payload == Payload::Messages => {
                     if !raw.get().starts_with('[') {
                         return Err(field_error("invalid_type", "\"messages\" must be an array"));
+                    }
+                    has_messages = true;
+                }
+                "input" if payload == Payload::Input => {
+                    if !raw.get().starts_with(['[', '"']) {
+                        return Err(field_error(
+                            "invalid_type",
+                            "\"input\" must be a string or an array of strings or token arrays",
+                        ));
                     }
                     has_messages = true;
                 }
@@ -123,7 +146,11 @@ impl<'a> ChatRequest<'a> {
         }
         let model = model.ok_or_else(|| field_error("missing_field", "Missing required field: model"))?;
         if !has_messages {
-            return Err(field_error("missing_field", "Missing required field: messages"));
+            let name = match payload {
+                Payload::Messages => "messages",
+                Payload::Input => "input",
+            };
+            return Err(field_error("missing_field", format!("Missing required field: {name}")));
         }
         Ok(ChatRequest { fields: top.0, model, stream, tags, end_user })
     }

@@ -17,7 +17,7 @@ fn json_of(bytes: &[u8]) -> Value {
 
 /// Runs a transcoder over `input` split at `split`, returning the client bytes.
 fn transcode(upstream: Surface, client: Surface, input: &[u8], split: usize, usage: bool) -> Vec<u8> {
-    let mut t = Transcoder::new(upstream, client, "target-model", usage);
+    let mut t = Transcoder::new(upstream.into(), client, "target-model", usage);
     let mut out = Vec::new();
     t.feed(&input[..split], &mut out).unwrap();
     t.feed(&input[split..], &mut out).unwrap();
@@ -76,7 +76,7 @@ fn openai_request_to_anthropic() {
         "mlx:tags": {"a": "b"}
     });
     let req = decode_request(Surface::OpenAi, &serde_json::to_vec(&body).unwrap()).unwrap();
-    let out = json_of(&encode_request(Surface::Anthropic, &req, "claude-sonnet-4-5"));
+    let out = json_of(&encode_request(WireFormat::Anthropic, &req, "claude-sonnet-4-5").unwrap());
     assert_eq!(
         out,
         json!({
@@ -132,7 +132,7 @@ fn anthropic_request_to_openai() {
         "metadata": {"user_id": "u-1"}
     });
     let req = decode_request(Surface::Anthropic, &serde_json::to_vec(&body).unwrap()).unwrap();
-    let out = json_of(&encode_request(Surface::OpenAi, &req, "gpt-4o-mini"));
+    let out = json_of(&encode_request(WireFormat::OpenAi, &req, "gpt-4o-mini").unwrap());
     assert_eq!(
         out,
         json!({
@@ -164,7 +164,7 @@ fn thinking_round_trips_only_with_a_signature_to_anthropic_targets() {
             {"type": "redacted_thinking", "data": "r"},
             {"type": "text", "text": "b"}]}, {"role": "user", "content": "y"}]});
     let req = decode_request(Surface::Anthropic, &serde_json::to_vec(&body).unwrap()).unwrap();
-    let out = json_of(&encode_request(Surface::Anthropic, &req, "claude"));
+    let out = json_of(&encode_request(WireFormat::Anthropic, &req, "claude").unwrap());
     assert_eq!(out["thinking"], json!({"type": "enabled", "budget_tokens": 1024}));
     assert_eq!(
         out["messages"][1]["content"],
@@ -174,7 +174,7 @@ fn thinking_round_trips_only_with_a_signature_to_anthropic_targets() {
 
 #[test]
 fn anthropic_response_to_openai() {
-    let resp = decode_response(Surface::Anthropic, &fixture("anthropic/message_tool_use.json")).unwrap();
+    let resp = decode_response(WireFormat::Anthropic, &fixture("anthropic/message_tool_use.json")).unwrap();
     let out = json_of(&encode_response(Surface::OpenAi, &resp));
     assert_eq!(out["object"], "chat.completion");
     assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
@@ -195,7 +195,7 @@ fn anthropic_response_to_openai() {
 
 #[test]
 fn openai_response_to_anthropic() {
-    let resp = decode_response(Surface::OpenAi, &fixture("openai/chat_completion.json")).unwrap();
+    let resp = decode_response(WireFormat::OpenAi, &fixture("openai/chat_completion.json")).unwrap();
     let out = json_of(&encode_response(Surface::Anthropic, &resp));
     let src = json_of(&fixture("openai/chat_completion.json"));
     assert_eq!(out["type"], "message");
@@ -288,7 +288,7 @@ fn anthropic_streams_to_openai_at_every_split() {
 fn stream_without_final_event_is_an_error_then_an_error_event() {
     let input = fixture("anthropic/message_stream.txt");
     let cut = &input[..input.len() / 2];
-    let mut t = Transcoder::new(Surface::Anthropic, Surface::OpenAi, "m", false);
+    let mut t = Transcoder::new(WireFormat::Anthropic, Surface::OpenAi, "m", false);
     let mut out = Vec::new();
     t.feed(cut, &mut out).unwrap();
     assert!(t.finish(&mut out).is_err());
@@ -296,7 +296,7 @@ fn stream_without_final_event_is_an_error_then_an_error_event() {
     let last = events(&out).pop().unwrap().1;
     assert_eq!(last["error"]["type"], "upstream_error");
 
-    let mut t = Transcoder::new(Surface::OpenAi, Surface::Anthropic, "m", false);
+    let mut t = Transcoder::new(WireFormat::OpenAi, Surface::Anthropic, "m", false);
     let mut out = Vec::new();
     t.feed(b"data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n", &mut out)
         .unwrap();
