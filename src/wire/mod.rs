@@ -211,7 +211,7 @@ impl Transcoder {
             }
             Framer::EventStream(f) => f.finish(),
         };
-        let res = self.decode().and_then(|()| framed).and_then(|()| self.decoder_finish());
+        let res = self.decode().and(framed).and_then(|()| self.decoder_finish());
         self.emit(out);
         res?;
         if self.done {
