@@ -67,7 +67,11 @@ fn blocks(content: &Value, path: &str) -> Result<Vec<Part>, GatewayError> {
             }
             Some("thinking") => parts.push(Part::Thinking {
                 text: b.get("thinking").and_then(Value::as_str).unwrap_or_default().to_string(),
-                signature: b.get("signature").and_then(Value::as_str).map(str::to_string),
+                signature: b
+                    .get("signature")
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
             }),
             Some("redacted_thinking") => parts.push(Part::RedactedThinking {
                 data: b.get("data").and_then(Value::as_str).unwrap_or_default().to_string(),
@@ -209,9 +213,8 @@ fn block_json(p: &Part, keep_thinking: bool) -> Option<Value> {
             }
             v
         }
-        // Thinking only round-trips with its own signature; without one, or with one Gemini
-        // issued (tagged `gemini:`), the target rejects it.
-        Part::Thinking { text, signature: Some(sig) } if keep_thinking && !sig.starts_with("gemini:") => {
+        // Thinking only round-trips with its signature; without one the target rejects it.
+        Part::Thinking { text, signature: Some(sig) } if keep_thinking => {
             json!({"type": "thinking", "thinking": text, "signature": sig})
         }
         Part::RedactedThinking { data } if keep_thinking => {
@@ -226,7 +229,13 @@ fn block_json(p: &Part, keep_thinking: bool) -> Option<Value> {
 pub fn encode_request(req: &Request, model: &str) -> Vec<u8> {
     let mut messages: Vec<(Role, Vec<Value>)> = Vec::new();
     for m in &req.messages {
-        let content: Vec<Value> = m.content.iter().filter_map(|p| block_json(p, true)).collect();
+        // A signature Gemini issued (tagged `gemini:`) would be rejected by Anthropic.
+        let content: Vec<Value> = m
+            .content
+            .iter()
+            .filter(|p| !matches!(p, Part::Thinking { signature: Some(s), .. } if s.starts_with("gemini:")))
+            .filter_map(|p| block_json(p, true))
+            .collect();
         if content.is_empty() {
             continue;
         }
@@ -368,7 +377,18 @@ fn message_id(id: &str) -> String {
 
 /// Canonical → Anthropic message (client surface).
 pub fn encode_response(resp: &Response) -> Vec<u8> {
-    let content: Vec<Value> = resp.content.iter().filter_map(|p| block_json(p, true)).collect();
+    // Thinking from providers that do not sign it (Gemini summaries, Cohere) is still shown
+    // to the client, with an empty signature; sent back, it is dropped (see decode).
+    let content: Vec<Value> = resp
+        .content
+        .iter()
+        .filter_map(|p| match p {
+            Part::Thinking { text, signature: None } => {
+                Some(json!({"type": "thinking", "thinking": text, "signature": ""}))
+            }
+            p => block_json(p, true),
+        })
+        .collect();
     let body = json!({
         "id": message_id(&resp.id),
         "type": "message",

@@ -263,3 +263,6 @@ impl Transcoder {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod conformance;
