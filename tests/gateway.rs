@@ -51,6 +51,8 @@ struct Cfg<'a> {
     openai_extra: &'a str,
     /// Base URL of an `anthropic` provider (kind anthropic), when the test needs one.
     anthropic: Option<&'a str>,
+    /// More provider entries, each a full `  - { … }` line.
+    more_providers: String,
 }
 
 impl<'a> Cfg<'a> {
@@ -62,6 +64,7 @@ impl<'a> Cfg<'a> {
             fast_model: "gpt-4o-mini",
             openai_extra: "",
             anthropic: None,
+            more_providers: String::new(),
         }
     }
 }
@@ -82,7 +85,7 @@ server:
 providers:
   - {{ id: openai, kind: openai, base_url: "{upstream}", api_key: "sk-test-upstream"{openai_extra} }}
   - {{ id: local, kind: openai_compatible, base_url: "{local}", models: ["m1"] }}
-{anthropic}projects:
+{anthropic}{more_providers}projects:
   - id: default
     keys:
       - {{ name: dev, key: "{KEY}" }}
@@ -106,6 +109,7 @@ routing_configs:
                 "  - {{ id: anthropic, kind: anthropic, base_url: \"{url}\", api_key: \"sk-ant-test\" }}\n"
             ))
             .unwrap_or_default(),
+        more_providers = cfg.more_providers,
     )
 }
 
@@ -1019,4 +1023,66 @@ async fn anthropic_surface_to_openai_and_to_anthropic() {
         json!({"type": "model", "id": "@fast", "display_name": "@fast", "created_at": "1970-01-01T00:00:00Z"})
     );
     assert_eq!(v["has_more"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_deployments_and_embeddings() {
+    let upstream = mock(MockConfig { tokens: 2, ..MockConfig::default() }).await;
+    let origin = format!("http://{}", upstream.addr());
+    let gw = start(Cfg {
+        more_providers: format!(
+            "  - {{ id: azure, kind: azure, base_url: \"{origin}\", api_key: \"az-key\", api_version: \"2024-06-01\" }}\n"
+        ),
+        anthropic: Some(&upstream.anthropic_base_url()),
+        ..Cfg::new(&upstream.base_url())
+    })
+    .await;
+    let auth = format!("Bearer {KEY}");
+    let h = [("authorization", auth.as_str())];
+
+    // Azure: the model names the deployment; api-version and api-key, never a Bearer token
+    let r = post_to(
+        &gw,
+        CHAT,
+        &h,
+        &json!({"model": "azure/prod-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["choices"][0]["message"]["content"], " tok0 tok1");
+    let seen = upstream.requests().pop().unwrap();
+    assert_eq!(seen.path, "/openai/deployments/prod-4o/chat/completions?api-version=2024-06-01");
+    assert_eq!((seen.header("api-key"), seen.header("authorization")), (Some("az-key"), None));
+
+    // embeddings, same format: the client's bytes with the model rewritten, mlx:* stripped
+    let emb = "/openai/v1/embeddings";
+    let raw = r#"{"input":["a","b"],"model":"text-embedding-3-small","encoding_format":"base64","mlx:tags":{"t":"1"},"dimensions":8}"#;
+    let mut headers = vec![("content-type", "application/json")];
+    headers.extend_from_slice(&h);
+    let r = httpc::request(gw.proxy, "POST", emb, &headers, raw.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-modelux-provider-used"), Some("openai"));
+    let v = r.json().unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert!(v["data"][0]["embedding"].is_string(), "base64 passes through: {v}");
+    let seen = upstream.requests().pop().unwrap();
+    assert_eq!(seen.path, "/v1/embeddings");
+    assert_eq!(
+        String::from_utf8(seen.body).unwrap(),
+        r#"{"input":["a","b"],"model":"text-embedding-3-small","encoding_format":"base64","dimensions":8}"#
+    );
+    let r = post_to(&gw, "/v1/embeddings", &h, &json!({"model": "azure/emb", "input": "x"})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        upstream.requests().pop().unwrap().path,
+        "/openai/deployments/emb/embeddings?api-version=2024-06-01"
+    );
+
+    // bad input and a target without embeddings, as OpenAI errors
+    let r = post_to(&gw, emb, &h, &json!({"model": "text-embedding-3-small"})).await;
+    assert_eq!((r.status, error_of(&r)["code"].as_str()), (400, Some("missing_field")));
+    let r = post_to(&gw, emb, &h, &json!({"model": "claude-sonnet-4-5", "input": "x"})).await;
+    assert_eq!((r.status, error_of(&r)["code"].as_str()), (400, Some("unsupported_endpoint")));
+    let r = httpc::request(gw.proxy, "GET", emb, &h, b"").await.unwrap();
+    assert_eq!(r.status, 405);
 }

@@ -8,6 +8,7 @@
 
 use std::io::{self, Write};
 
+use crate::answer::Event;
 use crate::template::{array_elements, raw_value, Template};
 use crate::wire::invalid;
 
@@ -99,13 +100,6 @@ pub(crate) struct Reply<'a> {
 impl Reply<'_> {
     /// The text pieces for a tool-use answer.
     pub(crate) const TOOL_TEXT_PIECES: &'static [&'static [u8]] = &[TOOL_TEXT];
-}
-
-/// One SSE event, framed (`event: NAME\ndata: JSON\n\n`).
-pub(crate) struct Event {
-    pub bytes: Vec<u8>,
-    /// A `content_block_delta` (paced by `ttft`/`inter_token`).
-    pub delta: bool,
 }
 
 /// Slot values for one rendering.

@@ -1,12 +1,32 @@
-//! Mock OpenAI and Anthropic upstream.
+//! Mock LLM upstream: OpenAI, Anthropic, Google Gemini, Cohere, Amazon
+//! Bedrock and Azure OpenAI on one port.
 //!
-//! Speaks the published OpenAI Chat Completions and Anthropic Messages wire
-//! formats (shapes come from the fixtures in `tests/fixtures/openai/` and
+//! Speaks each provider's published wire format (the OpenAI and Anthropic
+//! shapes are cut from the fixtures in `tests/fixtures/openai/` and
 //! `tests/fixtures/anthropic/`), over a small hand-written HTTP/1.1 server so
 //! it is fast enough to be the baseline in load tests and fully controllable
-//! (latency, streaming pace, scripted failures) in gateway tests. The API is
-//! chosen by path: `/v1/chat/completions` is OpenAI, `/v1/messages` and
-//! `/v1/messages/count_tokens` are Anthropic.
+//! (latency, streaming pace, scripted failures) in gateway tests.
+//!
+//! The API is chosen by the full request path (the query is ignored unless
+//! said), so a client's base URL plus its endpoint must add up to the
+//! provider's documented path:
+//!
+//! | route | API |
+//! |---|---|
+//! | `POST /v1/chat/completions` | OpenAI chat completions (JSON or SSE) |
+//! | `GET /v1/models` | OpenAI model list |
+//! | `POST /v1/embeddings` | OpenAI embeddings (`float` / `base64`) |
+//! | `POST /v1/messages`, `POST /v1/messages/count_tokens` | Anthropic Messages |
+//! | `POST /v1beta/models/{model}:generateContent` (also `/v1/models/…`) | Gemini |
+//! | `POST /v1beta/models/{model}:streamGenerateContent[?alt=sse]` | Gemini stream (SSE, or a JSON array without `alt=sse`) |
+//! | `POST /v1beta/models/{model}:batchEmbedContents`, `…:embedContent` | Gemini embeddings |
+//! | `POST /v2/chat` (JSON or `"stream": true` SSE), `POST /v2/embed` | Cohere v2 |
+//! | `POST /model/{modelId}/converse`, `…/converse-stream` | Bedrock Converse (event-stream frames) |
+//! | `POST /openai/deployments/{deployment}/chat/completions?api-version=…` | Azure OpenAI chat |
+//! | `POST /openai/deployments/{deployment}/embeddings?api-version=…` | Azure OpenAI embeddings |
+//!
+//! Anything else is a 404 in OpenAI's error shape (under
+//! `/openai/deployments/`, or without `api-version`, in Azure's).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -23,9 +43,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::answer::{self, Answer, Ctx, Event};
 use crate::anthropic::{self, Reply, StopReason};
+use crate::bedrock::{self, Auth};
 use crate::template::{self, StreamTemplates, Template, Templates, Vals};
 use crate::wire::{self, ChunkedDecoder, Decoded};
+use crate::{azure, cohere, gemini, openai};
 
 /// Largest request head (request line + headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -39,10 +62,12 @@ pub struct MockConfig {
     /// Delay before response headers (every answered request).
     pub latency: Duration,
     /// Streaming: delay before the first content chunk (OpenAI: after the
-    /// role chunk; Anthropic: before the first `content_block_delta`).
+    /// role chunk; Anthropic: before the first `content_block_delta`; Gemini:
+    /// before the first chunk; Cohere: before the first `content-delta` or
+    /// `tool-plan-delta`; Bedrock: before the first `contentBlockDelta`).
     pub ttft: Duration,
-    /// Streaming: delay between consecutive content chunks (Anthropic: between
-    /// consecutive `content_block_delta` events).
+    /// Streaming: delay between consecutive content chunks (the same events
+    /// as for `ttft`).
     pub inter_token: Duration,
     /// Content tokens per response (`" tok0"`, `" tok1"`, ...).
     pub tokens: usize,
@@ -77,15 +102,20 @@ impl Default for MockConfig {
 pub enum Behavior {
     Normal,
     /// Answer with this status and an error body in the route's API shape
-    /// (OpenAI, or Anthropic on `/v1/messages*`); 429 also sets
-    /// `retry-after: 1`. Statuses below 400 answer normally.
+    /// (OpenAI; Anthropic on `/v1/messages*`; Gemini `{"error":{code,message,
+    /// status}}`; Cohere `{"message"}`; Bedrock `{"message"}` plus
+    /// `x-amzn-ErrorType`; Azure `{"error":{"code":"<status>",message}}`).
+    /// 429 also sets `retry-after: 1` for OpenAI, Anthropic and Azure (plus
+    /// `retry-after-ms`), and a `RetryInfo` detail for Gemini. Statuses below
+    /// 400 answer normally.
     Status(u16),
     /// Read the request, then reset the connection without any response.
     ResetBeforeHeaders,
-    /// Send headers and this many SSE events (the role chunk, or Anthropic's
-    /// `message_start`, counts), then reset the connection: no finish chunk,
-    /// no `[DONE]`/`message_stop`, no chunked terminator. For a non-streamed
-    /// request half of the body is sent.
+    /// Send headers and this many stream events (the first event counts: the
+    /// OpenAI role chunk, Anthropic's `message_start`, Gemini's first chunk,
+    /// Cohere's `message-start`, Bedrock's `messageStart` frame), then reset
+    /// the connection: no finish event, no terminal marker, no chunked
+    /// terminator. For a non-streamed request half of the body is sent.
     ResetMidStream {
         after_chunks: usize,
     },
@@ -93,6 +123,16 @@ pub enum Behavior {
     Hang,
     /// Wait this long (on top of `latency`), then answer normally.
     Delay(Duration),
+    /// Answer (after `latency`, on any route) with exactly these body bytes:
+    /// this status and `content-type`, chunked transfer encoding, the body
+    /// written `chunk` bytes per HTTP chunk with a flush after each (0: the
+    /// whole body in one chunk). For replaying recorded fixtures.
+    Replay {
+        status: u16,
+        content_type: String,
+        body: Vec<u8>,
+        chunk: usize,
+    },
 }
 
 /// One request as received (when [`MockConfig::record`] is on).
@@ -189,6 +229,21 @@ impl MockServer {
         format!("http://{}", self.addr)
     }
 
+    /// `http://127.0.0.1:PORT/v1beta`, Gemini's versioned base URL (clients
+    /// append `/models/{model}:generateContent`).
+    pub fn gemini_base_url(&self) -> String {
+        format!("http://{}/v1beta", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT`, the base URL that stands in for a provider's
+    /// host: Gemini's `generativelanguage.googleapis.com` (clients append
+    /// `/v1beta/models/…`), Cohere's `api.cohere.com` (`/v2/chat`), Bedrock's
+    /// `bedrock-runtime.REGION.amazonaws.com` (`/model/…/converse`) and an
+    /// Azure resource's `RESOURCE.openai.azure.com` (`/openai/deployments/…`).
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// Requests received so far (empty when `record` is off).
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.recorded).clone()
@@ -257,6 +312,17 @@ enum Route {
     Models,
     Messages,
     CountTokens,
+    Embeddings,
+    /// The model is in [`Head::param`].
+    Gemini(gemini::Op),
+    CohereChat,
+    CohereEmbed,
+    /// The model id is in [`Head::param`].
+    Converse {
+        stream: bool,
+    },
+    /// The deployment is in [`Head::param`].
+    Azure(azure::Op),
     NotFound,
 }
 
@@ -265,15 +331,63 @@ enum Route {
 enum Api {
     OpenAi,
     Anthropic,
+    Gemini,
+    Cohere,
+    Bedrock,
+    Azure,
 }
 
 impl Route {
     fn api(self) -> Api {
         match self {
             Route::Messages | Route::CountTokens => Api::Anthropic,
-            Route::ChatCompletions | Route::Models | Route::NotFound => Api::OpenAi,
+            Route::Gemini(_) => Api::Gemini,
+            Route::CohereChat | Route::CohereEmbed => Api::Cohere,
+            Route::Converse { .. } => Api::Bedrock,
+            Route::Azure(_) => Api::Azure,
+            Route::ChatCompletions | Route::Models | Route::Embeddings | Route::NotFound => Api::OpenAi,
         }
     }
+}
+
+/// Routes beyond the fixed OpenAI/Anthropic paths, with their path
+/// parameter. Only reached when no fixed path matched, so the load path
+/// never pays for it.
+fn route_param(method: &str, path: &str, query: &str) -> (Route, Option<String>) {
+    if method != "POST" {
+        return (Route::NotFound, None);
+    }
+    match path {
+        "/v1/embeddings" => return (Route::Embeddings, None),
+        "/v2/chat" => return (Route::CohereChat, None),
+        "/v2/embed" => return (Route::CohereEmbed, None),
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/v1beta/models/").or_else(|| path.strip_prefix("/v1/models/")) {
+        if let Some((model, method)) = rest.rsplit_once(':') {
+            if let Some(op) = gemini::Op::from_method(method, query) {
+                if !model.is_empty() && !model.contains('/') {
+                    return (Route::Gemini(op), Some(answer::percent_decode(model)));
+                }
+            }
+        }
+    }
+    if let Some(rest) = path.strip_prefix("/model/") {
+        // The id may hold '/' (an ARN), encoded or not: match the suffix.
+        for (suffix, stream) in [("/converse-stream", true), ("/converse", false)] {
+            if let Some(id) = rest.strip_suffix(suffix).filter(|id| !id.is_empty()) {
+                return (Route::Converse { stream }, Some(answer::percent_decode(id)));
+            }
+        }
+    }
+    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        let (deployment, endpoint) = rest.split_once('/').unwrap_or((rest, ""));
+        return (
+            Route::Azure(azure::Op::from_path(endpoint, query)),
+            Some(answer::percent_decode(deployment)),
+        );
+    }
+    (Route::NotFound, None)
 }
 
 enum BodyKind {
@@ -290,6 +404,10 @@ struct Head {
     expect_continue: bool,
     /// `METHOD path`, kept only for the 404 message.
     not_found: Option<String>,
+    /// The model / model id / deployment of a path that carries one.
+    param: Option<String>,
+    /// Bedrock routes only: what the `authorization` header looks like.
+    auth: Auth,
     recorded: Option<RecordedRequest>,
 }
 
@@ -305,12 +423,19 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
     let method = req.method.unwrap_or("");
     let full_path = req.path.unwrap_or("");
     let path = full_path.split('?').next().unwrap_or("");
-    let route = match (method, path) {
-        ("POST", "/v1/chat/completions") => Route::ChatCompletions,
-        ("GET", "/v1/models") => Route::Models,
-        ("POST", "/v1/messages") => Route::Messages,
-        ("POST", "/v1/messages/count_tokens") => Route::CountTokens,
-        _ => Route::NotFound,
+    let (route, param) = match (method, path) {
+        ("POST", "/v1/chat/completions") => (Route::ChatCompletions, None),
+        ("GET", "/v1/models") => (Route::Models, None),
+        ("POST", "/v1/messages") => (Route::Messages, None),
+        ("POST", "/v1/messages/count_tokens") => (Route::CountTokens, None),
+        _ => route_param(method, path, full_path.split_once('?').map_or("", |(_, q)| q)),
+    };
+    let auth = if matches!(route, Route::Converse { .. }) {
+        let value =
+            req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("authorization")).map(|h| h.value);
+        Auth::of(value)
+    } else {
+        Auth::Missing
     };
     let mut body = BodyKind::Empty;
     let mut close = req.version == Some(0);
@@ -349,7 +474,7 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
             .collect(),
         body: Vec::new(),
     });
-    Ok(Some(Head { len, route, body, close, expect_continue, not_found, recorded }))
+    Ok(Some(Head { len, route, body, close, expect_continue, not_found, param, auth, recorded }))
 }
 
 /// Per-connection reusable buffers, so steady-state requests do not allocate.
@@ -480,6 +605,10 @@ struct ChatRequest<'a> {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// Only whether tools are declared: the tool-call check parses the body
+    /// again, so requests without tools (load runs) pay nothing for it.
+    #[serde(default)]
+    tools: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -505,7 +634,7 @@ async fn handle(
     let seq = sh.seq.fetch_add(1, Ordering::Relaxed);
     bufs.seq = seq;
     let mut cut = None;
-    match behavior {
+    match &behavior {
         Behavior::ResetBeforeHeaders => {
             reset(sock);
             return Ok(false);
@@ -519,81 +648,196 @@ async fn handle(
             }
             return Ok(false);
         }
-        Behavior::Delay(d) => sleep(d).await,
-        Behavior::ResetMidStream { after_chunks } => cut = Some(after_chunks),
-        Behavior::Normal | Behavior::Status(_) => {}
+        Behavior::Delay(d) => sleep(*d).await,
+        Behavior::ResetMidStream { after_chunks } => cut = Some(*after_chunks),
+        Behavior::Normal | Behavior::Status(_) | Behavior::Replay { .. } => {}
     }
     sleep(sh.cfg.latency).await;
-    if let Behavior::Status(s) = behavior {
-        if s >= 400 {
-            match head.route.api() {
+    let api = head.route.api();
+    match behavior {
+        Behavior::Status(s) if s >= 400 => {
+            match api {
                 Api::OpenAi => write_error(sock, bufs, s, &[], head.close).await?,
                 Api::Anthropic => write_anthropic_error(sock, sh, bufs, s, "", head.close).await?,
+                _ => return send_answer(sock, sh, bufs, api, api_error(api, s), None, head.close).await,
             }
             return Ok(!head.close);
         }
+        Behavior::Replay { status, content_type, body, chunk } => {
+            return replay(sock, bufs, api, status, &content_type, &body, chunk, head.close).await;
+        }
+        _ => {}
     }
-    match head.route {
+    let ctx = Ctx { seq, cfg: &sh.cfg, param: head.param.as_deref().unwrap_or("") };
+    let answer = match head.route {
         Route::Messages => return messages(sock, sh, &body, bufs, cut, head.close).await,
         Route::CountTokens => return count_tokens(sock, sh, &body, bufs, head.close).await,
         Route::NotFound => {
             let msg = format!("Invalid URL ({})", head.not_found.as_deref().unwrap_or(""));
             write_error(sock, bufs, 404, msg.as_bytes(), head.close).await?;
+            return Ok(!head.close);
         }
         Route::Models => {
             write_response(sock, bufs, 200, "application/json", MODELS.as_bytes(), head.close).await?;
+            return Ok(!head.close);
         }
         Route::ChatCompletions => {
-            let req: ChatRequest<'_> = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(_) => {
-                    write_error(sock, bufs, 400, &[], head.close).await?;
-                    return Ok(!head.close);
-                }
-            };
-            let Some(model) = req.model else {
-                write_error(sock, bufs, 400, b"you must provide a model parameter", head.close).await?;
-                return Ok(!head.close);
-            };
-            bufs.model.clear();
-            serde_json::to_writer(&mut bufs.model, &*model).map_err(io::Error::other)?;
-            let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let mut vals = Vals {
-                seq,
-                created,
-                model_json: &[],
-                content_json: &sh.content_json,
-                // Rough tokenizer stand-in: ~4 bytes per token.
-                prompt_tokens: (body.len() as u64 / 4).max(1),
-                completion_tokens: sh.cfg.tokens as u64,
-            };
-            let model_json = std::mem::take(&mut bufs.model);
-            vals.model_json = &model_json;
-            let r = if req.stream == Some(true) {
-                let usage = req.stream_options.and_then(|o| o.include_usage) == Some(true);
-                stream_completion(sock, sh, bufs, &mut vals, usage, cut, head.close).await
-            } else {
-                bufs.body.clear();
-                sh.tpl.completion.render(&vals, &mut bufs.body);
-                if cut.is_some() {
-                    write_truncated(sock, bufs).await
-                } else {
-                    let body = std::mem::take(&mut bufs.body);
-                    let r = write_response(sock, bufs, 200, "application/json", &body, head.close).await;
-                    bufs.body = body;
-                    r.map(|()| true)
-                }
-            };
-            bufs.model = model_json;
-            if !r? {
-                return Ok(false);
+            return chat_completions(sock, sh, &body, bufs, Api::OpenAi, None, cut, head.close).await;
+        }
+        Route::Azure(azure::Op::Chat) => {
+            let deployment = Some(ctx.param);
+            return chat_completions(sock, sh, &body, bufs, Api::Azure, deployment, cut, head.close).await;
+        }
+        Route::Embeddings => openai::embeddings(&body, None),
+        Route::Azure(azure::Op::Embeddings) => openai::embeddings(&body, Some(ctx.param)),
+        Route::Azure(azure::Op::NotFound) => azure::error(404, ""),
+        Route::Gemini(op) => gemini::answer(&ctx, op, &body),
+        Route::CohereChat => cohere::chat(&ctx, &body),
+        Route::CohereEmbed => cohere::embed(&ctx, &body),
+        Route::Converse { stream } => bedrock::converse(&ctx, stream, head.auth, &body),
+    };
+    send_answer(sock, sh, bufs, api, answer, cut, head.close).await
+}
+
+/// `POST /v1/chat/completions`, or Azure's deployment route (`deployment`
+/// set: it is the model, and the body need not name one). Returns whether
+/// the connection stays open.
+#[allow(clippy::too_many_arguments)]
+async fn chat_completions(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    body: &[u8],
+    bufs: &mut ConnBufs,
+    api: Api,
+    deployment: Option<&str>,
+    cut: Option<usize>,
+    close: bool,
+) -> io::Result<bool> {
+    let req: ChatRequest<'_> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(_) => {
+            write_error_as(sock, bufs, api, 400, &[], close).await?;
+            return Ok(!close);
+        }
+    };
+    let model = match (deployment, req.model) {
+        (Some(d), _) => Cow::Borrowed(d),
+        (None, Some(m)) => m,
+        (None, None) => {
+            write_error_as(sock, bufs, api, 400, b"you must provide a model parameter", close).await?;
+            return Ok(!close);
+        }
+    };
+    bufs.model.clear();
+    serde_json::to_writer(&mut bufs.model, &*model).map_err(io::Error::other)?;
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut vals = Vals {
+        seq: bufs.seq,
+        created,
+        model_json: &[],
+        content_json: &sh.content_json,
+        prompt_tokens: answer::input_tokens(body),
+        completion_tokens: sh.cfg.tokens as u64,
+    };
+    let model_json = std::mem::take(&mut bufs.model);
+    vals.model_json = &model_json;
+    let stream = req.stream == Some(true);
+    let usage = req.stream_options.and_then(|o| o.include_usage) == Some(true);
+    let tool = if req.tools.is_some() { openai::weather_tool(body) } else { None };
+    let r = if let Some(name) = tool {
+        vals.completion_tokens = answer::TOOL_CALL_TOKENS;
+        let a = openai::tool_answer(&sh.tpl, &mut vals, stream.then_some(usage), &name);
+        send_answer(sock, sh, bufs, api, a, cut, close).await
+    } else if stream {
+        stream_completion(sock, sh, bufs, &mut vals, usage, cut, close, api).await
+    } else {
+        bufs.body.clear();
+        sh.tpl.completion.render(&vals, &mut bufs.body);
+        if cut.is_some() {
+            write_truncated(sock, bufs).await
+        } else {
+            let body = std::mem::take(&mut bufs.body);
+            let r = write_api_response(sock, bufs, api, 200, "application/json", &body, close, "").await;
+            bufs.body = body;
+            r.map(|()| true)
+        }
+    };
+    bufs.model = model_json;
+    Ok(r? && !close)
+}
+
+/// Sends a rendered answer (see [`Answer`]); `cut` applies
+/// `ResetMidStream`. Returns whether the connection stays open.
+#[allow(clippy::too_many_arguments)]
+async fn send_answer(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    bufs: &mut ConnBufs,
+    api: Api,
+    answer: Answer,
+    cut: Option<usize>,
+    close: bool,
+) -> io::Result<bool> {
+    match answer {
+        Answer::Body { status, content_type, body, headers } => {
+            if cut.is_some() && (200..300).contains(&status) {
+                return write_cut_body(sock, bufs, api, content_type, &body).await;
             }
+            write_api_response(sock, bufs, api, status, content_type, &body, close, &headers).await?;
+            Ok(!close)
+        }
+        Answer::Stream { content_type, events, trailer } => {
+            let done = stream_events(sock, sh, bufs, api, content_type, &events, trailer, cut, close).await?;
+            Ok(done && !close)
         }
     }
-    Ok(!head.close)
+}
+
+/// The scripted-status error of the APIs whose modules render their own.
+fn api_error(api: Api, status: u16) -> Answer {
+    match api {
+        Api::Gemini => gemini::error(status, ""),
+        Api::Cohere => cohere::error(status, ""),
+        Api::Bedrock => bedrock::error(status, ""),
+        Api::Azure => azure::error(status, ""),
+        Api::OpenAi | Api::Anthropic => Answer::json(status, error_body(status, "").into_owned()),
+    }
+}
+
+/// [`Behavior::Replay`]: the given bytes, `chunk` bytes per HTTP chunk.
+#[allow(clippy::too_many_arguments)]
+async fn replay(
+    sock: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    api: Api,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    chunk: usize,
+    close: bool,
+) -> io::Result<bool> {
+    bufs.out.clear();
+    let _ = write!(
+        bufs.out,
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n",
+        reason(status)
+    );
+    push_api_headers(&mut bufs.out, api, bufs.seq, close);
+    bufs.out.extend_from_slice(b"\r\n");
+    sock.write_all(&bufs.out).await?;
+    let size = if chunk == 0 { body.len().max(1) } else { chunk };
+    for piece in body.chunks(size) {
+        bufs.out.clear();
+        wire::push_chunk(&mut bufs.out, piece);
+        sock.write_all(&bufs.out).await?;
+        sock.flush().await?;
+    }
+    sock.write_all(b"0\r\n\r\n").await?;
+    Ok(!close)
 }
 
 /// Streams the SSE response. Returns false when the connection was cut.
+#[allow(clippy::too_many_arguments)]
 async fn stream_completion<'a>(
     sock: &mut TcpStream,
     sh: &'a Shared,
@@ -602,6 +846,7 @@ async fn stream_completion<'a>(
     usage: bool,
     cut: Option<usize>,
     close: bool,
+    api: Api,
 ) -> io::Result<bool> {
     let t: &StreamTemplates = &sh.tpl.stream;
     let (role, content, finish) =
@@ -611,7 +856,7 @@ async fn stream_completion<'a>(
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
           cache-control: no-cache\r\ntransfer-encoding: chunked\r\n",
     );
-    push_common_headers(&mut bufs.out, vals.seq, close);
+    push_api_headers(&mut bufs.out, api, vals.seq, close);
     bufs.out.extend_from_slice(b"\r\n");
     // Headers go out on their own so a client sees the status before TTFT.
     sock.write_all(&bufs.out).await?;
@@ -689,11 +934,6 @@ struct CountTokensRequest {
     messages: Option<IgnoredAny>,
 }
 
-/// Rough tokenizer stand-in: ~4 bytes per token.
-fn input_tokens(body: &[u8]) -> u64 {
-    (body.len() as u64 / 4).max(1)
-}
-
 /// `POST /v1/messages`. Returns whether the connection stays open.
 async fn messages(
     sock: &mut TcpStream,
@@ -752,7 +992,7 @@ async fn messages(
     let reply = Reply {
         seq: bufs.seq,
         model_json: &model_json,
-        input_tokens: input_tokens(body),
+        input_tokens: answer::input_tokens(body),
         output_tokens: n as u64,
         thinking,
         tool_json: tool_json.as_deref(),
@@ -789,17 +1029,37 @@ async fn stream_messages(
     close: bool,
 ) -> io::Result<bool> {
     let events = sh.atpl.stream_events(reply);
+    let ct = "text/event-stream; charset=utf-8";
+    stream_events(sock, sh, bufs, Api::Anthropic, ct, &events, b"", cut, close).await
+}
+
+/// Streams pre-rendered events over chunked encoding, one event per HTTP
+/// chunk and one write per event, `ttft` / `inter_token` before delta
+/// events, then `trailer` (if any) and the terminator. Returns false when
+/// the connection was cut (`cut`: after that many events).
+#[allow(clippy::too_many_arguments)]
+async fn stream_events(
+    sock: &mut TcpStream,
+    sh: &Shared,
+    bufs: &mut ConnBufs,
+    api: Api,
+    content_type: &str,
+    events: &[Event],
+    trailer: &[u8],
+    cut: Option<usize>,
+    close: bool,
+) -> io::Result<bool> {
     bufs.out.clear();
-    bufs.out.extend_from_slice(
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
-          cache-control: no-cache\r\ntransfer-encoding: chunked\r\n",
-    );
-    push_api_headers(&mut bufs.out, Api::Anthropic, bufs.seq, close);
+    let _ = write!(bufs.out, "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n");
+    if content_type.starts_with("text/event-stream") {
+        bufs.out.extend_from_slice(b"cache-control: no-cache\r\n");
+    }
+    bufs.out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    push_api_headers(&mut bufs.out, api, bufs.seq, close);
     bufs.out.extend_from_slice(b"\r\n");
     // Headers go out on their own so a client sees the status before TTFT.
     sock.write_all(&bufs.out).await?;
     let mut deltas = 0usize;
-    // One event per chunk, one write per event: nothing is held back.
     for (sent, ev) in events.iter().enumerate() {
         if cut == Some(sent) {
             reset(sock);
@@ -817,7 +1077,12 @@ async fn stream_messages(
         reset(sock);
         return Ok(false);
     }
-    sock.write_all(b"0\r\n\r\n").await?;
+    bufs.out.clear();
+    if !trailer.is_empty() {
+        wire::push_chunk(&mut bufs.out, trailer);
+    }
+    bufs.out.extend_from_slice(b"0\r\n\r\n");
+    sock.write_all(&bufs.out).await?;
     Ok(true)
 }
 
@@ -836,7 +1101,7 @@ async fn count_tokens(
             anthropic_400(sock, sh, bufs, "messages: Field required", close).await
         }
         Ok(_) => {
-            let out = format!("{{\"input_tokens\":{}}}", input_tokens(body));
+            let out = format!("{{\"input_tokens\":{}}}", answer::input_tokens(body));
             write_api_response(
                 sock,
                 bufs,
@@ -913,8 +1178,27 @@ async fn write_truncated(sock: &mut TcpStream, bufs: &mut ConnBufs) -> io::Resul
     Ok(false)
 }
 
-fn push_common_headers(out: &mut Vec<u8>, seq: u64, close: bool) {
-    push_api_headers(out, Api::OpenAi, seq, close);
+/// [`write_truncated`] for a rendered answer: its content type and the
+/// API's headers, half of `body`, then a reset.
+async fn write_cut_body(
+    sock: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    api: Api,
+    content_type: &str,
+    body: &[u8],
+) -> io::Result<bool> {
+    bufs.out.clear();
+    let _ = write!(
+        bufs.out,
+        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    push_api_headers(&mut bufs.out, api, bufs.seq, false);
+    bufs.out.extend_from_slice(b"\r\n");
+    bufs.out.extend_from_slice(&body[..body.len() / 2]);
+    sock.write_all(&bufs.out).await?;
+    reset(sock);
+    Ok(false)
 }
 
 fn push_api_headers(out: &mut Vec<u8>, api: Api, seq: u64, close: bool) {
@@ -929,6 +1213,17 @@ fn push_api_headers(out: &mut Vec<u8>, api: Api, seq: u64, close: bool) {
             out.extend_from_slice(anthropic::ORGANIZATION_ID.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
+        Api::Gemini => out
+            .extend_from_slice(b"vary: Origin, X-Origin, Referer\r\nserver: scaffolding on HTTPServer2\r\n"),
+        Api::Cohere => {
+            let _ = write!(out, "x-debug-trace-id: {:032x}\r\n", u128::from(seq) | (0x6d6f636b << 96));
+        }
+        Api::Bedrock => {
+            out.extend_from_slice(b"x-amzn-requestid: ");
+            answer::push_uuid(out, seq);
+            out.extend_from_slice(b"\r\n");
+        }
+        Api::Azure => azure::push_headers(out, seq),
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -993,12 +1288,27 @@ async fn write_error(
     message: &[u8],
     close: bool,
 ) -> io::Result<()> {
-    let body = error_body(status, &String::from_utf8_lossy(message));
-    let extra = if status == 429 { "retry-after: 1\r\n" } else { "" };
-    write_response_with(sock, bufs, status, "application/json", &body, close, extra).await
+    write_error_as(sock, bufs, Api::OpenAi, status, message, close).await
 }
 
-fn error_body(status: u16, message: &str) -> Cow<'static, [u8]> {
+/// [`write_error`] with `api`'s headers (Azure passes OpenAI's validation
+/// errors through).
+async fn write_error_as(
+    sock: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    api: Api,
+    status: u16,
+    message: &[u8],
+    close: bool,
+) -> io::Result<()> {
+    let body = error_body(status, &String::from_utf8_lossy(message));
+    let extra = if status == 429 { "retry-after: 1\r\n" } else { "" };
+    write_api_response(sock, bufs, api, status, "application/json", &body, close, extra).await
+}
+
+/// OpenAI's error body for `status` (the fixture's when `message` is empty
+/// and there is one).
+pub(crate) fn error_body(status: u16, message: &str) -> Cow<'static, [u8]> {
     let fixture = match status {
         429 => template::ERROR_429,
         400 => template::ERROR_400,

@@ -200,9 +200,9 @@ async fn errors_use_openai_envelope() -> R {
     assert_eq!(r.json()?["error"]["type"], "invalid_request_error");
     let r = conn.request("POST", "/v1/chat/completions", &[CT], b"{\"messages\":[]}").await?;
     assert_eq!(r.status, 400);
-    let r = conn.request("POST", "/v1/embeddings", &[CT], b"{}").await?;
+    let r = conn.request("POST", "/v1/audio/speech", &[CT], b"{}").await?;
     assert_eq!(r.status, 404);
-    assert_eq!(r.json()?["error"]["message"], "Invalid URL (POST /v1/embeddings)");
+    assert_eq!(r.json()?["error"]["message"], "Invalid URL (POST /v1/audio/speech)");
     Ok(())
 }
 

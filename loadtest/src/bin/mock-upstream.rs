@@ -1,4 +1,5 @@
-//! Standalone mock OpenAI + Anthropic upstream for load tests (`modelux_loadtest::mock`).
+//! Standalone mock LLM upstream for load tests (`modelux_loadtest::mock`): OpenAI, Anthropic,
+//! Gemini, Cohere, Bedrock and Azure OpenAI routes on one port, all with the same knobs.
 
 use std::io;
 use std::time::Duration;
@@ -7,7 +8,9 @@ use clap::Parser;
 use modelux_loadtest::mock::{MockConfig, MockServer};
 
 #[derive(Parser, Debug)]
-#[command(about = "Mock OpenAI Chat Completions and Anthropic Messages upstream")]
+#[command(
+    about = "Mock LLM upstream: OpenAI, Anthropic, Gemini, Cohere, Bedrock and Azure OpenAI wire formats"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free port; see the printed line).
     #[arg(long, default_value = "127.0.0.1:9999")]
