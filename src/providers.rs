@@ -190,10 +190,8 @@ impl Provider {
             ProviderKind::Anthropic => WireFormat::Anthropic,
             ProviderKind::Cohere => WireFormat::Cohere,
             ProviderKind::Google => WireFormat::Gemini,
-            ProviderKind::Openai
-            | ProviderKind::OpenaiCompatible
-            | ProviderKind::Azure
-            | ProviderKind::Bedrock => WireFormat::OpenAi,
+            ProviderKind::Bedrock => WireFormat::Bedrock,
+            ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Azure => WireFormat::OpenAi,
         }
     }
 

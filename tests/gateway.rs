@@ -1086,3 +1086,180 @@ async fn azure_deployments_and_embeddings() {
     let r = httpc::request(gw.proxy, "GET", emb, &h, b"").await.unwrap();
     assert_eq!(r.status, 405);
 }
+
+/// Text of a client response, by surface: OpenAI message content or Anthropic text blocks.
+fn reply_text(surface: &str, v: &Value) -> String {
+    if surface == "openai" {
+        v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string()
+    } else {
+        v["content"].as_array().unwrap().iter().filter_map(|b| b["text"].as_str()).collect()
+    }
+}
+
+/// Text of a client stream, by surface, after checking it ended properly.
+fn streamed_text(surface: &str, body: &str) -> String {
+    let events = sse_events(body);
+    if surface == "openai" {
+        assert_eq!(events.last().unwrap().1, Value::Null, "ends with [DONE]: {body}");
+        events.iter().filter_map(|(_, v)| v["choices"][0]["delta"]["content"].as_str()).collect()
+    } else {
+        assert_eq!(events.last().unwrap().0, "message_stop", "{body}");
+        events.iter().filter_map(|(_, v)| v["delta"]["text"].as_str()).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_surfaces_reach_gemini_cohere_and_bedrock() {
+    let upstream = mock(MockConfig { tokens: 2, ..MockConfig::default() }).await;
+    let root = upstream.root_url();
+    let gw = start(Cfg {
+        more_providers: format!(
+            "  - {{ id: google, kind: google, base_url: \"{}\", api_key: \"g-key\" }}\n\
+             \x20 - {{ id: cohere, kind: cohere, base_url: \"{root}\", api_key: \"co-key\" }}\n\
+             \x20 - {{ id: bedrock, kind: bedrock, base_url: \"{root}\", api_key: \"AKIDEXAMPLE::wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY::us-east-1\" }}\n",
+            upstream.gemini_base_url()
+        ),
+        ..Cfg::new(&upstream.base_url())
+    })
+    .await;
+    let bearer = format!("Bearer {KEY}");
+    let targets = [
+        ("google/gemini-2.5-flash", "/v1beta/models/gemini-2.5-flash:generateContent"),
+        ("cohere/command-a-03-2025", "/v2/chat"),
+        (
+            "bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse",
+        ),
+    ];
+    for (model, upstream_path) in targets {
+        for (surface, path) in [("openai", CHAT), ("anthropic", "/anthropic/v1/messages")] {
+            let what = format!("{surface} → {model}");
+            let h = [("authorization", bearer.as_str())];
+            let body =
+                json!({"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]});
+            let r = post_to(&gw, path, &h, &body).await;
+            assert_eq!(r.status, 200, "{what}: {}", r.text());
+            let v = r.json().unwrap();
+            assert_eq!(reply_text(surface, &v), " tok0 tok1", "{what}: {v}");
+            let seen = upstream.requests().pop().unwrap();
+            assert_eq!(seen.path, upstream_path, "{what}");
+            match model.split('/').next().unwrap() {
+                "google" => assert_eq!(seen.header("x-goog-api-key"), Some("g-key")),
+                "cohere" => assert_eq!(seen.header("authorization"), Some("Bearer co-key")),
+                _ => {
+                    let auth = seen.header("authorization").unwrap();
+                    assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"), "{auth}");
+                    assert!(auth.contains("/us-east-1/bedrock/aws4_request"), "{auth}");
+                    assert!(seen.header("x-amz-date").is_some());
+                }
+            }
+
+            // streamed
+            let mut streamed = body.clone();
+            streamed["stream"] = true.into();
+            let r = post_to(&gw, path, &h, &streamed).await;
+            assert_eq!(r.status, 200, "{what} stream: {}", r.text());
+            assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+            assert_eq!(streamed_text(surface, &r.text()), " tok0 tok1", "{what} stream");
+
+            // tools: the mock calls the first tool when asked about the weather
+            let (tools, call_name) = if surface == "openai" {
+                (
+                    json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}}]),
+                    "get_weather",
+                )
+            } else {
+                (
+                    json!([{"name": "get_weather", "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}}}]),
+                    "get_weather",
+                )
+            };
+            let ask = json!({"model": model, "max_tokens": 64, "tools": tools,
+                "messages": [{"role": "user", "content": "What is the weather in Paris?"}]});
+            let v = post_to(&gw, path, &h, &ask).await.json().unwrap();
+            let (id, name, args) = if surface == "openai" {
+                assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{what}: {v}");
+                let c = &v["choices"][0]["message"]["tool_calls"][0];
+                let args: Value = serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+                (c["id"].as_str().unwrap().to_string(), c["function"]["name"].clone(), args)
+            } else {
+                assert_eq!(v["stop_reason"], "tool_use", "{what}: {v}");
+                let b = v["content"].as_array().unwrap().iter().find(|b| b["type"] == "tool_use").unwrap();
+                (b["id"].as_str().unwrap().to_string(), b["name"].clone(), b["input"].clone())
+            };
+            assert_eq!((name.as_str(), &args), (Some(call_name), &json!({"location": "Paris"})), "{what}");
+            assert!(!id.is_empty(), "{what}: a tool call id, generated where the provider has none");
+            // …and the result goes back
+            let messages = if surface == "openai" {
+                json!([{"role": "user", "content": "What is the weather in Paris?"},
+                    {"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": "get_weather", "arguments": "{\"location\":\"Paris\"}"}}]},
+                    {"role": "tool", "tool_call_id": id, "content": "18C"}])
+            } else {
+                json!([{"role": "user", "content": "What is the weather in Paris?"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": id, "name": "get_weather", "input": {"location": "Paris"}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": id, "content": "18C"}]}])
+            };
+            let round =
+                json!({"model": model, "max_tokens": 64, "tools": ask["tools"], "messages": messages});
+            let r = post_to(&gw, path, &h, &round).await;
+            assert_eq!(r.status, 200, "{what} tool result: {}", r.text());
+            assert!(upstream.requests().pop().unwrap().json().unwrap().to_string().contains("18C"), "{what}");
+
+            // an upstream 429 keeps its status, in the client's envelope
+            upstream.push_script([Behavior::Status(429)]);
+            let r = post_to(&gw, path, &h, &body).await;
+            assert_eq!(r.status, 429, "{what}: {}", r.text());
+            let v = r.json().unwrap();
+            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {v}");
+            if surface == "anthropic" {
+                assert_eq!(v["type"], "error");
+            }
+
+            // a reset mid-stream ends the client stream with an error event in its format
+            upstream.push_script([Behavior::ResetMidStream { after_chunks: 2 }]);
+            let r = post_to(&gw, path, &h, &streamed).await;
+            assert_eq!(r.status, 200);
+            let events = sse_events(&r.text());
+            let last = events.last().unwrap();
+            if surface == "openai" {
+                assert!(last.1["error"]["message"].is_string(), "{what}: {:?}", events);
+            } else {
+                assert_eq!(last.0, "error", "{what}: {:?}", events);
+            }
+        }
+    }
+
+    // embeddings to Google and Cohere, translated, base64 by default as the SDK asks
+    for (model, dims) in [("google/text-embedding-004", 768usize), ("cohere/embed-v4.0", 0)] {
+        let h = [("authorization", bearer.as_str())];
+        let body = json!({"model": model, "input": ["a", "b", "c"], "encoding_format": "base64"});
+        let r = post_to(&gw, "/openai/v1/embeddings", &h, &body).await;
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        let v = r.json().unwrap();
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["model"], model.split('/').nth(1).unwrap());
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), 3, "{model}");
+        assert_eq!(data[2]["index"], 2);
+        use base64::Engine as _;
+        let bytes =
+            base64::engine::general_purpose::STANDARD.decode(data[0]["embedding"].as_str().unwrap()).unwrap();
+        assert_eq!(bytes.len() % 4, 0);
+        if dims > 0 {
+            assert_eq!(bytes.len(), dims * 4, "{model}");
+        }
+        let mut float = body.clone();
+        float["encoding_format"] = "float".into();
+        float["dimensions"] = 16.into();
+        let v = post_to(&gw, "/openai/v1/embeddings", &h, &float).await.json().unwrap();
+        assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 16, "{model}: {v}");
+    }
+    let r = post_to(
+        &gw,
+        "/openai/v1/embeddings",
+        &[("authorization", bearer.as_str())],
+        &json!({"model": "cohere/embed-v4.0", "input": [[1, 2, 3]]}),
+    )
+    .await;
+    assert_eq!((r.status, error_of(&r)["code"].as_str()), (400, Some("invalid_type")));
+}
