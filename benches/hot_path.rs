@@ -95,11 +95,69 @@ fn translate_request(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the load harness's translated route does per request: a small OpenAI request to
+/// an Anthropic upstream and the answer back.
+fn translate_small_round_trip(c: &mut Criterion) {
+    let request = br#"{"model":"mockant/claude-mock","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}"#;
+    let response = br#"{"id":"msg_01","type":"message","role":"assistant","model":"claude-mock","content":[{"type":"text","text":"Hello there, it is nice to meet you today."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":11}}"#;
+    c.bench_function("translate_small_round_trip_openai_anthropic", |b| {
+        b.iter(|| {
+            let req = wire::decode_request(Surface::OpenAi, black_box(request)).unwrap();
+            let up = wire::encode_request(wire::WireFormat::Anthropic, &req, "claude-mock").unwrap();
+            let resp = wire::decode_response(wire::WireFormat::Anthropic, black_box(response)).unwrap();
+            black_box((up, wire::encode_response(Surface::OpenAi, &resp)))
+        })
+    });
+}
+
+/// One AWS event-stream frame, as Bedrock's ConverseStream sends it.
+fn bedrock_frame(event_type: &str, payload: String) -> Vec<u8> {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    let m = Message::new(payload.into_bytes())
+        .add_header(Header::new(":event-type", HeaderValue::String(event_type.to_string().into())))
+        .add_header(Header::new(":content-type", HeaderValue::String("application/json".into())))
+        .add_header(Header::new(":message-type", HeaderValue::String("event".into())));
+    let mut out = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&m, &mut out).unwrap();
+    out
+}
+
 /// A 200-event stream in each upstream format, each event its own network read.
-fn stream_events(format: Surface) -> Vec<Vec<u8>> {
+fn stream_events(format: wire::WireFormat) -> Vec<Vec<u8>> {
+    use wire::WireFormat;
     let mut events = Vec::new();
     match format {
-        Surface::OpenAi => {
+        WireFormat::Gemini => {
+            for i in 0..199 {
+                events.push(format!(r#"data: {{"candidates":[{{"content":{{"parts":[{{"text":" word{i}"}}],"role":"model"}},"index":0}}],"usageMetadata":{{"promptTokenCount":10,"totalTokenCount":10}},"modelVersion":"gemini-2.5-flash","responseId":"r1"}}"#) + "\r\n\r\n");
+            }
+            events.push(r#"data: {"candidates":[{"content":{"parts":[{"text":"."}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":200,"totalTokenCount":210},"modelVersion":"gemini-2.5-flash","responseId":"r1"}"#.to_string() + "\r\n\r\n");
+        }
+        WireFormat::Cohere => {
+            let ev = |name: &str, data: String| format!("event: {name}\ndata: {data}\n\n");
+            events.push(ev("message-start", r#"{"id":"c1","type":"message-start","delta":{"message":{"role":"assistant","content":[],"tool_plan":"","tool_calls":[],"citations":[]}}}"#.into()));
+            events.push(ev("content-start", r#"{"type":"content-start","index":0,"delta":{"message":{"content":{"type":"text","text":""}}}}"#.into()));
+            for i in 0..195 {
+                events.push(ev("content-delta", format!(r#"{{"type":"content-delta","index":0,"delta":{{"message":{{"content":{{"text":" word{i}"}}}}}}}}"#)));
+            }
+            events.push(ev("content-end", r#"{"type":"content-end","index":0}"#.into()));
+            events.push(ev("message-end", r#"{"type":"message-end","delta":{"finish_reason":"COMPLETE","usage":{"billed_units":{"input_tokens":10,"output_tokens":195},"tokens":{"input_tokens":74,"output_tokens":195}}}}"#.into()));
+            events.push("data: [DONE]\n\n".to_string());
+        }
+        WireFormat::Bedrock => {
+            let mut frames = vec![bedrock_frame("messageStart", r#"{"role":"assistant"}"#.into())];
+            for i in 0..196 {
+                frames.push(bedrock_frame(
+                    "contentBlockDelta",
+                    format!(r#"{{"contentBlockIndex":0,"delta":{{"text":" word{i}"}}}}"#),
+                ));
+            }
+            frames.push(bedrock_frame("contentBlockStop", r#"{"contentBlockIndex":0}"#.into()));
+            frames.push(bedrock_frame("messageStop", r#"{"stopReason":"end_turn"}"#.into()));
+            frames.push(bedrock_frame("metadata", r#"{"usage":{"inputTokens":10,"outputTokens":196,"totalTokens":206},"metrics":{"latencyMs":100}}"#.into()));
+            return frames;
+        }
+        WireFormat::OpenAi => {
             let chunk = |delta: &str, finish: &str| {
                 format!(
                     r#"data: {{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]}}"#
@@ -112,7 +170,7 @@ fn stream_events(format: Surface) -> Vec<Vec<u8>> {
             events.push(chunk("{}", r#""stop""#));
             events.push("data: [DONE]\n\n".to_string());
         }
-        Surface::Anthropic => {
+        WireFormat::Anthropic => {
             let ev = |name: &str, data: String| format!("event: {name}\ndata: {data}\n\n");
             events.push(ev("message_start", r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":10,"output_tokens":1}}}"#.into()));
             events.push(ev(
@@ -134,15 +192,21 @@ fn stream_events(format: Surface) -> Vec<Vec<u8>> {
 fn transcode_stream(c: &mut Criterion) {
     let mut group = c.benchmark_group("transcode_stream_200_events");
     group.throughput(Throughput::Elements(200));
+    use wire::WireFormat;
     for (name, upstream, client) in [
-        ("openai_to_anthropic", Surface::OpenAi, Surface::Anthropic),
-        ("anthropic_to_openai", Surface::Anthropic, Surface::OpenAi),
+        ("openai_to_anthropic", WireFormat::OpenAi, Surface::Anthropic),
+        ("anthropic_to_openai", WireFormat::Anthropic, Surface::OpenAi),
+        ("gemini_to_openai", WireFormat::Gemini, Surface::OpenAi),
+        ("gemini_to_anthropic", WireFormat::Gemini, Surface::Anthropic),
+        ("cohere_to_openai", WireFormat::Cohere, Surface::OpenAi),
+        ("bedrock_to_openai", WireFormat::Bedrock, Surface::OpenAi),
+        ("bedrock_to_anthropic", WireFormat::Bedrock, Surface::Anthropic),
     ] {
         let events = stream_events(upstream);
         assert_eq!(events.len(), 200);
         group.bench_function(name, |b| {
             b.iter(|| {
-                let mut t = Transcoder::new(upstream.into(), client, "target", true);
+                let mut t = Transcoder::new(upstream, client, "target", true);
                 let mut out = Vec::with_capacity(256);
                 for e in &events {
                     out.clear();
@@ -163,6 +227,7 @@ criterion_group!(
     resolve,
     metrics,
     translate_request,
+    translate_small_round_trip,
     transcode_stream
 );
 criterion_main!(benches);

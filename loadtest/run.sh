@@ -168,6 +168,9 @@ printf '%s' '{"model":"mock/mock-model","messages":[{"role":"user","content":"Sa
 # Translated route: OpenAI client, Anthropic upstream (same mock, /v1/messages).
 BODY_XLAT=$TMP/body-gateway-xlat.json
 printf '%s' '{"model":"mockant/claude-mock","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_XLAT"
+# Translated route: OpenAI client, Gemini upstream (same mock, /v1beta/models/…:generateContent).
+BODY_XLAT_GEMINI=$TMP/body-gateway-xlat-gemini.json
+printf '%s' '{"model":"mockgem/gemini-mock","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_XLAT_GEMINI"
 # Direct and nginx hops send the same body; the mock echoes any model.
 cp "$BODY_GW" "$BODY_MOCK"
 
@@ -183,6 +186,7 @@ server:
 providers:
   - { id: mock, kind: openai_compatible, base_url: "http://127.0.0.1:$MOCK_PORT/v1", api_key: "sk-mock" }
   - { id: mockant, kind: anthropic, base_url: "http://127.0.0.1:$MOCK_PORT", api_key: "sk-ant-mock" }
+  - { id: mockgem, kind: google, base_url: "http://127.0.0.1:$MOCK_PORT/v1beta", api_key: "g-mock" }
 projects:
   - id: default
     keys:
@@ -251,6 +255,7 @@ run_phase() {
     local body=$BODY_MOCK
     [ "${name%.paced}" = gateway ] && body=$BODY_GW
     [ "${name%.paced}" = gateway_xlat ] && body=$BODY_XLAT
+    [ "${name%.paced}" = gateway_xlat_gemini ] && body=$BODY_XLAT_GEMINI
     local common=(--target "127.0.0.1:$port" --path "$path" --body-file "$body" --threads 1 --json "$@")
     # One request first so a broken hop fails loudly instead of timing 10 s
     # of errors.
@@ -289,6 +294,8 @@ for mode in sat paced; do
             --header "Authorization: Bearer $GW_KEY" "${extra[@]}"
         if [ "$mode" = sat ]; then
             run_phase gateway_xlat "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+                --header "Authorization: Bearer $GW_KEY"
+            run_phase gateway_xlat_gemini "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
                 --header "Authorization: Bearer $GW_KEY"
         fi
     fi
@@ -335,6 +342,7 @@ row() {
     row direct
     [ "$SKIP_GATEWAY" = 1 ] || row gateway
     [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat
+    [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat_gemini
     row nginx
     echo
     if [ "$RATE" != 0 ]; then
@@ -352,6 +360,8 @@ row() {
             'BEGIN { if (n > 0) printf "Gateway throughput: **%.1f%%** of nginx.\n", 100 * g / n }'
         awk -v x="$(jnum "$TMP/gateway_xlat.json" rps)" -v g="$(jnum "$TMP/gateway.json" rps)" \
             'BEGIN { if (g > 0) printf "Translated route (OpenAI client, Anthropic upstream): **%.1f%%** of the same-format route.\n", 100 * x / g }'
+        awk -v x="$(jnum "$TMP/gateway_xlat_gemini.json" rps)" -v g="$(jnum "$TMP/gateway.json" rps)" \
+            'BEGIN { if (g > 0) printf "Translated route (OpenAI client, Gemini upstream): **%.1f%%** of the same-format route.\n", 100 * x / g }'
     else
         echo "Gateway phase skipped (SKIP_GATEWAY=1)."
     fi
