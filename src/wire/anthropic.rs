@@ -353,22 +353,64 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
-/// Anthropic upstream response → canonical.
+/// Anthropic upstream response → canonical. The envelope is deserialised into typed fields
+/// (a `Value` tree for the whole body cost more than the rest of the translation); content
+/// blocks go through the same reader as requests.
 pub fn decode_response(body: &[u8]) -> Result<Response, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON from upstream: {e}"))?;
-    let content = blocks(v.get("content").unwrap_or(&json!([])), "content").map_err(|e| e.message())?;
+    #[derive(serde::Deserialize, Default)]
+    struct UsageIn {
+        #[serde(default)]
+        input_tokens: Option<u64>,
+        #[serde(default)]
+        output_tokens: Option<u64>,
+        #[serde(default)]
+        cache_read_input_tokens: Option<u64>,
+        #[serde(default)]
+        cache_creation_input_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct MessageIn<'a> {
+        #[serde(default, borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        content: Option<Value>,
+        #[serde(default, borrow)]
+        stop_reason: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        usage: Option<UsageIn>,
+    }
+    let m: MessageIn =
+        serde_json::from_slice(body).map_err(|e| format!("invalid message from upstream: {e}"))?;
+    let content = match &m.content {
+        Some(c) => blocks(c, "content").map_err(|e| e.message())?,
+        None => Vec::new(),
+    };
+    let u = m.usage.unwrap_or_default();
+    let (cache_read, cache_write) =
+        (u.cache_read_input_tokens.unwrap_or(0), u.cache_creation_input_tokens.unwrap_or(0));
     Ok(Response {
-        id: v.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
-        model: v.get("model").and_then(Value::as_str).unwrap_or_default().to_string(),
+        id: m.id.map(|s| s.into_owned()).unwrap_or_default(),
+        model: m.model.map(|s| s.into_owned()).unwrap_or_default(),
         created: now_secs(),
         content,
-        stop: v.get("stop_reason").and_then(Value::as_str).and_then(stop_reason),
-        usage: v.get("usage").map(usage).unwrap_or_default(),
+        stop: m.stop_reason.as_deref().and_then(stop_reason),
+        usage: Usage {
+            input: u.input_tokens.unwrap_or(0) + cache_read + cache_write,
+            output: u.output_tokens.unwrap_or(0),
+            cache_read,
+            cache_write,
+            reasoning: 0,
+        },
     })
 }
 
 fn message_id(id: &str) -> String {
-    if id.starts_with("msg_") {
+    // Bedrock answers carry no id; clients expect a unique one.
+    if id.is_empty() {
+        format!("msg_{}", uuid::Uuid::new_v4().simple())
+    } else if id.starts_with("msg_") {
         id.to_string()
     } else {
         format!("msg_{}", id.trim_start_matches("chatcmpl-"))

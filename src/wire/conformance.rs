@@ -570,7 +570,7 @@ fn strip_created(out: &[u8]) -> Vec<u8> {
     let mut text = String::from_utf8(out.to_vec()).unwrap();
     let digits: fn(char) -> bool = |c| c.is_ascii_digit();
     let alnum: fn(char) -> bool = |c| c.is_ascii_alphanumeric();
-    for (key, keep) in [("\"created\":", digits), ("\"id\":\"msg_", alnum)] {
+    for (key, keep) in [("\"created\":", digits), ("\"id\":\"msg_", alnum), ("\"id\":\"chatcmpl-", alnum)] {
         let mut result = String::with_capacity(text.len());
         let mut rest = text.as_str();
         while let Some(i) = rest.find(key) {

@@ -692,47 +692,110 @@ pub mod codec {
     }
 
     /// Canonical → OpenAI chat.completion (client surface).
+    /// Canonical → OpenAI chat completion (client surface). Serialised from borrowed typed
+    /// structs: building a `Value` tree cost more than the rest of the translation.
     pub fn encode_response(resp: &Response) -> Vec<u8> {
-        let text: String = resp
-            .content
-            .iter()
-            .filter_map(|p| match p {
-                Part::Text { text, .. } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect();
-        let calls: Vec<Value> = resp
-            .content
-            .iter()
-            .filter_map(|p| match p {
-                Part::ToolCall { id, name, arguments } => Some(
-                    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}),
-                ),
-                _ => None,
-            })
-            .collect();
-        let mut message = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { text.into() }, "refusal": null});
-        if !calls.is_empty() {
-            message["tool_calls"] = Value::Array(calls);
+        #[derive(serde::Serialize)]
+        struct Function<'a> {
+            name: &'a str,
+            arguments: &'a str,
         }
-        let body = json!({
-            "id": chat_id(&resp.id),
-            "object": "chat.completion",
-            "created": resp.created,
-            "model": resp.model,
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": null,
-                "finish_reason": resp.stop.map(finish_reason).unwrap_or("stop"),
+        #[derive(serde::Serialize)]
+        struct Call<'a> {
+            id: &'a str,
+            #[serde(rename = "type")]
+            kind: &'static str,
+            function: Function<'a>,
+        }
+        #[derive(serde::Serialize)]
+        struct Message<'a> {
+            role: &'static str,
+            content: Option<&'a str>,
+            refusal: Option<()>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            tool_calls: Vec<Call<'a>>,
+        }
+        #[derive(serde::Serialize)]
+        struct Choice<'a> {
+            index: u32,
+            message: Message<'a>,
+            logprobs: Option<()>,
+            finish_reason: &'static str,
+        }
+        #[derive(serde::Serialize)]
+        struct PromptDetails {
+            cached_tokens: u64,
+        }
+        #[derive(serde::Serialize)]
+        struct CompletionDetails {
+            reasoning_tokens: u64,
+        }
+        #[derive(serde::Serialize)]
+        struct UsageOut {
+            prompt_tokens: u64,
+            completion_tokens: u64,
+            total_tokens: u64,
+            prompt_tokens_details: PromptDetails,
+            completion_tokens_details: CompletionDetails,
+        }
+        #[derive(serde::Serialize)]
+        struct Completion<'a> {
+            id: &'a str,
+            object: &'static str,
+            created: u64,
+            model: &'a str,
+            choices: [Choice<'a>; 1],
+            usage: UsageOut,
+        }
+
+        let mut text = std::borrow::Cow::Borrowed("");
+        let mut tool_calls = Vec::new();
+        for p in &resp.content {
+            match p {
+                Part::Text { text: t, .. } if text.is_empty() => {
+                    text = std::borrow::Cow::Borrowed(t.as_str())
+                }
+                Part::Text { text: t, .. } => text.to_mut().push_str(t),
+                Part::ToolCall { id, name, arguments } => {
+                    tool_calls.push(Call { id, kind: "function", function: Function { name, arguments } })
+                }
+                _ => {}
+            }
+        }
+        let id = chat_id(&resp.id);
+        let u = &resp.usage;
+        let body = Completion {
+            id: &id,
+            object: "chat.completion",
+            created: resp.created,
+            model: &resp.model,
+            choices: [Choice {
+                index: 0,
+                message: Message {
+                    role: "assistant",
+                    content: if text.is_empty() && !tool_calls.is_empty() { None } else { Some(&text) },
+                    refusal: None,
+                    tool_calls,
+                },
+                logprobs: None,
+                finish_reason: resp.stop.map(finish_reason).unwrap_or("stop"),
             }],
-            "usage": usage_json(&resp.usage),
-        });
+            usage: UsageOut {
+                prompt_tokens: u.input,
+                completion_tokens: u.output,
+                total_tokens: u.input + u.output,
+                prompt_tokens_details: PromptDetails { cached_tokens: u.cache_read },
+                completion_tokens_details: CompletionDetails { reasoning_tokens: u.reasoning },
+            },
+        };
         serde_json::to_vec(&body).unwrap_or_default()
     }
 
     fn chat_id(id: &str) -> String {
-        if id.starts_with("chatcmpl-") {
+        // Bedrock answers carry no id; clients expect a unique one.
+        if id.is_empty() {
+            format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
+        } else if id.starts_with("chatcmpl-") {
             id.to_string()
         } else {
             format!("chatcmpl-{id}")

@@ -39,6 +39,13 @@ DEV_KEY = "mlx_sk_sdk_0123456789abcdef"
 WRONG_KEY = "mlx_sk_wrong_000000000000"
 ADMIN_KEY = "mlx_mk_sdk_0123456789abcdef"
 ANTHROPIC_UPSTREAM_KEY = "sk-ant-test"
+GOOGLE_UPSTREAM_KEY = "g-upstream"
+COHERE_UPSTREAM_KEY = "co-upstream"
+AZURE_UPSTREAM_KEY = "az-upstream"
+AZURE_API_VERSION = "2024-06-01"
+# ACCESS_KEY_ID::SECRET_ACCESS_KEY::REGION: the gateway signs Bedrock calls with SigV4 (the
+# mock answers an unsigned one with 403).
+BEDROCK_UPSTREAM_KEY = "AKIDEXAMPLE::wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY::us-east-1"
 UNSET_VAR = "MODELUX_TEST_UNSET_VAR"
 
 START_TIMEOUT_S = 15.0
@@ -144,6 +151,8 @@ def gateway_config(proxy_port: int, manage_port: int, openai_url: str, local_url
                    fast_model: str = "gpt-4o-mini", upstream_timeout_ms: int = 5000,
                    anthropic_url: str | None = None) -> str:
     anthropic_url = anthropic_url or anthropic_base(openai_url)
+    # google, cohere, bedrock and azure: the same mock process as openai (it routes by path).
+    root = anthropic_base(openai_url)
     return f"""\
 server:
   proxy_listen: "127.0.0.1:{proxy_port}"
@@ -155,6 +164,10 @@ providers:
   - {{ id: openai, kind: openai, base_url: "{openai_url}", api_key: "sk-upstream" }}
   - {{ id: local, kind: openai_compatible, base_url: "{local_url}", models: ["m1"] }}
   - {{ id: anthropic, kind: anthropic, base_url: "{anthropic_url}", api_key: "{ANTHROPIC_UPSTREAM_KEY}" }}
+  - {{ id: google, kind: google, base_url: "{root}/v1beta", api_key: "{GOOGLE_UPSTREAM_KEY}" }}
+  - {{ id: cohere, kind: cohere, base_url: "{root}", api_key: "{COHERE_UPSTREAM_KEY}" }}
+  - {{ id: bedrock, kind: bedrock, base_url: "{root}", api_key: "{BEDROCK_UPSTREAM_KEY}" }}
+  - {{ id: azure, kind: azure, base_url: "{root}", api_key: "{AZURE_UPSTREAM_KEY}", api_version: "{AZURE_API_VERSION}" }}
 projects:
   - id: default
     keys:
@@ -293,7 +306,8 @@ def workdir():
 
 @pytest.fixture(scope="session")
 def mock_url(workdir):
-    """OpenAI base URL of a healthy mock; the same process serves Anthropic Messages."""
+    """OpenAI base URL of a healthy mock; the same process serves Anthropic Messages,
+    Gemini, Cohere, Bedrock and Azure OpenAI (routed by path)."""
     proc, url = start_mock(workdir, "mock-ok")
     yield url
     proc.stop()
@@ -308,8 +322,8 @@ def gateway(workdir, mock_url):
 
 @pytest.fixture(scope="session")
 def error_gateway(workdir):
-    """openai and anthropic -> a mock answering every request with 429, local -> one
-    answering 500."""
+    """openai, anthropic, google, cohere, bedrock and azure -> a mock answering every request
+    with 429 (in each provider's own error format), local -> one answering 500."""
     p429, url429 = start_mock(workdir, "mock-429", "--error-rate", "1", "--error-status", "429")
     p500, url500 = start_mock(workdir, "mock-500", "--error-rate", "1", "--error-status", "500")
     try:
