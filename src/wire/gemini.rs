@@ -454,27 +454,59 @@ fn is_thought(part: &Value) -> bool {
     part.get("thought").and_then(Value::as_bool).unwrap_or(false)
 }
 
-/// Gemini response body (2xx, non-streamed) → canonical response.
+/// Gemini response body (2xx, non-streamed) → canonical response. The envelope is read
+/// into typed fields and only parts stay `Value`s: a `Value` tree for the whole body was
+/// the largest cost of a translated request.
 pub fn decode_response(body: &[u8]) -> Result<Response, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON from upstream: {e}"))?;
-    if let Some(err) = v.get("error") {
+    #[derive(serde::Deserialize)]
+    struct ContentIn {
+        #[serde(default)]
+        parts: Vec<Value>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct CandidateIn<'a> {
+        #[serde(default)]
+        content: Option<ContentIn>,
+        #[serde(default, borrow)]
+        finish_reason: Option<std::borrow::Cow<'a, str>>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ResponseIn<'a> {
+        #[serde(default, borrow)]
+        candidates: Vec<CandidateIn<'a>>,
+        #[serde(default)]
+        usage_metadata: Option<Value>,
+        #[serde(default)]
+        prompt_feedback: Option<Value>,
+        #[serde(default, borrow)]
+        model_version: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        response_id: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        error: Option<Value>,
+    }
+    let v: ResponseIn =
+        serde_json::from_slice(body).map_err(|e| format!("invalid response from upstream: {e}"))?;
+    if let Some(err) = &v.error {
         return Err(format!(
             "upstream error: {}",
             err.get("message").and_then(Value::as_str).unwrap_or("unknown error")
         ));
     }
-    let id = str_field(&v, "responseId");
+    let id = v.response_id.as_deref().unwrap_or_default().to_string();
     let mut resp = Response {
-        model: str_field(&v, "modelVersion"),
+        model: v.model_version.as_deref().unwrap_or_default().to_string(),
         created: now_secs(),
         content: Vec::new(),
         stop: None,
-        usage: v.get("usageMetadata").map(usage).unwrap_or_default(),
+        usage: v.usage_metadata.as_ref().map(usage).unwrap_or_default(),
         id: String::new(),
     };
-    let Some(candidate) = v.pointer("/candidates/0") else {
+    let Some(candidate) = v.candidates.first() else {
         // A blocked prompt is an answer (with no content), not an upstream failure.
-        if v.pointer("/promptFeedback/blockReason").is_some() {
+        if v.prompt_feedback.as_ref().and_then(|f| f.get("blockReason")).is_some() {
             resp.id = id;
             resp.stop = Some(StopReason::ContentFilter);
             return Ok(resp);
@@ -482,7 +514,7 @@ pub fn decode_response(body: &[u8]) -> Result<Response, String> {
         return Err("upstream response has no candidates".into());
     };
     let mut calls = 0;
-    for part in candidate.pointer("/content/parts").and_then(Value::as_array).into_iter().flatten() {
+    for part in candidate.content.iter().flat_map(|c| c.parts.iter()) {
         let sig = part_signature(part);
         let text = part.get("text").and_then(Value::as_str).unwrap_or_default();
         if is_thought(part) {
@@ -520,7 +552,7 @@ pub fn decode_response(body: &[u8]) -> Result<Response, String> {
             resp.content.push(Part::Text { text: text.to_string(), cache_control: None });
         }
     }
-    resp.stop = candidate.get("finishReason").and_then(Value::as_str).map(|r| stop_reason(r, calls > 0));
+    resp.stop = candidate.finish_reason.as_deref().map(|r| stop_reason(r, calls > 0));
     resp.id = id;
     Ok(resp)
 }
