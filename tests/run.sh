@@ -34,5 +34,5 @@ fi
 echo "== release build"
 cargo build --release -p modelux -p modelux-loadtest
 
-echo "== OpenAI Python SDK against the release binary"
+echo "== official OpenAI and Anthropic Python SDKs against the release binary"
 tests/sdk/run.sh
