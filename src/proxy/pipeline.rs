@@ -263,11 +263,7 @@ async fn chat(
     let ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
     ctx.ttfb = Some(ex.ttfb);
     let status = ex.header.status.as_u16();
-    let mut headers = match translation {
-        None => passthrough_headers(&ex.header),
-        Some(_) => retry_after(&ex.header),
-    };
-    push_route_headers(&mut headers, &route);
+    let mut headers = answer_headers(&ex.header, translation.is_some(), &route);
 
     if !(200..300).contains(&status) {
         answer_upstream_error(
@@ -338,11 +334,7 @@ async fn embeddings(
         upstream::Call { path: &path, body: upstream_body, accept: "application/json", extra_headers: &[] };
     let ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
     ctx.ttfb = Some(ex.ttfb);
-    let mut headers = match translation {
-        None => passthrough_headers(&ex.header),
-        Some(_) => retry_after(&ex.header),
-    };
-    push_route_headers(&mut headers, &route);
+    let headers = answer_headers(&ex.header, translation.is_some(), &route);
     if !ex.header.status.is_success() {
         answer_upstream_error(
             state,
@@ -365,6 +357,14 @@ async fn embeddings(
     };
     let convert: Convert<'_> = if translation.is_some() { Some(&convert) } else { None };
     answer_whole(state, settings, &provider, session, ctx, ex, headers, convert).await
+}
+
+/// Headers for the client's answer: the upstream's own (only `retry-after` when the body
+/// is translated, the rest describing the upstream's format), then the route's.
+fn answer_headers(upstream: &ResponseHeader, translated: bool, route: &Route) -> Headers {
+    let mut headers = if translated { retry_after(upstream) } else { passthrough_headers(upstream) };
+    push_route_headers(&mut headers, route);
+    headers
 }
 
 /// Which provider and model served the request, and the routing config that chose them.
@@ -404,7 +404,7 @@ async fn answer_upstream_error(
             ctx.error_code = Some("upstream_client_error");
         }
         Ok((status, body)) => {
-            let message = error_message(&body);
+            let message = error_message(provider.format(), &body);
             let rendered = match client {
                 Surface::OpenAi => {
                     openai_error_body(openai_error_type(status), &message, "upstream_client_error")
@@ -494,11 +494,8 @@ async fn count_tokens(
     let request = ChatRequest::parse(&body)?;
     let route = route_request(snapshot, principal, ctx, &request.model)?;
     let provider = route.target.provider.clone();
-    let mut headers: Headers = vec![
-        (http::header::CONTENT_TYPE, "application/json".into()),
-        (name("x-modelux-provider-used"), provider.id.clone()),
-        (name("x-modelux-model-used"), route.target.model.clone()),
-    ];
+    let mut headers: Headers = vec![(http::header::CONTENT_TYPE, "application/json".into())];
+    push_route_headers(&mut headers, &route);
     if provider.format() != WireFormat::Anthropic {
         let canonical = wire::decode_request(Surface::Anthropic, &body)?;
         let estimate = json!({"input_tokens": estimate_tokens(&canonical)});
@@ -572,18 +569,17 @@ async fn upstream_error(
             message: "check the provider's api_key".into(),
         });
     }
-    Err(GatewayError::UpstreamStatus { provider: provider.id.clone(), status, message: error_message(&body) })
+    Err(GatewayError::UpstreamStatus {
+        provider: provider.id.clone(),
+        status,
+        message: error_message(provider.format(), &body),
+    })
 }
 
 /// The human part of an upstream error body: OpenAI's `error.message`, else the text.
-fn error_message(body: &[u8]) -> String {
-    let from_json = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| {
-        // OpenAI, Anthropic and Google nest it under `error`; Cohere and Bedrock do not.
-        ["/error/message", "/message", "/Message"]
-            .iter()
-            .find_map(|p| v.pointer(p).and_then(|m| m.as_str()).map(str::to_string))
-    });
-    let mut msg = from_json.unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+fn error_message(format: WireFormat, body: &[u8]) -> String {
+    let mut msg =
+        wire::error_message(format, body).unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
     if msg.len() > 512 {
         let mut cut = 512;
         while !msg.is_char_boundary(cut) {

@@ -116,6 +116,19 @@ pub fn decode_embeddings(format: WireFormat, body: &[u8]) -> Result<canonical::E
     }
 }
 
+/// The human-readable message of an upstream error body, read the provider's way.
+pub fn error_message(format: WireFormat, body: &[u8]) -> Option<String> {
+    match format {
+        WireFormat::Gemini => gemini::error_message(body),
+        WireFormat::Cohere => cohere::error_message(body),
+        WireFormat::Bedrock => bedrock::error_message(body),
+        // OpenAI and Anthropic both nest it under `error`.
+        WireFormat::OpenAi | WireFormat::Anthropic => serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_string)),
+    }
+}
+
 pub fn encode_response(format: Surface, resp: &Response) -> Vec<u8> {
     match format {
         Surface::OpenAi => openai::codec::encode_response(resp),
