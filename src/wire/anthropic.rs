@@ -213,8 +213,9 @@ fn block_json(p: &Part, keep_thinking: bool) -> Option<Value> {
             }
             v
         }
-        // Thinking only round-trips with its signature; without one the target rejects it.
-        Part::Thinking { text, signature: Some(sig) } if keep_thinking => {
+        // Thinking only round-trips with Claude's own signature; the target rejects others.
+        Part::Thinking { .. } if keep_thinking => {
+            let (text, sig) = p.claude_signature()?;
             json!({"type": "thinking", "thinking": text, "signature": sig})
         }
         Part::RedactedThinking { data } if keep_thinking => {
@@ -229,13 +230,7 @@ fn block_json(p: &Part, keep_thinking: bool) -> Option<Value> {
 pub fn encode_request(req: &Request, model: &str) -> Vec<u8> {
     let mut messages: Vec<(Role, Vec<Value>)> = Vec::new();
     for m in &req.messages {
-        // A signature Gemini issued (tagged `gemini:`) would be rejected by Anthropic.
-        let content: Vec<Value> = m
-            .content
-            .iter()
-            .filter(|p| !matches!(p, Part::Thinking { signature: Some(s), .. } if s.starts_with("gemini:")))
-            .filter_map(|p| block_json(p, true))
-            .collect();
+        let content: Vec<Value> = m.content.iter().filter_map(|p| block_json(p, true)).collect();
         if content.is_empty() {
             continue;
         }
@@ -419,15 +414,16 @@ fn message_id(id: &str) -> String {
 
 /// Canonical → Anthropic message (client surface).
 pub fn encode_response(resp: &Response) -> Vec<u8> {
-    // Thinking from providers that do not sign it (Gemini summaries, Cohere) is still shown
-    // to the client, with an empty signature; sent back, it is dropped (see decode).
+    // All thinking is shown to the client with whatever signature it came with: empty from
+    // providers that do not sign (Cohere, Gemini summaries), tagged from Gemini. Sent back,
+    // only Claude's own signatures reach Anthropic-family targets (`claude_signature`).
     let content: Vec<Value> = resp
         .content
         .iter()
         .filter_map(|p| match p {
-            Part::Thinking { text, signature: None } => {
-                Some(json!({"type": "thinking", "thinking": text, "signature": ""}))
-            }
+            Part::Thinking { text, signature } => Some(
+                json!({"type": "thinking", "thinking": text, "signature": signature.as_deref().unwrap_or("")}),
+            ),
             p => block_json(p, true),
         })
         .collect();

@@ -310,11 +310,15 @@ fn push_part(
                 out.extend(cache_point(cc));
             }
         }
-        Part::Thinking { text, signature: Some(signature) } => {
-            out.push(json!({"reasoningContent": {"reasoningText": {"text": text, "signature": signature}}}))
+        // Only Claude's own signed reasoning can be replayed (unsigned or Gemini-signed
+        // thinking is rejected); other models do not need it.
+        Part::Thinking { .. } => {
+            if let Some((text, signature)) = p.claude_signature() {
+                out.push(
+                    json!({"reasoningContent": {"reasoningText": {"text": text, "signature": signature}}}),
+                )
+            }
         }
-        // Unsigned reasoning cannot be replayed to Claude and other models do not need it.
-        Part::Thinking { signature: None, .. } => {}
         Part::RedactedThinking { data } => out.push(json!({"reasoningContent": {"redactedContent": data}})),
     }
     Ok(())

@@ -83,6 +83,26 @@ pub enum Part {
     },
 }
 
+/// Gemini thought signatures travel tagged with this prefix, so they only ever go back to
+/// Gemini and never to Claude (Anthropic, Bedrock), which would reject them. `:` is outside
+/// the base64 alphabet, so no raw signature starts with it.
+pub const GEMINI_SIGNATURE_TAG: &str = "gemini:";
+
+impl Part {
+    /// Thinking that carries a signature Claude issued (untagged and non-empty): the only
+    /// thinking an Anthropic-family target accepts back.
+    pub fn claude_signature(&self) -> Option<(&str, &str)> {
+        match self {
+            Part::Thinking { text, signature: Some(sig) }
+                if !sig.is_empty() && !sig.starts_with(GEMINI_SIGNATURE_TAG) =>
+            {
+                Some((text, sig))
+            }
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tool {
     pub name: String,

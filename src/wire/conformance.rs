@@ -588,15 +588,14 @@ fn strip_created(out: &[u8]) -> Vec<u8> {
 fn every_provider_error_body_yields_a_message() {
     for file in ERRORS {
         let body = fixture(file);
-        let format = file.split('/').next().unwrap();
-        let message = match format {
-            "gemini" => gemini::error_message(&body),
-            "cohere" => cohere::error_message(&body),
-            "bedrock" => bedrock::error_message(&body),
-            _ => serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string)),
+        let format = match file.split('/').next().unwrap() {
+            "openai" => WireFormat::OpenAi,
+            "anthropic" => WireFormat::Anthropic,
+            "gemini" => WireFormat::Gemini,
+            "cohere" => WireFormat::Cohere,
+            _ => WireFormat::Bedrock,
         };
+        let message = error_message(format, &body);
         assert!(message.is_some_and(|m| !m.is_empty()), "{file}");
     }
 }
@@ -732,4 +731,33 @@ fn openai_only_fields_reach_only_openai_family_targets() {
         let expected = if format == WireFormat::OpenAi { 4 } else { 0 };
         assert_eq!(present, expected, "{format:?}: {text}");
     }
+}
+
+#[test]
+fn signatures_only_go_back_to_the_provider_that_issued_them() {
+    let turn = |signature: &str| Message {
+        role: Role::Assistant,
+        content: vec![
+            Part::Thinking { text: "plan".into(), signature: Some(signature.into()) },
+            Part::Text { text: "answer".into(), cache_control: None },
+        ],
+    };
+    let user =
+        Message { role: Role::User, content: vec![Part::Text { text: "go on".into(), cache_control: None }] };
+    let mut req = decode_request(
+        Surface::OpenAi,
+        br#"{"model":"x","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .unwrap();
+    req.messages.push(turn("gemini:R0VNSU5J"));
+    req.messages.push(user.clone());
+    req.messages.push(turn("Q0xBVURF"));
+    req.messages.push(user);
+    for format in [WireFormat::Anthropic, WireFormat::Bedrock] {
+        let body = String::from_utf8(encode_request(format, &req, "m").unwrap()).unwrap();
+        assert!(!body.contains("gemini:") && !body.contains("R0VNSU5J"), "{format:?}: {body}");
+        assert!(body.contains("Q0xBVURF"), "{format:?} keeps Claude's own signature: {body}");
+    }
+    let body = String::from_utf8(encode_request(WireFormat::Gemini, &req, "m").unwrap()).unwrap();
+    assert!(body.contains("R0VNSU5J") && !body.contains("Q0xBVURF"), "Gemini: {body}");
 }

@@ -9,10 +9,9 @@ use serde_json::{json, Map, Value};
 use crate::wire::canonical::*;
 
 /// Gemini thought signatures are model-bound and opaque; canonical signatures also carry
-/// other providers' (Anthropic) signatures. This tag marks the ones Gemini issued so that a
+/// other providers' (Anthropic) signatures. The tag marks the ones Gemini issued so that a
 /// foreign signature is never replayed to Gemini (it answers 400 "corrupted signature").
-/// `:` is outside the base64 alphabet, so no raw signature can start with it.
-const SIGNATURE_TAG: &str = "gemini:";
+const SIGNATURE_TAG: &str = GEMINI_SIGNATURE_TAG;
 
 /// Documented placeholder for history Gemini did not produce itself (other providers'
 /// turns, or a client that dropped signatures): Gemini 3 rejects the first `functionCall`
