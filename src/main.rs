@@ -98,7 +98,12 @@ fn check(config: Option<PathBuf>) -> ExitCode {
         },
         None => modelux::config::store::EMBEDDED_DEFAULT.to_string(),
     };
-    match modelux::config::build_snapshot(&text, &modelux::config::env_lookup, None) {
+    let base = config
+        .as_ref()
+        .and_then(|p| p.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| std::path::PathBuf::from("."), |p| p.to_path_buf());
+    match modelux::config::build_snapshot_in(&text, &modelux::config::env_lookup, None, &base) {
         Ok(s) => {
             println!(
                 "config OK: {} providers, {} projects, {} project keys, {} management keys, {} routing configs",

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     pub upstream_connections_reused: IntCounter,
     pub upstream_connections_new: IntCounter,
+    pub routing_attempts: IntCounterVec,
     models: DashMap<String, ()>,
 }
 
@@ -101,6 +102,14 @@ impl Metrics {
             "modelux_upstream_connections_new_total",
             "Upstream requests that had to open a new connection",
         )?;
+        let routing_attempts = IntCounterVec::new(
+            Opts::new(
+                "modelux_upstream_attempts_total",
+                "Upstream attempts by provider and outcome (success, rate_limited, upstream_error, timeout, connect_error, rejected, client_error)",
+            ),
+            &["provider", "outcome"],
+        )?;
+        registry.register(Box::new(routing_attempts.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -129,6 +138,7 @@ impl Metrics {
             config_generation,
             upstream_connections_reused,
             upstream_connections_new,
+            routing_attempts,
             models: DashMap::new(),
         })
     }

@@ -769,7 +769,7 @@ fn config_errors_name_their_paths() {
     );
     let edited = sample
         .replace("    kind: openai\n", "    kind: openai\n    tls_ca_file: \"/nonexistent/ca.pem\"\n")
-        .replace("strategy: single\n    model: \"local/mock-model\"", "strategy: fallback")
+        .replace("strategy: single\n    model: \"local/mock-model\"", "strategy: round_robin")
         .replace("  proxy_listen: \"127.0.0.1:8080\"", "  proxy_listen: \"127.0.0.1:8080\"\n  colour: blue");
     let errors = check(&edited);
     assert_eq!(errors.len(), 1, "structural errors are reported first: {errors:?}");
@@ -779,7 +779,7 @@ fn config_errors_name_their_paths() {
         check(&edited),
         vec![
             "providers[0].tls_ca_file: cannot read \"/nonexistent/ca.pem\": No such file or directory (os error 2)",
-            "routing_configs.local.strategy: unknown strategy \"fallback\" (supported: single)",
+            "routing_configs.local.strategy: unknown strategy \"round_robin\" (supported: single, fallback (fallback_chain), cost_optimized, latency_optimized, ensemble, ab_test, cascade, custom_rules)",
         ]
     );
     let errors =

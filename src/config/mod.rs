@@ -4,10 +4,12 @@
 
 pub mod env;
 pub mod raw;
+pub mod routing;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +17,10 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use crate::auth::{self, KeyIndex, Principal, MANAGEMENT_KEY_PREFIX, PROJECT_KEY_PREFIX};
-use crate::providers::{self, Provider, Target};
+use crate::prices::PriceTable;
+use crate::providers::{self, Provider};
+use crate::routing::health::{HealthRegistry, HealthSettings};
+use crate::routing::Strategy;
 use crate::wire;
 use raw::*;
 
@@ -57,19 +62,6 @@ pub struct Settings {
     pub shutdown_grace_seconds: u64,
 }
 
-#[derive(Debug, Clone)]
-pub enum Strategy {
-    Single { target: Target },
-}
-
-impl Strategy {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Strategy::Single { .. } => "single",
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct RoutingConfig {
     pub slug: String,
@@ -92,23 +84,45 @@ pub struct Snapshot {
     pub management_keys: KeyIndex,
     pub routing_configs: HashMap<String, Arc<RoutingConfig>>,
     pub projects: Vec<String>,
+    /// Live provider health; the same registry is handed from snapshot to snapshot.
+    pub health: Arc<HealthRegistry>,
+    pub health_settings: HealthSettings,
+    pub prices: &'static PriceTable,
+    /// Files besides the config whose content is part of it (rule files).
+    pub watched_files: Vec<PathBuf>,
 }
 
 pub fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// Parses and validates config text. `previous` carries routing-config versions forward.
+/// Parses and validates config text. `previous` carries routing-config versions and live
+/// health forward. Relative file references (rule files) resolve against the working directory.
 pub fn build_snapshot(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, Vec<ConfigError>> {
-    let raw = parse(text, lookup)?;
-    validate(raw, previous)
+    build_snapshot_in(text, lookup, previous, Path::new("."))
 }
 
-fn section<T: DeserializeOwned>(value: Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
+/// As `build_snapshot`, resolving relative file references against `base_dir` (the
+/// config file's directory).
+pub fn build_snapshot_in(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Snapshot>,
+    base_dir: &Path,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let raw = parse(text, lookup)?;
+    validate(raw, previous, base_dir)
+}
+
+pub(crate) fn section<T: DeserializeOwned>(
+    value: Value,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
     match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(v) => Some(v),
         Err(e) => {
@@ -190,15 +204,19 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
                             errors.push(ConfigError::new("routing_configs", "slugs must be strings"));
                             continue;
                         };
-                        let path = format!("routing_configs.{slug}");
-                        if let Some(rc) = section(def, &path, &mut errors) {
-                            raw.routing_configs.insert(slug, rc);
-                        }
+                        raw.routing_configs.insert(slug, def);
                     }
                 }
                 Value::Null => {}
                 _ => errors.push(ConfigError::new("routing_configs", "expected a mapping of slug to config")),
             },
+            "health" => {
+                if !value.is_null() {
+                    if let Some(h) = section(value, "health", &mut errors) {
+                        raw.health = h;
+                    }
+                }
+            }
             other => errors.push(ConfigError::new(
                 other,
                 format!("unknown key; expected one of {}", TOP_LEVEL_KEYS.join(", ")),
@@ -212,9 +230,9 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
     }
 }
 
-const ID_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, _, -, .";
+pub(crate) const ID_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, _, -, .";
 
-fn valid_id(s: &str) -> bool {
+pub(crate) fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
@@ -317,7 +335,11 @@ fn key_digest(
 }
 
 /// Raw → runtime. Collects every problem rather than stopping at the first.
-pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot, Vec<ConfigError>> {
+pub fn validate(
+    raw: RawConfig,
+    previous: Option<&Snapshot>,
+    base_dir: &Path,
+) -> Result<Snapshot, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let settings = settings(&raw.server, &mut errors);
 
@@ -446,64 +468,29 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
         }
     }
 
+    let health = previous.map(|p| p.health.clone()).unwrap_or_default();
+    let health_settings = health_settings(&raw.health, &mut errors);
+    let prices = match PriceTable::embedded() {
+        Ok(p) => p,
+        Err(e) => return Err(vec![ConfigError::new("", format!("the shipped price table is broken: {e}"))]),
+    };
+    let env = routing::Env { providers: &providers, broken: &broken, health: &health, prices, base_dir };
     let mut routing_configs = HashMap::new();
-    for (slug, rc) in raw.routing_configs {
-        let path = format!("routing_configs.{slug}");
-        if !valid_id(&slug) {
-            errors.push(ConfigError::new(&path, format!("slug {ID_RULE}")));
-            continue;
-        }
-        if !projects.contains(&rc.project) {
+    let mut watched_files = Vec::new();
+    for (slug, value) in raw.routing_configs {
+        let previous_rc = previous.and_then(|p| p.routing_configs.get(&slug)).map(|rc| rc.as_ref());
+        let Some(built) = routing::build(&slug, value, &env, previous_rc, &mut errors) else { continue };
+        if !projects.contains(&built.config.project) {
             errors.push(ConfigError::new(
-                format!("{path}.project"),
-                format!("unknown project \"{}\"", rc.project),
+                format!("routing_configs.{slug}.project"),
+                format!("unknown project \"{}\"", built.config.project),
             ));
         }
-        let strategy = match rc.strategy.as_str() {
-            "single" => {
-                let Some(model) = rc.model.as_deref() else {
-                    errors.push(ConfigError::new(format!("{path}.model"), "is required for strategy single"));
-                    continue;
-                };
-                if model.starts_with('@') {
-                    errors.push(ConfigError::new(
-                        format!("{path}.model"),
-                        "strategy single takes a model, not a routing config",
-                    ));
-                    continue;
-                }
-                match providers::resolve_model(&providers, model) {
-                    Ok((target, _)) => Strategy::Single { target },
-                    Err(_)
-                        if providers::provider_hint(model)
-                            .is_some_and(|id| broken.iter().any(|b| b == id)) =>
-                    {
-                        continue;
-                    }
-                    Err(e) => {
-                        errors.push(ConfigError::new(format!("{path}.model"), e.message()));
-                        continue;
-                    }
-                }
-            }
-            other => {
-                errors.push(ConfigError::new(
-                    format!("{path}.strategy"),
-                    format!("unknown strategy \"{other}\" (supported: single)"),
-                ));
-                continue;
-            }
-        };
-        let definition = format!("{}|{}|{}", rc.project, rc.strategy, rc.model.as_deref().unwrap_or(""));
-        let version = match previous.and_then(|p| p.routing_configs.get(&slug)) {
-            Some(old) if old.definition == definition => old.version,
-            Some(old) => old.version + 1,
-            None => 1,
-        };
-        routing_configs.insert(
-            slug.clone(),
-            Arc::new(RoutingConfig { slug, project: rc.project, version, strategy, definition }),
-        );
+        watched_files.extend(built.files);
+        routing_configs.insert(slug, Arc::new(built.config));
+    }
+    if errors.is_empty() {
+        routing::check_references(&mut routing_configs, &mut errors);
     }
 
     if !errors.is_empty() {
@@ -517,7 +504,36 @@ pub fn validate(raw: RawConfig, previous: Option<&Snapshot>) -> Result<Snapshot,
         management_keys,
         routing_configs,
         projects,
+        health,
+        health_settings,
+        prices,
+        watched_files,
     })
+}
+
+fn health_settings(raw: &RawHealth, errors: &mut Vec<ConfigError>) -> HealthSettings {
+    let d = HealthSettings::default();
+    let s = HealthSettings {
+        window: raw.window_s.map_or(d.window, std::time::Duration::from_secs),
+        min_success_rate: raw.min_success_rate.unwrap_or(d.min_success_rate),
+        min_requests: raw.min_requests.unwrap_or(d.min_requests),
+        consecutive_failures: raw.consecutive_failures.unwrap_or(d.consecutive_failures),
+        probe_after: raw.probe_after_ms.map_or(d.probe_after, Duration::from_millis),
+        ewma_alpha: d.ewma_alpha,
+    };
+    if s.window.is_zero() {
+        errors.push(ConfigError::new("health.window_s", "must be greater than 0"));
+    }
+    if !(0.0..=1.0).contains(&s.min_success_rate) {
+        errors.push(ConfigError::new("health.min_success_rate", "must be between 0 and 1"));
+    }
+    if s.consecutive_failures == 0 {
+        errors.push(ConfigError::new("health.consecutive_failures", "must be at least 1"));
+    }
+    if s.probe_after.is_zero() {
+        errors.push(ConfigError::new("health.probe_after_ms", "must be greater than 0"));
+    }
+    s
 }
 
 /// Routing configs of one project, sorted by slug (for `GET /models`).

@@ -12,7 +12,7 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Top-level sections, used to reject unknown top-level keys with a clear message.
 pub const TOP_LEVEL_KEYS: &[&str] =
-    &["server", "providers", "projects", "management_keys", "routing_configs"];
+    &["server", "providers", "projects", "management_keys", "routing_configs", "health"];
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -101,13 +101,20 @@ pub struct RawProject {
     pub keys: Vec<RawKey>,
 }
 
-/// A routing config, invoked as `@slug`. The strategy decides which other keys are valid.
-#[derive(Debug, Deserialize)]
+/// `health:` — thresholds of the provider health tracker (PRODUCT.md §9.3 defaults).
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoutingConfig {
-    pub project: String,
-    pub strategy: String,
-    pub model: Option<String>,
+pub struct RawHealth {
+    /// Rolling window for success rate and latency, in seconds (default 300).
+    pub window_s: Option<u64>,
+    /// Below this success rate (0-1) a target is marked unhealthy (default 0.9)...
+    pub min_success_rate: Option<f64>,
+    /// ...once it has at least this many samples in the window (default 20).
+    pub min_requests: Option<u32>,
+    /// This many failures in a row mark it unhealthy at once (default 5).
+    pub consecutive_failures: Option<u32>,
+    /// An unhealthy target gets one probe request after this long (default 30000).
+    pub probe_after_ms: Option<u64>,
 }
 
 /// The parsed sections; each is deserialized on its own so one bad entry does not hide the
@@ -118,5 +125,7 @@ pub struct RawConfig {
     pub providers: Vec<RawProvider>,
     pub projects: Vec<RawProject>,
     pub management_keys: Vec<RawKey>,
-    pub routing_configs: BTreeMap<String, RawRoutingConfig>,
+    /// Each config is kept as YAML: its strategy decides which struct it deserializes into.
+    pub routing_configs: BTreeMap<String, serde_yaml_ng::Value>,
+    pub health: RawHealth,
 }

@@ -2,7 +2,7 @@
 //! snapshot first and swaps only on success; a bad file is logged and the old snapshot
 //! keeps serving. Reload triggers: SIGHUP and (optionally) a change of the file on disk.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +12,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use sha2::{Digest, Sha256};
 
-use super::{build_snapshot, env_lookup, ConfigError, Snapshot};
+use super::{build_snapshot_in, env_lookup, ConfigError, Snapshot};
 use crate::metrics::Metrics;
 
 /// The config shipped in the binary; `modelux serve` without `--config` runs on it.
@@ -29,20 +29,37 @@ pub struct ConfigStore {
     metrics: Arc<Metrics>,
 }
 
-fn content_hash(text: &str) -> [u8; 32] {
-    Sha256::digest(text.as_bytes()).into()
+/// Hash of the config text and of every file it pulls in (rule files), so editing a rule
+/// file is a change like editing the config.
+fn content_hash(text: &str, files: &[PathBuf]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(text.as_bytes());
+    for f in files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update(std::fs::read(f).unwrap_or_default());
+    }
+    h.finalize().into()
+}
+
+/// Relative paths in the config (rule files) resolve against the config file's directory;
+/// for the embedded default, against the working directory.
+fn base_dir(path: Option<&PathBuf>) -> PathBuf {
+    path.and_then(|p| p.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 impl ConfigStore {
     /// Loads the file at `path`, or the embedded default when `path` is `None`.
     pub fn open(path: Option<PathBuf>, metrics: Arc<Metrics>) -> Result<ConfigStore, Vec<ConfigError>> {
         let text = read_text(path.as_ref())?;
-        let snapshot = build_snapshot(&text, &env_lookup, None)?;
+        let snapshot = build_snapshot_in(&text, &env_lookup, None, &base_dir(path.as_ref()))?;
         metrics.config_generation.set(snapshot.generation as i64);
+        let hash = content_hash(&text, &snapshot.watched_files);
         Ok(ConfigStore {
             path,
             current: ArcSwap::from_pointee(snapshot),
-            reload_lock: tokio::sync::Mutex::new(content_hash(&text)),
+            reload_lock: tokio::sync::Mutex::new(hash),
             metrics,
         })
     }
@@ -67,12 +84,12 @@ impl ConfigStore {
                 return Err(e);
             }
         };
-        let hash = content_hash(&text);
         let old = self.current.load_full();
+        let hash = content_hash(&text, &old.watched_files);
         if !force && hash == *last_hash {
             return Ok(old.generation);
         }
-        match build_snapshot(&text, &env_lookup, Some(&old)) {
+        match build_snapshot_in(&text, &env_lookup, Some(&old), &base_dir(self.path.as_ref())) {
             Ok(new) => {
                 if new.settings.proxy_listen != old.settings.proxy_listen
                     || new.settings.manage_listen != old.settings.manage_listen
@@ -146,7 +163,12 @@ impl BackgroundService for ConfigWatcher {
         } else {
             None
         };
-        let mut stamp = file_stamp(&path);
+        let stamps = |store: &ConfigStore| {
+            let mut v = vec![file_stamp(&path)];
+            v.extend(store.load().watched_files.iter().map(file_stamp));
+            v
+        };
+        let mut stamp = stamps(&self.store);
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         loop {
             tokio::select! {
@@ -154,13 +176,13 @@ impl BackgroundService for ConfigWatcher {
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: reloading config");
                     self.reload_and_log(true).await;
-                    stamp = file_stamp(&path);
+                    stamp = stamps(&self.store);
                 }
                 _ = tick.tick(), if self.poll_file => {
-                    let now = file_stamp(&path);
-                    if now.is_some() && now != stamp {
-                        stamp = now;
+                    let now = stamps(&self.store);
+                    if now[0].is_some() && now != stamp {
                         self.reload_and_log(false).await;
+                        stamp = stamps(&self.store);
                     }
                 }
             }

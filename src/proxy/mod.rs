@@ -3,6 +3,7 @@
 //! request.
 
 mod body;
+mod execute;
 mod pipeline;
 mod respond;
 pub mod upstream;
@@ -21,6 +22,8 @@ use crate::config::store::ConfigStore;
 use crate::error::Surface;
 use crate::metrics::Metrics;
 use crate::providers::Resolution;
+use crate::routing::trace::DecisionTrace;
+use crate::routing::Member;
 
 /// Shared by every request of one gateway instance.
 pub struct GatewayState {
@@ -51,6 +54,12 @@ pub struct RequestCtx {
     pub ttfb: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The routing decision and its attempts (see `routing::trace`).
+    pub trace: Option<Box<DecisionTrace>>,
+    /// Upstream attempts made so far.
+    pub attempts: usize,
+    /// The provider/model whose answer the client got.
+    pub served: Option<(String, String)>,
 }
 
 impl RequestCtx {
@@ -69,7 +78,17 @@ impl RequestCtx {
             ttfb: None,
             bytes_in: 0,
             bytes_out: 0,
+            trace: None,
+            attempts: 0,
+            served: None,
         }
+    }
+
+    /// Records which member answered (for metrics, logs and the trace's winner).
+    pub fn set_served(&mut self, member: &Member) {
+        self.provider = Some(member.target.provider.id.clone());
+        self.model = Some(member.target.model.clone());
+        self.served = Some((member.target.provider.id.clone(), member.target.model.clone()));
     }
 }
 

@@ -8,20 +8,24 @@ use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
+use super::execute;
 use super::respond::{self, name, Headers};
 use super::upstream::{self, Exchange};
 use super::{GatewayState, RequestCtx};
 use crate::auth::{self, Principal};
-use crate::config::{self, RoutingConfig, Snapshot, Strategy};
+use crate::config::{self, Snapshot};
 use crate::error::GatewayError;
 use crate::error::{openai_error_body, Surface};
 use crate::providers::{self, Resolution, Target};
+use crate::routing::health::{now_ms, Health};
+use crate::routing::trace::DecisionTrace;
+use crate::routing::{self, Decision, Member, Plan, RequestFacts, RetryOn};
 use crate::wire::openai::{ChatRequest, Payload};
 use crate::wire::{self, anthropic, Transcoder, WireFormat};
 use serde_json::json;
 
 /// Largest upstream body the gateway buffers (non-streamed responses and error bodies).
-const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+pub(super) const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// Error bodies are only needed for their message.
 const MAX_UPSTREAM_ERROR_BODY: usize = 1024 * 1024;
 
@@ -32,6 +36,8 @@ enum Endpoint {
     Models,
     CountTokens,
     Embeddings,
+    /// `POST …/dry-run`: the chat body, routed but never sent.
+    DryRun,
 }
 
 impl Endpoint {
@@ -49,6 +55,7 @@ impl Endpoint {
                 "/messages" => Some((Surface::Anthropic, Endpoint::Chat)),
                 "/messages/count_tokens" => Some((Surface::Anthropic, Endpoint::CountTokens)),
                 "/models" => Some((Surface::Anthropic, Endpoint::Models)),
+                "/dry-run" => Some((Surface::Anthropic, Endpoint::DryRun)),
                 _ => None,
             };
         }
@@ -57,6 +64,7 @@ impl Endpoint {
             "/chat/completions" => Some((Surface::OpenAi, Endpoint::Chat)),
             "/models" => Some((Surface::OpenAi, Endpoint::Models)),
             "/embeddings" => Some((Surface::OpenAi, Endpoint::Embeddings)),
+            "/dry-run" => Some((Surface::OpenAi, Endpoint::DryRun)),
             "/messages" if path.starts_with("/v1/") => Some((Surface::Anthropic, Endpoint::Chat)),
             "/messages/count_tokens" if path.starts_with("/v1/") => {
                 Some((Surface::Anthropic, Endpoint::CountTokens))
@@ -67,7 +75,7 @@ impl Endpoint {
 
     fn method(self) -> &'static str {
         match self {
-            Endpoint::Chat | Endpoint::CountTokens | Endpoint::Embeddings => "POST",
+            Endpoint::Chat | Endpoint::CountTokens | Endpoint::Embeddings | Endpoint::DryRun => "POST",
             Endpoint::Models => "GET",
         }
     }
@@ -103,7 +111,8 @@ async fn serve(
     ctx.principal = Some(principal.clone());
     match endpoint {
         Endpoint::Models => list_models(session, ctx, snapshot, &principal, surface).await,
-        Endpoint::Chat => chat(state, snapshot, session, ctx, &principal, surface).await,
+        Endpoint::Chat => chat(state, snapshot, session, ctx, &principal, surface, false).await,
+        Endpoint::DryRun => chat(state, snapshot, session, ctx, &principal, surface, true).await,
         Endpoint::CountTokens => count_tokens(state, snapshot, session, ctx, &principal).await,
         Endpoint::Embeddings => embeddings(state, snapshot, session, ctx, &principal).await,
     }
@@ -151,15 +160,111 @@ fn check_content_type(session: &Session) -> Result<(), GatewayError> {
     }
 }
 
-/// What a model string resolved to.
-struct Route {
-    target: Target,
-    resolution: Resolution,
-    config: Option<Arc<RoutingConfig>>,
+/// What a request's `model` resolved to: a routing decision, or one directly named model.
+enum Routed<'a> {
+    Config(Decision<'a>),
+    Direct { member: Box<Member>, resolution: Resolution },
 }
 
-fn resolve(snapshot: &Snapshot, principal: &Principal, model: &str) -> Result<Route, GatewayError> {
-    if let Some(slug) = model.strip_prefix('@') {
+impl Routed<'_> {
+    fn resolution(&self) -> Resolution {
+        match self {
+            Routed::Config(_) => Resolution::Config,
+            Routed::Direct { resolution, .. } => *resolution,
+        }
+    }
+
+    /// Members in attempt order.
+    fn attempts(&self) -> Vec<&Member> {
+        match self {
+            Routed::Config(d) => d.attempts().map(|c| c.member).collect(),
+            Routed::Direct { member, .. } => vec![member.as_ref()],
+        }
+    }
+
+    fn served<'m>(&self, member: &'m Member, attempt: usize) -> Served<'m> {
+        Served::new(&self.info(), member, attempt)
+    }
+
+    fn info(&self) -> RouteInfo {
+        match self {
+            Routed::Config(d) => RouteInfo {
+                config: Some((d.entry().slug.clone(), d.entry().version)),
+                ab_variant: d.ab_variant().map(str::to_string),
+            },
+            Routed::Direct { .. } => RouteInfo { config: None, ab_variant: None },
+        }
+    }
+}
+
+/// The routing facts every answer's headers name, whichever attempt answers.
+pub(super) struct RouteInfo {
+    /// Slug and version of the config the client named.
+    pub config: Option<(String, u32)>,
+    pub ab_variant: Option<String>,
+}
+
+/// Who answered, for the response headers.
+pub(super) struct Served<'a> {
+    pub target: &'a Target,
+    pub config: Option<(String, u32)>,
+    pub ab_variant: Option<String>,
+    /// Which attempt (1-based) answered.
+    pub attempt: usize,
+}
+
+impl<'a> Served<'a> {
+    pub fn new(info: &RouteInfo, member: &'a Member, attempt: usize) -> Served<'a> {
+        Served {
+            target: &member.target,
+            config: info.config.clone(),
+            ab_variant: info.ab_variant.clone(),
+            attempt,
+        }
+    }
+}
+
+/// Request headers and body fields routing looks at (header wins over body, PRODUCT.md §3.3).
+struct Context {
+    tags: Vec<(String, String)>,
+    end_user: Option<String>,
+    trace_id: Option<String>,
+    dry_run: bool,
+}
+
+fn request_context(session: &Session, request: &ChatRequest<'_>) -> Context {
+    let h = &session.req_header().headers;
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
+    let mut tags = request.tags.clone();
+    if let Some(header) = get("x-modelux-user-tags") {
+        for pair in header.split(',') {
+            if let Some((k, v)) = pair.split_once('=') {
+                let (k, v) = (k.trim(), v.trim());
+                tags.retain(|(key, _)| key != k);
+                tags.push((k.to_string(), v.to_string()));
+            }
+        }
+    }
+    Context {
+        tags,
+        end_user: get("x-modelux-user-id").map(str::to_string).or_else(|| request.end_user.clone()),
+        trace_id: get("x-modelux-trace-id").map(str::to_string),
+        dry_run: get("x-modelux-dry-run").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+    }
+}
+
+/// Resolves the model: `@slug` runs the config's strategy; anything else names one model.
+/// `lease`: let the decision take half-open probe leases (not for dry runs).
+fn route<'a>(
+    snapshot: &'a Snapshot,
+    principal: &Principal,
+    ctx: &mut RequestCtx,
+    model: &str,
+    facts: &RequestFacts<'_>,
+    lease: bool,
+) -> Result<Routed<'a>, GatewayError> {
+    let now = now_ms();
+    let routed = if let Some(slug) = model.strip_prefix('@') {
         let config =
             snapshot.routing_configs.get(slug).filter(|rc| *rc.project == *principal.project).ok_or_else(
                 || GatewayError::NotFound {
@@ -167,15 +272,43 @@ fn resolve(snapshot: &Snapshot, principal: &Principal, model: &str) -> Result<Ro
                     message: format!("routing config @{slug} not found"),
                 },
             )?;
-        let Strategy::Single { target } = &config.strategy;
-        return Ok(Route {
-            target: target.clone(),
-            resolution: Resolution::Config,
-            config: Some(config.clone()),
-        });
+        let decision = routing::decide(snapshot, config, facts, now, lease);
+        if decision.candidates.is_empty() {
+            return Err(GatewayError::internal(format!("routing config @{slug} produced no candidate")));
+        }
+        ctx.trace = Some(Box::new(DecisionTrace::from_decision(&decision, now, &snapshot.health_settings)));
+        Routed::Config(decision)
+    } else {
+        let (target, resolution) = providers::resolve_model(&snapshot.providers, model)?;
+        let provider_id = target.provider.id.as_str();
+        let health = snapshot
+            .health
+            .cell_for_traffic(provider_id, &target.model)
+            .unwrap_or_else(|| Arc::new(Health::new(format!("{provider_id}/{}", target.model))));
+        let report = health.report(now, &snapshot.health_settings).into();
+        ctx.trace =
+            Some(Box::new(DecisionTrace::direct(resolution.as_str(), provider_id, &target.model, report)));
+        let member = Member {
+            provider_health: snapshot.health.cell(provider_id),
+            health,
+            target,
+            timeout: None,
+            weight: 1.0,
+            accept: None,
+            price: snapshot
+                .prices
+                .lookup(model.rsplit('/').next().unwrap_or(model))
+                .map(|i| (i.input, i.output)),
+            tier: None,
+        };
+        Routed::Direct { member: Box::new(member), resolution }
+    };
+    ctx.resolution = Some(routed.resolution());
+    if let Some(first) = routed.attempts().first() {
+        ctx.provider = Some(first.target.provider.id.clone());
+        ctx.model = Some(first.target.model.clone());
     }
-    let (target, resolution) = providers::resolve_model(&snapshot.providers, model)?;
-    Ok(Route { target, resolution, config: None })
+    Ok(routed)
 }
 
 /// The JSON body of a routed request: content type checked, size and time bounded.
@@ -188,20 +321,6 @@ async fn read_json_body(
     let body = super::body::read_body(session, settings.max_body_bytes, settings.client_body_timeout).await?;
     ctx.bytes_in = body.len() as u64;
     Ok(body)
-}
-
-/// Resolves the request's model and records the outcome for metrics and logs.
-fn route_request(
-    snapshot: &Snapshot,
-    principal: &Principal,
-    ctx: &mut RequestCtx,
-    model: &str,
-) -> Result<Route, GatewayError> {
-    let route = resolve(snapshot, principal, model)?;
-    ctx.provider = Some(route.target.provider.id.clone());
-    ctx.model = Some(route.target.model.clone());
-    ctx.resolution = Some(route.resolution);
-    Ok(route)
 }
 
 /// Client `anthropic-version` / `anthropic-beta` headers, forwarded verbatim to
@@ -228,80 +347,100 @@ async fn chat(
     ctx: &mut RequestCtx,
     principal: &Principal,
     client: Surface,
+    dry_run_endpoint: bool,
 ) -> Result<(), GatewayError> {
     let settings = &snapshot.settings;
     let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse(&body)?;
-    let route = route_request(snapshot, principal, ctx, &request.model)?;
-    let provider = route.target.provider.clone();
-    let upstream_format = provider.format();
-    let stream_requested = request.stream;
-    // Same wire format: forward the client's bytes (model rewritten, mlx:* stripped).
-    // Otherwise decode into the canonical model and encode for the provider.
-    let (upstream_body, translation) = if upstream_format == WireFormat::from(client) {
-        (Bytes::from(request.encode_for_upstream(&route.target.model)), None)
-    } else {
-        drop(request);
-        let canonical = wire::decode_request(client, &body)?;
-        let upstream_body = wire::encode_request(upstream_format, &canonical, &route.target.model)?;
-        (Bytes::from(upstream_body), Some(canonical.stream_usage))
-    };
-    let accept = match (stream_requested, upstream_format) {
-        (true, WireFormat::Bedrock) => EVENT_STREAM_AWS,
-        (true, _) => "text/event-stream",
-        (false, _) => "application/json",
-    };
-    let path = provider.chat_path(&route.target.model, stream_requested);
-    let mut extra: Vec<(String, String)> = match upstream_format {
-        WireFormat::Anthropic => anthropic_headers(session, client),
-        _ => Vec::new(),
-    };
-    extra.extend(provider.signed_headers(&path, &upstream_body)?);
-    let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-
-    let call = upstream::Call { path: &path, body: upstream_body, accept, extra_headers: &extra_refs };
-    let ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
-    ctx.ttfb = Some(ex.ttfb);
-    let status = ex.header.status.as_u16();
-    let mut headers = answer_headers(&ex.header, translation.is_some(), &route);
-
-    if !(200..300).contains(&status) {
-        answer_upstream_error(
-            state,
-            settings,
-            &provider,
-            session,
-            ctx,
-            ex,
-            headers,
-            client,
-            translation.is_some(),
-        )
-        .await;
-        return Ok(());
+    let rc = request_context(session, &request);
+    let facts = facts(&request, &rc, &body);
+    let dry_run = dry_run_endpoint || rc.dry_run;
+    let routed = route(snapshot, principal, ctx, &request.model, &facts, !dry_run)?;
+    if dry_run {
+        return answer_dry_run(session, ctx, &routed, &facts, 1024).await;
     }
-
-    if is_event_stream(&ex.header) {
-        let transcoder = translation.map(|client_wants_usage| {
-            headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
-            headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
-            Transcoder::new(upstream_format, client, &route.target.model, client_wants_usage)
-        });
-        stream(state, settings, &provider, session, ctx, ex, headers, client, transcoder).await;
-        return Ok(());
-    }
-    let served_model = route.target.model.as_str();
-    let convert = |body: &[u8]| {
-        wire::decode_response(upstream_format, body).map(|mut resp| {
-            // Cohere and Bedrock do not name the model in their answers.
-            if resp.model.is_empty() {
-                resp.model = served_model.to_string();
-            }
-            wire::encode_response(client, &resp)
-        })
+    let anthropic_headers = anthropic_headers(session, client);
+    let mut exec = execute::Exec {
+        state,
+        settings,
+        client,
+        request: &request,
+        body: &body,
+        canonical: None,
+        anthropic_headers,
+        want_trace: request.trace,
     };
-    let convert: Convert<'_> = if translation.is_some() { Some(&convert) } else { None };
-    answer_whole(state, settings, &provider, session, ctx, ex, headers, convert).await
+    let attempts = routed.attempts();
+    let info = routed.info();
+    let plan = match &routed {
+        Routed::Config(d) => d.plan,
+        Routed::Direct { .. } => {
+            Plan::Sequential { retry_on: RetryOn::NONE, total_budget: None, cascade: false }
+        }
+    };
+    match plan {
+        Plan::Sequential { retry_on, total_budget, cascade } => {
+            execute::sequential(&mut exec, session, ctx, &attempts, retry_on, total_budget, cascade, &info)
+                .await
+        }
+        Plan::Parallel { aggregation, timeout } => {
+            execute::parallel(&mut exec, session, ctx, &attempts, aggregation, timeout, &info).await
+        }
+    }
+}
+
+fn facts<'a>(request: &'a ChatRequest<'_>, rc: &'a Context, body: &[u8]) -> RequestFacts<'a> {
+    RequestFacts {
+        model: &request.model,
+        tags: &rc.tags,
+        end_user: rc.end_user.as_deref(),
+        trace_id: rc.trace_id.as_deref(),
+        // About four bytes of JSON per prompt token: close enough to rank candidates.
+        est_input_tokens: (body.len() as u64).div_ceil(4),
+        max_tokens: request.max_tokens,
+        budget_remaining_usd: None,
+        budget_remaining_pct: None,
+    }
+}
+
+/// The routing decision, without calling an upstream (PRODUCT.md §3.5).
+async fn answer_dry_run(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    routed: &Routed<'_>,
+    facts: &RequestFacts<'_>,
+    default_output: u64,
+) -> Result<(), GatewayError> {
+    let attempts = routed.attempts();
+    let selected =
+        attempts.first().map(|m| json!({"provider": m.target.provider.id, "model": m.target.model}));
+    let estimated = attempts.first().and_then(|m| m.price).map(|(i, o)| {
+        facts.est_input_tokens as f64 * i + facts.max_tokens.unwrap_or(default_output) as f64 * o
+    });
+    let trace = ctx.trace.as_deref();
+    let body = json!({
+        "object": "modelux.dry_run",
+        "request_id": ctx.request_id,
+        "resolved": routed.resolution().as_str(),
+        "routing_config": trace.and_then(|t| t.routing_config.clone()),
+        "config_version": trace.and_then(|t| t.config_version),
+        "strategy": trace.map(|t| t.strategy),
+        "ab_variant": trace.and_then(|t| t.ab_variant.clone()),
+        "hops": trace.map(|t| t.hops.clone()).unwrap_or_default(),
+        "selected": selected,
+        "candidates": trace.map(|t| t.candidates.clone()).unwrap_or_default(),
+        "estimated_cost_usd": estimated,
+        "budget": null,
+        "cache": "MISS",
+    });
+    let body = serde_json::to_vec(&body).map_err(|e| GatewayError::internal(e.to_string()))?;
+    let mut headers: Headers = vec![(http::header::CONTENT_TYPE, "application/json".into())];
+    headers.push((name("x-modelux-dry-run"), "true".into()));
+    if let Some(m) = attempts.first() {
+        push_route_headers(&mut headers, &routed.served(m, 0));
+    }
+    respond::whole(session, ctx, 200, headers, Bytes::from(body)).await;
+    Ok(())
 }
 
 /// `POST /openai/v1/embeddings`: OpenAI-family targets get the client's bytes (model
@@ -317,10 +456,20 @@ async fn embeddings(
     let settings = &snapshot.settings;
     let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse_routed(&body, Payload::Input)?;
-    let route = route_request(snapshot, principal, ctx, &request.model)?;
-    let provider = route.target.provider.clone();
+    let rc = request_context(session, &request);
+    let facts = facts(&request, &rc, &body);
+    let routed = route(snapshot, principal, ctx, &request.model, &facts, !rc.dry_run)?;
+    if rc.dry_run {
+        return answer_dry_run(session, ctx, &routed, &facts, 0).await;
+    }
+    let attempts = routed.attempts();
+    let Some(member) = attempts.first() else {
+        return Err(GatewayError::internal("no route"));
+    };
+    let served = routed.served(member, 1);
+    let provider = member.target.provider.clone();
     let format = provider.format();
-    let model = route.target.model.as_str();
+    let model = member.target.model.as_str();
     let (upstream_body, translation) = match format {
         WireFormat::OpenAi => (Bytes::from(request.encode_for_upstream(model)), None),
         _ => {
@@ -334,7 +483,7 @@ async fn embeddings(
         upstream::Call { path: &path, body: upstream_body, accept: "application/json", extra_headers: &[] };
     let ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
     ctx.ttfb = Some(ex.ttfb);
-    let headers = answer_headers(&ex.header, translation.is_some(), &route);
+    let headers = answer_headers(&ex.header, translation.is_some(), &served);
     if !ex.header.status.is_success() {
         answer_upstream_error(
             state,
@@ -361,19 +510,25 @@ async fn embeddings(
 
 /// Headers for the client's answer: the upstream's own (only `retry-after` when the body
 /// is translated, the rest describing the upstream's format), then the route's.
-fn answer_headers(upstream: &ResponseHeader, translated: bool, route: &Route) -> Headers {
+pub(super) fn answer_headers(upstream: &ResponseHeader, translated: bool, served: &Served<'_>) -> Headers {
     let mut headers = if translated { retry_after(upstream) } else { passthrough_headers(upstream) };
-    push_route_headers(&mut headers, route);
+    push_route_headers(&mut headers, served);
     headers
 }
 
 /// Which provider and model served the request, and the routing config that chose them.
-fn push_route_headers(headers: &mut Headers, route: &Route) {
-    headers.push((name("x-modelux-provider-used"), route.target.provider.id.clone()));
-    headers.push((name("x-modelux-model-used"), route.target.model.clone()));
-    if let Some(rc) = &route.config {
-        headers.push((name("x-modelux-routing-config"), format!("@{}", rc.slug)));
-        headers.push((name("x-modelux-config-version"), format!("v{}", rc.version)));
+fn push_route_headers(headers: &mut Headers, served: &Served<'_>) {
+    headers.push((name("x-modelux-provider-used"), served.target.provider.id.clone()));
+    headers.push((name("x-modelux-model-used"), served.target.model.clone()));
+    if let Some((slug, version)) = &served.config {
+        headers.push((name("x-modelux-routing-config"), format!("@{slug}")));
+        headers.push((name("x-modelux-config-version"), format!("v{version}")));
+    }
+    if let Some(variant) = &served.ab_variant {
+        headers.push((name("x-modelux-ab-variant"), variant.clone()));
+    }
+    if served.attempt > 0 {
+        headers.push((name("x-modelux-attempts"), served.attempt.to_string()));
     }
 }
 
@@ -384,7 +539,7 @@ type Convert<'a> = Option<&'a (dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Sync)>
 /// same status and the upstream's message, in the client's envelope. Credential failures
 /// and 5xx become gateway errors (502).
 #[allow(clippy::too_many_arguments)]
-async fn answer_upstream_error(
+pub(super) async fn answer_upstream_error(
     state: &GatewayState,
     settings: &config::Settings,
     provider: &providers::Provider,
@@ -492,10 +647,20 @@ async fn count_tokens(
     let settings = &snapshot.settings;
     let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse(&body)?;
-    let route = route_request(snapshot, principal, ctx, &request.model)?;
-    let provider = route.target.provider.clone();
+    let rc = request_context(session, &request);
+    let facts = facts(&request, &rc, &body);
+    let routed = route(snapshot, principal, ctx, &request.model, &facts, !rc.dry_run)?;
+    if rc.dry_run {
+        return answer_dry_run(session, ctx, &routed, &facts, 0).await;
+    }
+    let attempts = routed.attempts();
+    let Some(member) = attempts.first() else {
+        return Err(GatewayError::internal("no route"));
+    };
+    let target = &member.target;
+    let provider = target.provider.clone();
     let mut headers: Headers = vec![(http::header::CONTENT_TYPE, "application/json".into())];
-    push_route_headers(&mut headers, &route);
+    push_route_headers(&mut headers, &routed.served(member, 1));
     if provider.format() != WireFormat::Anthropic {
         let canonical = wire::decode_request(Surface::Anthropic, &body)?;
         let estimate = json!({"input_tokens": estimate_tokens(&canonical)});
@@ -504,7 +669,7 @@ async fn count_tokens(
         respond::whole(session, ctx, 200, headers, Bytes::from(body)).await;
         return Ok(());
     }
-    let upstream_body = Bytes::from(request.encode_for_upstream(&route.target.model));
+    let upstream_body = Bytes::from(request.encode_for_upstream(&target.model));
     drop(request);
     let extra = anthropic_headers(session, Surface::Anthropic);
     let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
@@ -577,7 +742,7 @@ async fn upstream_error(
 }
 
 /// The human part of an upstream error body: OpenAI's `error.message`, else the text.
-fn error_message(format: WireFormat, body: &[u8]) -> String {
+pub(super) fn error_message(format: WireFormat, body: &[u8]) -> String {
     let mut msg =
         wire::error_message(format, body).unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
     if msg.len() > 512 {
@@ -595,9 +760,9 @@ fn error_message(format: WireFormat, body: &[u8]) -> String {
 }
 
 /// Content type of Bedrock's binary event stream (ConverseStream).
-const EVENT_STREAM_AWS: &str = "application/vnd.amazon.eventstream";
+pub(super) const EVENT_STREAM_AWS: &str = "application/vnd.amazon.eventstream";
 
-fn is_event_stream(h: &ResponseHeader) -> bool {
+pub(super) fn is_event_stream(h: &ResponseHeader) -> bool {
     h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
         let v = v.trim_start().to_ascii_lowercase();
         v.starts_with("text/event-stream") || v.starts_with(EVENT_STREAM_AWS)
@@ -628,13 +793,14 @@ fn passthrough_headers(h: &ResponseHeader) -> Headers {
 /// when the formats differ. An upstream failure after the first byte is reported in-stream
 /// (an error event in the client's format), then the stream is closed cleanly.
 #[allow(clippy::too_many_arguments)]
-async fn stream(
+pub(super) async fn stream(
     state: &GatewayState,
     settings: &config::Settings,
     provider: &providers::Provider,
     session: &mut Session,
     ctx: &mut RequestCtx,
     mut ex: Exchange,
+    mut first: Option<Bytes>,
     mut headers: Headers,
     client: Surface,
     mut transcoder: Option<Transcoder>,
@@ -656,7 +822,11 @@ async fn stream(
     }
     let mut out = Vec::new();
     let failure: Option<GatewayError> = loop {
-        match upstream::next_chunk(&mut ex, provider, settings).await {
+        let next = match first.take() {
+            Some(chunk) => Ok(Some(chunk)),
+            None => upstream::next_chunk(&mut ex, provider, settings).await,
+        };
+        match next {
             Ok(Some(chunk)) => {
                 let piece = match transcoder.as_mut() {
                     None => chunk,
@@ -688,6 +858,15 @@ async fn stream(
                 let Some(t) = transcoder.as_mut() else { break None };
                 out.clear();
                 let finished = t.finish(&mut out);
+                if let Some(trace) = ctx.trace.as_deref_mut() {
+                    // The winning attempt lasted until its stream ended.
+                    if let Some(last) = trace.attempts.last_mut() {
+                        last.duration_ms = (ex.started.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
+                    }
+                    if let Ok(v) = serde_json::to_value(&*trace) {
+                        t.release_done(&v, &mut out);
+                    }
+                }
                 if !out.is_empty() {
                     ctx.bytes_out += out.len() as u64;
                     let _ = session.write_response_body(Some(Bytes::copy_from_slice(&out)), false).await;

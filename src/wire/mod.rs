@@ -136,6 +136,68 @@ pub fn encode_response(format: Surface, resp: &Response) -> Vec<u8> {
     }
 }
 
+/// A whole response as the client's stream: for answers that had to be complete before
+/// the gateway could choose them (ensembles, cascades).
+pub fn stream_response(
+    client: Surface,
+    resp: &Response,
+    send_usage: bool,
+    trace: Option<&serde_json::Value>,
+) -> Vec<u8> {
+    use canonical::Part;
+    let mut deltas = vec![Delta::Start { id: resp.id.clone(), model: resp.model.clone() }];
+    let mut call = 0;
+    for part in &resp.content {
+        match part {
+            Part::Text { text, .. } => deltas.push(Delta::Text(text.clone())),
+            Part::Thinking { text, signature } => {
+                deltas.push(Delta::Thinking(text.clone()));
+                if let Some(sig) = signature {
+                    deltas.push(Delta::Signature(sig.clone()));
+                }
+            }
+            Part::ToolCall { id, name, arguments } => {
+                deltas.push(Delta::ToolCallStart { call, id: id.clone(), name: name.clone() });
+                deltas.push(Delta::ToolArgs { call, json: arguments.clone() });
+                call += 1;
+            }
+            Part::Image { .. } | Part::ToolResult { .. } | Part::RedactedThinking { .. } => {}
+        }
+    }
+    if let Some(stop) = resp.stop {
+        deltas.push(Delta::Stop(stop));
+    }
+    deltas.push(Delta::Usage(resp.usage));
+    deltas.push(Delta::Done);
+    let mut t = Transcoder::new(WireFormat::OpenAi, client, &resp.model, send_usage);
+    if trace.is_some() {
+        t.hold_done();
+    }
+    let mut out = Vec::new();
+    t.deltas = deltas;
+    t.emit(&mut out);
+    if let Some(trace) = trace {
+        t.release_done(trace, &mut out);
+    }
+    out
+}
+
+/// The answer's text (text parts joined), for acceptance checks and votes.
+pub fn response_text(resp: &Response) -> String {
+    let mut out = String::new();
+    for part in &resp.content {
+        match part {
+            canonical::Part::Text { text, .. } => out.push_str(text),
+            canonical::Part::ToolCall { name, arguments, .. } => {
+                out.push_str(name);
+                out.push_str(arguments);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 enum Decoder {
     OpenAi(openai::codec::StreamDecoder),
     Anthropic(anthropic::StreamDecoder),
@@ -164,6 +226,9 @@ pub struct Transcoder {
     encoder: Encoder,
     deltas: Vec<Delta>,
     done: bool,
+    /// Keep the final event back until `release_done` (to put the decision trace before it).
+    hold_done: bool,
+    held_done: bool,
 }
 
 impl Transcoder {
@@ -191,6 +256,46 @@ impl Transcoder {
             },
             deltas: Vec::new(),
             done: false,
+            hold_done: false,
+            held_done: false,
+        }
+    }
+
+    /// Holds the stream's final event back until `release_done`.
+    pub fn hold_done(&mut self) {
+        self.hold_done = true;
+    }
+
+    /// Writes the held final event, with the decision trace: a choice-less chunk before
+    /// `[DONE]` (OpenAI) or an `mlx:trace` field on `message_stop` (Anthropic).
+    pub fn release_done(&mut self, trace: &serde_json::Value, out: &mut Vec<u8>) {
+        if !self.held_done {
+            return;
+        }
+        self.held_done = false;
+        match &mut self.encoder {
+            Encoder::OpenAi(e) => {
+                let mut tail = Vec::new();
+                e.encode(&Delta::Done, &mut tail);
+                let cut = tail.len().saturating_sub(b"data: [DONE]\n\n".len());
+                out.extend_from_slice(&tail[..cut]);
+                e.trace_chunk(trace, out);
+                out.extend_from_slice(&tail[cut..]);
+            }
+            Encoder::Anthropic(e) => {
+                let mut tail = Vec::new();
+                e.encode(&Delta::Done, &mut tail);
+                let stop = br#"{"type":"message_stop"}"#;
+                match tail.windows(stop.len()).rposition(|w| w == stop) {
+                    Some(at) => {
+                        out.extend_from_slice(&tail[..at]);
+                        let with = serde_json::json!({"type": "message_stop", "mlx:trace": trace});
+                        let _ = serde_json::to_writer(&mut *out, &with);
+                        out.extend_from_slice(&tail[at + stop.len()..]);
+                    }
+                    None => out.extend_from_slice(&tail),
+                }
+            }
         }
     }
 
@@ -265,6 +370,10 @@ impl Transcoder {
             }
             if matches!(d, Delta::Done | Delta::Error { .. }) {
                 self.done = true;
+            }
+            if self.hold_done && d == Delta::Done {
+                self.held_done = true;
+                continue;
             }
             match &mut self.encoder {
                 Encoder::OpenAi(e) => e.encode(&d, out),

@@ -47,6 +47,10 @@ pub struct ChatRequest<'a> {
     pub tags: Vec<(String, String)>,
     /// `mlx:end_user`.
     pub end_user: Option<String>,
+    /// `max_tokens` / `max_completion_tokens`, for cost estimates.
+    pub max_tokens: Option<u64>,
+    /// `"mlx:trace": true`: return the decision trace in the body.
+    pub trace: bool,
 }
 
 fn field_error(code: &'static str, message: impl Into<String>) -> GatewayError {
@@ -84,6 +88,8 @@ impl<'a> ChatRequest<'a> {
         let mut has_messages = false;
         let mut tags = Vec::new();
         let mut end_user = None;
+        let mut max_tokens = None;
+        let mut trace = false;
         let mut seen_interpreted: Vec<&str> = Vec::new();
         for (key, raw) in &top.0 {
             let interpreted = matches!(key.as_str(), "model" | "stream" | "mlx:tags" | "mlx:end_user");
@@ -136,6 +142,15 @@ impl<'a> ChatRequest<'a> {
                         }
                     }
                 }
+                "max_tokens" | "max_completion_tokens" => {
+                    // A malformed value is the upstream's to reject; routing only estimates.
+                    max_tokens = serde_json::from_str::<u64>(raw.get()).ok().or(max_tokens);
+                }
+                "mlx:trace" => {
+                    trace = serde_json::from_str::<Option<bool>>(raw.get())
+                        .map_err(|_| field_error("invalid_type", "\"mlx:trace\" must be a boolean"))?
+                        .unwrap_or(false);
+                }
                 "mlx:end_user" => {
                     let u: Option<String> = serde_json::from_str(raw.get())
                         .map_err(|_| field_error("invalid_type", "\"mlx:end_user\" must be a string"))?;
@@ -152,7 +167,7 @@ impl<'a> ChatRequest<'a> {
             };
             return Err(field_error("missing_field", format!("Missing required field: {name}")));
         }
-        Ok(ChatRequest { fields: top.0, model, stream, tags, end_user })
+        Ok(ChatRequest { fields: top.0, model, stream, tags, end_user, max_tokens, trace })
     }
 
     /// The body to send upstream: `model` replaced, `mlx:*` keys removed, everything else
@@ -983,6 +998,16 @@ pub mod codec {
 
         pub fn usage(&self) -> Usage {
             self.usage
+        }
+
+        /// A choice-less chunk carrying the decision trace (`"mlx:trace": true`), shaped
+        /// like the usage chunk so SDKs parse it as an ordinary chunk.
+        pub fn trace_chunk(&self, trace: &Value, out: &mut Vec<u8>) {
+            let chunk = json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "mlx:trace": trace,
+            });
+            push_data(out, &chunk);
         }
     }
 

@@ -1,0 +1,802 @@
+//! Running a routing decision for a chat request: attempts one after another (fallback,
+//! cost/latency order, cascade) or all at once (ensemble), each bounded by its timeout and
+//! the request's total budget. Nothing reaches the client until an attempt has produced a
+//! usable answer (for streams: its first body bytes), so a failed attempt is invisible.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use pingora::proxy::Session;
+
+use super::pipeline::{self, RouteInfo, Served};
+use super::respond;
+use super::upstream::{self, Exchange};
+use super::{GatewayState, RequestCtx};
+use crate::config::Settings;
+use crate::error::{GatewayError, Surface};
+use crate::providers::Target;
+use crate::routing::health::{now_ms, Sample};
+use crate::routing::{Accept, Aggregation, Failure, Member, RetryOn};
+use crate::wire::canonical::{Request, Response};
+use crate::wire::openai::ChatRequest;
+use crate::wire::{self, Transcoder, WireFormat};
+
+/// One upstream request, built for one target.
+pub(super) struct Prepared {
+    path: String,
+    body: Bytes,
+    accept: &'static str,
+    extra: Vec<(String, String)>,
+    format: WireFormat,
+    /// The answer goes through the codecs (different formats, a buffered answer the client
+    /// wants streamed, or a stream that carries the decision trace).
+    translated: bool,
+    client_wants_usage: bool,
+}
+
+/// The request being routed, shared by all its attempts.
+pub(super) struct Exec<'r> {
+    pub state: &'r GatewayState,
+    pub settings: &'r Settings,
+    pub client: Surface,
+    pub request: &'r ChatRequest<'r>,
+    pub body: &'r Bytes,
+    /// Decoded once, on the first attempt that needs it.
+    pub canonical: Option<Request>,
+    pub anthropic_headers: Vec<(String, String)>,
+    pub want_trace: bool,
+}
+
+/// How much of a 2xx answer an attempt waits for before it counts as a success.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Response header and the first body chunk.
+    FirstChunk,
+    /// The whole body.
+    Whole,
+}
+
+enum Attempted {
+    /// 2xx and (for streams) the first chunk.
+    Streaming { ex: Exchange, first: Option<Bytes> },
+    /// 2xx, whole body read.
+    Whole { ex: Exchange, body: Bytes },
+    /// Upstream error status; the exchange is kept to answer with (or drain).
+    Status { ex: Exchange, failure: Failure },
+    /// No usable exchange.
+    Failed { failure: Failure, error: GatewayError },
+}
+
+fn classify_status(status: u16) -> Failure {
+    match status {
+        429 => Failure::RateLimited,
+        401 | 403 => Failure::ServerError,
+        s if s >= 500 => Failure::ServerError,
+        _ => Failure::ClientError,
+    }
+}
+
+fn classify_error(e: &GatewayError) -> Failure {
+    match e {
+        GatewayError::UpstreamTimeout { .. } => Failure::Timeout,
+        GatewayError::InvalidRequest { .. } => Failure::Rejected,
+        _ => Failure::Connect,
+    }
+}
+
+fn min_limit(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Exec<'_> {
+    /// The upstream request for `target`. `upstream_stream`: ask the upstream for a stream.
+    fn prepare(&mut self, target: &Target, upstream_stream: bool) -> Result<Prepared, GatewayError> {
+        let provider = &target.provider;
+        let format = provider.format();
+        let same = format == WireFormat::from(self.client);
+        let stream_as_asked = upstream_stream == self.request.stream;
+        // Same format, same streaming, no trace to splice into a stream: the client's bytes
+        // go upstream with only the model rewritten.
+        let passthrough = same && stream_as_asked && !(self.want_trace && upstream_stream);
+        let (body, client_wants_usage) = if passthrough {
+            (Bytes::from(self.request.encode_for_upstream(&target.model)), false)
+        } else {
+            if self.canonical.is_none() {
+                self.canonical = Some(wire::decode_request(self.client, self.body)?);
+            }
+            let Some(canonical) = self.canonical.as_mut() else {
+                return Err(GatewayError::internal("request was not decoded"));
+            };
+            let wants_usage = canonical.stream_usage;
+            let was = canonical.stream;
+            canonical.stream = upstream_stream;
+            let encoded = wire::encode_request(format, canonical, &target.model);
+            canonical.stream = was;
+            (Bytes::from(encoded?), wants_usage)
+        };
+        let accept = match (upstream_stream, format) {
+            (true, WireFormat::Bedrock) => pipeline::EVENT_STREAM_AWS,
+            (true, _) => "text/event-stream",
+            (false, _) => "application/json",
+        };
+        let path = provider.chat_path(&target.model, upstream_stream);
+        let mut extra = match format {
+            WireFormat::Anthropic => self.anthropic_headers.clone(),
+            _ => Vec::new(),
+        };
+        extra.extend(provider.signed_headers(&path, &body)?);
+        Ok(Prepared {
+            path,
+            body,
+            accept,
+            extra,
+            format,
+            translated: !passthrough || (!upstream_stream && self.request.stream),
+            client_wants_usage,
+        })
+    }
+}
+
+/// Sends one attempt and waits for as much of the answer as `mode` needs, within `limit`.
+async fn run(
+    state: &GatewayState,
+    settings: &Settings,
+    member: &Member,
+    prepared: &Prepared,
+    limit: Option<Duration>,
+    mode: Mode,
+) -> Attempted {
+    let provider = &member.target.provider;
+    let work = async {
+        let extra: Vec<(&str, &str)> = prepared.extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let call = upstream::Call {
+            path: &prepared.path,
+            body: prepared.body.clone(),
+            accept: prepared.accept,
+            extra_headers: &extra,
+        };
+        let mut ex =
+            match upstream::exchange(&state.connector, &state.metrics, settings, provider, call).await {
+                Ok(ex) => ex,
+                Err(error) => return Attempted::Failed { failure: classify_error(&error), error },
+            };
+        let status = ex.header.status.as_u16();
+        if !(200..300).contains(&status) {
+            return Attempted::Status { ex, failure: classify_status(status) };
+        }
+        match mode {
+            Mode::FirstChunk if pipeline::is_event_stream(&ex.header) => {
+                match upstream::next_chunk(&mut ex, provider, settings).await {
+                    Ok(Some(first)) => Attempted::Streaming { ex, first: Some(first) },
+                    Ok(None) => Attempted::Failed {
+                        failure: Failure::Connect,
+                        error: GatewayError::UpstreamConnect {
+                            provider: provider.id.clone(),
+                            message: "the upstream stream ended before its first byte".into(),
+                        },
+                    },
+                    Err(error) => Attempted::Failed { failure: classify_error(&error), error },
+                }
+            }
+            // A 2xx that is not a stream (some servers ignore `stream`): read it whole.
+            _ => match upstream::read_all(&mut ex, pipeline::MAX_UPSTREAM_BODY, provider, settings).await {
+                Ok(body) => Attempted::Whole { ex, body },
+                Err(error) => Attempted::Failed { failure: classify_error(&error), error },
+            },
+        }
+    };
+    match limit {
+        None => work.await,
+        Some(limit) => match tokio::time::timeout(limit, work).await {
+            Ok(a) => a,
+            Err(_) => Attempted::Failed {
+                failure: Failure::Timeout,
+                error: GatewayError::UpstreamTimeout {
+                    provider: provider.id.clone(),
+                    after_ms: limit.as_millis() as u64,
+                },
+            },
+        },
+    }
+}
+
+/// Health, metrics and trace bookkeeping for one finished attempt.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    state: &GatewayState,
+    settings: &crate::routing::health::HealthSettings,
+    ctx: &mut RequestCtx,
+    member: &Member,
+    outcome: Result<(), Failure>,
+    http_status: Option<u16>,
+    error: Option<String>,
+    started: Instant,
+    ttfb: Option<Duration>,
+) {
+    let now = now_ms();
+    let elapsed = started.elapsed();
+    let latency = ttfb.unwrap_or(elapsed);
+    let sample = match outcome {
+        Ok(()) => Some(Sample::Success),
+        Err(f) if f.counts_against_health() => Some(Sample::Failure),
+        Err(_) => None,
+    };
+    if let Some(sample) = sample {
+        member.health.record(sample, latency, now, settings);
+        member.provider_health.record(sample, latency, now, settings);
+    }
+    let status = match outcome {
+        Ok(()) => "success",
+        Err(f) => f.as_str(),
+    };
+    let provider = member.target.provider.id.as_str();
+    state.metrics.routing_attempts.with_label_values(&[provider, status]).inc();
+    ctx.attempts += 1;
+    if let Some(trace) = ctx.trace.as_mut() {
+        trace.push_attempt(
+            provider,
+            &member.target.model,
+            status,
+            http_status,
+            error,
+            started.duration_since(ctx.started),
+            ttfb,
+            elapsed,
+        );
+    }
+}
+
+/// Why an answer fails an acceptance check, if it does.
+pub fn check_accept(accept: &Accept, resp: &Response) -> Result<(), String> {
+    if !accept.finish_reason.is_empty() {
+        let reason = resp.stop.map(wire::openai::codec::finish_reason).unwrap_or("none");
+        if !accept.finish_reason.iter().any(|r| r == reason) {
+            return Err(format!("finish reason {reason} not in {:?}", accept.finish_reason));
+        }
+    }
+    if let Some(min) = accept.min_output_tokens {
+        if resp.usage.output < min {
+            return Err(format!("{} output tokens, fewer than {min}", resp.usage.output));
+        }
+    }
+    let text = wire::response_text(resp);
+    if let Some(min) = accept.min_length {
+        let n = text.chars().count();
+        if n < min {
+            return Err(format!("{n} characters, fewer than {min}"));
+        }
+    }
+    if accept.valid_json && serde_json::from_str::<serde::de::IgnoredAny>(text.trim()).is_err() {
+        return Err("the answer is not valid JSON".into());
+    }
+    Ok(())
+}
+
+/// Splices `"mlx:trace": {...}` into a JSON object body.
+fn inject_trace(body: &[u8], trace: &serde_json::Value) -> Option<Vec<u8>> {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if body[start] != b'{' || body[end] != b'}' {
+        return None;
+    }
+    let inner_empty = body[start + 1..end].iter().all(u8::is_ascii_whitespace);
+    let mut out = Vec::with_capacity(body.len() + 512);
+    out.extend_from_slice(&body[..end]);
+    if !inner_empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"mlx:trace\":");
+    serde_json::to_writer(&mut out, trace).ok()?;
+    out.extend_from_slice(&body[end..]);
+    Some(out)
+}
+
+fn trace_value(ctx: &RequestCtx) -> serde_json::Value {
+    ctx.trace.as_ref().and_then(|t| serde_json::to_value(t).ok()).unwrap_or(serde_json::Value::Null)
+}
+
+/// Answers with a complete 2xx upstream body, converted as `prepared` says.
+#[allow(clippy::too_many_arguments)]
+async fn answer_body(
+    exec: &Exec<'_>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    served: &Served<'_>,
+    ex: &Exchange,
+    prepared: &Prepared,
+    body: Bytes,
+    decoded: Option<Response>,
+) -> Result<(), GatewayError> {
+    let status = ex.header.status.as_u16();
+    let mut headers = pipeline::answer_headers(&ex.header, prepared.translated, served);
+    let trace = exec.want_trace.then(|| trace_value(ctx));
+    if !prepared.translated {
+        let body = match trace.as_ref().and_then(|t| inject_trace(&body, t)) {
+            Some(with) => Bytes::from(with),
+            None => body,
+        };
+        respond::whole(session, ctx, status, headers, body).await;
+        return Ok(());
+    }
+    let resp = match decoded {
+        Some(r) => r,
+        None => decode(prepared.format, &body, &served.target.model).map_err(|message| {
+            GatewayError::UpstreamStatus { provider: served.target.provider.id.clone(), status, message }
+        })?,
+    };
+    if exec.request.stream {
+        // Chosen whole (ensemble, cascade) but asked for as a stream: replay it as one.
+        let out = wire::stream_response(exec.client, &resp, prepared.client_wants_usage, trace.as_ref());
+        headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
+        headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
+        respond::whole(session, ctx, 200, headers, Bytes::from(out)).await;
+        return Ok(());
+    }
+    let mut out = wire::encode_response(exec.client, &resp);
+    if let Some(with) = trace.as_ref().and_then(|t| inject_trace(&out, t)) {
+        out = with;
+    }
+    headers.push((http::header::CONTENT_TYPE, "application/json".into()));
+    respond::whole(session, ctx, status, headers, Bytes::from(out)).await;
+    Ok(())
+}
+
+fn decode(format: WireFormat, body: &[u8], model: &str) -> Result<Response, String> {
+    wire::decode_response(format, body).map(|mut resp| {
+        // Cohere and Bedrock do not name the model in their answers.
+        if resp.model.is_empty() {
+            resp.model = model.to_string();
+        }
+        resp
+    })
+}
+
+/// Reads an error body for its message (bounded), then releases the connection.
+async fn drain_error(state: &GatewayState, settings: &Settings, member: &Member, mut ex: Exchange) -> String {
+    let provider = &member.target.provider;
+    let read = upstream::read_all(&mut ex, 64 * 1024, provider, settings);
+    let message = match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(body)) => pipeline::error_message(provider.format(), &body),
+        _ => String::new(),
+    };
+    upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+    message
+}
+
+/// Attempts in order until one answers. `cascade`: 2xx answers must also pass the step's
+/// acceptance check (the last step's answer is returned even if it fails it).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn sequential(
+    exec: &mut Exec<'_>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    attempts: &[&Member],
+    retry_on: RetryOn,
+    total_budget: Option<Duration>,
+    cascade: bool,
+    info: &RouteInfo,
+) -> Result<(), GatewayError> {
+    let state = exec.state;
+    let settings = exec.settings;
+    let health = &state.store.load().health_settings.clone();
+    let deadline = total_budget.map(|b| Instant::now() + b);
+    let mut last_error: Option<GatewayError> = None;
+    for (i, member) in attempts.iter().enumerate() {
+        let is_last = i + 1 == attempts.len();
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining.is_some_and(|r| r.is_zero()) {
+            break;
+        }
+        let limit = min_limit(member.timeout, remaining);
+        let buffered = cascade && member.accept.is_some();
+        let upstream_stream = exec.request.stream && !buffered;
+        let started = Instant::now();
+        let prepared = match exec.prepare(&member.target, upstream_stream) {
+            Ok(p) => p,
+            Err(e) => {
+                record(
+                    state,
+                    health,
+                    ctx,
+                    member,
+                    Err(Failure::Rejected),
+                    None,
+                    Some(e.message()),
+                    started,
+                    None,
+                );
+                last_error = Some(e);
+                continue;
+            }
+        };
+        let mode = if upstream_stream { Mode::FirstChunk } else { Mode::Whole };
+        let attempted = run(state, settings, member, &prepared, limit, mode).await;
+        let served_now = Served::new(info, member, ctx.attempts + 1);
+        match attempted {
+            Attempted::Streaming { ex, first } => {
+                let ttfb = ex.ttfb;
+                record(state, health, ctx, member, Ok(()), Some(200), None, started, Some(ttfb));
+                ctx.ttfb = Some(ttfb);
+                ctx.set_served(member);
+                conclude(ctx, None);
+                let mut headers = pipeline::answer_headers(&ex.header, prepared.translated, &served_now);
+                let transcoder = prepared.translated.then(|| {
+                    headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
+                    headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
+                    let mut t = Transcoder::new(
+                        prepared.format,
+                        exec.client,
+                        &member.target.model,
+                        prepared.client_wants_usage,
+                    );
+                    if exec.want_trace {
+                        t.hold_done();
+                    }
+                    t
+                });
+                let provider = member.target.provider.clone();
+                pipeline::stream(
+                    state,
+                    settings,
+                    &provider,
+                    session,
+                    ctx,
+                    ex,
+                    first,
+                    headers,
+                    exec.client,
+                    transcoder,
+                )
+                .await;
+                return Ok(());
+            }
+            Attempted::Whole { ex, body } => {
+                let ttfb = ex.ttfb;
+                ctx.upstream_time += ex.started.elapsed();
+                let mut decoded = None;
+                if buffered {
+                    match decode(prepared.format, &body, &member.target.model) {
+                        Ok(resp) => {
+                            let verdict = member.accept.as_ref().map_or(Ok(()), |a| check_accept(a, &resp));
+                            if let (Err(why), false) = (&verdict, is_last) {
+                                record(
+                                    state,
+                                    health,
+                                    ctx,
+                                    member,
+                                    Err(Failure::Rejected),
+                                    Some(ex.header.status.as_u16()),
+                                    Some(why.clone()),
+                                    started,
+                                    Some(ttfb),
+                                );
+                                // The provider itself answered fine.
+                                member.health.record(Sample::Success, ttfb, now_ms(), health);
+                                upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+                                continue;
+                            }
+                            decoded = Some(resp);
+                        }
+                        Err(message) if !is_last => {
+                            record(
+                                state,
+                                health,
+                                ctx,
+                                member,
+                                Err(Failure::ServerError),
+                                Some(ex.header.status.as_u16()),
+                                Some(message),
+                                started,
+                                Some(ttfb),
+                            );
+                            upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+                            continue;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                record(
+                    state,
+                    health,
+                    ctx,
+                    member,
+                    Ok(()),
+                    Some(ex.header.status.as_u16()),
+                    None,
+                    started,
+                    Some(ttfb),
+                );
+                ctx.ttfb = Some(ttfb);
+                ctx.set_served(member);
+                conclude(ctx, None);
+                let result =
+                    answer_body(exec, session, ctx, &served_now, &ex, &prepared, body, decoded).await;
+                upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+                return result;
+            }
+            Attempted::Status { ex, failure } => {
+                let status = ex.header.status.as_u16();
+                let retry = !is_last && retry_on.allows(failure);
+                if retry {
+                    let ttfb = ex.ttfb;
+                    ctx.upstream_time += ex.started.elapsed();
+                    let message = drain_error(state, settings, member, ex).await;
+                    record(
+                        state,
+                        health,
+                        ctx,
+                        member,
+                        Err(failure),
+                        Some(status),
+                        Some(message),
+                        started,
+                        Some(ttfb),
+                    );
+                    continue;
+                }
+                record(state, health, ctx, member, Err(failure), Some(status), None, started, Some(ex.ttfb));
+                ctx.ttfb = Some(ex.ttfb);
+                ctx.set_served(member);
+                conclude(
+                    ctx,
+                    Some(format!("{}/{} answered {status}", member.target.provider.id, member.target.model)),
+                );
+                let headers = pipeline::answer_headers(&ex.header, prepared.translated, &served_now);
+                let provider = member.target.provider.clone();
+                pipeline::answer_upstream_error(
+                    state,
+                    settings,
+                    &provider,
+                    session,
+                    ctx,
+                    ex,
+                    headers,
+                    exec.client,
+                    prepared.translated,
+                )
+                .await;
+                return Ok(());
+            }
+            Attempted::Failed { failure, error } => {
+                record(state, health, ctx, member, Err(failure), None, Some(error.message()), started, None);
+                ctx.upstream_time += started.elapsed();
+                let retry = !is_last && retry_on.allows(failure);
+                last_error = Some(error);
+                if retry {
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+    conclude(ctx, None);
+    let budget_spent = deadline.is_some_and(|d| Instant::now() >= d);
+    Err(match (budget_spent, last_error) {
+        (true, _) => GatewayError::UpstreamTimeout {
+            provider: attempts.last().map(|m| m.target.provider.id.clone()).unwrap_or_default(),
+            after_ms: total_budget.map_or(0, |b| b.as_millis() as u64),
+        },
+        (false, Some(e)) => e,
+        (false, None) => GatewayError::internal("the routing decision has no attempt"),
+    })
+}
+
+fn conclude(ctx: &mut RequestCtx, why: Option<String>) {
+    let winner = if ctx.served.is_some() { ctx.trace.as_ref().map(|t| t.attempts.len()) } else { None };
+    if let Some(t) = ctx.trace.as_mut() {
+        t.conclude(winner.filter(|w| *w > 0), why);
+    }
+}
+
+/// One ensemble member's result.
+struct MemberAnswer {
+    index: usize,
+    outcome: Result<(Exchange, Bytes, Response), (Failure, String, Option<u16>)>,
+    started: Instant,
+    ttfb: Option<Duration>,
+}
+
+fn vote_key(resp: &Response) -> String {
+    wire::response_text(resp).split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+/// All members at once; the aggregation picks the answer. Members that fail or time out
+/// are left out; with no valid answer at all the request fails with 502.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn parallel(
+    exec: &mut Exec<'_>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    members: &[&Member],
+    aggregation: Aggregation,
+    timeout: Duration,
+    info: &RouteInfo,
+) -> Result<(), GatewayError> {
+    let state = exec.state;
+    let settings = exec.settings;
+    let health = &state.store.load().health_settings.clone();
+    let mut prepared = Vec::with_capacity(members.len());
+    for member in members {
+        prepared.push(exec.prepare(&member.target, false));
+    }
+    let mut pending: FuturesUnordered<_> = members
+        .iter()
+        .zip(prepared.iter())
+        .enumerate()
+        .filter_map(|(index, (member, p))| {
+            let p = p.as_ref().ok()?;
+            Some(async move {
+                let started = Instant::now();
+                let outcome = match run(state, settings, member, p, Some(timeout), Mode::Whole).await {
+                    Attempted::Whole { ex, body } => {
+                        let ttfb = Some(ex.ttfb);
+                        let verdict = match decode(p.format, &body, &member.target.model) {
+                            Ok(resp) => {
+                                match member.accept.as_ref().map_or(Ok(()), |a| check_accept(a, &resp)) {
+                                    Ok(()) if !wire::response_text(&resp).trim().is_empty() => Ok(resp),
+                                    Ok(()) => Err((Failure::Rejected, "empty answer".to_string(), Some(200))),
+                                    Err(why) => Err((Failure::Rejected, why, Some(200))),
+                                }
+                            }
+                            Err(why) => Err((Failure::ServerError, why, Some(200))),
+                        };
+                        match verdict {
+                            Ok(resp) => MemberAnswer { index, outcome: Ok((ex, body, resp)), started, ttfb },
+                            Err(e) => {
+                                upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+                                MemberAnswer { index, outcome: Err(e), started, ttfb }
+                            }
+                        }
+                    }
+                    Attempted::Streaming { ex, .. } => MemberAnswer {
+                        index,
+                        outcome: Err((
+                            Failure::ServerError,
+                            "unexpected stream".into(),
+                            Some(ex.header.status.as_u16()),
+                        )),
+                        started,
+                        ttfb: Some(ex.ttfb),
+                    },
+                    Attempted::Status { ex, failure } => {
+                        let status = ex.header.status.as_u16();
+                        let ttfb = ex.ttfb;
+                        let message = drain_error(state, settings, member, ex).await;
+                        MemberAnswer {
+                            index,
+                            outcome: Err((failure, message, Some(status))),
+                            started,
+                            ttfb: Some(ttfb),
+                        }
+                    }
+                    Attempted::Failed { failure, error } => MemberAnswer {
+                        index,
+                        outcome: Err((failure, error.message(), None)),
+                        started,
+                        ttfb: None,
+                    },
+                };
+                outcome
+            })
+        })
+        .collect();
+    for (member, p) in members.iter().zip(prepared.iter()) {
+        if let Err(e) = p {
+            record(
+                state,
+                health,
+                ctx,
+                member,
+                Err(Failure::Rejected),
+                None,
+                Some(e.message()),
+                Instant::now(),
+                None,
+            );
+        }
+    }
+    let mut answers: Vec<(usize, Exchange, Bytes, Response, usize)> = Vec::new();
+    let mut winner: Option<usize> = None;
+    while let Some(a) = pending.next().await {
+        let member = members[a.index];
+        match a.outcome {
+            Ok((ex, body, resp)) => {
+                record(
+                    state,
+                    health,
+                    ctx,
+                    member,
+                    Ok(()),
+                    Some(ex.header.status.as_u16()),
+                    None,
+                    a.started,
+                    a.ttfb,
+                );
+                let attempt_no = ctx.attempts;
+                answers.push((a.index, ex, body, resp, attempt_no));
+                if aggregation == Aggregation::FirstValid {
+                    winner = Some(answers.len() - 1);
+                    break;
+                }
+            }
+            Err((failure, message, status)) => {
+                record(state, health, ctx, member, Err(failure), status, Some(message), a.started, a.ttfb);
+            }
+        }
+    }
+    // First-valid stops early: the others are cancelled (their futures are dropped).
+    let cancelled = pending.len();
+    drop(pending);
+    if cancelled > 0 {
+        if let Some(t) = ctx.trace.as_mut() {
+            t.decision.reason = format!("{cancelled} slower member(s) cancelled");
+        }
+    }
+    let reason;
+    let pick = match aggregation {
+        Aggregation::FirstValid => {
+            reason = "first valid answer".to_string();
+            winner
+        }
+        Aggregation::Majority | Aggregation::Weighted => {
+            let mut tallies: Vec<(String, f64, usize)> = Vec::new();
+            for (pos, (index, _, _, resp, _)) in answers.iter().enumerate() {
+                let key = vote_key(resp);
+                let weight = if aggregation == Aggregation::Weighted { members[*index].weight } else { 1.0 };
+                match tallies.iter_mut().find(|(k, _, _)| *k == key) {
+                    Some(t) => t.1 += weight,
+                    None => tallies.push((key, weight, pos)),
+                }
+            }
+            // Highest tally; ties go to the answer of the member listed first.
+            let best = tallies.iter().fold(None::<&(String, f64, usize)>, |best, t| match best {
+                Some(b) if b.1 > t.1 || (b.1 == t.1 && answers[b.2].0 < answers[t.2].0) => Some(b),
+                _ => Some(t),
+            });
+            let total: f64 = tallies.iter().map(|t| t.1).sum();
+            reason = match best {
+                Some(b) => format!(
+                    "{} with {} of {} votes across {} answers",
+                    aggregation.as_str(),
+                    b.1,
+                    total,
+                    answers.len()
+                ),
+                None => String::new(),
+            };
+            best.map(|b| b.2)
+        }
+    };
+    let Some(pick) = pick else {
+        conclude(ctx, None);
+        return Err(GatewayError::UpstreamConnect {
+            provider: members.first().map(|m| m.target.provider.id.clone()).unwrap_or_default(),
+            message: "no ensemble member produced a valid answer".into(),
+        });
+    };
+    let (index, ex, body, resp, attempt_no) = answers.swap_remove(pick);
+    let member = members[index];
+    ctx.ttfb = Some(ex.ttfb);
+    ctx.set_served(member);
+    if let Some(t) = ctx.trace.as_mut() {
+        let extra = std::mem::take(&mut t.decision.reason);
+        t.conclude(
+            Some(attempt_no),
+            Some(if extra.is_empty() { reason } else { format!("{reason}; {extra}") }),
+        );
+    }
+    let Ok(p) = &prepared[index] else {
+        return Err(GatewayError::internal("winning member has no prepared request"));
+    };
+    let served_now = Served::new(info, member, attempt_no);
+    let result = answer_body(exec, session, ctx, &served_now, &ex, p, body, Some(resp)).await;
+    upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+    for (_, ex, ..) in answers {
+        upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+    }
+    result
+}

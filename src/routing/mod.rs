@@ -1,0 +1,649 @@
+//! The routing engine: validated strategies (built once per config load) and the decision
+//! that turns one request into an ordered candidate list. A decision reads only the
+//! snapshot and the health atomics; its one allocation is the candidate list.
+
+pub mod health;
+pub mod rules;
+pub mod trace;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{RoutingConfig, Snapshot};
+use crate::prices::Tier;
+use crate::providers::Target;
+use health::{Health, HealthSettings, Verdict};
+
+/// Which failures move a fallback to its next attempt (`retry_on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetryOn {
+    pub rate_limited: bool,
+    pub server_error: bool,
+    pub timeout: bool,
+    pub connect: bool,
+}
+
+impl RetryOn {
+    pub const NONE: RetryOn =
+        RetryOn { rate_limited: false, server_error: false, timeout: false, connect: false };
+    pub const ALL: RetryOn = RetryOn { rate_limited: true, server_error: true, timeout: true, connect: true };
+
+    pub fn parse(items: &[String]) -> Result<RetryOn, String> {
+        let mut r = RetryOn::NONE;
+        for item in items {
+            match item.as_str() {
+                "429" => r.rate_limited = true,
+                "5xx" => r.server_error = true,
+                "timeout" => r.timeout = true,
+                "connect" => r.connect = true,
+                other => {
+                    return Err(format!(
+                        "unknown retry_on value \"{other}\" (use 429, 5xx, timeout, connect)"
+                    ))
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn allows(self, failure: Failure) -> bool {
+        match failure {
+            Failure::RateLimited => self.rate_limited,
+            Failure::ServerError => self.server_error,
+            Failure::Timeout => self.timeout,
+            Failure::Connect => self.connect,
+            Failure::Rejected => true,
+            Failure::ClientError => false,
+        }
+    }
+}
+
+/// Why an attempt did not produce the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Upstream 429.
+    RateLimited,
+    /// Upstream 5xx, or a credential failure (401/403: the gateway's key, not the client's).
+    ServerError,
+    /// The attempt's or the request's deadline passed.
+    Timeout,
+    /// No connection, or the connection broke before the answer was complete.
+    Connect,
+    /// A 2xx answer that failed the step's acceptance check (cascade, ensemble validation).
+    Rejected,
+    /// Any other 4xx: the request itself is at fault; never retried.
+    ClientError,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::RateLimited => "rate_limited",
+            Failure::ServerError => "upstream_error",
+            Failure::Timeout => "timeout",
+            Failure::Connect => "connect_error",
+            Failure::Rejected => "rejected",
+            Failure::ClientError => "client_error",
+        }
+    }
+
+    /// Whether it says something about the provider's health (PRODUCT.md §9.3: client
+    /// 4xx do not count, 429/5xx/timeouts do).
+    pub fn counts_against_health(self) -> bool {
+        !matches!(self, Failure::ClientError | Failure::Rejected)
+    }
+}
+
+/// A cascade step's (or an ensemble's) test of a 2xx answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Accept {
+    /// Allowed finish reasons, in OpenAI spelling (`stop`, `length`, `tool_calls`, …).
+    pub finish_reason: Vec<String>,
+    pub min_output_tokens: Option<u64>,
+    /// Minimum characters of answer text.
+    pub min_length: Option<usize>,
+    /// The answer text must parse as JSON.
+    pub valid_json: bool,
+}
+
+impl Accept {
+    pub fn is_empty(&self) -> bool {
+        *self == Accept::default()
+    }
+}
+
+/// One model a strategy may use, with everything resolved at load time.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub target: Target,
+    /// Health of this provider/model, and of the provider as a whole.
+    pub health: Arc<Health>,
+    pub provider_health: Arc<Health>,
+    pub timeout: Option<Duration>,
+    pub weight: f64,
+    pub accept: Option<Accept>,
+    /// Price per token (input, output) and tier, for cost-aware strategies.
+    pub price: Option<(f64, f64)>,
+    pub tier: Option<Tier>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregation {
+    /// The first member whose answer passes validation wins; the others are cancelled.
+    FirstValid,
+    /// The answer given by the most members wins (ties: member order).
+    Majority,
+    /// Like majority, each vote counting its member's weight.
+    Weighted,
+}
+
+impl Aggregation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::FirstValid => "first_valid",
+            Aggregation::Majority => "majority",
+            Aggregation::Weighted => "weighted",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: String,
+    pub weight: f64,
+    /// Sub-config slug, without `@`.
+    pub config: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum RuleTarget {
+    Config(String),
+    Model(Box<Member>),
+}
+
+#[derive(Debug, Clone)]
+pub enum Strategy {
+    Single {
+        member: Member,
+    },
+    Fallback {
+        attempts: Vec<Member>,
+        retry_on: RetryOn,
+        total_budget: Option<Duration>,
+    },
+    CostOptimized {
+        tier: Tier,
+        candidates: Vec<Member>,
+        retry_on: RetryOn,
+        default_output_tokens: u64,
+    },
+    LatencyOptimized {
+        candidates: Vec<Member>,
+        retry_on: RetryOn,
+        /// Share of requests (0–1) sent to a random other healthy candidate so every
+        /// candidate's latency stays known.
+        explore: f64,
+    },
+    Ensemble {
+        members: Vec<Member>,
+        aggregation: Aggregation,
+        timeout: Duration,
+    },
+    AbTest {
+        variants: Vec<Variant>,
+        total_weight: f64,
+    },
+    Cascade {
+        steps: Vec<Member>,
+        retry_on: RetryOn,
+        total_budget: Option<Duration>,
+    },
+    CustomRules {
+        file: String,
+        rules: Arc<rules::RuleSet>,
+        /// One per rule, then the default: what each rule's `use` resolves to.
+        targets: Vec<RuleTarget>,
+        default_output_tokens: u64,
+        /// Price of the default target's model, for `est_cost_usd`.
+        cost_price: Option<(f64, f64)>,
+        /// Provider health cells referenced by the rules.
+        providers: Vec<(String, Arc<Health>)>,
+    },
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Single { .. } => "single",
+            Strategy::Fallback { .. } => "fallback",
+            Strategy::CostOptimized { .. } => "cost_optimized",
+            Strategy::LatencyOptimized { .. } => "latency_optimized",
+            Strategy::Ensemble { .. } => "ensemble",
+            Strategy::AbTest { .. } => "ab_test",
+            Strategy::Cascade { .. } => "cascade",
+            Strategy::CustomRules { .. } => "custom_rules",
+        }
+    }
+
+    /// Sub-configs this strategy may hand a request to.
+    pub fn sub_configs(&self) -> Vec<&str> {
+        match self {
+            Strategy::AbTest { variants, .. } => variants.iter().map(|v| v.config.as_str()).collect(),
+            Strategy::CustomRules { targets, .. } => targets
+                .iter()
+                .filter_map(|t| match t {
+                    RuleTarget::Config(s) => Some(s.as_str()),
+                    RuleTarget::Model(_) => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The first model this strategy would use, for display (`GET /models`, dry runs).
+    pub fn members(&self) -> &[Member] {
+        match self {
+            Strategy::Single { member } => std::slice::from_ref(member),
+            Strategy::Fallback { attempts: m, .. }
+            | Strategy::CostOptimized { candidates: m, .. }
+            | Strategy::LatencyOptimized { candidates: m, .. }
+            | Strategy::Ensemble { members: m, .. }
+            | Strategy::Cascade { steps: m, .. } => m,
+            Strategy::AbTest { .. } | Strategy::CustomRules { .. } => &[],
+        }
+    }
+}
+
+/// Nested configs (ab_test → custom_rules → …) are followed at most this deep; deeper or
+/// cyclic definitions are rejected at load time.
+pub const MAX_DEPTH: usize = 4;
+
+/// What the request looks like, as far as routing is concerned.
+pub struct RequestFacts<'a> {
+    pub model: &'a str,
+    pub tags: &'a [(String, String)],
+    pub end_user: Option<&'a str>,
+    pub trace_id: Option<&'a str>,
+    pub est_input_tokens: u64,
+    /// The request's `max_tokens`, when it set one.
+    pub max_tokens: Option<u64>,
+    pub budget_remaining_usd: Option<f64>,
+    pub budget_remaining_pct: Option<f64>,
+}
+
+/// Why a candidate is where it is in the decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reason {
+    /// Listed at this position (1-based) by the config.
+    Listed(usize),
+    /// Estimated cost in USD for this request.
+    Cost(f64),
+    /// Live median latency in ms (`None`: no recent samples).
+    Latency(Option<f64>),
+    /// Sent here to keep its latency known (latency_optimized exploration).
+    Explore,
+    /// Open circuit, let through as the half-open probe.
+    Probe,
+    /// Every candidate was unhealthy, so this one is tried anyway.
+    LastResort,
+    Unhealthy,
+    BelowTier(Tier),
+    Member,
+}
+
+impl Reason {
+    pub fn describe(&self) -> String {
+        match self {
+            Reason::Listed(1) => "first attempt".into(),
+            Reason::Listed(n) => format!("attempt {n} in the config's order"),
+            Reason::Cost(usd) => format!("estimated cost ${usd:.6}"),
+            Reason::Latency(Some(ms)) => format!("live p50 {ms:.1} ms"),
+            Reason::Latency(None) => "no recent latency samples".into(),
+            Reason::Explore => "exploration sample (keeps its latency known)".into(),
+            Reason::Probe => "half-open probe of an unhealthy target".into(),
+            Reason::LastResort => "every candidate is unhealthy; tried anyway".into(),
+            Reason::Unhealthy => "provider unhealthy".into(),
+            Reason::BelowTier(t) => format!("quality tier {} is below the required one", t.as_str()),
+            Reason::Member => "ensemble member".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub member: &'a Member,
+    /// `false`: rejected, never attempted.
+    pub eligible: bool,
+    pub reason: Reason,
+}
+
+/// How the candidates are executed.
+#[derive(Debug, Clone, Copy)]
+pub enum Plan {
+    /// One after another, moving on on `retry_on` failures (and, with `cascade`, on
+    /// answers failing a step's acceptance check).
+    Sequential { retry_on: RetryOn, total_budget: Option<Duration>, cascade: bool },
+    /// All at once.
+    Parallel { aggregation: Aggregation, timeout: Duration },
+}
+
+/// A config that handed the request on: an A/B test's variant or a rule's choice.
+#[derive(Debug, Clone, Copy)]
+pub enum Hop<'a> {
+    Variant {
+        config: &'a RoutingConfig,
+        label: &'a str,
+    },
+    /// `rule`: index of the matching rule, `None` for the default.
+    Rule {
+        config: &'a RoutingConfig,
+        rule: Option<usize>,
+    },
+}
+
+pub struct Decision<'a> {
+    /// The config whose strategy produced the candidates.
+    pub config: &'a RoutingConfig,
+    pub hops: [Option<Hop<'a>>; MAX_DEPTH],
+    pub plan: Plan,
+    /// Eligible candidates first, in attempt order; then the rejected ones.
+    pub candidates: Vec<Candidate<'a>>,
+}
+
+impl<'a> Decision<'a> {
+    /// The A/B variant label, when an `ab_test` config ran.
+    pub fn ab_variant(&self) -> Option<&'a str> {
+        self.hops.iter().flatten().find_map(|h| match h {
+            Hop::Variant { label, .. } => Some(*label),
+            Hop::Rule { .. } => None,
+        })
+    }
+
+    /// The config the client named (`@slug`).
+    pub fn entry(&self) -> &'a RoutingConfig {
+        match self.hops[0] {
+            Some(Hop::Variant { config, .. }) | Some(Hop::Rule { config, .. }) => config,
+            None => self.config,
+        }
+    }
+
+    pub fn attempts(&self) -> impl Iterator<Item = &Candidate<'a>> {
+        self.candidates.iter().filter(|c| c.eligible)
+    }
+}
+
+/// Stable 64-bit FNV-1a, for sticky A/B assignment that survives restarts.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Estimated USD cost of the request on a member (input estimate + max output).
+fn estimate(member: &Member, facts: &RequestFacts<'_>, default_output: u64) -> Option<f64> {
+    let (input, output) = member.price?;
+    Some(facts.est_input_tokens as f64 * input + facts.max_tokens.unwrap_or(default_output) as f64 * output)
+}
+
+struct RuleFacts<'f, 'a> {
+    facts: &'f RequestFacts<'a>,
+    est_cost: f64,
+    default_output: u64,
+    providers: &'f [(String, Arc<Health>)],
+    now: u64,
+    settings: &'f HealthSettings,
+}
+
+impl RuleFacts<'_, '_> {
+    fn provider(&self, id: &str) -> Option<&Health> {
+        self.providers.iter().find(|(p, _)| p == id).map(|(_, h)| h.as_ref())
+    }
+}
+
+impl rules::Facts for RuleFacts<'_, '_> {
+    fn tag(&self, key: &str) -> Option<&str> {
+        self.facts.tags.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+    fn end_user(&self) -> Option<&str> {
+        self.facts.end_user
+    }
+    fn model(&self) -> &str {
+        self.facts.model
+    }
+    fn est_input_tokens(&self) -> f64 {
+        self.facts.est_input_tokens as f64
+    }
+    fn est_output_tokens(&self) -> f64 {
+        self.facts.max_tokens.unwrap_or(self.default_output) as f64
+    }
+    fn est_cost_usd(&self) -> f64 {
+        self.est_cost
+    }
+    fn budget_remaining_usd(&self) -> Option<f64> {
+        self.facts.budget_remaining_usd
+    }
+    fn budget_remaining_pct(&self) -> Option<f64> {
+        self.facts.budget_remaining_pct
+    }
+    fn provider_p50_ms(&self, provider: &str) -> Option<f64> {
+        self.provider(provider)?.p50_ms(self.now, self.settings)
+    }
+    fn provider_success_rate(&self, provider: &str) -> Option<f64> {
+        self.provider(provider)?.success_rate(self.now, self.settings)
+    }
+    fn provider_healthy(&self, provider: &str) -> Option<bool> {
+        self.provider(provider).map(|h| h.is_healthy())
+    }
+}
+
+/// Routes one request that named `@slug` (`config`). Health verdicts are taken here, so a
+/// probe lease goes to the request that will actually carry the probe.
+pub fn decide<'a>(
+    snapshot: &'a Snapshot,
+    config: &'a RoutingConfig,
+    facts: &RequestFacts<'_>,
+    now: u64,
+    lease: bool,
+) -> Decision<'a> {
+    let settings = &snapshot.health_settings;
+    let mut hops: [Option<Hop<'a>>; MAX_DEPTH] = [None; MAX_DEPTH];
+    let mut current = config;
+    let mut depth = 0;
+    loop {
+        let next: Option<&'a str> = match &current.strategy {
+            Strategy::AbTest { variants, total_weight } => {
+                let sticky = facts.end_user.or(facts.trace_id);
+                let point = match sticky {
+                    Some(key) => {
+                        (fnv1a(&[current.slug.as_bytes(), key.as_bytes()]) >> 11) as f64 / (1u64 << 53) as f64
+                    }
+                    None => rand::random::<f64>(),
+                } * total_weight;
+                let mut acc = 0.0;
+                let variant = variants
+                    .iter()
+                    .find(|v| {
+                        acc += v.weight;
+                        point < acc
+                    })
+                    .or(variants.last());
+                variant.map(|v| {
+                    if depth < MAX_DEPTH {
+                        hops[depth] = Some(Hop::Variant { config: current, label: v.name.as_str() });
+                    }
+                    v.config.as_str()
+                })
+            }
+            Strategy::CustomRules {
+                rules, targets, default_output_tokens, cost_price, providers, ..
+            } => {
+                let est_cost = cost_price.map_or(0.0, |(i, o)| {
+                    facts.est_input_tokens as f64 * i
+                        + facts.max_tokens.unwrap_or(*default_output_tokens) as f64 * o
+                });
+                let rf = RuleFacts {
+                    facts,
+                    est_cost,
+                    default_output: *default_output_tokens,
+                    providers,
+                    now,
+                    settings,
+                };
+                let (index, _) = rules.evaluate(&rf);
+                if depth < MAX_DEPTH {
+                    hops[depth] = Some(Hop::Rule { config: current, rule: index });
+                }
+                match targets.get(index.unwrap_or(targets.len().saturating_sub(1))) {
+                    Some(RuleTarget::Config(slug)) => Some(slug.as_str()),
+                    Some(RuleTarget::Model(member)) => {
+                        return Decision {
+                            config: current,
+                            hops,
+                            plan: Plan::Sequential {
+                                retry_on: RetryOn::NONE,
+                                total_budget: None,
+                                cascade: false,
+                            },
+                            candidates: vec![Candidate { member, eligible: true, reason: Reason::Listed(1) }],
+                        };
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        match next.and_then(|slug| snapshot.routing_configs.get(slug)) {
+            Some(sub) if depth + 1 < MAX_DEPTH => {
+                current = sub;
+                depth += 1;
+            }
+            _ => break,
+        }
+    }
+    let (plan, candidates) = candidates(current, facts, now, settings, lease);
+    Decision { config: current, hops, plan, candidates }
+}
+
+/// Health-filters `members` in preference order: usable ones (healthy, or holding the probe
+/// lease) become attempts; unhealthy ones are rejected, unless none is usable, in which
+/// case all are tried in order rather than failing without trying.
+fn health_ordered<'a>(
+    members: impl ExactSizeIterator<Item = (&'a Member, Reason)> + Clone,
+    now: u64,
+    settings: &HealthSettings,
+    lease: bool,
+) -> Vec<Candidate<'a>> {
+    let mut out = Vec::with_capacity(members.len());
+    for (member, reason) in members.clone() {
+        match member.health.verdict(now, settings, lease) {
+            Verdict::Healthy => out.push(Candidate { member, eligible: true, reason }),
+            Verdict::Probe => out.push(Candidate { member, eligible: true, reason: Reason::Probe }),
+            Verdict::Unhealthy => out.push(Candidate { member, eligible: false, reason: Reason::Unhealthy }),
+        }
+    }
+    if !out.iter().any(|c| c.eligible) {
+        for c in out.iter_mut() {
+            c.eligible = true;
+            c.reason = Reason::LastResort;
+        }
+    }
+    // Stable: attempts keep their order, rejected ones move behind them.
+    out.sort_by_key(|c| !c.eligible);
+    out
+}
+
+fn candidates<'a>(
+    config: &'a RoutingConfig,
+    facts: &RequestFacts<'_>,
+    now: u64,
+    settings: &HealthSettings,
+    lease: bool,
+) -> (Plan, Vec<Candidate<'a>>) {
+    match &config.strategy {
+        Strategy::Single { member } => (
+            Plan::Sequential { retry_on: RetryOn::NONE, total_budget: None, cascade: false },
+            vec![Candidate { member, eligible: true, reason: Reason::Listed(1) }],
+        ),
+        Strategy::Fallback { attempts, retry_on, total_budget } => (
+            Plan::Sequential { retry_on: *retry_on, total_budget: *total_budget, cascade: false },
+            health_ordered(
+                attempts.iter().enumerate().map(|(i, m)| (m, Reason::Listed(i + 1))),
+                now,
+                settings,
+                lease,
+            ),
+        ),
+        Strategy::Cascade { steps, retry_on, total_budget } => (
+            Plan::Sequential { retry_on: *retry_on, total_budget: *total_budget, cascade: true },
+            health_ordered(
+                steps.iter().enumerate().map(|(i, m)| (m, Reason::Listed(i + 1))),
+                now,
+                settings,
+                lease,
+            ),
+        ),
+        Strategy::CostOptimized { tier, candidates, retry_on, default_output_tokens } => {
+            let mut out = health_ordered(
+                candidates.iter().map(|m| {
+                    (m, Reason::Cost(estimate(m, facts, *default_output_tokens).unwrap_or(f64::INFINITY)))
+                }),
+                now,
+                settings,
+                lease,
+            );
+            for c in out.iter_mut() {
+                if let Some(t) = c.member.tier.filter(|t| t < tier) {
+                    c.eligible = false;
+                    c.reason = Reason::BelowTier(t);
+                }
+            }
+            let cost = |c: &Candidate<'_>| {
+                estimate(c.member, facts, *default_output_tokens).unwrap_or(f64::INFINITY)
+            };
+            // Eligible first, cheapest first; equal costs keep list order (stable sort).
+            out.sort_by(|a, b| b.eligible.cmp(&a.eligible).then(cost(a).total_cmp(&cost(b))));
+            (Plan::Sequential { retry_on: *retry_on, total_budget: None, cascade: false }, out)
+        }
+        Strategy::LatencyOptimized { candidates, retry_on, explore } => {
+            let mut out = health_ordered(
+                candidates.iter().map(|m| (m, Reason::Latency(m.health.p50_ms(now, settings)))),
+                now,
+                settings,
+                lease,
+            );
+            let p50 = |c: &Candidate<'_>| c.member.health.p50_ms(now, settings);
+            // Known latencies first, fastest first; unknown ones after in list order
+            // (cold start = list order).
+            out.sort_by(|a, b| {
+                b.eligible.cmp(&a.eligible).then(match (p50(a), p50(b)) {
+                    (Some(x), Some(y)) => x.total_cmp(&y),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                })
+            });
+            let usable = out.iter().filter(|c| c.eligible).count();
+            if usable > 1 && *explore > 0.0 && rand::random::<f64>() < *explore {
+                let pick = 1 + rand::random_range(0..usable - 1);
+                out[pick].reason = Reason::Explore;
+                out[..=pick].rotate_right(1);
+            }
+            (Plan::Sequential { retry_on: *retry_on, total_budget: None, cascade: false }, out)
+        }
+        Strategy::Ensemble { members, aggregation, timeout } => {
+            let out = health_ordered(members.iter().map(|m| (m, Reason::Member)), now, settings, lease);
+            (Plan::Parallel { aggregation: *aggregation, timeout: *timeout }, out)
+        }
+        // Only reached when nesting is exhausted, which validation prevents.
+        Strategy::AbTest { .. } | Strategy::CustomRules { .. } => {
+            (Plan::Sequential { retry_on: RetryOn::NONE, total_budget: None, cascade: false }, Vec::new())
+        }
+    }
+}
