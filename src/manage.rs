@@ -44,7 +44,11 @@ impl ServeHttp for ManageApp {
         // Management requests carry no bodies we use yet; drain so the connection stays reusable.
         let _ = session.drain_request_body().await;
         match (method.as_str(), path.as_str()) {
-            ("GET", "/metrics") => respond(200, "text/plain; version=0.0.4", self.metrics.render()),
+            ("GET", "/metrics") => {
+                let snapshot = self.store.load();
+                self.metrics.refresh_health(&snapshot.health, &snapshot.health_settings);
+                respond(200, "text/plain; version=0.0.4", self.metrics.render())
+            }
             ("GET", "/healthz") => json(200, br#"{"status":"ok"}"#.to_vec()),
             ("GET", "/readyz") => {
                 let generation = self.store.load().generation;

@@ -4,8 +4,11 @@
 
 use dashmap::DashMap;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::routing::health::{now_ms, HealthRegistry, HealthSettings};
 
 /// Distinct model label values kept before new ones are folded into "other": clients can
 /// put arbitrary names behind a recognised prefix, and each label value is a new series.
@@ -33,6 +36,12 @@ pub struct Metrics {
     pub upstream_connections_reused: IntCounter,
     pub upstream_connections_new: IntCounter,
     pub routing_attempts: IntCounterVec,
+    target_healthy: GaugeVec,
+    target_success_rate: GaugeVec,
+    target_samples: GaugeVec,
+    target_p50: GaugeVec,
+    target_ewma: GaugeVec,
+    target_last_sample_age: GaugeVec,
     models: DashMap<String, ()>,
 }
 
@@ -110,6 +119,30 @@ impl Metrics {
             &["provider", "outcome"],
         )?;
         registry.register(Box::new(routing_attempts.clone()))?;
+        // Provider health, per provider/model (model "*" = the provider as a whole). Refreshed
+        // from the health registry at scrape time.
+        let health_gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
+            let g = GaugeVec::new(Opts::new(name, help), &["provider", "model"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let target_healthy = health_gauge(
+            "modelux_target_healthy",
+            "1 when the target's circuit is closed, 0 when open (skipped)",
+        )?;
+        let target_success_rate =
+            health_gauge("modelux_target_success_rate", "Upstream success rate over the health window")?;
+        let target_samples = health_gauge("modelux_target_samples", "Attempts counted in the health window")?;
+        let target_p50 = health_gauge(
+            "modelux_target_latency_p50_seconds",
+            "Median time to the upstream's response header over the health window",
+        )?;
+        let target_ewma = health_gauge(
+            "modelux_target_latency_ewma_seconds",
+            "Exponentially weighted moving average of time to the response header",
+        )?;
+        let target_last_sample_age =
+            health_gauge("modelux_target_last_sample_age_seconds", "Time since the target's last attempt")?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -139,6 +172,12 @@ impl Metrics {
             upstream_connections_reused,
             upstream_connections_new,
             routing_attempts,
+            target_healthy,
+            target_success_rate,
+            target_samples,
+            target_p50,
+            target_ewma,
+            target_last_sample_age,
             models: DashMap::new(),
         })
     }
@@ -157,6 +196,30 @@ impl Metrics {
             return model;
         }
         "other"
+    }
+
+    /// Copies the live health of every target that saw traffic into the health gauges.
+    pub fn refresh_health(&self, health: &HealthRegistry, settings: &HealthSettings) {
+        let now = now_ms();
+        for (key, cell) in health.snapshot() {
+            let (provider, model) = key.split_once('/').unwrap_or((key.as_str(), "*"));
+            let labels = [provider, model];
+            let r = cell.report(now, settings);
+            self.target_healthy.with_label_values(&labels).set(if r.healthy { 1.0 } else { 0.0 });
+            self.target_samples.with_label_values(&labels).set(r.samples as f64);
+            if let Some(rate) = r.success_rate {
+                self.target_success_rate.with_label_values(&labels).set(rate);
+            }
+            if let Some(p50) = r.p50_ms {
+                self.target_p50.with_label_values(&labels).set(p50 / 1000.0);
+            }
+            if let Some(ewma) = r.ewma_ms {
+                self.target_ewma.with_label_values(&labels).set(ewma / 1000.0);
+            }
+            if let Some(age) = r.last_sample_age_ms {
+                self.target_last_sample_age.with_label_values(&labels).set(age as f64 / 1000.0);
+            }
+        }
     }
 
     /// Prometheus text exposition format.

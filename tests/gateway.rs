@@ -53,6 +53,10 @@ struct Cfg<'a> {
     anthropic: Option<&'a str>,
     /// More provider entries, each a full `  - { … }` line.
     more_providers: String,
+    /// More routing configs, each a full `  slug: { … }` line.
+    more_configs: String,
+    /// Top-level sections placed before `routing_configs:` (e.g. `health:`).
+    top_extra: String,
 }
 
 impl<'a> Cfg<'a> {
@@ -65,6 +69,8 @@ impl<'a> Cfg<'a> {
             openai_extra: "",
             anthropic: None,
             more_providers: String::new(),
+            more_configs: String::new(),
+            top_extra: String::new(),
         }
     }
 }
@@ -94,10 +100,12 @@ providers:
       - {{ name: o, key: "{OTHER_KEY}" }}
 management_keys:
   - {{ name: admin, key: "{ADMIN_KEY}" }}
-routing_configs:
+{top_extra}routing_configs:
   fast: {{ project: default, strategy: single, model: "{fast}" }}
   theirs: {{ project: other, strategy: single, model: "local/m1" }}
-"#,
+{more_configs}"#,
+        top_extra = cfg.top_extra,
+        more_configs = cfg.more_configs,
         server_extra = cfg.server_extra,
         upstream = cfg.upstream,
         local = cfg.local.unwrap_or(cfg.upstream),
@@ -789,6 +797,9 @@ fn config_errors_name_their_paths() {
         vec!["projects[0].keys[0].key: environment variable MODELUX_UNSET_FOR_TEST is not set"]
     );
 }
+
+#[path = "gateway/routing.rs"]
+mod routing;
 
 // ------------------------------------------------------------------ translation
 

@@ -254,6 +254,11 @@ impl MockServer {
         self.shared.count.load(Ordering::Relaxed)
     }
 
+    /// Script entries not consumed yet.
+    pub fn script_pending(&self) -> usize {
+        lock(&self.shared.script).len()
+    }
+
     /// Appends behaviors to the script at runtime.
     pub fn push_script(&self, behaviors: impl IntoIterator<Item = Behavior>) {
         let mut script = lock(&self.shared.script);

@@ -592,10 +592,13 @@ fn conclude(ctx: &mut RequestCtx, why: Option<String>) {
     }
 }
 
+/// Why a member's answer does not count: failure class, message, HTTP status.
+type MemberFailure = (Failure, String, Option<u16>);
+
 /// One ensemble member's result.
 struct MemberAnswer {
     index: usize,
-    outcome: Result<(Exchange, Bytes, Response), (Failure, String, Option<u16>)>,
+    outcome: Result<(Exchange, Bytes, Response), MemberFailure>,
     started: Instant,
     ttfb: Option<Duration>,
 }

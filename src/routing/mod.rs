@@ -302,7 +302,7 @@ impl Reason {
             Reason::Explore => "exploration sample (keeps its latency known)".into(),
             Reason::Probe => "half-open probe of an unhealthy target".into(),
             Reason::LastResort => "every candidate is unhealthy; tried anyway".into(),
-            Reason::Unhealthy => "provider unhealthy".into(),
+            Reason::Unhealthy => "provider unhealthy; tried only if every other candidate fails".into(),
             Reason::BelowTier(t) => format!("quality tier {} is below the required one", t.as_str()),
             Reason::Member => "ensemble member".into(),
         }
@@ -367,12 +367,28 @@ impl<'a> Decision<'a> {
         }
     }
 
+    /// Candidates in the order they are tried: the eligible ones, then (as a last resort,
+    /// only reached when all of those failed) the ones skipped as unhealthy.
     pub fn attempts(&self) -> impl Iterator<Item = &Candidate<'a>> {
-        self.candidates.iter().filter(|c| c.eligible)
+        self.candidates
+            .iter()
+            .filter(|c| c.eligible)
+            .chain(self.candidates.iter().filter(|c| !c.eligible && c.reason == Reason::Unhealthy))
     }
 }
 
-/// Stable 64-bit FNV-1a, for sticky A/B assignment that survives restarts.
+/// Stable 64-bit hash (FNV-1a, then the murmur3 finalizer so that similar keys such as
+/// `user-1`/`user-2` spread over the whole range), for sticky A/B assignment that
+/// survives restarts.
+fn sticky_hash(parts: &[&[u8]]) -> u64 {
+    let mut h = fnv1a(parts);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for part in parts {
@@ -462,7 +478,8 @@ pub fn decide<'a>(
                 let sticky = facts.end_user.or(facts.trace_id);
                 let point = match sticky {
                     Some(key) => {
-                        (fnv1a(&[current.slug.as_bytes(), key.as_bytes()]) >> 11) as f64 / (1u64 << 53) as f64
+                        (sticky_hash(&[current.slug.as_bytes(), key.as_bytes()]) >> 11) as f64
+                            / (1u64 << 53) as f64
                     }
                     None => rand::random::<f64>(),
                 } * total_weight;

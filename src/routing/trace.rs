@@ -48,7 +48,8 @@ impl From<HealthReport> for HealthRecord {
 pub struct CandidateRecord {
     pub provider: String,
     pub model: String,
-    /// `selected` (first attempt), `fallback` (later attempt), `rejected` (never tried).
+    /// `selected` (first attempt), `fallback` (later attempt), `last_resort` (unhealthy:
+    /// tried only after every other candidate failed), `rejected` (never tried).
     pub status: &'static str,
     pub reason: String,
     pub health: HealthRecord,
@@ -168,7 +169,9 @@ impl DecisionTrace {
             .map(|c| CandidateRecord {
                 provider: c.member.target.provider.id.clone(),
                 model: c.member.target.model.clone(),
-                status: if !c.eligible {
+                status: if !c.eligible && c.reason == super::Reason::Unhealthy {
+                    "last_resort"
+                } else if !c.eligible {
                     "rejected"
                 } else {
                     attempt_no += 1;
