@@ -220,6 +220,53 @@ fn transcode_stream(c: &mut Criterion) {
     group.finish();
 }
 
+/// A routing decision (snapshot load from the ArcSwap included) for the configs in
+/// `benches/routing.yaml`: a 3-attempt fallback, 10-candidate cost and latency choices.
+fn route_decisions(c: &mut Criterion) {
+    use modelux::routing::{self, health, RequestFacts};
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches"));
+    let text = std::fs::read_to_string(dir.join("routing.yaml")).unwrap();
+    let snapshot = modelux::config::build_snapshot_in(&text, &|_| None, None, dir).unwrap();
+    let store = arc_swap::ArcSwap::from_pointee(snapshot);
+    let tags = vec![("tenant".to_string(), "smallco".to_string())];
+    let facts = RequestFacts {
+        model: "@x",
+        tags: &tags,
+        end_user: Some("user-42"),
+        trace_id: None,
+        est_input_tokens: 500,
+        max_tokens: Some(256),
+        budget_remaining_usd: None,
+        budget_remaining_pct: None,
+    };
+    {
+        // Live latencies for the latency strategy to rank.
+        let snap = store.load();
+        let now = health::now_ms();
+        for (i, m) in snap.routing_configs["latency10"].strategy.members().iter().enumerate() {
+            let ms = 50 + (i as u64 * 37) % 200;
+            m.health.record(
+                health::Sample::Success,
+                std::time::Duration::from_millis(ms),
+                now,
+                &snap.health_settings,
+            );
+        }
+    }
+    let mut group = c.benchmark_group("route_decision");
+    for slug in ["fallback3", "cost10", "latency10", "ab", "rules"] {
+        group.bench_function(slug, |b| {
+            b.iter(|| {
+                let snap = store.load();
+                let config = &snap.routing_configs[slug];
+                let d = routing::decide(&snap, config, black_box(&facts), health::now_ms(), true);
+                black_box(d.candidates.len())
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     decode_and_rewrite,
@@ -228,6 +275,7 @@ criterion_group!(
     metrics,
     translate_request,
     translate_small_round_trip,
-    transcode_stream
+    transcode_stream,
+    route_decisions
 );
 criterion_main!(benches);

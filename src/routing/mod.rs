@@ -664,3 +664,109 @@ fn candidates<'a>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// Counts this thread's allocations, to prove what a decision allocates.
+    struct Counting;
+    thread_local! {
+        static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    }
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    fn allocations_in(f: impl FnOnce()) -> usize {
+        let before = ALLOCATIONS.with(|c| c.get());
+        f();
+        ALLOCATIONS.with(|c| c.get()) - before
+    }
+
+    /// Ten providers and configs exercising the decision paths (shared with the benchmark).
+    pub const BENCH_CONFIG: &str = include_str!("../../benches/routing.yaml");
+
+    fn snapshot() -> Snapshot {
+        let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches"));
+        crate::config::build_snapshot_in(BENCH_CONFIG, &|_| None, None, dir).unwrap()
+    }
+
+    fn facts() -> RequestFacts<'static> {
+        RequestFacts {
+            model: "@x",
+            tags: &[],
+            end_user: Some("user-42"),
+            trace_id: None,
+            est_input_tokens: 500,
+            max_tokens: Some(256),
+            budget_remaining_usd: None,
+            budget_remaining_pct: None,
+        }
+    }
+
+    #[test]
+    fn a_decision_allocates_only_its_candidate_list() {
+        let snap = snapshot();
+        let f = facts();
+        let now = health::now_ms();
+        // Warm up thread-locals (the rand thread RNG) outside the measurement.
+        let _ = decide(&snap, &snap.routing_configs["ab"], &f, now, true);
+        for slug in ["fallback3", "cost10", "latency10", "ensemble3", "cascade3", "ab", "rules"] {
+            let config = &snap.routing_configs[slug];
+            let mut decision = None;
+            let n = allocations_in(|| decision = Some(decide(&snap, config, &f, now, true)));
+            assert_eq!(n, 1, "{slug}: {n} allocations");
+            let d = decision.unwrap();
+            assert!(d.attempts().count() >= 1, "{slug}");
+        }
+    }
+
+    #[test]
+    fn cost_picks_the_cheapest_qualifying_and_latency_the_fastest() {
+        let snap = snapshot();
+        let f = facts();
+        let now = health::now_ms();
+        let d = decide(&snap, &snap.routing_configs["cost10"], &f, now, true);
+        let order: Vec<&str> = d.attempts().map(|c| c.member.target.provider.id.as_str()).collect();
+        // p1..p10 cost 10, 9, …, 1 (per million tokens); p9 and p10 are economy.
+        assert_eq!(order, ["p8", "p7", "p6", "p5", "p4", "p3", "p2", "p1"]);
+        assert_eq!(d.candidates.iter().filter(|c| !c.eligible).count(), 2);
+        let d = decide(&snap, &snap.routing_configs["latency10"], &f, now, true);
+        let fastest = d.attempts().next().unwrap().member.target.provider.id.as_str();
+        assert_eq!(fastest, "p1", "cold start: list order");
+        let s = &snap.health_settings;
+        for (i, member) in snap.routing_configs["latency10"].strategy.members().iter().enumerate() {
+            member.health.record(health::Sample::Success, Duration::from_millis(100 - i as u64 * 7), now, s);
+        }
+        let d = decide(&snap, &snap.routing_configs["latency10"], &f, now, true);
+        assert_eq!(d.attempts().next().unwrap().member.target.provider.id, "p10");
+    }
+
+    #[test]
+    fn sticky_variants_spread_and_stay() {
+        let snap = snapshot();
+        let now = health::now_ms();
+        let mut counts = [0usize; 2];
+        for u in 0..1000 {
+            let user = format!("user-{u}");
+            let f = RequestFacts { end_user: Some(&user), ..facts() };
+            let a = decide(&snap, &snap.routing_configs["ab"], &f, now, true).ab_variant().unwrap();
+            let b = decide(&snap, &snap.routing_configs["ab"], &f, now, true).ab_variant().unwrap();
+            assert_eq!(a, b);
+            counts[usize::from(a == "treatment")] += 1;
+        }
+        // 80/20 split: 800 ± 60.
+        assert!((740..=860).contains(&counts[0]), "{counts:?}");
+    }
+}
