@@ -541,3 +541,36 @@ async fn drain_script(m: &MockServer) {
         let _ = tokio::time::timeout(Duration::from_millis(400), fut).await;
     }
 }
+
+#[test]
+fn every_example_config_is_valid_and_shows_its_strategy() {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/examples"));
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let snapshot = modelux::config::build_snapshot_in(&text, &|_| None, None, &dir)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        let strategy = path.file_stem().unwrap().to_str().unwrap().to_string();
+        assert!(
+            snapshot.routing_configs.values().any(|rc| rc.strategy.name() == strategy),
+            "{} has no {strategy} config",
+            path.display()
+        );
+        seen.push(strategy);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "ab_test",
+            "cascade",
+            "cost_optimized",
+            "custom_rules",
+            "ensemble",
+            "fallback",
+            "latency_optimized",
+            "single"
+        ]
+    );
+}
