@@ -79,8 +79,29 @@ impl Slot {
 #[derive(Debug)]
 struct Window {
     slots: Vec<Slot>,
+    /// Sum of the live slots, kept up to date as slots are filled and retired, so a
+    /// record costs one histogram scan instead of re-adding every slot.
+    ok: u64,
+    fail: u64,
+    latency: Vec<u64>,
     consecutive_failures: u32,
     ewma_us: f64,
+}
+
+impl Window {
+    /// Takes slots older than `oldest` out of the running sums.
+    fn retire(&mut self, oldest: u64) {
+        for slot in self.slots.iter_mut() {
+            if slot.epoch != u64::MAX && slot.epoch < oldest {
+                self.ok -= slot.ok as u64;
+                self.fail -= slot.fail as u64;
+                for (sum, c) in self.latency.iter_mut().zip(slot.latency.iter()) {
+                    *sum -= *c as u64;
+                }
+                *slot = Slot::empty();
+            }
+        }
+    }
 }
 
 const CLOSED: u8 = 0;
@@ -147,6 +168,9 @@ impl Health {
             key: key.into(),
             window: Mutex::new(Window {
                 slots: vec![Slot::empty(); SLOTS],
+                ok: 0,
+                fail: 0,
+                latency: vec![0; LAT_BUCKETS],
                 consecutive_failures: 0,
                 ewma_us: 0.0,
             }),
@@ -170,6 +194,7 @@ impl Health {
         let epoch = now / slot_ms;
         let Ok(mut w) = self.window.lock() else { return };
         let idx = (epoch % SLOTS as u64) as usize;
+        w.retire(epoch.saturating_sub(SLOTS as u64 - 1));
         if w.slots[idx].epoch != epoch {
             w.slots[idx] = Slot::empty();
             w.slots[idx].epoch = epoch;
@@ -178,8 +203,11 @@ impl Health {
         match sample {
             Sample::Success => {
                 let us = latency.as_micros() as u64;
+                let b = bucket_of(us);
                 w.slots[idx].ok += 1;
-                w.slots[idx].latency[bucket_of(us)] += 1;
+                w.slots[idx].latency[b] += 1;
+                w.ok += 1;
+                w.latency[b] += 1;
                 w.consecutive_failures = 0;
                 w.ewma_us = if w.ewma_us == 0.0 {
                     us as f64
@@ -197,28 +225,20 @@ impl Health {
                         slot.fail = 0;
                     }
                     w.slots[idx].ok = 1;
+                    w.ok = 1;
+                    w.fail = 0;
                     self.state.store(CLOSED, Ordering::Release);
                 }
             }
             Sample::Failure => {
                 self.total_failures.fetch_add(1, Ordering::Relaxed);
                 w.slots[idx].fail += 1;
+                w.fail += 1;
                 w.consecutive_failures += 1;
             }
         }
-        // Aggregate the live slots.
-        let oldest = epoch.saturating_sub(SLOTS as u64 - 1);
-        let (mut ok, mut fail) = (0u64, 0u64);
-        let mut hist = [0u64; LAT_BUCKETS];
-        for slot in
-            w.slots.iter().filter(|sl| sl.epoch != u64::MAX && sl.epoch >= oldest && sl.epoch <= epoch)
-        {
-            ok += slot.ok as u64;
-            fail += slot.fail as u64;
-            for (h, c) in hist.iter_mut().zip(slot.latency.iter()) {
-                *h += *c as u64;
-            }
-        }
+        let (ok, fail) = (w.ok, w.fail);
+        let hist = &w.latency;
         let total = ok + fail;
         let rate = if total == 0 { None } else { Some(ok as f64 / total as f64) };
         let lat_total: u64 = hist.iter().sum();
