@@ -295,10 +295,8 @@ fn route<'a>(
             timeout: None,
             weight: 1.0,
             accept: None,
-            price: snapshot
-                .prices
-                .lookup(model.rsplit('/').next().unwrap_or(model))
-                .map(|i| (i.input, i.output)),
+            // Priced only when a dry run asks (answer_dry_run): nothing else needs it.
+            price: None,
             tier: None,
         };
         Routed::Direct { member: Box::new(member), resolution }
@@ -403,6 +401,12 @@ fn facts<'a>(request: &'a ChatRequest<'_>, rc: &'a Context, body: &[u8]) -> Requ
     }
 }
 
+/// A directly named model's price from the shipped table.
+fn table_price(member: &Member) -> Option<(f64, f64)> {
+    let table = crate::prices::PriceTable::embedded().ok()?;
+    table.lookup(&member.target.model).map(|i| (i.input, i.output))
+}
+
 /// The routing decision, without calling an upstream (PRODUCT.md §3.5).
 async fn answer_dry_run(
     session: &mut Session,
@@ -414,7 +418,7 @@ async fn answer_dry_run(
     let attempts = routed.attempts();
     let selected =
         attempts.first().map(|m| json!({"provider": m.target.provider.id, "model": m.target.model}));
-    let estimated = attempts.first().and_then(|m| m.price).map(|(i, o)| {
+    let estimated = attempts.first().and_then(|m| m.price.or_else(|| table_price(m))).map(|(i, o)| {
         facts.est_input_tokens as f64 * i + facts.max_tokens.unwrap_or(default_output) as f64 * o
     });
     let trace = ctx.trace.as_deref();
