@@ -348,3 +348,16 @@ def test_concurrent_async_requests(gateway):
         assert text == EXPECTED_CONTENT
         if provider is not None:
             assert provider == TARGETS[model][0]
+
+
+def test_decision_trace_on_message_stop(aclient):
+    # The raw event stream: the stream() helper rebuilds message_stop from its own state.
+    events = list(aclient.messages.create(model="@claude", max_tokens=64, stream=True,
+                                          messages=[{"role": "user", "content": "hi"}],
+                                          extra_body={"mlx:trace": True}))
+    assert [e.type for e in events][0] == "message_start"
+    assert any(e.type == "content_block_delta" for e in events)
+    stop = events[-1]
+    assert stop.type == "message_stop"
+    assert stop.model_extra["mlx:trace"]["routing_config"] == "@claude"
+    assert stop.model_extra["mlx:trace"]["attempts"][0]["status"] == "success"

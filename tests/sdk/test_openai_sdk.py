@@ -525,3 +525,32 @@ def test_anthropic_provider_upstream_429_is_rate_limit_error(error_gateway):
             list(r) if stream else None
         assert_openai_error(ei.value, 429)
         assert ei.value.response.headers["x-modelux-provider-used"] == "anthropic"
+
+
+# --------------------------------------------------------------------------- decision traces
+
+
+def test_decision_trace_in_body_and_stream(client):
+    completion = client.chat.completions.create(
+        model="@fast", messages=MESSAGES, extra_body={"mlx:trace": True})
+    assert_completion(completion)
+    trace = completion.model_extra["mlx:trace"]
+    assert trace["routing_config"] == "@fast" and trace["strategy"] == "single"
+    assert trace["attempts"][0]["status"] == "success"
+    assert trace["decision"]["winner_attempt"] == 1
+
+    # Streams carry it in a choice-less chunk before [DONE]; the SDK parses every chunk.
+    chunks = list(client.chat.completions.create(
+        model="@fast", messages=MESSAGES, stream=True, extra_body={"mlx:trace": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    last = chunks[-1]
+    assert last.choices == [] and last.model_extra["mlx:trace"]["strategy"] == "single"
+
+
+def test_dry_run_header_calls_no_upstream(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="@fast", messages=MESSAGES, extra_headers={"X-Modelux-Dry-Run": "true"})
+    body = raw.http_response.json()
+    assert body["object"] == "modelux.dry_run"
+    assert body["selected"] == {"provider": "openai", "model": "gpt-4o-mini"}
