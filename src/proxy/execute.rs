@@ -16,7 +16,7 @@ use super::{GatewayState, RequestCtx};
 use crate::config::Settings;
 use crate::error::{GatewayError, Surface};
 use crate::providers::Target;
-use crate::routing::health::{now_ms, Sample};
+use crate::routing::health::{now_ms, HealthSettings, Sample};
 use crate::routing::{Accept, Aggregation, Failure, Member, RetryOn};
 use crate::wire::canonical::{Request, Response};
 use crate::wire::openai::ChatRequest;
@@ -46,6 +46,8 @@ pub(super) struct Exec<'r> {
     pub canonical: Option<Request>,
     pub anthropic_headers: Vec<(String, String)>,
     pub want_trace: bool,
+    /// The request's snapshot's health thresholds.
+    pub health: &'r HealthSettings,
 }
 
 /// How much of a 2xx answer an attempt waits for before it counts as a success.
@@ -207,8 +209,7 @@ async fn run(
 /// Health, metrics and trace bookkeeping for one finished attempt.
 #[allow(clippy::too_many_arguments)]
 fn record(
-    state: &GatewayState,
-    settings: &crate::routing::health::HealthSettings,
+    exec: &Exec<'_>,
     ctx: &mut RequestCtx,
     member: &Member,
     outcome: Result<(), Failure>,
@@ -222,19 +223,23 @@ fn record(
     let latency = ttfb.unwrap_or(elapsed);
     let sample = match outcome {
         Ok(()) => Some(Sample::Success),
+        // A 2xx that failed an acceptance check: the provider itself answered fine.
+        Err(Failure::Rejected) if http_status.is_some_and(|s| (200..300).contains(&s)) => {
+            Some(Sample::Success)
+        }
         Err(f) if f.counts_against_health() => Some(Sample::Failure),
         Err(_) => None,
     };
     if let Some(sample) = sample {
-        member.health.record(sample, latency, now, settings);
-        member.provider_health.record(sample, latency, now, settings);
+        member.health.record(sample, latency, now, exec.health);
+        member.provider_health.record(sample, latency, now, exec.health);
     }
     let status = match outcome {
         Ok(()) => "success",
         Err(f) => f.as_str(),
     };
     let provider = member.target.provider.id.as_str();
-    state.metrics.routing_attempts.with_label_values(&[provider, status]).inc();
+    exec.state.metrics.routing_attempts.with_label_values(&[provider, status]).inc();
     ctx.attempts += 1;
     if let Some(trace) = ctx.trace.as_mut() {
         trace.push_attempt(
@@ -382,7 +387,6 @@ pub(super) async fn sequential(
 ) -> Result<(), GatewayError> {
     let state = exec.state;
     let settings = exec.settings;
-    let health = &state.store.load().health_settings.clone();
     let deadline = total_budget.map(|b| Instant::now() + b);
     let mut last_error: Option<GatewayError> = None;
     for (i, member) in attempts.iter().enumerate() {
@@ -398,17 +402,7 @@ pub(super) async fn sequential(
         let prepared = match exec.prepare(&member.target, upstream_stream) {
             Ok(p) => p,
             Err(e) => {
-                record(
-                    state,
-                    health,
-                    ctx,
-                    member,
-                    Err(Failure::Rejected),
-                    None,
-                    Some(e.message()),
-                    started,
-                    None,
-                );
+                record(exec, ctx, member, Err(Failure::Rejected), None, Some(e.message()), started, None);
                 last_error = Some(e);
                 continue;
             }
@@ -419,7 +413,7 @@ pub(super) async fn sequential(
         match attempted {
             Attempted::Streaming { ex, first } => {
                 let ttfb = ex.ttfb;
-                record(state, health, ctx, member, Ok(()), Some(200), None, started, Some(ttfb));
+                record(exec, ctx, member, Ok(()), Some(200), None, started, Some(ttfb));
                 ctx.ttfb = Some(ttfb);
                 ctx.set_served(member);
                 conclude(ctx, None);
@@ -464,8 +458,7 @@ pub(super) async fn sequential(
                             let verdict = member.accept.as_ref().map_or(Ok(()), |a| check_accept(a, &resp));
                             if let (Err(why), false) = (&verdict, is_last) {
                                 record(
-                                    state,
-                                    health,
+                                    exec,
                                     ctx,
                                     member,
                                     Err(Failure::Rejected),
@@ -474,8 +467,6 @@ pub(super) async fn sequential(
                                     started,
                                     Some(ttfb),
                                 );
-                                // The provider itself answered fine.
-                                member.health.record(Sample::Success, ttfb, now_ms(), health);
                                 upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
                                 continue;
                             }
@@ -483,8 +474,7 @@ pub(super) async fn sequential(
                         }
                         Err(message) if !is_last => {
                             record(
-                                state,
-                                health,
+                                exec,
                                 ctx,
                                 member,
                                 Err(Failure::ServerError),
@@ -499,17 +489,7 @@ pub(super) async fn sequential(
                         Err(_) => {}
                     }
                 }
-                record(
-                    state,
-                    health,
-                    ctx,
-                    member,
-                    Ok(()),
-                    Some(ex.header.status.as_u16()),
-                    None,
-                    started,
-                    Some(ttfb),
-                );
+                record(exec, ctx, member, Ok(()), Some(ex.header.status.as_u16()), None, started, Some(ttfb));
                 ctx.ttfb = Some(ttfb);
                 ctx.set_served(member);
                 conclude(ctx, None);
@@ -525,20 +505,10 @@ pub(super) async fn sequential(
                     let ttfb = ex.ttfb;
                     ctx.upstream_time += ex.started.elapsed();
                     let message = drain_error(state, settings, member, ex).await;
-                    record(
-                        state,
-                        health,
-                        ctx,
-                        member,
-                        Err(failure),
-                        Some(status),
-                        Some(message),
-                        started,
-                        Some(ttfb),
-                    );
+                    record(exec, ctx, member, Err(failure), Some(status), Some(message), started, Some(ttfb));
                     continue;
                 }
-                record(state, health, ctx, member, Err(failure), Some(status), None, started, Some(ex.ttfb));
+                record(exec, ctx, member, Err(failure), Some(status), None, started, Some(ex.ttfb));
                 ctx.ttfb = Some(ex.ttfb);
                 ctx.set_served(member);
                 conclude(
@@ -562,7 +532,7 @@ pub(super) async fn sequential(
                 return Ok(());
             }
             Attempted::Failed { failure, error } => {
-                record(state, health, ctx, member, Err(failure), None, Some(error.message()), started, None);
+                record(exec, ctx, member, Err(failure), None, Some(error.message()), started, None);
                 ctx.upstream_time += started.elapsed();
                 let retry = !is_last && retry_on.allows(failure);
                 last_error = Some(error);
@@ -586,7 +556,7 @@ pub(super) async fn sequential(
 }
 
 fn conclude(ctx: &mut RequestCtx, why: Option<String>) {
-    let winner = if ctx.served.is_some() { ctx.trace.as_ref().map(|t| t.attempts.len()) } else { None };
+    let winner = if ctx.served { ctx.trace.as_ref().map(|t| t.attempts.len()) } else { None };
     if let Some(t) = ctx.trace.as_mut() {
         t.conclude(winner.filter(|w| *w > 0), why);
     }
@@ -621,7 +591,6 @@ pub(super) async fn parallel(
 ) -> Result<(), GatewayError> {
     let state = exec.state;
     let settings = exec.settings;
-    let health = &state.store.load().health_settings.clone();
     let mut prepared = Vec::with_capacity(members.len());
     for member in members {
         prepared.push(exec.prepare(&member.target, false));
@@ -689,17 +658,7 @@ pub(super) async fn parallel(
         .collect();
     for (member, p) in members.iter().zip(prepared.iter()) {
         if let Err(e) = p {
-            record(
-                state,
-                health,
-                ctx,
-                member,
-                Err(Failure::Rejected),
-                None,
-                Some(e.message()),
-                Instant::now(),
-                None,
-            );
+            record(exec, ctx, member, Err(Failure::Rejected), None, Some(e.message()), Instant::now(), None);
         }
     }
     let mut answers: Vec<(usize, Exchange, Bytes, Response, usize)> = Vec::new();
@@ -708,17 +667,7 @@ pub(super) async fn parallel(
         let member = members[a.index];
         match a.outcome {
             Ok((ex, body, resp)) => {
-                record(
-                    state,
-                    health,
-                    ctx,
-                    member,
-                    Ok(()),
-                    Some(ex.header.status.as_u16()),
-                    None,
-                    a.started,
-                    a.ttfb,
-                );
+                record(exec, ctx, member, Ok(()), Some(ex.header.status.as_u16()), None, a.started, a.ttfb);
                 let attempt_no = ctx.attempts;
                 answers.push((a.index, ex, body, resp, attempt_no));
                 if aggregation == Aggregation::FirstValid {
@@ -727,7 +676,7 @@ pub(super) async fn parallel(
                 }
             }
             Err((failure, message, status)) => {
-                record(state, health, ctx, member, Err(failure), status, Some(message), a.started, a.ttfb);
+                record(exec, ctx, member, Err(failure), status, Some(message), a.started, a.ttfb);
             }
         }
     }

@@ -58,8 +58,8 @@ pub struct RequestCtx {
     pub trace: Option<Box<DecisionTrace>>,
     /// Upstream attempts made so far.
     pub attempts: usize,
-    /// The provider/model whose answer the client got.
-    pub served: Option<(String, String)>,
+    /// An attempt's answer (success or upstream error) went to the client.
+    pub served: bool,
 }
 
 impl RequestCtx {
@@ -80,7 +80,7 @@ impl RequestCtx {
             bytes_out: 0,
             trace: None,
             attempts: 0,
-            served: None,
+            served: false,
         }
     }
 
@@ -88,7 +88,7 @@ impl RequestCtx {
     pub fn set_served(&mut self, member: &Member) {
         self.provider = Some(member.target.provider.id.clone());
         self.model = Some(member.target.model.clone());
-        self.served = Some((member.target.provider.id.clone(), member.target.model.clone()));
+        self.served = true;
     }
 }
 

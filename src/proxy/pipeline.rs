@@ -174,6 +174,15 @@ impl Routed<'_> {
         }
     }
 
+    /// The first choice (what single-target endpoints use).
+    fn first(&self) -> Result<&Member, GatewayError> {
+        match self {
+            Routed::Config(d) => d.attempts().next().map(|c| c.member),
+            Routed::Direct { member, .. } => Some(member.as_ref()),
+        }
+        .ok_or_else(|| GatewayError::internal("the routing decision has no candidate"))
+    }
+
     /// Members in attempt order.
     fn attempts(&self) -> Vec<&Member> {
         match self {
@@ -302,10 +311,9 @@ fn route<'a>(
         Routed::Direct { member: Box::new(member), resolution }
     };
     ctx.resolution = Some(routed.resolution());
-    if let Some(first) = routed.attempts().first() {
-        ctx.provider = Some(first.target.provider.id.clone());
-        ctx.model = Some(first.target.model.clone());
-    }
+    let first = routed.first()?;
+    ctx.provider = Some(first.target.provider.id.clone());
+    ctx.model = Some(first.target.model.clone());
     Ok(routed)
 }
 
@@ -367,6 +375,7 @@ async fn chat(
         canonical: None,
         anthropic_headers,
         want_trace: request.trace,
+        health: &snapshot.health_settings,
     };
     let attempts = routed.attempts();
     let info = routed.info();
@@ -466,10 +475,7 @@ async fn embeddings(
     if rc.dry_run {
         return answer_dry_run(session, ctx, &routed, &facts, 0).await;
     }
-    let attempts = routed.attempts();
-    let Some(member) = attempts.first() else {
-        return Err(GatewayError::internal("no route"));
-    };
+    let member = routed.first()?;
     let served = routed.served(member, 1);
     let provider = member.target.provider.clone();
     let format = provider.format();
@@ -657,10 +663,7 @@ async fn count_tokens(
     if rc.dry_run {
         return answer_dry_run(session, ctx, &routed, &facts, 0).await;
     }
-    let attempts = routed.attempts();
-    let Some(member) = attempts.first() else {
-        return Err(GatewayError::internal("no route"));
-    };
+    let member = routed.first()?;
     let target = &member.target;
     let provider = target.provider.clone();
     let mut headers: Headers = vec![(http::header::CONTENT_TYPE, "application/json".into())];
