@@ -49,7 +49,7 @@ fn authenticate(c: &mut Criterion) {
     let mut index = KeyIndex::default();
     for i in 0..1000 {
         let key = format!("mlx_sk_bench_{i:016}");
-        index.insert(digest(&key), Principal { project: "p".into(), key_name: format!("k{i}").into() });
+        index.insert(digest(&key), Principal::new("p", &format!("k{i}"), 600, 0));
     }
     c.bench_function("authenticate_1000_keys", |b| {
         b.iter(|| black_box(index.authenticate(black_box("mlx_sk_bench_0000000000000500"))))

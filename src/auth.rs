@@ -20,6 +20,31 @@ pub struct Principal {
     pub project: Arc<str>,
     /// The key's configured name (safe to log and to label traces with).
     pub key_name: Arc<str>,
+    /// Rate limits of this key (0: unlimited).
+    pub limits: KeyLimits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyLimits {
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
+    /// Identifies the key's rate counters (`project/name`, `manage/name`).
+    pub rate_key: Arc<str>,
+}
+
+impl Principal {
+    pub fn new(project: &str, key_name: &str, requests_per_minute: u64, tokens_per_minute: u64) -> Principal {
+        let scope = if project.is_empty() { "manage" } else { project };
+        Principal {
+            project: project.into(),
+            key_name: key_name.into(),
+            limits: KeyLimits {
+                requests_per_minute,
+                tokens_per_minute,
+                rate_key: format!("{scope}/{key_name}").into(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -84,7 +109,7 @@ mod tests {
     #[test]
     fn authenticates_by_digest() {
         let mut idx = KeyIndex::default();
-        let p = Principal { project: "default".into(), key_name: "dev".into() };
+        let p = Principal::new("default", "dev", 600, 0);
         assert!(idx.insert(digest("mlx_sk_abc"), p.clone()));
         assert!(!idx.insert(digest("mlx_sk_abc"), p.clone()));
         assert_eq!(idx.authenticate("mlx_sk_abc").as_deref(), Some(&p));

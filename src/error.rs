@@ -45,6 +45,16 @@ pub enum GatewayError {
     UpstreamTimeout { provider: String, after_ms: u64 },
     /// Bug or resource failure inside the gateway.
     Internal { message: String },
+    /// 402: a budget that blocks is at its cap (PRODUCT.md §5.4).
+    BudgetExceeded(Box<crate::spend::budgets::Blocked>),
+    /// 429: the key's requests or tokens per minute are used up. `retry_after`: whole
+    /// seconds; `requested` is set when one request alone exceeds a per-minute limit.
+    RateLimited {
+        kind: crate::spend::counters::RateKind,
+        limit: u64,
+        retry_after: u64,
+        requested: Option<u64>,
+    },
 }
 
 impl GatewayError {
@@ -68,6 +78,8 @@ impl GatewayError {
             GatewayError::UpstreamStatus { .. } | GatewayError::UpstreamConnect { .. } => 502,
             GatewayError::UpstreamTimeout { .. } => 504,
             GatewayError::Internal { .. } => 500,
+            GatewayError::BudgetExceeded(_) => 402,
+            GatewayError::RateLimited { .. } => 429,
         }
     }
 
@@ -84,6 +96,8 @@ impl GatewayError {
             GatewayError::UpstreamStatus { .. } | GatewayError::UpstreamConnect { .. } => "upstream_error",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::Internal { .. } => "server_error",
+            GatewayError::BudgetExceeded(_) => "budget_exceeded",
+            GatewayError::RateLimited { .. } => "rate_limit_error",
         }
     }
 
@@ -103,6 +117,8 @@ impl GatewayError {
             GatewayError::UpstreamConnect { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::Internal { .. } => "internal_error",
+            GatewayError::BudgetExceeded(_) => "budget_exceeded",
+            GatewayError::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -135,11 +151,37 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { provider, after_ms } => {
                 format!("provider '{provider}' did not respond within {after_ms} ms")
             }
+            GatewayError::BudgetExceeded(blocked) => blocked.message(),
+            GatewayError::RateLimited { kind, limit, requested: Some(n), .. } => {
+                let unit = kind.unit();
+                format!("this request needs about {n} {unit}, more than this API key's limit of {limit} {unit}/minute")
+            }
+            GatewayError::RateLimited { kind, limit, .. } => {
+                format!("rate limit of {limit} {}/minute exceeded for this API key", kind.unit())
+            }
         }
     }
 
     /// The error envelope of `surface`.
     pub fn render(&self, surface: Surface) -> Vec<u8> {
+        if let GatewayError::BudgetExceeded(blocked) = self {
+            // The one error whose `code` is an integer, with the budget alongside (the
+            // modelux SDKs raise BudgetExceededError from `error.budget`).
+            let body = match surface {
+                Surface::OpenAi => serde_json::json!({"error": {
+                    "type": "budget_exceeded",
+                    "message": blocked.message(),
+                    "code": 402,
+                    "budget": blocked.json(),
+                }}),
+                Surface::Anthropic => serde_json::json!({"type": "error", "error": {
+                    "type": "budget_exceeded",
+                    "message": blocked.message(),
+                    "budget": blocked.json(),
+                }}),
+            };
+            return serde_json::to_vec(&body).unwrap_or_default();
+        }
         match surface {
             Surface::OpenAi => self.to_openai_body(),
             Surface::Anthropic => crate::wire::anthropic::error_body(
@@ -151,6 +193,9 @@ impl GatewayError {
 
     /// The OpenAI error envelope: `{"error":{"type","message","code"}}`.
     pub fn to_openai_body(&self) -> Vec<u8> {
+        if let GatewayError::BudgetExceeded(_) = self {
+            return self.render(Surface::OpenAi);
+        }
         openai_error_body(self.kind(), &self.message(), self.code())
     }
 }

@@ -10,5 +10,6 @@ pub mod providers;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod spend;
 pub mod sse;
 pub mod wire;

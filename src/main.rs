@@ -84,7 +84,14 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     );
     drop(snapshot);
     let server = modelux::server::build(&handles, &options);
-    server.run_forever()
+    server.run(pingora::server::RunArgs::default());
+    // Requests that finished during the grace period settled after the flusher's last
+    // round: write them before exiting.
+    if let Err(e) = handles.spend.flush() {
+        tracing::error!(error = %e, "final write of budget spend failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn check(config: Option<PathBuf>) -> ExitCode {

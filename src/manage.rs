@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 pub struct ManageApp {
     pub store: Arc<ConfigStore>,
     pub metrics: Arc<Metrics>,
+    pub spend: Arc<crate::spend::Spend>,
 }
 
 fn json(status: u16, body: Vec<u8>) -> http::Response<Vec<u8>> {

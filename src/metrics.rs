@@ -4,8 +4,8 @@
 
 use dashmap::DashMap;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::routing::health::{now_ms, HealthRegistry, HealthSettings};
@@ -36,6 +36,11 @@ pub struct Metrics {
     pub upstream_connections_reused: IntCounter,
     pub upstream_connections_new: IntCounter,
     pub routing_attempts: IntCounterVec,
+    pub cost_usd: CounterVec,
+    pub tokens: IntCounterVec,
+    pub budget_outcomes: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub spend_flushes: IntCounterVec,
     target_healthy: GaugeVec,
     target_success_rate: GaugeVec,
     target_samples: GaugeVec,
@@ -119,6 +124,43 @@ impl Metrics {
             &["provider", "outcome"],
         )?;
         registry.register(Box::new(routing_attempts.clone()))?;
+        let cost_usd = CounterVec::new(
+            Opts::new(
+                "modelux_cost_usd_total",
+                "What served answers cost at the price table's rates, by provider and model",
+            ),
+            &["provider", "model"],
+        )?;
+        registry.register(Box::new(cost_usd.clone()))?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "modelux_tokens_total",
+                "Tokens of served answers by provider, model and kind (input, output)",
+            ),
+            &["provider", "model", "kind"],
+        )?;
+        registry.register(Box::new(tokens.clone()))?;
+        let budget_outcomes = IntCounterVec::new(
+            Opts::new(
+                "modelux_budget_outcomes_total",
+                "Requests a budget acted on, by budget and action (warn_only, downgrade, block)",
+            ),
+            &["budget", "action"],
+        )?;
+        registry.register(Box::new(budget_outcomes.clone()))?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new("modelux_rate_limited_total", "Requests refused by a per-key rate limit, by kind"),
+            &["kind"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        let spend_flushes = IntCounterVec::new(
+            Opts::new(
+                "modelux_spend_flushes_total",
+                "Writes of settled budget spend to the embedded store, by result (ok, error)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(spend_flushes.clone()))?;
         // Provider health, per provider/model (model "*" = the provider as a whole). Refreshed
         // from the health registry at scrape time.
         let health_gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
@@ -172,6 +214,11 @@ impl Metrics {
             upstream_connections_reused,
             upstream_connections_new,
             routing_attempts,
+            cost_usd,
+            tokens,
+            budget_outcomes,
+            rate_limited,
+            spend_flushes,
             target_healthy,
             target_success_rate,
             target_samples,

@@ -133,22 +133,55 @@ pub struct Cost {
     pub total: f64,
 }
 
-impl ModelInfo {
+/// Every per-token price of one model, with the defaults applied (cached tokens at the input
+/// price, reasoning at the output price unless listed): what a request path needs to price
+/// an answer, `Copy` and allocation-free.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Rates {
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: f64,
+    pub cache_write: f64,
+    pub reasoning: f64,
+}
+
+impl Rates {
+    /// Only input and output prices known: cached tokens at input, reasoning at output.
+    pub fn flat(input: f64, output: f64) -> Rates {
+        Rates { input, output, cache_read: input, cache_write: input, reasoning: output }
+    }
+
     /// Cost of one call.
     ///
     /// input cost = (input - cache_read - cache_write) * input + cache_read * cache_read
-    /// price (or input) + cache_write * cache_write price (or input); output cost =
-    /// (output - reasoning) * output + reasoning * reasoning price (or output). The
-    /// subtractions saturate at zero, so inconsistent counts never give a negative cost.
+    /// price + cache_write * cache_write price; output cost = (output - reasoning) * output +
+    /// reasoning * reasoning price. The subtractions saturate at zero, so inconsistent
+    /// counts never give a negative cost.
     pub fn cost(&self, t: &Tokens) -> Cost {
         let uncached = t.input.saturating_sub(t.cache_read).saturating_sub(t.cache_write);
         let input = uncached as f64 * self.input
-            + t.cache_read as f64 * self.cache_read.unwrap_or(self.input)
-            + t.cache_write as f64 * self.cache_write.unwrap_or(self.input);
+            + t.cache_read as f64 * self.cache_read
+            + t.cache_write as f64 * self.cache_write;
         let visible = t.output.saturating_sub(t.reasoning);
-        let output =
-            visible as f64 * self.output + t.reasoning as f64 * self.reasoning.unwrap_or(self.output);
+        let output = visible as f64 * self.output + t.reasoning as f64 * self.reasoning;
         Cost { input, output, total: input + output }
+    }
+}
+
+impl ModelInfo {
+    pub fn rates(&self) -> Rates {
+        Rates {
+            input: self.input,
+            output: self.output,
+            cache_read: self.cache_read.unwrap_or(self.input),
+            cache_write: self.cache_write.unwrap_or(self.input),
+            reasoning: self.reasoning.unwrap_or(self.output),
+        }
+    }
+
+    /// Cost of one call (see [`Rates::cost`]).
+    pub fn cost(&self, t: &Tokens) -> Cost {
+        self.rates().cost(t)
     }
 
     /// Estimate used for routing decisions: `input_tokens * input + output_tokens * output`.
@@ -157,7 +190,7 @@ impl ModelInfo {
     }
 
     /// Checks that every price is finite and non-negative.
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let prices = [
             ("input", Some(self.input)),
             ("output", Some(self.output)),

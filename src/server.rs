@@ -3,24 +3,29 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pingora::apps::http_app::HttpServer;
 use pingora::connectors::http::Connector;
 use pingora::server::configuration::ServerConf;
+use pingora::server::ShutdownWatch;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
-use pingora::services::background::background_service;
+use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::config::store::{ConfigStore, ConfigWatcher};
 use crate::manage::ManageApp;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, GatewayState};
+use crate::spend::Spend;
 
 /// Handles shared with the caller (tests read the store and the metrics).
 #[derive(Clone)]
 pub struct Handles {
     pub store: Arc<ConfigStore>,
     pub metrics: Arc<Metrics>,
+    /// Budget and rate counters, kept across config reloads.
+    pub spend: Arc<Spend>,
 }
 
 pub struct Options {
@@ -33,7 +38,9 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
     let metrics = Arc::new(Metrics::new().map_err(|e| vec![format!("metrics: {e}")])?);
     let store = ConfigStore::open(options.config_path.clone(), metrics.clone())
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    Ok(Handles { store: Arc::new(store), metrics })
+    let db = store.load().settings.data_dir.join("modelux.db");
+    let spend = Spend::open(Some(&db)).map_err(|e| vec![format!("embedded store: {e}")])?;
+    Ok(Handles { store: Arc::new(store), metrics, spend: Arc::new(spend) })
 }
 
 pub fn build(handles: &Handles, options: &Options) -> Server {
@@ -53,6 +60,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         store: handles.store.clone(),
         metrics: handles.metrics.clone(),
         connector: Connector::new(None),
+        spend: handles.spend.clone(),
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -63,7 +71,11 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
 
     let mut manage = Service::new(
         "modelux manage".to_string(),
-        HttpServer::new_app(ManageApp { store: handles.store.clone(), metrics: handles.metrics.clone() }),
+        HttpServer::new_app(ManageApp {
+            store: handles.store.clone(),
+            metrics: handles.metrics.clone(),
+            spend: handles.spend.clone(),
+        }),
     );
     manage.add_tcp(&settings.manage_listen);
     manage.threads = Some(1);
@@ -76,10 +88,64 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             handle_sighup: options.handle_sighup,
         },
     );
+    let flusher = background_service(
+        "spend flusher",
+        SpendFlusher { spend: handles.spend.clone(), metrics: handles.metrics.clone() },
+    );
     server.add_service(proxy);
     server.add_service(manage);
     server.add_service(watcher);
+    server.add_service(flusher);
     server
+}
+
+/// How often settled spend is written to the embedded store: a crash loses at most this
+/// much of it (SIGTERM loses none: see `flush_now`).
+const SPEND_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Writes settled spend to the embedded store on an interval, and once more at shutdown.
+struct SpendFlusher {
+    spend: Arc<Spend>,
+    metrics: Arc<Metrics>,
+}
+
+/// One flush, off the async threads (SQLite blocks).
+pub async fn flush_now(spend: &Arc<Spend>, metrics: &Metrics) {
+    let s = spend.clone();
+    let result = tokio::task::spawn_blocking(move || s.flush()).await;
+    match result {
+        Ok(Ok(_)) => metrics.spend_flushes.with_label_values(&["ok"]).inc(),
+        Ok(Err(e)) => {
+            metrics.spend_flushes.with_label_values(&["error"]).inc();
+            tracing::warn!(error = %e, "writing budget spend to the embedded store failed; will retry");
+        }
+        Err(e) => tracing::error!(error = %e, "spend flush task failed"),
+    }
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for SpendFlusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(SPEND_FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            flush_now(&self.spend, &self.metrics).await;
+            rounds += 1;
+            // Once a minute: forget finished periods.
+            if rounds.is_multiple_of(120) {
+                let s = self.spend.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.prune()).await {
+                    tracing::warn!(error = %e, "pruning old budget spend failed");
+                }
+            }
+        }
+        flush_now(&self.spend, &self.metrics).await;
+    }
 }
 
 /// Lets an embedding program (the tests) stop a server it started on a thread.

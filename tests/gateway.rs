@@ -100,11 +100,17 @@ providers:
       - {{ name: o, key: "{OTHER_KEY}" }}
 management_keys:
   - {{ name: admin, key: "{ADMIN_KEY}" }}
-{top_extra}routing_configs:
+{rate_limits}{top_extra}routing_configs:
   fast: {{ project: default, strategy: single, model: "{fast}" }}
   theirs: {{ project: other, strategy: single, model: "local/m1" }}
 {more_configs}"#,
         top_extra = cfg.top_extra,
+        // Tests send bursts far above the default 600/minute; rate limit tests set their own.
+        rate_limits = if cfg.top_extra.contains("rate_limits:") {
+            ""
+        } else {
+            "rate_limits: { requests_per_minute: 0, management_requests_per_minute: 0 }\n"
+        },
         more_configs = cfg.more_configs,
         server_extra = cfg.server_extra,
         upstream = cfg.upstream,

@@ -21,6 +21,7 @@ use crate::prices::PriceTable;
 use crate::providers::{self, Provider};
 use crate::routing::health::{HealthRegistry, HealthSettings};
 use crate::routing::Strategy;
+use crate::spend::budgets::Budgets;
 use crate::wire;
 use raw::*;
 
@@ -60,6 +61,8 @@ pub struct Settings {
     pub upstream_idle_timeout: Duration,
     pub watch_config: bool,
     pub shutdown_grace_seconds: u64,
+    /// The embedded store's directory, resolved against the config file's directory.
+    pub data_dir: PathBuf,
 }
 
 #[derive(Debug)]
@@ -87,7 +90,9 @@ pub struct Snapshot {
     /// Live provider health; the same registry is handed from snapshot to snapshot.
     pub health: Arc<HealthRegistry>,
     pub health_settings: HealthSettings,
-    pub prices: &'static PriceTable,
+    /// The shipped price table with the config's `prices:` overrides.
+    pub prices: Arc<PriceTable>,
+    pub budgets: Budgets,
     /// Files besides the config whose content is part of it (rule files).
     pub watched_files: Vec<PathBuf>,
 }
@@ -217,6 +222,35 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
                     }
                 }
             }
+            "rate_limits" => {
+                if !value.is_null() {
+                    if let Some(r) = section(value, "rate_limits", &mut errors) {
+                        raw.rate_limits = r;
+                    }
+                }
+            }
+            "budgets" => {
+                for (i, item) in sequence(value, "budgets", &mut errors).into_iter().enumerate() {
+                    if let Some(b) = section(item, &format!("budgets[{i}]"), &mut errors) {
+                        raw.budgets.push(b);
+                    }
+                }
+            }
+            "prices" => match value {
+                Value::Mapping(m) => {
+                    for (model, def) in m {
+                        let Value::String(model) = model else {
+                            errors.push(ConfigError::new("prices", "model names must be strings"));
+                            continue;
+                        };
+                        if let Some(p) = section(def, &format!("prices.{model}"), &mut errors) {
+                            raw.prices.insert(model, p);
+                        }
+                    }
+                }
+                Value::Null => {}
+                _ => errors.push(ConfigError::new("prices", "expected a mapping of model name to prices")),
+            },
             other => errors.push(ConfigError::new(
                 other,
                 format!("unknown key; expected one of {}", TOP_LEVEL_KEYS.join(", ")),
@@ -238,7 +272,7 @@ pub(crate) fn valid_id(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
-fn settings(raw: &RawServer, errors: &mut Vec<ConfigError>) -> Settings {
+fn settings(raw: &RawServer, base_dir: &Path, errors: &mut Vec<ConfigError>) -> Settings {
     let ms = |v: Option<u64>, default: u64, path: &str, errors: &mut Vec<ConfigError>| {
         let v = v.unwrap_or(default);
         if v == 0 {
@@ -287,6 +321,13 @@ fn settings(raw: &RawServer, errors: &mut Vec<ConfigError>) -> Settings {
         ),
         watch_config: raw.watch_config.unwrap_or(true),
         shutdown_grace_seconds: raw.shutdown_grace_seconds.unwrap_or(10),
+        data_dir: {
+            let dir = raw.data_dir.as_deref().unwrap_or("data");
+            if dir.trim().is_empty() {
+                errors.push(ConfigError::new("server.data_dir", "must not be empty"));
+            }
+            base_dir.join(dir)
+        },
     }
 }
 
@@ -341,7 +382,11 @@ pub fn validate(
     base_dir: &Path,
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut errors = Vec::new();
-    let settings = settings(&raw.server, &mut errors);
+    let settings = settings(&raw.server, base_dir, &mut errors);
+    let limits = &raw.rate_limits;
+    let default_rpm = limits.requests_per_minute.unwrap_or(DEFAULT_REQUESTS_PER_MINUTE);
+    let default_tpm = limits.tokens_per_minute.unwrap_or(0);
+    let manage_rpm = limits.management_requests_per_minute.unwrap_or(DEFAULT_MANAGEMENT_REQUESTS_PER_MINUTE);
 
     let mut providers: HashMap<String, Arc<Provider>> = HashMap::new();
     // Providers that are configured but invalid: their own error is reported, so references
@@ -444,8 +489,12 @@ pub fn validate(
         for (j, key) in project.keys.iter().enumerate() {
             let kpath = format!("{path}.keys[{j}]");
             if let Some(d) = key_digest(key, PROJECT_KEY_PREFIX, &kpath, &mut errors) {
-                let principal =
-                    Principal { project: project.id.as_str().into(), key_name: key.name.as_str().into() };
+                let principal = Principal::new(
+                    &project.id,
+                    &key.name,
+                    key.requests_per_minute.unwrap_or(default_rpm),
+                    key.tokens_per_minute.unwrap_or(default_tpm),
+                );
                 if !project_keys.insert(d, principal) {
                     errors.push(ConfigError::new(kpath, "the same key is configured twice"));
                 }
@@ -461,7 +510,13 @@ pub fn validate(
                 errors
                     .push(ConfigError::new(path.clone(), "a management key must not also be a project key"));
             }
-            let principal = Principal { project: "".into(), key_name: key.name.as_str().into() };
+            if key.tokens_per_minute.is_some() {
+                errors.push(ConfigError::new(
+                    format!("{path}.tokens_per_minute"),
+                    "management keys have no token limit",
+                ));
+            }
+            let principal = Principal::new("", &key.name, key.requests_per_minute.unwrap_or(manage_rpm), 0);
             if !management_keys.insert(d, principal) {
                 errors.push(ConfigError::new(path, "the same key is configured twice"));
             }
@@ -471,10 +526,11 @@ pub fn validate(
     let health = previous.map(|p| p.health.clone()).unwrap_or_default();
     let health_settings = health_settings(&raw.health, &mut errors);
     let prices = match PriceTable::embedded() {
-        Ok(p) => p,
+        Ok(p) => Arc::new(price_overrides(p, raw.prices, &mut errors)),
         Err(e) => return Err(vec![ConfigError::new("", format!("the shipped price table is broken: {e}"))]),
     };
-    let env = routing::Env { providers: &providers, broken: &broken, health: &health, prices, base_dir };
+    let env =
+        routing::Env { providers: &providers, broken: &broken, health: &health, prices: &prices, base_dir };
     let mut routing_configs = HashMap::new();
     let mut watched_files = Vec::new();
     for (slug, value) in raw.routing_configs {
@@ -492,6 +548,7 @@ pub fn validate(
     if errors.is_empty() {
         routing::check_references(&mut routing_configs, &mut errors);
     }
+    let budgets = budgets(raw.budgets, &projects, &routing_configs, &providers, &broken, &mut errors);
 
     if !errors.is_empty() {
         return Err(errors);
@@ -507,8 +564,237 @@ pub fn validate(
         health,
         health_settings,
         prices,
+        budgets,
         watched_files,
     })
+}
+
+pub const DEFAULT_REQUESTS_PER_MINUTE: u64 = 600;
+pub const DEFAULT_MANAGEMENT_REQUESTS_PER_MINUTE: u64 = 60;
+
+/// The shipped table with `prices:` applied. A listed model keeps the values an override
+/// does not give; a new model needs at least its input and output prices.
+fn price_overrides(
+    table: &PriceTable,
+    raw: BTreeMap<String, RawPrice>,
+    errors: &mut Vec<ConfigError>,
+) -> PriceTable {
+    let mut overrides = Vec::new();
+    for (model, p) in raw {
+        let path = format!("prices.{model}");
+        let per_token = |v: Option<f64>, field: &str, errors: &mut Vec<ConfigError>| match v {
+            Some(v) if v.is_finite() && v >= 0.0 => Some(v / 1e6),
+            Some(_) => {
+                errors.push(ConfigError::new(format!("{path}.{field}"), "must be a non-negative number"));
+                None
+            }
+            None => None,
+        };
+        let input = per_token(p.input_per_mtok, "input_per_mtok", errors);
+        let output = per_token(p.output_per_mtok, "output_per_mtok", errors);
+        let cache_read = per_token(p.cache_read_per_mtok, "cache_read_per_mtok", errors);
+        let cache_write = per_token(p.cache_write_per_mtok, "cache_write_per_mtok", errors);
+        let reasoning = per_token(p.reasoning_per_mtok, "reasoning_per_mtok", errors);
+        let tier = match p.tier.as_deref().map(|t| (t, crate::prices::Tier::parse(t))) {
+            Some((_, Some(t))) => Some(t),
+            Some((t, None)) => {
+                errors.push(ConfigError::new(
+                    format!("{path}.tier"),
+                    format!("\"{t}\" is not economy, standard or premium"),
+                ));
+                None
+            }
+            None => None,
+        };
+        let listed = table.lookup(&model).cloned();
+        let base = match (listed, input, output) {
+            (Some(info), _, _) => info,
+            (None, Some(input), Some(output)) => crate::prices::ModelInfo {
+                provider: "custom".into(),
+                mode: crate::prices::Mode::Chat,
+                input,
+                output,
+                cache_read: None,
+                cache_write: None,
+                reasoning: None,
+                context_window: None,
+                max_output_tokens: None,
+                tier: crate::prices::Tier::Standard,
+            },
+            (None, _, _) => {
+                errors.push(ConfigError::new(
+                    path,
+                    "is not in the shipped price table: give at least input_per_mtok and output_per_mtok",
+                ));
+                continue;
+            }
+        };
+        let info = crate::prices::ModelInfo {
+            input: input.unwrap_or(base.input),
+            output: output.unwrap_or(base.output),
+            cache_read: cache_read.or(base.cache_read),
+            cache_write: cache_write.or(base.cache_write),
+            reasoning: reasoning.or(base.reasoning),
+            context_window: p.context_window.or(base.context_window),
+            max_output_tokens: p.max_output_tokens.or(base.max_output_tokens),
+            tier: tier.unwrap_or(base.tier),
+            ..base
+        };
+        overrides.push((model, info));
+    }
+    table.with_overrides(overrides)
+}
+
+/// `budgets:` → the budget index. Selectors must match the scope and name things that exist.
+fn budgets(
+    raw: Vec<RawBudget>,
+    projects: &[String],
+    routing_configs: &HashMap<String, Arc<RoutingConfig>>,
+    providers: &HashMap<String, Arc<Provider>>,
+    broken: &[String],
+    errors: &mut Vec<ConfigError>,
+) -> Budgets {
+    use crate::spend::budgets::{Action, Budget, Scope};
+    let mut list = Vec::with_capacity(raw.len());
+    let mut names: Vec<String> = Vec::new();
+    for (i, b) in raw.into_iter().enumerate() {
+        let path = format!("budgets[{i}]");
+        let before = errors.len();
+        if !valid_id(&b.name) {
+            errors.push(ConfigError::new(format!("{path}.name"), ID_RULE));
+        } else if names.contains(&b.name) {
+            errors.push(ConfigError::new(
+                format!("{path}.name"),
+                format!("duplicate budget name \"{}\"", b.name),
+            ));
+        }
+        names.push(b.name.clone());
+        let selectors = [
+            ("project", b.project.is_some(), BudgetScopeKind::Project),
+            ("routing_config", b.routing_config.is_some(), BudgetScopeKind::RoutingConfig),
+            ("end_user", b.end_user.is_some(), BudgetScopeKind::EndUser),
+            ("tag", b.tag.is_some(), BudgetScopeKind::Tag),
+        ];
+        for (field, set, scope) in selectors {
+            if set && scope != b.scope {
+                errors.push(ConfigError::new(
+                    format!("{path}.{field}"),
+                    format!("only applies to scope: {field}"),
+                ));
+            }
+        }
+        let missing = |field: &str, errors: &mut Vec<ConfigError>| {
+            errors.push(ConfigError::new(
+                format!("{path}.{field}"),
+                format!("is required with scope: {field}"),
+            ));
+        };
+        let scope = match b.scope {
+            BudgetScopeKind::Org => Some(Scope::Org),
+            BudgetScopeKind::Project => match b.project {
+                Some(p) if projects.contains(&p) => Some(Scope::Project(p)),
+                Some(p) => {
+                    errors.push(ConfigError::new(
+                        format!("{path}.project"),
+                        format!("unknown project \"{p}\""),
+                    ));
+                    None
+                }
+                None => {
+                    missing("project", errors);
+                    None
+                }
+            },
+            BudgetScopeKind::RoutingConfig => match b.routing_config {
+                Some(c) => {
+                    let slug = c.strip_prefix('@').unwrap_or(&c).to_string();
+                    if routing_configs.contains_key(&slug) {
+                        Some(Scope::RoutingConfig(slug))
+                    } else {
+                        errors.push(ConfigError::new(
+                            format!("{path}.routing_config"),
+                            format!("unknown routing config \"@{slug}\""),
+                        ));
+                        None
+                    }
+                }
+                None => {
+                    missing("routing_config", errors);
+                    None
+                }
+            },
+            BudgetScopeKind::EndUser => Some(Scope::EndUser(b.end_user)),
+            BudgetScopeKind::Tag => match b.tag.as_deref().map(str::trim) {
+                Some(t) if !t.is_empty() => Some(match t.split_once('=') {
+                    Some((k, v)) => {
+                        Scope::Tag { key: k.trim().to_string(), value: Some(v.trim().to_string()) }
+                    }
+                    None => Scope::Tag { key: t.to_string(), value: None },
+                }),
+                _ => {
+                    missing("tag", errors);
+                    None
+                }
+            },
+        };
+        if !(b.cap_usd.is_finite() && b.cap_usd >= 0.0) {
+            errors.push(ConfigError::new(format!("{path}.cap_usd"), "must be a non-negative number of USD"));
+        }
+        let soft_limit_pct = b.soft_limit_pct.unwrap_or(80.0);
+        if !(soft_limit_pct > 0.0 && soft_limit_pct <= 100.0) {
+            errors.push(ConfigError::new(format!("{path}.soft_limit_pct"), "must be in (0, 100]"));
+        }
+        let action = match (b.action, b.downgrade_to) {
+            (BudgetActionKind::Block, None) => Some(Action::Block),
+            (BudgetActionKind::WarnOnly, None) => Some(Action::WarnOnly),
+            (BudgetActionKind::Downgrade, Some(to)) => {
+                let known = match to.strip_prefix('@') {
+                    Some(slug) => routing_configs.contains_key(slug),
+                    None => match providers::resolve_model(providers, &to) {
+                        Ok(_) => true,
+                        Err(_) => broken.iter().any(|p| to.starts_with(&format!("{p}/"))),
+                    },
+                };
+                if !known {
+                    errors.push(ConfigError::new(
+                        format!("{path}.downgrade_to"),
+                        format!("\"{to}\" is neither a routing config (@slug) nor a model a configured provider serves"),
+                    ));
+                }
+                Some(Action::Downgrade(to.into()))
+            }
+            (BudgetActionKind::Downgrade, None) => {
+                errors.push(ConfigError::new(
+                    format!("{path}.downgrade_to"),
+                    "is required with action: downgrade",
+                ));
+                None
+            }
+            (_, Some(_)) => {
+                errors.push(ConfigError::new(
+                    format!("{path}.downgrade_to"),
+                    "only applies to action: downgrade",
+                ));
+                None
+            }
+        };
+        if errors.len() != before {
+            continue;
+        }
+        let (Some(scope), Some(action)) = (scope, action) else { continue };
+        let cap = crate::spend::counters::to_nanos(b.cap_usd);
+        list.push(Budget {
+            name: b.name.into(),
+            scope,
+            period: b.period,
+            cap,
+            cap_usd: b.cap_usd,
+            soft: crate::spend::counters::to_nanos(b.cap_usd * soft_limit_pct / 100.0),
+            soft_limit_pct,
+            action,
+        });
+    }
+    Budgets::new(list)
 }
 
 fn health_settings(raw: &RawHealth, errors: &mut Vec<ConfigError>) -> HealthSettings {

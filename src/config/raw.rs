@@ -11,8 +11,17 @@ pub const DEFAULT_MANAGE_LISTEN: &str = "127.0.0.1:5100";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Top-level sections, used to reject unknown top-level keys with a clear message.
-pub const TOP_LEVEL_KEYS: &[&str] =
-    &["server", "providers", "projects", "management_keys", "routing_configs", "health"];
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "server",
+    "providers",
+    "projects",
+    "management_keys",
+    "routing_configs",
+    "health",
+    "budgets",
+    "prices",
+    "rate_limits",
+];
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +49,9 @@ pub struct RawServer {
     pub watch_config: Option<bool>,
     /// Seconds in-flight requests get to finish on SIGTERM.
     pub shutdown_grace_seconds: Option<u64>,
+    /// Where the embedded store keeps its file (`modelux.db`): budget spend. Relative paths
+    /// resolve against the config file's directory. Default `data`.
+    pub data_dir: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +103,82 @@ pub struct RawKey {
     pub name: String,
     pub key: Option<String>,
     pub key_sha256: Option<String>,
+    /// Overrides `rate_limits.requests_per_minute` (or, for management keys,
+    /// `rate_limits.management_requests_per_minute`) for this key; 0 means unlimited.
+    #[serde(alias = "rpm")]
+    pub requests_per_minute: Option<u64>,
+    /// Overrides `rate_limits.tokens_per_minute` for this key; 0 means unlimited.
+    #[serde(alias = "tpm")]
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// `rate_limits:` — per-key defaults (PRODUCT.md §6).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimits {
+    /// Requests per minute per project key (default 600; 0: unlimited).
+    pub requests_per_minute: Option<u64>,
+    /// Prompt plus completion tokens per minute per project key (default: unlimited).
+    pub tokens_per_minute: Option<u64>,
+    /// Requests per minute per management key (default 60; 0: unlimited).
+    pub management_requests_per_minute: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetScopeKind {
+    Org,
+    Project,
+    RoutingConfig,
+    EndUser,
+    Tag,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetActionKind {
+    Block,
+    Downgrade,
+    WarnOnly,
+}
+
+/// One entry of `budgets:` (PRODUCT.md §5).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub name: String,
+    pub scope: BudgetScopeKind,
+    /// Selector of `scope: project`.
+    pub project: Option<String>,
+    /// Selector of `scope: routing_config` (`@slug` or `slug`).
+    pub routing_config: Option<String>,
+    /// Selector of `scope: end_user`; without it each end user has their own counter.
+    pub end_user: Option<String>,
+    /// Selector of `scope: tag`: `key=value`, or `key` for a counter per value.
+    pub tag: Option<String>,
+    pub period: crate::spend::period::Period,
+    pub cap_usd: f64,
+    /// Spend (percent of the cap) from which responses carry a warning (default 80).
+    pub soft_limit_pct: Option<f64>,
+    pub action: BudgetActionKind,
+    /// With `action: downgrade`: the model (`gpt-4o-mini`, `provider/model`) or `@config`
+    /// that serves instead once the cap is reached.
+    pub downgrade_to: Option<String>,
+}
+
+/// One entry of `prices:` — a model's prices in USD per million tokens, replacing or adding
+/// to the shipped table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input_per_mtok: Option<f64>,
+    pub output_per_mtok: Option<f64>,
+    pub cache_read_per_mtok: Option<f64>,
+    pub cache_write_per_mtok: Option<f64>,
+    pub reasoning_per_mtok: Option<f64>,
+    pub context_window: Option<u64>,
+    pub max_output_tokens: Option<u64>,
+    pub tier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,4 +216,7 @@ pub struct RawConfig {
     /// Each config is kept as YAML: its strategy decides which struct it deserializes into.
     pub routing_configs: BTreeMap<String, serde_yaml_ng::Value>,
     pub health: RawHealth,
+    pub budgets: Vec<RawBudget>,
+    pub prices: BTreeMap<String, RawPrice>,
+    pub rate_limits: RawRateLimits,
 }

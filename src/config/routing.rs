@@ -208,6 +208,23 @@ fn member(
             None
         }
     };
+    // Inline prices replace the table's input and output prices; cached and reasoning
+    // tokens keep the table's ratios when it lists the model.
+    let rates = match (price, listed) {
+        (Some((i, o)), Some(info)) => {
+            let r = info.rates();
+            let scale = |v: f64, base: f64, new: f64| if base > 0.0 { v / base * new } else { new };
+            Some(crate::prices::Rates {
+                input: i,
+                output: o,
+                cache_read: scale(r.cache_read, r.input, i),
+                cache_write: scale(r.cache_write, r.input, i),
+                reasoning: scale(r.reasoning, r.output, o),
+            })
+        }
+        (Some((i, o)), None) => Some(crate::prices::Rates::flat(i, o)),
+        (None, _) => None,
+    };
     let tier = match raw.tier.as_deref() {
         Some(t) => match Tier::parse(t) {
             Some(t) => Some(t),
@@ -229,6 +246,7 @@ fn member(
         accept: raw.accept.map(accept),
         price,
         tier,
+        rates,
     })
 }
 

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use pingora::proxy::Session;
 
+use super::billing;
 use super::pipeline::{self, RouteInfo, Served};
 use super::respond;
 use super::upstream::{self, Exchange};
@@ -33,6 +34,9 @@ pub(super) struct Prepared {
     /// wants streamed, or a stream that carries the decision trace).
     translated: bool,
     client_wants_usage: bool,
+    /// A passthrough OpenAI stream for which the gateway asked for usage the client did not:
+    /// the usage chunk and `"usage":null` members are taken out again on the way back.
+    strip_usage: bool,
 }
 
 /// The request being routed, shared by all its attempts.
@@ -104,7 +108,13 @@ impl Exec<'_> {
         // Same format, same streaming, no trace to splice into a stream: the client's bytes
         // go upstream with only the model rewritten.
         let passthrough = same && stream_as_asked && !(self.want_trace && upstream_stream);
-        let (body, client_wants_usage) = if passthrough {
+        let mut strip_usage = false;
+        let (body, client_wants_usage) = if passthrough && upstream_stream && format == WireFormat::OpenAi {
+            // Streams report usage only when asked: ask, so the answer can be priced.
+            let (body, client_asked) = self.request.encode_for_upstream_with_usage(&target.model);
+            strip_usage = !client_asked;
+            (Bytes::from(body), client_asked)
+        } else if passthrough {
             (Bytes::from(self.request.encode_for_upstream(&target.model)), false)
         } else {
             if self.canonical.is_none() {
@@ -139,6 +149,7 @@ impl Exec<'_> {
             format,
             translated: !passthrough || (!upstream_stream && self.request.stream),
             client_wants_usage,
+            strip_usage,
         })
     }
 }
@@ -317,6 +328,30 @@ async fn answer_body(
     decoded: Option<Response>,
 ) -> Result<(), GatewayError> {
     let status = ex.header.status.as_u16();
+    let decoded = match decoded {
+        Some(r) => Some(r),
+        None if prepared.translated => {
+            Some(decode(prepared.format, &body, &served.target.model).map_err(|message| {
+                GatewayError::UpstreamStatus { provider: served.target.provider.id.clone(), status, message }
+            })?)
+        }
+        None => None,
+    };
+    let usage = match &decoded {
+        Some(resp) => Some(resp.usage),
+        None => wire::usage::from_body(prepared.format, &body),
+    };
+    match usage {
+        Some(u) => {
+            let rates = ctx.bill.rates;
+            billing::add_usage(ctx, rates, &u);
+        }
+        None => billing::estimate_usage(ctx, body.len() as u64),
+    }
+    // Settled before the headers go: they carry the cost and what the budget has left.
+    let principal = ctx.principal.clone();
+    billing::settle(exec.state, ctx, principal.as_deref());
+    ctx.bill.cost_header = true;
     let mut headers = pipeline::answer_headers(&ex.header, prepared.translated, served);
     let trace = exec.want_trace.then(|| trace_value(ctx));
     if !prepared.translated {
@@ -327,11 +362,8 @@ async fn answer_body(
         respond::whole(session, ctx, status, headers, body).await;
         return Ok(());
     }
-    let resp = match decoded {
-        Some(r) => r,
-        None => decode(prepared.format, &body, &served.target.model).map_err(|message| {
-            GatewayError::UpstreamStatus { provider: served.target.provider.id.clone(), status, message }
-        })?,
+    let Some(resp) = decoded else {
+        return Err(GatewayError::internal("a translated answer was not decoded"));
     };
     if exec.request.stream {
         // Chosen whole (ensemble, cascade) but asked for as a stream: replay it as one.
@@ -432,6 +464,13 @@ pub(super) async fn sequential(
                     }
                     t
                 });
+                let codec = match transcoder {
+                    Some(t) => pipeline::StreamCodec::Transcode(Box::new(t)),
+                    None => pipeline::StreamCodec::Tap(wire::usage::UsageTap::new(
+                        prepared.format,
+                        prepared.strip_usage,
+                    )),
+                };
                 let provider = member.target.provider.clone();
                 pipeline::stream(
                     state,
@@ -443,7 +482,7 @@ pub(super) async fn sequential(
                     first,
                     headers,
                     exec.client,
-                    transcoder,
+                    codec,
                 )
                 .await;
                 return Ok(());
@@ -457,6 +496,8 @@ pub(super) async fn sequential(
                         Ok(resp) => {
                             let verdict = member.accept.as_ref().map_or(Ok(()), |a| check_accept(a, &resp));
                             if let (Err(why), false) = (&verdict, is_last) {
+                                // Rejected, but the provider billed it.
+                                billing::add_usage(ctx, member.rates, &resp.usage);
                                 record(
                                     exec,
                                     ctx,
@@ -571,6 +612,8 @@ struct MemberAnswer {
     outcome: Result<(Exchange, Bytes, Response), MemberFailure>,
     started: Instant,
     ttfb: Option<Duration>,
+    /// Tokens of an answer that was decoded but not accepted (billed all the same).
+    rejected_usage: Option<crate::wire::canonical::Usage>,
 }
 
 fn vote_key(resp: &Response) -> String {
@@ -606,21 +649,38 @@ pub(super) async fn parallel(
                 let outcome = match run(state, settings, member, p, Some(timeout), Mode::Whole).await {
                     Attempted::Whole { ex, body } => {
                         let ttfb = Some(ex.ttfb);
+                        let mut rejected_usage = None;
                         let verdict = match decode(p.format, &body, &member.target.model) {
                             Ok(resp) => {
-                                match member.accept.as_ref().map_or(Ok(()), |a| check_accept(a, &resp)) {
-                                    Ok(()) if !wire::response_text(&resp).trim().is_empty() => Ok(resp),
-                                    Ok(()) => Err((Failure::Rejected, "empty answer".to_string(), Some(200))),
-                                    Err(why) => Err((Failure::Rejected, why, Some(200))),
+                                let verdict =
+                                    match member.accept.as_ref().map_or(Ok(()), |a| check_accept(a, &resp)) {
+                                        Ok(()) if !wire::response_text(&resp).trim().is_empty() => Ok(()),
+                                        Ok(()) => {
+                                            Err((Failure::Rejected, "empty answer".to_string(), Some(200)))
+                                        }
+                                        Err(why) => Err((Failure::Rejected, why, Some(200))),
+                                    };
+                                match verdict {
+                                    Ok(()) => Ok(resp),
+                                    Err(e) => {
+                                        rejected_usage = Some(resp.usage);
+                                        Err(e)
+                                    }
                                 }
                             }
                             Err(why) => Err((Failure::ServerError, why, Some(200))),
                         };
                         match verdict {
-                            Ok(resp) => MemberAnswer { index, outcome: Ok((ex, body, resp)), started, ttfb },
+                            Ok(resp) => MemberAnswer {
+                                index,
+                                outcome: Ok((ex, body, resp)),
+                                started,
+                                ttfb,
+                                rejected_usage: None,
+                            },
                             Err(e) => {
                                 upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
-                                MemberAnswer { index, outcome: Err(e), started, ttfb }
+                                MemberAnswer { index, outcome: Err(e), started, ttfb, rejected_usage }
                             }
                         }
                     }
@@ -633,6 +693,7 @@ pub(super) async fn parallel(
                         )),
                         started,
                         ttfb: Some(ex.ttfb),
+                        rejected_usage: None,
                     },
                     Attempted::Status { ex, failure } => {
                         let status = ex.header.status.as_u16();
@@ -643,6 +704,7 @@ pub(super) async fn parallel(
                             outcome: Err((failure, message, Some(status))),
                             started,
                             ttfb: Some(ttfb),
+                            rejected_usage: None,
                         }
                     }
                     Attempted::Failed { failure, error } => MemberAnswer {
@@ -650,6 +712,7 @@ pub(super) async fn parallel(
                         outcome: Err((failure, error.message(), None)),
                         started,
                         ttfb: None,
+                        rejected_usage: None,
                     },
                 };
                 outcome
@@ -676,6 +739,9 @@ pub(super) async fn parallel(
                 }
             }
             Err((failure, message, status)) => {
+                if let Some(u) = &a.rejected_usage {
+                    billing::add_usage(ctx, member.rates, u);
+                }
                 record(exec, ctx, member, Err(failure), status, Some(message), a.started, a.ttfb);
             }
         }
@@ -731,6 +797,10 @@ pub(super) async fn parallel(
         });
     };
     let (index, ex, body, resp, attempt_no) = answers.swap_remove(pick);
+    // Every member that answered was billed; the winner is added by `answer_body`.
+    for (i, _, _, r, _) in &answers {
+        billing::add_usage(ctx, members[*i].rates, &r.usage);
+    }
     let member = members[index];
     ctx.ttfb = Some(ex.ttfb);
     ctx.set_served(member);

@@ -2,6 +2,7 @@
 //! calls into one module; read top to bottom, this file is the table of contents of a
 //! request.
 
+mod billing;
 mod body;
 mod execute;
 mod pipeline;
@@ -30,6 +31,7 @@ pub struct GatewayState {
     pub store: Arc<ConfigStore>,
     pub metrics: Arc<Metrics>,
     pub connector: Connector,
+    pub spend: Arc<crate::spend::Spend>,
 }
 
 pub struct Gateway {
@@ -60,6 +62,8 @@ pub struct RequestCtx {
     pub attempts: usize,
     /// An attempt's answer (success or upstream error) went to the client.
     pub served: bool,
+    /// Rate limits, budget, reservation, usage and cost (see `billing`).
+    pub bill: billing::Bill,
 }
 
 impl RequestCtx {
@@ -81,6 +85,7 @@ impl RequestCtx {
             trace: None,
             attempts: 0,
             served: false,
+            bill: billing::Bill::new(),
         }
     }
 
@@ -89,6 +94,7 @@ impl RequestCtx {
         self.provider = Some(member.target.provider.id.clone());
         self.model = Some(member.target.model.clone());
         self.served = true;
+        self.bill.rates = member.rates;
     }
 }
 
@@ -120,6 +126,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&PError>, ctx: &mut RequestCtx) {
+        let principal = ctx.principal.clone();
+        billing::settle(&self.state, ctx, principal.as_deref());
+        billing::record_metrics(&self.state, ctx);
         respond::record_metrics(&self.state.metrics, ctx);
     }
 }

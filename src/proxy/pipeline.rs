@@ -8,6 +8,7 @@ use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
+use super::billing;
 use super::execute;
 use super::respond::{self, name, Headers};
 use super::upstream::{self, Exchange};
@@ -20,6 +21,8 @@ use crate::providers::{self, Resolution, Target};
 use crate::routing::health::{now_ms, Health};
 use crate::routing::trace::DecisionTrace;
 use crate::routing::{self, Decision, Member, Plan, RequestFacts, RetryOn};
+use crate::spend::budgets::{BudgetRequest, Evaluation};
+use crate::spend::counters::to_usd;
 use crate::wire::openai::{ChatRequest, Payload};
 use crate::wire::{self, anthropic, Transcoder, WireFormat};
 use serde_json::json;
@@ -109,6 +112,7 @@ async fn serve(
     }
     let principal = authenticate(session, snapshot, surface)?;
     ctx.principal = Some(principal.clone());
+    billing::check_requests(state, ctx, &principal)?;
     match endpoint {
         Endpoint::Models => list_models(session, ctx, snapshot, &principal, surface).await,
         Endpoint::Chat => chat(state, snapshot, session, ctx, &principal, surface, false).await,
@@ -271,16 +275,18 @@ fn route<'a>(
     model: &str,
     facts: &RequestFacts<'_>,
     lease: bool,
+    any_project: bool,
 ) -> Result<Routed<'a>, GatewayError> {
     let now = now_ms();
     let routed = if let Some(slug) = model.strip_prefix('@') {
-        let config =
-            snapshot.routing_configs.get(slug).filter(|rc| *rc.project == *principal.project).ok_or_else(
-                || GatewayError::NotFound {
-                    code: "routing_config_not_found",
-                    message: format!("routing config @{slug} not found"),
-                },
-            )?;
+        let config = snapshot
+            .routing_configs
+            .get(slug)
+            .filter(|rc| any_project || *rc.project == *principal.project)
+            .ok_or_else(|| GatewayError::NotFound {
+                code: "routing_config_not_found",
+                message: format!("routing config @{slug} not found"),
+            })?;
         let decision = routing::decide(snapshot, config, facts, now, lease);
         if decision.candidates.is_empty() {
             return Err(GatewayError::internal(format!("routing config @{slug} produced no candidate")));
@@ -297,6 +303,7 @@ fn route<'a>(
         let report = health.report(now, &snapshot.health_settings).into();
         ctx.trace =
             Some(Box::new(DecisionTrace::direct(resolution.as_str(), provider_id, &target.model, report)));
+        let rates = snapshot.prices.lookup(&target.model).map(|i| i.rates());
         let member = Member {
             provider_health: snapshot.health.cell(provider_id),
             health,
@@ -304,9 +311,9 @@ fn route<'a>(
             timeout: None,
             weight: 1.0,
             accept: None,
-            // Priced only when a dry run asks (answer_dry_run): nothing else needs it.
             price: None,
             tier: None,
+            rates,
         };
         Routed::Direct { member: Box::new(member), resolution }
     };
@@ -359,11 +366,16 @@ async fn chat(
     let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse(&body)?;
     let rc = request_context(session, &request);
-    let facts = facts(&request, &rc, &body);
+    let mut facts = facts(&request, &rc, &body);
     let dry_run = dry_run_endpoint || rc.dry_run;
-    let routed = route(snapshot, principal, ctx, &request.model, &facts, !dry_run)?;
+    ctx.bill.est_input_tokens = reserved_input_tokens(&body);
+    if !dry_run {
+        let estimate = facts.est_input_tokens + request.max_tokens.unwrap_or(0);
+        billing::charge_tokens(state, ctx, principal, estimate)?;
+    }
+    let (eval, routed) = admit(state, snapshot, ctx, principal, &request.model, &rc, &mut facts, !dry_run)?;
     if dry_run {
-        return answer_dry_run(session, ctx, &routed, &facts, 1024).await;
+        return answer_dry_run(snapshot, session, ctx, &routed, &facts, 1024).await;
     }
     let anthropic_headers = anthropic_headers(session, client);
     let mut exec = execute::Exec {
@@ -385,6 +397,10 @@ async fn chat(
             Plan::Sequential { retry_on: RetryOn::NONE, total_budget: None, cascade: false }
         }
     };
+    let all_answer = matches!(plan, Plan::Parallel { .. });
+    let usd =
+        billing::max_cost(snapshot, &attempts, all_answer, ctx.bill.est_input_tokens, request.max_tokens);
+    billing::reserve(state, ctx, &eval, usd)?;
     match plan {
         Plan::Sequential { retry_on, total_budget, cascade } => {
             execute::sequential(&mut exec, session, ctx, &attempts, retry_on, total_budget, cascade, &info)
@@ -394,6 +410,47 @@ async fn chat(
             execute::parallel(&mut exec, session, ctx, &attempts, aggregation, timeout, &info).await
         }
     }
+}
+
+/// Prompt tokens a reservation assumes: three body bytes a token, a deliberate overcount
+/// (English runs about four; CJK text about three in UTF-8).
+fn reserved_input_tokens(body: &[u8]) -> u64 {
+    (body.len() as u64).div_ceil(3)
+}
+
+/// Budgets, then routing: a budget at its cap blocks (402) or downgrades the request to
+/// its `downgrade_to` before the routing decision; remaining budget is a routing fact.
+#[allow(clippy::too_many_arguments)]
+fn admit<'s, 'r>(
+    state: &GatewayState,
+    snapshot: &'s Snapshot,
+    ctx: &mut RequestCtx,
+    principal: &'r Principal,
+    model: &'r str,
+    rc: &'r Context,
+    facts: &mut RequestFacts<'_>,
+    lease: bool,
+) -> Result<(Evaluation<'s, 'r>, Routed<'s>), GatewayError> {
+    let slug = model.strip_prefix('@');
+    let req = BudgetRequest {
+        project: &principal.project,
+        config: slug,
+        end_user: rc.end_user.as_deref(),
+        tags: &rc.tags,
+    };
+    let (eval, downgrade) = billing::evaluate(state, snapshot, ctx, &req, slug.is_some())?;
+    if let Some(hit) = eval.applied() {
+        let remaining = to_usd(hit.remaining());
+        facts.budget_remaining_usd = Some(remaining);
+        facts.budget_remaining_pct =
+            Some(if hit.budget.cap_usd > 0.0 { remaining / hit.budget.cap_usd * 100.0 } else { 0.0 });
+    }
+    let routed = match &downgrade {
+        Some(to) => route(snapshot, principal, ctx, to, facts, lease, true)?,
+        None => route(snapshot, principal, ctx, model, facts, lease, false)?,
+    };
+    billing::record_budget(ctx, downgrade.map(|_| model.to_string()));
+    Ok((eval, routed))
 }
 
 fn facts<'a>(request: &'a ChatRequest<'_>, rc: &'a Context, body: &[u8]) -> RequestFacts<'a> {
@@ -410,14 +467,9 @@ fn facts<'a>(request: &'a ChatRequest<'_>, rc: &'a Context, body: &[u8]) -> Requ
     }
 }
 
-/// A directly named model's price from the shipped table.
-fn table_price(member: &Member) -> Option<(f64, f64)> {
-    let table = crate::prices::PriceTable::embedded().ok()?;
-    table.lookup(&member.target.model).map(|i| (i.input, i.output))
-}
-
 /// The routing decision, without calling an upstream (PRODUCT.md §3.5).
 async fn answer_dry_run(
+    snapshot: &Snapshot,
     session: &mut Session,
     ctx: &mut RequestCtx,
     routed: &Routed<'_>,
@@ -427,8 +479,8 @@ async fn answer_dry_run(
     let attempts = routed.attempts();
     let selected =
         attempts.first().map(|m| json!({"provider": m.target.provider.id, "model": m.target.model}));
-    let estimated = attempts.first().and_then(|m| m.price.or_else(|| table_price(m))).map(|(i, o)| {
-        facts.est_input_tokens as f64 * i + facts.max_tokens.unwrap_or(default_output) as f64 * o
+    let estimated = attempts.first().and_then(|m| billing::rates_of(snapshot, m)).map(|r| {
+        facts.est_input_tokens as f64 * r.input + facts.max_tokens.unwrap_or(default_output) as f64 * r.output
     });
     let trace = ctx.trace.as_deref();
     let body = json!({
@@ -443,7 +495,7 @@ async fn answer_dry_run(
         "selected": selected,
         "candidates": trace.map(|t| t.candidates.clone()).unwrap_or_default(),
         "estimated_cost_usd": estimated,
-        "budget": null,
+        "budget": trace.and_then(|t| t.budget.clone()),
         "cache": "MISS",
     });
     let body = serde_json::to_vec(&body).map_err(|e| GatewayError::internal(e.to_string()))?;
@@ -470,12 +522,20 @@ async fn embeddings(
     let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse_routed(&body, Payload::Input)?;
     let rc = request_context(session, &request);
-    let facts = facts(&request, &rc, &body);
-    let routed = route(snapshot, principal, ctx, &request.model, &facts, !rc.dry_run)?;
+    let mut facts = facts(&request, &rc, &body);
+    ctx.bill.est_input_tokens = reserved_input_tokens(&body);
+    if !rc.dry_run {
+        billing::charge_tokens(state, ctx, principal, facts.est_input_tokens)?;
+    }
+    let (eval, routed) =
+        admit(state, snapshot, ctx, principal, &request.model, &rc, &mut facts, !rc.dry_run)?;
     if rc.dry_run {
-        return answer_dry_run(session, ctx, &routed, &facts, 0).await;
+        return answer_dry_run(snapshot, session, ctx, &routed, &facts, 0).await;
     }
     let member = routed.first()?;
+    let usd = billing::max_cost(snapshot, &[member], false, ctx.bill.est_input_tokens, Some(0));
+    billing::reserve(state, ctx, &eval, usd)?;
+    ctx.bill.rates = member.rates;
     let served = routed.served(member, 1);
     let provider = member.target.provider.clone();
     let format = provider.format();
@@ -659,9 +719,9 @@ async fn count_tokens(
     let request = ChatRequest::parse(&body)?;
     let rc = request_context(session, &request);
     let facts = facts(&request, &rc, &body);
-    let routed = route(snapshot, principal, ctx, &request.model, &facts, !rc.dry_run)?;
+    let routed = route(snapshot, principal, ctx, &request.model, &facts, !rc.dry_run, false)?;
     if rc.dry_run {
-        return answer_dry_run(session, ctx, &routed, &facts, 0).await;
+        return answer_dry_run(snapshot, session, ctx, &routed, &facts, 0).await;
     }
     let member = routed.first()?;
     let target = &member.target;
@@ -776,9 +836,10 @@ pub(super) fn is_event_stream(h: &ResponseHeader) -> bool {
     })
 }
 
-/// Upstream response headers worth keeping: the body's type, and the provider's request id,
-/// rate-limit and processing-time headers the SDKs expose. Hop-by-hop and framing headers
-/// are the gateway's own business.
+/// Upstream response headers worth keeping: the body's type, and the provider's request id
+/// and processing-time headers the SDKs expose. Hop-by-hop and framing headers are the
+/// gateway's own business, and so are `x-ratelimit-*`: the client is held to its key's
+/// limits at the gateway, not to the gateway's own provider account limits.
 fn passthrough_headers(h: &ResponseHeader) -> Headers {
     let mut out = Vec::with_capacity(8);
     for (n, value) in h.headers.iter() {
@@ -787,8 +848,7 @@ fn passthrough_headers(h: &ResponseHeader) -> Headers {
             || s == "x-request-id"
             || s == "retry-after"
             || s == "cache-control"
-            || s.starts_with("openai-")
-            || s.starts_with("x-ratelimit-");
+            || s.starts_with("openai-");
         if let (true, Ok(v)) = (keep, value.to_str()) {
             out.push((n.clone(), v.to_string()));
         }
@@ -796,9 +856,56 @@ fn passthrough_headers(h: &ResponseHeader) -> Headers {
     out
 }
 
-/// Streams an SSE body to the client chunk by chunk as it arrives, translating each read
-/// when the formats differ. An upstream failure after the first byte is reported in-stream
-/// (an error event in the client's format), then the stream is closed cleanly.
+/// What a stream's bytes go through on their way to the client.
+pub(super) enum StreamCodec {
+    /// Same format: passed through, usage read on the way (and the usage the gateway asked
+    /// for on the client's behalf taken out again).
+    Tap(wire::usage::UsageTap),
+    /// Different formats (or a trace to splice in): decoded and re-encoded.
+    Transcode(Box<Transcoder>),
+}
+
+impl StreamCodec {
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            StreamCodec::Tap(t) => {
+                t.feed(chunk, out);
+                Ok(())
+            }
+            StreamCodec::Transcode(t) => t.feed(chunk, out),
+        }
+    }
+
+    fn usage(&self) -> Option<wire::canonical::Usage> {
+        match self {
+            StreamCodec::Tap(t) => t.usage(),
+            StreamCodec::Transcode(t) => {
+                let u = t.usage();
+                (u.input > 0 || u.output > 0).then_some(u)
+            }
+        }
+    }
+}
+
+/// Prices a finished (or broken-off) stream from the usage it reported, else from its size.
+fn bill_stream(state: &GatewayState, ctx: &mut RequestCtx, codec: &StreamCodec) {
+    match codec.usage() {
+        Some(u) => {
+            let rates = ctx.bill.rates;
+            billing::add_usage(ctx, rates, &u);
+        }
+        None => {
+            let bytes = ctx.bytes_out;
+            billing::estimate_usage(ctx, bytes);
+        }
+    }
+    let principal = ctx.principal.clone();
+    billing::settle(state, ctx, principal.as_deref());
+}
+
+/// Streams an SSE body to the client chunk by chunk as it arrives, through `codec`. An
+/// upstream failure after the first byte is reported in-stream (an error event in the
+/// client's format), then the stream is closed cleanly.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn stream(
     state: &GatewayState,
@@ -810,7 +917,7 @@ pub(super) async fn stream(
     mut first: Option<Bytes>,
     mut headers: Headers,
     client: Surface,
-    mut transcoder: Option<Transcoder>,
+    mut codec: StreamCodec,
 ) {
     headers.push((http::header::TRANSFER_ENCODING, "chunked".into()));
     let resp = match respond::header(200, headers, ctx) {
@@ -835,43 +942,53 @@ pub(super) async fn stream(
         };
         match next {
             Ok(Some(chunk)) => {
-                let piece = match transcoder.as_mut() {
-                    None => chunk,
-                    Some(t) => {
-                        out.clear();
-                        if let Err(message) = t.feed(&chunk, &mut out) {
-                            break Some(GatewayError::UpstreamStatus {
-                                provider: provider.id.clone(),
-                                status: 200,
-                                message,
-                            });
-                        }
-                        if out.is_empty() {
-                            continue;
-                        }
-                        Bytes::copy_from_slice(&out)
-                    }
+                out.clear();
+                if let Err(message) = codec.feed(&chunk, &mut out) {
+                    break Some(GatewayError::UpstreamStatus {
+                        provider: provider.id.clone(),
+                        status: 200,
+                        message,
+                    });
+                }
+                if out.is_empty() {
+                    continue;
+                }
+                // A tap that changed nothing hands back the chunk as it came: send that.
+                let piece = if out.len() == chunk.len() && out == chunk {
+                    chunk
+                } else {
+                    Bytes::copy_from_slice(&out)
                 };
                 let len = piece.len() as u64;
                 if session.write_response_body(Some(piece), false).await.is_err() {
                     ctx.error_code = Some("client_disconnected");
                     ctx.upstream_time += ex.started.elapsed();
                     ex.session.shutdown().await;
+                    bill_stream(state, ctx, &codec);
                     return;
                 }
                 ctx.bytes_out += len;
             }
             Ok(None) => {
-                let Some(t) = transcoder.as_mut() else { break None };
                 out.clear();
-                let finished = t.finish(&mut out);
-                if let Some(trace) = ctx.trace.as_deref_mut() {
-                    // The winning attempt lasted until its stream ended.
-                    if let Some(last) = trace.attempts.last_mut() {
-                        last.duration_ms = (ex.started.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
+                let finished = match &mut codec {
+                    StreamCodec::Tap(t) => {
+                        t.finish(&mut out);
+                        Ok(())
                     }
-                    if let Ok(v) = serde_json::to_value(&*trace) {
-                        t.release_done(&v, &mut out);
+                    StreamCodec::Transcode(t) => t.finish(&mut out),
+                };
+                // Priced before the trace goes out, so the trace carries the cost.
+                bill_stream(state, ctx, &codec);
+                if let StreamCodec::Transcode(t) = &mut codec {
+                    if let Some(trace) = ctx.trace.as_deref_mut() {
+                        // The winning attempt lasted until its stream ended.
+                        if let Some(last) = trace.attempts.last_mut() {
+                            last.duration_ms = (ex.started.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
+                        }
+                        if let Ok(v) = serde_json::to_value(&*trace) {
+                            t.release_done(&v, &mut out);
+                        }
                     }
                 }
                 if !out.is_empty() {
@@ -889,14 +1006,19 @@ pub(super) async fn stream(
     if let Some(e) = failure {
         ex.session.shutdown().await;
         ctx.error_code = Some("upstream_stream_error");
-        let event = match (transcoder.as_mut(), client) {
-            (Some(t), _) => {
+        if ctx.bill.usage.is_none() {
+            bill_stream(state, ctx, &codec);
+        }
+        let event = match (&mut codec, client) {
+            (StreamCodec::Transcode(t), _) => {
                 let mut buf = Vec::new();
                 t.fail(e.kind(), &e.message(), &mut buf);
                 buf
             }
-            (None, Surface::OpenAi) => [b"data: ".as_slice(), &e.to_openai_body(), b"\n\n"].concat(),
-            (None, Surface::Anthropic) => {
+            (StreamCodec::Tap(_), Surface::OpenAi) => {
+                [b"data: ".as_slice(), &e.to_openai_body(), b"\n\n"].concat()
+            }
+            (StreamCodec::Tap(_), Surface::Anthropic) => {
                 [b"event: error\ndata: ".as_slice(), &e.render(Surface::Anthropic), b"\n\n"].concat()
             }
         };

@@ -21,10 +21,15 @@ pub fn name(n: &'static str) -> HeaderName {
 pub fn header(status: u16, extra: Headers, ctx: &RequestCtx) -> Result<ResponseHeader, GatewayError> {
     let build = || -> pingora::Result<ResponseHeader> {
         // No case map: header names go out lowercase, and building it costs an allocation per header.
-        let mut h = ResponseHeader::build_no_case(status, Some(extra.len() + 3))?;
+        let mut h = ResponseHeader::build_no_case(status, Some(extra.len() + 8))?;
         h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in extra {
             h.append_header(name, value)?;
+        }
+        let mut spend = Vec::new();
+        super::billing::push_headers(&ctx.bill, &mut spend);
+        for (name, value) in spend {
+            h.insert_header(name, value)?;
         }
         Ok(h)
     };
@@ -73,8 +78,17 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayErr
         session.set_keepalive(None);
     }
     let mut extra: Headers = vec![(http::header::CONTENT_TYPE, "application/json".to_string())];
-    if let GatewayError::MethodNotAllowed { allowed } = err {
-        extra.push((http::header::ALLOW, (*allowed).to_string()));
+    match err {
+        GatewayError::MethodNotAllowed { allowed } => {
+            extra.push((http::header::ALLOW, (*allowed).to_string()))
+        }
+        GatewayError::BudgetExceeded(blocked) => {
+            extra.push((http::header::RETRY_AFTER, blocked.retry_after.to_string()))
+        }
+        GatewayError::RateLimited { retry_after, .. } => {
+            extra.push((http::header::RETRY_AFTER, retry_after.to_string()))
+        }
+        _ => {}
     }
     whole(session, ctx, err.status(), extra, Bytes::from(err.render(ctx.surface))).await;
     // Lingering close: closing while the client is still uploading makes the kernel send

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{RoutingConfig, Snapshot};
-use crate::prices::Tier;
+use crate::prices::{Rates, Tier};
 use crate::providers::Target;
 use health::{Health, HealthSettings, Verdict};
 
@@ -125,6 +125,8 @@ pub struct Member {
     /// Price per token (input, output) and tier, for cost-aware strategies.
     pub price: Option<(f64, f64)>,
     pub tier: Option<Tier>,
+    /// Every per-token price (cached and reasoning tokens too), to price answers.
+    pub rates: Option<Rates>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -97,6 +97,48 @@ pub struct DecisionTrace {
     pub attempts: Vec<AttemptRecord>,
     pub decision: Outcome,
     pub ab_variant: Option<String>,
+    /// The budget outcome, when any budget applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetRecord>,
+    /// Tokens of every billed answer (a cascade's rejected steps and an ensemble's members
+    /// included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<CostRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BudgetRecord {
+    pub name: String,
+    /// `none`, `warn_only`, `downgrade` or `block`.
+    pub action: &'static str,
+    pub remaining_usd: f64,
+    /// The model or `@config` the request was downgraded from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downgraded_from: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
+pub struct UsageRecord {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
+pub struct CostRecord {
+    pub input: f64,
+    pub output: f64,
+    pub total: f64,
+    /// The served model has no price: its tokens were counted at $0.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unpriced: bool,
+    /// The upstream reported no usage (e.g. a stream cut short): tokens were estimated.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -128,6 +170,9 @@ impl DecisionTrace {
             attempts: Vec::new(),
             decision: Outcome { winner_attempt: None, reason: String::new() },
             ab_variant: None,
+            budget: None,
+            usage: None,
+            cost_usd: None,
         }
     }
 
@@ -199,6 +244,9 @@ impl DecisionTrace {
             attempts: Vec::new(),
             decision: Outcome { winner_attempt: None, reason: String::new() },
             ab_variant: d.ab_variant().map(str::to_string),
+            budget: None,
+            usage: None,
+            cost_usd: None,
         }
     }
 

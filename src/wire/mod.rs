@@ -7,6 +7,7 @@ pub mod cohere;
 pub mod embeddings;
 pub mod gemini;
 pub mod openai;
+pub mod usage;
 
 use crate::error::{GatewayError, Surface};
 use canonical::{Delta, Request, Response};

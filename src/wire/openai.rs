@@ -196,6 +196,88 @@ impl<'a> ChatRequest<'a> {
         out.push('}');
         out.into_bytes()
     }
+
+    /// `encode_for_upstream`, but a streamed request also asks the upstream for its usage
+    /// chunk (`stream_options.include_usage`), which prices a passthrough stream. The flag
+    /// is true when the body asks nothing the client did not (the client set it itself, the
+    /// request does not stream, or `stream_options` is malformed and left to the upstream);
+    /// false means the stream carries usage the client must not see.
+    pub fn encode_for_upstream_with_usage(&self, model: &str) -> (Vec<u8>, bool) {
+        let as_is = || (self.encode_for_upstream(model), true);
+        if !self.stream {
+            return as_is();
+        }
+        // With duplicate keys the last one counts, as in serde_json.
+        let options = match self.fields.iter().rev().find(|(k, _)| k == "stream_options") {
+            None => None,
+            Some((_, raw)) => match serde_json::from_str::<Option<TopLevel>>(raw.get()) {
+                Ok(o) => Some(o.map(|t| t.0).unwrap_or_default()),
+                Err(_) => return as_is(),
+            },
+        };
+        let asked = |members: &[(String, &RawValue)]| {
+            members
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "include_usage")
+                .is_some_and(|(_, v)| serde_json::from_str::<bool>(v.get()).ok() == Some(true))
+        };
+        let Some(options) = options else {
+            let mut out = self.encode_for_upstream(model);
+            out.pop(); // the closing brace
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#""stream_options":{"include_usage":true}}"#);
+            return (out, false);
+        };
+        if asked(&options) {
+            return as_is();
+        }
+        // The client's other options are kept as sent; `include_usage` is set in place.
+        let mut value = String::from("{");
+        let mut set = false;
+        for (key, raw) in &options {
+            if value.len() > 1 {
+                value.push(',');
+            }
+            push_json_string(&mut value, key);
+            value.push(':');
+            if key == "include_usage" {
+                value.push_str("true");
+                set = true;
+            } else {
+                value.push_str(raw.get());
+            }
+        }
+        if !set {
+            if value.len() > 1 {
+                value.push(',');
+            }
+            value.push_str(r#""include_usage":true"#);
+        }
+        value.push('}');
+        let mut out =
+            String::with_capacity(self.fields.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum());
+        out.push('{');
+        for (key, raw) in &self.fields {
+            if key.starts_with(EXTENSION_PREFIX) {
+                continue;
+            }
+            if out.len() > 1 {
+                out.push(',');
+            }
+            push_json_string(&mut out, key);
+            out.push(':');
+            match key.as_str() {
+                "model" => push_json_string(&mut out, model),
+                "stream_options" => out.push_str(&value),
+                _ => out.push_str(raw.get()),
+            }
+        }
+        out.push('}');
+        (out.into_bytes(), false)
+    }
 }
 
 /// Appends `s` as a JSON string literal.
@@ -264,6 +346,82 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "a\"b");
         assert_eq!(v["we\"ird"], 1);
+    }
+
+    fn with_usage(body: &[u8]) -> (String, bool, String) {
+        let req = ChatRequest::parse(body).unwrap();
+        let (out, asked) = req.encode_for_upstream_with_usage("gpt-4o");
+        (
+            String::from_utf8(out).unwrap(),
+            asked,
+            String::from_utf8(req.encode_for_upstream("gpt-4o")).unwrap(),
+        )
+    }
+
+    #[test]
+    fn stream_asks_upstream_for_usage() {
+        // No stream_options: appended.
+        let (out, asked, _) = with_usage(
+            br#"{"model":"@fast","messages":[],"stream":true,"temperature":0.50,"mlx:trace":true}"#,
+        );
+        assert!(!asked);
+        assert_eq!(
+            out,
+            r#"{"model":"gpt-4o","messages":[],"stream":true,"temperature":0.50,"stream_options":{"include_usage":true}}"#
+        );
+        // Other options kept as sent, include_usage added after them.
+        let (out, asked, _) = with_usage(
+            br#"{"model":"m","stream_options":{"continuous_usage_stats":false, "x":1.0},"messages":[],"stream":true}"#,
+        );
+        assert!(!asked);
+        assert_eq!(
+            out,
+            r#"{"model":"gpt-4o","stream_options":{"continuous_usage_stats":false,"x":1.0,"include_usage":true},"messages":[],"stream":true}"#
+        );
+        // include_usage false (or null) is set in place; a null stream_options is replaced.
+        let (out, asked, _) = with_usage(
+            br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":false,"y":[1]}}"#,
+        );
+        assert!(!asked);
+        assert_eq!(
+            out,
+            r#"{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true,"y":[1]}}"#
+        );
+        let (out, asked, _) =
+            with_usage(br#"{"model":"m","messages":[],"stream":true,"stream_options":null}"#);
+        assert!(!asked);
+        assert_eq!(
+            out,
+            r#"{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        let (out, _, _) = with_usage(
+            br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":null}}"#,
+        );
+        assert!(out.ends_with(r#""stream_options":{"include_usage":true}}"#), "{out}");
+        for body in [
+            &br#"{"model":"m","messages":[],"stream":true}"#[..],
+            br#"{"model":"m","messages":[],"stream":true,"stream_options":{}}"#,
+        ] {
+            let (out, _, _) = with_usage(body);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}), "{out}");
+        }
+    }
+
+    #[test]
+    fn usage_already_asked_or_not_streamed_is_untouched() {
+        for body in [
+            &br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#[..],
+            br#"{"model":"m","messages":[],"stream":true,"stream_options": { "x":2, "include_usage" : true }}"#,
+            br#"{"model":"m","messages":[],"stream":false}"#,
+            br#"{"model":"m","messages":[],"stream_options":{"include_usage":false}}"#,
+            // Malformed options are the upstream's to reject; nothing is added to them.
+            br#"{"model":"m","messages":[],"stream":true,"stream_options":"yes"}"#,
+        ] {
+            let (out, asked, plain) = with_usage(body);
+            assert!(asked, "{}", String::from_utf8_lossy(body));
+            assert_eq!(out, plain);
+        }
     }
 }
 

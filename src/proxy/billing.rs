@@ -1,0 +1,415 @@
+//! Spend control on the request path: per-key rate limits, budget evaluation before routing
+//! (block or downgrade), a reservation of the request's maximum cost before the upstream
+//! call, and settlement to the actual cost once the answer's usage is known.
+
+use std::sync::Arc;
+
+use super::respond::{name, Headers};
+use super::{GatewayState, RequestCtx};
+use crate::auth::Principal;
+use crate::config::Snapshot;
+use crate::error::GatewayError;
+use crate::prices::{Rates, Tokens};
+use crate::routing::trace::{BudgetRecord, CostRecord, UsageRecord};
+use crate::routing::Member;
+use crate::spend::budgets::{Blocked, BudgetRequest, Evaluation, Outcome, Reservation, State};
+use crate::spend::counters::{to_nanos, to_usd, Counters, Nanos, RateKind, RateVerdict, SpendKey};
+use crate::spend::period::iso8601;
+use crate::spend::{unix_now, unix_now_us};
+use crate::wire::canonical::Usage;
+
+/// Output tokens reserved for a request that sets no `max_tokens` and whose model has no
+/// known output limit.
+const DEFAULT_RESERVED_OUTPUT_TOKENS: u64 = 4096;
+
+/// The budget the response headers describe.
+pub struct BudgetNote {
+    pub name: Arc<str>,
+    instance: Box<str>,
+    period_start: i64,
+    cap: Nanos,
+    /// `X-Modelux-Budget-Action`.
+    pub action: Option<&'static str>,
+    /// `X-Modelux-Budget-Reset`, only when the cap was reached.
+    reset: Option<String>,
+    counters: Arc<dyn Counters>,
+}
+
+impl BudgetNote {
+    /// What the budget can still admit, read when the headers are written (after this
+    /// request settled, for whole answers).
+    pub fn remaining(&self) -> f64 {
+        let key = SpendKey { budget: &self.name, instance: &self.instance, period_start: self.period_start };
+        to_usd((self.cap - self.counters.spend(&key).used).max(0))
+    }
+}
+
+/// A per-key rate limiter's answer, for the `x-ratelimit-*` headers.
+#[derive(Clone, Copy)]
+pub struct RateNote {
+    pub kind: RateKind,
+    pub verdict: RateVerdict,
+}
+
+/// Spend bookkeeping of one request.
+#[derive(Default)]
+pub struct Bill {
+    pub reservation: Option<Reservation>,
+    pub budget: Option<BudgetNote>,
+    pub requests: Option<RateNote>,
+    pub tokens: Option<RateNote>,
+    /// Tokens charged to the key's tokens-per-minute limit before the call.
+    tokens_charged: u64,
+    /// Prices of the member that answered.
+    pub rates: Option<Rates>,
+    /// Summed over every billed answer.
+    pub usage: Option<Usage>,
+    pub cost: CostRecord,
+    /// Prompt tokens as estimated from the body, for reservations and for answers that
+    /// report no usage.
+    pub est_input_tokens: u64,
+    /// Whole answers carry `X-Modelux-Cost-Usd` (streams cannot: headers go first).
+    pub cost_header: bool,
+}
+
+impl Bill {
+    pub fn new() -> Bill {
+        Bill::default()
+    }
+}
+
+fn rate_limited(verdict: &RateVerdict, kind: RateKind, requested: Option<u64>) -> GatewayError {
+    let retry_after = if verdict.retry_after_us == u64::MAX {
+        60
+    } else {
+        verdict.retry_after_us.div_ceil(1_000_000).max(1)
+    };
+    GatewayError::RateLimited { kind, limit: verdict.limit, retry_after, requested }
+}
+
+/// One request against the key's requests-per-minute limit.
+pub(super) fn check_requests(
+    state: &GatewayState,
+    ctx: &mut RequestCtx,
+    principal: &Principal,
+) -> Result<(), GatewayError> {
+    let limit = principal.limits.requests_per_minute;
+    if limit == 0 {
+        return Ok(());
+    }
+    let verdict =
+        state.spend.counters.take(RateKind::Requests, &principal.limits.rate_key, limit, 1, unix_now_us());
+    ctx.bill.requests = Some(RateNote { kind: RateKind::Requests, verdict });
+    if verdict.allowed {
+        return Ok(());
+    }
+    state.metrics.rate_limited.with_label_values(&["requests"]).inc();
+    Err(rate_limited(&verdict, RateKind::Requests, None))
+}
+
+/// Charges the request's estimated tokens (prompt plus `max_tokens`) to the key's
+/// tokens-per-minute limit; `settle` corrects it to the actual count.
+pub(super) fn charge_tokens(
+    state: &GatewayState,
+    ctx: &mut RequestCtx,
+    principal: &Principal,
+    estimate: u64,
+) -> Result<(), GatewayError> {
+    let limit = principal.limits.tokens_per_minute;
+    if limit == 0 {
+        return Ok(());
+    }
+    let verdict = state.spend.counters.take(
+        RateKind::Tokens,
+        &principal.limits.rate_key,
+        limit,
+        estimate,
+        unix_now_us(),
+    );
+    ctx.bill.tokens = Some(RateNote { kind: RateKind::Tokens, verdict });
+    if verdict.allowed {
+        ctx.bill.tokens_charged = estimate;
+        return Ok(());
+    }
+    state.metrics.rate_limited.with_label_values(&["tokens"]).inc();
+    let requested = (verdict.retry_after_us == u64::MAX).then_some(estimate);
+    Err(rate_limited(&verdict, RateKind::Tokens, requested))
+}
+
+/// Go-style duration (`1s`, `6m0s`, `17ms`), the format of OpenAI's `x-ratelimit-reset-*`.
+pub fn reset_text(us: u64) -> String {
+    let ms = us.div_ceil(1000);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (m, rest_ms) = (ms / 60_000, ms % 60_000);
+    let secs = rest_ms as f64 / 1000.0;
+    let secs = format!("{secs:.3}");
+    let secs = secs.trim_end_matches('0').trim_end_matches('.');
+    if m == 0 {
+        format!("{secs}s")
+    } else {
+        format!("{m}m{secs}s")
+    }
+}
+
+/// `x-ratelimit-*`, budget and cost headers of the response.
+pub fn push_headers(bill: &Bill, headers: &mut Headers) {
+    for note in [bill.requests, bill.tokens].into_iter().flatten() {
+        let (limit, remaining, reset) = match note.kind {
+            RateKind::Requests => {
+                ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+            }
+            RateKind::Tokens => {
+                ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+            }
+        };
+        headers.push((name(limit), note.verdict.limit.to_string()));
+        headers.push((name(remaining), note.verdict.remaining.to_string()));
+        headers.push((name(reset), reset_text(note.verdict.reset_us)));
+    }
+    if let Some(b) = &bill.budget {
+        headers.push((name("x-modelux-budget-name"), b.name.to_string()));
+        headers.push((name("x-modelux-budget-remaining"), format!("{:.4}", b.remaining())));
+        if let Some(action) = b.action {
+            headers.push((name("x-modelux-budget-action"), action.into()));
+        }
+        if let Some(reset) = &b.reset {
+            headers.push((name("x-modelux-budget-reset"), reset.clone()));
+        }
+    }
+    if bill.cost_header {
+        headers.push((name("x-modelux-cost-usd"), usd_text(bill.cost.total)));
+    }
+}
+
+/// A decimal USD amount without float noise: `0.000123`, `1.5`, `0`.
+pub fn usd_text(usd: f64) -> String {
+    let s = format!("{usd:.10}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s.is_empty() || s == "-" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
+/// The budgets of a request and what they decide: `Err` for a block (402), else the
+/// model to route (the downgrade target when a downgrade applies).
+pub(super) fn evaluate<'s, 'r>(
+    state: &GatewayState,
+    snapshot: &'s Snapshot,
+    ctx: &mut RequestCtx,
+    req: &BudgetRequest<'r>,
+    policed: bool,
+) -> Result<(Evaluation<'s, 'r>, Option<Arc<str>>), GatewayError> {
+    let now = unix_now();
+    let eval = snapshot.budgets.evaluate(&*state.spend.counters, req, policed, now);
+    let Some(hit) = eval.applied() else { return Ok((eval, None)) };
+    let outcome = eval.outcome();
+    ctx.bill.budget = Some(BudgetNote {
+        name: hit.budget.name.clone(),
+        instance: hit.instance.into(),
+        period_start: hit.period_start,
+        cap: hit.budget.cap,
+        action: outcome.header(),
+        reset: (hit.state == State::Hard).then(|| iso8601(hit.period_end)),
+        counters: state.spend.counters.clone(),
+    });
+    if let Some(action) = outcome.header() {
+        state.metrics.budget_outcomes.with_label_values(&[&hit.budget.name, action]).inc();
+    }
+    match outcome {
+        Outcome::Block => {
+            let blocked = Blocked::new(hit, hit.level, now);
+            Err(GatewayError::BudgetExceeded(Box::new(blocked)))
+        }
+        Outcome::Downgrade(to) => Ok((eval, Some(to))),
+        Outcome::None | Outcome::Warn => Ok((eval, None)),
+    }
+}
+
+/// The trace's view of the budget outcome.
+pub(super) fn record_budget(ctx: &mut RequestCtx, downgraded_from: Option<String>) {
+    let Some(note) = &ctx.bill.budget else { return };
+    let record = BudgetRecord {
+        name: note.name.to_string(),
+        action: note.action.unwrap_or("none"),
+        remaining_usd: (note.remaining() * 1e4).round() / 1e4,
+        downgraded_from,
+    };
+    if let Some(trace) = ctx.trace.as_deref_mut() {
+        trace.budget = Some(record);
+    }
+}
+
+/// A member's prices: the config's (resolved at load) or the price table's.
+pub(super) fn rates_of(snapshot: &Snapshot, member: &Member) -> Option<Rates> {
+    member.rates.or_else(|| snapshot.prices.lookup(&member.target.model).map(|i| i.rates()))
+}
+
+/// Most a request can cost: its prompt estimate plus `max_tokens` (else the model's output
+/// limit) at the member's prices; the dearest member of a sequence (one answers), the sum
+/// of an ensemble (all answer).
+pub(super) fn max_cost(
+    snapshot: &Snapshot,
+    members: &[&Member],
+    all_answer: bool,
+    input_tokens: u64,
+    max_tokens: Option<u64>,
+) -> f64 {
+    let one = |m: &&Member| {
+        let Some(rates) = rates_of(snapshot, m) else { return 0.0 };
+        let output = max_tokens
+            .or_else(|| snapshot.prices.lookup(&m.target.model).and_then(|i| i.max_output_tokens))
+            .unwrap_or(DEFAULT_RESERVED_OUTPUT_TOKENS);
+        input_tokens as f64 * rates.input + output as f64 * rates.output.max(rates.reasoning)
+    };
+    if all_answer {
+        members.iter().map(one).sum()
+    } else {
+        members.iter().map(one).fold(0.0, f64::max)
+    }
+}
+
+/// Reserves `usd` on every budget of the request. A budget that blocks refuses once it is
+/// at its cap (requests racing past the evaluation end here): 402.
+pub(super) fn reserve(
+    state: &GatewayState,
+    ctx: &mut RequestCtx,
+    eval: &Evaluation<'_, '_>,
+    usd: f64,
+) -> Result<(), GatewayError> {
+    if eval.hits.is_empty() {
+        return Ok(());
+    }
+    match eval.reserve(state.spend.counters.clone(), to_nanos(usd)) {
+        Ok(r) => {
+            ctx.bill.reservation = Some(r);
+            Ok(())
+        }
+        Err((i, level)) => {
+            let hit = &eval.hits[i];
+            ctx.bill.budget = Some(BudgetNote {
+                name: hit.budget.name.clone(),
+                instance: hit.instance.into(),
+                period_start: hit.period_start,
+                cap: hit.budget.cap,
+                action: Some("block"),
+                reset: Some(iso8601(hit.period_end)),
+                counters: state.spend.counters.clone(),
+            });
+            state.metrics.budget_outcomes.with_label_values(&[&hit.budget.name, "block"]).inc();
+            Err(GatewayError::BudgetExceeded(Box::new(Blocked::new(hit, level, unix_now()))))
+        }
+    }
+}
+
+fn tokens(u: &Usage) -> Tokens {
+    Tokens {
+        input: u.input,
+        output: u.output,
+        cache_read: u.cache_read,
+        cache_write: u.cache_write,
+        reasoning: u.reasoning,
+    }
+}
+
+/// Adds one billed answer's usage at `rates` (`None`: the model has no price, its tokens
+/// count at $0 and the trace says so).
+pub(super) fn add_usage(ctx: &mut RequestCtx, rates: Option<Rates>, usage: &Usage) {
+    let sum = ctx.bill.usage.get_or_insert_with(Usage::default);
+    sum.input += usage.input;
+    sum.output += usage.output;
+    sum.cache_read += usage.cache_read;
+    sum.cache_write += usage.cache_write;
+    sum.reasoning += usage.reasoning;
+    match rates {
+        Some(r) => {
+            let c = r.cost(&tokens(usage));
+            ctx.bill.cost.input += c.input;
+            ctx.bill.cost.output += c.output;
+            ctx.bill.cost.total += c.total;
+        }
+        None => ctx.bill.cost.unpriced = true,
+    }
+}
+
+/// Usage for an answer the upstream reported none for: the prompt estimate, and the
+/// answer's bytes at four per token (an overcount: it includes the JSON or SSE framing).
+pub(super) fn estimate_usage(ctx: &mut RequestCtx, answer_bytes: u64) {
+    let usage =
+        Usage { input: ctx.bill.est_input_tokens, output: answer_bytes.div_ceil(4), ..Usage::default() };
+    let rates = ctx.bill.rates;
+    add_usage(ctx, rates, &usage);
+    ctx.bill.cost.estimated = true;
+}
+
+/// Replaces the reservation by the actual cost, corrects the tokens-per-minute charge and
+/// writes usage and cost into the trace. Idempotent; runs at the latest in `logging`.
+pub(super) fn settle(state: &GatewayState, ctx: &mut RequestCtx, principal: Option<&Principal>) {
+    let round = |v: f64| (v * 1e10).round() / 1e10;
+    let cost = CostRecord {
+        input: round(ctx.bill.cost.input),
+        output: round(ctx.bill.cost.output),
+        total: round(ctx.bill.cost.total),
+        ..ctx.bill.cost
+    };
+    if let Some(r) = ctx.bill.reservation.as_mut() {
+        r.settle(to_nanos(cost.total));
+    }
+    if let (Some(p), true) = (principal, ctx.bill.tokens_charged > 0) {
+        let actual = ctx.bill.usage.map_or(0, |u| u.input + u.output);
+        let delta = actual as i64 - ctx.bill.tokens_charged as i64;
+        state.spend.counters.adjust(RateKind::Tokens, &p.limits.rate_key, p.limits.tokens_per_minute, delta);
+        ctx.bill.tokens_charged = 0;
+    }
+    let Some(usage) = ctx.bill.usage else { return };
+    if let Some(trace) = ctx.trace.as_deref_mut() {
+        trace.usage = Some(UsageRecord {
+            input_tokens: usage.input,
+            output_tokens: usage.output,
+            cached_tokens: usage.cache_read,
+            cache_write_tokens: usage.cache_write,
+            reasoning_tokens: usage.reasoning,
+        });
+        trace.cost_usd = Some(cost);
+    }
+}
+
+/// Metrics of what the request cost (once, in `logging`).
+pub(super) fn record_metrics(state: &GatewayState, ctx: &RequestCtx) {
+    let Some(usage) = ctx.bill.usage else { return };
+    let provider = ctx.provider.as_deref().unwrap_or("none");
+    let model = state.metrics.model_label(ctx.model.as_deref().unwrap_or(""));
+    let labels = [provider, model];
+    if ctx.bill.cost.total > 0.0 {
+        state.metrics.cost_usd.with_label_values(&labels).inc_by(ctx.bill.cost.total);
+    }
+    state.metrics.tokens.with_label_values(&[provider, model, "input"]).inc_by(usage.input);
+    state.metrics.tokens.with_label_values(&[provider, model, "output"]).inc_by(usage.output);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_reset_like_openai() {
+        assert_eq!(reset_text(17_000), "17ms");
+        assert_eq!(reset_text(1_000_000), "1s");
+        assert_eq!(reset_text(1_500_000), "1.5s");
+        assert_eq!(reset_text(360_000_000), "6m0s");
+        assert_eq!(reset_text(60_000_000), "1m0s");
+        assert_eq!(reset_text(61_250_000), "1m1.25s");
+    }
+
+    #[test]
+    fn formats_usd_without_noise() {
+        assert_eq!(usd_text(0.0), "0");
+        assert_eq!(usd_text(0.000123), "0.000123");
+        assert_eq!(usd_text(1.5), "1.5");
+        assert_eq!(usd_text(0.1 + 0.2), "0.3");
+        assert_eq!(usd_text(0.00000015), "0.00000015");
+    }
+}
