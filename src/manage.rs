@@ -12,6 +12,7 @@ use crate::auth;
 use crate::config::store::ConfigStore;
 use crate::error::openai_error_body;
 use crate::metrics::Metrics;
+use crate::spend::counters::RateKind;
 
 pub struct ManageApp {
     pub store: Arc<ConfigStore>,
@@ -61,7 +62,7 @@ impl ServeHttp for ManageApp {
                 let snapshot = self.store.load();
                 let principal = auth::bearer_token(auth_header.as_deref())
                     .and_then(|t| snapshot.management_keys.authenticate(t));
-                if principal.is_none() {
+                let Some(principal) = principal else {
                     return json(
                         401,
                         openai_error_body(
@@ -70,11 +71,52 @@ impl ServeHttp for ManageApp {
                             "invalid_api_key",
                         ),
                     );
+                };
+                let limit = principal.limits.requests_per_minute;
+                let verdict = (limit > 0).then(|| {
+                    self.spend.counters.take(
+                        RateKind::Requests,
+                        &principal.limits.rate_key,
+                        limit,
+                        1,
+                        crate::spend::unix_now_us(),
+                    )
+                });
+                let mut resp = match verdict {
+                    Some(v) if !v.allowed => {
+                        self.metrics.rate_limited.with_label_values(&["management"]).inc();
+                        let mut resp = json(
+                            429,
+                            openai_error_body(
+                                "rate_limit_error",
+                                &format!(
+                                    "rate limit of {limit} requests/minute exceeded for this management key"
+                                ),
+                                "rate_limited",
+                            ),
+                        );
+                        let secs = v.retry_after_us.div_ceil(1_000_000).max(1);
+                        resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+                        resp
+                    }
+                    _ => json(
+                        404,
+                        openai_error_body(
+                            "not_found",
+                            &format!("no management resource at {p}"),
+                            "not_found",
+                        ),
+                    ),
+                };
+                if let Some(v) = verdict {
+                    let h = resp.headers_mut();
+                    h.insert("x-ratelimit-limit-requests", http::HeaderValue::from(v.limit));
+                    h.insert("x-ratelimit-remaining-requests", http::HeaderValue::from(v.remaining));
+                    if let Ok(reset) = http::HeaderValue::from_str(&crate::proxy::reset_text(v.reset_us)) {
+                        h.insert("x-ratelimit-reset-requests", reset);
+                    }
                 }
-                json(
-                    404,
-                    openai_error_body("not_found", &format!("no management resource at {p}"), "not_found"),
-                )
+                resp
             }
             _ => json(
                 404,

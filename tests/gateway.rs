@@ -806,6 +806,8 @@ fn config_errors_name_their_paths() {
 
 #[path = "gateway/routing.rs"]
 mod routing;
+#[path = "gateway/spend.rs"]
+mod spend;
 
 // ------------------------------------------------------------------ translation
 

@@ -3,6 +3,7 @@
 //! request.
 
 mod billing;
+pub use billing::reset_text;
 mod body;
 mod execute;
 mod pipeline;

@@ -678,6 +678,17 @@ async fn answer_whole(
         }
         headers.push((http::header::CONTENT_TYPE, "application/json".into()));
     }
+    // The body is OpenAI-shaped by now (embeddings answer on the OpenAI surface only).
+    match wire::usage::from_body(WireFormat::OpenAi, &body) {
+        Some(u) => {
+            let rates = ctx.bill.rates;
+            billing::add_usage(ctx, rates, &u);
+        }
+        None => billing::estimate_usage(ctx, 0),
+    }
+    let principal = ctx.principal.clone();
+    billing::settle(state, ctx, principal.as_deref());
+    ctx.bill.cost_header = true;
     // Answer first: returning the connection to the pool is not the client's business.
     respond::whole(session, ctx, status, headers, body).await;
     upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
