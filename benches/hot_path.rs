@@ -1,8 +1,13 @@
 //! Per-request work the gateway does on the hot path, outside pingora and the kernel:
-//! decode + rewrite of a chat body, key authentication, model resolution, metrics.
+//! decode + rewrite of a chat body, key authentication, model resolution, metrics, routing
+//! decisions, budget and rate-limit checks.
 //! Run: `cargo bench --bench hot_path`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// The gateway binary's allocator, so allocation costs are the ones it pays.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -267,8 +272,61 @@ fn route_decisions(c: &mut Criterion) {
     group.finish();
 }
 
+/// Budget and rate-limit checks of one request with 1,000 budgets configured: the key's
+/// request rate, the budgets that match (org, project, routing config, per-end-user, two
+/// tags: 6 of 1,000), a reservation on each and its settlement.
+fn spend_checks(c: &mut Criterion) {
+    use modelux::spend::budgets::{Action, Budget, BudgetRequest, Budgets, Scope};
+    use modelux::spend::counters::{to_nanos, Counters, LocalCounters, RateKind};
+    use modelux::spend::period::Period;
+    let budget = |i: usize, scope: Scope| Budget {
+        name: format!("b{i}").into(),
+        scope,
+        period: [Period::Daily, Period::Weekly, Period::Monthly][i % 3],
+        cap: to_nanos(1e6),
+        cap_usd: 1e6,
+        soft: to_nanos(8e5),
+        soft_limit_pct: 80.0,
+        action: if i.is_multiple_of(2) { Action::Block } else { Action::WarnOnly },
+    };
+    let mut list = vec![budget(0, Scope::Org), budget(1, Scope::EndUser(None))];
+    list.push(budget(2, Scope::Tag { key: "feature".into(), value: None }));
+    for i in 3..1000 {
+        let scope = match i % 4 {
+            0 => Scope::Project(format!("p{i}")),
+            1 => Scope::RoutingConfig(format!("c{i}")),
+            2 => Scope::Tag { key: "tenant".into(), value: Some(format!("t{i}")) },
+            _ => Scope::EndUser(Some(format!("u{i}"))),
+        };
+        list.push(budget(i, scope));
+    }
+    let budgets = Budgets::new(list);
+    assert_eq!(budgets.len(), 1000);
+    let counters: Arc<dyn Counters> = Arc::new(LocalCounters::new());
+    let tags = vec![("tenant".to_string(), "t6".to_string()), ("feature".to_string(), "search".to_string())];
+    let req = BudgetRequest { project: "p4", config: Some("c5"), end_user: Some("user-42"), tags: &tags };
+    let now = modelux::spend::unix_now();
+    assert_eq!(budgets.evaluate(&*counters, &req, true, now).hits.len(), 6);
+    c.bench_function("spend_checks_1000_budgets", |b| {
+        b.iter(|| {
+            let rate = counters.take(
+                RateKind::Requests,
+                "default/dev",
+                1_000_000_000,
+                1,
+                modelux::spend::unix_now_us(),
+            );
+            let eval = budgets.evaluate(&*counters, black_box(&req), true, modelux::spend::unix_now());
+            let mut reservation = eval.reserve(1_000).unwrap();
+            reservation.settle(black_box(700));
+            black_box((rate.allowed, eval.hits.len()))
+        })
+    });
+}
+
 criterion_group!(
     benches,
+    spend_checks,
     decode_and_rewrite,
     authenticate,
     resolve,

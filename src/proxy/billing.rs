@@ -12,8 +12,8 @@ use crate::error::GatewayError;
 use crate::prices::{Rates, Tokens};
 use crate::routing::trace::{BudgetRecord, CostRecord, UsageRecord};
 use crate::routing::Member;
-use crate::spend::budgets::{Blocked, BudgetRequest, Evaluation, Outcome, Reservation, State};
-use crate::spend::counters::{to_nanos, to_usd, Counters, Nanos, RateKind, RateVerdict, SpendKey};
+use crate::spend::budgets::{Blocked, BudgetRequest, Evaluation, Hit, Outcome, Reservation, State};
+use crate::spend::counters::{to_nanos, to_usd, Nanos, RateKind, RateVerdict, SpendCounter};
 use crate::spend::period::iso8601;
 use crate::spend::{unix_now, unix_now_us};
 use crate::wire::canonical::Usage;
@@ -25,22 +25,29 @@ const DEFAULT_RESERVED_OUTPUT_TOKENS: u64 = 4096;
 /// The budget the response headers describe.
 pub struct BudgetNote {
     pub name: Arc<str>,
-    instance: Box<str>,
-    period_start: i64,
     cap: Nanos,
     /// `X-Modelux-Budget-Action`.
     pub action: Option<&'static str>,
     /// `X-Modelux-Budget-Reset`, only when the cap was reached.
     reset: Option<String>,
-    counters: Arc<dyn Counters>,
+    counter: Arc<dyn SpendCounter>,
 }
 
 impl BudgetNote {
+    fn new(hit: &Hit<'_, '_>, action: Option<&'static str>, reset: bool) -> BudgetNote {
+        BudgetNote {
+            name: hit.budget.name.clone(),
+            cap: hit.budget.cap,
+            action,
+            reset: reset.then(|| iso8601(hit.period_end)),
+            counter: hit.counter.clone(),
+        }
+    }
+
     /// What the budget can still admit, read when the headers are written (after this
     /// request settled, for whole answers).
     pub fn remaining(&self) -> f64 {
-        let key = SpendKey { budget: &self.name, instance: &self.instance, period_start: self.period_start };
-        to_usd((self.cap - self.counters.spend(&key).used).max(0))
+        to_usd((self.cap - self.counter.level().used).max(0))
     }
 }
 
@@ -207,15 +214,7 @@ pub(super) fn evaluate<'s, 'r>(
     let eval = snapshot.budgets.evaluate(&*state.spend.counters, req, policed, now);
     let Some(hit) = eval.applied() else { return Ok((eval, None)) };
     let outcome = eval.outcome();
-    ctx.bill.budget = Some(BudgetNote {
-        name: hit.budget.name.clone(),
-        instance: hit.instance.into(),
-        period_start: hit.period_start,
-        cap: hit.budget.cap,
-        action: outcome.header(),
-        reset: (hit.state == State::Hard).then(|| iso8601(hit.period_end)),
-        counters: state.spend.counters.clone(),
-    });
+    ctx.bill.budget = Some(BudgetNote::new(hit, outcome.header(), hit.state == State::Hard));
     if let Some(action) = outcome.header() {
         state.metrics.budget_outcomes.with_label_values(&[&hit.budget.name, action]).inc();
     }
@@ -283,22 +282,14 @@ pub(super) fn reserve(
     if eval.hits.is_empty() {
         return Ok(());
     }
-    match eval.reserve(state.spend.counters.clone(), to_nanos(usd)) {
+    match eval.reserve(to_nanos(usd)) {
         Ok(r) => {
             ctx.bill.reservation = Some(r);
             Ok(())
         }
         Err((i, level)) => {
             let hit = &eval.hits[i];
-            ctx.bill.budget = Some(BudgetNote {
-                name: hit.budget.name.clone(),
-                instance: hit.instance.into(),
-                period_start: hit.period_start,
-                cap: hit.budget.cap,
-                action: Some("block"),
-                reset: Some(iso8601(hit.period_end)),
-                counters: state.spend.counters.clone(),
-            });
+            ctx.bill.budget = Some(BudgetNote::new(hit, Some("block"), true));
             state.metrics.budget_outcomes.with_label_values(&[&hit.budget.name, "block"]).inc();
             Err(GatewayError::BudgetExceeded(Box::new(Blocked::new(hit, level, unix_now()))))
         }

@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::counters::{to_usd, Counters, Nanos, SpendKey, SpendLevel};
+use arc_swap::ArcSwapOption;
+
+use super::counters::{to_usd, Counters, Nanos, SpendCounter, SpendKey, SpendLevel};
 use super::period::{iso8601, Period};
 
 /// What happens once a budget's cap is reached.
@@ -63,22 +65,35 @@ pub struct Budget {
 /// values) and each distinct one is a counter.
 const MAX_INSTANCE_LEN: usize = 128;
 
+/// aHash: the index is probed several times per request with short keys.
+type Index<V> = HashMap<String, V, ahash::RandomState>;
+
 #[derive(Debug, Default)]
 struct TagIndex {
     each_value: Vec<u32>,
-    by_value: HashMap<String, Vec<u32>>,
+    by_value: Index<Vec<u32>>,
+}
+
+/// The counter a fixed-selector budget used last, so the next request of the same period
+/// skips the counter lookup. `owner` identifies the `Counters` it came from.
+struct CachedCounter {
+    owner: usize,
+    period_start: i64,
+    counter: Arc<dyn SpendCounter>,
 }
 
 /// Every configured budget, indexed by what selects it.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Budgets {
     list: Vec<Budget>,
+    /// Per budget (same index as `list`): its fixed-selector counter of the current period.
+    cached: Vec<ArcSwapOption<CachedCounter>>,
     org: Vec<u32>,
-    project: HashMap<String, Vec<u32>>,
-    config: HashMap<String, Vec<u32>>,
+    project: Index<Vec<u32>>,
+    config: Index<Vec<u32>>,
     each_end_user: Vec<u32>,
-    end_user: HashMap<String, Vec<u32>>,
-    tags: HashMap<String, TagIndex>,
+    end_user: Index<Vec<u32>>,
+    tags: Index<TagIndex>,
 }
 
 /// What a request is, as far as budgets care.
@@ -111,6 +126,13 @@ pub struct Hit<'b, 'r> {
     pub period_end: i64,
     pub level: SpendLevel,
     pub state: State,
+    pub counter: Arc<dyn SpendCounter>,
+}
+
+impl std::fmt::Debug for dyn SpendCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.level())
+    }
 }
 
 impl Hit<'_, '_> {
@@ -176,6 +198,12 @@ fn cut(s: &str) -> &str {
     &s[..end]
 }
 
+impl std::fmt::Debug for Budgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budgets").field("list", &self.list).finish()
+    }
+}
+
 impl Budgets {
     pub fn new(list: Vec<Budget>) -> Budgets {
         let mut b = Budgets::default();
@@ -193,8 +221,29 @@ impl Budgets {
                 }
             }
         }
+        b.cached = list.iter().map(|_| ArcSwapOption::empty()).collect();
         b.list = list;
         b
+    }
+
+    /// The counter of budget `i` for `key`: from the cache for fixed-selector budgets.
+    fn counter(&self, counters: &dyn Counters, i: usize, key: &SpendKey<'_>) -> Arc<dyn SpendCounter> {
+        if !key.instance.is_empty() {
+            return counters.spend_counter(key);
+        }
+        let owner = counters as *const dyn Counters as *const () as usize;
+        if let Some(c) = &*self.cached[i].load() {
+            if c.owner == owner && c.period_start == key.period_start {
+                return c.counter.clone();
+            }
+        }
+        let counter = counters.spend_counter(key);
+        self.cached[i].store(Some(Arc::new(CachedCounter {
+            owner,
+            period_start: key.period_start,
+            counter: counter.clone(),
+        })));
+        counter
     }
 
     pub fn is_empty(&self) -> bool {
@@ -228,7 +277,8 @@ impl Budgets {
                 let slot = budget.period as usize;
                 let (start, end) = *windows[slot].get_or_insert_with(|| budget.period.window(now));
                 let key = SpendKey { budget: &budget.name, instance, period_start: start };
-                let level = counters.spend(&key);
+                let counter = self.counter(counters, i as usize, &key);
+                let level = counter.level();
                 let state = if level.used >= budget.cap {
                     State::Hard
                 } else if level.committed >= budget.soft {
@@ -236,7 +286,15 @@ impl Budgets {
                 } else {
                     State::Under
                 };
-                hits.push(Hit { budget, instance, period_start: start, period_end: end, level, state });
+                hits.push(Hit {
+                    budget,
+                    instance,
+                    period_start: start,
+                    period_end: end,
+                    level,
+                    state,
+                    counter,
+                });
             }
         };
         add(&self.org, "", &mut eval.hits);
@@ -291,29 +349,21 @@ impl<'b, 'r> Evaluation<'b, 'r> {
 
     /// Reserves `amount` on every matched budget; enforced (`block`, policed) budgets refuse
     /// once at their cap. On refusal nothing stays reserved and the refusing hit is returned.
-    pub fn reserve(
-        &self,
-        counters: Arc<dyn Counters>,
-        amount: Nanos,
-    ) -> Result<Reservation, (usize, SpendLevel)> {
-        let mut holds = Vec::with_capacity(self.hits.len());
+    pub fn reserve(&self, amount: Nanos) -> Result<Reservation, (usize, SpendLevel)> {
+        let mut holds: Vec<Arc<dyn SpendCounter>> = Vec::with_capacity(self.hits.len());
         for (i, hit) in self.hits.iter().enumerate() {
             let cap = (self.policed && hit.budget.action == Action::Block).then_some(hit.budget.cap);
-            match counters.reserve(&hit.key(), amount, cap) {
-                Ok(_) => holds.push(Hold {
-                    budget: hit.budget.name.clone(),
-                    instance: hit.instance.into(),
-                    period_start: hit.period_start,
-                }),
+            match hit.counter.reserve(amount, cap) {
+                Ok(_) => holds.push(hit.counter.clone()),
                 Err(level) => {
                     for h in &holds {
-                        counters.settle(&h.key(), amount, 0);
+                        h.settle(amount, 0);
                     }
                     return Err((i, level));
                 }
             }
         }
-        Ok(Reservation { counters, holds, amount, settled: false })
+        Ok(Reservation { holds, amount, settled: false })
     }
 }
 
@@ -361,31 +411,17 @@ impl Blocked {
     }
 }
 
-#[derive(Debug)]
-struct Hold {
-    budget: Arc<str>,
-    instance: Box<str>,
-    period_start: i64,
-}
-
-impl Hold {
-    fn key(&self) -> SpendKey<'_> {
-        SpendKey { budget: &self.budget, instance: &self.instance, period_start: self.period_start }
-    }
-}
-
 /// A request's reserved estimate on each of its budgets. `settle` replaces it by the
 /// actual cost; dropped unsettled (the request failed or was abandoned), it is released.
 pub struct Reservation {
-    counters: Arc<dyn Counters>,
-    holds: Vec<Hold>,
+    holds: Vec<Arc<dyn SpendCounter>>,
     amount: Nanos,
     settled: bool,
 }
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation").field("holds", &self.holds).field("amount", &self.amount).finish()
+        f.debug_struct("Reservation").field("holds", &self.holds.len()).field("amount", &self.amount).finish()
     }
 }
 
@@ -400,7 +436,7 @@ impl Reservation {
         }
         self.settled = true;
         for h in &self.holds {
-            self.counters.settle(&h.key(), self.amount, actual);
+            h.settle(self.amount, actual);
         }
     }
 }
@@ -519,9 +555,9 @@ mod tests {
         let c: Arc<dyn Counters> = Arc::new(LocalCounters::new());
         let req = BudgetRequest { project: "p", config: None, end_user: None, tags: &[] };
         let eval = b.evaluate(&*c, &req, true, NOW);
-        let r1 = eval.reserve(c.clone(), to_nanos(0.6)).unwrap();
-        let mut r2 = eval.reserve(c.clone(), to_nanos(0.6)).unwrap();
-        let (i, level) = eval.reserve(c.clone(), to_nanos(0.6)).unwrap_err();
+        let r1 = eval.reserve(to_nanos(0.6)).unwrap();
+        let mut r2 = eval.reserve(to_nanos(0.6)).unwrap();
+        let (i, level) = eval.reserve(to_nanos(0.6)).unwrap_err();
         assert_eq!(&*eval.hits[i].budget.name, "cap");
         assert_eq!(level.used, to_nanos(1.2));
         // The refused request left nothing reserved on the accounting-only budget.
@@ -535,7 +571,7 @@ mod tests {
         );
         // Unpoliced: never refused.
         let eval = b.evaluate(&*c, &req, false, NOW);
-        assert!(eval.reserve(c.clone(), to_nanos(5.0)).is_ok());
+        assert!(eval.reserve(to_nanos(5.0)).is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use dashmap::DashMap;
 
@@ -67,20 +68,39 @@ pub struct RateVerdict {
     pub retry_after_us: u64,
 }
 
+/// One spend counter, found once per request and then used without another lookup.
+pub trait SpendCounter: Send + Sync {
+    fn level(&self) -> SpendLevel;
+    /// Adds `amount` to the in-flight spend, unless the counter is already at or above
+    /// `cap` (then `Err` with the level that refused it). Check and add are one atomic step.
+    fn reserve(&self, amount: Nanos, cap: Option<Nanos>) -> Result<SpendLevel, SpendLevel>;
+    /// Replaces a reservation by the actual cost (`actual` 0: the request cost nothing).
+    fn settle(&self, reserved: Nanos, actual: Nanos);
+}
+
 /// Where counters live. Every method is non-blocking and cheap: it runs on the request
 /// path (a shared backend would batch or cache behind this interface).
 pub trait Counters: Send + Sync {
-    fn spend(&self, key: &SpendKey<'_>) -> SpendLevel;
-    /// Adds `amount` to the in-flight spend, unless the counter is already at or above
-    /// `cap` (then `Err` with the level that refused it). Check and add are one atomic step.
+    /// The counter of `key`, created at zero if it does not exist yet.
+    fn spend_counter(&self, key: &SpendKey<'_>) -> Arc<dyn SpendCounter>;
+
+    fn spend(&self, key: &SpendKey<'_>) -> SpendLevel {
+        self.spend_counter(key).level()
+    }
+
     fn reserve(
         &self,
         key: &SpendKey<'_>,
         amount: Nanos,
         cap: Option<Nanos>,
-    ) -> Result<SpendLevel, SpendLevel>;
-    /// Replaces a reservation by the actual cost (`actual` 0: the request cost nothing).
-    fn settle(&self, key: &SpendKey<'_>, reserved: Nanos, actual: Nanos);
+    ) -> Result<SpendLevel, SpendLevel> {
+        self.spend_counter(key).reserve(amount, cap)
+    }
+
+    fn settle(&self, key: &SpendKey<'_>, reserved: Nanos, actual: Nanos) {
+        self.spend_counter(key).settle(reserved, actual)
+    }
+
     /// Takes `cost` units from a per-minute allowance of `per_minute` (GCRA: the allowance
     /// refills continuously, and a full minute's worth may be used in a burst).
     fn take(&self, kind: RateKind, key: &str, per_minute: u64, cost: u64, now_us: u64) -> RateVerdict;
@@ -154,14 +174,44 @@ struct SpendCell {
     dirty: AtomicBool,
 }
 
-impl SpendCell {
+impl SpendCounter for SpendCell {
     fn level(&self) -> SpendLevel {
         SpendLevel {
             committed: self.committed.load(Ordering::Acquire),
             used: self.used.load(Ordering::Acquire),
         }
     }
+
+    fn reserve(&self, amount: Nanos, cap: Option<Nanos>) -> Result<SpendLevel, SpendLevel> {
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            if cap.is_some_and(|cap| used >= cap) {
+                return Err(SpendLevel { committed: self.committed.load(Ordering::Acquire), used });
+            }
+            match self.used.compare_exchange_weak(used, used + amount, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    return Ok(SpendLevel {
+                        committed: self.committed.load(Ordering::Acquire),
+                        used: used + amount,
+                    })
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn settle(&self, reserved: Nanos, actual: Nanos) {
+        self.used.fetch_add(actual - reserved, Ordering::AcqRel);
+        if actual != 0 {
+            self.committed.fetch_add(actual, Ordering::AcqRel);
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
 }
+
+/// Maps of the request path hash with aHash: several times faster than SipHash on short
+/// keys, and still keyed per process.
+type FastMap<K, V> = DashMap<K, V, ahash::RandomState>;
 
 /// Length of a GCRA window.
 const MINUTE_US: u64 = 60_000_000;
@@ -170,9 +220,9 @@ const MINUTE_US: u64 = 60_000_000;
 /// `store`); rate state is per minute and is not persisted.
 #[derive(Default)]
 pub struct LocalCounters {
-    spend: DashMap<OwnedKey, SpendCell>,
-    requests: DashMap<Box<str>, AtomicU64>,
-    tokens: DashMap<Box<str>, AtomicU64>,
+    spend: FastMap<OwnedKey, Arc<SpendCell>>,
+    requests: FastMap<Box<str>, AtomicU64>,
+    tokens: FastMap<Box<str>, AtomicU64>,
 }
 
 impl LocalCounters {
@@ -180,17 +230,16 @@ impl LocalCounters {
         LocalCounters::default()
     }
 
-    fn with_cell<R>(&self, key: &SpendKey<'_>, f: impl FnOnce(&SpendCell) -> R) -> R {
+    fn cell(&self, key: &SpendKey<'_>) -> Arc<SpendCell> {
         if let Some(cell) = self.spend.get(key as &dyn KeyView) {
-            return f(&cell);
+            return cell.clone();
         }
         let owned = OwnedKey {
             budget: key.budget.into(),
             instance: key.instance.into(),
             period_start: key.period_start,
         };
-        let cell = self.spend.entry(owned).or_default();
-        f(&cell)
+        self.spend.entry(owned).or_default().clone()
     }
 
     /// Loads persisted spend (at start, before traffic).
@@ -238,7 +287,7 @@ impl LocalCounters {
         self.spend.len()
     }
 
-    fn rate_map(&self, kind: RateKind) -> &DashMap<Box<str>, AtomicU64> {
+    fn rate_map(&self, kind: RateKind) -> &FastMap<Box<str>, AtomicU64> {
         match kind {
             RateKind::Requests => &self.requests,
             RateKind::Tokens => &self.tokens,
@@ -288,51 +337,8 @@ fn gcra(tat: &AtomicU64, per_minute: u64, cost: u64, now: u64) -> RateVerdict {
 }
 
 impl Counters for LocalCounters {
-    fn spend(&self, key: &SpendKey<'_>) -> SpendLevel {
-        match self.spend.get(key as &dyn KeyView) {
-            Some(cell) => cell.level(),
-            None => SpendLevel::default(),
-        }
-    }
-
-    fn reserve(
-        &self,
-        key: &SpendKey<'_>,
-        amount: Nanos,
-        cap: Option<Nanos>,
-    ) -> Result<SpendLevel, SpendLevel> {
-        self.with_cell(key, |cell| {
-            let mut used = cell.used.load(Ordering::Acquire);
-            loop {
-                if cap.is_some_and(|cap| used >= cap) {
-                    return Err(SpendLevel { committed: cell.committed.load(Ordering::Acquire), used });
-                }
-                match cell.used.compare_exchange_weak(
-                    used,
-                    used + amount,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => {
-                        return Ok(SpendLevel {
-                            committed: cell.committed.load(Ordering::Acquire),
-                            used: used + amount,
-                        })
-                    }
-                    Err(now) => used = now,
-                }
-            }
-        })
-    }
-
-    fn settle(&self, key: &SpendKey<'_>, reserved: Nanos, actual: Nanos) {
-        self.with_cell(key, |cell| {
-            cell.used.fetch_add(actual - reserved, Ordering::AcqRel);
-            if actual != 0 {
-                cell.committed.fetch_add(actual, Ordering::AcqRel);
-                cell.dirty.store(true, Ordering::Release);
-            }
-        })
+    fn spend_counter(&self, key: &SpendKey<'_>) -> Arc<dyn SpendCounter> {
+        self.cell(key)
     }
 
     fn take(&self, kind: RateKind, key: &str, per_minute: u64, cost: u64, now_us: u64) -> RateVerdict {
@@ -358,7 +364,6 @@ impl Counters for LocalCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     const K: SpendKey<'static> = SpendKey { budget: "b", instance: "", period_start: 100 };
 
