@@ -397,7 +397,8 @@ async fn chat(
             Plan::Sequential { retry_on: RetryOn::NONE, total_budget: None, cascade: false }
         }
     };
-    let all_answer = matches!(plan, Plan::Parallel { .. });
+    // Ensembles bill every member, cascades every step they try.
+    let all_answer = matches!(plan, Plan::Parallel { .. } | Plan::Sequential { cascade: true, .. });
     let usd =
         billing::max_cost(snapshot, &attempts, all_answer, ctx.bill.est_input_tokens, request.max_tokens);
     billing::reserve(state, ctx, &eval, usd)?;

@@ -36,6 +36,8 @@ MODELUX = BIN_DIR / "modelux"
 MOCK = BIN_DIR / "mock-upstream"
 
 DEV_KEY = "mlx_sk_sdk_0123456789abcdef"
+# Two requests a minute: the rate-limit tests' key.
+LIMITED_KEY = "mlx_sk_sdk_limited_0123456789"
 WRONG_KEY = "mlx_sk_wrong_000000000000"
 ADMIN_KEY = "mlx_mk_sdk_0123456789abcdef"
 ANTHROPIC_UPSTREAM_KEY = "sk-ant-test"
@@ -149,7 +151,12 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 
 def gateway_config(proxy_port: int, manage_port: int, openai_url: str, local_url: str,
                    fast_model: str = "gpt-4o-mini", upstream_timeout_ms: int = 5000,
-                   anthropic_url: str | None = None) -> str:
+                   anthropic_url: str | None = None, extra_yaml: str = "") -> str:
+    """`extra_yaml`: more top-level sections (budgets, prices, rate_limits). Without a
+    `rate_limits:` section the dev key is unlimited (the suites send bursts); the `limited`
+    key always allows two requests a minute."""
+    if "rate_limits:" not in extra_yaml:
+        extra_yaml = "rate_limits: { requests_per_minute: 0 }\n" + extra_yaml
     anthropic_url = anthropic_url or anthropic_base(openai_url)
     # google, cohere, bedrock and azure: the same mock process as openai (it routes by path).
     root = anthropic_base(openai_url)
@@ -160,6 +167,7 @@ server:
   threads: 2
   watch_config: false
   upstream_timeout_ms: {upstream_timeout_ms}
+  data_dir: "data-{proxy_port}"
 providers:
   - {{ id: openai, kind: openai, base_url: "{openai_url}", api_key: "sk-upstream" }}
   - {{ id: local, kind: openai_compatible, base_url: "{local_url}", models: ["m1"] }}
@@ -172,17 +180,21 @@ projects:
   - id: default
     keys:
       - {{ name: dev, key: "{DEV_KEY}" }}
+      - {{ name: limited, key: "{LIMITED_KEY}", requests_per_minute: 2 }}
 management_keys:
   - {{ name: admin, key: "{ADMIN_KEY}" }}
 routing_configs:
   fast: {{ project: default, strategy: single, model: "{fast_model}" }}
   claude: {{ project: default, strategy: single, model: "{CLAUDE_MODEL}" }}
-"""
+  cheap: {{ project: default, strategy: single, model: "local/m1" }}
+{extra_yaml}"""
 
 
 class Gateway:
     def __init__(self, workdir: Path, name: str, openai_url: str, local_url: str,
-                 upstream_timeout_ms: int = 5000, anthropic_url: str | None = None):
+                 upstream_timeout_ms: int = 5000, anthropic_url: str | None = None,
+                 extra_yaml: str = ""):
+        self.extra_yaml = extra_yaml
         if not MODELUX.exists():
             pytest.fail(f"{MODELUX} not found: build the release binaries or set MODELUX_BIN_DIR")
         self.workdir = workdir
@@ -204,7 +216,8 @@ class Gateway:
 
     def write_config(self, fast_model: str = "gpt-4o-mini") -> None:
         text = gateway_config(self.proxy_port, self.manage_port, self.openai_url, self.local_url,
-                              fast_model, self.upstream_timeout_ms, self.anthropic_url)
+                              fast_model, self.upstream_timeout_ms, self.anthropic_url,
+                              self.extra_yaml)
         self.config_path.write_text(text)
 
     @property
