@@ -113,12 +113,13 @@ fn check(config: Option<PathBuf>) -> ExitCode {
     match modelux::config::build_snapshot_in(&text, &modelux::config::env_lookup, None, &base) {
         Ok(s) => {
             println!(
-                "config OK: {} providers, {} projects, {} project keys, {} management keys, {} routing configs",
+                "config OK: {} providers, {} projects, {} project keys, {} management keys, {} routing configs, {} budgets",
                 s.providers.len(),
                 s.projects.len(),
                 s.project_keys.len(),
                 s.management_keys.len(),
-                s.routing_configs.len()
+                s.routing_configs.len(),
+                s.budgets.len()
             );
             ExitCode::SUCCESS
         }

@@ -552,6 +552,12 @@ fn every_example_config_is_valid_and_shows_its_strategy() {
         let snapshot = modelux::config::build_snapshot_in(&text, &|_| None, None, &dir)
             .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
         let strategy = path.file_stem().unwrap().to_str().unwrap().to_string();
+        if strategy == "budgets" {
+            // Not a strategy: the spend-control example (budgets, prices, rate limits).
+            assert_eq!(snapshot.budgets.len(), 4, "{}", path.display());
+            assert!(snapshot.prices.lookup("llama-3.1-8b").is_some());
+            continue;
+        }
         assert!(
             snapshot.routing_configs.values().any(|rc| rc.strategy.name() == strategy),
             "{} has no {strategy} config",

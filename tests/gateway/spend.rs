@@ -201,6 +201,13 @@ async fn downgrade_serves_the_cheaper_model_and_soft_limits_warn() {
     let trace = &resp.json().unwrap()["mlx:trace"];
     assert_eq!(trace["budget"]["action"], "downgrade");
     assert_eq!(trace["budget"]["downgraded_from"], "@cheap");
+    // A dry run shows the same outcome, and reserves nothing.
+    let dry = ask(&gw, "@cheap", json!({}), &[acme[0], ("x-modelux-dry-run", "true")]).await;
+    let v = dry.json().unwrap();
+    assert_eq!(v["selected"]["model"], "gpt-4o-mini", "{v}");
+    assert_eq!(v["budget"]["name"], "acme");
+    assert_eq!(v["budget"]["action"], "downgrade");
+    assert_eq!(v["budget"]["remaining_usd"], 0.0);
     // Other tenants are not affected.
     let other = ask(&gw, "@cheap", json!({}), &[("x-modelux-user-tags", "tenant=globex")]).await;
     assert_eq!(other.header("x-modelux-model-used"), Some("m1"));
