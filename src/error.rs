@@ -45,6 +45,9 @@ pub enum GatewayError {
     UpstreamTimeout { provider: String, after_ms: u64 },
     /// Bug or resource failure inside the gateway.
     Internal { message: String },
+    /// 429: a blocking budget is fully held by reservations of requests in flight (its
+    /// settled spend is under the cap): retry shortly.
+    BudgetBusy { name: String, committed_usd: f64, in_flight_usd: f64, cap_usd: f64 },
     /// 402: a budget that blocks is at its cap (PRODUCT.md §5.4).
     BudgetExceeded(Box<crate::spend::budgets::Blocked>),
     /// 429: the key's requests or tokens per minute are used up. `retry_after`: whole
@@ -79,6 +82,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => 504,
             GatewayError::Internal { .. } => 500,
             GatewayError::BudgetExceeded(_) => 402,
+            GatewayError::BudgetBusy { .. } => 429,
             GatewayError::RateLimited { .. } => 429,
         }
     }
@@ -97,7 +101,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::Internal { .. } => "server_error",
             GatewayError::BudgetExceeded(_) => "budget_exceeded",
-            GatewayError::RateLimited { .. } => "rate_limit_error",
+            GatewayError::RateLimited { .. } | GatewayError::BudgetBusy { .. } => "rate_limit_error",
         }
     }
 
@@ -119,6 +123,7 @@ impl GatewayError {
             GatewayError::Internal { .. } => "internal_error",
             GatewayError::BudgetExceeded(_) => "budget_exceeded",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::BudgetBusy { .. } => "budget_reserved",
         }
     }
 
@@ -152,6 +157,9 @@ impl GatewayError {
                 format!("provider '{provider}' did not respond within {after_ms} ms")
             }
             GatewayError::BudgetExceeded(blocked) => blocked.message(),
+            GatewayError::BudgetBusy { name, committed_usd, in_flight_usd, cap_usd } => format!(
+                "budget \"{name}\" is held by requests in flight (${committed_usd:.2} spent + ${in_flight_usd:.2} reserved of ${cap_usd:.2}); retry shortly"
+            ),
             GatewayError::RateLimited { kind, limit, requested: Some(n), .. } => {
                 let unit = kind.unit();
                 format!("this request needs about {n} {unit}, more than this API key's limit of {limit} {unit}/minute")

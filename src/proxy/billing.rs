@@ -18,9 +18,14 @@ use crate::spend::period::iso8601;
 use crate::spend::{unix_now, unix_now_us};
 use crate::wire::canonical::Usage;
 
+/// The most one request reserves or is charged: $1M in nano-USD.
+const MAX_RESERVATION: Nanos = 1_000_000_000_000_000;
+
 /// Output tokens reserved for a request that sets no `max_tokens` and whose model has no
 /// known output limit.
 const DEFAULT_RESERVED_OUTPUT_TOKENS: u64 = 4096;
+/// Output tokens reserved at most for a model whose output limit is unknown.
+const MAX_RESERVED_OUTPUT_TOKENS: u64 = 1_000_000;
 
 /// The budget the response headers describe.
 pub struct BudgetNote {
@@ -30,7 +35,8 @@ pub struct BudgetNote {
     pub action: Option<&'static str>,
     /// `X-Modelux-Budget-Reset`, only when the cap was reached.
     reset: Option<String>,
-    counter: Arc<dyn SpendCounter>,
+    /// `None` until a reservation made it (nothing spent yet).
+    counter: Option<Arc<dyn SpendCounter>>,
 }
 
 impl BudgetNote {
@@ -47,7 +53,8 @@ impl BudgetNote {
     /// What the budget can still admit, read when the headers are written (after this
     /// request settled, for whole answers).
     pub fn remaining(&self) -> f64 {
-        to_usd((self.cap - self.counter.level().used).max(0))
+        let committed = self.counter.as_ref().map_or(0, |c| c.level().committed);
+        to_usd((self.cap - committed).max(0))
     }
 }
 
@@ -247,8 +254,8 @@ pub(super) fn rates_of(snapshot: &Snapshot, member: &Member) -> Option<Rates> {
     member.rates.or_else(|| snapshot.prices.lookup(&member.target.model).map(|i| i.rates()))
 }
 
-/// Most a request can cost: its prompt estimate plus `max_tokens` (else the model's output
-/// limit) at the member's prices; the dearest member of a sequence (one answers), the sum
+/// Most a request can cost: its prompt estimate plus `max_tokens` (within the model's output
+/// limit, else that limit) for each of its `n` choices, at the member's prices; the dearest member of a sequence (one answers), the sum
 /// of an ensemble (all answer).
 pub(super) fn max_cost(
     snapshot: &Snapshot,
@@ -256,12 +263,18 @@ pub(super) fn max_cost(
     all_answer: bool,
     input_tokens: u64,
     max_tokens: Option<u64>,
+    choices: u64,
 ) -> f64 {
     let one = |m: &&Member| {
         let Some(rates) = rates_of(snapshot, m) else { return 0.0 };
-        let output = max_tokens
-            .or_else(|| snapshot.prices.lookup(&m.target.model).and_then(|i| i.max_output_tokens))
-            .unwrap_or(DEFAULT_RESERVED_OUTPUT_TOKENS);
+        let limit = snapshot.prices.lookup(&m.target.model).and_then(|i| i.max_output_tokens);
+        // A client's max_tokens above what the model can produce cannot be billed either.
+        let output = match (max_tokens, limit) {
+            (Some(t), Some(l)) => t.min(l),
+            (Some(t), None) => t.min(MAX_RESERVED_OUTPUT_TOKENS),
+            (None, l) => l.unwrap_or(DEFAULT_RESERVED_OUTPUT_TOKENS),
+        };
+        let output = output.saturating_mul(choices.max(1));
         input_tokens as f64 * rates.input + output as f64 * rates.output.max(rates.reasoning)
     };
     if all_answer {
@@ -282,13 +295,34 @@ pub(super) fn reserve(
     if eval.hits.is_empty() {
         return Ok(());
     }
-    match eval.reserve(to_nanos(usd)) {
+    // One request can never hold more than this: a client-sent max_tokens must not be
+    // able to overflow a counter or hold a whole budget by itself.
+    let amount = to_nanos(usd).clamp(0, MAX_RESERVATION);
+    match eval.reserve(&*state.spend.counters, amount) {
         Ok(r) => {
             ctx.bill.reservation = Some(r);
+            // A per-instance counter may have been made just now: the headers read it.
+            if let (Some(note), Some(hit)) = (ctx.bill.budget.as_mut(), eval.applied()) {
+                if note.counter.is_none() {
+                    note.counter = state.spend.counters.find_spend_counter(&hit.key());
+                }
+            }
             Ok(())
         }
         Err((i, level)) => {
             let hit = &eval.hits[i];
+            if level.committed < hit.budget.cap {
+                // Not spent yet, only held by requests in flight: some of that may be
+                // released, so this is worth a retry in a moment, not at the period's end.
+                ctx.bill.budget = Some(BudgetNote::new(hit, None, false));
+                state.metrics.budget_outcomes.with_label_values(&[&hit.budget.name, "busy"]).inc();
+                return Err(GatewayError::BudgetBusy {
+                    name: hit.budget.name.to_string(),
+                    committed_usd: to_usd(level.committed),
+                    in_flight_usd: to_usd(level.used - level.committed),
+                    cap_usd: hit.budget.cap_usd,
+                });
+            }
             ctx.bill.budget = Some(BudgetNote::new(hit, Some("block"), true));
             state.metrics.budget_outcomes.with_label_values(&[&hit.budget.name, "block"]).inc();
             Err(GatewayError::BudgetExceeded(Box::new(Blocked::new(hit, level, unix_now()))))
@@ -309,12 +343,13 @@ fn tokens(u: &Usage) -> Tokens {
 /// Adds one billed answer's usage at `rates` (`None`: the model has no price, its tokens
 /// count at $0 and the trace says so).
 pub(super) fn add_usage(ctx: &mut RequestCtx, rates: Option<Rates>, usage: &Usage) {
+    // Counts come from upstreams: saturate rather than trust them not to overflow.
     let sum = ctx.bill.usage.get_or_insert_with(Usage::default);
-    sum.input += usage.input;
-    sum.output += usage.output;
-    sum.cache_read += usage.cache_read;
-    sum.cache_write += usage.cache_write;
-    sum.reasoning += usage.reasoning;
+    sum.input = sum.input.saturating_add(usage.input);
+    sum.output = sum.output.saturating_add(usage.output);
+    sum.cache_read = sum.cache_read.saturating_add(usage.cache_read);
+    sum.cache_write = sum.cache_write.saturating_add(usage.cache_write);
+    sum.reasoning = sum.reasoning.saturating_add(usage.reasoning);
     match rates {
         Some(r) => {
             let c = r.cost(&tokens(usage));
@@ -326,11 +361,15 @@ pub(super) fn add_usage(ctx: &mut RequestCtx, rates: Option<Rates>, usage: &Usag
     }
 }
 
-/// Usage for an answer the upstream reported none for: the prompt estimate, and the
-/// answer's bytes at four per token (an overcount: it includes the JSON or SSE framing).
-pub(super) fn estimate_usage(ctx: &mut RequestCtx, answer_bytes: u64) {
-    let usage =
-        Usage { input: ctx.bill.est_input_tokens, output: answer_bytes.div_ceil(4), ..Usage::default() };
+/// Usage for an answer whose final usage the upstream never reported (a stream cut short,
+/// a server that omits it): what it did report (`partial`), with the prompt estimated when
+/// that is missing and at least `output_tokens` of output.
+pub(super) fn estimate_usage(ctx: &mut RequestCtx, partial: Option<Usage>, output_tokens: u64) {
+    let mut usage = partial.unwrap_or_default();
+    if usage.input == 0 {
+        usage.input = ctx.bill.est_input_tokens;
+    }
+    usage.output = usage.output.max(output_tokens);
     let rates = ctx.bill.rates;
     add_usage(ctx, rates, &usage);
     ctx.bill.cost.estimated = true;
@@ -347,11 +386,12 @@ pub(super) fn settle(state: &GatewayState, ctx: &mut RequestCtx, principal: Opti
         ..ctx.bill.cost
     };
     if let Some(r) = ctx.bill.reservation.as_mut() {
-        r.settle(to_nanos(cost.total));
+        r.settle(to_nanos(cost.total).clamp(0, MAX_RESERVATION));
     }
     if let (Some(p), true) = (principal, ctx.bill.tokens_charged > 0) {
-        let actual = ctx.bill.usage.map_or(0, |u| u.input + u.output);
-        let delta = actual as i64 - ctx.bill.tokens_charged as i64;
+        let actual = ctx.bill.usage.map_or(0, |u| u.input.saturating_add(u.output));
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let delta = as_i64(actual).saturating_sub(as_i64(ctx.bill.tokens_charged));
         state.spend.counters.adjust(RateKind::Tokens, &p.limits.rate_key, p.limits.tokens_per_minute, delta);
         ctx.bill.tokens_charged = 0;
     }

@@ -346,7 +346,8 @@ async fn answer_body(
             let rates = ctx.bill.rates;
             billing::add_usage(ctx, rates, &u);
         }
-        None => billing::estimate_usage(ctx, body.len() as u64),
+        // About four bytes of JSON per output token.
+        None => billing::estimate_usage(ctx, None, (body.len() as u64).div_ceil(4)),
     }
     // Settled before the headers go: they carry the cost and what the budget has left.
     let principal = ctx.principal.clone();

@@ -370,7 +370,9 @@ async fn chat(
     let dry_run = dry_run_endpoint || rc.dry_run;
     ctx.bill.est_input_tokens = reserved_input_tokens(&body);
     if !dry_run {
-        let estimate = facts.est_input_tokens + request.max_tokens.unwrap_or(0);
+        let estimate = facts
+            .est_input_tokens
+            .saturating_add(request.max_tokens.unwrap_or(0).saturating_mul(request.choices));
         billing::charge_tokens(state, ctx, principal, estimate)?;
     }
     let (eval, routed) = admit(state, snapshot, ctx, principal, &request.model, &rc, &mut facts, !dry_run)?;
@@ -399,8 +401,14 @@ async fn chat(
     };
     // Ensembles bill every member, cascades every step they try.
     let all_answer = matches!(plan, Plan::Parallel { .. } | Plan::Sequential { cascade: true, .. });
-    let usd =
-        billing::max_cost(snapshot, &attempts, all_answer, ctx.bill.est_input_tokens, request.max_tokens);
+    let usd = billing::max_cost(
+        snapshot,
+        &attempts,
+        all_answer,
+        ctx.bill.est_input_tokens,
+        request.max_tokens,
+        request.choices,
+    );
     billing::reserve(state, ctx, &eval, usd)?;
     match plan {
         Plan::Sequential { retry_on, total_budget, cascade } => {
@@ -534,7 +542,7 @@ async fn embeddings(
         return answer_dry_run(snapshot, session, ctx, &routed, &facts, 0).await;
     }
     let member = routed.first()?;
-    let usd = billing::max_cost(snapshot, &[member], false, ctx.bill.est_input_tokens, Some(0));
+    let usd = billing::max_cost(snapshot, &[member], false, ctx.bill.est_input_tokens, Some(0), 1);
     billing::reserve(state, ctx, &eval, usd)?;
     ctx.bill.rates = member.rates;
     let served = routed.served(member, 1);
@@ -685,7 +693,7 @@ async fn answer_whole(
             let rates = ctx.bill.rates;
             billing::add_usage(ctx, rates, &u);
         }
-        None => billing::estimate_usage(ctx, 0),
+        None => billing::estimate_usage(ctx, None, 0),
     }
     let principal = ctx.principal.clone();
     billing::settle(state, ctx, principal.as_deref());
@@ -888,6 +896,13 @@ impl StreamCodec {
         }
     }
 
+    fn events(&self) -> u64 {
+        match self {
+            StreamCodec::Tap(t) => t.events(),
+            StreamCodec::Transcode(t) => t.events(),
+        }
+    }
+
     fn usage(&self) -> Option<wire::canonical::Usage> {
         match self {
             StreamCodec::Tap(t) => t.usage(),
@@ -899,17 +914,16 @@ impl StreamCodec {
     }
 }
 
-/// Prices a finished (or broken-off) stream from the usage it reported, else from its size.
-fn bill_stream(state: &GatewayState, ctx: &mut RequestCtx, codec: &StreamCodec) {
-    match codec.usage() {
-        Some(u) => {
+/// Prices a stream from the usage it reported. A stream that did not complete reported at
+/// most part of it (Anthropic's input and first output token): the upstream still billed
+/// what it generated, about one token per event.
+fn bill_stream(state: &GatewayState, ctx: &mut RequestCtx, codec: &StreamCodec, completed: bool) {
+    match (codec.usage(), completed) {
+        (Some(u), true) => {
             let rates = ctx.bill.rates;
             billing::add_usage(ctx, rates, &u);
         }
-        None => {
-            let bytes = ctx.bytes_out;
-            billing::estimate_usage(ctx, bytes);
-        }
+        (partial, _) => billing::estimate_usage(ctx, partial, codec.events()),
     }
     let principal = ctx.principal.clone();
     billing::settle(state, ctx, principal.as_deref());
@@ -976,7 +990,7 @@ pub(super) async fn stream(
                     ctx.error_code = Some("client_disconnected");
                     ctx.upstream_time += ex.started.elapsed();
                     ex.session.shutdown().await;
-                    bill_stream(state, ctx, &codec);
+                    bill_stream(state, ctx, &codec, false);
                     return;
                 }
                 ctx.bytes_out += len;
@@ -991,7 +1005,7 @@ pub(super) async fn stream(
                     StreamCodec::Transcode(t) => t.finish(&mut out),
                 };
                 // Priced before the trace goes out, so the trace carries the cost.
-                bill_stream(state, ctx, &codec);
+                bill_stream(state, ctx, &codec, finished.is_ok());
                 if let StreamCodec::Transcode(t) = &mut codec {
                     if let Some(trace) = ctx.trace.as_deref_mut() {
                         // The winning attempt lasted until its stream ended.
@@ -1019,7 +1033,7 @@ pub(super) async fn stream(
         ex.session.shutdown().await;
         ctx.error_code = Some("upstream_stream_error");
         if ctx.bill.usage.is_none() {
-            bill_stream(state, ctx, &codec);
+            bill_stream(state, ctx, &codec, false);
         }
         let event = match (&mut codec, client) {
             (StreamCodec::Transcode(t), _) => {

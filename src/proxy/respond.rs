@@ -85,6 +85,7 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayErr
         GatewayError::BudgetExceeded(blocked) => {
             extra.push((http::header::RETRY_AFTER, blocked.retry_after.to_string()))
         }
+        GatewayError::BudgetBusy { .. } => extra.push((http::header::RETRY_AFTER, "1".into())),
         GatewayError::RateLimited { retry_after, .. } => {
             extra.push((http::header::RETRY_AFTER, retry_after.to_string()))
         }

@@ -126,7 +126,10 @@ pub struct Hit<'b, 'r> {
     pub period_end: i64,
     pub level: SpendLevel,
     pub state: State,
-    pub counter: Arc<dyn SpendCounter>,
+    /// `None`: a per-instance counter that does not exist yet (nothing spent). It is made
+    /// by the first reservation, so requests that are refused, dry runs and evaluations
+    /// alone never add counters for client-chosen names.
+    pub counter: Option<Arc<dyn SpendCounter>>,
 }
 
 impl std::fmt::Debug for dyn SpendCounter {
@@ -140,8 +143,9 @@ impl Hit<'_, '_> {
         SpendKey { budget: &self.budget.name, instance: self.instance, period_start: self.period_start }
     }
 
+    /// What the budget has left: the cap minus settled spend.
     pub fn remaining(&self) -> Nanos {
-        (self.budget.cap - self.level.used).max(0)
+        (self.budget.cap - self.level.committed).max(0)
     }
 }
 
@@ -226,15 +230,21 @@ impl Budgets {
         b
     }
 
-    /// The counter of budget `i` for `key`: from the cache for fixed-selector budgets.
-    fn counter(&self, counters: &dyn Counters, i: usize, key: &SpendKey<'_>) -> Arc<dyn SpendCounter> {
+    /// The counter of budget `i` for `key`: from the cache for fixed-selector budgets;
+    /// per-instance counters only when they exist.
+    fn counter(
+        &self,
+        counters: &dyn Counters,
+        i: usize,
+        key: &SpendKey<'_>,
+    ) -> Option<Arc<dyn SpendCounter>> {
         if !key.instance.is_empty() {
-            return counters.spend_counter(key);
+            return counters.find_spend_counter(key);
         }
         let owner = counters as *const dyn Counters as *const () as usize;
         if let Some(c) = &*self.cached[i].load() {
             if c.owner == owner && c.period_start == key.period_start {
-                return c.counter.clone();
+                return Some(c.counter.clone());
             }
         }
         let counter = counters.spend_counter(key);
@@ -243,7 +253,7 @@ impl Budgets {
             period_start: key.period_start,
             counter: counter.clone(),
         })));
-        counter
+        Some(counter)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -278,8 +288,10 @@ impl Budgets {
                 let (start, end) = *windows[slot].get_or_insert_with(|| budget.period.window(now));
                 let key = SpendKey { budget: &budget.name, instance, period_start: start };
                 let counter = self.counter(counters, i as usize, &key);
-                let level = counter.level();
-                let state = if level.used >= budget.cap {
+                let level = counter.as_ref().map(|c| c.level()).unwrap_or_default();
+                // Outcomes follow settled spend (PRODUCT.md §5.6); reservations in flight
+                // are held back by `reserve` instead.
+                let state = if level.committed >= budget.cap {
                     State::Hard
                 } else if level.committed >= budget.soft {
                     State::Soft
@@ -348,13 +360,22 @@ impl<'b, 'r> Evaluation<'b, 'r> {
     }
 
     /// Reserves `amount` on every matched budget; enforced (`block`, policed) budgets refuse
-    /// once at their cap. On refusal nothing stays reserved and the refusing hit is returned.
-    pub fn reserve(&self, amount: Nanos) -> Result<Reservation, (usize, SpendLevel)> {
+    /// once settled spend plus reservations reach their cap. On refusal nothing stays
+    /// reserved and the refusing hit is returned.
+    pub fn reserve(
+        &self,
+        counters: &dyn Counters,
+        amount: Nanos,
+    ) -> Result<Reservation, (usize, SpendLevel)> {
         let mut holds: Vec<Arc<dyn SpendCounter>> = Vec::with_capacity(self.hits.len());
         for (i, hit) in self.hits.iter().enumerate() {
             let cap = (self.policed && hit.budget.action == Action::Block).then_some(hit.budget.cap);
-            match hit.counter.reserve(amount, cap) {
-                Ok(_) => holds.push(hit.counter.clone()),
+            let counter = match &hit.counter {
+                Some(c) => c.clone(),
+                None => counters.spend_counter(&hit.key()),
+            };
+            match counter.reserve(amount, cap) {
+                Ok(_) => holds.push(counter),
                 Err(level) => {
                     for h in &holds {
                         h.settle(amount, 0);
@@ -442,8 +463,10 @@ impl Reservation {
 }
 
 impl Drop for Reservation {
+    /// Dropped unsettled: the request was cancelled (e.g. at shutdown) after its upstream
+    /// call may have been billed. Charging the reservation overcounts; it never undercounts.
     fn drop(&mut self) {
-        self.settle(0);
+        self.settle(self.amount);
     }
 }
 
@@ -555,15 +578,16 @@ mod tests {
         let c: Arc<dyn Counters> = Arc::new(LocalCounters::new());
         let req = BudgetRequest { project: "p", config: None, end_user: None, tags: &[] };
         let eval = b.evaluate(&*c, &req, true, NOW);
-        let r1 = eval.reserve(to_nanos(0.6)).unwrap();
-        let mut r2 = eval.reserve(to_nanos(0.6)).unwrap();
-        let (i, level) = eval.reserve(to_nanos(0.6)).unwrap_err();
+        let r1 = eval.reserve(&*c, to_nanos(0.6)).unwrap();
+        let mut r2 = eval.reserve(&*c, to_nanos(0.6)).unwrap();
+        let (i, level) = eval.reserve(&*c, to_nanos(0.6)).unwrap_err();
         assert_eq!(&*eval.hits[i].budget.name, "cap");
         assert_eq!(level.used, to_nanos(1.2));
         // The refused request left nothing reserved on the accounting-only budget.
         let acct = eval.hits.iter().find(|h| &*h.budget.name == "acct").unwrap();
         assert_eq!(c.spend(&acct.key()).used, to_nanos(1.2));
-        drop(r1);
+        let mut r1 = r1;
+        r1.settle(0);
         r2.settle(to_nanos(0.25));
         assert_eq!(
             c.spend(&eval.hits[i].key()),
@@ -571,7 +595,38 @@ mod tests {
         );
         // Unpoliced: never refused.
         let eval = b.evaluate(&*c, &req, false, NOW);
-        assert!(eval.reserve(to_nanos(5.0)).is_ok());
+        assert!(eval.reserve(&*c, to_nanos(5.0)).is_ok());
+    }
+
+    #[test]
+    fn per_instance_counters_exist_only_once_something_was_reserved() {
+        let b = Budgets::new(vec![budget("each", Scope::EndUser(None), 1.0, Action::Block)]);
+        let local = Arc::new(LocalCounters::new());
+        let c: Arc<dyn Counters> = local.clone();
+        for i in 0..100 {
+            let user = format!("user-{i}");
+            let req = BudgetRequest { project: "p", config: None, end_user: Some(&user), tags: &[] };
+            assert_eq!(b.evaluate(&*c, &req, true, NOW).hits.len(), 1);
+        }
+        assert_eq!(local.spend_counters(), 0, "evaluations alone add no counters");
+        let req = BudgetRequest { project: "p", config: None, end_user: Some("bob"), tags: &[] };
+        let mut r = b.evaluate(&*c, &req, true, NOW).reserve(&*c, to_nanos(0.5)).unwrap();
+        assert_eq!(local.spend_counters(), 1);
+        r.settle(0);
+        drop(r);
+        local.forget_before(0);
+        assert_eq!(local.spend_counters(), 0, "a released, empty counter is forgotten");
+    }
+
+    #[test]
+    fn a_reservation_dropped_unsettled_is_charged_in_full() {
+        let b = Budgets::new(vec![budget("org", Scope::Org, 1.0, Action::Block)]);
+        let c: Arc<dyn Counters> = Arc::new(LocalCounters::new());
+        let req = BudgetRequest { project: "p", config: None, end_user: None, tags: &[] };
+        let eval = b.evaluate(&*c, &req, true, NOW);
+        drop(eval.reserve(&*c, to_nanos(0.3)).unwrap());
+        let level = c.spend(&eval.hits[0].key());
+        assert_eq!(level, SpendLevel { committed: to_nanos(0.3), used: to_nanos(0.3) });
     }
 
     #[test]

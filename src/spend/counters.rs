@@ -84,6 +84,9 @@ pub trait Counters: Send + Sync {
     /// The counter of `key`, created at zero if it does not exist yet.
     fn spend_counter(&self, key: &SpendKey<'_>) -> Arc<dyn SpendCounter>;
 
+    /// The counter of `key` if it exists (no counter: nothing was spent).
+    fn find_spend_counter(&self, key: &SpendKey<'_>) -> Option<Arc<dyn SpendCounter>>;
+
     fn spend(&self, key: &SpendKey<'_>) -> SpendLevel {
         self.spend_counter(key).level()
     }
@@ -188,11 +191,16 @@ impl SpendCounter for SpendCell {
             if cap.is_some_and(|cap| used >= cap) {
                 return Err(SpendLevel { committed: self.committed.load(Ordering::Acquire), used });
             }
-            match self.used.compare_exchange_weak(used, used + amount, Ordering::AcqRel, Ordering::Acquire) {
+            match self.used.compare_exchange_weak(
+                used,
+                used.saturating_add(amount),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     return Ok(SpendLevel {
                         committed: self.committed.load(Ordering::Acquire),
-                        used: used + amount,
+                        used: used.saturating_add(amount),
                     })
                 }
                 Err(now) => used = now,
@@ -274,12 +282,15 @@ impl LocalCounters {
     }
 
     /// Drops counters of periods that started before `before` (no period is longer than a
-    /// month) and have nothing in flight or unsaved.
+    /// month), and counters that hold nothing (released reservations of client-chosen
+    /// instances), unless something is in flight, unsaved or still referenced.
     pub fn forget_before(&self, before: i64) {
         self.spend.retain(|k, cell| {
-            k.period_start >= before
-                || cell.dirty.load(Ordering::Acquire)
-                || cell.used.load(Ordering::Acquire) != cell.committed.load(Ordering::Acquire)
+            let idle = Arc::strong_count(cell) == 1
+                && !cell.dirty.load(Ordering::Acquire)
+                && cell.used.load(Ordering::Acquire) == cell.committed.load(Ordering::Acquire);
+            let empty = cell.committed.load(Ordering::Acquire) == 0;
+            !(idle && (k.period_start < before || empty))
         });
     }
 
@@ -341,6 +352,10 @@ impl Counters for LocalCounters {
         self.cell(key)
     }
 
+    fn find_spend_counter(&self, key: &SpendKey<'_>) -> Option<Arc<dyn SpendCounter>> {
+        self.spend.get(key as &dyn KeyView).map(|c| c.clone() as Arc<dyn SpendCounter>)
+    }
+
     fn take(&self, kind: RateKind, key: &str, per_minute: u64, cost: u64, now_us: u64) -> RateVerdict {
         let map = self.rate_map(kind);
         if let Some(tat) = map.get(key) {
@@ -354,7 +369,7 @@ impl Counters for LocalCounters {
         let Some(tat) = self.rate_map(kind).get(key) else { return };
         let inc = increment(per_minute, delta.unsigned_abs());
         if delta >= 0 {
-            tat.fetch_add(inc, Ordering::AcqRel);
+            let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_add(inc)));
         } else {
             let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(inc)));
         }

@@ -230,6 +230,8 @@ pub struct Transcoder {
     /// Keep the final event back until `release_done` (to put the decision trace before it).
     hold_done: bool,
     held_done: bool,
+    /// Upstream events decoded: about one per generated token.
+    events_seen: u64,
 }
 
 impl Transcoder {
@@ -259,6 +261,7 @@ impl Transcoder {
             done: false,
             hold_done: false,
             held_done: false,
+            events_seen: 0,
         }
     }
 
@@ -306,6 +309,7 @@ impl Transcoder {
             Framer::Sse(p) => p.feed(bytes, &mut self.events)?,
             Framer::EventStream(f) => f.feed(bytes, &mut self.events)?,
         }
+        self.events_seen += self.events.len() as u64;
         let res = self.decode();
         self.emit(out);
         res
@@ -354,6 +358,11 @@ impl Transcoder {
     pub fn fail(&mut self, kind: &str, message: &str, out: &mut Vec<u8>) {
         self.deltas.push(Delta::Error { kind: kind.to_string(), message: message.to_string() });
         self.emit(out);
+    }
+
+    /// Upstream events decoded so far.
+    pub fn events(&self) -> u64 {
+        self.events_seen
     }
 
     pub fn usage(&self) -> canonical::Usage {

@@ -51,6 +51,8 @@ pub struct ChatRequest<'a> {
     pub max_tokens: Option<u64>,
     /// `"mlx:trace": true`: return the decision trace in the body.
     pub trace: bool,
+    /// `n`: how many choices the upstream generates (each billed).
+    pub choices: u64,
 }
 
 fn field_error(code: &'static str, message: impl Into<String>) -> GatewayError {
@@ -90,6 +92,7 @@ impl<'a> ChatRequest<'a> {
         let mut end_user = None;
         let mut max_tokens = None;
         let mut trace = false;
+        let mut choices = 1;
         let mut seen_interpreted: Vec<&str> = Vec::new();
         for (key, raw) in &top.0 {
             let interpreted = matches!(key.as_str(), "model" | "stream" | "mlx:tags" | "mlx:end_user");
@@ -146,6 +149,10 @@ impl<'a> ChatRequest<'a> {
                     // A malformed value is the upstream's to reject; routing only estimates.
                     max_tokens = serde_json::from_str::<u64>(raw.get()).ok().or(max_tokens);
                 }
+                "n" => {
+                    // As with max_tokens: malformed is the upstream's to reject.
+                    choices = serde_json::from_str::<u64>(raw.get()).unwrap_or(1).max(1);
+                }
                 "mlx:trace" => {
                     trace = serde_json::from_str::<Option<bool>>(raw.get())
                         .map_err(|_| field_error("invalid_type", "\"mlx:trace\" must be a boolean"))?
@@ -167,7 +174,7 @@ impl<'a> ChatRequest<'a> {
             };
             return Err(field_error("missing_field", format!("Missing required field: {name}")));
         }
-        Ok(ChatRequest { fields: top.0, model, stream, tags, end_user, max_tokens, trace })
+        Ok(ChatRequest { fields: top.0, model, stream, tags, end_user, max_tokens, trace, choices })
     }
 
     /// The body to send upstream: `model` replaced, `mlx:*` keys removed, everything else

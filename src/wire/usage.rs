@@ -203,6 +203,8 @@ pub struct UsageTap {
     data: Vec<u8>,
     has_data: bool,
     data_skipped: bool,
+    /// Data events seen: about one per generated token, an estimate when usage is missing.
+    events: u64,
 }
 
 impl UsageTap {
@@ -212,6 +214,7 @@ impl UsageTap {
             format,
             strip,
             usage: None,
+            events: 0,
             anthropic: AnthropicCounts::default(),
             line: Vec::new(),
             line_skipped: false,
@@ -225,6 +228,11 @@ impl UsageTap {
     }
 
     /// The usage seen so far; `None` until the stream reported one.
+    /// Data events passed so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
     pub fn usage(&self) -> Option<Usage> {
         self.usage
     }
@@ -386,6 +394,7 @@ impl UsageTap {
             && is_object(&self.data)
             && has_usage(&self.data);
         let usage_only = wanted && self.scan();
+        self.events += u64::from(self.has_data);
         self.event = EventName::Unnamed;
         self.data.clear();
         self.has_data = false;

@@ -268,6 +268,12 @@ async fn concurrent_requests_never_overspend_by_more_than_one_reservation() {
                 billed += cost_of(&r);
             }
             402 => refused += 1,
+            // Held by reservations in flight, not yet spent: retry shortly.
+            429 => {
+                assert_eq!(error_of(&r)["code"], "budget_reserved", "{}", r.text());
+                assert_eq!(r.header("retry-after"), Some("1"));
+                refused += 1;
+            }
             s => panic!("unexpected {s}: {}", r.text()),
         }
     }
