@@ -317,7 +317,7 @@ fn spend_checks(c: &mut Criterion) {
                 modelux::spend::unix_now_us(),
             );
             let eval = budgets.evaluate(&*counters, black_box(&req), true, modelux::spend::unix_now());
-            let mut reservation = eval.reserve(1_000).unwrap();
+            let mut reservation = eval.reserve(&*counters, 1_000).unwrap();
             reservation.settle(black_box(700));
             black_box((rate.allowed, eval.hits.len()))
         })
