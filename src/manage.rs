@@ -109,11 +109,12 @@ impl ServeHttp for ManageApp {
                     ),
                 };
                 if let Some(v) = verdict {
-                    let h = resp.headers_mut();
-                    h.insert("x-ratelimit-limit-requests", http::HeaderValue::from(v.limit));
-                    h.insert("x-ratelimit-remaining-requests", http::HeaderValue::from(v.remaining));
-                    if let Ok(reset) = http::HeaderValue::from_str(&crate::proxy::reset_text(v.reset_us)) {
-                        h.insert("x-ratelimit-reset-requests", reset);
+                    let mut headers = Vec::new();
+                    crate::proxy::push_rate_headers(RateKind::Requests, &v, &mut headers);
+                    for (name, value) in headers {
+                        if let Ok(value) = http::HeaderValue::from_str(&value) {
+                            resp.headers_mut().insert(name, value);
+                        }
                     }
                 }
                 resp

@@ -167,20 +167,25 @@ pub fn reset_text(us: u64) -> String {
     }
 }
 
+/// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for one limiter.
+pub fn push_rate_headers(kind: RateKind, verdict: &RateVerdict, headers: &mut Headers) {
+    let (limit, remaining, reset) = match kind {
+        RateKind::Requests => {
+            ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+        }
+        RateKind::Tokens => {
+            ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+        }
+    };
+    headers.push((name(limit), verdict.limit.to_string()));
+    headers.push((name(remaining), verdict.remaining.to_string()));
+    headers.push((name(reset), reset_text(verdict.reset_us)));
+}
+
 /// `x-ratelimit-*`, budget and cost headers of the response.
 pub fn push_headers(bill: &Bill, headers: &mut Headers) {
     for note in [bill.requests, bill.tokens].into_iter().flatten() {
-        let (limit, remaining, reset) = match note.kind {
-            RateKind::Requests => {
-                ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
-            }
-            RateKind::Tokens => {
-                ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
-            }
-        };
-        headers.push((name(limit), note.verdict.limit.to_string()));
-        headers.push((name(remaining), note.verdict.remaining.to_string()));
-        headers.push((name(reset), reset_text(note.verdict.reset_us)));
+        push_rate_headers(note.kind, &note.verdict, headers);
     }
     if let Some(b) = &bill.budget {
         headers.push((name("x-modelux-budget-name"), b.name.to_string()));
@@ -249,11 +254,6 @@ pub(super) fn record_budget(ctx: &mut RequestCtx, downgraded_from: Option<String
     }
 }
 
-/// A member's prices: the config's (resolved at load) or the price table's.
-pub(super) fn rates_of(snapshot: &Snapshot, member: &Member) -> Option<Rates> {
-    member.rates.or_else(|| snapshot.prices.lookup(&member.target.model).map(|i| i.rates()))
-}
-
 /// Most a request can cost: its prompt estimate plus `max_tokens` (within the model's output
 /// limit, else that limit) for each of its `n` choices, at the member's prices; the dearest member of a sequence (one answers), the sum
 /// of an ensemble (all answer).
@@ -266,7 +266,8 @@ pub(super) fn max_cost(
     choices: u64,
 ) -> f64 {
     let one = |m: &&Member| {
-        let Some(rates) = rates_of(snapshot, m) else { return 0.0 };
+        // Resolved when the config loaded (or, for a direct model, when it was routed).
+        let Some(rates) = m.rates else { return 0.0 };
         let limit = snapshot.prices.lookup(&m.target.model).and_then(|i| i.max_output_tokens);
         // A client's max_tokens above what the model can produce cannot be billed either.
         let output = match (max_tokens, limit) {
@@ -364,7 +365,7 @@ pub(super) fn add_usage(ctx: &mut RequestCtx, rates: Option<Rates>, usage: &Usag
 /// Usage for an answer whose final usage the upstream never reported (a stream cut short,
 /// a server that omits it): what it did report (`partial`), with the prompt estimated when
 /// that is missing and at least `output_tokens` of output.
-pub(super) fn estimate_usage(ctx: &mut RequestCtx, partial: Option<Usage>, output_tokens: u64) {
+fn estimate_usage(ctx: &mut RequestCtx, partial: Option<Usage>, output_tokens: u64) {
     let mut usage = partial.unwrap_or_default();
     if usage.input == 0 {
         usage.input = ctx.bill.est_input_tokens;
@@ -375,9 +376,30 @@ pub(super) fn estimate_usage(ctx: &mut RequestCtx, partial: Option<Usage>, outpu
     ctx.bill.cost.estimated = true;
 }
 
+/// Prices the answer the client got, then settles. `reported`: the usage the upstream
+/// reported, complete or (`complete` false, a stream cut short) partial; what it lacks is
+/// estimated, with at least `output_estimate` output tokens.
+pub(super) fn bill_answer(
+    state: &GatewayState,
+    ctx: &mut RequestCtx,
+    reported: Option<Usage>,
+    complete: bool,
+    output_estimate: u64,
+) {
+    match (reported, complete) {
+        (Some(u), true) => {
+            let rates = ctx.bill.rates;
+            add_usage(ctx, rates, &u);
+        }
+        (partial, _) => estimate_usage(ctx, partial, output_estimate),
+    }
+    settle(state, ctx);
+}
+
 /// Replaces the reservation by the actual cost, corrects the tokens-per-minute charge and
 /// writes usage and cost into the trace. Idempotent; runs at the latest in `logging`.
-pub(super) fn settle(state: &GatewayState, ctx: &mut RequestCtx, principal: Option<&Principal>) {
+pub(super) fn settle(state: &GatewayState, ctx: &mut RequestCtx) {
+    let principal = ctx.principal.clone();
     let round = |v: f64| (v * 1e10).round() / 1e10;
     let cost = CostRecord {
         input: round(ctx.bill.cost.input),
@@ -388,7 +410,7 @@ pub(super) fn settle(state: &GatewayState, ctx: &mut RequestCtx, principal: Opti
     if let Some(r) = ctx.bill.reservation.as_mut() {
         r.settle(to_nanos(cost.total).clamp(0, MAX_RESERVATION));
     }
-    if let (Some(p), true) = (principal, ctx.bill.tokens_charged > 0) {
+    if let (Some(p), true) = (principal.as_deref(), ctx.bill.tokens_charged > 0) {
         let actual = ctx.bill.usage.map_or(0, |u| u.input.saturating_add(u.output));
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let delta = as_i64(actual).saturating_sub(as_i64(ctx.bill.tokens_charged));

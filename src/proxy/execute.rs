@@ -341,17 +341,9 @@ async fn answer_body(
         Some(resp) => Some(resp.usage),
         None => wire::usage::from_body(prepared.format, &body),
     };
-    match usage {
-        Some(u) => {
-            let rates = ctx.bill.rates;
-            billing::add_usage(ctx, rates, &u);
-        }
-        // About four bytes of JSON per output token.
-        None => billing::estimate_usage(ctx, None, (body.len() as u64).div_ceil(4)),
-    }
     // Settled before the headers go: they carry the cost and what the budget has left.
-    let principal = ctx.principal.clone();
-    billing::settle(exec.state, ctx, principal.as_deref());
+    // Without reported usage: about four bytes of JSON per output token.
+    billing::bill_answer(exec.state, ctx, usage, true, (body.len() as u64).div_ceil(4));
     ctx.bill.cost_header = true;
     let mut headers = pipeline::answer_headers(&ex.header, prepared.translated, served);
     let trace = exec.want_trace.then(|| trace_value(ctx));

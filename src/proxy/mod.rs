@@ -3,7 +3,7 @@
 //! request.
 
 mod billing;
-pub use billing::reset_text;
+pub use billing::push_rate_headers;
 mod body;
 mod execute;
 mod pipeline;
@@ -127,8 +127,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&PError>, ctx: &mut RequestCtx) {
-        let principal = ctx.principal.clone();
-        billing::settle(&self.state, ctx, principal.as_deref());
+        billing::settle(&self.state, ctx);
         billing::record_metrics(&self.state, ctx);
         respond::record_metrics(&self.state.metrics, ctx);
     }

@@ -377,7 +377,7 @@ async fn chat(
     }
     let (eval, routed) = admit(state, snapshot, ctx, principal, &request.model, &rc, &mut facts, !dry_run)?;
     if dry_run {
-        return answer_dry_run(snapshot, session, ctx, &routed, &facts, 1024).await;
+        return answer_dry_run(session, ctx, &routed, &facts, 1024).await;
     }
     let anthropic_headers = anthropic_headers(session, client);
     let mut exec = execute::Exec {
@@ -478,7 +478,6 @@ fn facts<'a>(request: &'a ChatRequest<'_>, rc: &'a Context, body: &[u8]) -> Requ
 
 /// The routing decision, without calling an upstream (PRODUCT.md §3.5).
 async fn answer_dry_run(
-    snapshot: &Snapshot,
     session: &mut Session,
     ctx: &mut RequestCtx,
     routed: &Routed<'_>,
@@ -488,7 +487,7 @@ async fn answer_dry_run(
     let attempts = routed.attempts();
     let selected =
         attempts.first().map(|m| json!({"provider": m.target.provider.id, "model": m.target.model}));
-    let estimated = attempts.first().and_then(|m| billing::rates_of(snapshot, m)).map(|r| {
+    let estimated = attempts.first().and_then(|m| m.rates).map(|r| {
         facts.est_input_tokens as f64 * r.input + facts.max_tokens.unwrap_or(default_output) as f64 * r.output
     });
     let trace = ctx.trace.as_deref();
@@ -539,7 +538,7 @@ async fn embeddings(
     let (eval, routed) =
         admit(state, snapshot, ctx, principal, &request.model, &rc, &mut facts, !rc.dry_run)?;
     if rc.dry_run {
-        return answer_dry_run(snapshot, session, ctx, &routed, &facts, 0).await;
+        return answer_dry_run(session, ctx, &routed, &facts, 0).await;
     }
     let member = routed.first()?;
     let usd = billing::max_cost(snapshot, &[member], false, ctx.bill.est_input_tokens, Some(0), 1);
@@ -688,15 +687,7 @@ async fn answer_whole(
         headers.push((http::header::CONTENT_TYPE, "application/json".into()));
     }
     // The body is OpenAI-shaped by now (embeddings answer on the OpenAI surface only).
-    match wire::usage::from_body(WireFormat::OpenAi, &body) {
-        Some(u) => {
-            let rates = ctx.bill.rates;
-            billing::add_usage(ctx, rates, &u);
-        }
-        None => billing::estimate_usage(ctx, None, 0),
-    }
-    let principal = ctx.principal.clone();
-    billing::settle(state, ctx, principal.as_deref());
+    billing::bill_answer(state, ctx, wire::usage::from_body(WireFormat::OpenAi, &body), true, 0);
     ctx.bill.cost_header = true;
     // Answer first: returning the connection to the pool is not the client's business.
     respond::whole(session, ctx, status, headers, body).await;
@@ -741,7 +732,7 @@ async fn count_tokens(
     let facts = facts(&request, &rc, &body);
     let routed = route(snapshot, principal, ctx, &request.model, &facts, !rc.dry_run, false)?;
     if rc.dry_run {
-        return answer_dry_run(snapshot, session, ctx, &routed, &facts, 0).await;
+        return answer_dry_run(session, ctx, &routed, &facts, 0).await;
     }
     let member = routed.first()?;
     let target = &member.target;
@@ -918,15 +909,7 @@ impl StreamCodec {
 /// most part of it (Anthropic's input and first output token): the upstream still billed
 /// what it generated, about one token per event.
 fn bill_stream(state: &GatewayState, ctx: &mut RequestCtx, codec: &StreamCodec, completed: bool) {
-    match (codec.usage(), completed) {
-        (Some(u), true) => {
-            let rates = ctx.bill.rates;
-            billing::add_usage(ctx, rates, &u);
-        }
-        (partial, _) => billing::estimate_usage(ctx, partial, codec.events()),
-    }
-    let principal = ctx.principal.clone();
-    billing::settle(state, ctx, principal.as_deref());
+    billing::bill_answer(state, ctx, codec.usage(), completed, codec.events());
 }
 
 /// Streams an SSE body to the client chunk by chunk as it arrives, through `codec`. An
