@@ -12,4 +12,5 @@ pub mod routing;
 pub mod server;
 pub mod spend;
 pub mod sse;
+pub mod trace;
 pub mod wire;

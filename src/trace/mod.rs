@@ -1,0 +1,51 @@
+//! Decision traces: one record per request, handed off the request path through a bounded
+//! channel (`sink`), batched by a background writer (`writer`) into a store: ClickHouse in
+//! production (`clickhouse`), an embedded SQLite file by default (`embedded`). The logs
+//! and analytics reads (`query`) run against either store and give the same answers.
+
+pub mod clickhouse;
+pub mod embedded;
+pub mod query;
+pub mod record;
+pub mod spill;
+pub mod writer;
+
+use async_trait::async_trait;
+
+pub use query::{
+    Cursor, Granularity, GroupBy, LogPage, LogQuery, Report, ReportQuery, ReportRow, StatusFilter, Totals,
+};
+pub use record::{TraceEvent, TraceRow};
+
+/// Why a store refused a write or a read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    /// The store is unreachable, overloaded or misconfigured: the same rows may succeed
+    /// later, so they are retried and, while it lasts, spilled to disk.
+    #[error("store unavailable: {0}")]
+    Transient(String),
+    /// The rows themselves were refused (a value the schema cannot hold): retrying cannot
+    /// help, so they go to the dead-letter file.
+    #[error("rows refused: {0}")]
+    Data(String),
+}
+
+/// Where trace records live. Implementations must make `insert` idempotent per
+/// `request_id`: writing a row again (a retry after a lost acknowledgement, a spill
+/// replayed twice) never makes a request appear twice in any read.
+#[async_trait]
+pub trait TraceStore: Send + Sync {
+    /// `clickhouse` or `embedded`, for logs and metrics.
+    fn kind(&self) -> &'static str;
+    /// Creates or migrates the schema; idempotent, run at start.
+    async fn prepare(&self) -> Result<(), StoreError>;
+    /// Writes rows in one batch, in order.
+    async fn insert(&self, rows: &[TraceRow]) -> Result<(), StoreError>;
+    /// Newest first: `ts_ms` descending, then `request_id` descending.
+    async fn list(&self, query: &LogQuery) -> Result<LogPage, StoreError>;
+    async fn get(&self, request_id: &str) -> Result<Option<TraceRow>, StoreError>;
+    async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError>;
+    /// Drops records older than `before_ms` (and, for the embedded store, the oldest ones
+    /// beyond its row cap). Returns how many rows (or partitions, for ClickHouse) went.
+    async fn prune(&self, before_ms: u64) -> Result<u64, StoreError>;
+}
