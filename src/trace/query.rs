@@ -119,7 +119,9 @@ impl LogQuery {
             && self.trace_id.as_ref().is_none_or(|t| *t == row.trace_id)
             && self.conversation_id.as_ref().is_none_or(|c| *c == row.conversation_id)
             && self.min_latency_ms.is_none_or(|l| row.latency_ms >= l)
-            && self.tags.iter().all(|(k, v)| row.tag(k) == Some(v.as_str()))
+            // Some position holds the pair (as documented), not just the key's first one:
+            // the same answer as `arrayExists` in ClickHouse and the tag table in SQLite.
+            && self.tags.iter().all(|(k, v)| row.tag_keys.iter().zip(&row.tag_values).any(|(rk, rv)| rk == k && rv == v))
     }
 }
 
