@@ -324,8 +324,105 @@ fn spend_checks(c: &mut Criterion) {
     });
 }
 
+/// A record as the logging phase builds it: a routed request with two attempts.
+fn trace_event(i: u64) -> modelux::trace::TraceEvent {
+    use modelux::routing::trace::{DecisionTrace, HealthRecord};
+    let health = HealthRecord {
+        healthy: true,
+        success_rate: Some(1.0),
+        samples: 10,
+        p50_ms: Some(100.0),
+        ewma_ms: None,
+        last_sample_age_ms: None,
+    };
+    let mut trace = DecisionTrace::direct("auto", "openai", "gpt-4o-mini", health);
+    let d = std::time::Duration::from_millis(120);
+    trace.push_attempt(
+        "openai",
+        "gpt-4o-mini",
+        "timeout",
+        None,
+        Some("timeout after 2000ms".into()),
+        d,
+        None,
+        d,
+    );
+    trace.push_attempt("openai", "gpt-4o-mini", "success", Some(200), None, d, Some(d), d);
+    trace.conclude(Some(2), None);
+    modelux::trace::TraceEvent {
+        request_id: format!("0193a1b2-c3d4-7e5f-8a9b-{i:012}"),
+        ts_ms: 1_763_700_000_000 + i,
+        latency: d,
+        ttfb: Some(d),
+        principal: Some(Arc::new(Principal::new("default", "dev", 600, 0))),
+        surface: "openai",
+        endpoint: "/openai/v1/chat/completions".into(),
+        model_requested: Some("gpt-4o-mini".into()),
+        resolution: Some("auto"),
+        provider: Some("openai".into()),
+        model: Some("gpt-4o-mini".into()),
+        status: 200,
+        error_code: None,
+        trace: Some(Box::new(trace)),
+        usage: None,
+        cost: Default::default(),
+        tags: vec![("tenant".into(), "acme".into())],
+        end_user: Some("user_abc".into()),
+        trace_id: None,
+        conversation_id: None,
+        streamed: false,
+        bytes_in: 120,
+        bytes_out: 480,
+        request_body: None,
+        response_body: None,
+    }
+}
+
+/// The logging phase's handoff: box the record and push it onto the bounded queue, with
+/// the writer's end draining it on another thread (as in the gateway).
+fn trace_handoff(c: &mut Criterion) {
+    use modelux::trace::writer::TraceQueue;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let queue = Arc::new(TraceQueue::new(65_536, metrics));
+    let running = Arc::new(AtomicBool::new(true));
+    let drain = {
+        let (queue, running) = (queue.clone(), running.clone());
+        std::thread::spawn(move || {
+            while running.load(Ordering::Relaxed) {
+                while let Some(event) = queue.pop() {
+                    drop(event);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    let mut i = 0;
+    c.bench_function("trace_handoff", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                trace_event(i)
+            },
+            |event| queue.submit(Box::new(event)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    // Writer side, per record: flatten and serialize the decision trace.
+    c.bench_function("trace_into_row", |b| {
+        b.iter_batched(
+            || trace_event(1),
+            |event| black_box(event.into_row()),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    running.store(false, Ordering::Relaxed);
+    drain.join().unwrap();
+}
+
 criterion_group!(
     benches,
+    trace_handoff,
     spend_checks,
     decode_and_rewrite,
     authenticate,

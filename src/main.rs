@@ -29,11 +29,56 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Show decision traces: one request's decision (`--trace ID`), or a list of recent
+    /// requests matching filters. Reads the trace store the config names (ClickHouse, or
+    /// the embedded file in its data dir).
+    Logs(Box<LogsArgs>),
     /// Create and hash API keys.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct LogsArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Print this request's decision: attempts, reasons, timings, cost, config version.
+    #[arg(long, value_name = "REQUEST_ID")]
+    trace: Option<String>,
+    /// Only requests with this tag (repeatable; all must match).
+    #[arg(long, value_name = "KEY=VALUE")]
+    tag: Vec<String>,
+    /// Only requests newer than this: 90s, 15m, 1h, 7d, or an ISO 8601 time.
+    #[arg(long, default_value = "1h")]
+    since: String,
+    /// Only requests older than this (same forms as --since).
+    #[arg(long)]
+    until: Option<String>,
+    /// Served or requested model (e.g. gpt-4o-mini, @production).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    provider: Option<String>,
+    #[arg(long)]
+    project: Option<String>,
+    /// 2xx, 4xx, 5xx or one status code.
+    #[arg(long)]
+    status: Option<String>,
+    /// Customer trace id (X-Modelux-Trace-Id).
+    #[arg(long)]
+    trace_id: Option<String>,
+    #[arg(long)]
+    conversation: Option<String>,
+    #[arg(long)]
+    end_user: Option<String>,
+    /// Most requests to print (newest first).
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Print JSON (the management API's records) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -54,6 +99,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Check { config } => check(config),
         Command::Keys { command } => keys(command),
+        Command::Logs(args) => logs(*args),
     }
 }
 
@@ -85,6 +131,9 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     drop(snapshot);
     let server = modelux::server::build(&handles, &options);
     server.run(pingora::server::RunArgs::default());
+    // Records of requests that finished (or were cancelled) as the server stopped: write
+    // them, or leave them in the disk queue for the next start.
+    handles.trace_writer.finish_blocking();
     // Requests that finished during the grace period settled after the flusher's last
     // round: write them before exiting.
     if let Err(e) = handles.spend.flush() {
@@ -94,23 +143,167 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn check(config: Option<PathBuf>) -> ExitCode {
-    let text = match &config {
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("cannot read {}: {e}", p.display());
+/// `90s`, `15m`, `1h`, `7d` before `now_ms`, or an ISO 8601 time.
+fn when(text: &str, now_ms: u64) -> Option<u64> {
+    let text = text.trim();
+    let unit = match text.chars().last()? {
+        's' => 1_000,
+        'm' => 60_000,
+        'h' => 3_600_000,
+        'd' => 86_400_000,
+        _ => 0,
+    };
+    if unit > 0 {
+        if let Ok(n) = text[..text.len() - 1].parse::<u64>() {
+            return Some(now_ms.saturating_sub(n.saturating_mul(unit)));
+        }
+    }
+    modelux::spend::period::parse_iso8601(text).and_then(|ms| u64::try_from(ms).ok())
+}
+
+fn logs(args: LogsArgs) -> ExitCode {
+    use modelux::trace::{LogQuery, StatusFilter};
+    let snapshot = match load_config(args.config.as_ref()) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let settings = &snapshot.settings;
+    if settings.traces.clickhouse.is_none() {
+        let path = settings.data_dir.join(modelux::server::EMBEDDED_TRACES_FILE);
+        if !path.exists() {
+            eprintln!(
+                "no traces yet: {} does not exist (the gateway creates it when it starts)",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    let store = match modelux::server::open_trace_store(settings) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now_ms = u64::try_from(modelux::spend::unix_now()).unwrap_or(0) * 1000;
+    let mut query =
+        LogQuery { limit: args.limit.clamp(1, modelux::trace::query::MAX_PAGE), ..LogQuery::default() };
+    if args.trace.is_none() {
+        let Some(start) = when(&args.since, now_ms) else {
+            eprintln!("--since: \"{}\" is not a duration (90s, 15m, 1h, 7d) or an ISO 8601 time", args.since);
+            return ExitCode::FAILURE;
+        };
+        query.start_ms = Some(start);
+        if let Some(until) = &args.until {
+            let Some(end) = when(until, now_ms) else {
+                eprintln!("--until: \"{until}\" is not a duration or an ISO 8601 time");
                 return ExitCode::FAILURE;
+            };
+            query.end_ms = Some(end);
+        }
+        for tag in &args.tag {
+            let Some((k, v)) = tag.split_once('=') else {
+                eprintln!("--tag: expected KEY=VALUE, got \"{tag}\"");
+                return ExitCode::FAILURE;
+            };
+            query.tags.push((k.to_string(), v.to_string()));
+        }
+        if let Some(status) = &args.status {
+            query.status = match status.to_ascii_lowercase().strip_suffix("xx").map(str::parse::<u16>) {
+                Some(Ok(c @ 1..=5)) => Some(StatusFilter::Class(c)),
+                _ => match status.parse::<u16>() {
+                    Ok(s) => Some(StatusFilter::Exact(s)),
+                    Err(_) => {
+                        eprintln!("--status: expected 2xx, 4xx, 5xx or a status code, got \"{status}\"");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+        }
+        query.model = args.model.clone();
+        query.provider = args.provider.clone();
+        query.project = args.project.clone();
+        query.trace_id = args.trace_id.clone();
+        query.conversation_id = args.conversation.clone();
+        query.end_user = args.end_user.clone();
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        if let Some(id) = &args.trace {
+            return match store.get(id).await {
+                Ok(Some(row)) => {
+                    if args.json {
+                        println!("{:#}", modelux::manage::logs::full(&row));
+                    } else {
+                        print!("{}", modelux::trace::render::decision(&row));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => {
+                    eprintln!("no request {id} in the {} trace store", store.kind());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        match store.list(&query).await {
+            Ok(page) => {
+                for row in &page.rows {
+                    if args.json {
+                        println!("{}", modelux::manage::logs::summary(row));
+                    } else {
+                        println!("{}", modelux::trace::render::line(row));
+                    }
+                }
+                if page.next_cursor.is_some() {
+                    eprintln!(
+                        "(more than {} requests match; narrow the filters or raise --limit)",
+                        query.limit
+                    );
+                }
+                ExitCode::SUCCESS
             }
-        },
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// The config file's snapshot (or the embedded default's), with its errors printed.
+fn load_config(config: Option<&PathBuf>) -> Result<modelux::config::Snapshot, ExitCode> {
+    let text = match config {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| {
+            eprintln!("cannot read {}: {e}", p.display());
+            ExitCode::FAILURE
+        })?,
         None => modelux::config::store::EMBEDDED_DEFAULT.to_string(),
     };
     let base = config
-        .as_ref()
         .and_then(|p| p.parent())
         .filter(|p| !p.as_os_str().is_empty())
         .map_or_else(|| std::path::PathBuf::from("."), |p| p.to_path_buf());
-    match modelux::config::build_snapshot_in(&text, &modelux::config::env_lookup, None, &base) {
+    modelux::config::build_snapshot_in(&text, &modelux::config::env_lookup, None, &base).map_err(|errors| {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        eprintln!("{} error(s)", errors.len());
+        ExitCode::FAILURE
+    })
+}
+
+fn check(config: Option<PathBuf>) -> ExitCode {
+    match load_config(config.as_ref()) {
         Ok(s) => {
             println!(
                 "config OK: {} providers, {} projects, {} project keys, {} management keys, {} routing configs, {} budgets",
@@ -123,13 +316,7 @@ fn check(config: Option<PathBuf>) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{e}");
-            }
-            eprintln!("{} error(s)", errors.len());
-            ExitCode::FAILURE
-        }
+        Err(code) => code,
     }
 }
 

@@ -41,6 +41,12 @@ pub struct Metrics {
     pub budget_outcomes: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub spend_flushes: IntCounterVec,
+    /// Trace records by what became of them: `written`, `retried` (sent again after a
+    /// failed insert), `spilled` (to the disk queue), `dropped` (queue full), `dead_letter`.
+    pub trace_records: IntCounterVec,
+    pub trace_queue_depth: IntGauge,
+    pub trace_spill_depth: IntGauge,
+    pub trace_flush: HistogramVec,
     target_healthy: GaugeVec,
     target_success_rate: GaugeVec,
     target_samples: GaugeVec,
@@ -161,6 +167,35 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(spend_flushes.clone()))?;
+        let trace_records = IntCounterVec::new(
+            Opts::new(
+                "modelux_trace_records_total",
+                "Decision trace records by result: written, retried, spilled, dropped, dead_letter",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(trace_records.clone()))?;
+        for result in ["written", "retried", "spilled", "dropped", "dead_letter"] {
+            // Present from the start, so a scrape shows 0 rather than nothing.
+            trace_records.with_label_values(&[result]);
+        }
+        let trace_queue_depth =
+            IntGauge::new("modelux_trace_queue_depth", "Trace records waiting in memory for the writer")?;
+        registry.register(Box::new(trace_queue_depth.clone()))?;
+        let trace_spill_depth = IntGauge::new(
+            "modelux_trace_spill_records",
+            "Trace records in the disk queue, waiting for the store to come back",
+        )?;
+        registry.register(Box::new(trace_spill_depth.clone()))?;
+        let trace_flush = HistogramVec::new(
+            HistogramOpts::new(
+                "modelux_trace_flush_duration_seconds",
+                "Time to write one batch of trace records, by store and result",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["store", "result"],
+        )?;
+        registry.register(Box::new(trace_flush.clone()))?;
         // Provider health, per provider/model (model "*" = the provider as a whole). Refreshed
         // from the health registry at scrape time.
         let health_gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
@@ -219,6 +254,10 @@ impl Metrics {
             budget_outcomes,
             rate_limited,
             spend_flushes,
+            trace_records,
+            trace_queue_depth,
+            trace_spill_depth,
+            trace_flush,
             target_healthy,
             target_success_rate,
             target_samples,

@@ -14,10 +14,15 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::config::store::{ConfigStore, ConfigWatcher};
+use crate::config::Settings;
 use crate::manage::ManageApp;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, GatewayState};
 use crate::spend::Spend;
+use crate::trace::clickhouse::{ClickHouseSettings, ClickHouseStore};
+use crate::trace::embedded::EmbeddedStore;
+use crate::trace::writer::{TraceQueue, TraceWriter, WriterSettings};
+use crate::trace::TraceStore;
 
 /// Handles shared with the caller (tests read the store and the metrics).
 #[derive(Clone)]
@@ -26,6 +31,10 @@ pub struct Handles {
     pub metrics: Arc<Metrics>,
     /// Budget and rate counters, kept across config reloads.
     pub spend: Arc<Spend>,
+    /// The logging phase's end of the trace pipeline.
+    pub traces: Arc<TraceQueue>,
+    /// Drains `traces` into the trace store; `finish_blocking` after the server stops.
+    pub trace_writer: Arc<TraceWriter>,
 }
 
 pub struct Options {
@@ -40,7 +49,55 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let db = store.load().settings.data_dir.join("modelux.db");
     let spend = Spend::open(Some(&db)).map_err(|e| vec![format!("embedded store: {e}")])?;
-    Ok(Handles { store: Arc::new(store), metrics, spend: Arc::new(spend) })
+    let (traces, trace_writer) = open_traces(&store.load().settings, &metrics)?;
+    Ok(Handles { store: Arc::new(store), metrics, spend: Arc::new(spend), traces, trace_writer })
+}
+
+/// The trace store `traces:` names: ClickHouse, or the embedded file in the data dir.
+pub fn open_trace_store(settings: &Settings) -> Result<Arc<dyn TraceStore>, String> {
+    let t = &settings.traces;
+    Ok(match &t.clickhouse {
+        Some(c) => Arc::new(ClickHouseStore::new(ClickHouseSettings {
+            url: c.url.clone(),
+            database: c.database.clone(),
+            user: c.user.clone(),
+            password: c.password.clone(),
+            table: c.table.clone(),
+        })),
+        None => Arc::new(
+            EmbeddedStore::open(&settings.data_dir.join(EMBEDDED_TRACES_FILE), t.max_records)
+                .map_err(|e| format!("trace store: {e}"))?,
+        ),
+    })
+}
+
+/// The embedded trace store's file in the data dir.
+pub const EMBEDDED_TRACES_FILE: &str = "traces.db";
+
+/// The trace store named by `traces:` (ClickHouse, or the embedded file), its queue and
+/// its writer. Reaching ClickHouse is not required to start: until it answers, records
+/// wait in the disk queue.
+pub fn open_traces(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<TraceQueue>, Arc<TraceWriter>), Vec<String>> {
+    let t = &settings.traces;
+    let store = open_trace_store(settings).map_err(|e| vec![e])?;
+    let queue = Arc::new(TraceQueue::new(t.queue_capacity, metrics.clone()));
+    let writer = TraceWriter::new(
+        queue.clone(),
+        store,
+        metrics.clone(),
+        WriterSettings {
+            batch_size: t.batch_size,
+            flush_interval: t.flush_interval,
+            retention: Duration::from_secs(u64::from(t.retention_days) * 86_400),
+            spill_dir: settings.data_dir.join("trace-spill"),
+            dead_letter: settings.data_dir.join("trace-dead-letter.jsonl"),
+        },
+    )
+    .map_err(|e| vec![format!("trace disk queue in {}: {e}", settings.data_dir.display())])?;
+    Ok((queue, Arc::new(writer)))
 }
 
 pub fn build(handles: &Handles, options: &Options) -> Server {
@@ -61,6 +118,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         metrics: handles.metrics.clone(),
         connector: Connector::new(None),
         spend: handles.spend.clone(),
+        traces: handles.traces.clone(),
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -75,6 +133,8 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             store: handles.store.clone(),
             metrics: handles.metrics.clone(),
             spend: handles.spend.clone(),
+            traces: handles.traces.clone(),
+            trace_store: handles.trace_writer.store().clone(),
         }),
     );
     manage.add_tcp(&settings.manage_listen);
@@ -96,6 +156,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     server.add_service(manage);
     server.add_service(watcher);
     server.add_service(flusher);
+    server.add_service(background_service("trace writer", ArcService(handles.trace_writer.clone())));
     server
 }
 
@@ -146,6 +207,17 @@ impl BackgroundService for SpendFlusher {
             }
         }
         flush_now(&self.spend, &self.metrics).await;
+    }
+}
+
+/// Runs a background service that is shared with the caller (who calls it again after
+/// the server stopped).
+struct ArcService<T>(Arc<T>);
+
+#[async_trait::async_trait]
+impl<T: BackgroundService + Send + Sync> BackgroundService for ArcService<T> {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.start(shutdown).await
     }
 }
 

@@ -804,10 +804,16 @@ fn config_errors_name_their_paths() {
     );
 }
 
+#[path = "gateway/clickhouse.rs"]
+mod clickhouse;
 #[path = "gateway/routing.rs"]
 mod routing;
 #[path = "gateway/spend.rs"]
 mod spend;
+#[path = "gateway/traces.rs"]
+mod traces;
+#[path = "gateway/traces_clickhouse.rs"]
+mod traces_clickhouse;
 
 // ------------------------------------------------------------------ translation
 

@@ -18,6 +18,20 @@ if ! command -v cmake >/dev/null 2>&1; then
     fi
 fi
 
+# The trace tests run a real ClickHouse server (Debian's 18.16 package; started and stopped
+# by the tests themselves on loopback ports).
+if ! command -v clickhouse-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "== installing clickhouse-server"
+        apt-get update -qq
+        # policy-rc.d keeps the package from starting a system-wide server.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clickhouse-server >/dev/null
+    else
+        echo "clickhouse-server is required by the trace tests (apt-get install clickhouse-server)" >&2
+        exit 1
+    fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -63,6 +63,30 @@ pub struct Settings {
     pub shutdown_grace_seconds: u64,
     /// The embedded store's directory, resolved against the config file's directory.
     pub data_dir: PathBuf,
+    pub traces: TraceSettings,
+}
+
+/// `traces:`, validated. The store and the writer are built once at start; a reload
+/// changes only `bodies` and `max_body_bytes`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    pub clickhouse: Option<ClickHouseConfig>,
+    pub retention_days: u32,
+    pub max_records: u64,
+    pub queue_capacity: usize,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    /// 0: bodies are not kept.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    pub table: String,
 }
 
 #[derive(Debug)]
@@ -229,6 +253,13 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
                     }
                 }
             }
+            "traces" => {
+                if !value.is_null() {
+                    if let Some(t) = section(value, "traces", &mut errors) {
+                        raw.traces = t;
+                    }
+                }
+            }
             "budgets" => {
                 for (i, item) in sequence(value, "budgets", &mut errors).into_iter().enumerate() {
                     if let Some(b) = section(item, &format!("budgets[{i}]"), &mut errors) {
@@ -272,7 +303,7 @@ pub(crate) fn valid_id(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
-fn settings(raw: &RawServer, base_dir: &Path, errors: &mut Vec<ConfigError>) -> Settings {
+fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut Vec<ConfigError>) -> Settings {
     let ms = |v: Option<u64>, default: u64, path: &str, errors: &mut Vec<ConfigError>| {
         let v = v.unwrap_or(default);
         if v == 0 {
@@ -328,6 +359,61 @@ fn settings(raw: &RawServer, base_dir: &Path, errors: &mut Vec<ConfigError>) -> 
             }
             base_dir.join(dir)
         },
+        traces: trace_settings(traces, errors),
+    }
+}
+
+fn trace_settings(raw: &RawTraces, errors: &mut Vec<ConfigError>) -> TraceSettings {
+    let positive = |v: Option<u64>, default: u64, path: &str, errors: &mut Vec<ConfigError>| {
+        let v = v.unwrap_or(default);
+        if v == 0 {
+            errors.push(ConfigError::new(path, "must be greater than 0"));
+        }
+        v.max(1)
+    };
+    let clickhouse = raw.clickhouse.as_ref().map(|c| {
+        match url::Url::parse(&c.url) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            _ => errors.push(ConfigError::new(
+                "traces.clickhouse.url",
+                format!("\"{}\" is not an http(s) URL", c.url),
+            )),
+        }
+        let ident = |v: &Option<String>, default: &str, path: &str, errors: &mut Vec<ConfigError>| {
+            let v = v.clone().unwrap_or_else(|| default.to_string());
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                errors.push(ConfigError::new(path, "must be 1 or more characters of a-z, A-Z, 0-9, _"));
+            }
+            v
+        };
+        ClickHouseConfig {
+            url: c.url.trim_end_matches('/').to_string(),
+            database: ident(&c.database, "modelux", "traces.clickhouse.database", errors),
+            user: c.user.clone().unwrap_or_else(|| "default".into()),
+            password: c.password.clone().unwrap_or_default(),
+            table: ident(&c.table, "requests", "traces.clickhouse.table", errors),
+        }
+    });
+    TraceSettings {
+        clickhouse,
+        retention_days: positive(raw.retention_days.map(u64::from), 30, "traces.retention_days", errors)
+            .try_into()
+            .unwrap_or(u32::MAX),
+        max_records: raw.max_records.unwrap_or(1_000_000),
+        queue_capacity: positive(
+            raw.queue_capacity.map(|v| v as u64),
+            65_536,
+            "traces.queue_capacity",
+            errors,
+        ) as usize,
+        batch_size: positive(raw.batch_size.map(|v| v as u64), 10_000, "traces.batch_size", errors) as usize,
+        flush_interval: Duration::from_millis(positive(
+            raw.flush_interval_ms,
+            1_000,
+            "traces.flush_interval_ms",
+            errors,
+        )),
+        max_body_bytes: if raw.bodies.unwrap_or(false) { raw.max_body_bytes.unwrap_or(32_768) } else { 0 },
     }
 }
 
@@ -382,7 +468,7 @@ pub fn validate(
     base_dir: &Path,
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut errors = Vec::new();
-    let settings = settings(&raw.server, base_dir, &mut errors);
+    let settings = settings(&raw.server, &raw.traces, base_dir, &mut errors);
     let limits = &raw.rate_limits;
     let default_rpm = limits.requests_per_minute.unwrap_or(DEFAULT_REQUESTS_PER_MINUTE);
     let default_tpm = limits.tokens_per_minute.unwrap_or(0);

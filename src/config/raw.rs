@@ -21,6 +21,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "budgets",
     "prices",
     "rate_limits",
+    "traces",
 ];
 
 #[derive(Debug, Deserialize, Default)]
@@ -124,6 +125,42 @@ pub struct RawRateLimits {
     pub management_requests_per_minute: Option<u64>,
 }
 
+/// `traces:` — where decision traces go and how long they stay.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawTraces {
+    /// Write to ClickHouse; without it traces go to the embedded store (`traces.db`).
+    pub clickhouse: Option<RawClickHouse>,
+    /// Records older than this are dropped (default 30; ClickHouse drops whole days).
+    pub retention_days: Option<u32>,
+    /// Embedded store only: the most records kept (default 1,000,000; 0: no cap).
+    pub max_records: Option<u64>,
+    /// Records waiting for the writer; when full, new records are dropped and counted
+    /// (default 65,536).
+    pub queue_capacity: Option<usize>,
+    /// Records per insert (default 10,000).
+    pub batch_size: Option<usize>,
+    /// A partial batch is written after this long (default 1,000).
+    pub flush_interval_ms: Option<u64>,
+    /// Keep request and response bodies (default false).
+    pub bodies: Option<bool>,
+    /// Each body is cut to this many bytes (default 32,768).
+    pub max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClickHouse {
+    /// HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Default `modelux`; created if missing.
+    pub database: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Default `requests`.
+    pub table: Option<String>,
+}
+
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetScopeKind {
@@ -219,4 +256,5 @@ pub struct RawConfig {
     pub budgets: Vec<RawBudget>,
     pub prices: BTreeMap<String, RawPrice>,
     pub rate_limits: RawRateLimits,
+    pub traces: RawTraces,
 }

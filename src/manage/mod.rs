@@ -2,6 +2,8 @@
 //! liveness and readiness, and guards `/manage/v1/*` (and `/api/manage/v1/*`) with a
 //! management key.
 
+pub mod logs;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -18,6 +20,8 @@ pub struct ManageApp {
     pub store: Arc<ConfigStore>,
     pub metrics: Arc<Metrics>,
     pub spend: Arc<crate::spend::Spend>,
+    pub traces: Arc<crate::trace::writer::TraceQueue>,
+    pub trace_store: Arc<dyn crate::trace::TraceStore>,
 }
 
 fn json(status: u16, body: Vec<u8>) -> http::Response<Vec<u8>> {
@@ -41,6 +45,7 @@ impl ServeHttp for ManageApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
+        let query = req.uri.query().unwrap_or_default().to_string();
         let method = req.method.clone();
         let auth_header = req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
         // Management requests carry no bodies we use yet; drain so the connection stays reusable.
@@ -49,6 +54,7 @@ impl ServeHttp for ManageApp {
             ("GET", "/metrics") => {
                 let snapshot = self.store.load();
                 self.metrics.refresh_health(&snapshot.health, &snapshot.health_settings);
+                self.metrics.trace_queue_depth.set(self.traces.depth() as i64);
                 respond(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             ("GET", "/healthz") => json(200, br#"{"status":"ok"}"#.to_vec()),
@@ -99,14 +105,17 @@ impl ServeHttp for ManageApp {
                         resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
                         resp
                     }
-                    _ => json(
-                        404,
-                        openai_error_body(
-                            "not_found",
-                            &format!("no management resource at {p}"),
-                            "not_found",
+                    _ => match logs::answer(self.trace_store.as_ref(), method.as_str(), p, &query).await {
+                        Some(answer) => json(answer.status, answer.body),
+                        None => json(
+                            404,
+                            openai_error_body(
+                                "not_found",
+                                &format!("no management resource at {p}"),
+                                "not_found",
+                            ),
                         ),
-                    ),
+                    },
                 };
                 if let Some(v) = verdict {
                     let mut headers = Vec::new();

@@ -26,6 +26,8 @@ use crate::metrics::Metrics;
 use crate::providers::Resolution;
 use crate::routing::trace::DecisionTrace;
 use crate::routing::Member;
+use crate::trace::record::TraceEvent;
+use crate::trace::writer::TraceQueue;
 
 /// Shared by every request of one gateway instance.
 pub struct GatewayState {
@@ -33,6 +35,7 @@ pub struct GatewayState {
     pub metrics: Arc<Metrics>,
     pub connector: Connector,
     pub spend: Arc<crate::spend::Spend>,
+    pub traces: Arc<TraceQueue>,
 }
 
 pub struct Gateway {
@@ -42,8 +45,12 @@ pub struct Gateway {
 /// Per-request state, filled in as the request moves through the phases; `logging`
 /// turns it into metrics.
 pub struct RequestCtx {
+    /// UUIDv7: sorts by arrival, and carries its own timestamp.
     pub request_id: String,
     pub started: Instant,
+    /// Arrival, unix ms.
+    pub ts_ms: u64,
+    pub endpoint: String,
     pub surface: Surface,
     pub principal: Option<Arc<Principal>>,
     pub provider: Option<String>,
@@ -65,13 +72,38 @@ pub struct RequestCtx {
     pub served: bool,
     /// Rate limits, budget, reservation, usage and cost (see `billing`).
     pub bill: billing::Bill,
+    /// What the client said about the request, for its trace record.
+    pub meta: RequestMeta,
+    pub streamed: bool,
+    /// Captured only when `traces.bodies` is on; already cut to size.
+    pub request_body: Option<String>,
+    /// The first `body_cap` bytes sent to the client.
+    response_body: Vec<u8>,
+    /// `traces.max_body_bytes` of the snapshot this request runs on (0: no bodies).
+    pub body_cap: usize,
+    /// Where the trace record goes; taken by `logging` (or by `Drop`, for a request
+    /// cancelled before it finished).
+    traces: Option<Arc<TraceQueue>>,
+}
+
+#[derive(Default)]
+pub struct RequestMeta {
+    pub model_requested: Option<String>,
+    pub tags: Vec<(String, String)>,
+    pub end_user: Option<String>,
+    pub trace_id: Option<String>,
+    pub conversation_id: Option<String>,
 }
 
 impl RequestCtx {
-    fn new() -> RequestCtx {
+    fn new(traces: Arc<TraceQueue>) -> RequestCtx {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, now.as_secs(), now.subsec_nanos());
         RequestCtx {
-            request_id: uuid::Uuid::new_v4().hyphenated().to_string(),
+            request_id: uuid::Uuid::new_v7(ts).hyphenated().to_string(),
             started: Instant::now(),
+            ts_ms: now.as_millis() as u64,
+            endpoint: String::new(),
             surface: Surface::OpenAi,
             principal: None,
             provider: None,
@@ -87,7 +119,57 @@ impl RequestCtx {
             attempts: 0,
             served: false,
             bill: billing::Bill::new(),
+            meta: RequestMeta::default(),
+            streamed: false,
+            request_body: None,
+            response_body: Vec::new(),
+            body_cap: 0,
+            traces: Some(traces),
         }
+    }
+
+    /// Keeps the start of the response body for the trace, when bodies are kept.
+    pub fn capture_response(&mut self, bytes: &[u8]) {
+        let room = self.body_cap.saturating_sub(self.response_body.len());
+        if room > 0 {
+            self.response_body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        }
+    }
+
+    /// Moves what the trace record needs out of the context, once.
+    fn trace_event(&mut self) -> Option<(Arc<TraceQueue>, Box<TraceEvent>)> {
+        let queue = self.traces.take()?;
+        let meta = std::mem::take(&mut self.meta);
+        let event = TraceEvent {
+            request_id: std::mem::take(&mut self.request_id),
+            ts_ms: self.ts_ms,
+            latency: self.started.elapsed(),
+            ttfb: self.ttfb,
+            principal: self.principal.clone(),
+            surface: self.surface.as_str(),
+            endpoint: std::mem::take(&mut self.endpoint),
+            model_requested: meta.model_requested,
+            resolution: self.resolution.map(|r| r.as_str()),
+            provider: self.provider.take(),
+            model: self.model.take(),
+            status: self.status,
+            error_code: self.error_code,
+            trace: self.trace.take(),
+            usage: self.bill.usage,
+            cost: self.bill.cost,
+            tags: meta.tags,
+            end_user: meta.end_user,
+            trace_id: meta.trace_id,
+            conversation_id: meta.conversation_id,
+            streamed: self.streamed,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            request_body: self.request_body.take(),
+            response_body: (self.body_cap > 0)
+                .then(|| crate::trace::record::capped_body(&self.response_body, self.body_cap))
+                .flatten(),
+        };
+        Some((queue, Box::new(event)))
     }
 
     /// Records which member answered (for metrics, logs and the trace's winner).
@@ -99,12 +181,25 @@ impl RequestCtx {
     }
 }
 
+impl Drop for RequestCtx {
+    /// A request cancelled mid-way (the client went away, or shutdown) never reaches
+    /// `logging`: its record still goes out, marked as such.
+    fn drop(&mut self) {
+        if self.traces.is_some() {
+            self.error_code.get_or_insert("cancelled");
+            if let Some((queue, event)) = self.trace_event() {
+                queue.submit(event);
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx::new(self.state.traces.clone())
     }
 
     async fn early_request_filter(&self, _session: &mut Session, ctx: &mut RequestCtx) -> PResult<()> {
@@ -130,5 +225,8 @@ impl ProxyHttp for Gateway {
         billing::settle(&self.state, ctx);
         billing::record_metrics(&self.state, ctx);
         respond::record_metrics(&self.state.metrics, ctx);
+        if let Some((queue, event)) = ctx.trace_event() {
+            queue.submit(event);
+        }
     }
 }

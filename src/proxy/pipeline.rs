@@ -91,6 +91,9 @@ pub async fn handle(state: &GatewayState, session: &mut Session, ctx: &mut Reque
     }
 }
 
+/// Unknown paths are logged cut to this many characters.
+const MAX_LOGGED_PATH: usize = 256;
+
 async fn serve(
     state: &GatewayState,
     snapshot: &Snapshot,
@@ -99,6 +102,8 @@ async fn serve(
 ) -> Result<(), GatewayError> {
     let req = session.req_header();
     let path = req.uri.path();
+    ctx.endpoint = path.chars().take(MAX_LOGGED_PATH).collect();
+    ctx.body_cap = snapshot.settings.traces.max_body_bytes;
     if path.starts_with("/anthropic/") {
         ctx.surface = Surface::Anthropic;
     }
@@ -242,10 +247,11 @@ struct Context {
     tags: Vec<(String, String)>,
     end_user: Option<String>,
     trace_id: Option<String>,
+    conversation_id: Option<String>,
     dry_run: bool,
 }
 
-fn request_context(session: &Session, request: &ChatRequest<'_>) -> Context {
+fn request_context(session: &Session, ctx: &mut RequestCtx, request: &ChatRequest<'_>) -> Context {
     let h = &session.req_header().headers;
     let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
     let mut tags = request.tags.clone();
@@ -258,12 +264,29 @@ fn request_context(session: &Session, request: &ChatRequest<'_>) -> Context {
             }
         }
     }
-    Context {
+    // `metadata.*` is the fallback for all three (PRODUCT.md §3.4); parsed only when present.
+    let metadata = request.metadata();
+    let from_metadata = |key: &str| metadata.as_ref().and_then(|m| m.get(key)).cloned();
+    let rc = Context {
         tags,
-        end_user: get("x-modelux-user-id").map(str::to_string).or_else(|| request.end_user.clone()),
-        trace_id: get("x-modelux-trace-id").map(str::to_string),
+        end_user: get("x-modelux-user-id")
+            .map(str::to_string)
+            .or_else(|| request.end_user.clone())
+            .or_else(|| from_metadata("user_id")),
+        trace_id: get("x-modelux-trace-id").map(str::to_string).or_else(|| from_metadata("trace_id")),
+        conversation_id: get("x-modelux-conversation-id")
+            .map(str::to_string)
+            .or_else(|| from_metadata("conversation_id")),
         dry_run: get("x-modelux-dry-run").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
-    }
+    };
+    ctx.meta = super::RequestMeta {
+        model_requested: Some(request.model.clone()),
+        tags: rc.tags.clone(),
+        end_user: rc.end_user.clone(),
+        trace_id: rc.trace_id.clone(),
+        conversation_id: rc.conversation_id.clone(),
+    };
+    rc
 }
 
 /// Resolves the model: `@slug` runs the config's strategy; anything else names one model.
@@ -333,6 +356,9 @@ async fn read_json_body(
     check_content_type(session)?;
     let body = super::body::read_body(session, settings.max_body_bytes, settings.client_body_timeout).await?;
     ctx.bytes_in = body.len() as u64;
+    if ctx.body_cap > 0 {
+        ctx.request_body = crate::trace::record::capped_body(&body, ctx.body_cap);
+    }
     Ok(body)
 }
 
@@ -365,7 +391,7 @@ async fn chat(
     let settings = &snapshot.settings;
     let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse(&body)?;
-    let rc = request_context(session, &request);
+    let rc = request_context(session, ctx, &request);
     let mut facts = facts(&request, &rc, &body);
     let dry_run = dry_run_endpoint || rc.dry_run;
     ctx.bill.est_input_tokens = reserved_input_tokens(&body);
@@ -529,7 +555,7 @@ async fn embeddings(
     let settings = &snapshot.settings;
     let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse_routed(&body, Payload::Input)?;
-    let rc = request_context(session, &request);
+    let rc = request_context(session, ctx, &request);
     let mut facts = facts(&request, &rc, &body);
     ctx.bill.est_input_tokens = reserved_input_tokens(&body);
     if !rc.dry_run {
@@ -728,7 +754,7 @@ async fn count_tokens(
     let settings = &snapshot.settings;
     let body = read_json_body(session, ctx, settings).await?;
     let request = ChatRequest::parse(&body)?;
-    let rc = request_context(session, &request);
+    let rc = request_context(session, ctx, &request);
     let facts = facts(&request, &rc, &body);
     let routed = route(snapshot, principal, ctx, &request.model, &facts, !rc.dry_run, false)?;
     if rc.dry_run {
@@ -929,6 +955,7 @@ pub(super) async fn stream(
     mut codec: StreamCodec,
 ) {
     headers.push((http::header::TRANSFER_ENCODING, "chunked".into()));
+    ctx.streamed = true;
     let resp = match respond::header(200, headers, ctx) {
         Ok(h) => h,
         Err(e) => {
@@ -969,6 +996,7 @@ pub(super) async fn stream(
                     Bytes::copy_from_slice(&out)
                 };
                 let len = piece.len() as u64;
+                ctx.capture_response(&piece);
                 if session.write_response_body(Some(piece), false).await.is_err() {
                     ctx.error_code = Some("client_disconnected");
                     ctx.upstream_time += ex.started.elapsed();
@@ -1002,6 +1030,7 @@ pub(super) async fn stream(
                 }
                 if !out.is_empty() {
                     ctx.bytes_out += out.len() as u64;
+                    ctx.capture_response(&out);
                     let _ = session.write_response_body(Some(Bytes::copy_from_slice(&out)), false).await;
                 }
                 break finished
@@ -1032,6 +1061,7 @@ pub(super) async fn stream(
             }
         };
         ctx.bytes_out += event.len() as u64;
+        ctx.capture_response(&event);
         let _ = session.write_response_body(Some(Bytes::from(event)), true).await;
         return;
     }

@@ -50,6 +50,54 @@ pub fn iso8601(unix_s: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
+/// `2026-05-01T00:00:00.123Z`.
+pub fn iso8601_ms(unix_ms: i64) -> String {
+    let s = iso8601(unix_ms.div_euclid(1000));
+    format!("{}.{:03}Z", &s[..s.len() - 1], unix_ms.rem_euclid(1000))
+}
+
+/// Unix ms of an RFC 3339 time (`2026-05-01T10:00:00Z`, `...T10:00:00.5+02:00`, or a
+/// bare date `2026-05-01`, read as midnight UTC).
+pub fn parse_iso8601(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let num = |s: &str| -> Option<i64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+    };
+    let (date, time) = match text.find(['T', 't', ' ']) {
+        Some(i) => (&text[..i], Some(&text[i + 1..])),
+        None => (text, None),
+    };
+    let mut parts = date.split('-');
+    let (y, m, d) = (num(parts.next()?)?, num(parts.next()?)?, num(parts.next()?)?);
+    if parts.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let day_ms = days_from_civil(y, m as u32, d as u32) * DAY * 1000;
+    let Some(time) = time else { return Some(day_ms) };
+    let (clock, offset_ms) = if let Some(c) = time.strip_suffix(['Z', 'z']) {
+        (c, 0)
+    } else {
+        let i = time.rfind(['+', '-'])?;
+        let (c, off) = (&time[..i], &time[i..]);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':')?;
+        (c, sign * (num(oh)? * 3600 + num(om)? * 60) * 1000)
+    };
+    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut hms = hms.split(':');
+    let (h, mi, s) = (num(hms.next()?)?, num(hms.next()?)?, num(hms.next()?)?);
+    if hms.next().is_some() || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let ms = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(3).collect();
+        num(&digits)?
+    };
+    Some(day_ms + (h * 3600 + mi * 60 + s) * 1000 + ms - offset_ms)
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
 fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -109,6 +157,19 @@ mod tests {
         assert_eq!(Period::Daily.window(at(2026, 4, 18, 0, 0)).0, at(2026, 4, 18, 0, 0));
         assert_eq!(Period::Weekly.window(at(2026, 4, 20, 0, 0)).0, at(2026, 4, 20, 0, 0));
         assert_eq!(Period::Weekly.window(at(2026, 4, 19, 23, 59)).0, at(2026, 4, 13, 0, 0));
+    }
+
+    #[test]
+    fn parses_rfc3339() {
+        assert_eq!(parse_iso8601("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_iso8601("2026-05-01"), Some(at(2026, 5, 1, 0, 0) * 1000));
+        assert_eq!(parse_iso8601("2026-05-01T10:30:00.25Z"), Some(at(2026, 5, 1, 10, 30) * 1000 + 250));
+        assert_eq!(parse_iso8601("2026-05-01T12:30:00+02:00"), Some(at(2026, 5, 1, 10, 30) * 1000));
+        assert_eq!(parse_iso8601("2026-05-01T10:30:00-01:30"), Some(at(2026, 5, 1, 12, 0) * 1000));
+        assert_eq!(iso8601_ms(at(2026, 5, 1, 10, 30) * 1000 + 7), "2026-05-01T10:30:00.007Z");
+        for bad in ["", "yesterday", "2026-13-01", "2026-05-01T25:00:00Z", "2026-05-01T10:00", "1h"] {
+            assert_eq!(parse_iso8601(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod clickhouse;
 pub mod embedded;
 pub mod query;
 pub mod record;
+pub mod render;
 pub mod spill;
 pub mod writer;
 

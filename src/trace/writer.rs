@@ -1,1 +1,412 @@
-//! placeholder
+//! Off the request path: the bounded queue the `logging` phase pushes to, and the writer
+//! that drains it into the store in batches.
+//!
+//! * The queue is a fixed-size lock-free array (`crossbeam` `ArrayQueue`): a push is one
+//!   compare-and-swap, never waits and never wakes a thread; when full, the record is
+//!   dropped and counted (`modelux_trace_records_total{result="dropped"}`). The writer
+//!   polls it every few milliseconds instead of being woken per record.
+//! * A batch is written when it reaches `batch_size` records or its oldest record has
+//!   waited `flush_interval`.
+//! * A failed insert that may succeed later (`StoreError::Transient`) sends the batch to
+//!   the disk queue (`spill`); while the disk queue holds anything, new batches join it
+//!   behind the old ones, and it is replayed front first, with exponential backoff between
+//!   failed attempts. Rows the store refuses (`StoreError::Data`) are bisected down to the
+//!   offending records, which go to the dead-letter file; the rest are written.
+//! * While an insert is in flight the queue keeps being drained, so a slow store does not
+//!   make the request path drop records; what piles up beyond a few batches is spilled.
+//! * Shutdown: `finish` drains the queue and writes (or spills) everything; what is spilled
+//!   is replayed by the next start.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::spill::{self, Spill};
+use super::{StoreError, TraceEvent, TraceRow, TraceStore};
+use crate::metrics::Metrics;
+
+/// How often the writer looks at the queue.
+const TICK: Duration = Duration::from_millis(10);
+/// Backoff between replay attempts while the store is down.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// An insert that takes longer is abandoned (and its batch spilled): the store may have
+/// written it, which the store's idempotent inserts make harmless.
+const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often old records are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// The request path's end of the trace pipeline.
+pub struct TraceQueue {
+    queue: ArrayQueue<Box<TraceEvent>>,
+    metrics: Arc<Metrics>,
+}
+
+impl TraceQueue {
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> TraceQueue {
+        TraceQueue { queue: ArrayQueue::new(capacity.max(1)), metrics }
+    }
+
+    /// Hands a record to the writer; never blocks. A full queue drops it (counted).
+    pub fn submit(&self, event: Box<TraceEvent>) {
+        if self.queue.push(event).is_err() {
+            self.metrics.trace_records.with_label_values(&["dropped"]).inc();
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The writer's end.
+    pub fn pop(&self) -> Option<Box<TraceEvent>> {
+        self.queue.pop()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    /// Records older than this are pruned from the store.
+    pub retention: Duration,
+    pub spill_dir: PathBuf,
+    pub dead_letter: PathBuf,
+}
+
+pub struct TraceWriter {
+    queue: Arc<TraceQueue>,
+    store: Arc<dyn TraceStore>,
+    metrics: Arc<Metrics>,
+    settings: WriterSettings,
+    state: tokio::sync::Mutex<State>,
+}
+
+struct State {
+    pending: Vec<TraceRow>,
+    /// A copy of the batch being inserted: the server's runtime may cancel the writer at
+    /// any await when it shuts down, and `finish` then writes this batch again.
+    inflight: Vec<TraceRow>,
+    /// When the oldest pending record arrived.
+    pending_since: Option<Instant>,
+    /// Sequence number of the last batch formed.
+    seq: u64,
+    spill: Spill,
+    prepared: bool,
+    backoff: Duration,
+    retry_at: Instant,
+    last_prune: Option<Instant>,
+}
+
+/// The store is unavailable: why, and the rows it did not take (in order).
+struct Unavailable(String, Vec<TraceRow>);
+
+impl TraceWriter {
+    pub fn new(
+        queue: Arc<TraceQueue>,
+        store: Arc<dyn TraceStore>,
+        metrics: Arc<Metrics>,
+        settings: WriterSettings,
+    ) -> std::io::Result<TraceWriter> {
+        let spill = Spill::open(&settings.spill_dir)?;
+        metrics.trace_spill_depth.set(spill.rows() as i64);
+        let state = State {
+            pending: Vec::new(),
+            inflight: Vec::new(),
+            pending_since: None,
+            seq: spill.last_seq(),
+            spill,
+            prepared: false,
+            backoff: MIN_BACKOFF,
+            retry_at: Instant::now(),
+            last_prune: None,
+        };
+        Ok(TraceWriter { queue, store, metrics, settings, state: tokio::sync::Mutex::new(state) })
+    }
+
+    pub fn store(&self) -> &Arc<dyn TraceStore> {
+        &self.store
+    }
+
+    /// One round: drain the queue, write due batches, replay the disk queue when its
+    /// backoff has passed, prune now and then.
+    async fn step(&self, st: &mut State) {
+        self.take_queue(st);
+        while st.pending.len() >= self.settings.batch_size {
+            let batch: Vec<TraceRow> = st.pending.drain(..self.settings.batch_size).collect();
+            self.write(st, batch).await;
+        }
+        if st.pending_since.is_some_and(|t| t.elapsed() >= self.settings.flush_interval) {
+            let batch = std::mem::take(&mut st.pending);
+            st.pending_since = None;
+            self.write(st, batch).await;
+        }
+        if !st.spill.is_empty() && Instant::now() >= st.retry_at {
+            self.replay(st).await;
+        }
+        if st.spill.is_empty() && st.last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            st.last_prune = Some(Instant::now());
+            if !st.prepared {
+                st.prepared = self.store.prepare().await.is_ok();
+            }
+            if st.prepared {
+                self.prune().await;
+            }
+        }
+        self.metrics.trace_queue_depth.set(self.queue.depth() as i64);
+    }
+
+    fn take_queue(&self, st: &mut State) {
+        take_into(&self.queue, &mut st.pending, &mut st.pending_since);
+    }
+
+    /// Writes one batch, or queues it on disk behind earlier spilled batches.
+    async fn write(&self, st: &mut State, batch: Vec<TraceRow>) {
+        if batch.is_empty() {
+            return;
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        if !st.spill.is_empty() {
+            self.spill(st, seq, &batch);
+            return;
+        }
+        st.inflight.clone_from(&batch);
+        if let Err(Unavailable(e, rows)) = self.insert(st, batch).await {
+            tracing::warn!(error = %e, records = rows.len(), "trace store unavailable; spilling to disk");
+            self.spill(st, seq, &rows);
+            self.back_off(st);
+        }
+        st.inflight.clear();
+    }
+
+    fn spill(&self, st: &mut State, seq: u64, batch: &[TraceRow]) {
+        match st.spill.push(seq, batch) {
+            Ok(()) => {
+                self.metrics.trace_records.with_label_values(&["spilled"]).inc_by(batch.len() as u64);
+                self.metrics.trace_spill_depth.set(st.spill.rows() as i64);
+            }
+            Err(e) => {
+                // The disk is full or gone too: nothing left to keep the records in.
+                tracing::error!(error = %e, records = batch.len(), "cannot spill trace records; dropping them");
+                self.metrics.trace_records.with_label_values(&["dropped"]).inc_by(batch.len() as u64);
+            }
+        }
+    }
+
+    fn back_off(&self, st: &mut State) {
+        st.retry_at = Instant::now() + st.backoff;
+        st.backoff = (st.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Inserts `rows`, bisecting around records the store refuses. Keeps draining the
+    /// queue while waiting on the store.
+    async fn insert(&self, st: &mut State, rows: Vec<TraceRow>) -> Result<(), Unavailable> {
+        if !st.prepared {
+            let prepared = {
+                let fut = self.store.prepare();
+                self.while_draining(st, fut).await
+            };
+            match prepared {
+                Ok(()) => st.prepared = true,
+                Err(e) => return Err(Unavailable(e.to_string(), rows)),
+            }
+        }
+        let mut stack = vec![rows];
+        while let Some(rows) = stack.pop() {
+            let started = Instant::now();
+            let result = {
+                let fut = self.store.insert(&rows);
+                self.while_draining(st, fut).await
+            };
+            let outcome = match &result {
+                Ok(()) => "ok",
+                Err(StoreError::Transient(_)) => "unavailable",
+                Err(StoreError::Data(_)) => "refused",
+            };
+            self.metrics
+                .trace_flush
+                .with_label_values(&[self.store.kind(), outcome])
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => {
+                    self.metrics.trace_records.with_label_values(&["written"]).inc_by(rows.len() as u64);
+                }
+                Err(StoreError::Transient(e)) => {
+                    // Hand back what is left, in order (the stack's top is the front).
+                    stack.push(rows);
+                    return Err(Unavailable(e, stack.into_iter().rev().flatten().collect()));
+                }
+                Err(StoreError::Data(e)) if rows.len() == 1 => {
+                    tracing::error!(error = %e, request_id = %rows[0].request_id, "trace record refused by the store; written to the dead-letter file");
+                    self.dead_letter(&e, &rows, &[]);
+                }
+                Err(StoreError::Data(_)) => {
+                    let mut rows = rows;
+                    let second = rows.split_off(rows.len() / 2);
+                    stack.push(second);
+                    stack.push(rows);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, reason: &str, rows: &[TraceRow], bad_lines: &[String]) {
+        let n = (rows.len() + bad_lines.len()) as u64;
+        match spill::dead_letter(&self.settings.dead_letter, reason, rows, bad_lines) {
+            Ok(()) => self.metrics.trace_records.with_label_values(&["dead_letter"]).inc_by(n),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the trace dead-letter file; dropping records");
+                self.metrics.trace_records.with_label_values(&["dropped"]).inc_by(n);
+            }
+        }
+    }
+
+    /// Awaits a store call while still draining the queue; records piling up behind a slow
+    /// store beyond a few batches go to the disk queue, numbered after the in-flight batch.
+    async fn while_draining<T>(
+        &self,
+        st: &mut State,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let fut = tokio::time::timeout(INSERT_TIMEOUT, fut);
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = &mut fut => {
+                    return r.unwrap_or_else(|_| Err(StoreError::Transient(format!("no answer within {}s", INSERT_TIMEOUT.as_secs()))));
+                }
+                _ = tick.tick() => {
+                    self.take_queue(st);
+                    let limit = self.settings.batch_size.saturating_mul(4);
+                    if st.pending.len() >= limit {
+                        let batch = std::mem::take(&mut st.pending);
+                        st.pending_since = None;
+                        st.seq += 1;
+                        let seq = st.seq;
+                        self.spill(st, seq, &batch);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replays the disk queue front first until it is empty or the store fails again.
+    async fn replay(&self, st: &mut State) {
+        loop {
+            let front = match st.spill.front(self.settings.batch_size) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the trace disk queue");
+                    self.back_off(st);
+                    return;
+                }
+            };
+            if front.seqs.is_empty() {
+                break;
+            }
+            if !front.bad_lines.is_empty() {
+                self.dead_letter("unreadable line in the disk queue", &[], &front.bad_lines);
+            }
+            let n = front.rows.len() as u64;
+            match self.insert(st, front.rows).await {
+                Ok(()) => {
+                    self.metrics.trace_records.with_label_values(&["retried"]).inc_by(n);
+                    if let Err(e) = st.spill.remove(&front.seqs) {
+                        tracing::error!(error = %e, "cannot remove replayed trace files; they will be replayed again");
+                    }
+                    self.metrics.trace_spill_depth.set(st.spill.rows() as i64);
+                    st.backoff = MIN_BACKOFF;
+                }
+                Err(Unavailable(e, _)) => {
+                    tracing::debug!(error = %e, "trace store still unavailable");
+                    self.back_off(st);
+                    return;
+                }
+            }
+            // Spilled batches formed during the replay go to the back of the queue; keep
+            // the in-memory queue moving between files.
+            self.take_queue(st);
+        }
+        tracing::info!("trace store is back; disk queue replayed");
+    }
+
+    async fn prune(&self) {
+        let now = u64::try_from(crate::spend::unix_now()).unwrap_or(0);
+        let before = now.saturating_sub(self.settings.retention.as_secs()) * 1000;
+        if let Err(e) = self.store.prune(before).await {
+            tracing::warn!(error = %e, "pruning old trace records failed");
+        }
+    }
+
+    /// Drains the queue and writes everything; what the store does not take is spilled.
+    /// Used at shutdown (the queue may still receive records of requests cancelled by it).
+    pub async fn finish(&self) {
+        let mut st = self.state.lock().await;
+        if !st.inflight.is_empty() {
+            // Interrupted mid-insert: write it again (inserts are idempotent).
+            let mut batch = std::mem::take(&mut st.inflight);
+            batch.append(&mut st.pending);
+            st.pending = batch;
+        }
+        self.take_queue(&mut st);
+        while !st.pending.is_empty() {
+            let n = st.pending.len().min(self.settings.batch_size);
+            let batch: Vec<TraceRow> = st.pending.drain(..n).collect();
+            self.write(&mut st, batch).await;
+            self.take_queue(&mut st);
+        }
+        st.pending_since = None;
+        if !st.spill.is_empty() && Instant::now() >= st.retry_at {
+            self.replay(&mut st).await;
+        }
+        self.metrics.trace_queue_depth.set(self.queue.depth() as i64);
+    }
+
+    /// Runs `finish` on its own runtime (the server's runtimes are gone at that point).
+    pub fn finish_blocking(&self) {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(self.finish()),
+            Err(e) => tracing::error!(error = %e, "cannot start a runtime to write the last trace records"),
+        }
+    }
+
+    /// Records on disk waiting for the store.
+    pub async fn spilled(&self) -> u64 {
+        self.state.lock().await.spill.rows()
+    }
+}
+
+fn take_into(queue: &TraceQueue, pending: &mut Vec<TraceRow>, since: &mut Option<Instant>) {
+    while let Some(event) = queue.pop() {
+        if since.is_none() {
+            *since = Some(Instant::now());
+        }
+        pending.push(event.into_row());
+    }
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for TraceWriter {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut st = self.state.lock().await;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            self.step(&mut st).await;
+        }
+        drop(st);
+        self.finish().await;
+    }
+}

@@ -69,6 +69,22 @@ pub enum Payload {
 }
 
 impl<'a> ChatRequest<'a> {
+    /// The string members of a `metadata` object (trace and conversation ids, user id),
+    /// when the body has one.
+    pub fn metadata(&self) -> Option<std::collections::HashMap<String, String>> {
+        let (_, raw) = self.fields.iter().rev().find(|(k, _)| k == "metadata")?;
+        let map: std::collections::HashMap<String, serde_json::Value> =
+            serde_json::from_str(raw.get()).ok()?;
+        Some(
+            map.into_iter()
+                .filter_map(|(k, v)| match v {
+                    serde_json::Value::String(s) if !s.is_empty() => Some((k, s)),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
     pub fn parse(body: &'a [u8]) -> Result<ChatRequest<'a>, GatewayError> {
         Self::parse_routed(body, Payload::Messages)
     }
