@@ -1,6 +1,5 @@
 //! Trace writer throughput: records pushed onto the queue as the logging phase does, drained,
-//! batched and written by the real writer into a local ClickHouse (and into the embedded
-//! store), timed until the last record is acknowledged. The baseline, measured in the same
+//! batched and written by the real writer into a local ClickHouse, timed until the last record is acknowledged. The baseline, measured in the same
 //! run, is the store's own insert of the same rows in the same batch size.
 //!
 //! Run: `cargo bench --bench trace_writer` (starts its own `clickhouse-server` on loopback;
@@ -14,7 +13,6 @@ use std::time::{Duration, Instant};
 use modelux::metrics::Metrics;
 use modelux::routing::trace::{DecisionTrace, HealthRecord};
 use modelux::trace::clickhouse::{ClickHouseSettings, ClickHouseStore};
-use modelux::trace::embedded::EmbeddedStore;
 use modelux::trace::writer::{TraceQueue, TraceWriter, WriterSettings};
 use modelux::trace::{TraceEvent, TraceStore};
 use pingora::services::background::BackgroundService;
@@ -90,7 +88,8 @@ fn start_clickhouse() -> Server {
              <http_port>{port}</http_port><tcp_port>{tcp}</tcp_port><listen_host>127.0.0.1</listen_host>\
              <path>{p}/data/</path><tmp_path>{p}/tmp/</tmp_path><user_files_path>{p}/uf/</user_files_path>\
              <format_schema_path>{p}/fs/</format_schema_path><users_config>users.xml</users_config>\
-             <default_profile>default</default_profile><default_database>default</default_database></yandex>"
+             <default_profile>default</default_profile><default_database>default</default_database>\
+             <mark_cache_size>536870912</mark_cache_size></yandex>"
         ),
     )
     .unwrap();
@@ -211,16 +210,6 @@ fn main() {
     let alone_rate = store_alone(&rt, &ch_alone);
     println!(
         "clickhouse: writer {writer_rate:.0} records/s, store insert alone {alone_rate:.0} records/s ({:.0}% of the store's own rate); {RECORDS} records, batches of {BATCH}",
-        writer_rate / alone_rate * 100.0
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let emb_writer: Arc<dyn TraceStore> = Arc::new(EmbeddedStore::open(&dir.path().join("w.db"), 0).unwrap());
-    let emb_alone = EmbeddedStore::open(&dir.path().join("a.db"), 0).unwrap();
-    rt.block_on(emb_alone.prepare()).unwrap();
-    let writer_rate = through_writer(&rt, emb_writer);
-    let alone_rate = store_alone(&rt, &emb_alone);
-    println!(
-        "embedded:   writer {writer_rate:.0} records/s, store insert alone {alone_rate:.0} records/s ({:.0}% of the store's own rate)",
         writer_rate / alone_rate * 100.0
     );
 }
