@@ -162,7 +162,7 @@ fn when(text: &str, now_ms: u64) -> Option<u64> {
 }
 
 fn logs(args: LogsArgs) -> ExitCode {
-    use modelux::trace::{LogQuery, StatusFilter};
+    use modelux::trace::LogQuery;
     let snapshot = match load_config(args.config.as_ref()) {
         Ok(s) => s,
         Err(code) => return code,
@@ -209,16 +209,13 @@ fn logs(args: LogsArgs) -> ExitCode {
             query.tags.push((k.to_string(), v.to_string()));
         }
         if let Some(status) = &args.status {
-            query.status = match status.to_ascii_lowercase().strip_suffix("xx").map(str::parse::<u16>) {
-                Some(Ok(c @ 1..=5)) => Some(StatusFilter::Class(c)),
-                _ => match status.parse::<u16>() {
-                    Ok(s) => Some(StatusFilter::Exact(s)),
-                    Err(_) => {
-                        eprintln!("--status: expected 2xx, 4xx, 5xx or a status code, got \"{status}\"");
-                        return ExitCode::FAILURE;
-                    }
-                },
-            };
+            match modelux::manage::logs::status_param(status) {
+                Ok(filter) => query.status = Some(filter),
+                Err(e) => {
+                    eprintln!("--{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
         }
         query.model = args.model.clone();
         query.provider = args.provider.clone();

@@ -257,7 +257,8 @@ fn tag_params(name: &str, v: &str, tags: &mut Vec<(String, String)>) -> Result<(
     Ok(())
 }
 
-fn status_param(v: &str) -> Result<StatusFilter, String> {
+/// `2xx`..`5xx` or one status code.
+pub fn status_param(v: &str) -> Result<StatusFilter, String> {
     let lower = v.to_ascii_lowercase();
     if let Some(class) = lower.strip_suffix("xx") {
         if let Ok(c @ 1..=5) = class.parse::<u16>() {
