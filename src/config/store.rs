@@ -131,9 +131,13 @@ pub struct ConfigWatcher {
     pub handle_sighup: bool,
 }
 
-fn file_stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+/// What identifies one version of a file without reading it. The inode is part of it because
+/// an atomic rename swaps the inode, and two writes inside one coarse mtime tick (a few ms on
+/// Linux) with the same length would otherwise look identical.
+fn file_stamp(path: &PathBuf) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }
 
 impl ConfigWatcher {
@@ -175,17 +179,42 @@ impl BackgroundService for ConfigWatcher {
                 _ = shutdown.changed() => return,
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: reloading config");
-                    self.reload_and_log(true).await;
+                    // Stamp before reading: a write landing during the reload then differs
+                    // from the stamp and is picked up on the next tick instead of being lost.
                     stamp = stamps(&self.store);
+                    self.reload_and_log(true).await;
                 }
                 _ = tick.tick(), if self.poll_file => {
                     let now = stamps(&self.store);
                     if now[0].is_some() && now != stamp {
+                        // The new snapshot may watch other files; the next tick sees a changed
+                        // stamp list and re-reads, which the content hash turns into a no-op.
+                        stamp = now;
                         self.reload_and_log(false).await;
-                        stamp = stamps(&self.store);
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_stamp;
+
+    #[test]
+    fn an_atomic_rename_changes_the_stamp_even_with_the_same_length_and_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("modelux.yaml");
+        std::fs::write(&path, "models: a\n").unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let before = file_stamp(&path).unwrap();
+        let tmp = dir.path().join("modelux.tmp");
+        std::fs::write(&tmp, "models: b\n").unwrap();
+        std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(mtime).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let after = file_stamp(&path).unwrap();
+        assert_eq!((before.0, before.1), (after.0, after.1), "same length and mtime by construction");
+        assert_ne!(before, after);
     }
 }
