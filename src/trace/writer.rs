@@ -410,3 +410,239 @@ impl BackgroundService for TraceWriter {
         self.finish().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The writer against the real embedded store, with faults injected in front of it:
+    //! an outage, a hanging insert, and rows the store refuses.
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::routing::trace::CostRecord;
+    use crate::trace::embedded::EmbeddedStore;
+    use crate::trace::{LogPage, LogQuery, Report, ReportQuery};
+
+    /// The embedded store behind a switchboard of faults. `accepted` lists, in order, the
+    /// ids of every row the real store took.
+    struct Faulty {
+        store: EmbeddedStore,
+        down: AtomicBool,
+        hang: AtomicBool,
+        hanging: tokio::sync::Notify,
+        refuse: HashSet<String>,
+        accepted: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl TraceStore for Faulty {
+        fn kind(&self) -> &'static str {
+            "embedded"
+        }
+        async fn prepare(&self) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Transient("down".into()));
+            }
+            self.store.prepare().await
+        }
+        async fn insert(&self, rows: &[TraceRow]) -> Result<(), StoreError> {
+            if self.hang.load(Ordering::SeqCst) {
+                self.hanging.notify_one();
+                std::future::pending::<()>().await;
+            }
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Transient("connection refused".into()));
+            }
+            if let Some(bad) = rows.iter().find(|r| self.refuse.contains(&r.request_id)) {
+                return Err(StoreError::Data(format!("cannot parse {}", bad.request_id)));
+            }
+            self.store.insert(rows).await?;
+            self.accepted.lock().unwrap().extend(rows.iter().map(|r| r.request_id.clone()));
+            Ok(())
+        }
+        async fn list(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
+            self.store.list(query).await
+        }
+        async fn get(&self, request_id: &str) -> Result<Option<TraceRow>, StoreError> {
+            self.store.get(request_id).await
+        }
+        async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
+            self.store.report(query).await
+        }
+        async fn prune(&self, before_ms: u64) -> Result<u64, StoreError> {
+            self.store.prune(before_ms).await
+        }
+    }
+
+    struct Rig {
+        dir: tempfile::TempDir,
+        queue: Arc<TraceQueue>,
+        store: Arc<Faulty>,
+        metrics: Arc<Metrics>,
+    }
+
+    fn rig(refuse: &[&str]) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let store = Arc::new(Faulty {
+            store: EmbeddedStore::open(&dir.path().join("traces.db"), 0).unwrap(),
+            down: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
+            hanging: tokio::sync::Notify::new(),
+            refuse: refuse.iter().map(|s| s.to_string()).collect(),
+            accepted: Mutex::new(Vec::new()),
+        });
+        Rig { queue: Arc::new(TraceQueue::new(1024, metrics.clone())), store, metrics, dir }
+    }
+
+    impl Rig {
+        fn writer(&self, batch_size: usize) -> TraceWriter {
+            let settings = WriterSettings {
+                batch_size,
+                flush_interval: Duration::from_secs(3600),
+                retention: Duration::from_secs(30 * 86_400),
+                spill_dir: self.dir.path().join("trace-spill"),
+                dead_letter: self.dir.path().join("trace-dead-letter.jsonl"),
+            };
+            TraceWriter::new(self.queue.clone(), self.store.clone(), self.metrics.clone(), settings).unwrap()
+        }
+
+        fn submit(&self, ids: impl IntoIterator<Item = usize>) {
+            let now = crate::spend::unix_now() as u64 * 1000;
+            for i in ids {
+                self.queue.submit(Box::new(event(&format!("r{i:03}"), now + i as u64)));
+            }
+        }
+
+        fn count(&self, result: &str) -> u64 {
+            self.metrics.trace_records.with_label_values(&[result]).get()
+        }
+
+        fn accepted(&self) -> Vec<String> {
+            self.store.accepted.lock().unwrap().clone()
+        }
+
+        fn dead_letters(&self) -> Vec<serde_json::Value> {
+            let text =
+                std::fs::read_to_string(self.dir.path().join("trace-dead-letter.jsonl")).unwrap_or_default();
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        }
+    }
+
+    fn event(id: &str, ts_ms: u64) -> TraceEvent {
+        TraceEvent {
+            request_id: id.to_string(),
+            ts_ms,
+            latency: Duration::from_millis(12),
+            ttfb: Some(Duration::from_millis(5)),
+            principal: None,
+            surface: "openai",
+            endpoint: "/v1/chat/completions".into(),
+            model_requested: Some("gpt-4o-mini".into()),
+            resolution: Some("direct"),
+            provider: Some("openai".into()),
+            model: Some("gpt-4o-mini".into()),
+            status: 200,
+            error_code: None,
+            trace: None,
+            usage: None,
+            cost: CostRecord::default(),
+            tags: vec![("team".into(), "search".into())],
+            end_user: None,
+            trace_id: None,
+            conversation_id: None,
+            streamed: false,
+            bytes_in: 100,
+            bytes_out: 200,
+            request_body: None,
+            response_body: None,
+        }
+    }
+
+    fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("r{i:03}")).collect()
+    }
+
+    #[tokio::test]
+    async fn refused_rows_are_bisected_out_to_the_dead_letter_file_and_the_rest_written() {
+        let rig = rig(&["r007", "r040", "r041"]);
+        let writer = rig.writer(64);
+        rig.submit(0..64);
+        writer.finish().await;
+
+        let refused: HashSet<String> = ["r007", "r040", "r041"].iter().map(|s| s.to_string()).collect();
+        let expected: Vec<String> = ids(0..64).into_iter().filter(|id| !refused.contains(id)).collect();
+        // Bisection keeps the order of the good rows.
+        assert_eq!(rig.accepted(), expected);
+        for id in &expected {
+            assert!(rig.store.get(id).await.unwrap().is_some(), "{id} missing");
+        }
+        for id in &refused {
+            assert!(rig.store.get(id).await.unwrap().is_none(), "{id} was stored");
+        }
+        let letters = rig.dead_letters();
+        let dead: HashSet<String> =
+            letters.iter().map(|l| l["row"]["request_id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(dead, refused);
+        assert!(letters.iter().all(|l| l["error"].as_str().unwrap().starts_with("cannot parse r0")));
+        assert_eq!((rig.count("written"), rig.count("dead_letter"), rig.count("dropped")), (61, 3, 0));
+        assert_eq!(writer.spilled().await, 0);
+    }
+
+    #[tokio::test]
+    async fn an_outage_spills_batches_to_disk_and_they_are_replayed_in_order_even_after_a_restart() {
+        let rig = rig(&[]);
+        rig.store.down.store(true, Ordering::SeqCst);
+        let writer = rig.writer(10);
+        rig.submit(0..25);
+        writer.finish().await;
+        assert_eq!(writer.spilled().await, 25);
+        assert_eq!((rig.count("spilled"), rig.count("written"), rig.count("dropped")), (25, 0, 0));
+        let files = std::fs::read_dir(rig.dir.path().join("trace-spill")).unwrap().count();
+        assert_eq!(files, 3, "one file per batch of 10");
+
+        // Newer records queue behind the spilled ones while the store is still down.
+        rig.submit(25..30);
+        writer.finish().await;
+        assert_eq!(writer.spilled().await, 30);
+        drop(writer);
+
+        // The next start finds the disk queue and replays it once the store is back.
+        rig.store.down.store(false, Ordering::SeqCst);
+        let writer = rig.writer(10);
+        assert_eq!(writer.spilled().await, 30);
+        rig.submit(30..35);
+        writer.finish().await;
+        assert_eq!(writer.spilled().await, 0);
+        assert_eq!(rig.accepted(), ids(0..35), "replay must keep arrival order");
+        assert_eq!(rig.count("retried"), 35);
+        assert_eq!(rig.count("dropped"), 0);
+        assert_eq!(std::fs::read_dir(rig.dir.path().join("trace-spill")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_cut_off_mid_insert_by_cancellation_is_written_by_finish() {
+        let rig = rig(&[]);
+        rig.store.hang.store(true, Ordering::SeqCst);
+        let writer = Arc::new(rig.writer(8));
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.start(rx).await }
+        });
+        rig.submit(0..8);
+        tokio::time::timeout(Duration::from_secs(10), rig.store.hanging.notified()).await.unwrap();
+        // What the server's runtime does to background tasks when it goes away.
+        running.abort();
+        assert!(running.await.unwrap_err().is_cancelled());
+        assert!(rig.accepted().is_empty());
+
+        rig.store.hang.store(false, Ordering::SeqCst);
+        writer.finish().await;
+        assert_eq!(rig.accepted(), ids(0..8));
+        assert_eq!(rig.count("dropped"), 0);
+    }
+}
