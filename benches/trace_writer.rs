@@ -1,6 +1,8 @@
 //! Trace writer throughput: records pushed onto the queue as the logging phase does, drained,
-//! batched and written by the real writer into a local ClickHouse, timed until the last record is acknowledged. The baseline, measured in the same
-//! run, is the store's own insert of the same rows in the same batch size.
+//! batched and written by the real writer into a local ClickHouse, timed until the last
+//! record is acknowledged. Offered at fixed rates (does the writer keep up without spilling
+//! or dropping?) and as a burst (overload). The baseline, measured in the same run, is the
+//! store's own insert of the same rows in the same batch size.
 //!
 //! Run: `cargo bench --bench trace_writer` (starts its own `clickhouse-server` on loopback;
 //! or set `CLICKHOUSE_URL=http://127.0.0.1:8123` to use a running one).
@@ -35,7 +37,7 @@ fn event(i: u64) -> TraceEvent {
     trace.conclude(Some(1), None);
     TraceEvent {
         request_id: format!("0193a1b2-c3d4-7e5f-8a9b-{i:012}"),
-        ts_ms: 1_763_700_000_000 + i,
+        ts_ms: 1_763_700_000_000 + i % 86_400_000,
         latency: d,
         ttfb: Some(d),
         principal: Some(Arc::new(modelux::auth::Principal::new("default", "dev", 0, 0))),
@@ -119,8 +121,33 @@ fn start_clickhouse() -> Server {
     Server { child, _dir: dir, url }
 }
 
-/// Pushes `RECORDS` events through queue → writer → store; records per second.
-fn through_writer(rt: &tokio::runtime::Runtime, store: Arc<dyn TraceStore>) -> f64 {
+/// How records are offered to the queue.
+#[derive(Clone, Copy)]
+enum Offer {
+    /// As fast as the queue takes them (the producer only waits while the queue is nearly
+    /// full): more than any store can absorb, so this measures the writer under overload.
+    Burst,
+    /// At a fixed rate, in 1 ms slices, as steady traffic would arrive.
+    Paced(u64),
+}
+
+struct Outcome {
+    /// Records acknowledged by the store per second, first offer to last acknowledgement.
+    rate: f64,
+    spilled: u64,
+    dropped: u64,
+    /// From the last offer to the last acknowledgement.
+    lag: Duration,
+}
+
+/// Pushes `count` events (ids from `first`) through queue → writer → store.
+fn through_writer(
+    rt: &tokio::runtime::Runtime,
+    store: Arc<dyn TraceStore>,
+    offer: Offer,
+    first: u64,
+    count: u64,
+) -> Outcome {
     let metrics = Arc::new(Metrics::new().unwrap());
     let queue = Arc::new(TraceQueue::new(65_536, metrics.clone()));
     let dir = tempfile::tempdir().unwrap();
@@ -145,34 +172,57 @@ fn through_writer(rt: &tokio::runtime::Runtime, store: Arc<dyn TraceStore>) -> f
         rt.spawn(async move { writer.start(watch).await })
     };
     // Warm up (schema, connections) before timing.
-    queue.submit(Box::new(event(u64::MAX / 2)));
-    let written = || metrics.trace_records.with_label_values(&["written"]).get();
-    while written() < 1 {
+    queue.submit(Box::new(event(u64::MAX / 2 - first)));
+    let count_of = |r: &str| metrics.trace_records.with_label_values(&[r]).get();
+    while count_of("written") < 1 {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let events: Vec<Box<TraceEvent>> = (0..RECORDS).map(|i| Box::new(event(i))).collect();
+    let mut events: Vec<Box<TraceEvent>> = (first..first + count).map(|i| Box::new(event(i))).collect();
+    events.reverse();
     let started = Instant::now();
-    for e in events {
-        // Offered as fast as the writer takes them (a full queue would drop).
-        while queue.depth() >= 60_000 {
-            std::thread::sleep(Duration::from_micros(200));
+    match offer {
+        Offer::Burst => {
+            while let Some(e) = events.pop() {
+                // A full queue would drop: wait for the writer instead.
+                while queue.depth() >= 60_000 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                queue.submit(e);
+            }
         }
-        queue.submit(e);
+        Offer::Paced(per_second) => {
+            let mut offered = 0u64;
+            while !events.is_empty() {
+                let due = (started.elapsed().as_secs_f64() * per_second as f64) as u64;
+                while offered < due {
+                    let Some(e) = events.pop() else { break };
+                    queue.submit(e);
+                    offered += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
-    while written() < RECORDS + 1 {
-        assert!(started.elapsed() < Duration::from_secs(120), "writer stalled at {}", written());
-        std::thread::sleep(Duration::from_millis(5));
+    let offered_at = Instant::now();
+    // Every record ends written or dropped (a full queue, counted by the request path).
+    while count_of("written") + count_of("dropped") < count + 1 {
+        assert!(started.elapsed() < Duration::from_secs(300), "writer stalled at {}", count_of("written"));
+        std::thread::sleep(Duration::from_millis(2));
     }
-    let rate = RECORDS as f64 / started.elapsed().as_secs_f64();
-    assert_eq!(metrics.trace_records.with_label_values(&["dropped"]).get(), 0);
+    let outcome = Outcome {
+        rate: count as f64 / started.elapsed().as_secs_f64(),
+        spilled: count_of("spilled"),
+        dropped: count_of("dropped"),
+        lag: offered_at.elapsed(),
+    };
     let _ = stop.send(true);
     rt.block_on(task).unwrap();
-    rate
+    outcome
 }
 
 /// The store alone: the same rows, already flattened, inserted in batches of `BATCH`.
 fn store_alone(rt: &tokio::runtime::Runtime, store: &dyn TraceStore) -> f64 {
-    let rows: Vec<_> = (RECORDS..2 * RECORDS).map(|i| event(i).into_row()).collect();
+    let rows: Vec<_> = (0..RECORDS).map(|i| event(u64::MAX / 4 + i).into_row()).collect();
     let started = Instant::now();
     rt.block_on(async {
         for chunk in rows.chunks(BATCH) {
@@ -187,6 +237,11 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    // The writer's warnings (spills, store errors) with RUST_LOG=modelux=warn.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let _server;
     let url = match std::env::var("CLICKHOUSE_URL") {
@@ -206,10 +261,30 @@ fn main() {
     let ch_writer: Arc<dyn TraceStore> = Arc::new(ClickHouseStore::new(settings("bench_writer")));
     let ch_alone = ClickHouseStore::new(settings("bench_alone"));
     rt.block_on(ch_alone.prepare()).unwrap();
-    let writer_rate = through_writer(&rt, ch_writer);
+    rt.block_on(ch_writer.prepare()).unwrap();
     let alone_rate = store_alone(&rt, &ch_alone);
+    println!("clickhouse, batches of {BATCH}: store insert alone {alone_rate:.0} records/s");
+    // Steady offers: the writer keeps up when nothing is spilled and the last record is
+    // acknowledged within a flush interval or two of being offered.
+    let mut first = 0;
+    for per_second in [50_000, 100_000, 150_000, 200_000] {
+        let count = per_second * 3;
+        let o = through_writer(&rt, ch_writer.clone(), Offer::Paced(per_second), first, count);
+        first += count;
+        println!(
+            "  offered {per_second} records/s for 3 s: written {:.0}/s, spilled {}, dropped {}, last record acknowledged {} ms after it was offered",
+            o.rate,
+            o.spilled,
+            o.dropped,
+            o.lag.as_millis()
+        );
+    }
+    let o = through_writer(&rt, ch_writer.clone(), Offer::Burst, first, RECORDS);
     println!(
-        "clickhouse: writer {writer_rate:.0} records/s, store insert alone {alone_rate:.0} records/s ({:.0}% of the store's own rate); {RECORDS} records, batches of {BATCH}",
-        writer_rate / alone_rate * 100.0
+        "  burst of {RECORDS}: written {:.0}/s ({:.0}% of the store alone), spilled {}, dropped {}",
+        o.rate,
+        o.rate / alone_rate * 100.0,
+        o.spilled,
+        o.dropped
     );
 }

@@ -8,12 +8,15 @@
 //! * A batch is written when it reaches `batch_size` records or its oldest record has
 //!   waited `flush_interval`.
 //! * A failed insert that may succeed later (`StoreError::Transient`) sends the batch to
-//!   the disk queue (`spill`); while the disk queue holds anything, new batches join it
-//!   behind the old ones, and it is replayed front first, with exponential backoff between
-//!   failed attempts. Rows the store refuses (`StoreError::Data`) are bisected down to the
-//!   offending records, which go to the dead-letter file; the rest are written.
+//!   the disk queue (`spill`). Until the backoff after a failure has passed (100 ms,
+//!   doubling to 5 s), new batches go straight to the disk queue too, behind the old ones.
+//!   The disk queue is replayed front first, one batch per round, and fresh batches are
+//!   written between those rounds rather than queued behind a long replay. Rows the store
+//!   refuses (`StoreError::Data`) are bisected down to the offending records, which go to
+//!   the dead-letter file; the rest are written.
 //! * While an insert is in flight the queue keeps being drained, so a slow store does not
-//!   make the request path drop records; what piles up beyond a few batches is spilled.
+//!   make the request path drop records; what piles up beyond the queue's capacity is
+//!   spilled, a batch at a time.
 //! * Shutdown: `finish` drains the queue and writes (or spills) everything; what is spilled
 //!   is replayed by the next start.
 
@@ -60,6 +63,10 @@ impl TraceQueue {
 
     pub fn depth(&self) -> usize {
         self.queue.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.queue.capacity()
     }
 
     /// The writer's end.
@@ -171,15 +178,19 @@ impl TraceWriter {
         }
         st.seq += 1;
         let seq = st.seq;
-        if !st.spill.is_empty() {
+        if !st.spill.is_empty() && Instant::now() < st.retry_at {
+            // The store failed moments ago: do not wait on it again before the backoff.
             self.spill(st, seq, &batch);
             return;
         }
         st.inflight.clone_from(&batch);
-        if let Err(Unavailable(e, rows)) = self.insert(st, batch).await {
-            tracing::warn!(error = %e, records = rows.len(), "trace store unavailable; spilling to disk");
-            self.spill(st, seq, &rows);
-            self.back_off(st);
+        match self.insert(st, batch).await {
+            Ok(()) => st.backoff = MIN_BACKOFF,
+            Err(Unavailable(e, rows)) => {
+                tracing::warn!(error = %e, records = rows.len(), "trace store unavailable; spilling to disk");
+                self.spill(st, seq, &rows);
+                self.back_off(st);
+            }
         }
         st.inflight.clear();
     }
@@ -267,8 +278,12 @@ impl TraceWriter {
         }
     }
 
-    /// Awaits a store call while still draining the queue; records piling up behind a slow
-    /// store beyond a few batches go to the disk queue, numbered after the in-flight batch.
+    /// Awaits a store call while still draining the queue (a full queue would drop records
+    /// on the request path). Records piling up behind a slow store stay in memory up to
+    /// `overflow_limit`; only beyond it do they go to the disk queue, numbered after the
+    /// in-flight batch. Spilling while the store still answers would cost more than the
+    /// insert it avoids (encode, fsync, decode) and route every later batch through disk
+    /// until the queue there is empty.
     async fn while_draining<T>(
         &self,
         st: &mut State,
@@ -285,10 +300,13 @@ impl TraceWriter {
                 }
                 _ = tick.tick() => {
                     self.take_queue(st);
-                    let limit = self.settings.batch_size.saturating_mul(4);
-                    if st.pending.len() >= limit {
-                        let batch = std::mem::take(&mut st.pending);
-                        st.pending_since = None;
+                    // Only the excess, a batch per file, oldest first.
+                    while st.pending.len() >= self.overflow_limit() {
+                        let n = self.settings.batch_size.min(st.pending.len());
+                        let batch: Vec<TraceRow> = st.pending.drain(..n).collect();
+                        if st.pending.is_empty() {
+                            st.pending_since = None;
+                        }
                         st.seq += 1;
                         let seq = st.seq;
                         self.spill(st, seq, &batch);
@@ -298,44 +316,50 @@ impl TraceWriter {
         }
     }
 
-    /// Replays the disk queue front first until it is empty or the store fails again.
-    async fn replay(&self, st: &mut State) {
-        loop {
-            let front = match st.spill.front(self.settings.batch_size) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the trace disk queue");
-                    self.back_off(st);
-                    return;
-                }
-            };
-            if front.seqs.is_empty() {
-                break;
+    /// Records held in memory behind an insert in flight: as many as the queue holds (the
+    /// request path is allowed that much already), and at least a few batches.
+    fn overflow_limit(&self) -> usize {
+        self.queue.capacity().max(self.settings.batch_size.saturating_mul(4))
+    }
+
+    /// Replays the front of the disk queue (about one batch, in the order it was spilled).
+    /// One chunk per call, so that fresh batches are not held behind a long replay: they
+    /// go straight to the store in between. Returns false when the store failed again.
+    async fn replay(&self, st: &mut State) -> bool {
+        let front = match st.spill.front(self.settings.batch_size) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the trace disk queue");
+                self.back_off(st);
+                return false;
             }
-            if !front.bad_lines.is_empty() {
-                self.dead_letter("unreadable line in the disk queue", &[], &front.bad_lines);
-            }
-            let n = front.rows.len() as u64;
-            match self.insert(st, front.rows).await {
-                Ok(()) => {
-                    self.metrics.trace_records.with_label_values(&["retried"]).inc_by(n);
-                    if let Err(e) = st.spill.remove(&front.seqs) {
-                        tracing::error!(error = %e, "cannot remove replayed trace files; they will be replayed again");
-                    }
-                    self.metrics.trace_spill_depth.set(st.spill.rows() as i64);
-                    st.backoff = MIN_BACKOFF;
-                }
-                Err(Unavailable(e, _)) => {
-                    tracing::debug!(error = %e, "trace store still unavailable");
-                    self.back_off(st);
-                    return;
-                }
-            }
-            // Spilled batches formed during the replay go to the back of the queue; keep
-            // the in-memory queue moving between files.
-            self.take_queue(st);
+        };
+        if front.seqs.is_empty() {
+            return true;
         }
-        tracing::info!("trace store is back; disk queue replayed");
+        if !front.bad_lines.is_empty() {
+            self.dead_letter("unreadable line in the disk queue", &[], &front.bad_lines);
+        }
+        let n = front.rows.len() as u64;
+        match self.insert(st, front.rows).await {
+            Ok(()) => {
+                self.metrics.trace_records.with_label_values(&["retried"]).inc_by(n);
+                if let Err(e) = st.spill.remove(&front.seqs) {
+                    tracing::error!(error = %e, "cannot remove replayed trace files; they will be replayed again");
+                }
+                self.metrics.trace_spill_depth.set(st.spill.rows() as i64);
+                st.backoff = MIN_BACKOFF;
+                if st.spill.is_empty() {
+                    tracing::info!("disk queue of trace records replayed");
+                }
+                true
+            }
+            Err(Unavailable(e, _)) => {
+                tracing::debug!(error = %e, "trace store still unavailable");
+                self.back_off(st);
+                false
+            }
+        }
     }
 
     async fn prune(&self) {
@@ -364,8 +388,16 @@ impl TraceWriter {
             self.take_queue(&mut st);
         }
         st.pending_since = None;
-        if !st.spill.is_empty() && Instant::now() >= st.retry_at {
-            self.replay(&mut st).await;
+        if Instant::now() >= st.retry_at {
+            while !st.spill.is_empty() && self.replay(&mut st).await {
+                // Records of requests cancelled by the shutdown may still be arriving.
+                self.take_queue(&mut st);
+                while !st.pending.is_empty() {
+                    let n = st.pending.len().min(self.settings.batch_size);
+                    let batch: Vec<TraceRow> = st.pending.drain(..n).collect();
+                    self.write(&mut st, batch).await;
+                }
+            }
         }
         self.metrics.trace_queue_depth.set(self.queue.depth() as i64);
     }
@@ -433,6 +465,7 @@ mod tests {
         down: AtomicBool,
         hang: AtomicBool,
         hanging: tokio::sync::Notify,
+        release: tokio::sync::Notify,
         refuse: HashSet<String>,
         accepted: Mutex<Vec<String>>,
     }
@@ -451,7 +484,7 @@ mod tests {
         async fn insert(&self, rows: &[TraceRow]) -> Result<(), StoreError> {
             if self.hang.load(Ordering::SeqCst) {
                 self.hanging.notify_one();
-                std::future::pending::<()>().await;
+                self.release.notified().await;
             }
             if self.down.load(Ordering::SeqCst) {
                 return Err(StoreError::Transient("connection refused".into()));
@@ -492,6 +525,7 @@ mod tests {
             down: AtomicBool::new(false),
             hang: AtomicBool::new(false),
             hanging: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
             refuse: refuse.iter().map(|s| s.to_string()).collect(),
             accepted: Mutex::new(Vec::new()),
         });
@@ -593,7 +627,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_outage_spills_batches_to_disk_and_they_are_replayed_in_order_even_after_a_restart() {
+    async fn an_outage_spills_batches_to_disk_and_they_are_replayed_in_order_across_a_restart() {
         let rig = rig(&[]);
         rig.store.down.store(true, Ordering::SeqCst);
         let writer = rig.writer(10);
@@ -610,17 +644,59 @@ mod tests {
         assert_eq!(writer.spilled().await, 30);
         drop(writer);
 
-        // The next start finds the disk queue and replays it once the store is back.
+        // The next start finds the disk queue and replays it once the store is back; fresh
+        // records are written first rather than held behind the replay.
         rig.store.down.store(false, Ordering::SeqCst);
         let writer = rig.writer(10);
         assert_eq!(writer.spilled().await, 30);
         rig.submit(30..35);
         writer.finish().await;
         assert_eq!(writer.spilled().await, 0);
-        assert_eq!(rig.accepted(), ids(0..35), "replay must keep arrival order");
-        assert_eq!(rig.count("retried"), 35);
+        let expected: Vec<String> = ids(30..35).into_iter().chain(ids(0..30)).collect();
+        assert_eq!(rig.accepted(), expected, "the disk queue replays in the order it was spilled");
+        assert_eq!(rig.count("retried"), 30);
         assert_eq!(rig.count("dropped"), 0);
         assert_eq!(std::fs::read_dir(rig.dir.path().join("trace-spill")).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_piling_up_behind_a_stuck_insert_spill_a_batch_at_a_time_and_all_arrive() {
+        let rig = rig(&[]);
+        let writer = Arc::new(rig.writer(10));
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.start(rx).await }
+        });
+        rig.store.hang.store(true, Ordering::SeqCst);
+        rig.submit(0..10);
+        tokio::time::timeout(Duration::from_secs(10), rig.store.hanging.notified()).await.unwrap();
+        // Three queues' worth behind the stuck insert, offered no faster than it drains.
+        for chunk in 0..30 {
+            rig.submit(10 + chunk * 100..10 + (chunk + 1) * 100);
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        let spilled = rig.count("spilled");
+        assert!(
+            spilled >= 1_800,
+            "only {spilled} of 3000 spilled with at most a queue's worth (1024) held in memory"
+        );
+        assert_eq!(spilled % 10, 0, "spilled a batch (10) at a time");
+        assert_eq!(rig.count("dropped"), 0);
+        for file in std::fs::read_dir(rig.dir.path().join("trace-spill")).unwrap() {
+            let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+            assert_eq!(text.lines().count(), 10);
+        }
+
+        rig.store.hang.store(false, Ordering::SeqCst);
+        rig.store.release.notify_one();
+        stop.send(true).unwrap();
+        running.await.unwrap();
+        let accepted = rig.accepted();
+        let unique: HashSet<&String> = accepted.iter().collect();
+        assert_eq!((accepted.len(), unique.len()), (3010, 3010));
+        assert_eq!(writer.spilled().await, 0);
+        assert_eq!(rig.count("retried"), spilled);
     }
 
     #[tokio::test]
