@@ -662,30 +662,30 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn records_piling_up_behind_a_stuck_insert_spill_a_batch_at_a_time_and_all_arrive() {
         let rig = rig(&[]);
-        let writer = Arc::new(rig.writer(10));
+        let writer = Arc::new(rig.writer(100));
         let (stop, rx) = tokio::sync::watch::channel(false);
         let running = tokio::spawn({
             let writer = writer.clone();
             async move { writer.start(rx).await }
         });
         rig.store.hang.store(true, Ordering::SeqCst);
-        rig.submit(0..10);
+        rig.submit(0..100);
         tokio::time::timeout(Duration::from_secs(10), rig.store.hanging.notified()).await.unwrap();
         // Three queues' worth behind the stuck insert, offered no faster than it drains.
         for chunk in 0..30 {
-            rig.submit(10 + chunk * 100..10 + (chunk + 1) * 100);
-            tokio::time::sleep(Duration::from_millis(15)).await;
+            rig.submit(100 + chunk * 100..100 + (chunk + 1) * 100);
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let spilled = rig.count("spilled");
         assert!(
             spilled >= 1_800,
             "only {spilled} of 3000 spilled with at most a queue's worth (1024) held in memory"
         );
-        assert_eq!(spilled % 10, 0, "spilled a batch (10) at a time");
+        assert_eq!(spilled % 100, 0, "spilled a batch (100) at a time");
         assert_eq!(rig.count("dropped"), 0);
         for file in std::fs::read_dir(rig.dir.path().join("trace-spill")).unwrap() {
             let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
-            assert_eq!(text.lines().count(), 10);
+            assert_eq!(text.lines().count(), 100);
         }
 
         rig.store.hang.store(false, Ordering::SeqCst);
@@ -694,7 +694,7 @@ mod tests {
         running.await.unwrap();
         let accepted = rig.accepted();
         let unique: HashSet<&String> = accepted.iter().collect();
-        assert_eq!((accepted.len(), unique.len()), (3010, 3010));
+        assert_eq!((accepted.len(), unique.len()), (3100, 3100));
         assert_eq!(writer.spilled().await, 0);
         assert_eq!(rig.count("retried"), spilled);
     }
