@@ -27,9 +27,7 @@ use async_trait::async_trait;
 use rusqlite::types::{Type, Value};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
-use super::query::{
-    self, Cursor, GroupBy, LogPage, LogQuery, Report, ReportQuery, ReportRow, StatusFilter, Totals,
-};
+use super::query::{self, Cursor, GroupBy, LogPage, LogQuery, Report, ReportAcc, ReportQuery, StatusFilter};
 use super::{StoreError, TraceRow, TraceStore};
 
 /// Kept in `PRAGMA user_version`. A file written by a newer schema is refused rather than
@@ -660,18 +658,6 @@ fn list_rows(conn: &Connection, q: &LogQuery) -> Result<LogPage, StoreError> {
     Ok(LogPage { rows, next_cursor })
 }
 
-/// What a report needs of one request.
-#[derive(Default)]
-struct Acc {
-    requests: u64,
-    errors: u64,
-    cost: f64,
-    input: u64,
-    output: u64,
-    latency: Vec<f64>,
-    ttfb: Vec<f64>,
-}
-
 fn report_rows(conn: &Connection, q: &ReportQuery) -> Result<Report, StoreError> {
     let mut w = Where::default();
     // The group expression comes first in the SQL, so its parameter does too.
@@ -701,8 +687,8 @@ fn report_rows(conn: &Connection, q: &ReportQuery) -> Result<Report, StoreError>
     let mut rows = stmt.query(params_from_iter(&w.args)).map_err(db)?;
 
     // Bucket, then group: the series order. Without `group_by` every row is in group "".
-    let mut series: BTreeMap<u64, BTreeMap<String, Acc>> = BTreeMap::new();
-    let mut total = Acc::default();
+    let mut series: BTreeMap<u64, BTreeMap<String, ReportAcc>> = BTreeMap::new();
+    let mut total = ReportAcc::default();
     while let Some(r) = rows.next().map_err(db)? {
         let ts_ms = read_ts(r, 0).map_err(db)?;
         let status: u16 = r.get(1).map_err(db)?;
@@ -719,59 +705,19 @@ fn report_rows(conn: &Connection, q: &ReportQuery) -> Result<Report, StoreError>
             Some(acc) => acc,
             None => groups.entry(group.to_string()).or_default(),
         };
-        let error = u64::from(query::is_error(status));
-        for a in [&mut *acc, &mut total] {
-            a.requests += 1;
-            a.errors += error;
-            a.cost += cost;
-            a.input = a.input.wrapping_add(input);
-            a.output = a.output.wrapping_add(output);
-        }
-        // Values go only to their group; the totals' are gathered from the groups below.
-        acc.latency.push(latency);
-        if let Some(t) = ttfb {
-            acc.ttfb.push(t);
-        }
+        acc.add(status, cost, input, output, latency, ttfb);
+        total.add(status, cost, input, output, latency, ttfb);
     }
 
+    // Bucket, then group: the series order. Without `group_by` every row is in group "".
     let grouped = q.group_by.is_some();
-    let mut all_latency = Vec::with_capacity(usize::try_from(total.requests).unwrap_or(0));
-    let mut out = Vec::new();
-    for (bucket_ms, groups) in series {
-        for (group, mut a) in groups {
-            a.latency.sort_by(f64::total_cmp);
-            a.ttfb.sort_by(f64::total_cmp);
-            let p = |v: &[f64], q: f64| query::quantile_exact(v, q);
-            out.push(ReportRow {
-                bucket_ms,
-                group: grouped.then_some(group),
-                requests: a.requests,
-                errors: a.errors,
-                cost_usd: query::round_cost(a.cost),
-                input_tokens: a.input,
-                output_tokens: a.output,
-                p50_latency_ms: p(&a.latency, 0.5).unwrap_or(0.0),
-                p95_latency_ms: p(&a.latency, 0.95).unwrap_or(0.0),
-                p99_latency_ms: p(&a.latency, 0.99).unwrap_or(0.0),
-                p50_ttfb_ms: p(&a.ttfb, 0.5),
-                p95_ttfb_ms: p(&a.ttfb, 0.95),
-                p99_ttfb_ms: p(&a.ttfb, 0.99),
-            });
-            all_latency.extend(a.latency);
-        }
-    }
-    all_latency.sort_by(f64::total_cmp);
-    let totals = Totals {
-        requests: total.requests,
-        errors: total.errors,
-        cost_usd: query::round_cost(total.cost),
-        input_tokens: total.input,
-        output_tokens: total.output,
-        error_rate: if total.requests == 0 { 0.0 } else { total.errors as f64 / total.requests as f64 },
-        p50_latency_ms: query::quantile_exact(&all_latency, 0.5),
-        p95_latency_ms: query::quantile_exact(&all_latency, 0.95),
-        p99_latency_ms: query::quantile_exact(&all_latency, 0.99),
-    };
+    let out = series
+        .into_iter()
+        .flat_map(|(bucket_ms, groups)| {
+            groups.into_iter().map(move |(group, a)| a.into_row(bucket_ms, grouped.then_some(group)))
+        })
+        .collect();
+    let totals = total.into_totals();
     Ok(Report { series: out, totals })
 }
 

@@ -250,78 +250,103 @@ pub fn round_cost(usd: f64) -> f64 {
 /// (the embedded store uses it over the rows its SQL selects; tests compare against it).
 pub fn report_from_rows<'a>(query: &ReportQuery, rows: impl IntoIterator<Item = &'a TraceRow>) -> Report {
     use std::collections::BTreeMap;
-    #[derive(Default)]
-    struct Acc {
-        requests: u64,
-        errors: u64,
-        cost: f64,
-        input: u64,
-        output: u64,
-        latency: Vec<f64>,
-        ttfb: Vec<f64>,
-    }
-    impl Acc {
-        fn add(&mut self, row: &TraceRow) {
-            self.requests += 1;
-            self.errors += u64::from(is_error(row.status));
-            self.cost += row.cost_total;
-            self.input += row.input_tokens;
-            self.output += row.output_tokens;
-            self.latency.push(row.latency_ms);
-            if let Some(t) = row.ttfb_ms {
-                self.ttfb.push(t);
-            }
-        }
-        fn sort(&mut self) {
-            self.latency.sort_by(f64::total_cmp);
-            self.ttfb.sort_by(f64::total_cmp);
-        }
-    }
-    let mut groups: BTreeMap<(u64, Option<String>), Acc> = BTreeMap::new();
-    let mut total = Acc::default();
+    let mut groups: BTreeMap<(u64, Option<String>), ReportAcc> = BTreeMap::new();
+    let mut total = ReportAcc::default();
     for row in rows {
         if row.ts_ms < query.start_ms || row.ts_ms >= query.end_ms || !query.filter.matches(row) {
             continue;
         }
         let key = (query.granularity.bucket(row.ts_ms), query.group_by.as_ref().map(|g| g.value(row)));
-        groups.entry(key).or_default().add(row);
-        total.add(row);
+        groups.entry(key).or_default().add_row(row);
+        total.add_row(row);
     }
-    let q = |v: &[f64], q: f64| quantile_exact(v, q);
-    let series = groups
-        .into_iter()
-        .map(|((bucket_ms, group), mut a)| {
-            a.sort();
-            ReportRow {
-                bucket_ms,
-                group,
-                requests: a.requests,
-                errors: a.errors,
-                cost_usd: round_cost(a.cost),
-                input_tokens: a.input,
-                output_tokens: a.output,
-                p50_latency_ms: q(&a.latency, 0.5).unwrap_or(0.0),
-                p95_latency_ms: q(&a.latency, 0.95).unwrap_or(0.0),
-                p99_latency_ms: q(&a.latency, 0.99).unwrap_or(0.0),
-                p50_ttfb_ms: q(&a.ttfb, 0.5),
-                p95_ttfb_ms: q(&a.ttfb, 0.95),
-                p99_ttfb_ms: q(&a.ttfb, 0.99),
-            }
-        })
-        .collect();
-    total.sort();
-    let totals = Totals {
-        requests: total.requests,
-        errors: total.errors,
-        cost_usd: round_cost(total.cost),
-        input_tokens: total.input,
-        output_tokens: total.output,
-        error_rate: if total.requests == 0 { 0.0 } else { total.errors as f64 / total.requests as f64 },
-        p50_latency_ms: q(&total.latency, 0.5),
-        p95_latency_ms: q(&total.latency, 0.95),
-        p99_latency_ms: q(&total.latency, 0.99),
-    };
+    let series = groups.into_iter().map(|((bucket_ms, group), a)| a.into_row(bucket_ms, group)).collect();
+    let totals = total.into_totals();
     Report { series, totals }
+}
+
+/// One report cell (a bucket and group, or the totals) as both the reference and the
+/// embedded store accumulate it.
+#[derive(Default)]
+pub(crate) struct ReportAcc {
+    requests: u64,
+    errors: u64,
+    cost: f64,
+    input: u64,
+    output: u64,
+    latency: Vec<f64>,
+    ttfb: Vec<f64>,
+}
+
+impl ReportAcc {
+    pub(crate) fn add(
+        &mut self,
+        status: u16,
+        cost: f64,
+        input: u64,
+        output: u64,
+        latency: f64,
+        ttfb: Option<f64>,
+    ) {
+        self.requests += 1;
+        self.errors += u64::from(is_error(status));
+        self.cost += cost;
+        // ClickHouse's sum wraps too.
+        self.input = self.input.wrapping_add(input);
+        self.output = self.output.wrapping_add(output);
+        self.latency.push(latency);
+        if let Some(t) = ttfb {
+            self.ttfb.push(t);
+        }
+    }
+
+    pub(crate) fn add_row(&mut self, row: &TraceRow) {
+        self.add(
+            row.status,
+            row.cost_total,
+            row.input_tokens,
+            row.output_tokens,
+            row.latency_ms,
+            row.ttfb_ms,
+        );
+    }
+
+    pub(crate) fn into_row(mut self, bucket_ms: u64, group: Option<String>) -> ReportRow {
+        self.latency.sort_by(f64::total_cmp);
+        self.ttfb.sort_by(f64::total_cmp);
+        let q = |v: &[f64], q: f64| quantile_exact(v, q);
+        ReportRow {
+            bucket_ms,
+            group,
+            requests: self.requests,
+            errors: self.errors,
+            cost_usd: round_cost(self.cost),
+            input_tokens: self.input,
+            output_tokens: self.output,
+            p50_latency_ms: q(&self.latency, 0.5).unwrap_or(0.0),
+            p95_latency_ms: q(&self.latency, 0.95).unwrap_or(0.0),
+            p99_latency_ms: q(&self.latency, 0.99).unwrap_or(0.0),
+            p50_ttfb_ms: q(&self.ttfb, 0.5),
+            p95_ttfb_ms: q(&self.ttfb, 0.95),
+            p99_ttfb_ms: q(&self.ttfb, 0.99),
+        }
+    }
+
+    pub(crate) fn into_totals(mut self) -> Totals {
+        self.latency.sort_by(f64::total_cmp);
+        let q = |q: f64| quantile_exact(&self.latency, q);
+        Totals {
+            requests: self.requests,
+            errors: self.errors,
+            cost_usd: round_cost(self.cost),
+            input_tokens: self.input,
+            output_tokens: self.output,
+            error_rate: if self.requests == 0 { 0.0 } else { self.errors as f64 / self.requests as f64 },
+            p50_latency_ms: q(0.5),
+            p95_latency_ms: q(0.95),
+            p99_latency_ms: q(0.99),
+        }
+    }
 }
 
 #[cfg(test)]
