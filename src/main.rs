@@ -130,14 +130,9 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     );
     drop(snapshot);
     let server = modelux::server::build(&handles, &options);
+    modelux::server::spawn_drain_watch(&server, &handles);
     server.run(pingora::server::RunArgs::default());
-    // Records of requests that finished (or were cancelled) as the server stopped: write
-    // them, or leave them in the disk queue for the next start.
-    handles.trace_writer.finish_blocking();
-    // Requests that finished during the grace period settled after the flusher's last
-    // round: write them before exiting.
-    if let Err(e) = handles.spend.flush() {
-        tracing::error!(error = %e, "final write of budget spend failed");
+    if !modelux::server::finish(&handles) {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -106,8 +106,12 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     let conf = ServerConf {
         threads: settings.threads,
         work_stealing: settings.work_stealing,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(settings.shutdown_grace_seconds),
+        // On SIGTERM the listeners stop accepting at once; requests and streams in flight
+        // get up to this long to finish. pingora sleeps the whole period, so `serve`
+        // watches the requests in flight and exits as soon as the last one is done.
+        grace_period_seconds: Some(settings.shutdown_grace_seconds),
+        // After the grace period only blocking work (a SQLite flush) is waited for.
+        graceful_shutdown_timeout_seconds: Some(GRACEFUL_RUNTIME_TIMEOUT_SECONDS),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -158,6 +162,63 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     server.add_service(flusher);
     server.add_service(background_service("trace writer", ArcService(handles.trace_writer.clone())));
     server
+}
+
+/// How long the runtimes get for blocking work once the grace period is over.
+const GRACEFUL_RUNTIME_TIMEOUT_SECONDS: u64 = 5;
+
+/// What the process does last, after the server stopped (or once the requests in flight
+/// drained during a graceful shutdown): records of requests that finished (or were
+/// cancelled) as the server stopped are written, or left in the disk queue for the next
+/// start, and spend settled after the flusher's last round is written. `false`: the spend
+/// could not be written.
+pub fn finish(handles: &Handles) -> bool {
+    handles.trace_writer.finish_blocking();
+    match handles.spend.flush() {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "final write of budget spend failed");
+            false
+        }
+    }
+}
+
+/// How often the drain watch looks at the requests in flight.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// pingora's graceful shutdown stops the listeners, then sleeps the whole grace period
+/// before it ends the runtimes. This thread ends the process as soon as the requests in
+/// flight have finished instead (two polls in a row at zero, so a request whose header
+/// was being read as the listener closed is counted too). When the grace period runs
+/// out first, pingora's own path ends the process.
+pub fn spawn_drain_watch(server: &Server, handles: &Handles) {
+    let mut phases = server.watch_execution_phase();
+    let handles = handles.clone();
+    let spawned = std::thread::Builder::new().name("drain watch".into()).spawn(move || {
+        use pingora::server::ExecutionPhase;
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+                Ok(ExecutionPhase::ShutdownRuntimes | ExecutionPhase::Terminated)
+                | Err(RecvError::Closed) => return,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+            }
+        }
+        let in_flight = &handles.metrics.in_flight;
+        tracing::info!(in_flight = in_flight.get(), "draining requests in flight");
+        let mut idle_polls = 0;
+        while idle_polls < 2 {
+            std::thread::sleep(DRAIN_POLL);
+            idle_polls = if in_flight.get() <= 0 { idle_polls + 1 } else { 0 };
+        }
+        tracing::info!("requests in flight drained; exiting");
+        let code = if finish(&handles) { 0 } else { 1 };
+        std::process::exit(code);
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the drain watch; shutdown waits the whole grace period");
+    }
 }
 
 /// How often settled spend is written to the embedded store: a crash loses at most this

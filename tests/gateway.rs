@@ -384,6 +384,77 @@ async fn stream_chunks_reach_the_client_before_the_next_exists() {
     assert_eq!(text.matches("data: ").count(), 7, "role + 4 tokens + finish + [DONE]: {text}");
 }
 
+/// SIGTERM to the real binary while a stream is running: the listener stops accepting at
+/// once, the stream runs to its end, and the process exits as soon as it has (well inside
+/// the 30 s default grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_stream_finish_then_exits() {
+    let inter_token = Duration::from_millis(150);
+    let upstream = mock(MockConfig { tokens: 12, inter_token, ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, manage) = (free_port(), free_port());
+    let url = upstream.base_url();
+    let config = dir.path().join("modelux.yaml");
+    std::fs::write(&config, render(&Cfg::new(&url), proxy, manage)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_modelux"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let proxy = SocketAddr::from(([127, 0, 0, 1], proxy));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(proxy).await.is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = serde_json::to_vec(
+        &json!({"model": "@fast", "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .unwrap();
+    let auth = format!("Bearer {KEY}");
+    let mut conn = Conn::connect(proxy).await.unwrap();
+    let mut resp = conn
+        .request_streaming(
+            "POST",
+            CHAT,
+            &[("authorization", &auth), ("content-type", "application/json")],
+            &body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    let mut text = String::from_utf8(resp.next_chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    assert!(!text.contains("tok11"), "the stream is still running: {text}");
+
+    let signalled = Instant::now();
+    let status =
+        std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    // New connections are refused while the stream goes on.
+    let refused_by = Instant::now() + Duration::from_secs(2);
+    while tokio::net::TcpStream::connect(proxy).await.is_ok() {
+        assert!(Instant::now() < refused_by, "the listener still accepts after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "exited with a stream in flight");
+    while let Some(chunk) = resp.next_chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let ended = signalled.elapsed();
+    assert!(text.contains("tok11") && text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(ended > inter_token * 4, "the stream ran on after SIGTERM ({ended:?})");
+    let exit_by = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < exit_by, "did not exit after the last stream ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(signalled.elapsed() < Duration::from_secs(10), "waited out the grace period");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mib_body_reaches_the_upstream_intact() {
     let upstream = mock(MockConfig::default()).await;
@@ -402,6 +473,54 @@ async fn ten_mib_body_reaches_the_upstream_intact() {
     assert_eq!(seen.body.len(), expected.len());
     assert!(seen.body == expected.as_bytes(), "body changed on the way");
     assert_eq!(seen.header("content-length"), Some(expected.len().to_string().as_str()));
+}
+
+/// ARCHITECTURE.md §2: a multi-megabyte body through a translated route (OpenAI client,
+/// Anthropic upstreams) and a fallback (the first upstream answers 503), arriving intact
+/// at the second provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_mib_body_is_translated_and_falls_over_intact() {
+    let first = mock(MockConfig::default()).await;
+    let second = mock(MockConfig { tokens: 2, ..MockConfig::default() }).await;
+    let openai = mock(MockConfig::default()).await;
+    let (a, b, o) = (first.anthropic_base_url(), second.anthropic_base_url(), openai.base_url());
+    let mut cfg = Cfg { anthropic: Some(&a), ..Cfg::new(&o) };
+    cfg.more_providers =
+        format!("  - {{ id: anthropic2, kind: anthropic, base_url: \"{b}\", api_key: \"sk-ant-second\" }}\n");
+    cfg.more_configs = "  big: { project: default, strategy: fallback, retry_on: [\"5xx\"], attempts: [\"anthropic/claude-sonnet-4-5\", \"anthropic2/claude-sonnet-4-5\"] }\n".into();
+    let gw = start(cfg).await;
+    // Not a repeating pattern, and with characters JSON escapes, so a cut, shifted or
+    // re-escaped copy would not compare equal.
+    let content: String = (0..6 * 1024 * 1024 / 16)
+        .map(|i: u32| format!("{:07x} \"é\\\n\t✓ ", i.wrapping_mul(2654435761)))
+        .collect();
+    let system = "Be terse.";
+    let body = serde_json::to_vec(&json!({"model": "@big", "max_tokens": 7, "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": content}]}))
+    .unwrap();
+    assert!(body.len() > 6 * 1024 * 1024);
+    first.push_script([Behavior::Status(503)]);
+    let resp = post(&gw, Some(KEY), &body).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-modelux-provider-used"), Some("anthropic2"));
+    assert_eq!(resp.header("x-modelux-attempts"), Some("2"));
+    assert_eq!(resp.json().unwrap()["choices"][0]["message"]["content"], " tok0 tok1");
+    for (upstream, key) in [(&first, "sk-ant-test"), (&second, "sk-ant-second")] {
+        let seen = upstream.requests().pop().unwrap();
+        assert_eq!(seen.path, "/v1/messages");
+        assert_eq!(seen.header("x-api-key"), Some(key));
+        assert_eq!(seen.header("content-length"), Some(seen.body.len().to_string().as_str()));
+        let sent = seen.json().unwrap();
+        assert_eq!(sent["model"], "claude-sonnet-4-5");
+        assert_eq!(sent["max_tokens"], 7);
+        assert_eq!(sent["system"][0]["text"], system);
+        let got = match &sent["messages"][0]["content"] {
+            Value::String(s) => s.clone(),
+            parts => parts[0]["text"].as_str().unwrap().to_string(),
+        };
+        assert_eq!(got.len(), content.len());
+        assert!(got == content, "the content changed on the way");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -912,6 +1031,68 @@ async fn openai_client_reaches_an_anthropic_provider() {
     let r = post_to(&gw, CHAT, &[("authorization", &auth)], &simple).await;
     assert_eq!(r.status, 400);
     assert!(error_of(&r)["message"].is_string());
+}
+
+/// A same-format hop keeps every field the client sent even where the answer goes through
+/// the codecs: a stream that carries the decision trace, and a cascade step judged whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_format_hops_keep_every_field_on_the_translating_path() {
+    let anthropic = mock(MockConfig { tokens: 2, ..MockConfig::default() }).await;
+    let openai = mock(MockConfig { tokens: 2, ..MockConfig::default() }).await;
+    let (base, openai_url) = (anthropic.anthropic_base_url(), openai.base_url());
+    let mut cfg = Cfg { anthropic: Some(&base), ..Cfg::new(&openai_url) };
+    cfg.more_configs = "  steps: { project: default, strategy: cascade, steps: [ { model: \"anthropic/claude-haiku-4-5\", accept: { min_output_tokens: 1 } }, { model: \"anthropic/claude-sonnet-4-5\" } ] }\n  \
+                        osteps: { project: default, strategy: cascade, steps: [ { model: \"openai/gpt-4o-mini\", accept: { min_output_tokens: 1 } }, { model: \"openai/gpt-4o\" } ] }\n"
+        .into();
+    let gw = start(cfg).await;
+    let msgs = "/anthropic/v1/messages";
+    let key = [("x-api-key", KEY), ("anthropic-version", "2023-06-01")];
+
+    // Anthropic client, Anthropic provider, streamed with the trace spliced in.
+    let body = json!({"model": "anthropic/claude-haiku-4-5", "max_tokens": 50, "top_k": 7, "stream": true,
+        "mlx:trace": true, "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_to(&gw, msgs, &key, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("mlx:trace"), "{}", r.text());
+    let sent = anthropic.requests().pop().unwrap().json().unwrap();
+    assert_eq!(sent["top_k"], 7, "{sent}");
+    assert_eq!(sent["stream"], true);
+    assert!(sent.get("mlx:trace").is_none(), "{sent}");
+
+    // A cascade step judged whole, for a client that asked for a stream.
+    let mut body = body.clone();
+    body["model"] = "@steps".into();
+    body.as_object_mut().unwrap().remove("mlx:trace");
+    let r = post_to(&gw, msgs, &key, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let names: Vec<String> = sse_events(&r.text()).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.first().map(String::as_str), Some("message_start"), "{names:?}");
+    assert_eq!(names.last().map(String::as_str), Some("message_stop"), "{names:?}");
+    let sent = anthropic.requests().pop().unwrap().json().unwrap();
+    assert_eq!(sent["top_k"], 7, "{sent}");
+    assert_eq!(sent["model"], "claude-haiku-4-5");
+    assert!(sent.get("stream").is_none(), "asked for whole: {sent}");
+
+    // The same on the OpenAI surface: `logit_bias` and `seed` arrive, `stream_options` goes.
+    let auth = format!("Bearer {KEY}");
+    let body = json!({"model": "@osteps", "stream": true, "stream_options": {"include_usage": true},
+        "logit_bias": {"50256": -100}, "seed": 11, "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_to(&gw, CHAT, &[("authorization", &auth)], &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let chunks: Vec<Value> =
+        sse_events(&r.text()).into_iter().map(|(_, v)| v).filter(|v| !v.is_null()).collect();
+    assert_eq!(chunks.iter().filter(|c| c["usage"].is_object()).count(), 1, "the client asked for usage");
+    let sent = openai.requests().pop().unwrap().json().unwrap();
+    assert_eq!((sent["logit_bias"].clone(), sent["seed"].clone()), (json!({"50256": -100}), json!(11)));
+    assert!(sent.get("stream").is_none() && sent.get("stream_options").is_none(), "{sent}");
+    let mut body = body.clone();
+    body["model"] = "gpt-4o-mini".into();
+    body["mlx:trace"] = true.into();
+    let r = post_to(&gw, CHAT, &[("authorization", &auth)], &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = openai.requests().pop().unwrap().json().unwrap();
+    assert_eq!(sent["logit_bias"], json!({"50256": -100}), "{sent}");
+    assert_eq!(sent["stream_options"], json!({"include_usage": true}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

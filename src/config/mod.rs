@@ -351,7 +351,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
             errors,
         ),
         watch_config: raw.watch_config.unwrap_or(true),
-        shutdown_grace_seconds: raw.shutdown_grace_seconds.unwrap_or(10),
+        shutdown_grace_seconds: raw.shutdown_grace_seconds.unwrap_or(30),
         data_dir: {
             let dir = raw.data_dir.as_deref().unwrap_or("data");
             if dir.trim().is_empty() {

@@ -105,17 +105,28 @@ impl Exec<'_> {
         let format = provider.format();
         let same = format == WireFormat::from(self.client);
         let stream_as_asked = upstream_stream == self.request.stream;
-        // Same format, same streaming, no trace to splice into a stream: the client's bytes
-        // go upstream with only the model rewritten.
+        // Same format, same streaming, no trace to splice into a stream: the answer's bytes
+        // come back untouched. Otherwise the answer goes through the codecs.
         let passthrough = same && stream_as_asked && !(self.want_trace && upstream_stream);
         let mut strip_usage = false;
-        let (body, client_wants_usage) = if passthrough && upstream_stream && format == WireFormat::OpenAi {
+        // A same-format request is always sent as the client's bytes (model rewritten), even
+        // when its answer is translated: every field the client sent arrives, including the
+        // ones the canonical model has no place for (Anthropic `top_k`, OpenAI `logit_bias`).
+        let (body, client_wants_usage) = if same && upstream_stream && format == WireFormat::OpenAi {
             // Streams report usage only when asked: ask, so the answer can be priced.
             let (body, client_asked) = self.request.encode_for_upstream_with_usage(&target.model);
-            strip_usage = !client_asked;
+            strip_usage = passthrough && !client_asked;
             (Bytes::from(body), client_asked)
-        } else if passthrough {
+        } else if same && stream_as_asked {
             (Bytes::from(self.request.encode_for_upstream(&target.model)), false)
+        } else if same {
+            // Asked for as a stream, needed whole (a cascade step): the stream keys go.
+            // As the canonical request reads it: Anthropic streams always carry usage.
+            let wants_usage = match self.client {
+                Surface::Anthropic => true,
+                Surface::OpenAi => self.request.stream_usage_asked(),
+            };
+            (Bytes::from(self.request.encode_for_upstream_whole(&target.model)), wants_usage)
         } else {
             if self.canonical.is_none() {
                 self.canonical = Some(wire::decode_request(self.client, self.body)?);

@@ -14,7 +14,9 @@ use crate::prices::{Rates, Tier};
 use crate::providers::Target;
 use health::{Health, HealthSettings, Verdict};
 
-/// Which failures move a fallback to its next attempt (`retry_on`).
+/// Which failures move a fallback to its next attempt (`retry_on`). `5xx` covers
+/// connection failures too (refused, reset before the answer, TLS); `connect` is that class
+/// alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RetryOn {
     pub rate_limited: bool,
@@ -51,7 +53,9 @@ impl RetryOn {
             Failure::RateLimited => self.rate_limited,
             Failure::ServerError => self.server_error,
             Failure::Timeout => self.timeout,
-            Failure::Connect => self.connect,
+            // A provider that is down answers nothing, which to the client is a 502: it
+            // belongs to `5xx`. `connect` alone selects only this class.
+            Failure::Connect => self.connect || self.server_error,
             Failure::Rejected => true,
             Failure::ClientError => false,
         }

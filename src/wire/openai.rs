@@ -196,12 +196,36 @@ impl<'a> ChatRequest<'a> {
     /// The body to send upstream: `model` replaced, `mlx:*` keys removed, everything else
     /// byte-identical.
     pub fn encode_for_upstream(&self, model: &str) -> Vec<u8> {
+        self.encode_without(model, |_| false)
+    }
+
+    /// `encode_for_upstream` for a whole (non-streamed) answer to a request the client sent
+    /// as a stream (a cascade step judged whole): `stream` and `stream_options` are left
+    /// out, every other field is kept as sent.
+    pub fn encode_for_upstream_whole(&self, model: &str) -> Vec<u8> {
+        self.encode_without(model, |key| key == "stream" || key == "stream_options")
+    }
+
+    /// `stream_options.include_usage` is `true` (the last of duplicate keys counts).
+    pub fn stream_usage_asked(&self) -> bool {
+        let Some((_, raw)) = self.fields.iter().rev().find(|(k, _)| k == "stream_options") else {
+            return false;
+        };
+        serde_json::from_str::<Option<TopLevel>>(raw.get()).ok().flatten().is_some_and(|o| {
+            o.0.iter()
+                .rev()
+                .find(|(k, _)| k == "include_usage")
+                .is_some_and(|(_, v)| serde_json::from_str::<bool>(v.get()).ok() == Some(true))
+        })
+    }
+
+    fn encode_without(&self, model: &str, skip: impl Fn(&str) -> bool) -> Vec<u8> {
         let size: usize = self.fields.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum();
         let mut out = String::with_capacity(size + model.len() + 16);
         out.push('{');
         let mut first = true;
         for (key, raw) in &self.fields {
-            if key.starts_with(EXTENSION_PREFIX) {
+            if key.starts_with(EXTENSION_PREFIX) || skip(key) {
                 continue;
             }
             if !first {

@@ -165,6 +165,68 @@ async fn retry_on_total_budget_and_the_last_failure() {
     assert_eq!(error_of(&r)["code"], "upstream_timeout");
 }
 
+/// The seeds' own example, `retry_on: ["429", "5xx", "timeout"]`: a provider that is down
+/// (nothing listening, TLS that fails, a reset before the answer) is a 5xx to the client,
+/// so it fails over. `connect` alone still selects only that class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_is_down_fails_over_under_5xx() {
+    let plain = mock(MockConfig::default()).await;
+    let good = mock(MockConfig { tokens: 3, ..Default::default() }).await;
+    // Nothing listens here; an HTTPS URL to a plain-HTTP server fails the TLS handshake.
+    let refused = format!("http://127.0.0.1:{}/v1", free_port());
+    let tls_fails = plain.base_url().replace("http://", "https://");
+    let mut providers = providers_for(&[&plain, &good]);
+    for (id, url) in [("down", &refused), ("tls", &tls_fails)] {
+        providers.push_str(&format!(
+            "  - {{ id: {id}, kind: openai_compatible, base_url: \"{url}\", models: [\"m\"] }}\n"
+        ));
+    }
+    let configs = "  seed: { project: default, strategy: fallback, retry_on: [\"429\", \"5xx\", \"timeout\"], attempts: [\"down/m\", \"tls/m\", \"p2/m\"] }\n  \
+                   reset: { project: default, strategy: fallback, retry_on: [\"429\", \"5xx\", \"timeout\"], attempts: [\"p1/m\", \"p2/m\"] }\n  \
+                   only_connect: { project: default, strategy: fallback, retry_on: [\"connect\"], attempts: [\"down/m\", \"p2/m\"] }\n  \
+                   only_429: { project: default, strategy: fallback, retry_on: [\"429\"], attempts: [\"down/m\", \"p2/m\"] }\n";
+    let mut cfg = Cfg::new(plain.base_url().leak());
+    cfg.more_providers = providers;
+    cfg.more_configs = configs.to_string();
+    cfg.top_extra = "health: { consecutive_failures: 100, min_requests: 1000 }\n".into();
+    let gw = start(cfg).await;
+
+    for stream in [false, true] {
+        let r = ask(&gw, "@seed", json!({"mlx:trace": !stream, "stream": stream})).await;
+        assert_eq!(r.status, 200, "stream={stream}: {}", r.text());
+        assert_eq!(r.header("x-modelux-provider-used"), Some("p2"), "{}", r.text());
+        assert_eq!(r.header("x-modelux-attempts"), Some("3"));
+        if !stream {
+            let trace = trace_of(&r);
+            assert_eq!(
+                attempt_statuses(&trace),
+                vec!["down:connect_error", "tls:connect_error", "p2:success"],
+                "{trace}"
+            );
+        } else {
+            assert!(r.text().contains("tok2") && r.text().ends_with("data: [DONE]\n\n"), "{}", r.text());
+        }
+    }
+
+    // A reset before the answer (twice: a pooled connection's reset is retried once).
+    plain.push_script(vec![Behavior::ResetBeforeHeaders; 2]);
+    let r = ask(&gw, "@reset", json!({"mlx:trace": true})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(attempt_statuses(&trace_of(&r)), vec!["p1:connect_error", "p2:success"]);
+    drain_script(&plain).await;
+
+    let r = ask(&gw, "@only_connect", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-modelux-provider-used"), Some("p2"));
+
+    // Without 5xx or connect in retry_on, the failure is the client's answer: a 502.
+    let before = good.request_count();
+    let r = ask(&gw, "@only_429", json!({})).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(error_of(&r)["code"], "upstream_unavailable");
+    assert_eq!(good.request_count(), before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhealthy_targets_are_skipped_and_probed_back() {
     let a = mock(MockConfig::default()).await;
