@@ -264,7 +264,14 @@ fn route_decisions(c: &mut Criterion) {
             b.iter(|| {
                 let snap = store.load();
                 let config = &snap.routing_configs[slug];
-                let d = routing::decide(&snap, config, black_box(&facts), health::now_ms(), true);
+                let d = routing::decide(
+                    &snap.routing_configs,
+                    &snap.health_settings,
+                    config,
+                    black_box(&facts),
+                    health::now_ms(),
+                    true,
+                );
                 black_box(d.candidates.len())
             })
         });

@@ -192,10 +192,7 @@ impl GatewayError {
         }
         match surface {
             Surface::OpenAi => self.to_openai_body(),
-            Surface::Anthropic => crate::wire::anthropic::error_body(
-                crate::wire::anthropic::error_type(self.status()),
-                &self.message(),
-            ),
+            Surface::Anthropic => anthropic_error_body(anthropic_error_type(self.status()), &self.message()),
         }
     }
 
@@ -205,6 +202,48 @@ impl GatewayError {
             return self.render(Surface::OpenAi);
         }
         openai_error_body(self.kind(), &self.message(), self.code())
+    }
+}
+
+/// An upstream's 4xx answer, re-rendered in the client's envelope (a translated route):
+/// the same status and message, the type the client's SDK maps that status to.
+pub fn upstream_client_error_body(client: Surface, status: u16, message: &str) -> Vec<u8> {
+    match client {
+        Surface::OpenAi => openai_error_body(openai_error_type(status), message, "upstream_client_error"),
+        Surface::Anthropic => anthropic_error_body(anthropic_error_type(status), message),
+    }
+}
+
+/// OpenAI-style `error.type` for a status passed from a translated upstream.
+fn openai_error_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// The Anthropic error envelope: `{"type":"error","error":{"type","message"}}`.
+pub fn anthropic_error_body(kind: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}))
+        .unwrap_or_else(|_| br#"{"type":"error","error":{}}"#.to_vec())
+}
+
+/// Anthropic's `error.type` for a gateway error status.
+pub fn anthropic_error_type(status: u16) -> &'static str {
+    match status {
+        400 | 405 | 408 | 415 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        _ => "api_error",
     }
 }
 

@@ -1,8 +1,10 @@
 //! modelux: a self-hosted control plane for LLM traffic on Pingora.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod estimate;
 pub mod manage;
 pub mod metrics;
 pub mod prices;

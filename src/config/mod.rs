@@ -20,7 +20,6 @@ use crate::auth::{self, KeyIndex, Principal, MANAGEMENT_KEY_PREFIX, PROJECT_KEY_
 use crate::prices::PriceTable;
 use crate::providers::{self, Provider};
 use crate::routing::health::{HealthRegistry, HealthSettings};
-use crate::routing::Strategy;
 use crate::spend::budgets::Budgets;
 use crate::wire;
 use raw::*;
@@ -89,16 +88,7 @@ pub struct ClickHouseConfig {
     pub table: String,
 }
 
-#[derive(Debug)]
-pub struct RoutingConfig {
-    pub slug: String,
-    pub project: String,
-    /// Starts at 1; bumped whenever a reload changes this config's definition.
-    pub version: u32,
-    pub strategy: Strategy,
-    /// Canonical text of the definition, compared across reloads to decide version bumps.
-    pub definition: String,
-}
+pub use crate::routing::{RoutingConfig, RoutingConfigs};
 
 /// Everything the hot path reads, immutable once built.
 #[derive(Debug)]
@@ -109,7 +99,7 @@ pub struct Snapshot {
     pub providers: HashMap<String, Arc<Provider>>,
     pub project_keys: KeyIndex,
     pub management_keys: KeyIndex,
-    pub routing_configs: HashMap<String, Arc<RoutingConfig>>,
+    pub routing_configs: RoutingConfigs,
     pub projects: Vec<String>,
     /// Live provider health; the same registry is handed from snapshot to snapshot.
     pub health: Arc<HealthRegistry>,

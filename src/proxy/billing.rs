@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::respond::{name, Headers};
+use super::headers::{name, Headers};
 use super::{GatewayState, RequestCtx};
 use crate::auth::Principal;
 use crate::config::Snapshot;
@@ -12,7 +12,7 @@ use crate::error::GatewayError;
 use crate::prices::{Rates, Tokens};
 use crate::routing::trace::{BudgetRecord, CostRecord, UsageRecord};
 use crate::routing::Member;
-use crate::spend::budgets::{Blocked, BudgetRequest, Evaluation, Hit, Outcome, Reservation, State};
+use crate::spend::budgets::{Blocked, Evaluation, Hit, Outcome, Reservation, State};
 use crate::spend::counters::{to_nanos, to_usd, Nanos, RateKind, RateVerdict, SpendCounter};
 use crate::spend::period::iso8601;
 use crate::spend::{unix_now, unix_now_us};
@@ -213,30 +213,17 @@ pub fn usd_text(usd: f64) -> String {
     }
 }
 
-/// The budgets of a request and what they decide: `Err` for a block (402), else the
-/// model to route (the downgrade target when a downgrade applies).
-pub(super) fn evaluate<'s, 'r>(
+/// Notes what the budgets decided, for the response headers and the metrics.
+pub(super) fn note_budget(
     state: &GatewayState,
-    snapshot: &'s Snapshot,
     ctx: &mut RequestCtx,
-    req: &BudgetRequest<'r>,
-    policed: bool,
-) -> Result<(Evaluation<'s, 'r>, Option<Arc<str>>), GatewayError> {
-    let now = unix_now();
-    let eval = snapshot.budgets.evaluate(&*state.spend.counters, req, policed, now);
-    let Some(hit) = eval.applied() else { return Ok((eval, None)) };
-    let outcome = eval.outcome();
+    eval: &Evaluation<'_, '_>,
+    outcome: &Outcome,
+) {
+    let Some(hit) = eval.applied() else { return };
     ctx.bill.budget = Some(BudgetNote::new(hit, outcome.header(), hit.state == State::Hard));
     if let Some(action) = outcome.header() {
         state.metrics.budget_outcomes.with_label_values(&[&hit.budget.name, action]).inc();
-    }
-    match outcome {
-        Outcome::Block => {
-            let blocked = Blocked::new(hit, hit.level, now);
-            Err(GatewayError::BudgetExceeded(Box::new(blocked)))
-        }
-        Outcome::Downgrade(to) => Ok((eval, Some(to))),
-        Outcome::None | Outcome::Warn => Ok((eval, None)),
     }
 }
 

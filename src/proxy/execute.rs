@@ -7,13 +7,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use pingora::proxy::Session;
 
+use super::answer::{self, is_event_stream, EVENT_STREAM_AWS, MAX_UPSTREAM_BODY};
 use super::billing;
-use super::pipeline::{self, RouteInfo, Served};
+use super::headers::{answer_headers, Served};
 use super::respond;
+use super::stream::{self, StreamCodec};
 use super::upstream::{self, Exchange};
-use super::{GatewayState, RequestCtx};
+use super::{GatewayState, Req, RequestCtx};
+use crate::admission::RouteInfo;
 use crate::config::Settings;
 use crate::error::{GatewayError, Surface};
 use crate::providers::Target;
@@ -40,18 +42,50 @@ pub(super) struct Prepared {
 }
 
 /// The request being routed, shared by all its attempts.
-pub(super) struct Exec<'r> {
-    pub state: &'r GatewayState,
-    pub settings: &'r Settings,
-    pub client: Surface,
-    pub request: &'r ChatRequest<'r>,
-    pub body: &'r Bytes,
+pub(super) struct Exec<'e, 'r> {
+    req: &'e mut Req<'r>,
+    client: Surface,
+    request: &'e ChatRequest<'e>,
+    body: &'e Bytes,
     /// Decoded once, on the first attempt that needs it.
-    pub canonical: Option<Request>,
-    pub anthropic_headers: Vec<(String, String)>,
-    pub want_trace: bool,
-    /// The request's snapshot's health thresholds.
-    pub health: &'r HealthSettings,
+    canonical: Option<Request>,
+    anthropic_headers: Vec<(String, String)>,
+    want_trace: bool,
+    info: &'e RouteInfo,
+}
+
+/// How a sequence of attempts moves on (fallback, cost/latency order, cascade).
+pub(super) struct Sequence {
+    pub retry_on: RetryOn,
+    /// Bounds all attempts together.
+    pub total_budget: Option<Duration>,
+    /// 2xx answers must also pass the step's acceptance check.
+    pub cascade: bool,
+}
+
+/// How one attempt ended, for health, metrics and the trace.
+struct Outcome {
+    result: Result<(), Failure>,
+    http_status: Option<u16>,
+    error: Option<String>,
+    started: Instant,
+    ttfb: Option<Duration>,
+}
+
+impl Outcome {
+    fn success(http_status: u16, started: Instant, ttfb: Option<Duration>) -> Outcome {
+        Outcome { result: Ok(()), http_status: Some(http_status), error: None, started, ttfb }
+    }
+
+    fn failure(
+        failure: Failure,
+        http_status: Option<u16>,
+        error: Option<String>,
+        started: Instant,
+        ttfb: Option<Duration>,
+    ) -> Outcome {
+        Outcome { result: Err(failure), http_status, error, started, ttfb }
+    }
 }
 
 /// How much of a 2xx answer an attempt waits for before it counts as a success.
@@ -98,7 +132,35 @@ fn min_limit(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     }
 }
 
-impl Exec<'_> {
+impl<'e, 'r> Exec<'e, 'r> {
+    pub fn new(
+        req: &'e mut Req<'r>,
+        request: &'e ChatRequest<'e>,
+        body: &'e Bytes,
+        anthropic_headers: Vec<(String, String)>,
+        info: &'e RouteInfo,
+    ) -> Exec<'e, 'r> {
+        let client = req.ctx.surface;
+        Exec {
+            req,
+            client,
+            request,
+            body,
+            canonical: None,
+            anthropic_headers,
+            want_trace: request.trace,
+            info,
+        }
+    }
+
+    fn state(&self) -> &'r GatewayState {
+        self.req.state
+    }
+
+    fn settings(&self) -> &'r Settings {
+        &self.req.snapshot.settings
+    }
+
     /// The upstream request for `target`. `upstream_stream`: ask the upstream for a stream.
     fn prepare(&mut self, target: &Target, upstream_stream: bool) -> Result<Prepared, GatewayError> {
         let provider = &target.provider;
@@ -142,7 +204,7 @@ impl Exec<'_> {
             (Bytes::from(encoded?), wants_usage)
         };
         let accept = match (upstream_stream, format) {
-            (true, WireFormat::Bedrock) => pipeline::EVENT_STREAM_AWS,
+            (true, WireFormat::Bedrock) => EVENT_STREAM_AWS,
             (true, _) => "text/event-stream",
             (false, _) => "application/json",
         };
@@ -193,7 +255,7 @@ async fn run(
             return Attempted::Status { ex, failure: classify_status(status) };
         }
         match mode {
-            Mode::FirstChunk if pipeline::is_event_stream(&ex.header) => {
+            Mode::FirstChunk if is_event_stream(&ex.header) => {
                 match upstream::next_chunk(&mut ex, provider, settings).await {
                     Ok(Some(first)) => Attempted::Streaming { ex, first: Some(first) },
                     Ok(None) => Attempted::Failed {
@@ -207,7 +269,7 @@ async fn run(
                 }
             }
             // A 2xx that is not a stream (some servers ignore `stream`): read it whole.
-            _ => match upstream::read_all(&mut ex, pipeline::MAX_UPSTREAM_BODY, provider, settings).await {
+            _ => match upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, provider, settings).await {
                 Ok(body) => Attempted::Whole { ex, body },
                 Err(error) => Attempted::Failed { failure: classify_error(&error), error },
             },
@@ -229,51 +291,48 @@ async fn run(
 }
 
 /// Health, metrics and trace bookkeeping for one finished attempt.
-#[allow(clippy::too_many_arguments)]
-fn record(
-    exec: &Exec<'_>,
-    ctx: &mut RequestCtx,
-    member: &Member,
-    outcome: Result<(), Failure>,
-    http_status: Option<u16>,
-    error: Option<String>,
-    started: Instant,
-    ttfb: Option<Duration>,
-) {
+fn record(state: &GatewayState, ctx: &mut RequestCtx, health: &HealthSettings, member: &Member, o: Outcome) {
     let now = now_ms();
-    let elapsed = started.elapsed();
-    let latency = ttfb.unwrap_or(elapsed);
-    let sample = match outcome {
+    let elapsed = o.started.elapsed();
+    let latency = o.ttfb.unwrap_or(elapsed);
+    let sample = match o.result {
         Ok(()) => Some(Sample::Success),
         // A 2xx that failed an acceptance check: the provider itself answered fine.
-        Err(Failure::Rejected) if http_status.is_some_and(|s| (200..300).contains(&s)) => {
+        Err(Failure::Rejected) if o.http_status.is_some_and(|s| (200..300).contains(&s)) => {
             Some(Sample::Success)
         }
         Err(f) if f.counts_against_health() => Some(Sample::Failure),
         Err(_) => None,
     };
     if let Some(sample) = sample {
-        member.health.record(sample, latency, now, exec.health);
-        member.provider_health.record(sample, latency, now, exec.health);
+        member.health.record(sample, latency, now, health);
+        member.provider_health.record(sample, latency, now, health);
     }
-    let status = match outcome {
+    let status = match o.result {
         Ok(()) => "success",
         Err(f) => f.as_str(),
     };
     let provider = member.target.provider.id.as_str();
-    exec.state.metrics.routing_attempts.with_label_values(&[provider, status]).inc();
+    state.metrics.routing_attempts.with_label_values(&[provider, status]).inc();
     ctx.attempts += 1;
     if let Some(trace) = ctx.trace.as_mut() {
         trace.push_attempt(
             provider,
             &member.target.model,
             status,
-            http_status,
-            error,
-            started.duration_since(ctx.started),
-            ttfb,
+            o.http_status,
+            o.error,
+            o.started.duration_since(ctx.started),
+            o.ttfb,
             elapsed,
         );
+    }
+}
+
+impl Exec<'_, '_> {
+    fn record(&mut self, member: &Member, o: Outcome) {
+        let (state, health) = (self.req.state, &self.req.snapshot.health_settings);
+        record(state, self.req.ctx, health, member, o);
     }
 }
 
@@ -326,64 +385,67 @@ fn trace_value(ctx: &RequestCtx) -> serde_json::Value {
     ctx.trace.as_ref().and_then(|t| serde_json::to_value(t).ok()).unwrap_or(serde_json::Value::Null)
 }
 
-/// Answers with a complete 2xx upstream body, converted as `prepared` says.
-#[allow(clippy::too_many_arguments)]
-async fn answer_body(
-    exec: &Exec<'_>,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    served: &Served<'_>,
-    ex: &Exchange,
-    prepared: &Prepared,
-    body: Bytes,
-    decoded: Option<Response>,
-) -> Result<(), GatewayError> {
-    let status = ex.header.status.as_u16();
-    let decoded = match decoded {
-        Some(r) => Some(r),
-        None if prepared.translated => {
-            Some(decode(prepared.format, &body, &served.target.model).map_err(|message| {
-                GatewayError::UpstreamStatus { provider: served.target.provider.id.clone(), status, message }
-            })?)
-        }
-        None => None,
-    };
-    let usage = match &decoded {
-        Some(resp) => Some(resp.usage),
-        None => wire::usage::from_body(prepared.format, &body),
-    };
-    // Settled before the headers go: they carry the cost and what the budget has left.
-    // Without reported usage: about four bytes of JSON per output token.
-    billing::bill_answer(exec.state, ctx, usage, true, (body.len() as u64).div_ceil(4));
-    ctx.bill.cost_header = true;
-    let mut headers = pipeline::answer_headers(&ex.header, prepared.translated, served);
-    let trace = exec.want_trace.then(|| trace_value(ctx));
-    if !prepared.translated {
-        let body = match trace.as_ref().and_then(|t| inject_trace(&body, t)) {
-            Some(with) => Bytes::from(with),
-            None => body,
+impl Exec<'_, '_> {
+    /// Answers with a complete 2xx upstream body, converted as `prepared` says.
+    async fn answer_body(
+        &mut self,
+        served: &Served<'_>,
+        ex: &Exchange,
+        prepared: &Prepared,
+        body: Bytes,
+        decoded: Option<Response>,
+    ) -> Result<(), GatewayError> {
+        let status = ex.header.status.as_u16();
+        let decoded = match decoded {
+            Some(r) => Some(r),
+            None if prepared.translated => {
+                Some(decode(prepared.format, &body, &served.target.model).map_err(|message| {
+                    GatewayError::UpstreamStatus {
+                        provider: served.target.provider.id.clone(),
+                        status,
+                        message,
+                    }
+                })?)
+            }
+            None => None,
         };
-        respond::whole(session, ctx, status, headers, body).await;
-        return Ok(());
+        let usage = match &decoded {
+            Some(resp) => Some(resp.usage),
+            None => wire::usage::from_body(prepared.format, &body),
+        };
+        let (state, session, ctx) = (self.req.state, &mut *self.req.session, &mut *self.req.ctx);
+        // Settled before the headers go: they carry the cost and what the budget has left.
+        billing::bill_answer(state, ctx, usage, true, crate::estimate::json_tokens(body.len()));
+        ctx.bill.cost_header = true;
+        let mut headers = answer_headers(&ex.header, prepared.translated, served);
+        let trace = self.want_trace.then(|| trace_value(ctx));
+        if !prepared.translated {
+            let body = match trace.as_ref().and_then(|t| inject_trace(&body, t)) {
+                Some(with) => Bytes::from(with),
+                None => body,
+            };
+            respond::whole(session, ctx, status, headers, body).await;
+            return Ok(());
+        }
+        let Some(resp) = decoded else {
+            return Err(GatewayError::internal("a translated answer was not decoded"));
+        };
+        if self.request.stream {
+            // Chosen whole (ensemble, cascade) but asked for as a stream: replay it as one.
+            let out = wire::stream_response(self.client, &resp, prepared.client_wants_usage, trace.as_ref());
+            headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
+            headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
+            respond::whole(session, ctx, 200, headers, Bytes::from(out)).await;
+            return Ok(());
+        }
+        let mut out = wire::encode_response(self.client, &resp);
+        if let Some(with) = trace.as_ref().and_then(|t| inject_trace(&out, t)) {
+            out = with;
+        }
+        headers.push((http::header::CONTENT_TYPE, "application/json".into()));
+        respond::whole(session, ctx, status, headers, Bytes::from(out)).await;
+        Ok(())
     }
-    let Some(resp) = decoded else {
-        return Err(GatewayError::internal("a translated answer was not decoded"));
-    };
-    if exec.request.stream {
-        // Chosen whole (ensemble, cascade) but asked for as a stream: replay it as one.
-        let out = wire::stream_response(exec.client, &resp, prepared.client_wants_usage, trace.as_ref());
-        headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
-        headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
-        respond::whole(session, ctx, 200, headers, Bytes::from(out)).await;
-        return Ok(());
-    }
-    let mut out = wire::encode_response(exec.client, &resp);
-    if let Some(with) = trace.as_ref().and_then(|t| inject_trace(&out, t)) {
-        out = with;
-    }
-    headers.push((http::header::CONTENT_TYPE, "application/json".into()));
-    respond::whole(session, ctx, status, headers, Bytes::from(out)).await;
-    Ok(())
 }
 
 fn decode(format: WireFormat, body: &[u8], model: &str) -> Result<Response, String> {
@@ -401,7 +463,7 @@ async fn drain_error(state: &GatewayState, settings: &Settings, member: &Member,
     let provider = &member.target.provider;
     let read = upstream::read_all(&mut ex, 64 * 1024, provider, settings);
     let message = match tokio::time::timeout(Duration::from_secs(2), read).await {
-        Ok(Ok(body)) => pipeline::error_message(provider.format(), &body),
+        Ok(Ok(body)) => answer::error_message(provider.format(), &body),
         _ => String::new(),
     };
     upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
@@ -410,20 +472,14 @@ async fn drain_error(state: &GatewayState, settings: &Settings, member: &Member,
 
 /// Attempts in order until one answers. `cascade`: 2xx answers must also pass the step's
 /// acceptance check (the last step's answer is returned even if it fails it).
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn sequential(
-    exec: &mut Exec<'_>,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
+    exec: &mut Exec<'_, '_>,
     attempts: &[&Member],
-    retry_on: RetryOn,
-    total_budget: Option<Duration>,
-    cascade: bool,
-    info: &RouteInfo,
+    seq: Sequence,
 ) -> Result<(), GatewayError> {
-    let state = exec.state;
-    let settings = exec.settings;
-    let deadline = total_budget.map(|b| Instant::now() + b);
+    let (state, settings, info) = (exec.state(), exec.settings(), exec.info);
+    let idle = settings.upstream_idle_timeout;
+    let deadline = seq.total_budget.map(|b| Instant::now() + b);
     let mut last_error: Option<GatewayError> = None;
     for (i, member) in attempts.iter().enumerate() {
         let is_last = i + 1 == attempts.len();
@@ -432,29 +488,33 @@ pub(super) async fn sequential(
             break;
         }
         let limit = min_limit(member.timeout, remaining);
-        let buffered = cascade && member.accept.is_some();
+        let buffered = seq.cascade && member.accept.is_some();
         let upstream_stream = exec.request.stream && !buffered;
         let started = Instant::now();
         let prepared = match exec.prepare(&member.target, upstream_stream) {
             Ok(p) => p,
             Err(e) => {
-                record(exec, ctx, member, Err(Failure::Rejected), None, Some(e.message()), started, None);
+                exec.record(
+                    member,
+                    Outcome::failure(Failure::Rejected, None, Some(e.message()), started, None),
+                );
                 last_error = Some(e);
                 continue;
             }
         };
         let mode = if upstream_stream { Mode::FirstChunk } else { Mode::Whole };
         let attempted = run(state, settings, member, &prepared, limit, mode).await;
-        let served_now = Served::new(info, member, ctx.attempts + 1);
+        let served_now = Served::new(info, member, exec.req.ctx.attempts + 1);
         match attempted {
             Attempted::Streaming { ex, first } => {
                 let ttfb = ex.ttfb;
-                record(exec, ctx, member, Ok(()), Some(200), None, started, Some(ttfb));
+                exec.record(member, Outcome::success(200, started, Some(ttfb)));
+                let ctx = &mut *exec.req.ctx;
                 ctx.ttfb = Some(ttfb);
                 ctx.set_served(member);
                 conclude(ctx, None);
-                let mut headers = pipeline::answer_headers(&ex.header, prepared.translated, &served_now);
-                let transcoder = prepared.translated.then(|| {
+                let mut headers = answer_headers(&ex.header, prepared.translated, &served_now);
+                let codec = if prepared.translated {
                     headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
                     headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
                     let mut t = Transcoder::new(
@@ -466,34 +526,18 @@ pub(super) async fn sequential(
                     if exec.want_trace {
                         t.hold_done();
                     }
-                    t
-                });
-                let codec = match transcoder {
-                    Some(t) => pipeline::StreamCodec::Transcode(Box::new(t)),
-                    None => pipeline::StreamCodec::Tap(wire::usage::UsageTap::new(
-                        prepared.format,
-                        prepared.strip_usage,
-                    )),
+                    StreamCodec::Transcode(Box::new(t))
+                } else {
+                    StreamCodec::Tap(wire::usage::UsageTap::new(prepared.format, prepared.strip_usage))
                 };
                 let provider = member.target.provider.clone();
-                pipeline::stream(
-                    state,
-                    settings,
-                    &provider,
-                    session,
-                    ctx,
-                    ex,
-                    first,
-                    headers,
-                    exec.client,
-                    codec,
-                )
-                .await;
+                stream::stream(exec.req, &provider, ex, first, headers, codec).await;
                 return Ok(());
             }
             Attempted::Whole { ex, body } => {
                 let ttfb = ex.ttfb;
-                ctx.upstream_time += ex.started.elapsed();
+                let status = ex.header.status.as_u16();
+                exec.req.ctx.upstream_time += ex.started.elapsed();
                 let mut decoded = None;
                 if buffered {
                     match decode(prepared.format, &body, &member.target.model) {
@@ -501,85 +545,71 @@ pub(super) async fn sequential(
                             let verdict = member.accept.as_ref().map_or(Ok(()), |a| check_accept(a, &resp));
                             if let (Err(why), false) = (&verdict, is_last) {
                                 // Rejected, but the provider billed it.
-                                billing::add_usage(ctx, member.rates, &resp.usage);
-                                record(
-                                    exec,
-                                    ctx,
-                                    member,
-                                    Err(Failure::Rejected),
-                                    Some(ex.header.status.as_u16()),
+                                billing::add_usage(exec.req.ctx, member.rates, &resp.usage);
+                                let o = Outcome::failure(
+                                    Failure::Rejected,
+                                    Some(status),
                                     Some(why.clone()),
                                     started,
                                     Some(ttfb),
                                 );
-                                upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+                                exec.record(member, o);
+                                upstream::release(&state.connector, ex, idle).await;
                                 continue;
                             }
                             decoded = Some(resp);
                         }
                         Err(message) if !is_last => {
-                            record(
-                                exec,
-                                ctx,
-                                member,
-                                Err(Failure::ServerError),
-                                Some(ex.header.status.as_u16()),
+                            let o = Outcome::failure(
+                                Failure::ServerError,
+                                Some(status),
                                 Some(message),
                                 started,
                                 Some(ttfb),
                             );
-                            upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+                            exec.record(member, o);
+                            upstream::release(&state.connector, ex, idle).await;
                             continue;
                         }
                         Err(_) => {}
                     }
                 }
-                record(exec, ctx, member, Ok(()), Some(ex.header.status.as_u16()), None, started, Some(ttfb));
+                exec.record(member, Outcome::success(status, started, Some(ttfb)));
+                let ctx = &mut *exec.req.ctx;
                 ctx.ttfb = Some(ttfb);
                 ctx.set_served(member);
                 conclude(ctx, None);
-                let result =
-                    answer_body(exec, session, ctx, &served_now, &ex, &prepared, body, decoded).await;
-                upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+                let result = exec.answer_body(&served_now, &ex, &prepared, body, decoded).await;
+                upstream::release(&state.connector, ex, idle).await;
                 return result;
             }
             Attempted::Status { ex, failure } => {
                 let status = ex.header.status.as_u16();
-                let retry = !is_last && retry_on.allows(failure);
-                if retry {
-                    let ttfb = ex.ttfb;
-                    ctx.upstream_time += ex.started.elapsed();
+                let ttfb = ex.ttfb;
+                if !is_last && seq.retry_on.allows(failure) {
+                    exec.req.ctx.upstream_time += ex.started.elapsed();
                     let message = drain_error(state, settings, member, ex).await;
-                    record(exec, ctx, member, Err(failure), Some(status), Some(message), started, Some(ttfb));
+                    exec.record(
+                        member,
+                        Outcome::failure(failure, Some(status), Some(message), started, Some(ttfb)),
+                    );
                     continue;
                 }
-                record(exec, ctx, member, Err(failure), Some(status), None, started, Some(ex.ttfb));
-                ctx.ttfb = Some(ex.ttfb);
+                exec.record(member, Outcome::failure(failure, Some(status), None, started, Some(ttfb)));
+                let ctx = &mut *exec.req.ctx;
+                ctx.ttfb = Some(ttfb);
                 ctx.set_served(member);
-                conclude(
-                    ctx,
-                    Some(format!("{}/{} answered {status}", member.target.provider.id, member.target.model)),
-                );
-                let headers = pipeline::answer_headers(&ex.header, prepared.translated, &served_now);
+                let why = format!("{}/{} answered {status}", member.target.provider.id, member.target.model);
+                conclude(ctx, Some(why));
+                let headers = answer_headers(&ex.header, prepared.translated, &served_now);
                 let provider = member.target.provider.clone();
-                pipeline::answer_upstream_error(
-                    state,
-                    settings,
-                    &provider,
-                    session,
-                    ctx,
-                    ex,
-                    headers,
-                    exec.client,
-                    prepared.translated,
-                )
-                .await;
+                answer::upstream_error_status(exec.req, &provider, ex, headers, prepared.translated).await;
                 return Ok(());
             }
             Attempted::Failed { failure, error } => {
-                record(exec, ctx, member, Err(failure), None, Some(error.message()), started, None);
-                ctx.upstream_time += started.elapsed();
-                let retry = !is_last && retry_on.allows(failure);
+                exec.record(member, Outcome::failure(failure, None, Some(error.message()), started, None));
+                exec.req.ctx.upstream_time += started.elapsed();
+                let retry = !is_last && seq.retry_on.allows(failure);
                 last_error = Some(error);
                 if retry {
                     continue;
@@ -588,12 +618,12 @@ pub(super) async fn sequential(
             }
         }
     }
-    conclude(ctx, None);
+    conclude(exec.req.ctx, None);
     let budget_spent = deadline.is_some_and(|d| Instant::now() >= d);
     Err(match (budget_spent, last_error) {
         (true, _) => GatewayError::UpstreamTimeout {
             provider: attempts.last().map(|m| m.target.provider.id.clone()).unwrap_or_default(),
-            after_ms: total_budget.map_or(0, |b| b.as_millis() as u64),
+            after_ms: seq.total_budget.map_or(0, |b| b.as_millis() as u64),
         },
         (false, Some(e)) => e,
         (false, None) => GatewayError::internal("the routing decision has no attempt"),
@@ -628,16 +658,12 @@ fn vote_key(resp: &Response) -> String {
 /// are left out; with no valid answer at all the request fails with 502.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn parallel(
-    exec: &mut Exec<'_>,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
+    exec: &mut Exec<'_, '_>,
     members: &[&Member],
     aggregation: Aggregation,
     timeout: Duration,
-    info: &RouteInfo,
 ) -> Result<(), GatewayError> {
-    let state = exec.state;
-    let settings = exec.settings;
+    let (state, settings, info) = (exec.state(), exec.settings(), exec.info);
     let mut prepared = Vec::with_capacity(members.len());
     for member in members {
         prepared.push(exec.prepare(&member.target, false));
@@ -725,7 +751,10 @@ pub(super) async fn parallel(
         .collect();
     for (member, p) in members.iter().zip(prepared.iter()) {
         if let Err(e) = p {
-            record(exec, ctx, member, Err(Failure::Rejected), None, Some(e.message()), Instant::now(), None);
+            exec.record(
+                member,
+                Outcome::failure(Failure::Rejected, None, Some(e.message()), Instant::now(), None),
+            );
         }
     }
     let mut answers: Vec<(usize, Exchange, Bytes, Response, usize)> = Vec::new();
@@ -734,8 +763,8 @@ pub(super) async fn parallel(
         let member = members[a.index];
         match a.outcome {
             Ok((ex, body, resp)) => {
-                record(exec, ctx, member, Ok(()), Some(ex.header.status.as_u16()), None, a.started, a.ttfb);
-                let attempt_no = ctx.attempts;
+                exec.record(member, Outcome::success(ex.header.status.as_u16(), a.started, a.ttfb));
+                let attempt_no = exec.req.ctx.attempts;
                 answers.push((a.index, ex, body, resp, attempt_no));
                 if aggregation == Aggregation::FirstValid {
                     winner = Some(answers.len() - 1);
@@ -744,15 +773,16 @@ pub(super) async fn parallel(
             }
             Err((failure, message, status)) => {
                 if let Some(u) = &a.rejected_usage {
-                    billing::add_usage(ctx, member.rates, u);
+                    billing::add_usage(exec.req.ctx, member.rates, u);
                 }
-                record(exec, ctx, member, Err(failure), status, Some(message), a.started, a.ttfb);
+                exec.record(member, Outcome::failure(failure, status, Some(message), a.started, a.ttfb));
             }
         }
     }
     // First-valid stops early: the others are cancelled (their futures are dropped).
     let cancelled = pending.len();
     drop(pending);
+    let ctx = &mut *exec.req.ctx;
     if cancelled > 0 {
         if let Some(t) = ctx.trace.as_mut() {
             t.decision.reason = format!("{cancelled} slower member(s) cancelled");
@@ -819,7 +849,7 @@ pub(super) async fn parallel(
         return Err(GatewayError::internal("winning member has no prepared request"));
     };
     let served_now = Served::new(info, member, attempt_no);
-    let result = answer_body(exec, session, ctx, &served_now, &ex, p, body, Some(resp)).await;
+    let result = exec.answer_body(&served_now, &ex, p, body, Some(resp)).await;
     upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
     for (_, ex, ..) in answers {
         upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;

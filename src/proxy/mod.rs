@@ -2,12 +2,21 @@
 //! calls into one module; read top to bottom, this file is the table of contents of a
 //! request.
 
+mod answer;
 mod billing;
 pub use billing::push_rate_headers;
 mod body;
+mod chat;
+mod count_tokens;
+mod dispatch;
+mod dry_run;
+mod embeddings;
 mod execute;
-mod pipeline;
+mod headers;
+mod models;
+mod request;
 mod respond;
+mod stream;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -19,8 +28,10 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error as PError, ErrorType, Result as PResult};
 
+pub use crate::admission::RequestMeta;
 use crate::auth::Principal;
 use crate::config::store::ConfigStore;
+use crate::config::Snapshot;
 use crate::error::Surface;
 use crate::metrics::Metrics;
 use crate::providers::Resolution;
@@ -86,13 +97,13 @@ pub struct RequestCtx {
     traces: Option<Arc<TraceQueue>>,
 }
 
-#[derive(Default)]
-pub struct RequestMeta {
-    pub model_requested: Option<String>,
-    pub tags: Vec<(String, String)>,
-    pub end_user: Option<String>,
-    pub trace_id: Option<String>,
-    pub conversation_id: Option<String>,
+/// One request being served: what every endpoint and answer helper works with. The
+/// snapshot is the one loaded when the request arrived; it serves the whole request.
+pub(crate) struct Req<'a> {
+    pub state: &'a GatewayState,
+    pub snapshot: &'a Snapshot,
+    pub session: &'a mut Session,
+    pub ctx: &'a mut RequestCtx,
 }
 
 impl RequestCtx {
@@ -212,7 +223,7 @@ impl ProxyHttp for Gateway {
     /// answer: always handled here (see `upstream.rs` for why), so pingora's own upstream
     /// phases never run.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> PResult<bool> {
-        pipeline::handle(&self.state, session, ctx).await;
+        dispatch::handle(&self.state, session, ctx).await;
         Ok(true)
     }
 

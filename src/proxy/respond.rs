@@ -2,21 +2,14 @@
 //! wire format, and the metrics of a finished request.
 
 use bytes::Bytes;
-use http::{HeaderName, StatusCode};
+use http::StatusCode;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
+use super::headers::{Headers, REQUEST_ID};
 use super::RequestCtx;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-
-pub const REQUEST_ID: &str = "x-modelux-request-id";
-
-pub type Headers = Vec<(HeaderName, String)>;
-
-pub fn name(n: &'static str) -> HeaderName {
-    HeaderName::from_static(n)
-}
 
 pub fn header(status: u16, extra: Headers, ctx: &RequestCtx) -> Result<ResponseHeader, GatewayError> {
     let build = || -> pingora::Result<ResponseHeader> {

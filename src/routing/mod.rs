@@ -6,13 +6,29 @@ pub mod health;
 pub mod rules;
 pub mod trace;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{RoutingConfig, Snapshot};
 use crate::prices::{Rates, Tier};
 use crate::providers::Target;
 use health::{Health, HealthSettings, Verdict};
+
+/// One validated routing config: a slug, its project, its version and its strategy.
+#[derive(Debug)]
+pub struct RoutingConfig {
+    pub slug: String,
+    pub project: String,
+    /// Starts at 1; bumped whenever a reload changes this config's definition.
+    pub version: u32,
+    pub strategy: Strategy,
+    /// Canonical text of the definition, compared across reloads to decide version bumps.
+    pub definition: String,
+}
+
+/// Every routing config of a snapshot, by slug (`ab_test` and `custom_rules` hand requests
+/// to other configs by slug).
+pub type RoutingConfigs = HashMap<String, Arc<RoutingConfig>>;
 
 /// Which failures move a fallback to its next attempt (`retry_on`). `5xx` covers
 /// connection failures too (refused, reset before the answer, TLS); `connect` is that class
@@ -468,13 +484,13 @@ impl rules::Facts for RuleFacts<'_, '_> {
 /// Routes one request that named `@slug` (`config`). Health verdicts are taken here, so a
 /// probe lease goes to the request that will actually carry the probe.
 pub fn decide<'a>(
-    snapshot: &'a Snapshot,
+    configs: &'a RoutingConfigs,
+    settings: &HealthSettings,
     config: &'a RoutingConfig,
     facts: &RequestFacts<'_>,
     now: u64,
     lease: bool,
 ) -> Decision<'a> {
-    let settings = &snapshot.health_settings;
     let mut hops: [Option<Hop<'a>>; MAX_DEPTH] = [None; MAX_DEPTH];
     let mut current = config;
     let mut depth = 0;
@@ -542,7 +558,7 @@ pub fn decide<'a>(
             }
             _ => None,
         };
-        match next.and_then(|slug| snapshot.routing_configs.get(slug)) {
+        match next.and_then(|slug| configs.get(slug)) {
             Some(sub) if depth + 1 < MAX_DEPTH => {
                 current = sub;
                 depth += 1;
@@ -703,7 +719,7 @@ mod tests {
     /// Ten providers and configs exercising the decision paths (shared with the benchmark).
     pub const BENCH_CONFIG: &str = include_str!("../../benches/routing.yaml");
 
-    fn snapshot() -> Snapshot {
+    fn snapshot() -> crate::config::Snapshot {
         let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches"));
         crate::config::build_snapshot_in(BENCH_CONFIG, &|_| None, None, dir).unwrap()
     }
@@ -727,11 +743,14 @@ mod tests {
         let f = facts();
         let now = health::now_ms();
         // Warm up thread-locals (the rand thread RNG) outside the measurement.
-        let _ = decide(&snap, &snap.routing_configs["ab"], &f, now, true);
+        let _ =
+            decide(&snap.routing_configs, &snap.health_settings, &snap.routing_configs["ab"], &f, now, true);
         for slug in ["fallback3", "cost10", "latency10", "ensemble3", "cascade3", "ab", "rules"] {
             let config = &snap.routing_configs[slug];
             let mut decision = None;
-            let n = allocations_in(|| decision = Some(decide(&snap, config, &f, now, true)));
+            let n = allocations_in(|| {
+                decision = Some(decide(&snap.routing_configs, &snap.health_settings, config, &f, now, true))
+            });
             assert_eq!(n, 1, "{slug}: {n} allocations");
             let d = decision.unwrap();
             assert!(d.attempts().count() >= 1, "{slug}");
@@ -743,19 +762,40 @@ mod tests {
         let snap = snapshot();
         let f = facts();
         let now = health::now_ms();
-        let d = decide(&snap, &snap.routing_configs["cost10"], &f, now, true);
+        let d = decide(
+            &snap.routing_configs,
+            &snap.health_settings,
+            &snap.routing_configs["cost10"],
+            &f,
+            now,
+            true,
+        );
         let order: Vec<&str> = d.attempts().map(|c| c.member.target.provider.id.as_str()).collect();
         // p1..p10 cost 10, 9, …, 1 (per million tokens); p9 and p10 are economy.
         assert_eq!(order, ["p8", "p7", "p6", "p5", "p4", "p3", "p2", "p1"]);
         assert_eq!(d.candidates.iter().filter(|c| !c.eligible).count(), 2);
-        let d = decide(&snap, &snap.routing_configs["latency10"], &f, now, true);
+        let d = decide(
+            &snap.routing_configs,
+            &snap.health_settings,
+            &snap.routing_configs["latency10"],
+            &f,
+            now,
+            true,
+        );
         let fastest = d.attempts().next().unwrap().member.target.provider.id.as_str();
         assert_eq!(fastest, "p1", "cold start: list order");
         let s = &snap.health_settings;
         for (i, member) in snap.routing_configs["latency10"].strategy.members().iter().enumerate() {
             member.health.record(health::Sample::Success, Duration::from_millis(100 - i as u64 * 7), now, s);
         }
-        let d = decide(&snap, &snap.routing_configs["latency10"], &f, now, true);
+        let d = decide(
+            &snap.routing_configs,
+            &snap.health_settings,
+            &snap.routing_configs["latency10"],
+            &f,
+            now,
+            true,
+        );
         assert_eq!(d.attempts().next().unwrap().member.target.provider.id, "p10");
     }
 
@@ -767,8 +807,26 @@ mod tests {
         for u in 0..1000 {
             let user = format!("user-{u}");
             let f = RequestFacts { end_user: Some(&user), ..facts() };
-            let a = decide(&snap, &snap.routing_configs["ab"], &f, now, true).ab_variant().unwrap();
-            let b = decide(&snap, &snap.routing_configs["ab"], &f, now, true).ab_variant().unwrap();
+            let a = decide(
+                &snap.routing_configs,
+                &snap.health_settings,
+                &snap.routing_configs["ab"],
+                &f,
+                now,
+                true,
+            )
+            .ab_variant()
+            .unwrap();
+            let b = decide(
+                &snap.routing_configs,
+                &snap.health_settings,
+                &snap.routing_configs["ab"],
+                &f,
+                now,
+                true,
+            )
+            .ab_variant()
+            .unwrap();
             assert_eq!(a, b);
             counts[usize::from(a == "treatment")] += 1;
         }

@@ -440,28 +440,6 @@ pub fn encode_response(resp: &Response) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
-/// The Anthropic error envelope.
-pub fn error_body(kind: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({"type": "error", "error": {"type": kind, "message": message}}))
-        .unwrap_or_else(|_| br#"{"type":"error","error":{}}"#.to_vec())
-}
-
-/// Anthropic's `error.type` for a gateway error status.
-pub fn error_type(status: u16) -> &'static str {
-    match status {
-        400 | 405 | 408 | 415 => "invalid_request_error",
-        401 => "authentication_error",
-        402 => "billing_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        504 => "timeout_error",
-        529 => "overloaded_error",
-        _ => "api_error",
-    }
-}
-
 /// Anthropic SSE events → deltas (the SSE framing is parsed by the caller).
 #[derive(Default)]
 pub struct StreamDecoder {

@@ -1,0 +1,59 @@
+//! `POST /openai/v1/chat/completions` and `POST /anthropic/v1/messages` (and their
+//! `…/dry-run`): admitted, reserved, then run as the routing decision's plan says.
+
+use super::execute::{self, Exec};
+use super::request::{self, Incoming};
+use super::{billing, dry_run, Req};
+use crate::auth::Principal;
+use crate::error::GatewayError;
+use crate::routing::Plan;
+use crate::wire::openai::ChatRequest;
+
+/// `dry_run_endpoint`: `POST …/dry-run`, the decision without a call.
+pub async fn complete(
+    req: &mut Req<'_>,
+    principal: &Principal,
+    dry_run_endpoint: bool,
+) -> Result<(), GatewayError> {
+    let snapshot = req.snapshot;
+    let body = request::read_json_body(req).await?;
+    let incoming: Incoming<'_> = request::incoming(req.session, req.ctx, ChatRequest::parse(&body)?);
+    let chat = &incoming.request;
+    let mut facts = crate::admission::facts(chat, &incoming.meta, body.len());
+    let dry_run = dry_run_endpoint || incoming.dry_run;
+    req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(body.len());
+    if !dry_run {
+        let estimate =
+            facts.est_input_tokens.saturating_add(chat.max_tokens.unwrap_or(0).saturating_mul(chat.choices));
+        billing::charge_tokens(req.state, req.ctx, principal, estimate)?;
+    }
+    let (eval, routed) = request::admit(req, principal, &incoming, &mut facts, !dry_run)?;
+    if dry_run {
+        return dry_run::answer(req, &routed, &facts, 1024).await;
+    }
+    let attempts = routed.attempts();
+    let plan = routed.plan();
+    // Ensembles bill every member, cascades every step they try.
+    let all_answer = matches!(plan, Plan::Parallel { .. } | Plan::Sequential { cascade: true, .. });
+    let usd = billing::max_cost(
+        snapshot,
+        &attempts,
+        all_answer,
+        req.ctx.bill.est_input_tokens,
+        chat.max_tokens,
+        chat.choices,
+    );
+    billing::reserve(req.state, req.ctx, &eval, usd)?;
+    let anthropic_headers = request::anthropic_headers(req.session, req.ctx.surface);
+    let info = routed.info();
+    let mut exec = Exec::new(req, chat, &body, anthropic_headers, &info);
+    match plan {
+        Plan::Sequential { retry_on, total_budget, cascade } => {
+            execute::sequential(&mut exec, &attempts, execute::Sequence { retry_on, total_budget, cascade })
+                .await
+        }
+        Plan::Parallel { aggregation, timeout } => {
+            execute::parallel(&mut exec, &attempts, aggregation, timeout).await
+        }
+    }
+}

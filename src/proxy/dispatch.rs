@@ -1,0 +1,100 @@
+//! Which endpoint a request is for, and the steps every endpoint shares before its own:
+//! the path and method, the key, the key's request rate. Any error returned before the
+//! first byte went downstream is rendered once, in the client's wire format, here.
+
+use super::request::authenticate;
+use super::{billing, chat, count_tokens, embeddings, models, respond, GatewayState, Req, RequestCtx};
+use crate::error::{GatewayError, Surface};
+use pingora::proxy::Session;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// OpenAI chat completions or Anthropic messages, by surface.
+    Chat,
+    Models,
+    CountTokens,
+    Embeddings,
+    /// `POST …/dry-run`: the chat body, routed but never sent.
+    DryRun,
+}
+
+impl Endpoint {
+    /// `/v1/*` is the OpenAI surface (the modelux SDKs' base URL), except the Anthropic
+    /// message paths: an Anthropic client whose base URL is the bare host calls
+    /// `/v1/messages`, and one configured with `ANTHROPIC_BASE_URL=…/v1` (as the hosted
+    /// service's coding-agent guide suggests) calls `/v1/v1/messages`.
+    fn from_path(path: &str) -> Option<(Surface, Endpoint)> {
+        let path = match path.strip_prefix("/v1/v1/") {
+            Some(rest) if rest.starts_with("messages") => &path[3..],
+            _ => path,
+        };
+        if let Some(rest) = path.strip_prefix("/anthropic/v1") {
+            return match rest {
+                "/messages" => Some((Surface::Anthropic, Endpoint::Chat)),
+                "/messages/count_tokens" => Some((Surface::Anthropic, Endpoint::CountTokens)),
+                "/models" => Some((Surface::Anthropic, Endpoint::Models)),
+                "/dry-run" => Some((Surface::Anthropic, Endpoint::DryRun)),
+                _ => None,
+            };
+        }
+        let rest = path.strip_prefix("/openai/v1").or_else(|| path.strip_prefix("/v1"))?;
+        match rest {
+            "/chat/completions" => Some((Surface::OpenAi, Endpoint::Chat)),
+            "/models" => Some((Surface::OpenAi, Endpoint::Models)),
+            "/embeddings" => Some((Surface::OpenAi, Endpoint::Embeddings)),
+            "/dry-run" => Some((Surface::OpenAi, Endpoint::DryRun)),
+            "/messages" if path.starts_with("/v1/") => Some((Surface::Anthropic, Endpoint::Chat)),
+            "/messages/count_tokens" if path.starts_with("/v1/") => {
+                Some((Surface::Anthropic, Endpoint::CountTokens))
+            }
+            _ => None,
+        }
+    }
+
+    fn method(self) -> &'static str {
+        match self {
+            Endpoint::Chat | Endpoint::CountTokens | Endpoint::Embeddings | Endpoint::DryRun => "POST",
+            Endpoint::Models => "GET",
+        }
+    }
+}
+
+/// Unknown paths are logged cut to this many characters.
+const MAX_LOGGED_PATH: usize = 256;
+
+pub async fn handle(state: &GatewayState, session: &mut Session, ctx: &mut RequestCtx) {
+    let snapshot = state.store.load();
+    let mut req = Req { state, snapshot: &snapshot, session, ctx };
+    if let Err(err) = serve(&mut req).await {
+        respond::error(req.session, req.ctx, &err).await;
+    }
+}
+
+async fn serve(req: &mut Req<'_>) -> Result<(), GatewayError> {
+    let header = req.session.req_header();
+    let path = header.uri.path();
+    let ctx = &mut *req.ctx;
+    ctx.endpoint = path.chars().take(MAX_LOGGED_PATH).collect();
+    ctx.body_cap = req.snapshot.settings.traces.max_body_bytes;
+    if path.starts_with("/anthropic/") {
+        ctx.surface = Surface::Anthropic;
+    }
+    let (surface, endpoint) = Endpoint::from_path(path).ok_or_else(|| GatewayError::NotFound {
+        code: "not_found",
+        message: format!("unknown endpoint {} {path}", header.method),
+    })?;
+    ctx.surface = surface;
+    if header.method.as_str() != endpoint.method() {
+        return Err(GatewayError::MethodNotAllowed { allowed: endpoint.method() });
+    }
+    let principal = authenticate(req.session, req.snapshot, surface)?;
+    req.ctx.principal = Some(principal.clone());
+    billing::check_requests(req.state, req.ctx, &principal)?;
+    match endpoint {
+        Endpoint::Models => models::list(req, &principal).await,
+        Endpoint::Chat => chat::complete(req, &principal, false).await,
+        Endpoint::DryRun => chat::complete(req, &principal, true).await,
+        Endpoint::CountTokens => count_tokens::count(req, &principal).await,
+        Endpoint::Embeddings => embeddings::embed(req, &principal).await,
+    }
+}

@@ -1,0 +1,65 @@
+//! `POST /openai/v1/embeddings`: OpenAI-family targets get the client's bytes (model
+//! rewritten); Google and Cohere get a translated request, and the answer comes back as an
+//! OpenAI embedding list in the encoding the client asked for.
+
+use bytes::Bytes;
+
+use super::answer::{self, Convert};
+use super::headers::{answer_headers, Served};
+use super::request::{self, Incoming};
+use super::{billing, dry_run, upstream, Req};
+use crate::auth::Principal;
+use crate::error::GatewayError;
+use crate::wire::openai::{ChatRequest, Payload};
+use crate::wire::{self, WireFormat};
+
+pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), GatewayError> {
+    let snapshot = req.snapshot;
+    let settings = &snapshot.settings;
+    let body = request::read_json_body(req).await?;
+    let incoming: Incoming<'_> =
+        request::incoming(req.session, req.ctx, ChatRequest::parse_routed(&body, Payload::Input)?);
+    let mut facts = crate::admission::facts(&incoming.request, &incoming.meta, body.len());
+    req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(body.len());
+    if !incoming.dry_run {
+        billing::charge_tokens(req.state, req.ctx, principal, facts.est_input_tokens)?;
+    }
+    let (eval, routed) = request::admit(req, principal, &incoming, &mut facts, !incoming.dry_run)?;
+    if incoming.dry_run {
+        return dry_run::answer(req, &routed, &facts, 0).await;
+    }
+    let member = routed.first()?;
+    let usd = billing::max_cost(snapshot, &[member], false, req.ctx.bill.est_input_tokens, Some(0), 1);
+    billing::reserve(req.state, req.ctx, &eval, usd)?;
+    req.ctx.bill.rates = member.rates;
+    let info = routed.info();
+    let served = Served::new(&info, member, 1);
+    let provider = member.target.provider.clone();
+    let format = provider.format();
+    let model = member.target.model.as_str();
+    let (upstream_body, translation) = match format {
+        WireFormat::OpenAi => (Bytes::from(incoming.request.encode_for_upstream(model)), None),
+        _ => {
+            let (canonical, encoding) = wire::embeddings::decode_request(&body)?;
+            (Bytes::from(wire::encode_embeddings(format, &canonical, model)?), Some(encoding))
+        }
+    };
+    let path = provider.embeddings_path(model);
+    let call =
+        upstream::Call { path: &path, body: upstream_body, accept: "application/json", extra_headers: &[] };
+    let state = req.state;
+    let ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
+    req.ctx.ttfb = Some(ex.ttfb);
+    let headers = answer_headers(&ex.header, translation.is_some(), &served);
+    if !ex.header.status.is_success() {
+        answer::upstream_error_status(req, &provider, ex, headers, translation.is_some()).await;
+        return Ok(());
+    }
+    let convert = |body: &[u8]| {
+        let encoding = translation.unwrap_or(wire::embeddings::Encoding::Float);
+        wire::decode_embeddings(format, body)
+            .map(|resp| wire::embeddings::encode_response(&resp, model, encoding))
+    };
+    let convert: Convert<'_> = if translation.is_some() { Some(&convert) } else { None };
+    answer::whole_openai_body(req, &provider, ex, headers, convert).await
+}

@@ -1,0 +1,198 @@
+//! Streaming an upstream's answer to the client chunk by chunk as it arrives, through the
+//! tap (same format) or the transcoder (different formats, or a trace to splice in).
+
+use bytes::Bytes;
+
+use super::billing;
+use super::headers::Headers;
+use super::respond;
+use super::upstream::{self, Exchange};
+use super::{GatewayState, Req, RequestCtx};
+use crate::error::{GatewayError, Surface};
+use crate::providers::Provider;
+use crate::wire::{self, Transcoder};
+
+/// What a stream's bytes go through on their way to the client.
+pub enum StreamCodec {
+    /// Same format: passed through, usage read on the way (and the usage the gateway asked
+    /// for on the client's behalf taken out again).
+    Tap(wire::usage::UsageTap),
+    /// Different formats (or a trace to splice in): decoded and re-encoded.
+    Transcode(Box<Transcoder>),
+}
+
+impl StreamCodec {
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            StreamCodec::Tap(t) => {
+                t.feed(chunk, out);
+                Ok(())
+            }
+            StreamCodec::Transcode(t) => t.feed(chunk, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            StreamCodec::Tap(t) => {
+                t.finish(out);
+                Ok(())
+            }
+            StreamCodec::Transcode(t) => t.finish(out),
+        }
+    }
+
+    fn events(&self) -> u64 {
+        match self {
+            StreamCodec::Tap(t) => t.events(),
+            StreamCodec::Transcode(t) => t.events(),
+        }
+    }
+
+    fn usage(&self) -> Option<wire::canonical::Usage> {
+        match self {
+            StreamCodec::Tap(t) => t.usage(),
+            StreamCodec::Transcode(t) => {
+                let u = t.usage();
+                (u.input > 0 || u.output > 0).then_some(u)
+            }
+        }
+    }
+
+    /// The in-stream error event that ends a stream the upstream broke off.
+    fn failure_event(&mut self, client: Surface, e: &GatewayError) -> Vec<u8> {
+        match (self, client) {
+            (StreamCodec::Transcode(t), _) => {
+                let mut buf = Vec::new();
+                t.fail(e.kind(), &e.message(), &mut buf);
+                buf
+            }
+            (StreamCodec::Tap(_), Surface::OpenAi) => {
+                [b"data: ".as_slice(), &e.to_openai_body(), b"\n\n"].concat()
+            }
+            (StreamCodec::Tap(_), Surface::Anthropic) => {
+                [b"event: error\ndata: ".as_slice(), &e.render(Surface::Anthropic), b"\n\n"].concat()
+            }
+        }
+    }
+}
+
+/// Prices a stream from the usage it reported. A stream that did not complete reported at
+/// most part of it (Anthropic's input and first output token): the upstream still billed
+/// what it generated.
+fn bill_stream(state: &GatewayState, ctx: &mut RequestCtx, codec: &StreamCodec, completed: bool) {
+    let output = crate::estimate::stream_output_tokens(codec.events());
+    billing::bill_answer(state, ctx, codec.usage(), completed, output);
+}
+
+/// Streams an SSE body to the client chunk by chunk as it arrives, through `codec`. An
+/// upstream failure after the first byte is reported in-stream (an error event in the
+/// client's format), then the stream is closed cleanly.
+pub async fn stream(
+    req: &mut Req<'_>,
+    provider: &Provider,
+    mut ex: Exchange,
+    mut first: Option<Bytes>,
+    mut headers: Headers,
+    mut codec: StreamCodec,
+) {
+    let (state, settings) = (req.state, &req.snapshot.settings);
+    let (session, ctx) = (&mut *req.session, &mut *req.ctx);
+    headers.push((http::header::TRANSFER_ENCODING, "chunked".into()));
+    ctx.streamed = true;
+    let resp = match respond::header(200, headers, ctx) {
+        Ok(h) => h,
+        Err(e) => {
+            ex.session.shutdown().await;
+            respond::error(session, ctx, &e).await;
+            return;
+        }
+    };
+    ctx.status = 200;
+    if session.write_response_header(Box::new(resp), false).await.is_err() {
+        ctx.error_code = Some("client_disconnected");
+        ex.session.shutdown().await;
+        return;
+    }
+    let mut out = Vec::new();
+    let failure: Option<GatewayError> = loop {
+        let next = match first.take() {
+            Some(chunk) => Ok(Some(chunk)),
+            None => upstream::next_chunk(&mut ex, provider, settings).await,
+        };
+        match next {
+            Ok(Some(chunk)) => {
+                out.clear();
+                if let Err(message) = codec.feed(&chunk, &mut out) {
+                    break Some(GatewayError::UpstreamStatus {
+                        provider: provider.id.clone(),
+                        status: 200,
+                        message,
+                    });
+                }
+                if out.is_empty() {
+                    continue;
+                }
+                // A tap that changed nothing hands back the chunk as it came: send that.
+                let piece = if out.len() == chunk.len() && out == chunk {
+                    chunk
+                } else {
+                    Bytes::copy_from_slice(&out)
+                };
+                let len = piece.len() as u64;
+                ctx.capture_response(&piece);
+                if session.write_response_body(Some(piece), false).await.is_err() {
+                    ctx.error_code = Some("client_disconnected");
+                    ctx.upstream_time += ex.started.elapsed();
+                    ex.session.shutdown().await;
+                    bill_stream(state, ctx, &codec, false);
+                    return;
+                }
+                ctx.bytes_out += len;
+            }
+            Ok(None) => {
+                out.clear();
+                let finished = codec.finish(&mut out);
+                // Priced before the trace goes out, so the trace carries the cost.
+                bill_stream(state, ctx, &codec, finished.is_ok());
+                if let StreamCodec::Transcode(t) = &mut codec {
+                    if let Some(trace) = ctx.trace.as_deref_mut() {
+                        // The winning attempt lasted until its stream ended.
+                        if let Some(last) = trace.attempts.last_mut() {
+                            last.duration_ms = (ex.started.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
+                        }
+                        if let Ok(v) = serde_json::to_value(&*trace) {
+                            t.release_done(&v, &mut out);
+                        }
+                    }
+                }
+                if !out.is_empty() {
+                    ctx.bytes_out += out.len() as u64;
+                    ctx.capture_response(&out);
+                    let _ = session.write_response_body(Some(Bytes::copy_from_slice(&out)), false).await;
+                }
+                break finished
+                    .err()
+                    .map(|message| GatewayError::UpstreamConnect { provider: provider.id.clone(), message });
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    ctx.upstream_time += ex.started.elapsed();
+    if let Some(e) = failure {
+        ex.session.shutdown().await;
+        ctx.error_code = Some("upstream_stream_error");
+        if ctx.bill.usage.is_none() {
+            bill_stream(state, ctx, &codec, false);
+        }
+        let event = codec.failure_event(ctx.surface, &e);
+        ctx.bytes_out += event.len() as u64;
+        ctx.capture_response(&event);
+        let _ = session.write_response_body(Some(Bytes::from(event)), true).await;
+        return;
+    }
+    if session.write_response_body(None, true).await.is_err() {
+        ctx.error_code = Some("client_disconnected");
+    }
+    upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+}
