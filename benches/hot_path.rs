@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use modelux::auth::{digest, KeyIndex, Principal};
-use modelux::config::raw::ProviderKind;
 use modelux::error::Surface;
 use modelux::metrics::Metrics;
 use modelux::providers::{resolve_model, Provider};
@@ -63,8 +62,11 @@ fn authenticate(c: &mut Criterion) {
 
 fn resolve(c: &mut Criterion) {
     let mut providers = HashMap::new();
-    for (id, kind) in [("openai", ProviderKind::Openai), ("local", ProviderKind::OpenaiCompatible)] {
-        let p = Provider::new(id.into(), kind, "http://127.0.0.1:9/v1", Some("k".into()), vec![]).unwrap();
+    for (id, kind) in [("openai", "openai"), ("local", "openai_compatible")] {
+        let adapter = modelux::providers::adapter(kind).unwrap();
+        let p =
+            Provider::new(id.into(), adapter, "http://127.0.0.1:9/v1", adapter.credential("k").ok(), vec![])
+                .unwrap();
         providers.insert(id.to_string(), Arc::new(p));
     }
     c.bench_function("resolve_bare_model", |b| {
@@ -198,20 +200,21 @@ fn transcode_stream(c: &mut Criterion) {
     let mut group = c.benchmark_group("transcode_stream_200_events");
     group.throughput(Throughput::Elements(200));
     use wire::WireFormat;
-    for (name, upstream, client) in [
-        ("openai_to_anthropic", WireFormat::OpenAi, Surface::Anthropic),
-        ("anthropic_to_openai", WireFormat::Anthropic, Surface::OpenAi),
-        ("gemini_to_openai", WireFormat::Gemini, Surface::OpenAi),
-        ("gemini_to_anthropic", WireFormat::Gemini, Surface::Anthropic),
-        ("cohere_to_openai", WireFormat::Cohere, Surface::OpenAi),
-        ("bedrock_to_openai", WireFormat::Bedrock, Surface::OpenAi),
-        ("bedrock_to_anthropic", WireFormat::Bedrock, Surface::Anthropic),
+    for (name, upstream, kind, client) in [
+        ("openai_to_anthropic", WireFormat::OpenAi, "openai", Surface::Anthropic),
+        ("anthropic_to_openai", WireFormat::Anthropic, "anthropic", Surface::OpenAi),
+        ("gemini_to_openai", WireFormat::Gemini, "google", Surface::OpenAi),
+        ("gemini_to_anthropic", WireFormat::Gemini, "google", Surface::Anthropic),
+        ("cohere_to_openai", WireFormat::Cohere, "cohere", Surface::OpenAi),
+        ("bedrock_to_openai", WireFormat::Bedrock, "bedrock", Surface::OpenAi),
+        ("bedrock_to_anthropic", WireFormat::Bedrock, "bedrock", Surface::Anthropic),
     ] {
+        let adapter = modelux::providers::adapter(kind).unwrap();
         let events = stream_events(upstream);
         assert_eq!(events.len(), 200);
         group.bench_function(name, |b| {
             b.iter(|| {
-                let mut t = Transcoder::new(upstream, client, "target", true);
+                let mut t = Transcoder::new(adapter.stream_framer(), upstream, client, "target", true);
                 let mut out = Vec::with_capacity(256);
                 for e in &events {
                     out.clear();

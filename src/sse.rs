@@ -8,6 +8,27 @@ pub struct Event {
     pub data: String,
 }
 
+/// Cuts a streamed body into events, one network read at a time. SSE for most providers;
+/// an adapter whose provider frames its streams otherwise (Bedrock's AWS eventstream)
+/// brings its own.
+pub trait Framer: Send {
+    /// Adds bytes (split anywhere); appends each event completed by them.
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<Event>) -> Result<(), String>;
+    /// End of body: flushes a last event; `Err` when the body ended inside a frame.
+    fn finish(&mut self, out: &mut Vec<Event>) -> Result<(), String>;
+}
+
+impl Framer for Parser {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<Event>) -> Result<(), String> {
+        Parser::feed(self, bytes, out)
+    }
+
+    fn finish(&mut self, out: &mut Vec<Event>) -> Result<(), String> {
+        Parser::finish(self, out);
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Parser {
     buf: Vec<u8>,

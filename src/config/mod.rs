@@ -21,7 +21,6 @@ use crate::prices::PriceTable;
 use crate::providers::{self, Provider};
 use crate::routing::health::{HealthRegistry, HealthSettings};
 use crate::spend::budgets::Budgets;
-use crate::wire;
 use raw::*;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +62,17 @@ pub struct Settings {
     /// The embedded store's directory, resolved against the config file's directory.
     pub data_dir: PathBuf,
     pub traces: TraceSettings,
+}
+
+impl Settings {
+    /// The upstream connection's timeouts, as the provider's peer takes them.
+    pub fn upstream_timeouts(&self) -> providers::Timeouts {
+        providers::Timeouts {
+            connect: self.upstream_connect_timeout,
+            read_write: self.upstream_timeout,
+            idle: self.upstream_idle_timeout,
+        }
+    }
 }
 
 /// `traces:`, validated. The store and the writer are built once at start; a reload
@@ -479,47 +489,34 @@ pub fn validate(
                 .push(ConfigError::new(format!("{path}.id"), format!("duplicate provider id \"{}\"", p.id)));
             continue;
         }
-        // Bedrock's key is `ACCESS_KEY_ID::SECRET_ACCESS_KEY::REGION[::SESSION_TOKEN]`; its
-        // region also gives the default endpoint.
-        let aws = match (p.kind, p.api_key.as_deref().filter(|k| !k.is_empty())) {
-            (ProviderKind::Bedrock, Some(key)) => match wire::bedrock::Credentials::parse(key) {
-                Ok(creds) => Some(creds),
-                Err(e) => {
-                    errors.push(ConfigError::new(format!("{path}.api_key"), e));
-                    broken.push(p.id);
-                    continue;
-                }
-            },
-            _ => None,
-        };
-        let base_url = p
-            .base_url
-            .clone()
-            .or_else(|| providers::default_base_url_for(&p.id, p.kind).map(str::to_string))
-            .or_else(|| aws.as_ref().map(|c| wire::bedrock::base_url(&c.region)));
-        let Some(base_url) = base_url else {
+        let Some(adapter) = providers::adapter(&p.kind) else {
             errors.push(ConfigError::new(
-                format!("{path}.base_url"),
-                match p.kind {
-                    ProviderKind::Bedrock => {
-                        "is required for kind bedrock when api_key (which names the region) is not set".into()
-                    }
-                    _ => format!("is required for kind {}", p.kind.as_str()),
-                },
+                format!("{path}.kind"),
+                format!("unknown provider kind \"{}\" (supported: {})", p.kind, providers::kind_names()),
             ));
+            broken.push(p.id);
             continue;
         };
-        let provider = match Provider::new(p.id.clone(), p.kind, &base_url, p.api_key, p.models) {
+        let api_key = p.api_key.as_deref().filter(|k| !k.is_empty());
+        let credential = match api_key.map(|k| adapter.credential(k)).transpose() {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(ConfigError::new(format!("{path}.api_key"), e));
+                broken.push(p.id);
+                continue;
+            }
+        };
+        let Some(base_url) = p.base_url.clone().or_else(|| adapter.default_base_url(&p.id, api_key)) else {
+            errors.push(ConfigError::new(format!("{path}.base_url"), adapter.base_url_required()));
+            continue;
+        };
+        let provider = match Provider::new(p.id.clone(), adapter, &base_url, credential, p.models) {
             Ok(provider) => provider,
             Err(e) => {
                 errors.push(ConfigError::new(format!("{path}.base_url"), e));
                 broken.push(p.id);
                 continue;
             }
-        };
-        let provider = match aws {
-            Some(creds) => provider.with_aws_credentials(creds),
-            None => provider,
         };
         let provider = match p.api_version.as_deref() {
             None => provider,

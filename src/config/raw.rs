@@ -55,37 +55,12 @@ pub struct RawServer {
     pub data_dir: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    Openai,
-    OpenaiCompatible,
-    Anthropic,
-    Google,
-    Cohere,
-    Bedrock,
-    Azure,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Openai => "openai",
-            ProviderKind::OpenaiCompatible => "openai_compatible",
-            ProviderKind::Anthropic => "anthropic",
-            ProviderKind::Google => "google",
-            ProviderKind::Cohere => "cohere",
-            ProviderKind::Bedrock => "bedrock",
-            ProviderKind::Azure => "azure",
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProvider {
     pub id: String,
-    pub kind: ProviderKind,
+    /// One of `providers::adapter::KINDS`.
+    pub kind: String,
     pub base_url: Option<String>,
     pub api_key: Option<String>,
     /// PEM file of CA certificates to trust for this provider instead of the system

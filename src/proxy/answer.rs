@@ -19,13 +19,12 @@ pub const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// Error bodies are only needed for their message.
 pub const MAX_UPSTREAM_ERROR_BODY: usize = 1024 * 1024;
 
-/// Content type of Bedrock's binary event stream (ConverseStream).
-pub const EVENT_STREAM_AWS: &str = "application/vnd.amazon.eventstream";
-
-pub fn is_event_stream(h: &ResponseHeader) -> bool {
+/// Whether an answer is a stream: SSE, or the stream type the provider's kind asks for
+/// (Bedrock's AWS eventstream).
+pub fn is_event_stream(h: &ResponseHeader, provider: &Provider) -> bool {
     h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
         let v = v.trim_start().to_ascii_lowercase();
-        v.starts_with("text/event-stream") || v.starts_with(EVENT_STREAM_AWS)
+        v.starts_with("text/event-stream") || v.starts_with(provider.accept(true))
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use super::answer::{self, is_event_stream, EVENT_STREAM_AWS, MAX_UPSTREAM_BODY};
+use super::answer::{self, is_event_stream, MAX_UPSTREAM_BODY};
 use super::billing;
 use super::headers::{answer_headers, Served};
 use super::respond;
@@ -203,11 +203,7 @@ impl<'e, 'r> Exec<'e, 'r> {
             canonical.stream = was;
             (Bytes::from(encoded?), wants_usage)
         };
-        let accept = match (upstream_stream, format) {
-            (true, WireFormat::Bedrock) => EVENT_STREAM_AWS,
-            (true, _) => "text/event-stream",
-            (false, _) => "application/json",
-        };
+        let accept = provider.accept(upstream_stream);
         let path = provider.chat_path(&target.model, upstream_stream);
         let mut extra = match format {
             WireFormat::Anthropic => self.anthropic_headers.clone(),
@@ -255,7 +251,7 @@ async fn run(
             return Attempted::Status { ex, failure: classify_status(status) };
         }
         match mode {
-            Mode::FirstChunk if is_event_stream(&ex.header) => {
+            Mode::FirstChunk if is_event_stream(&ex.header, provider) => {
                 match upstream::next_chunk(&mut ex, provider, settings).await {
                     Ok(Some(first)) => Attempted::Streaming { ex, first: Some(first) },
                     Ok(None) => Attempted::Failed {
@@ -518,6 +514,7 @@ pub(super) async fn sequential(
                     headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
                     headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
                     let mut t = Transcoder::new(
+                        member.target.provider.stream_framer(),
                         prepared.format,
                         exec.client,
                         &member.target.model,

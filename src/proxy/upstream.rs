@@ -170,7 +170,7 @@ pub async fn exchange(
     call: Call<'_>,
 ) -> Result<Exchange, GatewayError> {
     let started = Instant::now();
-    let peer = provider.peer(settings).await?;
+    let peer = provider.peer(&settings.upstream_timeouts()).await?;
     let head = request_head(provider, call.path, call.body.len(), call.accept, call.extra_headers)?;
     let body = call.body;
     let mut allow_stale_retry = true;

@@ -18,7 +18,6 @@ use serde_json::{json, Map, Value};
 
 use crate::wire::canonical::*;
 
-pub const DEFAULT_BASE_URL: &str = "https://api.cohere.com";
 /// Cohere rejects more than five stop sequences.
 const MAX_STOP_SEQUENCES: usize = 5;
 /// Cohere embeds at most 96 texts per call.
@@ -30,16 +29,6 @@ const EMBED_INPUT_TYPE: &str = "search_document";
 /// Cohere's documented range for `p` (top_p); OpenAI clients commonly send 1.0.
 const TOP_P_MIN: f64 = 0.01;
 const TOP_P_MAX: f64 = 0.99;
-
-/// Path under the base URL for a chat call: the same for streamed and plain calls.
-pub fn chat_path(_model: &str, _stream: bool) -> String {
-    "/v2/chat".to_string()
-}
-
-/// Path under the base URL for an embeddings call.
-pub fn embeddings_path(_model: &str) -> String {
-    "/v2/embed".to_string()
-}
 
 fn image_url(source: &ImageSource) -> String {
     match source {
@@ -694,14 +683,6 @@ mod tests {
 
     fn encode(req: &Request) -> Value {
         serde_json::from_slice(&encode_request(req, "command-a-03-2025").unwrap()).unwrap()
-    }
-
-    #[test]
-    fn paths() {
-        assert_eq!(chat_path("command-a-03-2025", false), "/v2/chat");
-        assert_eq!(chat_path("command-a-03-2025", true), "/v2/chat");
-        assert_eq!(embeddings_path("embed-v4.0"), "/v2/embed");
-        assert_eq!(DEFAULT_BASE_URL, "https://api.cohere.com");
     }
 
     #[test]

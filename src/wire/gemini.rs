@@ -29,22 +29,8 @@ const MAX_STOP_SEQUENCES: usize = 5;
 const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"];
 
 /// `models/gemini-x` and `gemini-x` name the same model; the path adds the prefix itself.
-fn model_id(model: &str) -> &str {
+pub fn model_id(model: &str) -> &str {
     model.strip_prefix("models/").unwrap_or(model)
-}
-
-/// Path under the provider's base URL for a chat call.
-pub fn chat_path(model: &str, stream: bool) -> String {
-    if stream {
-        format!("/models/{}:streamGenerateContent?alt=sse", model_id(model))
-    } else {
-        format!("/models/{}:generateContent", model_id(model))
-    }
-}
-
-/// Path under the provider's base URL for an embeddings call.
-pub fn embeddings_path(model: &str) -> String {
-    format!("/models/{}:batchEmbedContents", model_id(model))
 }
 
 fn tag_signature(sig: &str) -> String {
@@ -822,19 +808,6 @@ mod tests {
 
     fn encode_err(req: &Request) -> String {
         encode_request(req, "gemini-2.5-flash").unwrap_err()
-    }
-
-    #[test]
-    fn paths_carry_the_model_and_method() {
-        assert_eq!(chat_path("gemini-2.5-flash", false), "/models/gemini-2.5-flash:generateContent");
-        assert_eq!(
-            chat_path("models/gemini-2.5-flash", true),
-            "/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
-        );
-        assert_eq!(
-            embeddings_path("gemini-embedding-001"),
-            "/models/gemini-embedding-001:batchEmbedContents"
-        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod openai;
 pub mod usage;
 
 use crate::error::{GatewayError, Surface};
+use crate::sse::{Framer, Parser};
 use canonical::{Delta, Request, Response};
 
 /// What a provider speaks. Client surfaces are the first two; the others exist only
@@ -170,7 +171,7 @@ pub fn stream_response(
     }
     deltas.push(Delta::Usage(resp.usage));
     deltas.push(Delta::Done);
-    let mut t = Transcoder::new(WireFormat::OpenAi, client, &resp.model, send_usage);
+    let mut t = Transcoder::new(Box::new(Parser::new()), WireFormat::OpenAi, client, &resp.model, send_usage);
     if trace.is_some() {
         t.hold_done();
     }
@@ -207,12 +208,6 @@ enum Decoder {
     Bedrock(bedrock::StreamDecoder),
 }
 
-/// How upstream stream bytes are cut into events: SSE, or AWS's binary event-stream.
-enum Framer {
-    Sse(crate::sse::Parser),
-    EventStream(bedrock::FrameDecoder),
-}
-
 enum Encoder {
     OpenAi(openai::codec::StreamEncoder),
     Anthropic(anthropic::StreamEncoder),
@@ -221,7 +216,7 @@ enum Encoder {
 /// Upstream stream bytes → client stream bytes, one upstream read at a time: a synchronous
 /// state machine, so nothing is buffered beyond an incomplete SSE line.
 pub struct Transcoder {
-    framer: Framer,
+    framer: Box<dyn Framer>,
     events: Vec<crate::sse::Event>,
     decoder: Decoder,
     encoder: Encoder,
@@ -235,14 +230,18 @@ pub struct Transcoder {
 }
 
 impl Transcoder {
-    /// `model` is what the client sees in the stream; `client_wants_usage` keeps or drops
-    /// the OpenAI usage chunk the gateway always asks an OpenAI-family upstream for.
-    pub fn new(upstream: WireFormat, client: Surface, model: &str, client_wants_usage: bool) -> Transcoder {
+    /// `framer` cuts the upstream's bytes into events (its provider adapter's); `model` is
+    /// what the client sees in the stream; `client_wants_usage` keeps or drops the OpenAI
+    /// usage chunk the gateway always asks an OpenAI-family upstream for.
+    pub fn new(
+        framer: Box<dyn Framer>,
+        upstream: WireFormat,
+        client: Surface,
+        model: &str,
+        client_wants_usage: bool,
+    ) -> Transcoder {
         Transcoder {
-            framer: match upstream {
-                WireFormat::Bedrock => Framer::EventStream(bedrock::FrameDecoder::new()),
-                _ => Framer::Sse(crate::sse::Parser::new()),
-            },
+            framer,
             events: Vec::new(),
             decoder: match upstream {
                 WireFormat::OpenAi => Decoder::OpenAi(Default::default()),
@@ -305,10 +304,7 @@ impl Transcoder {
 
     /// Translates one upstream read; `Err` when the upstream sent something undecodable.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        match &mut self.framer {
-            Framer::Sse(p) => p.feed(bytes, &mut self.events)?,
-            Framer::EventStream(f) => f.feed(bytes, &mut self.events)?,
-        }
+        self.framer.feed(bytes, &mut self.events)?;
         self.events_seen += self.events.len() as u64;
         let res = self.decode();
         self.emit(out);
@@ -327,13 +323,7 @@ impl Transcoder {
 
     /// The upstream body ended; `Err` when it ended without its terminal event.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        let framed = match &mut self.framer {
-            Framer::Sse(p) => {
-                p.finish(&mut self.events);
-                Ok(())
-            }
-            Framer::EventStream(f) => f.finish(),
-        };
+        let framed = self.framer.finish(&mut self.events);
         let res = self.decode().and(framed).and_then(|()| self.decoder_finish());
         self.emit(out);
         res?;
@@ -395,6 +385,3 @@ impl Transcoder {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod conformance;

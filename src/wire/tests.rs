@@ -17,7 +17,8 @@ fn json_of(bytes: &[u8]) -> Value {
 
 /// Runs a transcoder over `input` split at `split`, returning the client bytes.
 fn transcode(upstream: Surface, client: Surface, input: &[u8], split: usize, usage: bool) -> Vec<u8> {
-    let mut t = Transcoder::new(upstream.into(), client, "target-model", usage);
+    let mut t =
+        Transcoder::new(Box::new(crate::sse::Parser::new()), upstream.into(), client, "target-model", usage);
     let mut out = Vec::new();
     t.feed(&input[..split], &mut out).unwrap();
     t.feed(&input[split..], &mut out).unwrap();
@@ -288,7 +289,13 @@ fn anthropic_streams_to_openai_at_every_split() {
 fn stream_without_final_event_is_an_error_then_an_error_event() {
     let input = fixture("anthropic/message_stream.txt");
     let cut = &input[..input.len() / 2];
-    let mut t = Transcoder::new(WireFormat::Anthropic, Surface::OpenAi, "m", false);
+    let mut t = Transcoder::new(
+        Box::new(crate::sse::Parser::new()),
+        WireFormat::Anthropic,
+        Surface::OpenAi,
+        "m",
+        false,
+    );
     let mut out = Vec::new();
     t.feed(cut, &mut out).unwrap();
     assert!(t.finish(&mut out).is_err());
@@ -296,7 +303,13 @@ fn stream_without_final_event_is_an_error_then_an_error_event() {
     let last = events(&out).pop().unwrap().1;
     assert_eq!(last["error"]["type"], "upstream_error");
 
-    let mut t = Transcoder::new(WireFormat::OpenAi, Surface::Anthropic, "m", false);
+    let mut t = Transcoder::new(
+        Box::new(crate::sse::Parser::new()),
+        WireFormat::OpenAi,
+        Surface::Anthropic,
+        "m",
+        false,
+    );
     let mut out = Vec::new();
     t.feed(b"data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n", &mut out)
         .unwrap();

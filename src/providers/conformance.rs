@@ -13,9 +13,18 @@
 
 use serde_json::{json, Value};
 
-use super::canonical::*;
-use super::*;
 use crate::error::Surface;
+use crate::sse::Framer;
+use crate::wire::canonical::*;
+use crate::wire::*;
+
+/// The stream framing of the first provider kind speaking `format`, from the registry.
+fn framer(format: WireFormat) -> Box<dyn Framer> {
+    match super::registry::KINDS.iter().find(|a| a.format() == format) {
+        Some(a) => a.stream_framer(),
+        None => panic!("no provider kind speaks {format:?}"),
+    }
+}
 
 fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR")))
@@ -443,18 +452,9 @@ fn read_anthropic_stream(bytes: &[u8]) -> (Summary, bool) {
 /// Provider deltas of a whole stream fixture, read in one piece.
 fn provider_deltas(format: WireFormat, bytes: &[u8]) -> Vec<Delta> {
     let mut events = Vec::new();
-    match format {
-        WireFormat::Bedrock => {
-            let mut f = bedrock::FrameDecoder::new();
-            f.feed(bytes, &mut events).unwrap();
-            f.finish().unwrap();
-        }
-        _ => {
-            let mut p = crate::sse::Parser::new();
-            p.feed(bytes, &mut events).unwrap();
-            p.finish(&mut events);
-        }
-    }
+    let mut f = framer(format);
+    f.feed(bytes, &mut events).unwrap();
+    f.finish(&mut events).unwrap();
     let mut out = Vec::new();
     let res = match format {
         WireFormat::OpenAi => openai::codec::StreamDecoder::default().decode(&mut events, &mut out),
@@ -530,7 +530,7 @@ fn every_provider_stream_reaches_every_client_surface_at_every_split() {
                     expected_stream(&deltas, client, client == Surface::Anthropic || wants_usage);
                 let mut reference: Option<Vec<u8>> = None;
                 for split in 0..=bytes.len() {
-                    let mut t = Transcoder::new(format, client, "m", wants_usage);
+                    let mut t = Transcoder::new(framer(format), format, client, "m", wants_usage);
                     let mut out = Vec::new();
                     t.feed(&bytes[..split], &mut out).unwrap();
                     t.feed(&bytes[split..], &mut out).unwrap();

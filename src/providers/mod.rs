@@ -1,5 +1,17 @@
-//! Provider registry: where a provider lives (scheme, host, port, base path), how to
-//! authenticate to it, and which provider a model name belongs to.
+//! Providers: where each configured provider lives (scheme, host, port, base path), how
+//! it authenticates, and which provider a model name belongs to. What differs between
+//! kinds of provider is in one adapter per kind (`adapter::KINDS`).
+
+pub mod adapter;
+mod anthropic;
+mod azure;
+pub mod bedrock;
+mod cohere;
+#[cfg(test)]
+mod conformance;
+mod google;
+mod openai;
+pub mod registry;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -10,10 +22,12 @@ use arc_swap::ArcSwapOption;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 
-use crate::config::raw::ProviderKind;
-use crate::config::Settings;
 use crate::error::GatewayError;
+use crate::sse::Framer;
 use crate::wire::WireFormat;
+use adapter::{Adapter, Credential, Signer};
+
+pub use registry::{adapter, kind_names};
 
 /// Bare model names are sent to the provider family their prefix names (PRODUCT.md §2.2).
 pub const BARE_PREFIXES: &[(&str, &str)] = &[
@@ -33,7 +47,8 @@ const DNS_TTL: Duration = Duration::from_secs(60);
 
 pub struct Provider {
     pub id: String,
-    pub kind: ProviderKind,
+    /// What is particular to its kind: paths, authentication, stream framing.
+    pub adapter: &'static dyn Adapter,
     pub base_url: String,
     pub tls: bool,
     pub host: String,
@@ -43,15 +58,15 @@ pub struct Provider {
     /// Value for the upstream `Host` header.
     pub host_header: String,
     /// Precomputed credential header (`authorization: Bearer …` or `x-api-key: …`);
-    /// `None` when no key is configured.
+    /// `None` when no key is configured or requests are signed instead.
     pub auth_header: Option<(&'static str, String)>,
+    /// Signs each request (Bedrock's SigV4), when the kind authenticates that way.
+    signer: Option<Box<dyn Signer>>,
     pub models: Vec<String>,
     /// Trust anchors replacing the system roots for this provider, when configured.
     pub tls_ca: Option<Arc<[WrappedX509]>>,
     /// Azure OpenAI `api-version` query parameter.
     pub api_version: String,
-    /// Bedrock: IAM credentials every request is signed with (SigV4).
-    pub aws: Option<crate::wire::bedrock::Credentials>,
     resolved: ArcSwapOption<(SocketAddr, Instant)>,
 }
 
@@ -60,7 +75,7 @@ impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Provider")
             .field("id", &self.id)
-            .field("kind", &self.kind)
+            .field("kind", &self.adapter.kind())
             .field("base_url", &self.base_url)
             .finish_non_exhaustive()
     }
@@ -69,9 +84,9 @@ impl std::fmt::Debug for Provider {
 impl Provider {
     pub fn new(
         id: String,
-        kind: ProviderKind,
+        adapter: &'static dyn Adapter,
         base_url: &str,
-        api_key: Option<String>,
+        credential: Option<Credential>,
         models: Vec<String>,
     ) -> Result<Provider, String> {
         let url = url::Url::parse(base_url).map_err(|e| format!("invalid URL \"{base_url}\": {e}"))?;
@@ -98,28 +113,25 @@ impl Provider {
             (None, _) => host.clone(),
         };
         let base_path = url.path().trim_end_matches('/').to_string();
+        let (auth_header, signer) = match credential {
+            None => (None, None),
+            Some(Credential::Header(name, value)) => (Some((name, value)), None),
+            Some(Credential::Signer(signer)) => (None, Some(signer)),
+        };
         Ok(Provider {
             id,
-            kind,
+            adapter,
             base_url: base_url.to_string(),
             tls,
             host,
             port,
             base_path,
             host_header,
-            // Bedrock signs each request instead (see `signed_headers`).
-            auth_header: api_key.filter(|k| !k.is_empty() && kind != ProviderKind::Bedrock).map(
-                |k| match kind {
-                    ProviderKind::Anthropic => ("x-api-key", k),
-                    ProviderKind::Azure => ("api-key", k),
-                    ProviderKind::Google => ("x-goog-api-key", k),
-                    _ => ("authorization", format!("Bearer {k}")),
-                },
-            ),
+            auth_header,
+            signer,
             models,
             tls_ca: None,
             api_version: AZURE_API_VERSION.to_string(),
-            aws: None,
             resolved: ArcSwapOption::empty(),
         })
     }
@@ -151,30 +163,21 @@ impl Provider {
         format!("{}{}", self.base_path, endpoint)
     }
 
-    /// Bedrock: the credentials requests are signed with.
-    pub fn with_aws_credentials(mut self, creds: crate::wire::bedrock::Credentials) -> Provider {
-        self.aws = Some(creds);
-        self
-    }
-
-    /// Per-request authentication headers: a SigV4 signature over the exact path and body
-    /// for Bedrock, nothing for providers with a static key header.
+    /// Per-request authentication headers: a signature over the exact path and body where
+    /// the kind signs (Bedrock's SigV4), nothing for providers with a static key header.
     pub fn signed_headers(&self, path: &str, body: &[u8]) -> Result<Vec<(String, String)>, GatewayError> {
-        match &self.aws {
+        match &self.signer {
             None => Ok(Vec::new()),
-            Some(creds) => {
-                crate::wire::bedrock::sign(creds, &self.host_header, path, body, std::time::SystemTime::now())
-                    .map_err(|e| {
-                        GatewayError::internal(format!("signing the {} request failed: {e}", self.id))
-                    })
-            }
+            Some(signer) => signer
+                .sign(&self.host_header, path, body)
+                .map_err(|e| GatewayError::internal(format!("signing the {} request failed: {e}", self.id))),
         }
     }
 
     /// Sets the Azure OpenAI `api-version` (query parameter on every call).
     pub fn with_api_version(mut self, version: &str) -> Result<Provider, String> {
-        if self.kind != ProviderKind::Azure {
-            return Err("api_version applies to kind azure only".into());
+        if !self.adapter.takes_api_version() {
+            return Err(format!("api_version does not apply to kind {}", self.adapter.kind()));
         }
         if version.is_empty() || !version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         {
@@ -186,58 +189,44 @@ impl Provider {
 
     /// The wire format this provider speaks.
     pub fn format(&self) -> WireFormat {
-        match self.kind {
-            ProviderKind::Anthropic => WireFormat::Anthropic,
-            ProviderKind::Cohere => WireFormat::Cohere,
-            ProviderKind::Google => WireFormat::Gemini,
-            ProviderKind::Bedrock => WireFormat::Bedrock,
-            ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Azure => WireFormat::OpenAi,
-        }
+        self.adapter.format()
     }
 
-    /// Path (and query) of the chat endpoint for `model`. Azure addresses a deployment
-    /// (the model name is the deployment name) and needs `api-version`.
+    /// Path (and query) of the chat endpoint for `model`.
     pub fn chat_path(&self, model: &str, stream: bool) -> String {
-        match self.kind {
-            ProviderKind::Anthropic => self.upstream_path("/v1/messages"),
-            ProviderKind::Cohere => self.upstream_path(&crate::wire::cohere::chat_path(model, stream)),
-            ProviderKind::Google => self.upstream_path(&crate::wire::gemini::chat_path(model, stream)),
-            ProviderKind::Bedrock => self.upstream_path(&crate::wire::bedrock::chat_path(model, stream)),
-            ProviderKind::Azure => self.azure_path(model, "chat/completions"),
-            _ => self.upstream_path("/chat/completions"),
-        }
+        self.adapter.chat_path(self, model, stream)
     }
 
     /// Path (and query) of the embeddings endpoint for `model`.
     pub fn embeddings_path(&self, model: &str) -> String {
-        match self.kind {
-            ProviderKind::Azure => self.azure_path(model, "embeddings"),
-            ProviderKind::Cohere => self.upstream_path(&crate::wire::cohere::embeddings_path(model)),
-            ProviderKind::Google => self.upstream_path(&crate::wire::gemini::embeddings_path(model)),
-            _ => self.upstream_path("/embeddings"),
+        self.adapter.embeddings_path(self, model)
+    }
+
+    /// `Accept` of a call: a stream in the kind's framing, or JSON.
+    pub fn accept(&self, stream: bool) -> &'static str {
+        if stream {
+            self.adapter.stream_accept()
+        } else {
+            "application/json"
         }
     }
 
-    fn azure_path(&self, deployment: &str, operation: &str) -> String {
-        format!(
-            "{}/openai/deployments/{}/{operation}?api-version={}",
-            self.base_path,
-            path_segment(deployment),
-            self.api_version
-        )
+    /// What cuts this provider's streamed answers into events.
+    pub fn stream_framer(&self) -> Box<dyn Framer> {
+        self.adapter.stream_framer()
     }
 
     /// The peer for one attempt. IP literals need no lookup; names are resolved with the
     /// async resolver and cached for `DNS_TTL` so the hot path rarely touches DNS.
-    pub async fn peer(&self, settings: &Settings) -> Result<HttpPeer, GatewayError> {
-        let addr = self.address(settings.upstream_connect_timeout).await?;
+    pub async fn peer(&self, timeouts: &Timeouts) -> Result<HttpPeer, GatewayError> {
+        let addr = self.address(timeouts.connect).await?;
         let mut peer = HttpPeer::new(addr, self.tls, self.host.clone());
         let opts = &mut peer.options;
-        opts.connection_timeout = Some(settings.upstream_connect_timeout);
-        opts.total_connection_timeout = Some(settings.upstream_connect_timeout);
-        opts.read_timeout = Some(settings.upstream_timeout);
-        opts.write_timeout = Some(settings.upstream_timeout);
-        opts.idle_timeout = Some(settings.upstream_idle_timeout);
+        opts.connection_timeout = Some(timeouts.connect);
+        opts.total_connection_timeout = Some(timeouts.connect);
+        opts.read_timeout = Some(timeouts.read_write);
+        opts.write_timeout = Some(timeouts.read_write);
+        opts.idle_timeout = Some(timeouts.idle);
         if let Some(ca) = &self.tls_ca {
             opts.ca = Some(ca.clone());
         }
@@ -283,6 +272,15 @@ impl Provider {
     }
 }
 
+/// How long an upstream connection may take to open, to read or write, and to sit idle in
+/// the pool (`server.upstream_*` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read_write: Duration,
+    pub idle: Duration,
+}
+
 /// Azure OpenAI `api-version` used when the provider config names none: the latest GA
 /// version with `stream_options` (streamed usage) and parallel tool calls.
 pub const AZURE_API_VERSION: &str = "2024-10-21";
@@ -295,40 +293,6 @@ pub fn path_segment(s: &str) -> String {
 /// Everything but RFC 3986 unreserved characters.
 const SEGMENT: &percent_encoding::AsciiSet =
     &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
-
-/// Default base URL per kind, where the kind has a single public endpoint.
-pub fn default_base_url(kind: ProviderKind) -> Option<&'static str> {
-    match kind {
-        ProviderKind::Openai => Some("https://api.openai.com/v1"),
-        ProviderKind::Anthropic => Some("https://api.anthropic.com"),
-        ProviderKind::Cohere => Some(crate::wire::cohere::DEFAULT_BASE_URL),
-        ProviderKind::Google => Some("https://generativelanguage.googleapis.com/v1beta"),
-        _ => None,
-    }
-}
-
-/// OpenAI-compatible vendors known by provider id: `{ id: groq, kind: openai_compatible }`
-/// needs no `base_url`.
-pub const VENDOR_BASE_URLS: &[(&str, &str)] = &[
-    ("groq", "https://api.groq.com/openai/v1"),
-    ("fireworks", "https://api.fireworks.ai/inference/v1"),
-    ("deepseek", "https://api.deepseek.com/v1"),
-    ("xai", "https://api.x.ai/v1"),
-    ("mistral", "https://api.mistral.ai/v1"),
-    ("cerebras", "https://api.cerebras.ai/v1"),
-    ("together", "https://api.together.xyz/v1"),
-    ("perplexity", "https://api.perplexity.ai"),
-];
-
-/// The base URL a provider gets when its config names none.
-pub fn default_base_url_for(id: &str, kind: ProviderKind) -> Option<&'static str> {
-    default_base_url(kind).or_else(|| match kind {
-        ProviderKind::OpenaiCompatible => {
-            VENDOR_BASE_URLS.iter().find(|(v, _)| *v == id).map(|(_, url)| *url)
-        }
-        _ => None,
-    })
-}
 
 /// How a model string was resolved (recorded in traces).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -422,7 +386,7 @@ fn family_provider(providers: &HashMap<String, Arc<Provider>>, family: &str) -> 
         return Some(p.clone());
     }
     let mut same_kind: Vec<&Arc<Provider>> =
-        providers.values().filter(|p| p.kind.as_str() == family).collect();
+        providers.values().filter(|p| p.adapter.kind() == family).collect();
     same_kind.sort_by(|a, b| a.id.cmp(&b.id));
     same_kind.first().map(|p| (*p).clone())
 }
@@ -431,30 +395,70 @@ fn family_provider(providers: &HashMap<String, Arc<Provider>>, family: &str) -> 
 mod tests {
     use super::*;
 
+    /// A provider of `kind` at `url`, keyed "k".
+    pub fn provider(kind: &str, url: &str) -> Provider {
+        let adapter = adapter(kind).unwrap();
+        let credential = adapter.credential("k").ok();
+        Provider::new(kind.into(), adapter, url, credential, vec![]).unwrap()
+    }
+
     fn registry() -> HashMap<String, Arc<Provider>> {
         let mut m = HashMap::new();
         for (id, kind, url) in [
-            ("openai", ProviderKind::Openai, "https://api.openai.com/v1"),
-            ("local", ProviderKind::OpenaiCompatible, "http://127.0.0.1:9000/v1/"),
+            ("openai", "openai", "https://api.openai.com/v1"),
+            ("local", "openai_compatible", "http://127.0.0.1:9000/v1/"),
         ] {
-            let p = Provider::new(id.into(), kind, url, Some("k".into()), vec![]).unwrap();
+            let p = Provider { id: id.into(), ..provider(kind, url) };
             m.insert(id.to_string(), Arc::new(p));
         }
         m
     }
 
     #[test]
+    fn every_kind_is_registered_once() {
+        let names: Vec<&str> = registry::KINDS.iter().map(|a| a.kind()).collect();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+        assert_eq!(kind_names(), "openai, openai_compatible, azure, anthropic, google, cohere, bedrock");
+    }
+
+    #[test]
     fn vendor_defaults() {
+        let base = |kind: &str, id: &str| adapter(kind).unwrap().default_base_url(id, None);
+        assert_eq!(base("openai_compatible", "groq").as_deref(), Some("https://api.groq.com/openai/v1"));
+        assert_eq!(base("openai", "groq").as_deref(), Some("https://api.openai.com/v1"));
+        assert_eq!(base("openai_compatible", "my-vllm"), None);
+        assert_eq!(base("anthropic", "anthropic").as_deref(), Some("https://api.anthropic.com"));
+        assert_eq!(base("azure", "azure"), None);
+        let bedrock = adapter("bedrock").unwrap();
         assert_eq!(
-            default_base_url_for("groq", ProviderKind::OpenaiCompatible),
-            Some("https://api.groq.com/openai/v1")
+            bedrock.default_base_url("b", Some("AKID::secret::eu-west-1")).as_deref(),
+            Some("https://bedrock-runtime.eu-west-1.amazonaws.com")
         );
-        assert_eq!(default_base_url_for("groq", ProviderKind::Openai), Some("https://api.openai.com/v1"));
-        assert_eq!(default_base_url_for("my-vllm", ProviderKind::OpenaiCompatible), None);
-        assert_eq!(
-            default_base_url_for("anthropic", ProviderKind::Anthropic),
-            Some("https://api.anthropic.com")
-        );
+    }
+
+    #[test]
+    fn each_kind_authenticates_its_own_way() {
+        let header = |kind: &str| provider(kind, "https://h/v1").auth_header.map(|(n, _)| n);
+        assert_eq!(header("openai"), Some("authorization"));
+        assert_eq!(header("anthropic"), Some("x-api-key"));
+        assert_eq!(header("azure"), Some("api-key"));
+        assert_eq!(header("google"), Some("x-goog-api-key"));
+        let adapter = adapter("bedrock").unwrap();
+        let signed = Provider::new(
+            "b".into(),
+            adapter,
+            "https://bedrock-runtime.us-east-1.amazonaws.com",
+            adapter.credential("AKIDEXAMPLE::secret::us-east-1").ok(),
+            vec![],
+        )
+        .unwrap();
+        assert!(signed.auth_header.is_none());
+        let headers = signed.signed_headers("/model/m/converse", b"{}").unwrap();
+        assert!(headers.iter().any(|(n, v)| n == "authorization" && v.starts_with("AWS4-HMAC-SHA256")));
+        assert!(matches!(adapter.credential("not-a-key"), Err(e) if !e.contains("not-a-key")));
     }
 
     #[test]
@@ -466,7 +470,7 @@ mod tests {
         assert_eq!(local.upstream_path("/chat/completions"), "/v1/chat/completions");
         let openai = &r["openai"];
         assert_eq!((openai.tls, openai.port, openai.host_header.as_str()), (true, 443, "api.openai.com"));
-        assert!(Provider::new("x".into(), ProviderKind::Openai, "ftp://h", None, vec![]).is_err());
+        assert!(Provider::new("x".into(), adapter("openai").unwrap(), "ftp://h", None, vec![]).is_err());
     }
 
     #[test]
