@@ -13,18 +13,10 @@
 
 use serde_json::{json, Value};
 
+use super::registry::framer_for as framer;
 use crate::error::Surface;
-use crate::sse::Framer;
 use crate::wire::canonical::*;
 use crate::wire::*;
-
-/// The stream framing of the first provider kind speaking `format`, from the registry.
-fn framer(format: WireFormat) -> Box<dyn Framer> {
-    match super::registry::KINDS.iter().find(|a| a.format() == format) {
-        Some(a) => a.stream_framer(),
-        None => panic!("no provider kind speaks {format:?}"),
-    }
-}
 
 fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR")))

@@ -139,7 +139,7 @@ pub async fn whole_openai_body(
         }
         headers.push((http::header::CONTENT_TYPE, "application/json".into()));
     }
-    billing::bill_answer(req.state, req.ctx, wire::usage::from_body(WireFormat::OpenAi, &body), true, 0);
+    billing::bill_answer(req.state, req.ctx, WireFormat::OpenAi.codec().usage(&body), true, 0);
     req.ctx.bill.cost_header = true;
     // Answer first: returning the connection to the pool is not the client's business.
     respond::whole(req.session, req.ctx, status, headers, body).await;

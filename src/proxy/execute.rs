@@ -407,7 +407,7 @@ impl Exec<'_, '_> {
         };
         let usage = match &decoded {
             Some(resp) => Some(resp.usage),
-            None => wire::usage::from_body(prepared.format, &body),
+            None => prepared.format.codec().usage(&body),
         };
         let (state, session, ctx) = (self.req.state, &mut *self.req.session, &mut *self.req.ctx);
         // Settled before the headers go: they carry the cost and what the budget has left.

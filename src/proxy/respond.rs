@@ -85,7 +85,7 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayErr
         }
         _ => {}
     }
-    whole(session, ctx, err.status(), extra, Bytes::from(err.render(ctx.surface))).await;
+    whole(session, ctx, err.status(), extra, Bytes::from(ctx.surface.codec().error_body(err))).await;
     // Lingering close: closing while the client is still uploading makes the kernel send
     // a reset that can destroy our response before the client reads it. Discard what is
     // still arriving for a bounded time first (not for a client that is slow on purpose).

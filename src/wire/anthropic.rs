@@ -326,17 +326,57 @@ pub fn stop_reason_str(s: StopReason) -> &'static str {
     }
 }
 
-/// Anthropic's `input_tokens` excludes cache reads and writes; canonical input includes them.
-fn usage(u: &Value) -> Usage {
-    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let (cache_read, cache_write) = (n("cache_read_input_tokens"), n("cache_creation_input_tokens"));
-    Usage {
-        input: n("input_tokens") + cache_read + cache_write,
-        output: n("output_tokens"),
-        cache_read,
-        cache_write,
-        reasoning: 0,
+/// Anthropic's usage fields as last reported: a stream reports them across several events
+/// (`message_start`, then `message_delta`), a whole message at once. The one reader of
+/// Anthropic usage: the codec, the stream decoder and the passthrough tap all use it.
+#[derive(Debug, Default, Clone, Copy, serde::Deserialize)]
+pub struct UsageCounts {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl UsageCounts {
+    /// Takes the fields a usage object reports; the others keep their last value.
+    pub fn update(&mut self, u: &Value) {
+        let n = |k: &str| u.get(k).and_then(Value::as_u64);
+        for (mine, key) in [
+            (&mut self.input_tokens, "input_tokens"),
+            (&mut self.output_tokens, "output_tokens"),
+            (&mut self.cache_read_input_tokens, "cache_read_input_tokens"),
+            (&mut self.cache_creation_input_tokens, "cache_creation_input_tokens"),
+        ] {
+            if let Some(v) = n(key) {
+                *mine = Some(v);
+            }
+        }
     }
+
+    /// Anthropic's `input_tokens` excludes cache reads and writes; canonical input includes
+    /// them (saturating: the counts come from the upstream).
+    pub fn usage(&self) -> Usage {
+        let cache_read = self.cache_read_input_tokens.unwrap_or(0);
+        let cache_write = self.cache_creation_input_tokens.unwrap_or(0);
+        Usage {
+            input: self.input_tokens.unwrap_or(0).saturating_add(cache_read).saturating_add(cache_write),
+            output: self.output_tokens.unwrap_or(0),
+            cache_read,
+            cache_write,
+            reasoning: 0,
+        }
+    }
+}
+
+/// One usage object, read on its own.
+pub fn usage(u: &Value) -> Usage {
+    let mut counts = UsageCounts::default();
+    counts.update(u);
+    counts.usage()
 }
 
 fn usage_json(u: &Usage) -> Value {
@@ -352,17 +392,6 @@ fn usage_json(u: &Usage) -> Value {
 /// (a `Value` tree for the whole body cost more than the rest of the translation); content
 /// blocks go through the same reader as requests.
 pub fn decode_response(body: &[u8]) -> Result<Response, String> {
-    #[derive(serde::Deserialize, Default)]
-    struct UsageIn {
-        #[serde(default)]
-        input_tokens: Option<u64>,
-        #[serde(default)]
-        output_tokens: Option<u64>,
-        #[serde(default)]
-        cache_read_input_tokens: Option<u64>,
-        #[serde(default)]
-        cache_creation_input_tokens: Option<u64>,
-    }
     #[derive(serde::Deserialize)]
     struct MessageIn<'a> {
         #[serde(default, borrow)]
@@ -374,7 +403,7 @@ pub fn decode_response(body: &[u8]) -> Result<Response, String> {
         #[serde(default, borrow)]
         stop_reason: Option<std::borrow::Cow<'a, str>>,
         #[serde(default)]
-        usage: Option<UsageIn>,
+        usage: Option<UsageCounts>,
     }
     let m: MessageIn =
         serde_json::from_slice(body).map_err(|e| format!("invalid message from upstream: {e}"))?;
@@ -382,22 +411,13 @@ pub fn decode_response(body: &[u8]) -> Result<Response, String> {
         Some(c) => blocks(c, "content").map_err(|e| e.message())?,
         None => Vec::new(),
     };
-    let u = m.usage.unwrap_or_default();
-    let (cache_read, cache_write) =
-        (u.cache_read_input_tokens.unwrap_or(0), u.cache_creation_input_tokens.unwrap_or(0));
     Ok(Response {
         id: m.id.map(|s| s.into_owned()).unwrap_or_default(),
         model: m.model.map(|s| s.into_owned()).unwrap_or_default(),
         created: now_secs(),
         content,
         stop: m.stop_reason.as_deref().and_then(stop_reason),
-        usage: Usage {
-            input: u.input_tokens.unwrap_or(0) + cache_read + cache_write,
-            output: u.output_tokens.unwrap_or(0),
-            cache_read,
-            cache_write,
-            reasoning: 0,
-        },
+        usage: m.usage.unwrap_or_default().usage(),
     })
 }
 
@@ -688,5 +708,83 @@ impl StreamEncoder {
 
     pub fn usage(&self) -> Usage {
         self.usage
+    }
+}
+
+/// The Anthropic Messages codec, both as a provider format and as a client surface.
+pub struct AnthropicCodec;
+
+impl crate::wire::codec::Codec for AnthropicCodec {
+    fn format(&self) -> crate::wire::WireFormat {
+        crate::wire::WireFormat::Anthropic
+    }
+
+    fn encode_request(&self, req: &Request, model: &str) -> Result<Vec<u8>, String> {
+        Ok(encode_request(req, model))
+    }
+
+    fn decode_response(&self, body: &[u8]) -> Result<Response, String> {
+        decode_response(body)
+    }
+
+    fn stream_decoder(&self) -> Box<dyn crate::wire::codec::StreamDecoder> {
+        Box::new(StreamDecoder::default())
+    }
+
+    fn error_message(&self, body: &[u8]) -> Option<String> {
+        crate::wire::nested_error_message(body)
+    }
+
+    fn usage(&self, body: &[u8]) -> Option<Usage> {
+        crate::wire::usage::from_body(crate::wire::WireFormat::Anthropic, body)
+    }
+}
+
+impl crate::wire::codec::SurfaceCodec for AnthropicCodec {
+    fn surface(&self) -> crate::error::Surface {
+        crate::error::Surface::Anthropic
+    }
+
+    fn decode_request(&self, body: &[u8]) -> Result<Request, GatewayError> {
+        decode_request(body)
+    }
+
+    fn encode_response(&self, resp: &Response) -> Vec<u8> {
+        encode_response(resp)
+    }
+
+    fn stream_encoder(&self, model: &str, _send_usage: bool) -> Box<dyn crate::wire::codec::StreamEncoder> {
+        Box::new(StreamEncoder::new(model))
+    }
+}
+
+impl crate::wire::codec::StreamDecoder for StreamDecoder {
+    fn decode(&mut self, events: &mut Vec<crate::sse::Event>, out: &mut Vec<Delta>) -> Result<(), String> {
+        StreamDecoder::decode(self, events, out)
+    }
+}
+
+impl crate::wire::codec::StreamEncoder for StreamEncoder {
+    fn encode(&mut self, delta: &Delta, out: &mut Vec<u8>) {
+        StreamEncoder::encode(self, delta, out)
+    }
+
+    fn usage(&self) -> Usage {
+        StreamEncoder::usage(self)
+    }
+
+    fn done_with_trace(&mut self, trace: &Value, out: &mut Vec<u8>) {
+        let mut tail = Vec::new();
+        StreamEncoder::encode(self, &Delta::Done, &mut tail);
+        let stop = br#"{"type":"message_stop"}"#;
+        match tail.windows(stop.len()).rposition(|w| w == stop) {
+            Some(at) => {
+                out.extend_from_slice(&tail[..at]);
+                let with = json!({"type": "message_stop", "mlx:trace": trace});
+                let _ = serde_json::to_writer(&mut *out, &with);
+                out.extend_from_slice(&tail[at + stop.len()..]);
+            }
+            None => out.extend_from_slice(&tail),
+        }
     }
 }

@@ -3,15 +3,18 @@
 pub mod anthropic;
 pub mod bedrock;
 pub mod canonical;
+pub mod codec;
 pub mod cohere;
 pub mod embeddings;
 pub mod gemini;
 pub mod openai;
+pub mod registry;
 pub mod usage;
 
 use crate::error::{GatewayError, Surface};
 use crate::sse::{Framer, Parser};
 use canonical::{Delta, Request, Response};
+use codec::{Codec, StreamDecoder, StreamEncoder, SurfaceCodec};
 
 /// What a provider speaks. Client surfaces are the first two; the others exist only
 /// upstream. Azure OpenAI and the OpenAI-compatible vendors speak `OpenAi`.
@@ -53,35 +56,36 @@ impl From<Surface> for WireFormat {
     }
 }
 
+impl WireFormat {
+    /// This format's codec.
+    pub fn codec(self) -> &'static dyn Codec {
+        registry::codec(self)
+    }
+}
+
+impl Surface {
+    /// This client surface's codec.
+    pub fn codec(self) -> &'static dyn SurfaceCodec {
+        registry::surface_codec(self)
+    }
+}
+
 /// Client body → canonical request, by the client's wire format.
 pub fn decode_request(format: Surface, body: &[u8]) -> Result<Request, GatewayError> {
-    match format {
-        Surface::OpenAi => openai::codec::decode_request(body),
-        Surface::Anthropic => anthropic::decode_request(body),
-    }
+    format.codec().decode_request(body)
 }
 
 /// Canonical request → upstream body, by the provider's wire format. `Err` (400) when the
 /// request uses something the provider cannot express.
 pub fn encode_request(format: WireFormat, req: &Request, model: &str) -> Result<Vec<u8>, GatewayError> {
-    let provider_error = |message: String| GatewayError::invalid("unsupported_for_provider", message);
-    Ok(match format {
-        WireFormat::OpenAi => openai::codec::encode_request(req, model),
-        WireFormat::Anthropic => anthropic::encode_request(req, model),
-        WireFormat::Cohere => cohere::encode_request(req, model).map_err(provider_error)?,
-        WireFormat::Gemini => gemini::encode_request(req, model).map_err(provider_error)?,
-        WireFormat::Bedrock => bedrock::encode_request(req, model).map_err(provider_error)?,
-    })
+    format
+        .codec()
+        .encode_request(req, model)
+        .map_err(|message| GatewayError::invalid("unsupported_for_provider", message))
 }
 
 pub fn decode_response(format: WireFormat, body: &[u8]) -> Result<Response, String> {
-    match format {
-        WireFormat::OpenAi => openai::codec::decode_response(body),
-        WireFormat::Anthropic => anthropic::decode_response(body),
-        WireFormat::Cohere => cohere::decode_response(body),
-        WireFormat::Gemini => gemini::decode_response(body),
-        WireFormat::Bedrock => bedrock::decode_response(body),
-    }
+    format.codec().decode_response(body)
 }
 
 /// Canonical embeddings request → upstream body, for translated (non-OpenAI) targets.
@@ -90,52 +94,42 @@ pub fn encode_embeddings(
     req: &canonical::EmbeddingsRequest,
     model: &str,
 ) -> Result<Vec<u8>, GatewayError> {
-    let unsupported = |f: WireFormat| {
-        GatewayError::invalid(
+    match format.codec().encode_embeddings(req, model) {
+        Some(encoded) => {
+            encoded.map_err(|message| GatewayError::invalid("unsupported_for_provider", message))
+        }
+        None => Err(GatewayError::invalid(
             "unsupported_endpoint",
             format!(
                 "{} providers have no embeddings endpoint; use an OpenAI-family, Google or Cohere model",
-                f.as_str()
+                format.as_str()
             ),
-        )
-    };
-    let provider_error = |message: String| GatewayError::invalid("unsupported_for_provider", message);
-    match format {
-        WireFormat::Cohere => cohere::encode_embeddings(req, model).map_err(provider_error),
-        WireFormat::Gemini => gemini::encode_embeddings(req, model).map_err(provider_error),
-        WireFormat::OpenAi | WireFormat::Anthropic | WireFormat::Bedrock => Err(unsupported(format)),
+        )),
     }
 }
 
 /// Upstream embeddings body → canonical, for the formats `encode_embeddings` accepts.
 pub fn decode_embeddings(format: WireFormat, body: &[u8]) -> Result<canonical::EmbeddingsResponse, String> {
-    match format {
-        WireFormat::Cohere => cohere::decode_embeddings(body),
-        WireFormat::Gemini => gemini::decode_embeddings(body),
-        WireFormat::OpenAi | WireFormat::Anthropic | WireFormat::Bedrock => {
-            Err(format!("{} embeddings are not translated", format.as_str()))
-        }
-    }
+    format
+        .codec()
+        .decode_embeddings(body)
+        .unwrap_or_else(|| Err(format!("{} embeddings are not translated", format.as_str())))
 }
 
 /// The human-readable message of an upstream error body, read the provider's way.
 pub fn error_message(format: WireFormat, body: &[u8]) -> Option<String> {
-    match format {
-        WireFormat::Gemini => gemini::error_message(body),
-        WireFormat::Cohere => cohere::error_message(body),
-        WireFormat::Bedrock => bedrock::error_message(body),
-        // OpenAI and Anthropic both nest it under `error`.
-        WireFormat::OpenAi | WireFormat::Anthropic => serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_string)),
-    }
+    format.codec().error_message(body)
+}
+
+/// `error.message` of an OpenAI or Anthropic error body (both nest it under `error`).
+pub fn nested_error_message(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_string))
 }
 
 pub fn encode_response(format: Surface, resp: &Response) -> Vec<u8> {
-    match format {
-        Surface::OpenAi => openai::codec::encode_response(resp),
-        Surface::Anthropic => anthropic::encode_response(resp),
-    }
+    format.codec().encode_response(resp)
 }
 
 /// A whole response as the client's stream: for answers that had to be complete before
@@ -200,26 +194,13 @@ pub fn response_text(resp: &Response) -> String {
     out
 }
 
-enum Decoder {
-    OpenAi(openai::codec::StreamDecoder),
-    Anthropic(anthropic::StreamDecoder),
-    Cohere(cohere::StreamDecoder),
-    Gemini(gemini::StreamDecoder),
-    Bedrock(bedrock::StreamDecoder),
-}
-
-enum Encoder {
-    OpenAi(openai::codec::StreamEncoder),
-    Anthropic(anthropic::StreamEncoder),
-}
-
 /// Upstream stream bytes → client stream bytes, one upstream read at a time: a synchronous
 /// state machine, so nothing is buffered beyond an incomplete SSE line.
 pub struct Transcoder {
     framer: Box<dyn Framer>,
     events: Vec<crate::sse::Event>,
-    decoder: Decoder,
-    encoder: Encoder,
+    decoder: Box<dyn StreamDecoder>,
+    encoder: Box<dyn StreamEncoder>,
     deltas: Vec<Delta>,
     done: bool,
     /// Keep the final event back until `release_done` (to put the decision trace before it).
@@ -243,19 +224,8 @@ impl Transcoder {
         Transcoder {
             framer,
             events: Vec::new(),
-            decoder: match upstream {
-                WireFormat::OpenAi => Decoder::OpenAi(Default::default()),
-                WireFormat::Anthropic => Decoder::Anthropic(Default::default()),
-                WireFormat::Cohere => Decoder::Cohere(Default::default()),
-                WireFormat::Gemini => Decoder::Gemini(Default::default()),
-                WireFormat::Bedrock => Decoder::Bedrock(Default::default()),
-            },
-            encoder: match client {
-                Surface::OpenAi => {
-                    Encoder::OpenAi(openai::codec::StreamEncoder::new(model, client_wants_usage))
-                }
-                Surface::Anthropic => Encoder::Anthropic(anthropic::StreamEncoder::new(model)),
-            },
+            decoder: upstream.codec().stream_decoder(),
+            encoder: client.codec().stream_encoder(model, client_wants_usage),
             deltas: Vec::new(),
             done: false,
             hold_done: false,
@@ -276,30 +246,7 @@ impl Transcoder {
             return;
         }
         self.held_done = false;
-        match &mut self.encoder {
-            Encoder::OpenAi(e) => {
-                let mut tail = Vec::new();
-                e.encode(&Delta::Done, &mut tail);
-                let cut = tail.len().saturating_sub(b"data: [DONE]\n\n".len());
-                out.extend_from_slice(&tail[..cut]);
-                e.trace_chunk(trace, out);
-                out.extend_from_slice(&tail[cut..]);
-            }
-            Encoder::Anthropic(e) => {
-                let mut tail = Vec::new();
-                e.encode(&Delta::Done, &mut tail);
-                let stop = br#"{"type":"message_stop"}"#;
-                match tail.windows(stop.len()).rposition(|w| w == stop) {
-                    Some(at) => {
-                        out.extend_from_slice(&tail[..at]);
-                        let with = serde_json::json!({"type": "message_stop", "mlx:trace": trace});
-                        let _ = serde_json::to_writer(&mut *out, &with);
-                        out.extend_from_slice(&tail[at + stop.len()..]);
-                    }
-                    None => out.extend_from_slice(&tail),
-                }
-            }
-        }
+        self.encoder.done_with_trace(trace, out);
     }
 
     /// Translates one upstream read; `Err` when the upstream sent something undecodable.
@@ -312,35 +259,19 @@ impl Transcoder {
     }
 
     fn decode(&mut self) -> Result<(), String> {
-        match &mut self.decoder {
-            Decoder::OpenAi(d) => d.decode(&mut self.events, &mut self.deltas),
-            Decoder::Anthropic(d) => d.decode(&mut self.events, &mut self.deltas),
-            Decoder::Cohere(d) => d.decode(&mut self.events, &mut self.deltas),
-            Decoder::Gemini(d) => d.decode(&mut self.events, &mut self.deltas),
-            Decoder::Bedrock(d) => d.decode(&mut self.events, &mut self.deltas),
-        }
+        self.decoder.decode(&mut self.events, &mut self.deltas)
     }
 
     /// The upstream body ended; `Err` when it ended without its terminal event.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
         let framed = self.framer.finish(&mut self.events);
-        let res = self.decode().and(framed).and_then(|()| self.decoder_finish());
+        let res = self.decode().and(framed).and_then(|()| self.decoder.finish(&mut self.deltas));
         self.emit(out);
         res?;
         if self.done {
             Ok(())
         } else {
             Err("the upstream stream ended before its final event".into())
-        }
-    }
-
-    /// Formats without a terminal event (Gemini) decide at the end of the body.
-    fn decoder_finish(&mut self) -> Result<(), String> {
-        match &mut self.decoder {
-            Decoder::OpenAi(_) | Decoder::Anthropic(_) => Ok(()),
-            Decoder::Cohere(d) => d.finish(&mut self.deltas),
-            Decoder::Gemini(d) => d.finish(&mut self.deltas),
-            Decoder::Bedrock(d) => d.finish(&mut self.deltas),
         }
     }
 
@@ -356,10 +287,7 @@ impl Transcoder {
     }
 
     pub fn usage(&self) -> canonical::Usage {
-        match &self.encoder {
-            Encoder::OpenAi(e) => e.usage(),
-            Encoder::Anthropic(e) => e.usage(),
-        }
+        self.encoder.usage()
     }
 
     fn emit(&mut self, out: &mut Vec<u8>) {
@@ -375,10 +303,7 @@ impl Transcoder {
                 self.held_done = true;
                 continue;
             }
-            match &mut self.encoder {
-                Encoder::OpenAi(e) => e.encode(&d, out),
-                Encoder::Anthropic(e) => e.encode(&d, out),
-            }
+            self.encoder.encode(&d, out);
         }
     }
 }

@@ -852,7 +852,9 @@ pub mod codec {
         }
     }
 
-    fn usage(u: &Value) -> Usage {
+    /// An OpenAI usage object (chat completion, stream chunk, embeddings): the one reader
+    /// of OpenAI usage, for the codec and the passthrough tap alike.
+    pub fn usage(u: &Value) -> Usage {
         let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
         Usage {
             input: n("/prompt_tokens"),
@@ -1220,5 +1222,85 @@ pub mod codec {
         out.extend_from_slice(b"data: ");
         let _ = serde_json::to_writer(&mut *out, v);
         out.extend_from_slice(b"\n\n");
+    }
+
+    /// The OpenAI Chat Completions codec, both as a provider format and as a client surface.
+    pub struct OpenAiCodec;
+
+    impl crate::wire::codec::Codec for OpenAiCodec {
+        fn format(&self) -> crate::wire::WireFormat {
+            crate::wire::WireFormat::OpenAi
+        }
+
+        fn encode_request(&self, req: &Request, model: &str) -> Result<Vec<u8>, String> {
+            Ok(encode_request(req, model))
+        }
+
+        fn decode_response(&self, body: &[u8]) -> Result<Response, String> {
+            decode_response(body)
+        }
+
+        fn stream_decoder(&self) -> Box<dyn crate::wire::codec::StreamDecoder> {
+            Box::new(StreamDecoder::default())
+        }
+
+        fn error_message(&self, body: &[u8]) -> Option<String> {
+            crate::wire::nested_error_message(body)
+        }
+
+        fn usage(&self, body: &[u8]) -> Option<Usage> {
+            crate::wire::usage::from_body(crate::wire::WireFormat::OpenAi, body)
+        }
+    }
+
+    impl crate::wire::codec::SurfaceCodec for OpenAiCodec {
+        fn surface(&self) -> crate::error::Surface {
+            crate::error::Surface::OpenAi
+        }
+
+        fn decode_request(&self, body: &[u8]) -> Result<Request, GatewayError> {
+            decode_request(body)
+        }
+
+        fn encode_response(&self, resp: &Response) -> Vec<u8> {
+            encode_response(resp)
+        }
+
+        fn stream_encoder(
+            &self,
+            model: &str,
+            send_usage: bool,
+        ) -> Box<dyn crate::wire::codec::StreamEncoder> {
+            Box::new(StreamEncoder::new(model, send_usage))
+        }
+    }
+
+    impl crate::wire::codec::StreamDecoder for StreamDecoder {
+        fn decode(
+            &mut self,
+            events: &mut Vec<crate::sse::Event>,
+            out: &mut Vec<Delta>,
+        ) -> Result<(), String> {
+            StreamDecoder::decode(self, events, out)
+        }
+    }
+
+    impl crate::wire::codec::StreamEncoder for StreamEncoder {
+        fn encode(&mut self, delta: &Delta, out: &mut Vec<u8>) {
+            StreamEncoder::encode(self, delta, out)
+        }
+
+        fn usage(&self) -> Usage {
+            StreamEncoder::usage(self)
+        }
+
+        fn done_with_trace(&mut self, trace: &Value, out: &mut Vec<u8>) {
+            let mut tail = Vec::new();
+            StreamEncoder::encode(self, &Delta::Done, &mut tail);
+            let cut = tail.len().saturating_sub(b"data: [DONE]\n\n".len());
+            out.extend_from_slice(&tail[..cut]);
+            self.trace_chunk(trace, out);
+            out.extend_from_slice(&tail[cut..]);
+        }
     }
 }

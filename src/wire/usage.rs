@@ -5,60 +5,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use super::anthropic::UsageCounts as AnthropicCounts;
 use super::canonical::Usage;
+use super::openai::codec::usage as openai_usage;
 use super::WireFormat;
 
 /// Longest line, event data or held event the tap scans; beyond it bytes pass unscanned.
 const MAX_SCAN: usize = 1024 * 1024;
-
-/// An upstream usage object, read the way the format's decoder reads it.
-fn openai_usage(u: &Value) -> Usage {
-    let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-    Usage {
-        input: n("/prompt_tokens"),
-        output: n("/completion_tokens"),
-        cache_read: n("/prompt_tokens_details/cached_tokens"),
-        cache_write: 0,
-        reasoning: n("/completion_tokens_details/reasoning_tokens"),
-    }
-}
-
-/// Anthropic's fields as last reported; a stream reports them across several events.
-#[derive(Debug, Default, Clone, Copy)]
-struct AnthropicCounts {
-    input: Option<u64>,
-    output: Option<u64>,
-    cache_read: Option<u64>,
-    cache_write: Option<u64>,
-}
-
-impl AnthropicCounts {
-    fn update(&mut self, u: &Value) {
-        let n = |k: &str| u.get(k).and_then(Value::as_u64);
-        for (mine, key) in [
-            (&mut self.input, "input_tokens"),
-            (&mut self.output, "output_tokens"),
-            (&mut self.cache_read, "cache_read_input_tokens"),
-            (&mut self.cache_write, "cache_creation_input_tokens"),
-        ] {
-            if let Some(v) = n(key) {
-                *mine = Some(v);
-            }
-        }
-    }
-
-    /// Anthropic's `input_tokens` excludes cache reads and writes; canonical input includes them.
-    fn usage(&self) -> Usage {
-        let (cache_read, cache_write) = (self.cache_read.unwrap_or(0), self.cache_write.unwrap_or(0));
-        Usage {
-            input: self.input.unwrap_or(0).saturating_add(cache_read).saturating_add(cache_write),
-            output: self.output.unwrap_or(0),
-            cache_read,
-            cache_write,
-            reasoning: 0,
-        }
-    }
-}
 
 /// The usage of a whole OpenAI (chat completion, embeddings) or Anthropic (message) body;
 /// `None` for other formats or a body without a usage object.

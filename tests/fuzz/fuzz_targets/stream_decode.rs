@@ -11,7 +11,8 @@ fuzz_target!(|data: &[u8]| {
     let [selector, chunk, body @ ..] = data else { return };
     let format = WireFormat::ALL[usize::from(*selector) % WireFormat::ALL.len()];
     let client = if selector & 0x40 == 0 { Surface::OpenAi } else { Surface::Anthropic };
-    let mut t = Transcoder::new(format, client, "m", selector & 0x80 != 0);
+    let framer = modelux::providers::registry::framer_for(format);
+    let mut t = Transcoder::new(framer, format, client, "m", selector & 0x80 != 0);
     let mut out = Vec::new();
     for piece in body.chunks(usize::from(*chunk).max(1)) {
         if t.feed(piece, &mut out).is_err() {
