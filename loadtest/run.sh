@@ -5,6 +5,7 @@
 #   loadtest/run.sh                  # 10 s per phase
 #   DURATION_S=30 loadtest/run.sh
 #   SKIP_GATEWAY=1 loadtest/run.sh   # direct + nginx only
+#   PINGORA_BARE=path/to/binary loadtest/run.sh   # also a bare pingora proxy hop
 #
 # Core layout (2-core machine): core 0 = the proxy under test, alone;
 # core 1 = loadgen + mock upstream. See loadtest/README.md.
@@ -20,6 +21,15 @@ MOCK_CPU=${MOCK_CPU:-1}
 SKIP_GATEWAY=${SKIP_GATEWAY:-0}
 # Paced phases: total req/s for the latency comparison below saturation (0 = skip).
 RATE=${RATE:-5000}
+# Streamed phases (SSE answers, same connections) and the one-connection phases (tail
+# latency when nothing queues): 0 skips them.
+STREAM=${STREAM:-1}
+ONE_CONN=${ONE_CONN:-1}
+# Resident memory with this many streams open through the gateway at once (0 skips).
+OPEN_STREAMS=${OPEN_STREAMS:-1000}
+# A bare pingora proxy (no auth, no body work) to run beside nginx: the floor of any
+# pingora-based hop. Listens on $LISTEN, forwards to $UPSTREAM.
+PINGORA_BARE=${PINGORA_BARE:-}
 SKIP_BUILD=${SKIP_BUILD:-0}
 BUILD_TIMEOUT_S=${BUILD_TIMEOUT_S:-3600}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-30}
@@ -173,6 +183,25 @@ BODY_XLAT_GEMINI=$TMP/body-gateway-xlat-gemini.json
 printf '%s' '{"model":"mockgem/gemini-mock","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_XLAT_GEMINI"
 # Direct and nginx hops send the same body; the mock echoes any model.
 cp "$BODY_GW" "$BODY_MOCK"
+BODY_GW_STREAM=$TMP/body-gateway-stream.json
+printf '%s' '{"model":"mock/mock-model","stream":true,"messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_GW_STREAM"
+BODY_MOCK_STREAM=$TMP/body-direct-stream.json
+cp "$BODY_GW_STREAM" "$BODY_MOCK_STREAM"
+# Open streams: a second mock that takes 8 s to stream its answer (80 tokens, 100 ms apart).
+BODY_SLOW_STREAM=$TMP/body-gateway-slow.json
+printf '%s' '{"model":"slow/mock-model","stream":true,"messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_SLOW_STREAM"
+taskset -c "$MOCK_CPU" "$BIN/mock-upstream" --listen 127.0.0.1:0 --threads 1 --tokens 80 \
+    --inter-token-ms 100 >"$TMP/mock-slow.out" 2>"$TMP/mock-slow.log" &
+SLOW_PID=$!
+PIDS+=("$SLOW_PID")
+SLOW_ADDR=
+for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
+    SLOW_ADDR=$(sed -n 's/^listening on //p' "$TMP/mock-slow.out")
+    [ -n "$SLOW_ADDR" ] && break
+    alive "$SLOW_PID" "mock-upstream (slow)"
+    sleep 0.1
+done
+[ -n "$SLOW_ADDR" ] || die "the slow mock-upstream did not report its address"
 
 # ---------------------------------------------------------------- gateway
 if [ "$SKIP_GATEWAY" != 1 ]; then
@@ -187,6 +216,7 @@ providers:
   - { id: mock, kind: openai_compatible, base_url: "http://127.0.0.1:$MOCK_PORT/v1", api_key: "sk-mock" }
   - { id: mockant, kind: anthropic, base_url: "http://127.0.0.1:$MOCK_PORT", api_key: "sk-ant-mock" }
   - { id: mockgem, kind: google, base_url: "http://127.0.0.1:$MOCK_PORT/v1beta", api_key: "g-mock" }
+  - { id: slow, kind: openai_compatible, base_url: "http://$SLOW_ADDR/v1", api_key: "sk-mock" }
 projects:
   - id: default
     keys:
@@ -203,7 +233,21 @@ YAML
     PIDS+=("$GW_PID")
     wait_status "http://127.0.0.1:$GW_MANAGE_PORT/healthz" 200
     alive "$GW_PID" gateway
+    sleep 1
+    rss_kib "$GW_PID" >"$TMP/gateway.start.rss"
     log "gateway on 127.0.0.1:$GW_PORT (manage $GW_MANAGE_PORT), pid $GW_PID"
+fi
+
+# ---------------------------------------------------------------- bare pingora
+if [ -n "$PINGORA_BARE" ]; then
+    [ -x "$PINGORA_BARE" ] || die "PINGORA_BARE=$PINGORA_BARE is not an executable"
+    PB_PORT=$(free_port) || die "no free port"
+    LISTEN=127.0.0.1:$PB_PORT UPSTREAM=127.0.0.1:$MOCK_PORT RUST_LOG=warn \
+        taskset -c "$PROXY_CPU" "$PINGORA_BARE" >"$TMP/pingora.log" 2>&1 &
+    PB_PID=$!
+    PIDS+=("$PB_PID")
+    wait_status "http://127.0.0.1:$PB_PORT/v1/models" 200
+    log "bare pingora on 127.0.0.1:$PB_PORT, pid $PB_PID"
 fi
 
 # ---------------------------------------------------------------- nginx
@@ -253,11 +297,18 @@ log "nginx on 127.0.0.1:$NGINX_PORT, master $NGINX_PID, worker $NGINX_WORKER"
 run_phase() {
     local name=$1 port=$2 path=$3 pid=$4
     shift 4
-    local body=$BODY_MOCK
-    [ "${name%.paced}" = gateway ] && body=$BODY_GW
-    [ "${name%.paced}" = gateway_xlat ] && body=$BODY_XLAT
-    [ "${name%.paced}" = gateway_xlat_gemini ] && body=$BODY_XLAT_GEMINI
-    local common=(--target "127.0.0.1:$port" --path "$path" --body-file "$body" --threads 1 --json "$@")
+    local base=${name%.*} body=$BODY_MOCK stream=()
+    case $base in
+        gateway) body=$BODY_GW ;;
+        gateway_xlat) body=$BODY_XLAT ;;
+        gateway_xlat_gemini) body=$BODY_XLAT_GEMINI ;;
+        gateway_stream) body=$BODY_GW_STREAM ;;
+        gateway_open_streams) body=$BODY_SLOW_STREAM ;;
+        *_stream) body=$BODY_MOCK_STREAM ;;
+    esac
+    case $base in *_stream | *_streams) stream=(--stream) ;; esac
+    local conns=${PHASE_CONNECTIONS:-$CONNECTIONS}
+    local common=(--target "127.0.0.1:$port" --path "$path" --body-file "$body" --threads 1 --json "${stream[@]}" "$@")
     # One request first so a broken hop fails loudly instead of timing 10 s
     # of errors.
     timeout 30 "$BIN/loadgen" "${common[@]}" --connections 1 --max-requests 1 \
@@ -267,10 +318,19 @@ run_phase() {
         die "$name: sanity request did not return 2xx: $(cat "$TMP/$name.check.json")"
     local t0=0 t1=0
     [ "$pid" != - ] && t0=$(cpu_ticks "$pid")
-    log "phase $name: ${CONNECTIONS} connections, ${WARMUP_S}s warmup + ${DURATION_S}s"
+    log "phase $name: ${conns} connections, ${WARMUP_S}s warmup + ${DURATION_S}s"
+    # The highest RSS while the phase runs (sampled every 200 ms).
+    local sampler=
+    if [ "$pid" != - ]; then
+        (peak=0; while kill -0 "$pid" 2>/dev/null; do
+            r=$(rss_kib "$pid"); [ "${r:-0}" -gt "$peak" ] && peak=$r && echo "$peak" >"$TMP/$name.peak"
+            sleep 0.2; done) &
+        sampler=$!
+    fi
     timeout $((DURATION_S + WARMUP_S + 60)) taskset -c "$LOAD_CPU" "$BIN/loadgen" "${common[@]}" \
-        --connections "$CONNECTIONS" --warmup-s "$WARMUP_S" --duration-s "$DURATION_S" \
+        --connections "$conns" --warmup-s "$WARMUP_S" --duration-s "$DURATION_S" \
         >"$TMP/$name.json" || die "$name: loadgen failed"
+    [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null || true
     if [ "$pid" != - ]; then
         t1=$(cpu_ticks "$pid")
         echo "$((t1 - t0))" >"$TMP/$name.ticks"
@@ -302,12 +362,46 @@ for mode in sat paced; do
     fi
     alive "$NGINX_PID" nginx
     run_phase nginx$sfx "$NGINX_PORT" /v1/chat/completions "$NGINX_WORKER" "${extra[@]}"
+    [ -z "$PINGORA_BARE" ] || run_phase pingora$sfx "$PB_PORT" /v1/chat/completions "$PB_PID" "${extra[@]}"
 done
+
+# Streamed answers (SSE), at saturation.
+if [ "$STREAM" = 1 ]; then
+    run_phase direct_stream "$MOCK_PORT" /v1/chat/completions -
+    [ "$SKIP_GATEWAY" = 1 ] || run_phase gateway_stream "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+        --header "Authorization: Bearer $GW_KEY"
+    run_phase nginx_stream "$NGINX_PORT" /v1/chat/completions "$NGINX_WORKER"
+    [ -z "$PINGORA_BARE" ] || run_phase pingora_stream "$PB_PORT" /v1/chat/completions "$PB_PID"
+fi
+
+# One connection: latency when nothing queues (the tail is background work stalling the
+# request, not load).
+if [ "$ONE_CONN" = 1 ]; then
+    export PHASE_CONNECTIONS=1
+    run_phase direct.1conn "$MOCK_PORT" /v1/chat/completions -
+    [ "$SKIP_GATEWAY" = 1 ] || run_phase gateway.1conn "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+        --header "Authorization: Bearer $GW_KEY"
+    run_phase nginx.1conn "$NGINX_PORT" /v1/chat/completions "$NGINX_WORKER"
+    [ -z "$PINGORA_BARE" ] || run_phase pingora.1conn "$PB_PORT" /v1/chat/completions "$PB_PID"
+    unset PHASE_CONNECTIONS
+fi
+
+# Resident memory with many streams open at once (each lasts 8 s; the phase holds
+# $OPEN_STREAMS connections for its whole length).
+if [ "$OPEN_STREAMS" != 0 ] && [ "$SKIP_GATEWAY" != 1 ]; then
+    PHASE_CONNECTIONS=$OPEN_STREAMS WARMUP_S=1 DURATION_S=6 run_phase gateway_open_streams \
+        "$GW_PORT" /openai/v1/chat/completions "$GW_PID" --header "Authorization: Bearer $GW_KEY" \
+        --timeout-s 30
+fi
 
 # ---------------------------------------------------------------- report
 row() {
     local name=$1 f=$TMP/$1.json base=direct
-    [ "${name%.paced}" != "$name" ] && base=direct.paced
+    case $name in
+        *.paced) base=direct.paced ;;
+        *.1conn) base=direct.1conn ;;
+        *_stream) base=direct_stream ;;
+    esac
     local rps p50 p99 p999 errs all base50 base99 ticks rss
     rps=$(jnum "$f" rps)
     p50=$(jnum "$f" p50_us)
@@ -318,7 +412,7 @@ row() {
     base50=$(jnum "$TMP/$base.json" p50_us)
     base99=$(jnum "$TMP/$base.json" p99_us)
     ticks=$(cat "$TMP/$name.ticks" 2>/dev/null || echo -)
-    rss=$(cat "$TMP/$name.rss" 2>/dev/null || echo -)
+    rss=$(cat "$TMP/$name.peak" 2>/dev/null || cat "$TMP/$name.rss" 2>/dev/null || echo -)
     awk -v n="$name" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v p999="$p999" \
         -v errs="$errs" -v all="$all" -v b50="$base50" -v b99="$base99" \
         -v ticks="$ticks" -v rss="$rss" -v tck="$CLK_TCK" 'BEGIN {
@@ -345,7 +439,47 @@ row() {
     [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat
     [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat_gemini
     row nginx
+    [ -z "$PINGORA_BARE" ] || row pingora
     echo
+    header() {
+        echo "| target | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | CPU µs/req | RSS MiB | errors |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    }
+    ratio() { # ratio NAME BASE: CPU µs/req of NAME over BASE's, same run
+        awk -v a="$(cat "$TMP/$1.ticks" 2>/dev/null)" -v an="$(jnum "$TMP/$1.json" completed_all)" \
+            -v b="$(cat "$TMP/$2.ticks" 2>/dev/null)" -v bn="$(jnum "$TMP/$2.json" completed_all)" \
+            'BEGIN { if (a > 0 && b > 0 && an > 0 && bn > 0) printf "%.2f", (a / an) / (b / bn); else printf "–" }'
+    }
+    if [ "$STREAM" = 1 ]; then
+        echo "Streamed (SSE) answers, ${CONNECTIONS} connections:"
+        echo
+        header
+        row direct_stream
+        [ "$SKIP_GATEWAY" = 1 ] || row gateway_stream
+        row nginx_stream
+        [ -z "$PINGORA_BARE" ] || row pingora_stream
+        echo
+    fi
+    if [ "$ONE_CONN" = 1 ]; then
+        echo "One connection (the tail is what background work adds when nothing queues):"
+        echo
+        header
+        row direct.1conn
+        [ "$SKIP_GATEWAY" = 1 ] || row gateway.1conn
+        row nginx.1conn
+        [ -z "$PINGORA_BARE" ] || row pingora.1conn
+        echo
+    fi
+    if [ "$SKIP_GATEWAY" != 1 ]; then
+        echo "CPU per request, gateway ÷ nginx: JSON **$(ratio gateway nginx)×**, streamed **$(ratio gateway_stream nginx_stream)×**."
+        [ -z "$PINGORA_BARE" ] ||
+            echo "CPU per request, gateway ÷ bare pingora: JSON **$(ratio gateway pingora)×**, streamed **$(ratio gateway_stream pingora_stream)×**."
+        echo "Gateway RSS after start: $(awk '{ printf "%.1f", $1 / 1024 }' "$TMP/gateway.start.rss") MiB."
+        if [ "$OPEN_STREAMS" != 0 ]; then
+            echo "Gateway RSS with $OPEN_STREAMS streams open: $(awk '{ printf "%.1f", $1 / 1024 }' "$TMP/gateway_open_streams.peak" 2>/dev/null) MiB (peak; $(jnum "$TMP/gateway_open_streams.json" errors) errors)."
+        fi
+        echo
+    fi
     if [ "$RATE" != 0 ]; then
         echo "Paced at $RATE req/s in total (latency below saturation; CPU is per request at that rate):"
         echo
@@ -354,6 +488,7 @@ row() {
         row direct.paced
         [ "$SKIP_GATEWAY" = 1 ] || row gateway.paced
         row nginx.paced
+        [ -z "$PINGORA_BARE" ] || row pingora.paced
         echo
     fi
     if [ "$SKIP_GATEWAY" != 1 ]; then

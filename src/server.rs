@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use pingora::apps::http_app::HttpServer;
 use pingora::connectors::http::Connector;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -100,6 +101,9 @@ pub fn open_traces(
     Ok((queue, Arc::new(writer)))
 }
 
+/// Read buffer of a client connection (pingora's default: 64 KiB).
+const PROXY_READ_BUFFER: usize = 16 * 1024;
+
 pub fn build(handles: &Handles, options: &Options) -> Server {
     let snapshot = handles.store.load();
     let settings = &snapshot.settings;
@@ -129,7 +133,14 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         Gateway { state },
         "modelux proxy",
     );
-    proxy.add_tcp(&settings.proxy_listen);
+    // pingora reads each client connection through a 64 KiB buffer by default, held for
+    // the connection's life: with a thousand streams open that alone is 64 MiB. Request
+    // heads are small and bodies are read in their own buffer, so 16 KiB costs no syscalls
+    // in practice.
+    proxy.add_listener(
+        ListenerConfig::tcp(settings.proxy_listen.clone())
+            .l4_buffer(L4BufferSettings::new(PROXY_READ_BUFFER, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+    );
 
     let mut manage = Service::new(
         "modelux manage".to_string(),

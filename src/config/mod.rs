@@ -394,6 +394,7 @@ fn trace_settings(raw: &RawTraces, errors: &mut Vec<ConfigError>) -> TraceSettin
             table: ident(&c.table, "requests", "traces.clickhouse.table", errors),
         }
     });
+    let default_batch = if clickhouse.is_some() { 10_000 } else { 1_000 };
     TraceSettings {
         clickhouse,
         retention_days: positive(raw.retention_days.map(u64::from), 30, "traces.retention_days", errors)
@@ -406,7 +407,10 @@ fn trace_settings(raw: &RawTraces, errors: &mut Vec<ConfigError>) -> TraceSettin
             "traces.queue_capacity",
             errors,
         ) as usize,
-        batch_size: positive(raw.batch_size.map(|v| v as u64), 10_000, "traces.batch_size", errors) as usize,
+        // ClickHouse wants few large inserts; SQLite commits are cheap, and a smaller batch
+        // keeps each write burst (and the memory the batch holds) short.
+        batch_size: positive(raw.batch_size.map(|v| v as u64), default_batch, "traces.batch_size", errors)
+            as usize,
         flush_interval: Duration::from_millis(positive(
             raw.flush_interval_ms,
             1_000,

@@ -24,6 +24,7 @@ use crate::routing::{Accept, Aggregation, Failure, Member, RetryOn};
 use crate::wire::canonical::{Request, Response};
 use crate::wire::openai::ChatRequest;
 use crate::wire::{self, Transcoder, WireFormat};
+use serde_json::value::RawValue;
 
 /// One upstream request, built for one target.
 pub(super) struct Prepared {
@@ -359,7 +360,7 @@ pub fn check_accept(accept: &Accept, resp: &Response) -> Result<(), String> {
 }
 
 /// Splices `"mlx:trace": {...}` into a JSON object body.
-fn inject_trace(body: &[u8], trace: &serde_json::Value) -> Option<Vec<u8>> {
+fn inject_trace(body: &[u8], trace: &RawValue) -> Option<Vec<u8>> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
     let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
     if body[start] != b'{' || body[end] != b'}' {
@@ -372,13 +373,14 @@ fn inject_trace(body: &[u8], trace: &serde_json::Value) -> Option<Vec<u8>> {
         out.push(b',');
     }
     out.extend_from_slice(b"\"mlx:trace\":");
-    serde_json::to_writer(&mut out, trace).ok()?;
+    out.extend_from_slice(trace.get().as_bytes());
     out.extend_from_slice(&body[end..]);
     Some(out)
 }
 
-fn trace_value(ctx: &RequestCtx) -> serde_json::Value {
-    ctx.trace.as_ref().and_then(|t| serde_json::to_value(t).ok()).unwrap_or(serde_json::Value::Null)
+/// The decision trace, serialized once for the client's answer.
+fn trace_json(ctx: &RequestCtx) -> Option<Box<RawValue>> {
+    ctx.trace.as_ref().and_then(|t| serde_json::value::to_raw_value(t).ok())
 }
 
 impl Exec<'_, '_> {
@@ -414,7 +416,7 @@ impl Exec<'_, '_> {
         billing::bill_answer(state, ctx, usage, true, crate::estimate::json_tokens(body.len()));
         ctx.bill.cost_header = true;
         let mut headers = answer_headers(&ex.header, prepared.translated, served);
-        let trace = self.want_trace.then(|| trace_value(ctx));
+        let trace = if self.want_trace { trace_json(ctx) } else { None };
         if !prepared.translated {
             let body = match trace.as_ref().and_then(|t| inject_trace(&body, t)) {
                 Some(with) => Bytes::from(with),
@@ -428,7 +430,8 @@ impl Exec<'_, '_> {
         };
         if self.request.stream {
             // Chosen whole (ensemble, cascade) but asked for as a stream: replay it as one.
-            let out = wire::stream_response(self.client, &resp, prepared.client_wants_usage, trace.as_ref());
+            let out =
+                wire::stream_response(self.client, &resp, prepared.client_wants_usage, trace.as_deref());
             headers.push((http::header::CONTENT_TYPE, "text/event-stream".into()));
             headers.push((http::header::CACHE_CONTROL, "no-cache".into()));
             respond::whole(session, ctx, 200, headers, Bytes::from(out)).await;

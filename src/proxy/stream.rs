@@ -161,8 +161,8 @@ pub async fn stream(
                         if let Some(last) = trace.attempts.last_mut() {
                             last.duration_ms = (ex.started.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
                         }
-                        if let Ok(v) = serde_json::to_value(&*trace) {
-                            t.release_done(&v, &mut out);
+                        if let Ok(json) = serde_json::value::to_raw_value(&*trace) {
+                            t.release_done(&json, &mut out);
                         }
                     }
                 }

@@ -773,15 +773,21 @@ impl crate::wire::codec::StreamEncoder for StreamEncoder {
         StreamEncoder::usage(self)
     }
 
-    fn done_with_trace(&mut self, trace: &Value, out: &mut Vec<u8>) {
+    fn done_with_trace(&mut self, trace: &serde_json::value::RawValue, out: &mut Vec<u8>) {
         let mut tail = Vec::new();
         StreamEncoder::encode(self, &Delta::Done, &mut tail);
         let stop = br#"{"type":"message_stop"}"#;
         match tail.windows(stop.len()).rposition(|w| w == stop) {
             Some(at) => {
                 out.extend_from_slice(&tail[..at]);
-                let with = json!({"type": "message_stop", "mlx:trace": trace});
-                let _ = serde_json::to_writer(&mut *out, &with);
+                #[derive(serde::Serialize)]
+                struct Stop<'a> {
+                    #[serde(rename = "type")]
+                    kind: &'static str,
+                    #[serde(rename = "mlx:trace")]
+                    trace: &'a serde_json::value::RawValue,
+                }
+                let _ = serde_json::to_writer(&mut *out, &Stop { kind: "message_stop", trace });
                 out.extend_from_slice(&tail[at + stop.len()..]);
             }
             None => out.extend_from_slice(&tail),

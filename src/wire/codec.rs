@@ -82,5 +82,5 @@ pub trait StreamEncoder: Send {
 
     /// The stream's end with the decision trace in it: a choice-less chunk before `[DONE]`
     /// (OpenAI) or an `mlx:trace` member on `message_stop` (Anthropic).
-    fn done_with_trace(&mut self, trace: &serde_json::Value, out: &mut Vec<u8>);
+    fn done_with_trace(&mut self, trace: &serde_json::value::RawValue, out: &mut Vec<u8>);
 }

@@ -138,7 +138,7 @@ pub fn stream_response(
     client: Surface,
     resp: &Response,
     send_usage: bool,
-    trace: Option<&serde_json::Value>,
+    trace: Option<&serde_json::value::RawValue>,
 ) -> Vec<u8> {
     use canonical::Part;
     let mut deltas = vec![Delta::Start { id: resp.id.clone(), model: resp.model.clone() }];
@@ -241,7 +241,7 @@ impl Transcoder {
 
     /// Writes the held final event, with the decision trace: a choice-less chunk before
     /// `[DONE]` (OpenAI) or an `mlx:trace` field on `message_stop` (Anthropic).
-    pub fn release_done(&mut self, trace: &serde_json::Value, out: &mut Vec<u8>) {
+    pub fn release_done(&mut self, trace: &serde_json::value::RawValue, out: &mut Vec<u8>) {
         if !self.held_done {
             return;
         }

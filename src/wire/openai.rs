@@ -476,6 +476,7 @@ mod tests {
 // Canonical codec: used when the other side of the hop speaks another wire format.
 
 pub mod codec {
+    use serde_json::value::RawValue;
     use serde_json::{json, Map, Value};
 
     use crate::error::GatewayError;
@@ -1209,12 +1210,29 @@ pub mod codec {
 
         /// A choice-less chunk carrying the decision trace (`"mlx:trace": true`), shaped
         /// like the usage chunk so SDKs parse it as an ordinary chunk.
-        pub fn trace_chunk(&self, trace: &Value, out: &mut Vec<u8>) {
-            let chunk = json!({
-                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": [], "mlx:trace": trace,
-            });
-            push_data(out, &chunk);
+        pub fn trace_chunk(&self, trace: &RawValue, out: &mut Vec<u8>) {
+            // The trace goes in as serialized once; a derived struct writes it raw.
+            #[derive(serde::Serialize)]
+            struct TraceChunk<'a> {
+                id: &'a str,
+                object: &'static str,
+                created: u64,
+                model: &'a str,
+                choices: [(); 0],
+                #[serde(rename = "mlx:trace")]
+                trace: &'a RawValue,
+            }
+            let chunk = TraceChunk {
+                id: &self.id,
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: &self.model,
+                choices: [],
+                trace,
+            };
+            out.extend_from_slice(b"data: ");
+            let _ = serde_json::to_writer(&mut *out, &chunk);
+            out.extend_from_slice(b"\n\n");
         }
     }
 
@@ -1294,7 +1312,7 @@ pub mod codec {
             StreamEncoder::usage(self)
         }
 
-        fn done_with_trace(&mut self, trace: &Value, out: &mut Vec<u8>) {
+        fn done_with_trace(&mut self, trace: &RawValue, out: &mut Vec<u8>) {
             let mut tail = Vec::new();
             StreamEncoder::encode(self, &Delta::Done, &mut tail);
             let cut = tail.len().saturating_sub(b"data: [DONE]\n\n".len());
