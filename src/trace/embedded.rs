@@ -274,21 +274,13 @@ fn db(e: rusqlite::Error) -> StoreError {
 
 // ---- writes ----
 
-/// Rows inserted between two yields of the writing thread (about 15 µs each).
-const YIELD_EVERY_ROWS: usize = 16;
-
 /// One transaction per batch: all rows or none, so a failed batch can be retried whole.
 fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
     {
         let mut row_stmt = tx.prepare_cached(INSERT_ROW).map_err(db)?;
         let mut tag_stmt = tx.prepare_cached(INSERT_TAG).map_err(db)?;
-        for (i, row) in rows.iter().enumerate() {
-            if i % YIELD_EVERY_ROWS == YIELD_EVERY_ROWS - 1 {
-                // A batch is milliseconds of CPU: let a proxy thread waiting for this core
-                // run in between, so a write never stalls requests for long.
-                std::thread::yield_now();
-            }
+        for row in rows {
             let ts_ms = i64::try_from(row.ts_ms).map_err(|_| {
                 StoreError::Data(format!("request {}: ts_ms {} is out of range", row.request_id, row.ts_ms))
             })?;

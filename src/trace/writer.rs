@@ -417,23 +417,13 @@ impl TraceWriter {
 }
 
 fn take_into(queue: &TraceQueue, pending: &mut Vec<TraceRow>, since: &mut Option<Instant>) {
-    let mut taken = 0usize;
     while let Some(event) = queue.pop() {
         if since.is_none() {
             *since = Some(Instant::now());
         }
         pending.push(event.into_row());
-        taken += 1;
-        if taken.is_multiple_of(YIELD_EVERY_ROWS) {
-            // Flattening a record costs a few µs: let a proxy thread waiting for this core
-            // run between chunks of a long drain.
-            std::thread::yield_now();
-        }
     }
 }
-
-/// Records flattened between two yields of the writer thread.
-const YIELD_EVERY_ROWS: usize = 64;
 
 #[async_trait::async_trait]
 impl BackgroundService for TraceWriter {
