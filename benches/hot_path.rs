@@ -17,7 +17,7 @@ use modelux::auth::{digest, KeyIndex, Principal};
 use modelux::error::Surface;
 use modelux::metrics::Metrics;
 use modelux::providers::{resolve_model, Provider};
-use modelux::wire::openai::ChatRequest;
+use modelux::wire::routed::RoutedRequest;
 use modelux::wire::{self, Transcoder};
 
 fn chat_body(content_len: usize) -> Vec<u8> {
@@ -41,7 +41,7 @@ fn decode_and_rewrite(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
             b.iter(|| {
-                let req = ChatRequest::parse(black_box(body)).unwrap();
+                let req = RoutedRequest::parse(black_box(body)).unwrap();
                 black_box(req.encode_for_upstream("gpt-4o-mini"))
             })
         });

@@ -338,6 +338,15 @@ run_phase() {
     fi
 }
 
+# Resident memory with many streams open at once (each lasts 8 s; the phase holds
+# $OPEN_STREAMS connections for its whole length). First, on a fresh gateway: memory
+# taken by earlier phases would stay resident and hide what the streams take.
+if [ "$OPEN_STREAMS" != 0 ] && [ "$SKIP_GATEWAY" != 1 ]; then
+    PHASE_CONNECTIONS=$OPEN_STREAMS WARMUP_S=1 DURATION_S=6 run_phase gateway_open_streams \
+        "$GW_PORT" /openai/v1/chat/completions "$GW_PID" --header "Authorization: Bearer $GW_KEY" \
+        --timeout-s 30
+fi
+
 # Saturation (closed loop: throughput and CPU per request), then paced at $RATE req/s
 # (latency added by the hop when it is not the bottleneck).
 for mode in sat paced; do
@@ -384,14 +393,6 @@ if [ "$ONE_CONN" = 1 ]; then
     run_phase nginx.1conn "$NGINX_PORT" /v1/chat/completions "$NGINX_WORKER"
     [ -z "$PINGORA_BARE" ] || run_phase pingora.1conn "$PB_PORT" /v1/chat/completions "$PB_PID"
     unset PHASE_CONNECTIONS
-fi
-
-# Resident memory with many streams open at once (each lasts 8 s; the phase holds
-# $OPEN_STREAMS connections for its whole length).
-if [ "$OPEN_STREAMS" != 0 ] && [ "$SKIP_GATEWAY" != 1 ]; then
-    PHASE_CONNECTIONS=$OPEN_STREAMS WARMUP_S=1 DURATION_S=6 run_phase gateway_open_streams \
-        "$GW_PORT" /openai/v1/chat/completions "$GW_PID" --header "Authorization: Bearer $GW_KEY" \
-        --timeout-s 30
 fi
 
 # ---------------------------------------------------------------- report

@@ -13,7 +13,7 @@ use crate::routing::trace::DecisionTrace;
 use crate::routing::{self, Decision, Member, Plan, RequestFacts, RetryOn};
 use crate::spend::budgets::{Blocked, BudgetRequest, Evaluation, Outcome};
 use crate::spend::counters::{to_usd, Counters};
-use crate::wire::openai::ChatRequest;
+use crate::wire::routed::RoutedRequest;
 
 /// What the client said about a request besides its body's payload: who, which tags,
 /// which trace and conversation (headers win over body fields, PRODUCT.md §3.3–3.4).
@@ -27,7 +27,7 @@ pub struct RequestMeta {
 }
 
 /// The routing facts of a request: what the strategies and rule files read.
-pub fn facts<'a>(request: &'a ChatRequest<'_>, meta: &'a RequestMeta, body_len: usize) -> RequestFacts<'a> {
+pub fn facts<'a>(request: &'a RoutedRequest<'_>, meta: &'a RequestMeta, body_len: usize) -> RequestFacts<'a> {
     RequestFacts {
         model: &request.model,
         tags: &meta.tags,
@@ -269,7 +269,7 @@ budgets:
     ) -> (Outcome, Option<String>, Result<Vec<String>, u16>) {
         let meta = RequestMeta::default();
         let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
-        let request = ChatRequest::parse(body.as_bytes()).unwrap();
+        let request = RoutedRequest::parse(body.as_bytes()).unwrap();
         let mut f = facts(&request, &meta, body.len());
         let ask = Ask { project: "default", model, meta: &meta };
         let a = admit(snap, counters, &ask, &mut f, now, false);

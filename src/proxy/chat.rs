@@ -7,7 +7,7 @@ use super::{billing, dry_run, Req};
 use crate::auth::Principal;
 use crate::error::GatewayError;
 use crate::routing::Plan;
-use crate::wire::openai::ChatRequest;
+use crate::wire::routed::RoutedRequest;
 
 /// `dry_run_endpoint`: `POST …/dry-run`, the decision without a call.
 pub async fn complete(
@@ -17,7 +17,7 @@ pub async fn complete(
 ) -> Result<(), GatewayError> {
     let snapshot = req.snapshot;
     let body = request::read_json_body(req).await?;
-    let incoming: Incoming<'_> = request::incoming(req.session, req.ctx, ChatRequest::parse(&body)?);
+    let incoming: Incoming<'_> = request::incoming(req.session, req.ctx, RoutedRequest::parse(&body)?);
     let chat = &incoming.request;
     let mut facts = crate::admission::facts(chat, &incoming.meta, body.len());
     let dry_run = dry_run_endpoint || incoming.dry_run;

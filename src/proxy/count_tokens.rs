@@ -10,14 +10,14 @@ use super::request::{self, Incoming};
 use super::{dry_run, respond, upstream, Req};
 use crate::auth::Principal;
 use crate::error::{GatewayError, Surface};
-use crate::wire::openai::ChatRequest;
+use crate::wire::routed::RoutedRequest;
 use crate::wire::{self, WireFormat};
 
 pub async fn count(req: &mut Req<'_>, principal: &Principal) -> Result<(), GatewayError> {
     let snapshot = req.snapshot;
     let settings = &snapshot.settings;
     let body = request::read_json_body(req).await?;
-    let incoming: Incoming<'_> = request::incoming(req.session, req.ctx, ChatRequest::parse(&body)?);
+    let incoming: Incoming<'_> = request::incoming(req.session, req.ctx, RoutedRequest::parse(&body)?);
     let facts = crate::admission::facts(&incoming.request, &incoming.meta, body.len());
     let routed = request::route(req, principal, &incoming.request.model, &facts, !incoming.dry_run)?;
     if incoming.dry_run {

@@ -10,7 +10,7 @@ use super::request::{self, Incoming};
 use super::{billing, dry_run, upstream, Req};
 use crate::auth::Principal;
 use crate::error::GatewayError;
-use crate::wire::openai::{ChatRequest, Payload};
+use crate::wire::routed::{Payload, RoutedRequest};
 use crate::wire::{self, WireFormat};
 
 pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), GatewayError> {
@@ -18,7 +18,7 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     let settings = &snapshot.settings;
     let body = request::read_json_body(req).await?;
     let incoming: Incoming<'_> =
-        request::incoming(req.session, req.ctx, ChatRequest::parse_routed(&body, Payload::Input)?);
+        request::incoming(req.session, req.ctx, RoutedRequest::parse_routed(&body, Payload::Input)?);
     let mut facts = crate::admission::facts(&incoming.request, &incoming.meta, body.len());
     req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(body.len());
     if !incoming.dry_run {

@@ -22,7 +22,7 @@ use crate::providers::Target;
 use crate::routing::health::{now_ms, HealthSettings, Sample};
 use crate::routing::{Accept, Aggregation, Failure, Member, RetryOn};
 use crate::wire::canonical::{Request, Response};
-use crate::wire::openai::ChatRequest;
+use crate::wire::routed::RoutedRequest;
 use crate::wire::{self, Transcoder, WireFormat};
 use serde_json::value::RawValue;
 
@@ -46,7 +46,7 @@ pub(super) struct Prepared {
 pub(super) struct Exec<'e, 'r> {
     req: &'e mut Req<'r>,
     client: Surface,
-    request: &'e ChatRequest<'e>,
+    request: &'e RoutedRequest<'e>,
     body: &'e Bytes,
     /// Decoded once, on the first attempt that needs it.
     canonical: Option<Request>,
@@ -136,7 +136,7 @@ fn min_limit(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 impl<'e, 'r> Exec<'e, 'r> {
     pub fn new(
         req: &'e mut Req<'r>,
-        request: &'e ChatRequest<'e>,
+        request: &'e RoutedRequest<'e>,
         body: &'e Bytes,
         anthropic_headers: Vec<(String, String)>,
         info: &'e RouteInfo,

@@ -18,7 +18,7 @@ use crate::routing::trace::DecisionTrace;
 use crate::routing::RequestFacts;
 use crate::spend::budgets::Evaluation;
 use crate::wire::anthropic;
-use crate::wire::openai::ChatRequest;
+use crate::wire::routed::RoutedRequest;
 
 /// `Authorization: Bearer` on both surfaces; `x-api-key` too on the Anthropic surface
 /// (what the Anthropic SDK sends).
@@ -79,7 +79,7 @@ pub async fn read_json_body(req: &mut Req<'_>) -> Result<Bytes, GatewayError> {
 /// A routed request, read: its body, the body parsed for routing, what the client said
 /// about it, and whether it only asks for the decision.
 pub struct Incoming<'b> {
-    pub request: ChatRequest<'b>,
+    pub request: RoutedRequest<'b>,
     pub meta: RequestMeta,
     /// `X-Modelux-Dry-Run: true`.
     pub dry_run: bool,
@@ -88,7 +88,7 @@ pub struct Incoming<'b> {
 /// Tags, end user, trace and conversation ids: headers win over body fields (PRODUCT.md
 /// §3.3); `metadata.*` is the last fallback (§3.4), parsed only when present. Copied into
 /// the trace record.
-pub fn incoming<'b>(session: &Session, ctx: &mut RequestCtx, request: ChatRequest<'b>) -> Incoming<'b> {
+pub fn incoming<'b>(session: &Session, ctx: &mut RequestCtx, request: RoutedRequest<'b>) -> Incoming<'b> {
     let h = &session.req_header().headers;
     let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
     let mut tags = request.tags.clone();

@@ -1,5 +1,5 @@
 //! OpenAI embeddings (the client surface) ↔ canonical embeddings. OpenAI-family targets get
-//! the client's bytes (see `ChatRequest::parse_routed`); these are for translated targets.
+//! the client's bytes (see `RoutedRequest::parse_routed`); these are for translated targets.
 
 use base64::Engine as _;
 use serde_json::{json, Value};

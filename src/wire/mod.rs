@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod gemini;
 pub mod openai;
 pub mod registry;
+pub mod routed;
 pub mod usage;
 
 use crate::error::{GatewayError, Surface};

@@ -4,14 +4,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use modelux::error::Surface;
-use modelux::wire::{self, openai::ChatRequest, WireFormat};
+use modelux::wire::{self, routed::RoutedRequest, WireFormat};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else { return };
     match selector % 3 {
         0 | 1 => {
             let surface = if selector % 3 == 0 { Surface::OpenAi } else { Surface::Anthropic };
-            if let Ok(view) = ChatRequest::parse(body) {
+            if let Ok(view) = RoutedRequest::parse(body) {
                 let _ = view.encode_for_upstream("m");
             }
             if let Ok(req) = wire::decode_request(surface, body) {
