@@ -724,6 +724,16 @@ mod tests {
         crate::config::build_snapshot_in(BENCH_CONFIG, &|_| None, None, dir).unwrap()
     }
 
+    /// `decide` on the snapshot's own configs and health settings, with probe leases.
+    fn decide_in<'a>(
+        snap: &'a crate::config::Snapshot,
+        config: &'a RoutingConfig,
+        facts: &RequestFacts<'_>,
+        now: u64,
+    ) -> Decision<'a> {
+        decide(&snap.routing_configs, &snap.health_settings, config, facts, now, true)
+    }
+
     fn facts() -> RequestFacts<'static> {
         RequestFacts {
             model: "@x",
@@ -743,14 +753,11 @@ mod tests {
         let f = facts();
         let now = health::now_ms();
         // Warm up thread-locals (the rand thread RNG) outside the measurement.
-        let _ =
-            decide(&snap.routing_configs, &snap.health_settings, &snap.routing_configs["ab"], &f, now, true);
+        let _ = decide_in(&snap, &snap.routing_configs["ab"], &f, now);
         for slug in ["fallback3", "cost10", "latency10", "ensemble3", "cascade3", "ab", "rules"] {
             let config = &snap.routing_configs[slug];
             let mut decision = None;
-            let n = allocations_in(|| {
-                decision = Some(decide(&snap.routing_configs, &snap.health_settings, config, &f, now, true))
-            });
+            let n = allocations_in(|| decision = Some(decide_in(&snap, config, &f, now)));
             assert_eq!(n, 1, "{slug}: {n} allocations");
             let d = decision.unwrap();
             assert!(d.attempts().count() >= 1, "{slug}");
@@ -762,40 +769,19 @@ mod tests {
         let snap = snapshot();
         let f = facts();
         let now = health::now_ms();
-        let d = decide(
-            &snap.routing_configs,
-            &snap.health_settings,
-            &snap.routing_configs["cost10"],
-            &f,
-            now,
-            true,
-        );
+        let d = decide_in(&snap, &snap.routing_configs["cost10"], &f, now);
         let order: Vec<&str> = d.attempts().map(|c| c.member.target.provider.id.as_str()).collect();
         // p1..p10 cost 10, 9, …, 1 (per million tokens); p9 and p10 are economy.
         assert_eq!(order, ["p8", "p7", "p6", "p5", "p4", "p3", "p2", "p1"]);
         assert_eq!(d.candidates.iter().filter(|c| !c.eligible).count(), 2);
-        let d = decide(
-            &snap.routing_configs,
-            &snap.health_settings,
-            &snap.routing_configs["latency10"],
-            &f,
-            now,
-            true,
-        );
+        let d = decide_in(&snap, &snap.routing_configs["latency10"], &f, now);
         let fastest = d.attempts().next().unwrap().member.target.provider.id.as_str();
         assert_eq!(fastest, "p1", "cold start: list order");
         let s = &snap.health_settings;
         for (i, member) in snap.routing_configs["latency10"].strategy.members().iter().enumerate() {
             member.health.record(health::Sample::Success, Duration::from_millis(100 - i as u64 * 7), now, s);
         }
-        let d = decide(
-            &snap.routing_configs,
-            &snap.health_settings,
-            &snap.routing_configs["latency10"],
-            &f,
-            now,
-            true,
-        );
+        let d = decide_in(&snap, &snap.routing_configs["latency10"], &f, now);
         assert_eq!(d.attempts().next().unwrap().member.target.provider.id, "p10");
     }
 
@@ -807,26 +793,8 @@ mod tests {
         for u in 0..1000 {
             let user = format!("user-{u}");
             let f = RequestFacts { end_user: Some(&user), ..facts() };
-            let a = decide(
-                &snap.routing_configs,
-                &snap.health_settings,
-                &snap.routing_configs["ab"],
-                &f,
-                now,
-                true,
-            )
-            .ab_variant()
-            .unwrap();
-            let b = decide(
-                &snap.routing_configs,
-                &snap.health_settings,
-                &snap.routing_configs["ab"],
-                &f,
-                now,
-                true,
-            )
-            .ab_variant()
-            .unwrap();
+            let a = decide_in(&snap, &snap.routing_configs["ab"], &f, now).ab_variant().unwrap();
+            let b = decide_in(&snap, &snap.routing_configs["ab"], &f, now).ab_variant().unwrap();
             assert_eq!(a, b);
             counts[usize::from(a == "treatment")] += 1;
         }

@@ -714,31 +714,7 @@ impl StreamEncoder {
 /// The Anthropic Messages codec, both as a provider format and as a client surface.
 pub struct AnthropicCodec;
 
-impl crate::wire::codec::Codec for AnthropicCodec {
-    fn format(&self) -> crate::wire::WireFormat {
-        crate::wire::WireFormat::Anthropic
-    }
-
-    fn encode_request(&self, req: &Request, model: &str) -> Result<Vec<u8>, String> {
-        Ok(encode_request(req, model))
-    }
-
-    fn decode_response(&self, body: &[u8]) -> Result<Response, String> {
-        decode_response(body)
-    }
-
-    fn stream_decoder(&self) -> Box<dyn crate::wire::codec::StreamDecoder> {
-        Box::new(StreamDecoder::default())
-    }
-
-    fn error_message(&self, body: &[u8]) -> Option<String> {
-        crate::wire::nested_error_message(body)
-    }
-
-    fn usage(&self, body: &[u8]) -> Option<Usage> {
-        crate::wire::usage::from_body(crate::wire::WireFormat::Anthropic, body)
-    }
-}
+crate::wire::codec::surface_format_codec!(AnthropicCodec, Anthropic);
 
 impl crate::wire::codec::SurfaceCodec for AnthropicCodec {
     fn surface(&self) -> crate::error::Surface {
@@ -755,12 +731,6 @@ impl crate::wire::codec::SurfaceCodec for AnthropicCodec {
 
     fn stream_encoder(&self, model: &str, _send_usage: bool) -> Box<dyn crate::wire::codec::StreamEncoder> {
         Box::new(StreamEncoder::new(model))
-    }
-}
-
-impl crate::wire::codec::StreamDecoder for StreamDecoder {
-    fn decode(&mut self, events: &mut Vec<crate::sse::Event>, out: &mut Vec<Delta>) -> Result<(), String> {
-        StreamDecoder::decode(self, events, out)
     }
 }
 

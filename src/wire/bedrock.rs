@@ -470,40 +470,7 @@ impl StreamDecoder {
     }
 }
 
-/// The Bedrock codec (`codec::Codec`), found through `wire::registry`.
-pub struct BedrockCodec;
-
-impl crate::wire::codec::Codec for BedrockCodec {
-    fn format(&self) -> crate::wire::WireFormat {
-        crate::wire::WireFormat::Bedrock
-    }
-
-    fn encode_request(&self, req: &Request, model: &str) -> Result<Vec<u8>, String> {
-        encode_request(req, model)
-    }
-
-    fn decode_response(&self, body: &[u8]) -> Result<Response, String> {
-        decode_response(body)
-    }
-
-    fn stream_decoder(&self) -> Box<dyn crate::wire::codec::StreamDecoder> {
-        Box::new(StreamDecoder::default())
-    }
-
-    fn error_message(&self, body: &[u8]) -> Option<String> {
-        error_message(body)
-    }
-}
-
-impl crate::wire::codec::StreamDecoder for StreamDecoder {
-    fn decode(&mut self, events: &mut Vec<crate::sse::Event>, out: &mut Vec<Delta>) -> Result<(), String> {
-        StreamDecoder::decode(self, events, out)
-    }
-
-    fn finish(&mut self, out: &mut Vec<Delta>) -> Result<(), String> {
-        StreamDecoder::finish(self, out)
-    }
-}
+crate::wire::codec::provider_codec!(BedrockCodec, Bedrock);
 
 #[cfg(test)]
 mod tests {

@@ -84,3 +84,106 @@ pub trait StreamEncoder: Send {
     /// (OpenAI) or an `mlx:trace` member on `message_stop` (Anthropic).
     fn done_with_trace(&mut self, trace: &serde_json::value::RawValue, out: &mut Vec<u8>);
 }
+
+/// Implements [`Codec`] (and the format's [`StreamDecoder`]) over a format module's own
+/// functions: `encode_request`, `decode_response`, `error_message`, `StreamDecoder` with
+/// `decode` and `finish`, and with `embeddings` also `encode_embeddings` and
+/// `decode_embeddings`. Used inside the format's module.
+macro_rules! provider_codec {
+    ($codec:ident, $format:ident $(, $embeddings:ident)?) => {
+        #[doc = concat!("The ", stringify!($format), " codec (`wire::codec::Codec`), found through `wire::registry`.")]
+        pub struct $codec;
+
+        impl $crate::wire::codec::Codec for $codec {
+            fn format(&self) -> $crate::wire::WireFormat {
+                $crate::wire::WireFormat::$format
+            }
+
+            fn encode_request(&self, req: &Request, model: &str) -> Result<Vec<u8>, String> {
+                encode_request(req, model)
+            }
+
+            fn decode_response(&self, body: &[u8]) -> Result<Response, String> {
+                decode_response(body)
+            }
+
+            fn stream_decoder(&self) -> Box<dyn $crate::wire::codec::StreamDecoder> {
+                Box::new(StreamDecoder::default())
+            }
+
+            fn error_message(&self, body: &[u8]) -> Option<String> {
+                error_message(body)
+            }
+
+            $($crate::wire::codec::provider_codec!(@$embeddings);)?
+        }
+
+        impl $crate::wire::codec::StreamDecoder for StreamDecoder {
+            fn decode(
+                &mut self,
+                events: &mut Vec<$crate::sse::Event>,
+                out: &mut Vec<Delta>,
+            ) -> Result<(), String> {
+                StreamDecoder::decode(self, events, out)
+            }
+
+            fn finish(&mut self, out: &mut Vec<Delta>) -> Result<(), String> {
+                StreamDecoder::finish(self, out)
+            }
+        }
+    };
+    (@embeddings) => {
+        fn encode_embeddings(&self, req: &EmbeddingsRequest, model: &str) -> Option<Result<Vec<u8>, String>> {
+            Some(encode_embeddings(req, model))
+        }
+
+        fn decode_embeddings(&self, body: &[u8]) -> Option<Result<EmbeddingsResponse, String>> {
+            Some(decode_embeddings(body))
+        }
+    };
+}
+pub(crate) use provider_codec;
+
+/// Implements [`Codec`] (and the format's [`StreamDecoder`]) for a client surface's format:
+/// its requests always encode, its errors nest their message under `error`, and its usage
+/// is read without decoding the answer (the answer passes through undecoded).
+macro_rules! surface_format_codec {
+    ($codec:ident, $format:ident) => {
+        impl $crate::wire::codec::Codec for $codec {
+            fn format(&self) -> $crate::wire::WireFormat {
+                $crate::wire::WireFormat::$format
+            }
+
+            fn encode_request(&self, req: &Request, model: &str) -> Result<Vec<u8>, String> {
+                Ok(encode_request(req, model))
+            }
+
+            fn decode_response(&self, body: &[u8]) -> Result<Response, String> {
+                decode_response(body)
+            }
+
+            fn stream_decoder(&self) -> Box<dyn $crate::wire::codec::StreamDecoder> {
+                Box::new(StreamDecoder::default())
+            }
+
+            fn error_message(&self, body: &[u8]) -> Option<String> {
+                $crate::wire::nested_error_message(body)
+            }
+
+            fn usage(&self, body: &[u8]) -> Option<Usage> {
+                $crate::wire::usage::from_body($crate::wire::WireFormat::$format, body)
+            }
+        }
+
+        impl $crate::wire::codec::StreamDecoder for StreamDecoder {
+            fn decode(
+                &mut self,
+                events: &mut Vec<$crate::sse::Event>,
+                out: &mut Vec<Delta>,
+            ) -> Result<(), String> {
+                StreamDecoder::decode(self, events, out)
+            }
+        }
+    };
+}
+pub(crate) use surface_format_codec;

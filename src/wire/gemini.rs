@@ -738,48 +738,7 @@ pub fn decode_embeddings(body: &[u8]) -> Result<EmbeddingsResponse, String> {
     Ok(EmbeddingsResponse { model: String::new(), vectors, input_tokens: 0 })
 }
 
-/// The Gemini codec (`codec::Codec`), found through `wire::registry`.
-pub struct GeminiCodec;
-
-impl crate::wire::codec::Codec for GeminiCodec {
-    fn format(&self) -> crate::wire::WireFormat {
-        crate::wire::WireFormat::Gemini
-    }
-
-    fn encode_request(&self, req: &Request, model: &str) -> Result<Vec<u8>, String> {
-        encode_request(req, model)
-    }
-
-    fn decode_response(&self, body: &[u8]) -> Result<Response, String> {
-        decode_response(body)
-    }
-
-    fn stream_decoder(&self) -> Box<dyn crate::wire::codec::StreamDecoder> {
-        Box::new(StreamDecoder::default())
-    }
-
-    fn error_message(&self, body: &[u8]) -> Option<String> {
-        error_message(body)
-    }
-
-    fn encode_embeddings(&self, req: &EmbeddingsRequest, model: &str) -> Option<Result<Vec<u8>, String>> {
-        Some(encode_embeddings(req, model))
-    }
-
-    fn decode_embeddings(&self, body: &[u8]) -> Option<Result<EmbeddingsResponse, String>> {
-        Some(decode_embeddings(body))
-    }
-}
-
-impl crate::wire::codec::StreamDecoder for StreamDecoder {
-    fn decode(&mut self, events: &mut Vec<crate::sse::Event>, out: &mut Vec<Delta>) -> Result<(), String> {
-        StreamDecoder::decode(self, events, out)
-    }
-
-    fn finish(&mut self, out: &mut Vec<Delta>) -> Result<(), String> {
-        StreamDecoder::finish(self, out)
-    }
-}
+crate::wire::codec::provider_codec!(GeminiCodec, Gemini, embeddings);
 
 #[cfg(test)]
 mod tests {

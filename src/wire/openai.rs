@@ -772,31 +772,7 @@ pub mod codec {
     /// The OpenAI Chat Completions codec, both as a provider format and as a client surface.
     pub struct OpenAiCodec;
 
-    impl crate::wire::codec::Codec for OpenAiCodec {
-        fn format(&self) -> crate::wire::WireFormat {
-            crate::wire::WireFormat::OpenAi
-        }
-
-        fn encode_request(&self, req: &Request, model: &str) -> Result<Vec<u8>, String> {
-            Ok(encode_request(req, model))
-        }
-
-        fn decode_response(&self, body: &[u8]) -> Result<Response, String> {
-            decode_response(body)
-        }
-
-        fn stream_decoder(&self) -> Box<dyn crate::wire::codec::StreamDecoder> {
-            Box::new(StreamDecoder::default())
-        }
-
-        fn error_message(&self, body: &[u8]) -> Option<String> {
-            crate::wire::nested_error_message(body)
-        }
-
-        fn usage(&self, body: &[u8]) -> Option<Usage> {
-            crate::wire::usage::from_body(crate::wire::WireFormat::OpenAi, body)
-        }
-    }
+    crate::wire::codec::surface_format_codec!(OpenAiCodec, OpenAi);
 
     impl crate::wire::codec::SurfaceCodec for OpenAiCodec {
         fn surface(&self) -> crate::error::Surface {
@@ -817,16 +793,6 @@ pub mod codec {
             send_usage: bool,
         ) -> Box<dyn crate::wire::codec::StreamEncoder> {
             Box::new(StreamEncoder::new(model, send_usage))
-        }
-    }
-
-    impl crate::wire::codec::StreamDecoder for StreamDecoder {
-        fn decode(
-            &mut self,
-            events: &mut Vec<crate::sse::Event>,
-            out: &mut Vec<Delta>,
-        ) -> Result<(), String> {
-            StreamDecoder::decode(self, events, out)
         }
     }
 
