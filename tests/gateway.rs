@@ -412,16 +412,8 @@ async fn sigterm_lets_a_running_stream_finish_then_exits() {
     )
     .unwrap();
     let auth = format!("Bearer {KEY}");
-    let mut conn = Conn::connect(proxy).await.unwrap();
-    let mut resp = conn
-        .request_streaming(
-            "POST",
-            CHAT,
-            &[("authorization", &auth), ("content-type", "application/json")],
-            &body,
-        )
-        .await
-        .unwrap();
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let mut resp = httpc::request_streaming(proxy, "POST", CHAT, &headers, &body).await.unwrap();
     assert_eq!(resp.status, 200);
     let mut text = String::from_utf8(resp.next_chunk().await.unwrap().unwrap().to_vec()).unwrap();
     assert!(!text.contains("tok11"), "the stream is still running: {text}");
