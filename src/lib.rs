@@ -14,5 +14,6 @@ pub mod routing;
 pub mod server;
 pub mod spend;
 pub mod sse;
+pub mod state;
 pub mod trace;
 pub mod wire;

@@ -20,6 +20,8 @@ use crate::manage::ManageApp;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, GatewayState};
 use crate::spend::Spend;
+use crate::state::sqlite::SqliteState;
+use crate::state::StateStore;
 use crate::trace::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use crate::trace::embedded::EmbeddedStore;
 use crate::trace::writer::{TraceQueue, TraceWriter, WriterSettings};
@@ -36,6 +38,8 @@ pub struct Handles {
     pub traces: Arc<TraceQueue>,
     /// Drains `traces` into the trace store; `finish_blocking` after the server stops.
     pub trace_writer: Arc<TraceWriter>,
+    /// Management state (API-created resources, versions, audit log).
+    pub state: Arc<dyn StateStore>,
 }
 
 pub struct Options {
@@ -48,10 +52,24 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
     let metrics = Arc::new(Metrics::new().map_err(|e| vec![format!("metrics: {e}")])?);
     let store = ConfigStore::open(options.config_path.clone(), metrics.clone())
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let db = store.load().settings.data_dir.join("modelux.db");
+    let db = store.load().settings.data_dir.join(STATE_FILE);
+    let state = SqliteState::open(&db).map_err(|e| vec![e.to_string()])?;
+    let resources = state.load_now().map_err(|e| vec![e.to_string()])?;
+    if !resources.is_empty() {
+        store
+            .load_resources(resources)
+            .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    }
     let spend = Spend::open(Some(&db)).map_err(|e| vec![format!("embedded store: {e}")])?;
     let (traces, trace_writer) = open_traces(&store.load().settings, &metrics)?;
-    Ok(Handles { store: Arc::new(store), metrics, spend: Arc::new(spend), traces, trace_writer })
+    Ok(Handles {
+        store: Arc::new(store),
+        metrics,
+        spend: Arc::new(spend),
+        traces,
+        trace_writer,
+        state: Arc::new(state),
+    })
 }
 
 /// The trace store `traces:` names: ClickHouse, or the embedded file in the data dir.
@@ -71,6 +89,9 @@ pub fn open_trace_store(settings: &Settings) -> Result<Arc<dyn TraceStore>, Stri
         ),
     })
 }
+
+/// The embedded state and spend file in the data dir.
+pub const STATE_FILE: &str = "modelux.db";
 
 /// The embedded trace store's file in the data dir.
 pub const EMBEDDED_TRACES_FILE: &str = "traces.db";
@@ -150,6 +171,8 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             spend: handles.spend.clone(),
             traces: handles.traces.clone(),
             trace_store: handles.trace_writer.store().clone(),
+            state: handles.state.clone(),
+            changing: Default::default(),
         }),
     );
     manage.add_tcp(&settings.manage_listen);

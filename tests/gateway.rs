@@ -131,7 +131,13 @@ async fn start(cfg: Cfg<'_>) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let (proxy_port, manage_port) = (free_port(), free_port());
     let config_path = dir.path().join("modelux.yaml");
-    std::fs::write(&config_path, render(&cfg, proxy_port, manage_port)).unwrap();
+    let mut text = render(&cfg, proxy_port, manage_port);
+    if !cfg.server_extra.contains("data_dir") {
+        // Each gateway its own data dir: spend and management state never leak between tests.
+        let data = dir.path().join("data");
+        text = text.replacen("server:\n", &format!("server:\n  data_dir: \"{}\"\n", data.display()), 1);
+    }
+    std::fs::write(&config_path, text).unwrap();
     let options = Options { config_path: Some(config_path.clone()), handle_sighup: false };
     let handles = server::open(&options).unwrap();
     let srv = server::build(&handles, &options);
@@ -917,6 +923,8 @@ fn config_errors_name_their_paths() {
 
 #[path = "gateway/clickhouse.rs"]
 mod clickhouse;
+#[path = "gateway/manage.rs"]
+mod manage;
 #[path = "gateway/routing.rs"]
 mod routing;
 #[path = "gateway/spend.rs"]

@@ -3,6 +3,7 @@
 //! `ArcSwap` (see `store`), so a request sees either the old or the new config, never a mix.
 
 pub mod env;
+pub mod overlay;
 pub mod raw;
 pub mod routing;
 pub mod store;
@@ -119,6 +120,17 @@ pub struct Snapshot {
     pub budgets: Budgets,
     /// Files besides the config whose content is part of it (rule files).
     pub watched_files: Vec<PathBuf>,
+    /// What the config file defines (read-only through the management API).
+    pub file_owned: FileOwned,
+}
+
+/// Names of the resources the config file defines, as opposed to the state store.
+#[derive(Debug, Default, Clone)]
+pub struct FileOwned {
+    pub projects: Vec<String>,
+    /// `(project, key name)`.
+    pub keys: Vec<(String, String)>,
+    pub management_keys: Vec<String>,
 }
 
 pub fn env_lookup(name: &str) -> Option<String> {
@@ -143,8 +155,34 @@ pub fn build_snapshot_in(
     previous: Option<&Snapshot>,
     base_dir: &Path,
 ) -> Result<Snapshot, Vec<ConfigError>> {
-    let raw = parse(text, lookup)?;
-    validate(raw, previous, base_dir)
+    build_snapshot_with(text, lookup, previous, base_dir, &[])
+}
+
+/// As `build_snapshot_in`, with the state store's live `resources` laid over the file's.
+pub fn build_snapshot_with(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Snapshot>,
+    base_dir: &Path,
+    resources: &[crate::state::Stored],
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut raw = parse(text, lookup)?;
+    let file_owned = FileOwned {
+        projects: raw.projects.iter().map(|p| p.id.clone()).collect(),
+        keys: raw
+            .projects
+            .iter()
+            .flat_map(|p| p.keys.iter().map(|k| (p.id.clone(), k.name.clone())))
+            .collect(),
+        management_keys: raw.management_keys.iter().map(|k| k.name.clone()).collect(),
+    };
+    let errors = overlay::apply(&mut raw, resources);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut snapshot = validate(raw, previous, base_dir)?;
+    snapshot.file_owned = file_owned;
+    Ok(snapshot)
 }
 
 pub(crate) fn section<T: DeserializeOwned>(
@@ -257,6 +295,13 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
                 if !value.is_null() {
                     if let Some(t) = section(value, "traces", &mut errors) {
                         raw.traces = t;
+                    }
+                }
+            }
+            "state" => {
+                if !value.is_null() {
+                    if let Some(t) = section(value, "state", &mut errors) {
+                        raw.state = t;
                     }
                 }
             }
@@ -473,6 +518,13 @@ pub fn validate(
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let settings = settings(&raw.server, &raw.traces, base_dir, &mut errors);
+    match raw.state.backend.as_deref() {
+        None | Some("sqlite") => {}
+        Some(other) => errors.push(ConfigError::new(
+            "state.backend",
+            format!("unknown state backend \"{other}\"; this build supports: sqlite"),
+        )),
+    }
     let limits = &raw.rate_limits;
     let default_rpm = limits.requests_per_minute.unwrap_or(DEFAULT_REQUESTS_PER_MINUTE);
     let default_tpm = limits.tokens_per_minute.unwrap_or(0);
@@ -643,6 +695,7 @@ pub fn validate(
         prices,
         budgets,
         watched_files,
+        file_owned: FileOwned::default(),
     })
 }
 

@@ -16,6 +16,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "providers",
     "projects",
     "management_keys",
+    "state",
     "routing_configs",
     "health",
     "budgets",
@@ -232,4 +233,13 @@ pub struct RawConfig {
     pub prices: BTreeMap<String, RawPrice>,
     pub rate_limits: RawRateLimits,
     pub traces: RawTraces,
+    pub state: RawState,
+}
+
+/// `state:` — where management state (API-created projects, keys, versions, audit) lives.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    /// `sqlite` (default): `<data_dir>/modelux.db`.
+    pub backend: Option<String>,
 }

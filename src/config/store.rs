@@ -12,8 +12,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use sha2::{Digest, Sha256};
 
-use super::{build_snapshot_in, env_lookup, ConfigError, Snapshot};
+use super::{build_snapshot_with, env_lookup, ConfigError, Snapshot};
 use crate::metrics::Metrics;
+use crate::state::Stored;
 
 /// The config shipped in the binary; `modelux serve` without `--config` runs on it.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/modelux.yaml");
@@ -24,9 +25,46 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 pub struct ConfigStore {
     path: Option<PathBuf>,
     current: ArcSwap<Snapshot>,
-    /// Serialises reloads so two triggers cannot interleave (the swap itself is lock-free).
-    reload_lock: tokio::sync::Mutex<[u8; 32]>,
+    /// What the current snapshot was built from. Held by reloads and management changes so
+    /// two cannot interleave (the swap itself is lock-free).
+    sources: tokio::sync::Mutex<Sources>,
     metrics: Arc<Metrics>,
+}
+
+/// The inputs of the current snapshot.
+struct Sources {
+    /// Of the file text and the files it pulls in, as last read (valid or not).
+    hash: [u8; 32],
+    /// The last file text that built a snapshot.
+    text: String,
+    /// The state store's live resources.
+    resources: Arc<Vec<Stored>>,
+}
+
+/// A management change in progress: holds the sources, so no reload or other change
+/// interleaves between building the candidate snapshot and swapping it in.
+pub struct StagedChange<'a> {
+    store: &'a ConfigStore,
+    sources: tokio::sync::MutexGuard<'a, Sources>,
+}
+
+impl StagedChange<'_> {
+    /// The state store's resources the current snapshot holds.
+    pub fn resources(&self) -> Arc<Vec<Stored>> {
+        self.sources.resources.clone()
+    }
+
+    /// The snapshot the file plus `resources` would give (validated, not installed).
+    pub fn build(&self, resources: &[Stored]) -> Result<Snapshot, Vec<ConfigError>> {
+        let old = self.store.current.load_full();
+        build_snapshot_with(&self.sources.text, &env_lookup, Some(&old), &self.store.base_dir(), resources)
+    }
+
+    /// Swaps in `snapshot`, built by `build` from `resources`.
+    pub fn install(mut self, snapshot: Snapshot, resources: Vec<Stored>) {
+        self.sources.resources = Arc::new(resources);
+        self.store.swap(snapshot);
+    }
 }
 
 /// Hash of the config text and of every file it pulls in (rule files), so editing a rule
@@ -53,15 +91,43 @@ impl ConfigStore {
     /// Loads the file at `path`, or the embedded default when `path` is `None`.
     pub fn open(path: Option<PathBuf>, metrics: Arc<Metrics>) -> Result<ConfigStore, Vec<ConfigError>> {
         let text = read_text(path.as_ref())?;
-        let snapshot = build_snapshot_in(&text, &env_lookup, None, &base_dir(path.as_ref()))?;
+        let snapshot = build_snapshot_with(&text, &env_lookup, None, &base_dir(path.as_ref()), &[])?;
         metrics.config_generation.set(snapshot.generation as i64);
         let hash = content_hash(&text, &snapshot.watched_files);
         Ok(ConfigStore {
             path,
             current: ArcSwap::from_pointee(snapshot),
-            reload_lock: tokio::sync::Mutex::new(hash),
+            sources: tokio::sync::Mutex::new(Sources { hash, text, resources: Arc::default() }),
             metrics,
         })
+    }
+
+    /// Lays the state store's resources over the file (at start, before serving).
+    pub fn load_resources(&self, resources: Vec<Stored>) -> Result<(), Vec<ConfigError>> {
+        let Ok(mut sources) = self.sources.try_lock() else {
+            return Err(vec![ConfigError::new("state", "the config is being changed; try again")]);
+        };
+        let old = self.current.load_full();
+        let snapshot =
+            build_snapshot_with(&sources.text, &env_lookup, Some(&old), &self.base_dir(), &resources)?;
+        sources.resources = Arc::new(resources);
+        self.swap(snapshot);
+        Ok(())
+    }
+
+    /// Starts a management change; see `StagedChange`.
+    pub async fn stage(&self) -> StagedChange<'_> {
+        StagedChange { store: self, sources: self.sources.lock().await }
+    }
+
+    fn base_dir(&self) -> PathBuf {
+        base_dir(self.path.as_ref())
+    }
+
+    fn swap(&self, snapshot: Snapshot) {
+        let generation = snapshot.generation;
+        self.current.store(Arc::new(snapshot));
+        self.metrics.config_generation.set(generation as i64);
     }
 
     /// The snapshot to use for one whole request.
@@ -76,7 +142,7 @@ impl ConfigStore {
     /// Re-reads the file; swaps in the new snapshot if it is valid and different.
     /// Returns the active generation.
     pub async fn reload(&self, force: bool) -> Result<u64, Vec<ConfigError>> {
-        let mut last_hash = self.reload_lock.lock().await;
+        let mut sources = self.sources.lock().await;
         let text = match read_text(self.path.as_ref()) {
             Ok(t) => t,
             Err(e) => {
@@ -86,10 +152,10 @@ impl ConfigStore {
         };
         let old = self.current.load_full();
         let hash = content_hash(&text, &old.watched_files);
-        if !force && hash == *last_hash {
+        if !force && hash == sources.hash {
             return Ok(old.generation);
         }
-        match build_snapshot_in(&text, &env_lookup, Some(&old), &base_dir(self.path.as_ref())) {
+        match build_snapshot_with(&text, &env_lookup, Some(&old), &self.base_dir(), &sources.resources) {
             Ok(new) => {
                 if new.settings.proxy_listen != old.settings.proxy_listen
                     || new.settings.manage_listen != old.settings.manage_listen
@@ -99,16 +165,16 @@ impl ConfigStore {
                     tracing::warn!("listen addresses and thread settings take effect only after a restart");
                 }
                 let generation = new.generation;
-                self.current.store(Arc::new(new));
-                *last_hash = hash;
+                self.swap(new);
+                sources.hash = hash;
+                sources.text = text;
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-                self.metrics.config_generation.set(generation as i64);
                 tracing::info!(generation, "config reloaded");
                 Ok(generation)
             }
             Err(errors) => {
                 // Remember the hash so a bad file is reported once, not on every poll.
-                *last_hash = hash;
+                sources.hash = hash;
                 self.metrics.config_reloads.with_label_values(&["error"]).inc();
                 Err(errors)
             }

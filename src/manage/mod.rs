@@ -2,7 +2,11 @@
 //! liveness and readiness, and guards `/manage/v1/*` (and `/api/manage/v1/*`) with a
 //! management key.
 
+pub mod api;
+pub mod audit;
+pub mod keys;
 pub mod logs;
+pub mod projects;
 
 use std::sync::Arc;
 
@@ -22,6 +26,67 @@ pub struct ManageApp {
     pub spend: Arc<crate::spend::Spend>,
     pub traces: Arc<crate::trace::writer::TraceQueue>,
     pub trace_store: Arc<dyn crate::trace::TraceStore>,
+    pub state: Arc<dyn crate::state::StateStore>,
+    /// Resources with a change being applied.
+    pub changing: api::InFlight,
+}
+
+/// Reads the request body, up to `api::MAX_BODY`; `Err`: the answer to send instead.
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, api::Answer> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > api::MAX_BODY {
+                    return Err(api::ApiError::new(
+                        413,
+                        "invalid_request",
+                        "body_too_large",
+                        format!("the request body is over the {} byte limit", api::MAX_BODY),
+                    )
+                    .into_answer());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(api::ApiError::new(
+                    400,
+                    "invalid_request",
+                    "invalid_body",
+                    format!("the request body could not be read: {e}"),
+                )
+                .into_answer())
+            }
+        }
+    }
+}
+
+impl ManageApp {
+    /// A resource endpoint (`rest`: the path below `/manage/v1/`), or `None` if not one.
+    async fn resource(&self, call: &api::Call<'_>, path: &str, rest: &str) -> Option<api::Answer> {
+        let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+        Some(match segments.as_slice() {
+            ["projects", tail @ ..] => projects::handle(self, call, path, tail).await,
+            ["api-keys", tail @ ..] => keys::handle(self, call, crate::state::Kind::ApiKey, path, tail).await,
+            ["management-keys", tail @ ..] => {
+                keys::handle(self, call, crate::state::Kind::ManagementKey, path, tail).await
+            }
+            ["audit-logs", tail @ ..] => audit::handle(self, call, path, tail).await,
+            _ => return None,
+        })
+    }
+}
+
+/// An API answer as an HTTP response.
+fn finish(answer: api::Answer) -> http::Response<Vec<u8>> {
+    let mut resp = json(answer.status, answer.body);
+    for (name, value) in answer.headers {
+        if let Ok(v) = http::HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    resp
 }
 
 fn json(status: u16, body: Vec<u8>) -> http::Response<Vec<u8>> {
@@ -48,8 +113,15 @@ impl ServeHttp for ManageApp {
         let query = req.uri.query().unwrap_or_default().to_string();
         let method = req.method.clone();
         let auth_header = req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
-        // Management requests carry no bodies we use yet; drain so the connection stays reusable.
-        let _ = session.drain_request_body().await;
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (idempotency_key, if_match, user_agent) =
+            (header("idempotency-key"), header("if-match"), header("user-agent").unwrap_or_default());
+        let ip =
+            session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()).unwrap_or_default();
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(answer) => return finish(answer),
+        };
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
                 let snapshot = self.store.load();
@@ -105,17 +177,28 @@ impl ServeHttp for ManageApp {
                         resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
                         resp
                     }
-                    _ => match logs::answer(self.trace_store.as_ref(), method.as_str(), p, &query).await {
-                        Some(answer) => json(answer.status, answer.body),
-                        None => json(
-                            404,
-                            openai_error_body(
-                                "not_found",
-                                &format!("no management resource at {p}"),
-                                "not_found",
-                            ),
-                        ),
-                    },
+                    _ => {
+                        let call = api::Call {
+                            method: method.as_str(),
+                            query: &query,
+                            body: &body,
+                            principal: &principal,
+                            idempotency_key: idempotency_key.as_deref(),
+                            if_match: if_match.as_deref(),
+                            origin: crate::state::Origin { ip, user_agent },
+                        };
+                        let rest = p.strip_prefix("/api").unwrap_or(p);
+                        let rest = rest.strip_prefix("/manage/v1").unwrap_or(rest).trim_start_matches('/');
+                        match self.resource(&call, p, rest).await {
+                            Some(answer) => finish(answer),
+                            None => match logs::answer(self.trace_store.as_ref(), method.as_str(), p, &query)
+                                .await
+                            {
+                                Some(answer) => json(answer.status, answer.body),
+                                None => finish(api::ApiError::not_found("endpoint", p).into_answer()),
+                            },
+                        }
+                    }
                 };
                 if let Some(v) = verdict {
                     let mut headers = Vec::new();

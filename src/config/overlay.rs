@@ -1,0 +1,86 @@
+//! Resources from the state store, laid over the file's: the snapshot is built from both.
+//! Each resource has one owner. A project slug or key name defined in both places is an
+//! error naming both; an empty store leaves the file's config exactly as it is.
+
+use serde::Deserialize;
+
+use super::raw::{RawConfig, RawKey, RawProject};
+use super::ConfigError;
+use crate::state::{Kind, Stored};
+
+/// A key's stored body: what the snapshot needs, never the plaintext.
+#[derive(Debug, Deserialize)]
+struct StoredKey {
+    name: String,
+    key_sha256: String,
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
+}
+
+fn key_from(r: &Stored, errors: &mut Vec<ConfigError>) -> Option<RawKey> {
+    match serde_json::from_value::<StoredKey>(r.body.clone()) {
+        Ok(k) => Some(RawKey {
+            name: k.name,
+            key: None,
+            key_sha256: Some(k.key_sha256),
+            requests_per_minute: k.requests_per_minute,
+            tokens_per_minute: k.tokens_per_minute,
+        }),
+        Err(e) => {
+            errors.push(ConfigError::new(format!("state.{}s[{}]", r.kind.as_str(), r.id), e.to_string()));
+            None
+        }
+    }
+}
+
+/// Adds the store's live resources to `raw`, reporting clashes with the file's.
+pub fn apply(raw: &mut RawConfig, resources: &[Stored]) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let file_projects = raw.projects.len();
+    for r in resources.iter().filter(|r| r.kind == Kind::Project) {
+        if let Some(i) = raw.projects[..file_projects].iter().position(|p| p.id == r.slug) {
+            errors.push(ConfigError::new(
+                format!("projects[{i}].id"),
+                format!(
+                    "project \"{}\" is defined both in the config file and in the state store ({})",
+                    r.slug, r.id
+                ),
+            ));
+            continue;
+        }
+        raw.projects.push(RawProject { id: r.slug.clone(), keys: Vec::new() });
+    }
+    for r in resources.iter().filter(|r| r.kind == Kind::ApiKey) {
+        // The keys of a deleted project are not in the snapshot: they stop working.
+        let Some(project) = raw.projects.iter_mut().find(|p| p.id == r.project) else { continue };
+        if let Some(j) = project.keys.iter().position(|k| k.name == r.slug) {
+            errors.push(ConfigError::new(
+                format!("projects[{}].keys[{j}].name", r.project),
+                format!(
+                    "key \"{}\" is defined both in the config file and in the state store ({})",
+                    r.slug, r.id
+                ),
+            ));
+            continue;
+        }
+        if let Some(key) = key_from(r, &mut errors) {
+            project.keys.push(key);
+        }
+    }
+    for r in resources.iter().filter(|r| r.kind == Kind::ManagementKey) {
+        if let Some(j) = raw.management_keys.iter().position(|k| k.name == r.slug) {
+            errors.push(ConfigError::new(
+                format!("management_keys[{j}].name"),
+                format!(
+                    "management key \"{}\" is defined both in the config file and in the state store ({})",
+                    r.slug, r.id
+                ),
+            ));
+            continue;
+        }
+        if let Some(key) = key_from(r, &mut errors) {
+            raw.management_keys.push(key);
+        }
+    }
+    errors
+}

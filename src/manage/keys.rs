@@ -1,0 +1,341 @@
+//! `/api-keys` (project keys, `mlx_sk_…`) and `/management-keys` (`mlx_mk_…`): list, get,
+//! create (the plaintext appears in that answer only; the store keeps its SHA-256), patch
+//! (name and rate limits), delete = revoke (the next request with it gets 401).
+
+use rand::distr::{Alphanumeric, SampleString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::api::{self, Answer, ApiError, Call, Plan, Position};
+use super::projects::{self, Found};
+use super::ManageApp;
+use crate::auth::{MANAGEMENT_KEY_PREFIX, PROJECT_KEY_PREFIX};
+use crate::config::ConfigError;
+use crate::state::{Kind, ListQuery, Op, Stored};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    /// Project id or slug (project keys only).
+    project: Option<String>,
+    name: String,
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Patch {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "api::nullable")]
+    requests_per_minute: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "api::nullable")]
+    tokens_per_minute: Option<Option<u64>>,
+}
+
+fn resource_name(kind: Kind) -> &'static str {
+    kind.as_str()
+}
+
+fn prefix(kind: Kind) -> &'static str {
+    if kind == Kind::ApiKey {
+        PROJECT_KEY_PREFIX
+    } else {
+        MANAGEMENT_KEY_PREFIX
+    }
+}
+
+/// What the API shows of a key: never the key nor its hash.
+pub fn view(r: &Stored) -> Value {
+    let mut v = json!({
+        "id": r.id,
+        "object": r.kind.as_str(),
+        "name": r.slug,
+        "key_prefix": prefix(r.kind),
+        "key_last4": r.body.get("key_last4").cloned().unwrap_or(Value::Null),
+        "requests_per_minute": r.body.get("requests_per_minute").cloned().unwrap_or(Value::Null),
+        "version": r.version,
+        "managed_by": "api",
+        "created_at": api::time(r.created_ms),
+        "updated_at": api::time(r.updated_ms),
+        "revoked_at": api::opt_time(r.deleted_ms),
+        "revoked": r.deleted_ms.is_some(),
+    });
+    if r.kind == Kind::ApiKey {
+        v["project"] = json!(r.project);
+        v["tokens_per_minute"] = r.body.get("tokens_per_minute").cloned().unwrap_or(Value::Null);
+    }
+    v
+}
+
+fn file_view(kind: Kind, project: &str, name: &str) -> Value {
+    let id = if project.is_empty() { format!("file:{name}") } else { format!("file:{project}/{name}") };
+    let mut v = json!({
+        "id": id, "object": kind.as_str(), "name": name, "key_prefix": prefix(kind), "key_last4": null,
+        "managed_by": "file", "created_at": null, "revoked": false,
+    });
+    if kind == Kind::ApiKey {
+        v["project"] = json!(project);
+    }
+    v
+}
+
+fn check_name(name: &str, errors: &mut Vec<ConfigError>) {
+    if name.trim().is_empty() || name.len() > 200 {
+        errors.push(ConfigError::new("name", "must be 1 to 200 characters"));
+    }
+}
+
+pub async fn handle(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str, rest: &[&str]) -> Answer {
+    let result = match (call.method, rest) {
+        ("GET", []) => list(app, call, kind).await,
+        ("POST", []) => return create(app, call, kind, path).await,
+        ("GET", [id]) => get(app, call, kind, id).await,
+        ("PATCH", [id]) => return patch(app, call, kind, path, id).await,
+        ("DELETE", [id]) => return revoke(app, call, kind, path, id).await,
+        (m, []) => Err(ApiError::method_not_allowed(m, "GET or POST")),
+        (m, [_]) => Err(ApiError::method_not_allowed(m, "GET, PATCH or DELETE")),
+        _ => Err(ApiError::not_found("endpoint", path)),
+    };
+    result.unwrap_or_else(ApiError::into_answer)
+}
+
+/// File keys of `kind` (and of `project`, when given), in file order.
+fn file_keys(snapshot: &crate::config::Snapshot, kind: Kind, project: Option<&str>) -> Vec<Value> {
+    if kind == Kind::ApiKey {
+        let keys = snapshot.file_owned.keys.iter();
+        keys.filter(|(p, _)| project.is_none_or(|want| want == p))
+            .map(|(p, n)| file_view(kind, p, n))
+            .collect()
+    } else if project.is_none() {
+        snapshot.file_owned.management_keys.iter().map(|n| file_view(kind, "", n)).collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// `?project=` as the slug keys are stored under.
+async fn project_param(app: &ManageApp, call: &Call<'_>, kind: Kind) -> Result<Option<String>, ApiError> {
+    let Some(p) = call.param("project").or_else(|| call.param("project_id")) else { return Ok(None) };
+    if kind != Kind::ApiKey {
+        return Err(ApiError::bad_request("invalid_request", "management keys belong to no project"));
+    }
+    if app.store.load().file_owned.projects.contains(&p) {
+        return Ok(Some(p));
+    }
+    match app.state.get(Kind::Project, &p, "").await.map_err(|e| ApiError::unavailable(&e))? {
+        Some(r) => Ok(Some(r.slug)),
+        None => Err(ApiError::not_found("project", &p)),
+    }
+}
+
+async fn list(app: &ManageApp, call: &Call<'_>, kind: Kind) -> Result<Answer, ApiError> {
+    let page = api::page(call)?;
+    let project = project_param(app, call, kind).await?;
+    let include_revoked = call.param("include_revoked").is_some_and(|v| v == "true" || v == "1");
+    let file = file_keys(&app.store.load(), kind, project.as_deref());
+    let mut items = Vec::new();
+    let after_seq = match api::position(page.cursor.as_deref())? {
+        Position::File(i) => {
+            items.extend(file.iter().skip(i).take(page.limit).cloned());
+            if i + items.len() < file.len() {
+                return Ok(api::list_answer(items, Some(format!("f{}", i + page.limit))));
+            }
+            0
+        }
+        Position::Store(seq) => seq,
+    };
+    let want = page.limit - items.len();
+    let query =
+        ListQuery { project, include_deleted: include_revoked, after_seq: Some(after_seq), limit: want + 1 };
+    let rows = app.state.list(kind, &query).await.map_err(|e| ApiError::unavailable(&e))?;
+    let more = rows.len() > want;
+    let rows = &rows[..rows.len().min(want)];
+    items.extend(rows.iter().map(view));
+    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
+    Ok(api::list_answer(items, next))
+}
+
+async fn get(app: &ManageApp, call: &Call<'_>, kind: Kind, key: &str) -> Result<Answer, ApiError> {
+    let project = project_param(app, call, kind).await?.unwrap_or_default();
+    match app.state.get(kind, key, &project).await.map_err(|e| ApiError::unavailable(&e))? {
+        Some(r) if r.kind == kind => Ok(Answer::data(200, view(&r))),
+        _ => Err(ApiError::not_found(resource_name(kind), key)),
+    }
+}
+
+async fn create(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str) -> Answer {
+    let input: Create = match api::body(call.body) {
+        Ok(b) => b,
+        Err(e) => return e.into_answer(),
+    };
+    let mut errors = Vec::new();
+    check_name(&input.name, &mut errors);
+    match (kind, &input.project) {
+        (Kind::ApiKey, None) => {
+            errors.push(ConfigError::new("project", "is required (the project's id or slug)"))
+        }
+        (Kind::ManagementKey, Some(_)) => {
+            errors.push(ConfigError::new("project", "management keys belong to no project"))
+        }
+        _ => {}
+    }
+    if !errors.is_empty() {
+        return ApiError::invalid(errors).into_answer();
+    }
+    let name = input.name.trim().to_string();
+    let lock = format!("{}:{}:{name}", kind.as_str(), input.project.as_deref().unwrap_or_default());
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+        let project = match input.project.as_deref() {
+            None => String::new(),
+            Some(p) => match projects::find(current, snapshot, p) {
+                Some(Found::Api(r)) => r.slug.clone(),
+                Some(Found::File(slug)) => slug,
+                None => return Err(ApiError::not_found("project", p)),
+            },
+        };
+        let taken = current.iter().any(|r| r.kind == kind && r.project == project && r.slug == name)
+            || if kind == Kind::ApiKey {
+                snapshot.file_owned.keys.iter().any(|(p, n)| *p == project && *n == name)
+            } else {
+                snapshot.file_owned.management_keys.contains(&name)
+            };
+        if taken {
+            return Err(ApiError::conflict(
+                "key_exists",
+                resource_name(kind),
+                &name,
+                format!(
+                    "a key named \"{name}\" already exists here; names identify keys in traces and limits"
+                ),
+            ));
+        }
+        let secret = format!("{}{}", prefix(kind), Alphanumeric.sample_string(&mut rand::rng(), 40));
+        let now = api::now_ms();
+        let r = Stored {
+            kind,
+            id: format!("{}{}", kind.id_prefix(), uuid::Uuid::now_v7().simple()),
+            project,
+            slug: name.clone(),
+            body: json!({
+                "name": name,
+                "key_sha256": hex::encode(crate::auth::digest(&secret)),
+                "key_last4": &secret[secret.len() - 4..],
+                "requests_per_minute": input.requests_per_minute,
+                "tokens_per_minute": input.tokens_per_minute,
+            }),
+            version: 1,
+            seq: 0,
+            created_ms: now,
+            updated_ms: now,
+            deleted_ms: None,
+        };
+        let shown = view(&r);
+        let mut data = shown.clone();
+        data["key"] = json!(secret);
+        let mut c = api::change(call, Op::Create, r, None, format!("{}.created", kind.as_str()));
+        c.after = Some(shown);
+        Ok(Plan { changes: vec![c], status: 201, data })
+    })
+    .await
+}
+
+/// The live API key `key` (id, or name within `?project=`), or the error to answer.
+fn editable<'a>(
+    current: &'a [Stored],
+    kind: Kind,
+    key: &str,
+    call: &Call<'_>,
+) -> Result<&'a Stored, ApiError> {
+    let project = call.param("project").unwrap_or_default();
+    let found = current.iter().find(|r| {
+        r.kind == kind && (r.id == key || (r.slug == key && (r.project == project || project.is_empty())))
+    });
+    let Some(r) = found else {
+        return Err(if key.starts_with("file:") {
+            ApiError::managed_by_file(resource_name(kind), key)
+        } else {
+            ApiError::not_found(resource_name(kind), key)
+        });
+    };
+    if let Some(v) = call.expected_version()? {
+        if v != r.version {
+            return Err(ApiError::conflict(
+                "version_conflict",
+                resource_name(kind),
+                &r.id,
+                format!("{} is at version {}, not {v}", r.id, r.version),
+            ));
+        }
+    }
+    Ok(r)
+}
+
+async fn patch(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str, key: &str) -> Answer {
+    let input: Patch = match api::body(call.body) {
+        Ok(b) => b,
+        Err(e) => return e.into_answer(),
+    };
+    if let Some(name) = &input.name {
+        let mut errors = Vec::new();
+        check_name(name, &mut errors);
+        if !errors.is_empty() {
+            return ApiError::invalid(errors).into_answer();
+        }
+    }
+    let lock = format!("{}:{key}", kind.as_str());
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, _| {
+        let old = editable(current, kind, key, call)?;
+        let mut new = old.clone();
+        if let Some(name) = &input.name {
+            let name = name.trim();
+            if current
+                .iter()
+                .any(|r| r.kind == kind && r.project == old.project && r.slug == name && r.id != old.id)
+            {
+                return Err(ApiError::conflict(
+                    "key_exists",
+                    resource_name(kind),
+                    name,
+                    format!("a key named \"{name}\" already exists here"),
+                ));
+            }
+            new.slug = name.to_string();
+            new.body["name"] = json!(name);
+        }
+        if let Some(rpm) = input.requests_per_minute {
+            new.body["requests_per_minute"] = json!(rpm);
+        }
+        if let Some(tpm) = input.tokens_per_minute {
+            new.body["tokens_per_minute"] = json!(tpm);
+        }
+        new.version += 1;
+        new.updated_ms = api::now_ms();
+        let data = view(&new);
+        let mut c =
+            api::change(call, Op::Update, new, Some(old.version), format!("{}.updated", kind.as_str()));
+        c.before = Some(view(old));
+        c.after = Some(data.clone());
+        Ok(Plan { changes: vec![c], status: 200, data })
+    })
+    .await
+}
+
+async fn revoke(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str, key: &str) -> Answer {
+    let lock = format!("{}:{key}", kind.as_str());
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, _| {
+        let old = editable(current, kind, key, call)?;
+        let now = api::now_ms();
+        let mut gone = old.clone();
+        gone.version += 1;
+        gone.updated_ms = now;
+        gone.deleted_ms = Some(now);
+        let data = view(&gone);
+        let mut c =
+            api::change(call, Op::Delete, gone, Some(old.version), format!("{}.revoked", kind.as_str()));
+        c.before = Some(view(old));
+        c.after = Some(data.clone());
+        Ok(Plan { changes: vec![c], status: 200, data })
+    })
+    .await
+}

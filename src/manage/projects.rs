@@ -1,0 +1,275 @@
+//! `/projects` (PRODUCT.md §1.6): list, get, create, patch, soft delete. Projects of the
+//! config file are listed with `managed_by: file` and are read-only here.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::api::{self, Answer, ApiError, Call, Plan, Position};
+use super::ManageApp;
+use crate::config::ConfigError;
+use crate::state::{Kind, ListQuery, Op, Stored};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    name: String,
+    slug: Option<String>,
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Patch {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "api::nullable")]
+    description: Option<Option<String>>,
+}
+
+pub fn view(r: &Stored) -> Value {
+    json!({
+        "id": r.id,
+        "object": "project",
+        "name": r.body.get("name").cloned().unwrap_or(Value::Null),
+        "slug": r.slug,
+        "description": r.body.get("description").cloned().unwrap_or(Value::Null),
+        "version": r.version,
+        "managed_by": "api",
+        "created_at": api::time(r.created_ms),
+        "updated_at": api::time(r.updated_ms),
+        "deleted_at": api::opt_time(r.deleted_ms),
+    })
+}
+
+fn file_view(slug: &str) -> Value {
+    json!({
+        "id": slug, "object": "project", "name": slug, "slug": slug, "description": null,
+        "version": null, "managed_by": "file", "created_at": null, "updated_at": null, "deleted_at": null,
+    })
+}
+
+/// `name` → `slug`: lowercase letters and digits, other runs as one `-`.
+fn slugify(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.trim().chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    out.trim_end_matches('-').chars().take(64).collect()
+}
+
+fn check_name(name: &str, errors: &mut Vec<ConfigError>) {
+    if name.trim().is_empty() || name.len() > 200 {
+        errors.push(ConfigError::new("name", "must be 1 to 200 characters"));
+    }
+}
+
+/// The live project `key` (id or slug) names, from the store or the file.
+pub enum Found<'a> {
+    Api(&'a Stored),
+    File(String),
+}
+
+pub fn find<'a>(resources: &'a [Stored], snapshot: &crate::config::Snapshot, key: &str) -> Option<Found<'a>> {
+    if let Some(r) = resources.iter().find(|r| r.kind == Kind::Project && (r.id == key || r.slug == key)) {
+        return Some(Found::Api(r));
+    }
+    snapshot.file_owned.projects.iter().find(|p| *p == key).map(|p| Found::File(p.clone()))
+}
+
+pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str]) -> Answer {
+    let result = match (call.method, rest) {
+        ("GET", []) => list(app, call).await,
+        ("POST", []) => return create(app, call, path).await,
+        ("GET", [id]) => get(app, id).await,
+        ("PATCH", [id]) => return patch(app, call, path, id).await,
+        ("DELETE", [id]) => return delete(app, call, path, id).await,
+        (m, []) => Err(ApiError::method_not_allowed(m, "GET or POST")),
+        (m, [_]) => Err(ApiError::method_not_allowed(m, "GET, PATCH or DELETE")),
+        _ => Err(ApiError::not_found("endpoint", path)),
+    };
+    result.unwrap_or_else(ApiError::into_answer)
+}
+
+async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
+    let page = api::page(call)?;
+    let include_deleted = call.param("include_deleted").is_some_and(|v| v == "true" || v == "1");
+    let snapshot = app.store.load();
+    let file = &snapshot.file_owned.projects;
+    let mut items = Vec::new();
+    let after_seq = match api::position(page.cursor.as_deref())? {
+        Position::File(i) => {
+            items.extend(file.iter().skip(i).take(page.limit).map(|p| file_view(p)));
+            if i + items.len() < file.len() {
+                return Ok(api::list_answer(items, Some(format!("f{}", i + page.limit))));
+            }
+            0
+        }
+        Position::Store(seq) => seq,
+    };
+    let want = page.limit - items.len();
+    let query = ListQuery { project: None, include_deleted, after_seq: Some(after_seq), limit: want + 1 };
+    let rows = app.state.list(Kind::Project, &query).await.map_err(|e| ApiError::unavailable(&e))?;
+    let more = rows.len() > want;
+    let rows = &rows[..rows.len().min(want)];
+    items.extend(rows.iter().map(view));
+    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
+    Ok(api::list_answer(items, next))
+}
+
+async fn get(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
+    match app.state.get(Kind::Project, key, "").await.map_err(|e| ApiError::unavailable(&e))? {
+        Some(r) => Ok(Answer::data(200, view(&r))),
+        None if app.store.load().file_owned.projects.iter().any(|p| p == key) => {
+            Ok(Answer::data(200, file_view(key)))
+        }
+        None => Err(ApiError::not_found("project", key)),
+    }
+}
+
+async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
+    let input: Create = match api::body(call.body) {
+        Ok(b) => b,
+        Err(e) => return e.into_answer(),
+    };
+    let mut errors = Vec::new();
+    check_name(&input.name, &mut errors);
+    let slug = input.slug.clone().unwrap_or_else(|| slugify(&input.name));
+    if !crate::config::valid_id(&slug) {
+        let field = if input.slug.is_some() { "slug" } else { "name" };
+        errors.push(ConfigError::new(field, format!("the slug \"{slug}\" {}", crate::config::ID_RULE)));
+    }
+    if !errors.is_empty() {
+        return ApiError::invalid(errors).into_answer();
+    }
+    let lock = format!("project:{slug}");
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+        if find(current, snapshot, &slug).is_some() {
+            return Err(ApiError::conflict(
+                "project_exists",
+                "project",
+                &slug,
+                format!("a project with slug \"{slug}\" already exists"),
+            ));
+        }
+        let now = api::now_ms();
+        let r = Stored {
+            kind: Kind::Project,
+            id: format!("{}{}", Kind::Project.id_prefix(), uuid::Uuid::now_v7().simple()),
+            project: String::new(),
+            slug: slug.clone(),
+            body: json!({ "name": input.name.trim(), "description": input.description }),
+            version: 1,
+            seq: 0,
+            created_ms: now,
+            updated_ms: now,
+            deleted_ms: None,
+        };
+        let data = view(&r);
+        let mut c = api::change(call, Op::Create, r, None, "project.created".into());
+        c.after = Some(data.clone());
+        Ok(Plan { changes: vec![c], status: 201, data })
+    })
+    .await
+}
+
+/// The live API project `key` names, or the error to answer.
+fn editable<'a>(
+    current: &'a [Stored],
+    snapshot: &crate::config::Snapshot,
+    key: &str,
+    call: &Call<'_>,
+) -> Result<&'a Stored, ApiError> {
+    let r = match find(current, snapshot, key) {
+        Some(Found::Api(r)) => r,
+        Some(Found::File(_)) => return Err(ApiError::managed_by_file("project", key)),
+        None => return Err(ApiError::not_found("project", key)),
+    };
+    if let Some(v) = call.expected_version()? {
+        if v != r.version {
+            return Err(ApiError::conflict(
+                "version_conflict",
+                "project",
+                &r.id,
+                format!("project {} is at version {}, not {v}", r.id, r.version),
+            ));
+        }
+    }
+    Ok(r)
+}
+
+async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
+    let input: Patch = match api::body(call.body) {
+        Ok(b) => b,
+        Err(e) => return e.into_answer(),
+    };
+    if let Some(name) = &input.name {
+        let mut errors = Vec::new();
+        check_name(name, &mut errors);
+        if !errors.is_empty() {
+            return ApiError::invalid(errors).into_answer();
+        }
+    }
+    let lock = format!("project:{key}");
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+        let old = editable(current, snapshot, key, call)?;
+        let mut new = old.clone();
+        if let Some(name) = &input.name {
+            new.body["name"] = json!(name.trim());
+        }
+        if let Some(description) = &input.description {
+            new.body["description"] = json!(description);
+        }
+        new.version += 1;
+        new.updated_ms = api::now_ms();
+        let data = view(&new);
+        let mut c = api::change(call, Op::Update, new, Some(old.version), "project.updated".into());
+        c.before = Some(view(old));
+        c.after = Some(data.clone());
+        Ok(Plan { changes: vec![c], status: 200, data })
+    })
+    .await
+}
+
+async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
+    let lock = format!("project:{key}");
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+        let old = editable(current, snapshot, key, call)?;
+        let now = api::now_ms();
+        let mut gone = old.clone();
+        gone.version += 1;
+        gone.updated_ms = now;
+        gone.deleted_ms = Some(now);
+        let data = view(&gone);
+        let mut c = api::change(call, Op::Delete, gone, Some(old.version), "project.deleted".into());
+        c.before = Some(view(old));
+        c.after = Some(data.clone());
+        let mut changes = vec![c];
+        // Its keys are revoked with it, in the same transaction.
+        for k in current.iter().filter(|r| r.kind == Kind::ApiKey && r.project == old.slug) {
+            let mut revoked = k.clone();
+            revoked.version += 1;
+            revoked.updated_ms = now;
+            revoked.deleted_ms = Some(now);
+            let mut c = api::change(call, Op::Delete, revoked, Some(k.version), "api_key.revoked".into());
+            c.before = Some(super::keys::view(k));
+            changes.push(c);
+        }
+        Ok(Plan { changes, status: 200, data })
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slugify;
+
+    #[test]
+    fn slugs_from_names() {
+        assert_eq!(slugify("Staging"), "staging");
+        assert_eq!(slugify("  My App: EU / prod "), "my-app-eu-prod");
+        assert_eq!(slugify("ÄÖ"), "");
+    }
+}

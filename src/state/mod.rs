@@ -1,0 +1,204 @@
+//! Durable management state: the resources created through the management API, each
+//! version of them, the audit log and idempotency records. One trait, so the embedded SQLite
+//! file and (for several nodes) PostgreSQL serve the same API.
+//!
+//! A resource is stored as the JSON body its API accepts (which mirrors its YAML entry),
+//! plus the columns lists and lookups need. Every change is one transaction: a new revision,
+//! the resource's new version (an append-only history row), its audit entry and, when the
+//! caller sent `Idempotency-Key`, the stored answer.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+/// What a resource is. The string form is `resource_type` in the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Project,
+    ApiKey,
+    ManagementKey,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Project => "project",
+            Kind::ApiKey => "api_key",
+            Kind::ManagementKey => "management_key",
+        }
+    }
+
+    /// Prefix of generated ids (`proj_…`).
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Project => "proj_",
+            Kind::ApiKey => "key_",
+            Kind::ManagementKey => "mkey_",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        [Kind::Project, Kind::ApiKey, Kind::ManagementKey].into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// One stored resource (its current version).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub kind: Kind,
+    pub id: String,
+    /// The owning project's slug; empty for resources outside a project.
+    pub project: String,
+    /// Unique per kind and project among live resources (keys: their name).
+    pub slug: String,
+    pub body: Value,
+    /// 1 at create; +1 with every change.
+    pub version: i64,
+    /// Insertion order: lists are ordered and paged by it.
+    pub seq: i64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// Soft-deleted (projects) or revoked (keys).
+    pub deleted_ms: Option<i64>,
+}
+
+/// Who made a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// `management_key`, `system`.
+    pub kind: String,
+    pub id: String,
+    pub label: String,
+}
+
+/// Where a change came from, for the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub ip: String,
+    pub user_agent: String,
+}
+
+/// A stored answer to a mutation sent with `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotent {
+    /// Keys are scoped per management key.
+    pub scope: String,
+    pub key: String,
+    /// SHA-256 (hex) of method, path and body: the same key with another request is a
+    /// conflict, not a replay.
+    pub fingerprint: String,
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub created_ms: i64,
+}
+
+/// What a change does to its resource.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A new resource; fails with `Conflict` if a live one of its kind, project and slug exists.
+    Create,
+    /// A new version of a live resource.
+    Update,
+    /// Soft delete: the resource leaves the snapshot; its rows stay.
+    Delete,
+}
+
+/// One mutation, committed in one transaction.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub op: Op,
+    /// The resource as it is after the change (for `Delete`, as it was).
+    pub resource: Stored,
+    /// The version the change was computed from (`Update`, `Delete`): another change that
+    /// committed in between makes this one a `Conflict`.
+    pub base_version: Option<i64>,
+    /// `project.created`, `api_key.revoked`, …
+    pub action: String,
+    pub actor: Actor,
+    pub origin: Origin,
+    /// Audit-log views, secrets already masked.
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+    pub now_ms: i64,
+    pub idempotent: Option<Idempotent>,
+}
+
+/// One audit-log entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub id: String,
+    pub created_ms: i64,
+    pub actor: Actor,
+    pub action: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub project: String,
+    pub ip: String,
+    pub user_agent: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+/// Filters of `GET /audit-logs`; newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub action: Option<String>,
+    pub actor_id: Option<String>,
+    pub start_ms: Option<i64>,
+    pub end_ms: Option<i64>,
+    /// Entries older than this `seq` (the cursor).
+    pub before_seq: Option<i64>,
+    pub limit: usize,
+}
+
+/// Filters of a resource list; oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub project: Option<String>,
+    pub include_deleted: bool,
+    /// Resources after this `seq` (the cursor).
+    pub after_seq: Option<i64>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// Another change got there first (a live duplicate, or a newer version).
+    #[error("{0}")]
+    Conflict(String),
+    /// The store cannot be reached or failed; nothing was written.
+    #[error("state store: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Every live (not deleted) resource, for building the snapshot.
+    async fn load(&self) -> Result<Vec<Stored>, StateError>;
+
+    /// A resource by id, or by slug within `project` (empty: outside a project), deleted
+    /// ones included.
+    async fn get(&self, kind: Kind, id_or_slug: &str, project: &str) -> Result<Option<Stored>, StateError>;
+
+    async fn list(&self, kind: Kind, query: &ListQuery) -> Result<Vec<Stored>, StateError>;
+
+    /// Commits `changes` (one revision) whole or not at all. Returns the new revision.
+    async fn commit(&self, changes: &[Change]) -> Result<i64, StateError>;
+
+    async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StateError>;
+
+    /// The stored answer for an idempotency key, if one younger than `since_ms` exists.
+    async fn idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        since_ms: i64,
+    ) -> Result<Option<Idempotent>, StateError>;
+}

@@ -1,0 +1,492 @@
+//! The embedded state store: tables in `<data_dir>/modelux.db` (the file budget spend
+//! already lives in). Migrations are numbered, applied at open in one transaction each and
+//! recorded in `schema_migrations`; a file migrated by a newer build is refused.
+//!
+//! SQLite calls block, so each runs on the blocking pool of the caller's runtime (the
+//! management service's, never the proxy's).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use serde_json::Value;
+
+use super::{
+    Actor, AuditEntry, AuditQuery, Change, Idempotent, Kind, ListQuery, Op, StateError, StateStore, Stored,
+};
+
+/// Each entry is one schema version; entry `i` takes the schema from version `i` to `i + 1`.
+/// Append only: a released migration is never edited.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE revisions (
+    revision   INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_ms INTEGER NOT NULL,
+    action     TEXT    NOT NULL
+);
+CREATE TABLE resources (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind       TEXT    NOT NULL,
+    id         TEXT    NOT NULL UNIQUE,
+    project    TEXT    NOT NULL,
+    slug       TEXT    NOT NULL,
+    body       TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    deleted_ms INTEGER
+);
+CREATE UNIQUE INDEX resources_live_slug ON resources (kind, project, slug) WHERE deleted_ms IS NULL;
+CREATE TABLE resource_versions (
+    id         TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    kind       TEXT    NOT NULL,
+    revision   INTEGER NOT NULL,
+    body       TEXT    NOT NULL,
+    deleted    INTEGER NOT NULL,
+    actor_type TEXT    NOT NULL,
+    actor_id   TEXT    NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (id, version)
+);
+CREATE TABLE audit_log (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT    NOT NULL UNIQUE,
+    revision      INTEGER NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    actor_type    TEXT    NOT NULL,
+    actor_id      TEXT    NOT NULL,
+    actor_label   TEXT    NOT NULL,
+    action        TEXT    NOT NULL,
+    resource_type TEXT    NOT NULL,
+    resource_id   TEXT    NOT NULL,
+    project       TEXT    NOT NULL,
+    ip            TEXT    NOT NULL,
+    user_agent    TEXT    NOT NULL,
+    before        TEXT,
+    after         TEXT
+);
+CREATE INDEX audit_log_resource ON audit_log (resource_type, resource_id);
+CREATE TABLE idempotency (
+    scope       TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    fingerprint TEXT    NOT NULL,
+    status      INTEGER NOT NULL,
+    body        BLOB    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+"];
+
+pub struct SqliteState {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteState {
+    /// Opens (creating it and its directory if needed) the store at `path` and applies the
+    /// migrations it lacks.
+    pub fn open(path: &Path) -> Result<SqliteState, StateError> {
+        let at = |e: StateError| StateError::Unavailable(format!("{}: {e}", path.display()));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StateError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut conn = Connection::open(path).map_err(db).map_err(at)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(db).map_err(at)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db).map_err(at)?;
+        // A committed change must survive a power cut, not only a crash: FULL syncs the WAL
+        // at every commit (management changes are few).
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db).map_err(at)?;
+        migrate(&mut conn).map_err(at)?;
+        Ok(SqliteState { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// `load`, on the calling thread (at start, before any runtime serves requests).
+    pub fn load_now(&self) -> Result<Vec<Stored>, StateError> {
+        load_live(&lock(&self.conn))
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || f(&mut lock(&conn)))
+            .await
+            .map_err(|e| StateError::Unavailable(format!("state store task failed: {e}")))?
+    }
+}
+
+/// A panic while the lock was held rolled its transaction back: the connection is sound.
+fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn db(e: rusqlite::Error) -> StateError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
+            StateError::Conflict(e.to_string())
+        }
+        _ => StateError::Unavailable(e.to_string()),
+    }
+}
+
+/// Applies the migrations the file lacks, each in its own transaction.
+fn migrate(conn: &mut Connection) -> Result<(), StateError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)",
+    )
+    .map_err(db)?;
+    let applied: i64 = conn
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+        .map_err(db)?;
+    let known = MIGRATIONS.len() as i64;
+    if applied > known {
+        return Err(StateError::Unavailable(format!(
+            "state schema version {applied} is newer than this build's ({known})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        tx.execute_batch(sql).map_err(db)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_ms) VALUES (?1, ?2)",
+            params![i as i64 + 1, crate::spend::unix_now_us() as i64 / 1000],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+    }
+    Ok(())
+}
+
+const RESOURCE_COLUMNS: &str =
+    "kind, id, project, slug, body, version, seq, created_ms, updated_ms, deleted_ms";
+
+fn read_resource(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
+    let kind: String = r.get(0)?;
+    let body: String = r.get(4)?;
+    let bad = |e: String| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into());
+    Ok(Stored {
+        kind: Kind::parse(&kind).ok_or_else(|| bad(format!("unknown resource kind {kind}")))?,
+        id: r.get(1)?,
+        project: r.get(2)?,
+        slug: r.get(3)?,
+        body: serde_json::from_str(&body).map_err(|e| bad(e.to_string()))?,
+        version: r.get(5)?,
+        seq: r.get(6)?,
+        created_ms: r.get(7)?,
+        updated_ms: r.get(8)?,
+        deleted_ms: r.get(9)?,
+    })
+}
+
+fn json_text(v: &Option<Value>) -> Option<String> {
+    v.as_ref().map(Value::to_string)
+}
+
+fn parse_json(s: Option<String>) -> Option<Value> {
+    s.and_then(|s| serde_json::from_str(&s).ok())
+}
+
+fn commit_changes(conn: &mut Connection, changes: &[Change]) -> Result<i64, StateError> {
+    let Some(first) = changes.first() else { return Err(StateError::Conflict("nothing to change".into())) };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+    tx.execute(
+        "INSERT INTO revisions (created_ms, action) VALUES (?1, ?2)",
+        params![first.now_ms, first.action],
+    )
+    .map_err(db)?;
+    let revision = tx.last_insert_rowid();
+    for c in changes {
+        write_change(&tx, revision, c)?;
+    }
+    tx.commit().map_err(db)?;
+    Ok(revision)
+}
+
+fn write_change(tx: &rusqlite::Transaction<'_>, revision: i64, c: &Change) -> Result<(), StateError> {
+    let r = &c.resource;
+    let body = r.body.to_string();
+    match c.op {
+        Op::Create => {
+            tx.execute(
+                "INSERT INTO resources (kind, id, project, slug, body, version, created_ms, updated_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)",
+                params![r.kind.as_str(), r.id, r.project, r.slug, body, c.now_ms],
+            )
+            .map_err(|e| match db(e) {
+                StateError::Conflict(_) => {
+                    StateError::Conflict(format!("{} \"{}\" already exists", r.kind.as_str(), r.slug))
+                }
+                other => other,
+            })?;
+        }
+        Op::Update | Op::Delete => {
+            let deleted = matches!(c.op, Op::Delete).then_some(c.now_ms);
+            let changed = tx
+                .execute(
+                    "UPDATE resources SET body = ?1, slug = ?2, version = ?3, updated_ms = ?4, deleted_ms = ?5 \
+                     WHERE id = ?6 AND version = ?7 AND deleted_ms IS NULL",
+                    params![body, r.slug, r.version, c.now_ms, deleted, r.id, c.base_version.unwrap_or(0)],
+                )
+                .map_err(db)?;
+            if changed == 0 {
+                return Err(StateError::Conflict(format!(
+                    "{} {} was changed by another request; read it again and retry",
+                    r.kind.as_str(),
+                    r.id
+                )));
+            }
+        }
+    }
+    tx.execute(
+        "INSERT INTO resource_versions (id, version, kind, revision, body, deleted, actor_type, actor_id, created_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            r.id,
+            r.version,
+            r.kind.as_str(),
+            revision,
+            body,
+            matches!(c.op, Op::Delete),
+            c.actor.kind,
+            c.actor.id,
+            c.now_ms
+        ],
+    )
+    .map_err(db)?;
+    tx.execute(
+        "INSERT INTO audit_log (id, revision, created_ms, actor_type, actor_id, actor_label, action, \
+         resource_type, resource_id, project, ip, user_agent, before, after) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            format!("aud_{}", uuid::Uuid::now_v7().simple()),
+            revision,
+            c.now_ms,
+            c.actor.kind,
+            c.actor.id,
+            c.actor.label,
+            c.action,
+            r.kind.as_str(),
+            r.id,
+            r.project,
+            c.origin.ip,
+            c.origin.user_agent,
+            json_text(&c.before),
+            json_text(&c.after),
+        ],
+    )
+    .map_err(db)?;
+    if let Some(i) = &c.idempotent {
+        // An expired record under the same key is replaced.
+        tx.execute(
+            "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, status, body, created_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![i.scope, i.key, i.fingerprint, i.status, i.body, i.created_ms],
+        )
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+fn load_live(conn: &Connection) -> Result<Vec<Stored>, StateError> {
+    let sql = format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted_ms IS NULL ORDER BY seq");
+    let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+    let rows = stmt.query_map([], read_resource).map_err(db)?;
+    rows.collect::<Result<_, _>>().map_err(db)
+}
+
+fn list_resources(conn: &Connection, kind: Kind, q: &ListQuery) -> Result<Vec<Stored>, StateError> {
+    let sql = format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = ?1 AND seq > ?2 \
+         AND (?3 IS NULL OR project = ?3) AND (?4 OR deleted_ms IS NULL) ORDER BY seq LIMIT ?5"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+    let rows = stmt
+        .query_map(
+            params![kind.as_str(), q.after_seq.unwrap_or(0), q.project, q.include_deleted, q.limit as i64],
+            read_resource,
+        )
+        .map_err(db)?;
+    rows.collect::<Result<_, _>>().map_err(db)
+}
+
+fn audit_entries(conn: &Connection, q: &AuditQuery) -> Result<Vec<AuditEntry>, StateError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT seq, id, created_ms, actor_type, actor_id, actor_label, action, resource_type, \
+             resource_id, project, ip, user_agent, before, after FROM audit_log \
+             WHERE seq < ?1 AND (?2 IS NULL OR resource_type = ?2) AND (?3 IS NULL OR resource_id = ?3) \
+             AND (?4 IS NULL OR action = ?4) AND (?5 IS NULL OR actor_id = ?5) \
+             AND (?6 IS NULL OR created_ms >= ?6) AND (?7 IS NULL OR created_ms < ?7) \
+             ORDER BY seq DESC LIMIT ?8",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(
+            params![
+                q.before_seq.unwrap_or(i64::MAX),
+                q.resource_type,
+                q.resource_id,
+                q.action,
+                q.actor_id,
+                q.start_ms,
+                q.end_ms,
+                q.limit as i64
+            ],
+            |r| {
+                Ok(AuditEntry {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    created_ms: r.get(2)?,
+                    actor: Actor { kind: r.get(3)?, id: r.get(4)?, label: r.get(5)? },
+                    action: r.get(6)?,
+                    resource_type: r.get(7)?,
+                    resource_id: r.get(8)?,
+                    project: r.get(9)?,
+                    ip: r.get(10)?,
+                    user_agent: r.get(11)?,
+                    before: parse_json(r.get(12)?),
+                    after: parse_json(r.get(13)?),
+                })
+            },
+        )
+        .map_err(db)?;
+    rows.collect::<Result<_, _>>().map_err(db)
+}
+
+#[async_trait]
+impl StateStore for SqliteState {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn load(&self) -> Result<Vec<Stored>, StateError> {
+        self.run(|conn| load_live(conn)).await
+    }
+
+    async fn get(&self, kind: Kind, id_or_slug: &str, project: &str) -> Result<Option<Stored>, StateError> {
+        let (key, project) = (id_or_slug.to_string(), project.to_string());
+        self.run(move |conn| {
+            // By id first; by slug, the live one (or else the newest deleted one).
+            let sql = format!(
+                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = ?1 AND \
+                 (id = ?2 OR (slug = ?2 AND project = ?3)) \
+                 ORDER BY id = ?2 DESC, deleted_ms IS NULL DESC, seq DESC LIMIT 1"
+            );
+            conn.query_row(&sql, params![kind.as_str(), key, project], read_resource).optional().map_err(db)
+        })
+        .await
+    }
+
+    async fn list(&self, kind: Kind, query: &ListQuery) -> Result<Vec<Stored>, StateError> {
+        let query = query.clone();
+        self.run(move |conn| list_resources(conn, kind, &query)).await
+    }
+
+    async fn commit(&self, changes: &[Change]) -> Result<i64, StateError> {
+        let changes = changes.to_vec();
+        self.run(move |conn| commit_changes(conn, &changes)).await
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StateError> {
+        let query = query.clone();
+        self.run(move |conn| audit_entries(conn, &query)).await
+    }
+
+    async fn idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        since_ms: i64,
+    ) -> Result<Option<Idempotent>, StateError> {
+        let (scope, key) = (scope.to_string(), key.to_string());
+        self.run(move |conn| {
+            conn.query_row(
+                "SELECT scope, key, fingerprint, status, body, created_ms FROM idempotency \
+                 WHERE scope = ?1 AND key = ?2 AND created_ms >= ?3",
+                params![scope, key, since_ms],
+                |r| {
+                    Ok(Idempotent {
+                        scope: r.get(0)?,
+                        key: r.get(1)?,
+                        fingerprint: r.get(2)?,
+                        status: r.get(3)?,
+                        body: r.get(4)?,
+                        created_ms: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Origin;
+    use serde_json::json;
+
+    fn change(op: Op, id: &str, slug: &str, version: i64, base: Option<i64>) -> Change {
+        Change {
+            op,
+            resource: Stored {
+                kind: Kind::Project,
+                id: id.into(),
+                project: String::new(),
+                slug: slug.into(),
+                body: json!({"name": slug}),
+                version,
+                seq: 0,
+                created_ms: 0,
+                updated_ms: 0,
+                deleted_ms: None,
+            },
+            base_version: base,
+            action: "project.created".into(),
+            actor: Actor { kind: "management_key".into(), id: "admin".into(), label: "admin".into() },
+            origin: Origin::default(),
+            before: None,
+            after: Some(json!({"name": slug})),
+            now_ms: 1_000,
+            idempotent: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_conflicts_and_migrations_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("modelux.db");
+        let s = SqliteState::open(&path).unwrap();
+        s.commit(&[change(Op::Create, "proj_1", "alpha", 1, None)]).await.unwrap();
+        // A live duplicate slug is a conflict, and nothing of it is written.
+        let dup = s.commit(&[change(Op::Create, "proj_2", "alpha", 1, None)]).await;
+        assert!(matches!(dup, Err(StateError::Conflict(_))), "{dup:?}");
+        s.commit(&[change(Op::Update, "proj_1", "alpha", 2, Some(1))]).await.unwrap();
+        // A change computed from version 1 lost the race.
+        let stale = s.commit(&[change(Op::Update, "proj_1", "alpha", 2, Some(1))]).await;
+        assert!(matches!(stale, Err(StateError::Conflict(_))), "{stale:?}");
+        s.commit(&[change(Op::Delete, "proj_1", "alpha", 3, Some(2))]).await.unwrap();
+        // The slug is free again once the first is deleted.
+        s.commit(&[change(Op::Create, "proj_3", "alpha", 1, None)]).await.unwrap();
+        drop(s);
+        let s = SqliteState::open(&path).unwrap();
+        let live = s.load().await.unwrap();
+        assert_eq!(live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["proj_3"]);
+        let old = s.get(Kind::Project, "proj_1", "").await.unwrap().unwrap();
+        assert_eq!((old.version, old.deleted_ms.is_some()), (3, true));
+        let by_slug = s.get(Kind::Project, "alpha", "").await.unwrap().unwrap();
+        assert_eq!(by_slug.id, "proj_3");
+        let audit = s.audit(&AuditQuery { limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(audit.len(), 4, "failed changes leave no audit entry");
+        assert_eq!(audit[0].resource_id, "proj_3");
+        let versions: i64 = lock(&s.conn)
+            .query_row("SELECT COUNT(*) FROM resource_versions WHERE id = 'proj_1'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(versions, 3);
+    }
+}

@@ -1,0 +1,298 @@
+//! The management API over durable state: projects, project and management keys, the
+//! audit log, idempotency and races, each change served by the proxy on the next request
+//! and still there after a restart.
+
+use super::*;
+
+async fn call(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> Response {
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let mut h = vec![("authorization", auth.as_str()), ("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    let bytes = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+    httpc::request(gw.manage, method, path, &h, &bytes).await.unwrap()
+}
+
+async fn chat_with(gw: &Gateway, key: &str) -> Response {
+    let auth = format!("Bearer {key}");
+    httpc::request(gw.proxy, "POST", CHAT, &[("authorization", &auth)], &chat_body("@fast")).await.unwrap()
+}
+
+fn data(resp: &Response) -> Value {
+    resp.json().unwrap()["data"].clone()
+}
+
+fn with_data_dir(upstream: &MockServer, data: &tempfile::TempDir) -> Cfg<'static> {
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.server_extra = format!("  data_dir: \"{}\"", data.path().display()).leak();
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_and_keys_are_served_at_once_audited_and_survive_a_restart() {
+    let upstream = mock(MockConfig::default()).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let gw = start(with_data_dir(&upstream, &data_dir)).await;
+
+    // The file's projects are listed, read-only.
+    let list = call(&gw, "GET", "/manage/v1/projects", None, &[]).await;
+    assert_eq!(list.status, 200, "{}", list.text());
+    let listed = list.json().unwrap();
+    assert_eq!(listed["data"][0]["slug"], "default");
+    assert_eq!(listed["data"][0]["managed_by"], "file");
+    assert_eq!(listed["has_more"], false);
+    let locked = call(&gw, "PATCH", "/manage/v1/projects/default", Some(json!({"name": "x"})), &[]).await;
+    assert_eq!(locked.status, 409);
+    assert_eq!(locked.json().unwrap()["error"]["code"], "managed_by_file");
+
+    // Create a project, then a key for it: the key works on the very next request.
+    let created = call(&gw, "POST", "/manage/v1/projects", Some(json!({"name": "Staging EU"})), &[]).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let project = data(&created);
+    assert_eq!(project["slug"], "staging-eu");
+    assert_eq!(project["managed_by"], "api");
+    assert!(project["id"].as_str().unwrap().starts_with("proj_"));
+    let dup = call(&gw, "POST", "/api/manage/v1/projects", Some(json!({"name": "staging eu"})), &[]).await;
+    assert_eq!(dup.status, 409);
+    assert_eq!(dup.json().unwrap()["error"]["code"], "project_exists");
+    let file_dup = call(&gw, "POST", "/manage/v1/projects", Some(json!({"name": "default"})), &[]).await;
+    assert_eq!(file_dup.status, 409);
+
+    let key_resp = call(
+        &gw,
+        "POST",
+        "/manage/v1/api-keys",
+        Some(json!({"project": project["id"], "name": "ci", "requests_per_minute": 0})),
+        &[],
+    )
+    .await;
+    assert_eq!(key_resp.status, 201, "{}", key_resp.text());
+    let key = data(&key_resp);
+    let secret = key["key"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("mlx_sk_") && secret.len() > 40);
+    assert_eq!(key["key_last4"], &secret[secret.len() - 4..]);
+    assert_eq!(key["project"], "staging-eu");
+    // The new project has no `@fast` (that belongs to `default`): routing refuses it as another
+    // project's config, which proves the key authenticated as staging-eu.
+    let resp = chat_with(&gw, &secret).await;
+    assert_eq!(resp.status, 404, "{}", resp.text());
+    // A key on a file project serves that project's configs.
+    let dev2 =
+        call(&gw, "POST", "/manage/v1/api-keys", Some(json!({"project": "default", "name": "dev2"})), &[])
+            .await;
+    assert_eq!(dev2.status, 201, "{}", dev2.text());
+    let dev2_secret = data(&dev2)["key"].as_str().unwrap().to_string();
+    assert_eq!(chat_with(&gw, &dev2_secret).await.status, 200);
+
+    // Reads never show the key again.
+    let got =
+        call(&gw, "GET", &format!("/manage/v1/api-keys/{}", key["id"].as_str().unwrap()), None, &[]).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(data(&got).get("key").is_none());
+    assert!(!got.text().contains(&secret));
+    let keys = call(&gw, "GET", "/manage/v1/api-keys?project=default", None, &[]).await.json().unwrap();
+    let names: Vec<&str> =
+        keys["data"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["dev", "dev2"]);
+
+    // Bad input: the nested envelope with the field's path; nothing is written.
+    let bad = call(&gw, "POST", "/manage/v1/projects", Some(json!({"name": 7})), &[]).await;
+    assert_eq!(bad.status, 422, "{}", bad.text());
+    assert_eq!(bad.json().unwrap()["error"]["errors"][0]["path"], "name");
+    let unknown =
+        call(&gw, "POST", "/manage/v1/projects", Some(json!({"name": "a", "colour": "red"})), &[]).await;
+    assert_eq!(unknown.status, 422);
+    assert!(unknown.text().contains("colour"));
+    let garbage = httpc::request(
+        gw.manage,
+        "POST",
+        "/manage/v1/projects",
+        &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+        b"{not json",
+    )
+    .await
+    .unwrap();
+    assert_eq!(garbage.status, 400);
+    assert_eq!(garbage.json().unwrap()["error"]["code"], "invalid_json");
+    let huge = vec![b' '; 1024 * 1024 + 10];
+    let too_big = httpc::request(
+        gw.manage,
+        "POST",
+        "/manage/v1/projects",
+        &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+        &huge,
+    )
+    .await
+    .unwrap();
+    assert_eq!(too_big.status, 413);
+    let missing = call(&gw, "GET", "/manage/v1/projects/nope", None, &[]).await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json().unwrap()["error"]["code"], "project_not_found");
+    assert_eq!(missing.json().unwrap()["error"]["resource"], "project");
+    let anonymous = httpc::request(gw.manage, "GET", "/manage/v1/projects", &[], b"").await.unwrap();
+    assert_eq!(anonymous.status, 401);
+
+    // Revoke: the next request with the key is a 401.
+    let revoked = call(
+        &gw,
+        "DELETE",
+        &format!("/manage/v1/api-keys/{}", data(&dev2)["id"].as_str().unwrap()),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert_eq!(data(&revoked)["revoked"], true);
+    assert_eq!(chat_with(&gw, &dev2_secret).await.status, 401);
+
+    // A management key made through the API manages.
+    let mk = call(&gw, "POST", "/manage/v1/management-keys", Some(json!({"name": "ops"})), &[]).await;
+    assert_eq!(mk.status, 201, "{}", mk.text());
+    let mk_secret = data(&mk)["key"].as_str().unwrap().to_string();
+    assert!(mk_secret.starts_with("mlx_mk_"));
+    let auth = format!("Bearer {mk_secret}");
+    let as_ops = httpc::request(gw.manage, "GET", "/manage/v1/projects", &[("authorization", &auth)], b"")
+        .await
+        .unwrap();
+    assert_eq!(as_ops.status, 200);
+
+    // The audit log has every change, newest first, without a secret in it.
+    let audit = call(&gw, "GET", "/manage/v1/audit-logs", None, &[]).await;
+    assert_eq!(audit.status, 200, "{}", audit.text());
+    let entries = audit.json().unwrap()["data"].as_array().unwrap().clone();
+    let actions: Vec<&str> = entries.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "management_key.created",
+            "api_key.revoked",
+            "api_key.created",
+            "api_key.created",
+            "project.created"
+        ]
+    );
+    assert_eq!(entries[4]["actor"]["type"], "management_key");
+    assert_eq!(entries[4]["actor"]["id"], "admin");
+    assert_eq!(entries[4]["ip"], "127.0.0.1");
+    let only_keys = call(&gw, "GET", "/manage/v1/audit-logs?resource_type=api_key&limit=1", None, &[]).await;
+    let page = only_keys.json().unwrap();
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page["has_more"], true);
+    let next = call(
+        &gw,
+        "GET",
+        &format!(
+            "/manage/v1/audit-logs?resource_type=api_key&limit=5&cursor={}",
+            page["next_cursor"].as_str().unwrap()
+        ),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(next.json().unwrap()["data"].as_array().unwrap().len(), 2);
+    for secret in [&secret, &dev2_secret, &mk_secret] {
+        let db = std::fs::read(data_dir.path().join("modelux.db")).unwrap();
+        let wal = std::fs::read(data_dir.path().join("modelux.db-wal")).unwrap_or_default();
+        for bytes in [db, wal] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "plaintext key in the database"
+            );
+        }
+        assert!(!audit.text().contains(secret.as_str()));
+    }
+
+    // Restart: projects, keys and revocations are all still there.
+    let project_id = project["id"].as_str().unwrap().to_string();
+    drop(gw);
+    let gw = start(with_data_dir(&upstream, &data_dir)).await;
+    assert_eq!(chat_with(&gw, &secret).await.status, 404, "staging-eu's key still authenticates");
+    assert_eq!(chat_with(&gw, &dev2_secret).await.status, 401);
+    let again = call(&gw, "GET", &format!("/manage/v1/projects/{project_id}"), None, &[]).await;
+    assert_eq!(data(&again)["slug"], "staging-eu");
+
+    // Deleting the project revokes its keys at once; the project stays readable as deleted.
+    let deleted = call(&gw, "DELETE", "/manage/v1/projects/staging-eu", None, &[]).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    assert_eq!(chat_with(&gw, &secret).await.status, 401);
+    let gone = call(&gw, "GET", &format!("/manage/v1/projects/{project_id}"), None, &[]).await;
+    assert!(data(&gone)["deleted_at"].is_string());
+    let live = call(&gw, "GET", "/manage/v1/projects", None, &[]).await.json().unwrap();
+    assert!(live["data"].as_array().unwrap().iter().all(|p| p["id"] != project_id.as_str()));
+    let with_deleted =
+        call(&gw, "GET", "/manage/v1/projects?include_deleted=true", None, &[]).await.json().unwrap();
+    assert!(with_deleted["data"].as_array().unwrap().iter().any(|p| p["id"] == project_id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_replay_and_conflict() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = start(Cfg::new(upstream.base_url().leak())).await;
+    let body = json!({"name": "once"});
+    let first =
+        call(&gw, "POST", "/manage/v1/projects", Some(body.clone()), &[("idempotency-key", "k-1")]).await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let second = call(&gw, "POST", "/manage/v1/projects", Some(body), &[("idempotency-key", "k-1")]).await;
+    assert_eq!(second.status, 201, "{}", second.text());
+    assert_eq!(second.header("idempotent-replayed"), Some("true"));
+    assert_eq!(second.text(), first.text());
+    let other = call(
+        &gw,
+        "POST",
+        "/manage/v1/projects",
+        Some(json!({"name": "twice"})),
+        &[("idempotency-key", "k-1")],
+    )
+    .await;
+    assert_eq!(other.status, 409);
+    assert_eq!(other.json().unwrap()["error"]["code"], "idempotency_conflict");
+    let projects = call(&gw, "GET", "/manage/v1/projects", None, &[]).await.json().unwrap();
+    let api: Vec<&Value> =
+        projects["data"].as_array().unwrap().iter().filter(|p| p["managed_by"] == "api").collect();
+    assert_eq!(api.len(), 1, "one project, however often the request was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_twenty_racing_patches_from_one_version_exactly_one_wins() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = Arc::new(start(Cfg::new(upstream.base_url().leak())).await);
+    let created = call(&gw, "POST", "/manage/v1/projects", Some(json!({"name": "race"})), &[]).await;
+    assert_eq!(data(&created)["version"], 1);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                call(
+                    &gw,
+                    "PATCH",
+                    "/manage/v1/projects/race",
+                    Some(json!({"description": format!("writer {i}")})),
+                    &[("if-match", "1")],
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let resp = t.await.unwrap();
+        if resp.status == 409 {
+            let code = resp.json().unwrap()["error"]["code"].as_str().unwrap().to_string();
+            assert!(code == "version_conflict" || code == "concurrent_modification", "{code}");
+        }
+        statuses.push(resp.status);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 19, "{statuses:?}");
+    let now = call(&gw, "GET", "/manage/v1/projects/race", None, &[]).await;
+    assert_eq!(data(&now)["version"], 2);
+    let audit =
+        call(&gw, "GET", "/manage/v1/audit-logs?action=project.updated", None, &[]).await.json().unwrap();
+    assert_eq!(audit["data"].as_array().unwrap().len(), 1, "losers leave no audit entry");
+}
