@@ -131,6 +131,7 @@ pub struct FileOwned {
     /// `(project, key name)`.
     pub keys: Vec<(String, String)>,
     pub management_keys: Vec<String>,
+    pub routing_configs: Vec<String>,
 }
 
 pub fn env_lookup(name: &str) -> Option<String> {
@@ -175,6 +176,7 @@ pub fn build_snapshot_with(
             .flat_map(|p| p.keys.iter().map(|k| (p.id.clone(), k.name.clone())))
             .collect(),
         management_keys: raw.management_keys.iter().map(|k| k.name.clone()).collect(),
+        routing_configs: raw.routing_configs.keys().cloned().collect(),
     };
     let errors = overlay::apply(&mut raw, resources);
     if !errors.is_empty() {
@@ -664,7 +666,10 @@ pub fn validate(
     let mut watched_files = Vec::new();
     for (slug, value) in raw.routing_configs {
         let previous_rc = previous.and_then(|p| p.routing_configs.get(&slug)).map(|rc| rc.as_ref());
-        let Some(built) = routing::build(&slug, value, &env, previous_rc, &mut errors) else { continue };
+        let Some(mut built) = routing::build(&slug, value, &env, previous_rc, &mut errors) else { continue };
+        if let Some(v) = raw.pinned_versions.get(&slug) {
+            built.config.version = *v;
+        }
         if !projects.contains(&built.config.project) {
             errors.push(ConfigError::new(
                 format!("routing_configs.{slug}.project"),

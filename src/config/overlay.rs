@@ -82,5 +82,24 @@ pub fn apply(raw: &mut RawConfig, resources: &[Stored]) -> Vec<ConfigError> {
             raw.management_keys.push(key);
         }
     }
+    for r in resources.iter().filter(|r| r.kind == Kind::RoutingConfig) {
+        if raw.routing_configs.contains_key(&r.slug) {
+            errors.push(ConfigError::new(
+                format!("routing_configs.{}", r.slug),
+                format!(
+                    "routing config \"{}\" is defined both in the config file and in the state store ({})",
+                    r.slug, r.id
+                ),
+            ));
+            continue;
+        }
+        match serde_yaml_ng::to_value(&r.body) {
+            Ok(v) => {
+                raw.routing_configs.insert(r.slug.clone(), v);
+                raw.pinned_versions.insert(r.slug.clone(), u32::try_from(r.version).unwrap_or(u32::MAX));
+            }
+            Err(e) => errors.push(ConfigError::new(format!("routing_configs.{}", r.slug), e.to_string())),
+        }
+    }
     errors
 }

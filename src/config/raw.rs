@@ -234,6 +234,9 @@ pub struct RawConfig {
     pub rate_limits: RawRateLimits,
     pub traces: RawTraces,
     pub state: RawState,
+    /// Versions of routing configs owned by the state store (their stored version, not one
+    /// counted from reloads).
+    pub pinned_versions: BTreeMap<String, u32>,
 }
 
 /// `state:` — where management state (API-created projects, keys, versions, audit) lives.

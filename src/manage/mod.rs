@@ -7,6 +7,7 @@ pub mod audit;
 pub mod keys;
 pub mod logs;
 pub mod projects;
+pub mod routing_configs;
 
 use std::sync::Arc;
 
@@ -73,6 +74,7 @@ impl ManageApp {
                 keys::handle(self, call, crate::state::Kind::ManagementKey, path, tail).await
             }
             ["audit-logs", tail @ ..] => audit::handle(self, call, path, tail).await,
+            ["routing-configs", tail @ ..] => routing_configs::handle(self, call, path, tail).await,
             _ => return None,
         })
     }

@@ -18,6 +18,7 @@ pub enum Kind {
     Project,
     ApiKey,
     ManagementKey,
+    RoutingConfig,
 }
 
 impl Kind {
@@ -26,6 +27,7 @@ impl Kind {
             Kind::Project => "project",
             Kind::ApiKey => "api_key",
             Kind::ManagementKey => "management_key",
+            Kind::RoutingConfig => "routing_config",
         }
     }
 
@@ -35,11 +37,14 @@ impl Kind {
             Kind::Project => "proj_",
             Kind::ApiKey => "key_",
             Kind::ManagementKey => "mkey_",
+            Kind::RoutingConfig => "rc_",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        [Kind::Project, Kind::ApiKey, Kind::ManagementKey].into_iter().find(|k| k.as_str() == s)
+        [Kind::Project, Kind::ApiKey, Kind::ManagementKey, Kind::RoutingConfig]
+            .into_iter()
+            .find(|k| k.as_str() == s)
     }
 }
 
@@ -61,6 +66,20 @@ pub struct Stored {
     pub updated_ms: i64,
     /// Soft-deleted (projects) or revoked (keys).
     pub deleted_ms: Option<i64>,
+}
+
+/// One stored version of a resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Version {
+    pub version: i64,
+    pub revision: i64,
+    pub body: Value,
+    /// The version that deleted (or revoked) the resource.
+    pub deleted: bool,
+    /// `type` and `id` of who made it.
+    pub actor_kind: String,
+    pub actor_id: String,
+    pub created_ms: i64,
 }
 
 /// Who made a change.
@@ -188,6 +207,9 @@ pub trait StateStore: Send + Sync {
     async fn get(&self, kind: Kind, id_or_slug: &str, project: &str) -> Result<Option<Stored>, StateError>;
 
     async fn list(&self, kind: Kind, query: &ListQuery) -> Result<Vec<Stored>, StateError>;
+
+    /// Every version of resource `id`, oldest first.
+    async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError>;
 
     /// Commits `changes` (one revision) whole or not at all. Returns the new revision.
     async fn commit(&self, changes: &[Change]) -> Result<i64, StateError>;

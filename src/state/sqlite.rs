@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::{
     Actor, AuditEntry, AuditQuery, Change, Idempotent, Kind, ListQuery, Op, StateError, StateStore, Stored,
+    Version,
 };
 
 /// Each entry is one schema version; entry `i` takes the schema from version `i` to `i + 1`.
@@ -383,6 +384,34 @@ impl StateStore for SqliteState {
     async fn list(&self, kind: Kind, query: &ListQuery) -> Result<Vec<Stored>, StateError> {
         let query = query.clone();
         self.run(move |conn| list_resources(conn, kind, &query)).await
+    }
+
+    async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT version, revision, body, deleted, actor_type, actor_id, created_ms \
+                     FROM resource_versions WHERE id = ?1 ORDER BY version",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([id], |r| {
+                    let body: String = r.get(2)?;
+                    Ok(Version {
+                        version: r.get(0)?,
+                        revision: r.get(1)?,
+                        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+                        deleted: r.get(3)?,
+                        actor_kind: r.get(4)?,
+                        actor_id: r.get(5)?,
+                        created_ms: r.get(6)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
     }
 
     async fn commit(&self, changes: &[Change]) -> Result<i64, StateError> {

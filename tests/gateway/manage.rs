@@ -296,3 +296,139 @@ async fn of_twenty_racing_patches_from_one_version_exactly_one_wins() {
         call(&gw, "GET", "/manage/v1/audit-logs?action=project.updated", None, &[]).await.json().unwrap();
     assert_eq!(audit["data"].as_array().unwrap().len(), 1, "losers leave no audit entry");
 }
+
+/// The model the mock saw last.
+fn last_model(upstream: &MockServer) -> String {
+    upstream.requests().last().unwrap().json().unwrap()["model"].as_str().unwrap().to_string()
+}
+
+async fn ask_production(gw: &Gateway) -> Response {
+    let auth = format!("Bearer {KEY}");
+    httpc::request(gw.proxy, "POST", CHAT, &[("authorization", &auth)], &chat_body("@production"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_configs_are_versioned_diffed_rolled_back_and_served_at_once() {
+    let upstream = mock(MockConfig::default()).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let gw = start(with_data_dir(&upstream, &data_dir)).await;
+    let rc = "/manage/v1/routing-configs";
+
+    // A draft is checked without saving; errors name the field in the body.
+    let draft = json!({"project": "default", "strategy": "single", "model": "antropic/claude"});
+    let checked = call(&gw, "POST", &format!("{rc}/validate"), Some(draft), &[]).await;
+    assert_eq!(checked.status, 422, "{}", checked.text());
+    let errors = checked.json().unwrap()["error"]["errors"].clone();
+    assert_eq!(errors[0]["path"], "model", "{errors}");
+    let fine = json!({"project": "default", "strategy": "single", "model": "openai/gpt-4o-mini"});
+    let checked = call(&gw, "POST", &format!("{rc}/validate"), Some(fine), &[]).await;
+    assert_eq!(checked.status, 200, "{}", checked.text());
+    assert_eq!(
+        call(&gw, "GET", &format!("{rc}/draft"), None, &[]).await.status,
+        404,
+        "validate saves nothing"
+    );
+
+    // v1, served on the next request.
+    let v1 = json!({"slug": "production", "project": "default", "strategy": "single", "model": "openai/gpt-4o-mini"});
+    let created = call(&gw, "POST", rc, Some(v1), &[]).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(data(&created)["version"], 1);
+    assert_eq!(data(&created)["managed_by"], "api");
+    let resp = ask_production(&gw).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-modelux-config-version"), Some("v1"));
+    assert_eq!(last_model(&upstream), "gpt-4o-mini");
+    let taken = call(
+        &gw,
+        "POST",
+        rc,
+        Some(json!({"slug": "fast", "project": "default", "strategy": "single", "model": "openai/x"})),
+        &[],
+    )
+    .await;
+    assert_eq!(taken.status, 409, "a slug of the file's");
+
+    // v2: a change that does not validate is refused and changes nothing.
+    let broken =
+        call(&gw, "PATCH", &format!("{rc}/production"), Some(json!({"model": "nope/none"})), &[]).await;
+    assert_eq!(broken.status, 422, "{}", broken.text());
+    assert_eq!(broken.json().unwrap()["error"]["errors"][0]["path"], "model");
+    let v2 =
+        call(&gw, "PATCH", &format!("{rc}/@production"), Some(json!({"model": "openai/gpt-4o"})), &[]).await;
+    assert_eq!(v2.status, 200, "{}", v2.text());
+    assert_eq!(data(&v2)["version"], 2);
+    let resp = ask_production(&gw).await;
+    assert_eq!(resp.header("x-modelux-config-version"), Some("v2"));
+    assert_eq!(last_model(&upstream), "gpt-4o");
+
+    // The diff between them, as JSON-pointer operations.
+    let diff = call(&gw, "GET", &format!("{rc}/production/versions/diff?from=1&to=2"), None, &[]).await;
+    assert_eq!(diff.status, 200, "{}", diff.text());
+    assert_eq!(
+        data(&diff)["changes"],
+        json!([{"path": "/model", "op": "replace", "from": "openai/gpt-4o-mini", "to": "openai/gpt-4o"}])
+    );
+
+    // Roll back: v3 equals v1, and is what the proxy serves.
+    let back =
+        call(&gw, "POST", &format!("{rc}/production/rollback"), Some(json!({"version": 1})), &[]).await;
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert_eq!(data(&back)["version"], 3);
+    let resp = ask_production(&gw).await;
+    assert_eq!(resp.header("x-modelux-config-version"), Some("v3"));
+    assert_eq!(last_model(&upstream), "gpt-4o-mini");
+    let same = call(&gw, "GET", &format!("{rc}/production/versions/diff?from=1&to=3"), None, &[]).await;
+    assert_eq!(data(&same)["changes"], json!([]));
+    let versions = call(&gw, "GET", &format!("{rc}/production/versions"), None, &[]).await.json().unwrap();
+    let numbers: Vec<i64> =
+        versions["data"].as_array().unwrap().iter().map(|v| v["version"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, [3, 2, 1]);
+    assert_eq!(versions["data"][0]["active"], true);
+    let v2_body = call(&gw, "GET", &format!("{rc}/production/versions/2"), None, &[]).await;
+    assert_eq!(data(&v2_body)["config"]["model"], "openai/gpt-4o");
+    let no_such =
+        call(&gw, "POST", &format!("{rc}/production/rollback"), Some(json!({"version": 9})), &[]).await;
+    assert_eq!(no_such.status, 422);
+
+    // In use by another config: 409; file configs are read-only.
+    let ab = json!({"slug": "split", "project": "default", "strategy": "ab_test",
+        "variants": [{"name": "a", "weight": 50, "config": "@production"}, {"name": "b", "weight": 50, "config": "@fast"}]});
+    assert_eq!(call(&gw, "POST", rc, Some(ab), &[]).await.status, 201);
+    let in_use = call(&gw, "DELETE", &format!("{rc}/production"), None, &[]).await;
+    assert_eq!(in_use.status, 409);
+    assert_eq!(in_use.json().unwrap()["error"]["code"], "routing_config_in_use");
+    let file = call(&gw, "PATCH", &format!("{rc}/fast"), Some(json!({"model": "openai/gpt-4o"})), &[]).await;
+    assert_eq!(file.json().unwrap()["error"]["code"], "managed_by_file");
+    let listed = call(&gw, "GET", &format!("{rc}?project=default"), None, &[]).await.json().unwrap();
+    let slugs: Vec<&str> =
+        listed["data"].as_array().unwrap().iter().map(|c| c["slug"].as_str().unwrap()).collect();
+    assert_eq!(slugs, ["fast", "production", "split"]);
+
+    // The active version survives a restart.
+    drop(gw);
+    let gw = start(with_data_dir(&upstream, &data_dir)).await;
+    let resp = ask_production(&gw).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-modelux-config-version"), Some("v3"));
+    let audit = call(&gw, "GET", "/manage/v1/audit-logs?resource_type=routing_config", None, &[])
+        .await
+        .json()
+        .unwrap();
+    let actions: Vec<&str> =
+        audit["data"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "routing_config.created",
+            "routing_config.rolled_back",
+            "routing_config.updated",
+            "routing_config.created"
+        ]
+    );
+    assert_eq!(call(&gw, "DELETE", &format!("{rc}/split"), None, &[]).await.status, 200);
+    assert_eq!(call(&gw, "DELETE", &format!("{rc}/production"), None, &[]).await.status, 200);
+    assert_eq!(ask_production(&gw).await.status, 404);
+}

@@ -1,0 +1,514 @@
+//! `/routing-configs` (PRODUCT.md §4.9): versioned routing configs. The body is the YAML
+//! entry plus `slug` (and `project`, which the entry already has). Every save is a new
+//! version and becomes active; `rollback` makes a new version equal to an old one; versions
+//! can be listed, read and diffed. Configs of the file are listed read-only.
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::api::{self, Answer, ApiError, Call, Plan, Position};
+use super::projects::{self, Found};
+use super::ManageApp;
+use crate::config::{ConfigError, Snapshot};
+use crate::state::{Kind, ListQuery, Op, Stored, Version};
+
+const RESOURCE: &str = "routing_config";
+
+/// Fields the API adds to the YAML entry (never stored in the body).
+const VIEW_FIELDS: &[&str] = &["id", "object", "slug", "version", "managed_by", "created_at", "updated_at"];
+
+pub fn view(r: &Stored) -> Value {
+    let mut v = r.body.clone();
+    if let Value::Object(m) = &mut v {
+        m.insert("id".into(), json!(r.id));
+        m.insert("object".into(), json!(RESOURCE));
+        m.insert("slug".into(), json!(r.slug));
+        m.insert("version".into(), json!(r.version));
+        m.insert("managed_by".into(), json!("api"));
+        m.insert("created_at".into(), api::time(r.created_ms));
+        m.insert("updated_at".into(), api::time(r.updated_ms));
+    }
+    v
+}
+
+/// A file config as the API shows it: its definition, slug and the version being served.
+fn file_view(snapshot: &Snapshot, slug: &str) -> Option<Value> {
+    let rc = snapshot.routing_configs.get(slug)?;
+    let mut v: Value = serde_json::from_str(&rc.definition).unwrap_or_else(|_| json!({}));
+    if let Value::Object(m) = &mut v {
+        m.insert("id".into(), json!(slug));
+        m.insert("object".into(), json!(RESOURCE));
+        m.insert("slug".into(), json!(slug));
+        m.insert("version".into(), json!(rc.version));
+        m.insert("managed_by".into(), json!("file"));
+        m.insert("created_at".into(), Value::Null);
+        m.insert("updated_at".into(), Value::Null);
+    }
+    Some(v)
+}
+
+fn version_view(r: &Stored, v: &Version) -> Value {
+    json!({
+        "routing_config_id": r.id,
+        "slug": r.slug,
+        "version": v.version,
+        "active": v.version == r.version && r.deleted_ms.is_none(),
+        "deleted": v.deleted,
+        "created_at": api::time(v.created_ms),
+        "actor": { "type": v.actor_kind, "id": v.actor_id },
+        "config": v.body,
+    })
+}
+
+/// Splits a create body into its slug and the YAML entry (an object with `project` and
+/// `strategy`), with every problem's path.
+fn entry(body: &[u8], slug_required: bool) -> Result<(Option<String>, Map<String, Value>), ApiError> {
+    let value: Value = api::body(body)?;
+    let Value::Object(mut map) = value else {
+        return Err(ApiError::invalid(vec![ConfigError::new("", "must be a JSON object")]));
+    };
+    for f in VIEW_FIELDS.iter().filter(|f| **f != "slug") {
+        // Read-only fields sent back unchanged (a GET answer edited and PATCHed) are ignored.
+        map.remove(*f);
+    }
+    let slug = match map.remove("slug") {
+        Some(Value::String(s)) => Some(s.trim_start_matches('@').to_string()),
+        Some(_) => return Err(ApiError::invalid(vec![ConfigError::new("slug", "must be a string")])),
+        None if slug_required => {
+            return Err(ApiError::invalid(vec![ConfigError::new("slug", "is required")]))
+        }
+        None => None,
+    };
+    if let Some(s) = &slug {
+        if !crate::config::valid_id(s) {
+            return Err(ApiError::invalid(vec![ConfigError::new("slug", crate::config::ID_RULE)]));
+        }
+    }
+    Ok((slug, map))
+}
+
+/// The project an entry names, as its slug.
+fn project_of(
+    map: &mut Map<String, Value>,
+    current: &[Stored],
+    snapshot: &Snapshot,
+) -> Result<String, ApiError> {
+    let Some(p) = map.get("project") else {
+        return Err(ApiError::invalid(vec![ConfigError::new("project", "is required")]));
+    };
+    let Some(p) = p.as_str() else {
+        return Err(ApiError::invalid(vec![ConfigError::new("project", "must be a string")]));
+    };
+    let slug = match projects::find(current, snapshot, p) {
+        Some(Found::Api(r)) => r.slug.clone(),
+        Some(Found::File(slug)) => slug,
+        None => {
+            return Err(ApiError::invalid(vec![ConfigError::new(
+                "project",
+                format!("unknown project \"{p}\""),
+            )]))
+        }
+    };
+    map.insert("project".into(), json!(slug));
+    Ok(slug)
+}
+
+pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str]) -> Answer {
+    let result = match (call.method, rest) {
+        ("GET", []) => list(app, call).await,
+        ("POST", []) => return create(app, call, path).await,
+        ("POST", ["validate"]) => validate(app, call).await,
+        ("GET", [id]) => get(app, id).await,
+        ("PATCH", [id]) => return patch(app, call, path, id).await,
+        ("DELETE", [id]) => return delete(app, call, path, id).await,
+        ("GET", [id, "versions"]) => versions(app, id).await,
+        ("GET", [id, "versions", "diff"]) => diff(app, call, id).await,
+        ("GET", [id, "versions", n]) => one_version(app, id, n).await,
+        ("POST", [id, "rollback"]) => return rollback(app, call, path, id).await,
+        (m, []) => Err(ApiError::method_not_allowed(m, "GET or POST")),
+        (m, [_]) => Err(ApiError::method_not_allowed(m, "GET, PATCH or DELETE")),
+        _ => Err(ApiError::not_found("endpoint", path)),
+    };
+    result.unwrap_or_else(ApiError::into_answer)
+}
+
+async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
+    let page = api::page(call)?;
+    let snapshot = app.store.load();
+    let project = match call.param("project").or_else(|| call.param("project_id")) {
+        None => None,
+        Some(p) if snapshot.file_owned.projects.contains(&p) => Some(p),
+        Some(p) => match app.state.get(Kind::Project, &p, "").await.map_err(|e| ApiError::unavailable(&e))? {
+            Some(r) => Some(r.slug),
+            None => return Err(ApiError::not_found("project", &p)),
+        },
+    };
+    let mut file: Vec<&String> = snapshot.file_owned.routing_configs.iter().collect();
+    file.retain(|s| {
+        project
+            .as_ref()
+            .is_none_or(|p| snapshot.routing_configs.get(s.as_str()).is_some_and(|rc| rc.project == *p))
+    });
+    let mut items = Vec::new();
+    let after_seq = match api::position(page.cursor.as_deref())? {
+        Position::File(i) => {
+            items.extend(file.iter().skip(i).take(page.limit).filter_map(|s| file_view(&snapshot, s)));
+            if i + page.limit < file.len() {
+                return Ok(api::list_answer(items, Some(format!("f{}", i + page.limit))));
+            }
+            0
+        }
+        Position::Store(seq) => seq,
+    };
+    let want = page.limit - items.len();
+    let query = ListQuery { project, include_deleted: false, after_seq: Some(after_seq), limit: want + 1 };
+    let rows = app.state.list(Kind::RoutingConfig, &query).await.map_err(|e| ApiError::unavailable(&e))?;
+    let more = rows.len() > want;
+    let rows = &rows[..rows.len().min(want)];
+    items.extend(rows.iter().map(view));
+    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
+    Ok(api::list_answer(items, next))
+}
+
+/// The stored config `key` names (id, slug or `@slug`), deleted ones included.
+async fn stored(app: &ManageApp, key: &str) -> Result<Option<Stored>, ApiError> {
+    let key = key.trim_start_matches('@');
+    let by_id = app.state.get(Kind::RoutingConfig, key, "").await.map_err(|e| ApiError::unavailable(&e))?;
+    if by_id.is_some() {
+        return Ok(by_id);
+    }
+    // Slugs are unique across projects among live configs: find the live one.
+    let query = ListQuery { limit: 10_000, ..Default::default() };
+    let all = app.state.list(Kind::RoutingConfig, &query).await.map_err(|e| ApiError::unavailable(&e))?;
+    Ok(all.into_iter().find(|r| r.slug == key))
+}
+
+async fn get(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
+    if let Some(r) = stored(app, key).await? {
+        return Ok(Answer::data(200, view(&r)));
+    }
+    let slug = key.trim_start_matches('@');
+    match file_view(&app.store.load(), slug) {
+        Some(v) => Ok(Answer::data(200, v)),
+        None => Err(ApiError::not_found(RESOURCE, key)),
+    }
+}
+
+/// `POST …/validate`: the draft checked as the whole config would be, nothing saved.
+async fn validate(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
+    let (slug, mut map) = entry(call.body, false)?;
+    let staged = app.store.stage().await;
+    let current = staged.resources();
+    let snapshot = app.store.load();
+    let project = project_of(&mut map, &current, &snapshot)?;
+    let slug = slug.unwrap_or_else(|| "draft".into());
+    let mut candidate: Vec<Stored> =
+        current.iter().filter(|r| !(r.kind == Kind::RoutingConfig && r.slug == slug)).cloned().collect();
+    let in_file = snapshot.file_owned.routing_configs.contains(&slug);
+    let check_slug = if in_file { format!("{slug}.draft") } else { slug.clone() };
+    let now = api::now_ms();
+    candidate.push(Stored {
+        kind: Kind::RoutingConfig,
+        id: "draft".into(),
+        project,
+        slug: check_slug.clone(),
+        body: Value::Object(map),
+        version: 1,
+        seq: 0,
+        created_ms: now,
+        updated_ms: now,
+        deleted_ms: None,
+    });
+    match staged.build(&candidate) {
+        Ok(_) => Ok(Answer::data(200, json!({ "valid": true, "errors": [] }))),
+        Err(errors) => Ok(ApiError::invalid(errors).into_answer().map_validation(&check_slug)),
+    }
+}
+
+async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
+    let (slug, map) = match entry(call.body, true) {
+        Ok(v) => v,
+        Err(e) => return e.into_answer(),
+    };
+    let slug = slug.unwrap_or_default();
+    let lock = format!("{RESOURCE}:{slug}");
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+        let mut map = map;
+        let project = project_of(&mut map, current, snapshot)?;
+        if snapshot.file_owned.routing_configs.contains(&slug)
+            || current.iter().any(|r| r.kind == Kind::RoutingConfig && r.slug == slug)
+        {
+            return Err(ApiError::conflict(
+                "routing_config_exists",
+                RESOURCE,
+                &slug,
+                format!("a routing config @{slug} already exists"),
+            ));
+        }
+        let now = api::now_ms();
+        let r = Stored {
+            kind: Kind::RoutingConfig,
+            id: format!("{}{}", Kind::RoutingConfig.id_prefix(), uuid::Uuid::now_v7().simple()),
+            project,
+            slug: slug.clone(),
+            body: Value::Object(map),
+            version: 1,
+            seq: 0,
+            created_ms: now,
+            updated_ms: now,
+            deleted_ms: None,
+        };
+        let data = view(&r);
+        let mut c = api::change(call, Op::Create, r, None, "routing_config.created".into());
+        c.after = Some(data.clone());
+        Ok(Plan { changes: vec![c], status: 201, data })
+    })
+    .await
+    .map_validation(&slug)
+}
+
+/// The live API config `key` names, or the error to answer.
+fn editable<'a>(
+    current: &'a [Stored],
+    snapshot: &Snapshot,
+    key: &str,
+    call: &Call<'_>,
+) -> Result<&'a Stored, ApiError> {
+    let key = key.trim_start_matches('@');
+    let Some(r) = current.iter().find(|r| r.kind == Kind::RoutingConfig && (r.id == key || r.slug == key))
+    else {
+        return Err(if snapshot.file_owned.routing_configs.iter().any(|s| s == key) {
+            ApiError::managed_by_file(RESOURCE, key)
+        } else {
+            ApiError::not_found(RESOURCE, key)
+        });
+    };
+    if let Some(v) = call.expected_version()? {
+        if v != r.version {
+            return Err(ApiError::conflict(
+                "version_conflict",
+                RESOURCE,
+                &r.id,
+                format!("@{} is at version {}, not {v}", r.slug, r.version),
+            ));
+        }
+    }
+    Ok(r)
+}
+
+/// `old` with `patch` applied as a JSON merge patch (RFC 7396: `null` removes a field). A
+/// patch that changes `strategy` replaces the strategy's fields instead of merging into them.
+fn merged(old: &Value, patch: Map<String, Value>) -> Value {
+    let strategy_changes =
+        patch.get("strategy").is_some_and(|s| Some(s) != old.get("strategy") && !s.is_null());
+    let mut out = if strategy_changes {
+        json!({ "project": old.get("project").cloned().unwrap_or(Value::Null) })
+    } else {
+        old.clone()
+    };
+    json_patch::merge(&mut out, &Value::Object(patch));
+    out
+}
+
+/// A new active version of `old` with `body` (PATCH and rollback).
+fn new_version(call: &Call<'_>, old: &Stored, body: Value, action: &str) -> Plan {
+    let mut new = old.clone();
+    new.body = body;
+    new.version += 1;
+    new.updated_ms = api::now_ms();
+    let data = view(&new);
+    let mut c = api::change(call, Op::Update, new, Some(old.version), action.into());
+    c.before = Some(view(old));
+    c.after = Some(data.clone());
+    Plan { changes: vec![c], status: 200, data }
+}
+
+async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
+    let (slug, map) = match entry(call.body, false) {
+        Ok(v) => v,
+        Err(e) => return e.into_answer(),
+    };
+    let key_slug = key.trim_start_matches('@').to_string();
+    let lock = format!("{RESOURCE}:{key_slug}");
+    let mut error_slug = key_slug.clone();
+    let answer =
+        api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+            let old = editable(current, snapshot, key, call)?;
+            error_slug = old.slug.clone();
+            if slug.as_ref().is_some_and(|s| *s != old.slug) {
+                return Err(ApiError::invalid(vec![ConfigError::new(
+                    "slug",
+                    "cannot be changed; create a new config",
+                )]));
+            }
+            let mut body = merged(&old.body, map);
+            if let Value::Object(m) = &mut body {
+                if m.get("project") != old.body.get("project") {
+                    project_of(m, current, snapshot)?;
+                }
+            }
+            Ok(new_version(call, old, body, "routing_config.updated"))
+        })
+        .await;
+    answer.map_validation(&error_slug)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollback {
+    version: i64,
+}
+
+async fn rollback(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
+    let input: Rollback = match api::body(call.body) {
+        Ok(b) => b,
+        Err(e) => return e.into_answer(),
+    };
+    // Versions are read before the change is staged; the change itself checks it is still
+    // based on the version seen here.
+    let r = match stored(app, key).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return ApiError::not_found(RESOURCE, key).into_answer(),
+        Err(e) => return e.into_answer(),
+    };
+    let versions = match app.state.versions(&r.id).await {
+        Ok(v) => v,
+        Err(e) => return ApiError::unavailable(&e).into_answer(),
+    };
+    let Some(target) = versions.iter().find(|v| v.version == input.version && !v.deleted) else {
+        return ApiError::invalid(vec![ConfigError::new(
+            "version",
+            format!("@{} has no version {} (versions 1 to {})", r.slug, input.version, r.version),
+        )])
+        .into_answer();
+    };
+    let body = target.body.clone();
+    let lock = format!("{RESOURCE}:{}", r.slug);
+    let slug = r.slug.clone();
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+        let old = editable(current, snapshot, &r.id, call)?;
+        let mut plan = new_version(call, old, body, "routing_config.rolled_back");
+        if let Some(c) = plan.changes.first_mut() {
+            if let Some(after) = c.after.as_mut() {
+                after["rolled_back_to"] = json!(input.version);
+            }
+        }
+        Ok(plan)
+    })
+    .await
+    .map_validation(&slug)
+}
+
+async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
+    let lock = format!("{RESOURCE}:{}", key.trim_start_matches('@'));
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+        let old = editable(current, snapshot, key, call)?;
+        let mut users: Vec<&str> = snapshot
+            .routing_configs
+            .values()
+            .filter(|rc| rc.slug != old.slug && rc.strategy.sub_configs().contains(&old.slug.as_str()))
+            .map(|rc| rc.slug.as_str())
+            .collect();
+        users.sort_unstable();
+        if !users.is_empty() {
+            return Err(ApiError::conflict(
+                "routing_config_in_use",
+                RESOURCE,
+                &old.id,
+                format!("@{} is used by @{}; change those first", old.slug, users.join(", @")),
+            ));
+        }
+        let now = api::now_ms();
+        let mut gone = old.clone();
+        gone.version += 1;
+        gone.updated_ms = now;
+        gone.deleted_ms = Some(now);
+        let data = view(&gone);
+        let mut c = api::change(call, Op::Delete, gone, Some(old.version), "routing_config.deleted".into());
+        c.before = Some(view(old));
+        Ok(Plan { changes: vec![c], status: 200, data })
+    })
+    .await
+}
+
+async fn versions(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
+    let Some(r) = stored(app, key).await? else { return Err(ApiError::not_found(RESOURCE, key)) };
+    let versions = app.state.versions(&r.id).await.map_err(|e| ApiError::unavailable(&e))?;
+    let mut items: Vec<Value> = versions.iter().map(|v| version_view(&r, v)).collect();
+    items.reverse();
+    Ok(api::list_answer(items, None))
+}
+
+async fn version_body(app: &ManageApp, key: &str, n: &str) -> Result<(Stored, Version), ApiError> {
+    let Some(r) = stored(app, key).await? else { return Err(ApiError::not_found(RESOURCE, key)) };
+    let n: i64 = n.parse().map_err(|_| {
+        ApiError::bad_request("invalid_version", format!("version must be a number, got {n:?}"))
+    })?;
+    let versions = app.state.versions(&r.id).await.map_err(|e| ApiError::unavailable(&e))?;
+    match versions.into_iter().find(|v| v.version == n) {
+        Some(v) => Ok((r, v)),
+        None => Err(ApiError::not_found("routing_config_version", &format!("{key}/versions/{n}"))),
+    }
+}
+
+async fn one_version(app: &ManageApp, key: &str, n: &str) -> Result<Answer, ApiError> {
+    let (r, v) = version_body(app, key, n).await?;
+    Ok(Answer::data(200, version_view(&r, &v)))
+}
+
+/// `?from=&to=`: `[{path, op, from, to}]`, JSON pointers into the config body.
+async fn diff(app: &ManageApp, call: &Call<'_>, key: &str) -> Result<Answer, ApiError> {
+    let param = |name: &str| {
+        call.param(name)
+            .ok_or_else(|| ApiError::bad_request("missing_parameter", format!("{name} is required")))
+    };
+    let (from, to) = (param("from")?, param("to")?);
+    let (_, a) = version_body(app, key, &from).await?;
+    let (r, b) = version_body(app, key, &to).await?;
+    let ops: Vec<Value> = json_patch::diff(&a.body, &b.body)
+        .iter()
+        .map(|op| {
+            let (kind, path) = match op {
+                json_patch::PatchOperation::Add(o) => ("add", o.path.to_string()),
+                json_patch::PatchOperation::Remove(o) => ("remove", o.path.to_string()),
+                json_patch::PatchOperation::Replace(o) => ("replace", o.path.to_string()),
+                json_patch::PatchOperation::Move(o) => ("move", o.path.to_string()),
+                json_patch::PatchOperation::Copy(o) => ("copy", o.path.to_string()),
+                json_patch::PatchOperation::Test(o) => ("test", o.path.to_string()),
+            };
+            json!({
+                "path": path,
+                "op": kind,
+                "from": a.body.pointer(&path).cloned(),
+                "to": b.body.pointer(&path).cloned(),
+            })
+        })
+        .collect();
+    Ok(Answer::data(
+        200,
+        json!({ "routing_config_id": r.id, "from": a.version, "to": b.version, "changes": ops }),
+    ))
+}
+
+/// Validation errors of a routing config answered with paths into its body.
+trait MapValidation {
+    fn map_validation(self, slug: &str) -> Answer;
+}
+
+impl MapValidation for Answer {
+    fn map_validation(self, slug: &str) -> Answer {
+        if self.status != 422 {
+            return self;
+        }
+        let prefix = format!("routing_configs.{slug}");
+        let Ok(mut v) = serde_json::from_slice::<Value>(&self.body) else { return self };
+        if let Some(errors) = v["error"]["errors"].as_array_mut() {
+            for e in errors {
+                if let Some(p) = e["path"].as_str().and_then(|p| p.strip_prefix(&prefix)) {
+                    e["path"] = json!(p.trim_start_matches('.'));
+                }
+            }
+        }
+        Answer { body: serde_json::to_vec(&v).unwrap_or(self.body), ..self }
+    }
+}
