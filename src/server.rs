@@ -20,6 +20,7 @@ use crate::manage::ManageApp;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, GatewayState};
 use crate::spend::Spend;
+use crate::state::secrets::{KeySource, MasterKey};
 use crate::state::sqlite::SqliteState;
 use crate::state::StateStore;
 use crate::trace::clickhouse::{ClickHouseSettings, ClickHouseStore};
@@ -40,6 +41,8 @@ pub struct Handles {
     pub trace_writer: Arc<TraceWriter>,
     /// Management state (API-created resources, versions, audit log).
     pub state: Arc<dyn StateStore>,
+    /// Seals provider keys at rest.
+    pub master: Arc<MasterKey>,
 }
 
 pub struct Options {
@@ -52,14 +55,25 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
     let metrics = Arc::new(Metrics::new().map_err(|e| vec![format!("metrics: {e}")])?);
     let store = ConfigStore::open(options.config_path.clone(), metrics.clone())
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let db = store.load().settings.data_dir.join(STATE_FILE);
+    let settings = store.load().settings.clone();
+    let db = settings.data_dir.join(STATE_FILE);
     let state = SqliteState::open(&db).map_err(|e| vec![e.to_string()])?;
-    let resources = state.load_now().map_err(|e| vec![e.to_string()])?;
-    if !resources.is_empty() {
-        store
-            .load_resources(resources)
-            .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let env_key = std::env::var("MODELUX_MASTER_KEY").ok();
+    let configured = settings.master_key.as_ref().map(|k| k.0.as_str());
+    let (master, source) =
+        MasterKey::load(env_key.as_deref(), configured, &settings.data_dir).map_err(|e| vec![e])?;
+    match source {
+        KeySource::Generated => tracing::warn!(
+            path = %settings.data_dir.join("master.key").display(),
+            "generated a master key for provider keys at rest; back it up (stored provider keys cannot be read without it) or set MODELUX_MASTER_KEY"
+        ),
+        other => tracing::info!(source = ?other, "master key for provider keys at rest loaded"),
     }
+    let master = Arc::new(master);
+    let resources = state.load_now().map_err(|e| vec![e.to_string()])?;
+    store
+        .load_resources(resources, master.clone())
+        .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let spend = Spend::open(Some(&db)).map_err(|e| vec![format!("embedded store: {e}")])?;
     let (traces, trace_writer) = open_traces(&store.load().settings, &metrics)?;
     Ok(Handles {
@@ -69,6 +83,7 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
         traces,
         trace_writer,
         state: Arc::new(state),
+        master,
     })
 }
 
@@ -172,6 +187,8 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             traces: handles.traces.clone(),
             trace_store: handles.trace_writer.store().clone(),
             state: handles.state.clone(),
+            master: handles.master.clone(),
+            connector: Connector::new(None),
             changing: Default::default(),
         }),
     );

@@ -63,6 +63,18 @@ pub struct Settings {
     /// The embedded store's directory, resolved against the config file's directory.
     pub data_dir: PathBuf,
     pub traces: TraceSettings,
+    /// `state.master_key`, if set.
+    pub master_key: Option<Redacted>,
+}
+
+/// A secret from the config: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Redacted(…)")
+    }
 }
 
 impl Settings {
@@ -132,6 +144,7 @@ pub struct FileOwned {
     pub keys: Vec<(String, String)>,
     pub management_keys: Vec<String>,
     pub routing_configs: Vec<String>,
+    pub providers: Vec<String>,
 }
 
 pub fn env_lookup(name: &str) -> Option<String> {
@@ -156,7 +169,7 @@ pub fn build_snapshot_in(
     previous: Option<&Snapshot>,
     base_dir: &Path,
 ) -> Result<Snapshot, Vec<ConfigError>> {
-    build_snapshot_with(text, lookup, previous, base_dir, &[])
+    build_snapshot_with(text, lookup, previous, base_dir, &[], None)
 }
 
 /// As `build_snapshot_in`, with the state store's live `resources` laid over the file's.
@@ -166,6 +179,7 @@ pub fn build_snapshot_with(
     previous: Option<&Snapshot>,
     base_dir: &Path,
     resources: &[crate::state::Stored],
+    master: Option<&crate::state::secrets::MasterKey>,
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut raw = parse(text, lookup)?;
     let file_owned = FileOwned {
@@ -177,8 +191,9 @@ pub fn build_snapshot_with(
             .collect(),
         management_keys: raw.management_keys.iter().map(|k| k.name.clone()).collect(),
         routing_configs: raw.routing_configs.keys().cloned().collect(),
+        providers: raw.providers.iter().map(|p| p.id.clone()).collect(),
     };
-    let errors = overlay::apply(&mut raw, resources);
+    let errors = overlay::apply(&mut raw, resources, master);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -407,6 +422,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
             base_dir.join(dir)
         },
         traces: trace_settings(traces, errors),
+        master_key: None,
     }
 }
 
@@ -512,6 +528,59 @@ fn key_digest(
     }
 }
 
+/// One provider entry → the runtime provider, its problems pushed onto `errors` with
+/// `path` in front. `Err(true)`: the entry is there but unusable (references to it are not
+/// reported again as unknown).
+pub fn build_provider(p: RawProvider, path: &str, errors: &mut Vec<ConfigError>) -> Result<Provider, bool> {
+    let Some(adapter) = providers::adapter(&p.kind) else {
+        errors.push(ConfigError::new(
+            format!("{path}.kind"),
+            format!("unknown provider kind \"{}\" (supported: {})", p.kind, providers::kind_names()),
+        ));
+        return Err(true);
+    };
+    let api_key = p.api_key.as_deref().filter(|k| !k.is_empty());
+    let credential = match api_key.map(|k| adapter.credential(k)).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(ConfigError::new(format!("{path}.api_key"), e));
+            return Err(true);
+        }
+    };
+    let Some(base_url) = p.base_url.clone().or_else(|| adapter.default_base_url(&p.id, api_key)) else {
+        errors.push(ConfigError::new(format!("{path}.base_url"), adapter.base_url_required()));
+        return Err(false);
+    };
+    let provider = match Provider::new(p.id.clone(), adapter, &base_url, credential, p.models) {
+        Ok(provider) => provider,
+        Err(e) => {
+            errors.push(ConfigError::new(format!("{path}.base_url"), e));
+            return Err(true);
+        }
+    };
+    let provider = match p.api_version.as_deref() {
+        None => provider,
+        Some(v) => match provider.with_api_version(v) {
+            Ok(provider) => provider,
+            Err(e) => {
+                errors.push(ConfigError::new(format!("{path}.api_version"), e));
+                return Err(true);
+            }
+        },
+    };
+    let provider = match p.tls_ca_file.as_deref() {
+        None => provider,
+        Some(file) => match provider.with_ca_file(file) {
+            Ok(provider) => provider,
+            Err(e) => {
+                errors.push(ConfigError::new(format!("{path}.tls_ca_file"), e));
+                return Err(true);
+            }
+        },
+    };
+    Ok(provider)
+}
+
 /// Raw → runtime. Collects every problem rather than stopping at the first.
 pub fn validate(
     raw: RawConfig,
@@ -519,7 +588,8 @@ pub fn validate(
     base_dir: &Path,
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut errors = Vec::new();
-    let settings = settings(&raw.server, &raw.traces, base_dir, &mut errors);
+    let mut settings = settings(&raw.server, &raw.traces, base_dir, &mut errors);
+    settings.master_key = raw.state.master_key.clone().map(Redacted);
     match raw.state.backend.as_deref() {
         None | Some("sqlite") => {}
         Some(other) => errors.push(ConfigError::new(
@@ -547,58 +617,14 @@ pub fn validate(
                 .push(ConfigError::new(format!("{path}.id"), format!("duplicate provider id \"{}\"", p.id)));
             continue;
         }
-        let Some(adapter) = providers::adapter(&p.kind) else {
-            errors.push(ConfigError::new(
-                format!("{path}.kind"),
-                format!("unknown provider kind \"{}\" (supported: {})", p.kind, providers::kind_names()),
-            ));
-            broken.push(p.id);
-            continue;
-        };
-        let api_key = p.api_key.as_deref().filter(|k| !k.is_empty());
-        let credential = match api_key.map(|k| adapter.credential(k)).transpose() {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(ConfigError::new(format!("{path}.api_key"), e));
-                broken.push(p.id);
-                continue;
+        let id = p.id.clone();
+        match build_provider(p, &path, &mut errors) {
+            Ok(provider) => {
+                providers.insert(id, Arc::new(provider));
             }
-        };
-        let Some(base_url) = p.base_url.clone().or_else(|| adapter.default_base_url(&p.id, api_key)) else {
-            errors.push(ConfigError::new(format!("{path}.base_url"), adapter.base_url_required()));
-            continue;
-        };
-        let provider = match Provider::new(p.id.clone(), adapter, &base_url, credential, p.models) {
-            Ok(provider) => provider,
-            Err(e) => {
-                errors.push(ConfigError::new(format!("{path}.base_url"), e));
-                broken.push(p.id);
-                continue;
-            }
-        };
-        let provider = match p.api_version.as_deref() {
-            None => provider,
-            Some(v) => match provider.with_api_version(v) {
-                Ok(provider) => provider,
-                Err(e) => {
-                    errors.push(ConfigError::new(format!("{path}.api_version"), e));
-                    broken.push(p.id);
-                    continue;
-                }
-            },
-        };
-        let provider = match p.tls_ca_file.as_deref() {
-            None => provider,
-            Some(file) => match provider.with_ca_file(file) {
-                Ok(provider) => provider,
-                Err(e) => {
-                    errors.push(ConfigError::new(format!("{path}.tls_ca_file"), e));
-                    broken.push(p.id);
-                    continue;
-                }
-            },
-        };
-        providers.insert(p.id, Arc::new(provider));
+            Err(true) => broken.push(id),
+            Err(false) => {}
+        }
     }
 
     let mut project_keys = KeyIndex::default();

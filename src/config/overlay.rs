@@ -4,9 +4,21 @@
 
 use serde::Deserialize;
 
-use super::raw::{RawConfig, RawKey, RawProject};
+use super::raw::{RawConfig, RawKey, RawProject, RawProvider};
 use super::ConfigError;
+use crate::state::secrets::MasterKey;
 use crate::state::{Kind, Stored};
+
+/// A provider's stored body: its YAML entry, with the key sealed under the master key.
+#[derive(Debug, Deserialize)]
+struct StoredProvider {
+    kind: String,
+    base_url: Option<String>,
+    api_version: Option<String>,
+    #[serde(default)]
+    models: Vec<String>,
+    api_key_enc: Option<String>,
+}
 
 /// A key's stored body: what the snapshot needs, never the plaintext.
 #[derive(Debug, Deserialize)]
@@ -33,9 +45,56 @@ fn key_from(r: &Stored, errors: &mut Vec<ConfigError>) -> Option<RawKey> {
     }
 }
 
-/// Adds the store's live resources to `raw`, reporting clashes with the file's.
-pub fn apply(raw: &mut RawConfig, resources: &[Stored]) -> Vec<ConfigError> {
+/// Adds the store's live resources to `raw`, reporting clashes with the file's. Provider
+/// keys are decrypted with `master` here, and only here.
+pub fn apply(raw: &mut RawConfig, resources: &[Stored], master: Option<&MasterKey>) -> Vec<ConfigError> {
     let mut errors = Vec::new();
+    for r in resources.iter().filter(|r| r.kind == Kind::Provider) {
+        let path = format!("state.providers[{}]", r.slug);
+        if raw.providers.iter().any(|p| p.id == r.slug) {
+            errors.push(ConfigError::new(
+                &path,
+                format!(
+                    "provider \"{}\" is defined both in the config file and in the state store ({})",
+                    r.slug, r.id
+                ),
+            ));
+            continue;
+        }
+        let stored = match serde_json::from_value::<StoredProvider>(r.body.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(ConfigError::new(&path, e.to_string()));
+                continue;
+            }
+        };
+        let api_key = match (&stored.api_key_enc, master) {
+            (None, _) => None,
+            (Some(sealed), Some(m)) => match m.decrypt(sealed) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    errors.push(ConfigError::new(
+                        format!("{path}.api_key"),
+                        format!("{e} (was the master key changed?)"),
+                    ));
+                    continue;
+                }
+            },
+            (Some(_), None) => {
+                errors.push(ConfigError::new(format!("{path}.api_key"), "no master key to decrypt it with"));
+                continue;
+            }
+        };
+        raw.providers.push(RawProvider {
+            id: r.slug.clone(),
+            kind: stored.kind,
+            base_url: stored.base_url,
+            api_key,
+            tls_ca_file: None,
+            api_version: stored.api_version,
+            models: stored.models,
+        });
+    }
     let file_projects = raw.projects.len();
     for r in resources.iter().filter(|r| r.kind == Kind::Project) {
         if let Some(i) = raw.projects[..file_projects].iter().position(|p| p.id == r.slug) {

@@ -245,4 +245,7 @@ pub struct RawConfig {
 pub struct RawState {
     /// `sqlite` (default): `<data_dir>/modelux.db`.
     pub backend: Option<String>,
+    /// Encrypts provider keys at rest (64 hex characters or 32 bytes base64);
+    /// `MODELUX_MASTER_KEY` wins over it, `<data_dir>/master.key` is used without either.
+    pub master_key: Option<String>,
 }

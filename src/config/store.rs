@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::{build_snapshot_with, env_lookup, ConfigError, Snapshot};
 use crate::metrics::Metrics;
+use crate::state::secrets::MasterKey;
 use crate::state::Stored;
 
 /// The config shipped in the binary; `modelux serve` without `--config` runs on it.
@@ -39,6 +40,8 @@ struct Sources {
     text: String,
     /// The state store's live resources.
     resources: Arc<Vec<Stored>>,
+    /// Opens the provider keys among them.
+    master: Option<Arc<MasterKey>>,
 }
 
 /// A management change in progress: holds the sources, so no reload or other change
@@ -57,7 +60,15 @@ impl StagedChange<'_> {
     /// The snapshot the file plus `resources` would give (validated, not installed).
     pub fn build(&self, resources: &[Stored]) -> Result<Snapshot, Vec<ConfigError>> {
         let old = self.store.current.load_full();
-        build_snapshot_with(&self.sources.text, &env_lookup, Some(&old), &self.store.base_dir(), resources)
+        let master = self.sources.master.as_deref();
+        build_snapshot_with(
+            &self.sources.text,
+            &env_lookup,
+            Some(&old),
+            &self.store.base_dir(),
+            resources,
+            master,
+        )
     }
 
     /// Swaps in `snapshot`, built by `build` from `resources`.
@@ -91,26 +102,38 @@ impl ConfigStore {
     /// Loads the file at `path`, or the embedded default when `path` is `None`.
     pub fn open(path: Option<PathBuf>, metrics: Arc<Metrics>) -> Result<ConfigStore, Vec<ConfigError>> {
         let text = read_text(path.as_ref())?;
-        let snapshot = build_snapshot_with(&text, &env_lookup, None, &base_dir(path.as_ref()), &[])?;
+        let snapshot = build_snapshot_with(&text, &env_lookup, None, &base_dir(path.as_ref()), &[], None)?;
         metrics.config_generation.set(snapshot.generation as i64);
         let hash = content_hash(&text, &snapshot.watched_files);
         Ok(ConfigStore {
             path,
             current: ArcSwap::from_pointee(snapshot),
-            sources: tokio::sync::Mutex::new(Sources { hash, text, resources: Arc::default() }),
+            sources: tokio::sync::Mutex::new(Sources { hash, text, resources: Arc::default(), master: None }),
             metrics,
         })
     }
 
-    /// Lays the state store's resources over the file (at start, before serving).
-    pub fn load_resources(&self, resources: Vec<Stored>) -> Result<(), Vec<ConfigError>> {
+    /// Lays the state store's resources over the file (at start, before serving); `master`
+    /// opens their provider keys.
+    pub fn load_resources(
+        &self,
+        resources: Vec<Stored>,
+        master: Arc<MasterKey>,
+    ) -> Result<(), Vec<ConfigError>> {
         let Ok(mut sources) = self.sources.try_lock() else {
             return Err(vec![ConfigError::new("state", "the config is being changed; try again")]);
         };
-        let old = self.current.load_full();
-        let snapshot =
-            build_snapshot_with(&sources.text, &env_lookup, Some(&old), &self.base_dir(), &resources)?;
+        // Built as the first snapshot (generation 1): nothing has been served yet.
+        let snapshot = build_snapshot_with(
+            &sources.text,
+            &env_lookup,
+            None,
+            &self.base_dir(),
+            &resources,
+            Some(&master),
+        )?;
         sources.resources = Arc::new(resources);
+        sources.master = Some(master);
         self.swap(snapshot);
         Ok(())
     }
@@ -155,7 +178,14 @@ impl ConfigStore {
         if !force && hash == sources.hash {
             return Ok(old.generation);
         }
-        match build_snapshot_with(&text, &env_lookup, Some(&old), &self.base_dir(), &sources.resources) {
+        match build_snapshot_with(
+            &text,
+            &env_lookup,
+            Some(&old),
+            &self.base_dir(),
+            &sources.resources,
+            sources.master.as_deref(),
+        ) {
             Ok(new) => {
                 if new.settings.proxy_listen != old.settings.proxy_listen
                     || new.settings.manage_listen != old.settings.manage_listen

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod keys;
 pub mod logs;
 pub mod projects;
+pub mod providers;
 pub mod routing_configs;
 
 use std::sync::Arc;
@@ -28,6 +29,10 @@ pub struct ManageApp {
     pub traces: Arc<crate::trace::writer::TraceQueue>,
     pub trace_store: Arc<dyn crate::trace::TraceStore>,
     pub state: Arc<dyn crate::state::StateStore>,
+    /// Seals provider keys before they are stored.
+    pub master: Arc<crate::state::secrets::MasterKey>,
+    /// For provider credential checks (its own pool: never the proxy's connections).
+    pub connector: pingora::connectors::http::Connector,
     /// Resources with a change being applied.
     pub changing: api::InFlight,
 }
@@ -75,6 +80,7 @@ impl ManageApp {
             }
             ["audit-logs", tail @ ..] => audit::handle(self, call, path, tail).await,
             ["routing-configs", tail @ ..] => routing_configs::handle(self, call, path, tail).await,
+            ["providers", tail @ ..] => providers::handle(self, call, path, tail).await,
             _ => return None,
         })
     }

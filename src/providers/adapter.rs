@@ -64,6 +64,12 @@ pub trait Adapter: Sync {
         Box::new(crate::sse::Parser::new())
     }
 
+    /// Path (and query) of a cheap authenticated read that proves a key works (listing
+    /// models); `None` where the kind has none on the endpoint it is called at.
+    fn verify_path(&self, provider: &Provider) -> Option<String> {
+        Some(provider.upstream_path("/models"))
+    }
+
     /// Whether `api_version` applies (Azure OpenAI).
     fn takes_api_version(&self) -> bool {
         false

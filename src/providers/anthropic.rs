@@ -26,4 +26,8 @@ impl Adapter for Anthropic {
     fn chat_path(&self, provider: &Provider, _model: &str, _stream: bool) -> String {
         provider.upstream_path("/v1/messages")
     }
+
+    fn verify_path(&self, provider: &Provider) -> Option<String> {
+        Some(provider.upstream_path("/v1/models"))
+    }
 }

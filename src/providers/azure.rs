@@ -46,4 +46,8 @@ impl Adapter for Azure {
     fn takes_api_version(&self) -> bool {
         true
     }
+
+    fn verify_path(&self, provider: &Provider) -> Option<String> {
+        Some(format!("{}/openai/models?api-version={}", provider.base_path, provider.api_version))
+    }
 }

@@ -51,6 +51,12 @@ impl Adapter for Bedrock {
     fn stream_framer(&self) -> Box<dyn Framer> {
         Box::new(FrameDecoder::new())
     }
+
+    /// Listing models is on the `bedrock` control-plane host, not `bedrock-runtime`, which
+    /// this provider is addressed at: keys are not checked up front.
+    fn verify_path(&self, _provider: &Provider) -> Option<String> {
+        None
+    }
 }
 
 impl Signer for Credentials {

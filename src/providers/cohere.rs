@@ -27,6 +27,10 @@ impl Adapter for Cohere {
     fn embeddings_path(&self, provider: &Provider, _model: &str) -> String {
         provider.upstream_path("/v2/embed")
     }
+
+    fn verify_path(&self, provider: &Provider) -> Option<String> {
+        Some(provider.upstream_path("/v1/models"))
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod conformance;
 mod google;
 mod openai;
 pub mod registry;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -157,6 +158,11 @@ impl Provider {
         }
         self.tls_ca = Some(Arc::from(certs));
         Ok(self)
+    }
+
+    /// Whether requests carry a key (a header or a signature).
+    pub fn has_credential(&self) -> bool {
+        self.auth_header.is_some() || self.signer.is_some()
     }
 
     pub fn upstream_path(&self, endpoint: &str) -> String {

@@ -7,10 +7,10 @@ use pingora::http::ResponseHeader;
 use super::billing;
 use super::headers::Headers;
 use super::respond;
-use super::upstream::{self, Exchange};
 use super::Req;
 use crate::config::Settings;
 use crate::error::{upstream_client_error_body, GatewayError};
+use crate::providers::upstream::{self, Exchange};
 use crate::providers::Provider;
 use crate::wire::{self, WireFormat};
 
@@ -36,7 +36,9 @@ pub async fn upstream_error(
     ex: &mut Exchange,
     status: u16,
 ) -> Result<(u16, Bytes), GatewayError> {
-    let body = upstream::read_all(ex, MAX_UPSTREAM_ERROR_BODY, provider, settings).await.unwrap_or_default();
+    let body = upstream::read_all(ex, MAX_UPSTREAM_ERROR_BODY, provider, &settings.upstream_timeouts())
+        .await
+        .unwrap_or_default();
     if (400..500).contains(&status) && status != 401 && status != 403 {
         return Ok((status, body));
     }
@@ -120,7 +122,7 @@ pub async fn whole_openai_body(
     let status = ex.header.status.as_u16();
     let settings = &req.snapshot.settings;
     let idle = settings.upstream_idle_timeout;
-    let body = upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, provider, settings).await;
+    let body = upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, provider, &settings.upstream_timeouts()).await;
     req.ctx.upstream_time += ex.started.elapsed();
     let mut body = match body {
         Ok(b) => b,

@@ -7,9 +7,10 @@ use serde_json::json;
 use super::answer::{upstream_error, MAX_UPSTREAM_ERROR_BODY};
 use super::headers::{name, push_route_headers, Headers, Served};
 use super::request::{self, Incoming};
-use super::{dry_run, respond, upstream, Req};
+use super::{dry_run, respond, Req};
 use crate::auth::Principal;
 use crate::error::{GatewayError, Surface};
+use crate::providers::upstream;
 use crate::wire::routed::RoutedRequest;
 use crate::wire::{self, WireFormat};
 
@@ -42,17 +43,22 @@ pub async fn count(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
     let path = provider.upstream_path("/v1/messages/count_tokens");
     let call = upstream::Call {
+        method: "POST",
         path: &path,
         body: upstream_body,
         accept: "application/json",
         extra_headers: &extra_refs,
     };
     let state = req.state;
-    let mut ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
+    let mut ex =
+        upstream::exchange(&state.connector, &state.metrics, &settings.upstream_timeouts(), &provider, call)
+            .await?;
     req.ctx.ttfb = Some(ex.ttfb);
     let status = ex.header.status.as_u16();
     let result = if (200..300).contains(&status) {
-        upstream::read_all(&mut ex, MAX_UPSTREAM_ERROR_BODY, &provider, settings).await.map(|b| (status, b))
+        upstream::read_all(&mut ex, MAX_UPSTREAM_ERROR_BODY, &provider, &settings.upstream_timeouts())
+            .await
+            .map(|b| (status, b))
     } else {
         upstream_error(settings, &provider, &mut ex, status).await
     };

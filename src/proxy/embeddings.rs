@@ -7,9 +7,10 @@ use bytes::Bytes;
 use super::answer::{self, Convert};
 use super::headers::{answer_headers, Served};
 use super::request::{self, Incoming};
-use super::{billing, dry_run, upstream, Req};
+use super::{billing, dry_run, Req};
 use crate::auth::Principal;
 use crate::error::GatewayError;
+use crate::providers::upstream;
 use crate::wire::routed::{Payload, RoutedRequest};
 use crate::wire::{self, WireFormat};
 
@@ -45,10 +46,17 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
         }
     };
     let path = provider.embeddings_path(model);
-    let call =
-        upstream::Call { path: &path, body: upstream_body, accept: "application/json", extra_headers: &[] };
+    let call = upstream::Call {
+        method: "POST",
+        path: &path,
+        body: upstream_body,
+        accept: "application/json",
+        extra_headers: &[],
+    };
     let state = req.state;
-    let ex = upstream::exchange(&state.connector, &state.metrics, settings, &provider, call).await?;
+    let ex =
+        upstream::exchange(&state.connector, &state.metrics, &settings.upstream_timeouts(), &provider, call)
+            .await?;
     req.ctx.ttfb = Some(ex.ttfb);
     let headers = answer_headers(&ex.header, translation.is_some(), &served);
     if !ex.header.status.is_success() {

@@ -13,11 +13,11 @@ use super::billing;
 use super::headers::{answer_headers, Served};
 use super::respond;
 use super::stream::{self, StreamCodec};
-use super::upstream::{self, Exchange};
 use super::{GatewayState, Req, RequestCtx};
 use crate::admission::RouteInfo;
 use crate::config::Settings;
 use crate::error::{GatewayError, Surface};
+use crate::providers::upstream::{self, Exchange};
 use crate::providers::Target;
 use crate::routing::health::{now_ms, HealthSettings, Sample};
 use crate::routing::{Accept, Aggregation, Failure, Member, RetryOn};
@@ -237,23 +237,31 @@ async fn run(
     let work = async {
         let extra: Vec<(&str, &str)> = prepared.extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let call = upstream::Call {
+            method: "POST",
             path: &prepared.path,
             body: prepared.body.clone(),
             accept: prepared.accept,
             extra_headers: &extra,
         };
-        let mut ex =
-            match upstream::exchange(&state.connector, &state.metrics, settings, provider, call).await {
-                Ok(ex) => ex,
-                Err(error) => return Attempted::Failed { failure: classify_error(&error), error },
-            };
+        let mut ex = match upstream::exchange(
+            &state.connector,
+            &state.metrics,
+            &settings.upstream_timeouts(),
+            provider,
+            call,
+        )
+        .await
+        {
+            Ok(ex) => ex,
+            Err(error) => return Attempted::Failed { failure: classify_error(&error), error },
+        };
         let status = ex.header.status.as_u16();
         if !(200..300).contains(&status) {
             return Attempted::Status { ex, failure: classify_status(status) };
         }
         match mode {
             Mode::FirstChunk if is_event_stream(&ex.header, provider) => {
-                match upstream::next_chunk(&mut ex, provider, settings).await {
+                match upstream::next_chunk(&mut ex, provider, &settings.upstream_timeouts()).await {
                     Ok(Some(first)) => Attempted::Streaming { ex, first: Some(first) },
                     Ok(None) => Attempted::Failed {
                         failure: Failure::Connect,
@@ -266,10 +274,14 @@ async fn run(
                 }
             }
             // A 2xx that is not a stream (some servers ignore `stream`): read it whole.
-            _ => match upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, provider, settings).await {
-                Ok(body) => Attempted::Whole { ex, body },
-                Err(error) => Attempted::Failed { failure: classify_error(&error), error },
-            },
+            _ => {
+                match upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, provider, &settings.upstream_timeouts())
+                    .await
+                {
+                    Ok(body) => Attempted::Whole { ex, body },
+                    Err(error) => Attempted::Failed { failure: classify_error(&error), error },
+                }
+            }
         }
     };
     match limit {
@@ -460,7 +472,8 @@ fn decode(format: WireFormat, body: &[u8], model: &str) -> Result<Response, Stri
 /// Reads an error body for its message (bounded), then releases the connection.
 async fn drain_error(state: &GatewayState, settings: &Settings, member: &Member, mut ex: Exchange) -> String {
     let provider = &member.target.provider;
-    let read = upstream::read_all(&mut ex, 64 * 1024, provider, settings);
+    let timeouts = settings.upstream_timeouts();
+    let read = upstream::read_all(&mut ex, 64 * 1024, provider, &timeouts);
     let message = match tokio::time::timeout(Duration::from_secs(2), read).await {
         Ok(Ok(body)) => answer::error_message(provider.format(), &body),
         _ => String::new(),

@@ -17,7 +17,6 @@ mod models;
 mod request;
 mod respond;
 mod stream;
-pub mod upstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,9 +6,9 @@ use bytes::Bytes;
 use super::billing;
 use super::headers::Headers;
 use super::respond;
-use super::upstream::{self, Exchange};
 use super::{GatewayState, Req, RequestCtx};
 use crate::error::{GatewayError, Surface};
+use crate::providers::upstream::{self, Exchange};
 use crate::providers::Provider;
 use crate::wire::{self, Transcoder};
 
@@ -118,7 +118,7 @@ pub async fn stream(
     let failure: Option<GatewayError> = loop {
         let next = match first.take() {
             Some(chunk) => Ok(Some(chunk)),
-            None => upstream::next_chunk(&mut ex, provider, settings).await,
+            None => upstream::next_chunk(&mut ex, provider, &settings.upstream_timeouts()).await,
         };
         match next {
             Ok(Some(chunk)) => {

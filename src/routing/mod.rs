@@ -262,6 +262,17 @@ impl Strategy {
         }
     }
 
+    /// Whether any target of this strategy (not of its sub-configs) is on provider `id`.
+    pub fn uses_provider(&self, id: &str) -> bool {
+        let rule_models = match self {
+            Strategy::CustomRules { targets, .. } => {
+                targets.iter().any(|t| matches!(t, RuleTarget::Model(m) if m.target.provider.id == id))
+            }
+            _ => false,
+        };
+        rule_models || self.members().iter().any(|m| m.target.provider.id == id)
+    }
+
     /// The first model this strategy would use, for display (`GET /models`, dry runs).
     pub fn members(&self) -> &[Member] {
         match self {

@@ -7,6 +7,7 @@
 //! the resource's new version (an append-only history row), its audit entry and, when the
 //! caller sent `Idempotency-Key`, the stored answer.
 
+pub mod secrets;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -19,6 +20,7 @@ pub enum Kind {
     ApiKey,
     ManagementKey,
     RoutingConfig,
+    Provider,
 }
 
 impl Kind {
@@ -28,6 +30,7 @@ impl Kind {
             Kind::ApiKey => "api_key",
             Kind::ManagementKey => "management_key",
             Kind::RoutingConfig => "routing_config",
+            Kind::Provider => "provider",
         }
     }
 
@@ -38,11 +41,12 @@ impl Kind {
             Kind::ApiKey => "key_",
             Kind::ManagementKey => "mkey_",
             Kind::RoutingConfig => "rc_",
+            Kind::Provider => "prov_",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        [Kind::Project, Kind::ApiKey, Kind::ManagementKey, Kind::RoutingConfig]
+        [Kind::Project, Kind::ApiKey, Kind::ManagementKey, Kind::RoutingConfig, Kind::Provider]
             .into_iter()
             .find(|k| k.as_str() == s)
     }

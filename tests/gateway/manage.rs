@@ -432,3 +432,173 @@ async fn routing_configs_are_versioned_diffed_rolled_back_and_served_at_once() {
     assert_eq!(call(&gw, "DELETE", &format!("{rc}/production"), None, &[]).await.status, 200);
     assert_eq!(ask_production(&gw).await.status, 404);
 }
+
+/// The `authorization` header of each chat request the mock saw, in arrival order.
+fn chat_keys(upstream: &MockServer) -> Vec<String> {
+    upstream
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .map(|r| r.header("authorization").unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_are_verified_sealed_rotated_under_load_and_survive_a_restart() {
+    let upstream = mock(MockConfig::default()).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let gw = Arc::new(start(with_data_dir(&upstream, &data_dir)).await);
+    let old_key = "sk-old-0123456789abcdef";
+    let new_key = "sk-new-fedcba9876543210";
+    let base = upstream.base_url();
+
+    // A key the provider refuses is not stored.
+    upstream.push_script([Behavior::Status(401)]);
+    let refused = call(
+        &gw,
+        "POST",
+        "/manage/v1/providers",
+        Some(json!({"id": "mockai", "vendor": "openai", "base_url": base, "api_key": "sk-bad-0000000000"})),
+        &[],
+    )
+    .await;
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert_eq!(refused.json().unwrap()["error"]["code"], "credential_verification_failed");
+    assert_eq!(call(&gw, "GET", "/manage/v1/providers/mockai", None, &[]).await.status, 404);
+    let bad_kind = call(
+        &gw,
+        "POST",
+        "/manage/v1/providers",
+        Some(json!({"id": "x", "kind": "openia", "api_key": "k"})),
+        &[],
+    )
+    .await;
+    assert_eq!(bad_kind.status, 422);
+    assert_eq!(bad_kind.json().unwrap()["error"]["errors"][0]["path"], "kind");
+
+    // Created: checked with a models read carrying the key, then stored sealed.
+    let created = call(&gw, "POST", "/manage/v1/providers",
+        Some(json!({"id": "mockai", "kind": "openai", "name": "Mock AI", "base_url": base, "api_key": old_key})), &[]).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let p = data(&created);
+    assert_eq!(
+        (p["id"].as_str(), p["key_last4"].as_str(), p["managed_by"].as_str()),
+        (Some("mockai"), Some("cdef"), Some("api"))
+    );
+    assert!(p["verified_at"].is_string());
+    assert!(!created.text().contains(old_key));
+    let check = upstream.requests().into_iter().rev().find(|r| r.path == "/v1/models").unwrap();
+    assert_eq!(
+        (check.method.as_str(), check.header("authorization")),
+        ("GET", Some(format!("Bearer {old_key}").as_str()))
+    );
+    let listed = call(&gw, "GET", "/manage/v1/providers", None, &[]).await;
+    let ids: Vec<&str> = listed.json().unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string().leak() as &str)
+        .collect();
+    assert_eq!(ids, ["openai", "local", "mockai"]);
+    assert!(!listed.text().contains(old_key));
+
+    // Served by a routing config made through the API.
+    let rc =
+        json!({"slug": "viaapi", "project": "default", "strategy": "single", "model": "mockai/gpt-4o-mini"});
+    assert_eq!(call(&gw, "POST", "/manage/v1/routing-configs", Some(rc), &[]).await.status, 201);
+    let ask = |gw: Arc<Gateway>| async move {
+        let auth = format!("Bearer {KEY}");
+        httpc::request(gw.proxy, "POST", CHAT, &[("authorization", &auth)], &chat_body("@viaapi"))
+            .await
+            .unwrap()
+    };
+    assert_eq!(ask(gw.clone()).await.status, 200);
+    assert_eq!(chat_keys(&upstream).last().map(String::as_str), Some(format!("Bearer {old_key}").as_str()));
+
+    // Rotation under load: 2,000 requests, the key swapped in the middle, none fails.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (gw, sent) = (gw.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                let auth = format!("Bearer {KEY}");
+                let mut conn = httpc::Conn::connect(gw.proxy).await.unwrap();
+                while sent.fetch_add(1, Ordering::SeqCst) < 2_000 {
+                    let resp = conn
+                        .request("POST", CHAT, &[("authorization", &auth)], &chat_body("@viaapi"))
+                        .await
+                        .unwrap();
+                    if resp.status != 200 {
+                        failed.push((resp.status, resp.text()));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    while sent.load(Ordering::SeqCst) < 600 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rotated =
+        call(&gw, "PATCH", "/manage/v1/providers/mockai", Some(json!({"api_key": new_key})), &[]).await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    assert_eq!(data(&rotated)["key_last4"], "3210");
+    let after_rotation = sent.load(Ordering::SeqCst);
+    assert!(after_rotation < 2_000, "the rotation landed while traffic was running ({after_rotation})");
+    for w in workers {
+        assert_eq!(w.await.unwrap(), Vec::<(u16, String)>::new());
+    }
+    let keys = chat_keys(&upstream);
+    let (old_h, new_h) = (format!("Bearer {old_key}"), format!("Bearer {new_key}"));
+    assert!(keys.iter().all(|k| *k == old_h || *k == new_h));
+    let first_new = keys.iter().position(|k| *k == new_h).unwrap();
+    assert!(keys[..first_new].len() > 500, "the old key served until the swap");
+    // Once the new key is in, only requests already in flight may still carry the old one.
+    assert!(keys[first_new..].iter().filter(|k| **k == old_h).count() <= 8);
+    assert_eq!(ask(gw.clone()).await.status, 200);
+    assert_eq!(chat_keys(&upstream).last(), Some(&new_h));
+
+    // In use: 409; health reads what was served.
+    let in_use = call(&gw, "DELETE", "/manage/v1/providers/mockai", None, &[]).await;
+    assert_eq!(in_use.json().unwrap()["error"]["code"], "provider_in_use");
+    let health = call(&gw, "GET", "/manage/v1/providers/mockai/health", None, &[]).await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    let h = data(&health);
+    assert_eq!(h["state"], "healthy", "{h}");
+    assert!(h["per_model"]["gpt-4o-mini"]["samples_window"].as_u64().unwrap() > 0, "{h}");
+    let file = call(&gw, "PATCH", "/manage/v1/providers/openai", Some(json!({"api_key": "sk-x"})), &[]).await;
+    assert_eq!(file.json().unwrap()["error"]["code"], "managed_by_file");
+
+    // No plaintext key in the database, the audit log or the master key's absence.
+    let audit = call(&gw, "GET", "/manage/v1/audit-logs?resource_type=provider", None, &[]).await;
+    let actions: Vec<&str> = audit.json().unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string().leak() as &str)
+        .collect();
+    assert_eq!(actions, ["provider.key_rotated", "provider.created"]);
+    for key in [old_key, new_key] {
+        assert!(!audit.text().contains(key));
+        for file in ["modelux.db", "modelux.db-wal"] {
+            let bytes = std::fs::read(data_dir.path().join(file)).unwrap_or_default();
+            assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "{key} in {file}");
+        }
+    }
+    let master = std::fs::metadata(data_dir.path().join("master.key")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(master.permissions().mode() & 0o777, 0o600);
+
+    // After a restart the sealed key opens again and serves.
+    drop(Arc::try_unwrap(gw).ok().unwrap());
+    let gw = Arc::new(start(with_data_dir(&upstream, &data_dir)).await);
+    assert_eq!(ask(gw.clone()).await.status, 200);
+    assert_eq!(chat_keys(&upstream).last(), Some(&new_h));
+    assert_eq!(call(&gw, "DELETE", "/manage/v1/routing-configs/viaapi", None, &[]).await.status, 200);
+    assert_eq!(call(&gw, "DELETE", "/manage/v1/providers/mockai", None, &[]).await.status, 200);
+    assert_eq!(
+        call(&gw, "GET", "/manage/v1/providers/mockai", None, &[]).await.json().unwrap()["data"]["status"],
+        "disabled"
+    );
+}

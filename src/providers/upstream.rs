@@ -1,5 +1,6 @@
-//! The upstream leg, driven from `request_filter` with pingora's own HTTP `Connector`
-//! (pooled connections, rustls TLS, per-peer timeouts).
+//! The upstream leg, driven from the proxy's `request_filter` (and from the management
+//! API's credential checks) with pingora's own HTTP `Connector` (pooled connections,
+//! rustls TLS, per-peer timeouts).
 //!
 //! Why not pingora's proxy phases (`upstream_peer` + `request_body_filter`)? Routing needs
 //! the model, which is in the body, so the body must be read in `request_filter`; after
@@ -19,10 +20,9 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error as PError, ErrorType};
 use tokio::io::AsyncWriteExt;
 
-use crate::config::Settings;
+use super::{Provider, Timeouts};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::providers::Provider;
 
 /// An upstream exchange whose response header has arrived.
 pub struct Exchange {
@@ -34,15 +34,15 @@ pub struct Exchange {
     pub started: Instant,
 }
 
-fn map_error(provider: &Provider, e: &PError, settings: &Settings) -> GatewayError {
+fn map_error(provider: &Provider, e: &PError, timeouts: &Timeouts) -> GatewayError {
     match e.etype() {
         ErrorType::ConnectTimedout => GatewayError::UpstreamConnect {
             provider: provider.id.clone(),
-            message: format!("connect timed out after {} ms", settings.upstream_connect_timeout.as_millis()),
+            message: format!("connect timed out after {} ms", timeouts.connect.as_millis()),
         },
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => GatewayError::UpstreamTimeout {
             provider: provider.id.clone(),
-            after_ms: settings.upstream_timeout.as_millis() as u64,
+            after_ms: timeouts.read_write.as_millis() as u64,
         },
         ErrorType::ConnectRefused
         | ErrorType::ConnectNoRoute
@@ -74,6 +74,7 @@ fn map_error(provider: &Provider, e: &PError, settings: &Settings) -> GatewayErr
 /// (one packet for typical requests instead of two).
 fn request_head(
     provider: &Provider,
+    method: &str,
     path: &str,
     body_len: usize,
     accept: &str,
@@ -88,8 +89,10 @@ fn request_head(
             head.extend_from_slice(p.as_bytes());
         }
     };
-    put(&["POST ", path, " HTTP/1.1\r\nHost: ", &provider.host_header, "\r\n"]);
-    put(&["Content-Type: application/json\r\nContent-Length: ", &body_len.to_string(), "\r\n"]);
+    put(&[method, " ", path, " HTTP/1.1\r\nHost: ", &provider.host_header, "\r\n"]);
+    if method != "GET" {
+        put(&["Content-Type: application/json\r\nContent-Length: ", &body_len.to_string(), "\r\n"]);
+    }
     // The gateway reads upstream bodies (usage, errors): ask for them uncompressed.
     put(&["Accept: ", accept, "\r\nAccept-Encoding: identity\r\n"]);
     put(&["User-Agent: modelux/", env!("CARGO_PKG_VERSION"), "\r\n"]);
@@ -116,7 +119,7 @@ async fn send_request(
     session: HttpSession,
     head: &[u8],
     body: &Bytes,
-    settings: &Settings,
+    timeouts: &Timeouts,
 ) -> (HttpSession, pingora::Result<()>) {
     let HttpSession::H1(h1) = session else {
         // ALPN is H1-only, so pingora never hands out another kind here.
@@ -138,7 +141,7 @@ async fn send_request(
         }
         stream.flush().await
     };
-    let result = match tokio::time::timeout(settings.upstream_timeout, written).await {
+    let result = match tokio::time::timeout(timeouts.read_write, written).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(PError::because(ErrorType::WriteError, "writing upstream request", e)),
         Err(_) => Err(PError::explain(ErrorType::WriteTimedout, "writing upstream request")),
@@ -146,8 +149,8 @@ async fn send_request(
     let mut session = HttpSession::H1(pingora::protocols::http::v1::client::HttpSession::new(stream));
     // Peer options do not reach a session from the connector; pingora's proxy applies them
     // itself, so do we: every read (header, each body chunk) is bounded.
-    session.set_read_timeout(Some(settings.upstream_timeout));
-    session.set_write_timeout(Some(settings.upstream_timeout));
+    session.set_read_timeout(Some(timeouts.read_write));
+    session.set_write_timeout(Some(timeouts.read_write));
     (session, result)
 }
 
@@ -156,6 +159,8 @@ async fn send_request(
 /// only when nothing came back on it.
 /// One upstream request: where to, what, and which headers beyond the provider's own.
 pub struct Call<'a> {
+    /// `POST` for everything the proxy sends; `GET` for credential checks.
+    pub method: &'a str,
     pub path: &'a str,
     pub body: Bytes,
     pub accept: &'a str,
@@ -165,28 +170,29 @@ pub struct Call<'a> {
 pub async fn exchange(
     connector: &Connector,
     metrics: &Metrics,
-    settings: &Settings,
+    timeouts: &Timeouts,
     provider: &Provider,
     call: Call<'_>,
 ) -> Result<Exchange, GatewayError> {
     let started = Instant::now();
-    let peer = provider.peer(&settings.upstream_timeouts()).await?;
-    let head = request_head(provider, call.path, call.body.len(), call.accept, call.extra_headers)?;
+    let peer = provider.peer(timeouts).await?;
+    let head =
+        request_head(provider, call.method, call.path, call.body.len(), call.accept, call.extra_headers)?;
     let body = call.body;
     let mut allow_stale_retry = true;
     loop {
         let (mut session, reused) =
-            connector.get_http_session(&peer).await.map_err(|e| map_error(provider, &e, settings))?;
+            connector.get_http_session(&peer).await.map_err(|e| map_error(provider, &e, timeouts))?;
         // Peer options do not reach a session from the connector; pingora's proxy applies
         // them itself, so do we: every read (header, each body chunk) is bounded.
-        session.set_read_timeout(Some(settings.upstream_timeout));
-        session.set_write_timeout(Some(settings.upstream_timeout));
+        session.set_read_timeout(Some(timeouts.read_write));
+        session.set_write_timeout(Some(timeouts.read_write));
         if reused {
             metrics.upstream_connections_reused.inc();
         } else {
             metrics.upstream_connections_new.inc();
         }
-        let (mut session, written) = send_request(session, &head, &body, settings).await;
+        let (mut session, written) = send_request(session, &head, &body, timeouts).await;
         let sent = match written {
             Ok(()) => session.read_response_header().await,
             Err(e) => Err(e),
@@ -212,7 +218,7 @@ pub async fn exchange(
                     allow_stale_retry = false;
                     continue;
                 }
-                return Err(map_error(provider, &e, settings));
+                return Err(map_error(provider, &e, timeouts));
             }
         }
     }
@@ -223,7 +229,7 @@ pub async fn read_all(
     ex: &mut Exchange,
     limit: usize,
     provider: &Provider,
-    settings: &Settings,
+    timeouts: &Timeouts,
 ) -> Result<Bytes, GatewayError> {
     let mut out = bytes::BytesMut::new();
     loop {
@@ -238,7 +244,7 @@ pub async fn read_all(
                 out.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(out.freeze()),
-            Err(e) => return Err(map_error(provider, &e, settings)),
+            Err(e) => return Err(map_error(provider, &e, timeouts)),
         }
     }
 }
@@ -247,9 +253,9 @@ pub async fn read_all(
 pub async fn next_chunk(
     ex: &mut Exchange,
     provider: &Provider,
-    settings: &Settings,
+    timeouts: &Timeouts,
 ) -> Result<Option<Bytes>, GatewayError> {
-    ex.session.read_response_body().await.map_err(|e| map_error(provider, &e, settings))
+    ex.session.read_response_body().await.map_err(|e| map_error(provider, &e, timeouts))
 }
 
 /// Returns the connection to the pool when the response was read completely.
@@ -259,4 +265,38 @@ pub async fn release(connector: &Connector, mut ex: Exchange, idle: Duration) {
     } else {
         ex.session.shutdown().await;
     }
+}
+
+/// Checks a provider's key with its kind's cheap authenticated read (`Adapter::verify_path`).
+/// `Ok(false)`: the kind has no such read, nothing was checked. `Err`: the provider's own
+/// message (or why it could not be reached).
+pub async fn verify(
+    connector: &Connector,
+    metrics: &Metrics,
+    timeouts: &Timeouts,
+    provider: &Provider,
+) -> Result<bool, String> {
+    let Some(path) = provider.adapter.verify_path(provider) else { return Ok(false) };
+    let signed = provider.signed_headers(&path, b"").map_err(|e| e.message())?;
+    let extra: Vec<(&str, &str)> = signed.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let call = Call {
+        method: "GET",
+        path: &path,
+        body: Bytes::new(),
+        accept: "application/json",
+        extra_headers: &extra,
+    };
+    let mut ex = exchange(connector, metrics, timeouts, provider, call).await.map_err(|e| e.message())?;
+    let status = ex.header.status.as_u16();
+    let body = read_all(&mut ex, 256 * 1024, provider, timeouts).await.unwrap_or_default();
+    release(connector, ex, timeouts.idle).await;
+    if (200..300).contains(&status) {
+        return Ok(true);
+    }
+    let said = provider
+        .format()
+        .codec()
+        .error_message(&body)
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(300).collect());
+    Err(format!("{} answered {status}: {said}", provider.id))
 }
