@@ -145,6 +145,7 @@ pub struct FileOwned {
     pub management_keys: Vec<String>,
     pub routing_configs: Vec<String>,
     pub providers: Vec<String>,
+    pub budgets: Vec<String>,
 }
 
 pub fn env_lookup(name: &str) -> Option<String> {
@@ -192,6 +193,7 @@ pub fn build_snapshot_with(
         management_keys: raw.management_keys.iter().map(|k| k.name.clone()).collect(),
         routing_configs: raw.routing_configs.keys().cloned().collect(),
         providers: raw.providers.iter().map(|p| p.id.clone()).collect(),
+        budgets: raw.budgets.iter().map(|b| b.name.clone()).collect(),
     };
     let errors = overlay::apply(&mut raw, resources, master);
     if !errors.is_empty() {

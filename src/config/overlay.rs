@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::raw::{RawConfig, RawKey, RawProject, RawProvider};
+use super::raw::{RawBudget, RawConfig, RawKey, RawProject, RawProvider};
 use super::ConfigError;
 use crate::state::secrets::MasterKey;
 use crate::state::{Kind, Stored};
@@ -139,6 +139,22 @@ pub fn apply(raw: &mut RawConfig, resources: &[Stored], master: Option<&MasterKe
         }
         if let Some(key) = key_from(r, &mut errors) {
             raw.management_keys.push(key);
+        }
+    }
+    for r in resources.iter().filter(|r| r.kind == Kind::Budget) {
+        if let Some(i) = raw.budgets.iter().position(|b| b.name == r.slug) {
+            errors.push(ConfigError::new(
+                format!("budgets[{i}].name"),
+                format!(
+                    "budget \"{}\" is defined both in the config file and in the state store ({})",
+                    r.slug, r.id
+                ),
+            ));
+            continue;
+        }
+        match serde_json::from_value::<RawBudget>(r.body.clone()) {
+            Ok(b) => raw.budgets.push(b),
+            Err(e) => errors.push(ConfigError::new(format!("budgets.{}", r.slug), e.to_string())),
         }
     }
     for r in resources.iter().filter(|r| r.kind == Kind::RoutingConfig) {

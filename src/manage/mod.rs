@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod budgets;
 pub mod keys;
 pub mod logs;
 pub mod projects;
@@ -81,6 +82,7 @@ impl ManageApp {
             ["audit-logs", tail @ ..] => audit::handle(self, call, path, tail).await,
             ["routing-configs", tail @ ..] => routing_configs::handle(self, call, path, tail).await,
             ["providers", tail @ ..] => providers::handle(self, call, path, tail).await,
+            ["budgets", tail @ ..] => budgets::handle(self, call, path, tail).await,
             _ => return None,
         })
     }

@@ -21,6 +21,7 @@ pub enum Kind {
     ManagementKey,
     RoutingConfig,
     Provider,
+    Budget,
 }
 
 impl Kind {
@@ -31,6 +32,7 @@ impl Kind {
             Kind::ManagementKey => "management_key",
             Kind::RoutingConfig => "routing_config",
             Kind::Provider => "provider",
+            Kind::Budget => "budget",
         }
     }
 
@@ -42,11 +44,12 @@ impl Kind {
             Kind::ManagementKey => "mkey_",
             Kind::RoutingConfig => "rc_",
             Kind::Provider => "prov_",
+            Kind::Budget => "bud_",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        [Kind::Project, Kind::ApiKey, Kind::ManagementKey, Kind::RoutingConfig, Kind::Provider]
+        [Kind::Project, Kind::ApiKey, Kind::ManagementKey, Kind::RoutingConfig, Kind::Provider, Kind::Budget]
             .into_iter()
             .find(|k| k.as_str() == s)
     }

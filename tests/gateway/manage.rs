@@ -602,3 +602,69 @@ async fn providers_are_verified_sealed_rotated_under_load_and_survive_a_restart(
         "disabled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_through_the_api_police_at_once_and_report_spend_and_forecast() {
+    let upstream = mock(MockConfig::default()).await;
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.top_extra = "prices:\n  m1: { input_per_mtok: 10000, output_per_mtok: 10000 }\n".into();
+    cfg.more_configs = "  cheap: { project: default, strategy: single, model: \"local/m1\" }\n".into();
+    let gw = start(cfg).await;
+    let ask = || async {
+        let auth = format!("Bearer {KEY}");
+        httpc::request(gw.proxy, "POST", CHAT, &[("authorization", &auth)], &chat_body("@cheap"))
+            .await
+            .unwrap()
+    };
+
+    let bad = call(&gw, "POST", "/manage/v1/budgets",
+        Some(json!({"name": "team", "scope": "org", "period": "monthly", "cap_usd": "lots", "action": "block"})), &[]).await;
+    assert_eq!(bad.status, 422, "{}", bad.text());
+    assert_eq!(bad.json().unwrap()["error"]["errors"][0]["path"], "cap_usd");
+    let orphan = call(&gw, "POST", "/manage/v1/budgets",
+        Some(json!({"name": "x", "scope": "project", "project": "nope", "period": "daily", "cap_usd": 1, "action": "block"})), &[]).await;
+    assert_eq!(orphan.status, 422, "{}", orphan.text());
+    assert_eq!(orphan.json().unwrap()["error"]["errors"][0]["path"], "project", "{}", orphan.text());
+
+    let created = call(&gw, "POST", "/manage/v1/budgets",
+        Some(json!({"name": "team", "scope": "project", "project": "default", "period": "monthly", "cap_usd": 0.5, "action": "block"})), &[]).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let b = data(&created);
+    assert_eq!((b["spend_usd"].as_f64(), b["remaining_usd"].as_f64()), (Some(0.0), Some(0.5)));
+    assert!(b["period_starts_at"].as_str().unwrap().ends_with("-01T00:00:00Z"));
+    assert!(b["period_resets_at"].is_string());
+
+    // Spend until the cap, read back with a forecast; the next request is refused.
+    let mut served = 0;
+    loop {
+        let resp = ask().await;
+        if resp.status == 402 {
+            break;
+        }
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        served += 1;
+        assert!(served < 50, "the budget never blocked");
+    }
+    let read =
+        call(&gw, "GET", &format!("/manage/v1/budgets/{}", b["id"].as_str().unwrap()), None, &[]).await;
+    let r = data(&read);
+    let spend = r["spend_usd"].as_f64().unwrap();
+    assert!(spend >= 0.5 && spend < 1.0, "{r}");
+    assert_eq!(r["remaining_usd"].as_f64(), Some(0.0));
+    assert!(r["forecast_usd"].as_f64().unwrap() >= spend, "{r}");
+
+    // Raising the cap lets traffic through on the next request; deleting removes the cap.
+    let raised = call(&gw, "PATCH", "/manage/v1/budgets/team", Some(json!({"cap_usd": 100})), &[]).await;
+    assert_eq!(raised.status, 200, "{}", raised.text());
+    assert_eq!(data(&raised)["version"], 2);
+    assert!(data(&raised)["remaining_usd"].as_f64().unwrap() > 99.0);
+    assert_eq!(ask().await.status, 200);
+    let lowered = call(&gw, "PATCH", "/manage/v1/budgets/team", Some(json!({"cap_usd": 0.01})), &[]).await;
+    assert_eq!(lowered.status, 200);
+    assert_eq!(ask().await.status, 402);
+    let listed = call(&gw, "GET", "/manage/v1/budgets", None, &[]).await.json().unwrap();
+    assert_eq!(listed["data"][0]["name"], "team");
+    assert!(listed["data"][0]["spend_usd"].as_f64().unwrap() > 0.5);
+    assert_eq!(call(&gw, "DELETE", "/manage/v1/budgets/team", None, &[]).await.status, 200);
+    assert_eq!(ask().await.status, 200);
+}
