@@ -2,6 +2,8 @@
 //! Each resource has one owner. A project slug or key name defined in both places is an
 //! error naming both; an empty store leaves the file's config exactly as it is.
 
+use std::collections::{HashMap, HashSet};
+
 use serde::Deserialize;
 
 use super::raw::{RawBudget, RawConfig, RawKey, RawProject, RawProvider};
@@ -30,7 +32,7 @@ struct StoredKey {
 }
 
 fn key_from(r: &Stored, errors: &mut Vec<ConfigError>) -> Option<RawKey> {
-    match serde_json::from_value::<StoredKey>(r.body.clone()) {
+    match StoredKey::deserialize(&r.body) {
         Ok(k) => Some(RawKey {
             name: k.name,
             key: None,
@@ -61,7 +63,7 @@ pub fn apply(raw: &mut RawConfig, resources: &[Stored], master: Option<&MasterKe
             ));
             continue;
         }
-        let stored = match serde_json::from_value::<StoredProvider>(r.body.clone()) {
+        let stored = match StoredProvider::deserialize(&r.body) {
             Ok(p) => p,
             Err(e) => {
                 errors.push(ConfigError::new(&path, e.to_string()));
@@ -109,12 +111,21 @@ pub fn apply(raw: &mut RawConfig, resources: &[Stored], master: Option<&MasterKe
         }
         raw.projects.push(RawProject { id: r.slug.clone(), keys: Vec::new() });
     }
+    // Indexes, not scans: a store may hold tens of thousands of keys.
+    let project_at: HashMap<String, usize> =
+        raw.projects.iter().enumerate().map(|(i, p)| (p.id.clone(), i)).collect();
+    let mut names: HashSet<(usize, String)> = raw
+        .projects
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| p.keys.iter().map(move |k| (i, k.name.clone())))
+        .collect();
     for r in resources.iter().filter(|r| r.kind == Kind::ApiKey) {
         // The keys of a deleted project are not in the snapshot: they stop working.
-        let Some(project) = raw.projects.iter_mut().find(|p| p.id == r.project) else { continue };
-        if let Some(j) = project.keys.iter().position(|k| k.name == r.slug) {
+        let Some(&i) = project_at.get(&r.project) else { continue };
+        if !names.insert((i, r.slug.clone())) {
             errors.push(ConfigError::new(
-                format!("projects[{}].keys[{j}].name", r.project),
+                format!("projects[{}].keys", r.project),
                 format!(
                     "key \"{}\" is defined both in the config file and in the state store ({})",
                     r.slug, r.id
@@ -123,7 +134,7 @@ pub fn apply(raw: &mut RawConfig, resources: &[Stored], master: Option<&MasterKe
             continue;
         }
         if let Some(key) = key_from(r, &mut errors) {
-            project.keys.push(key);
+            raw.projects[i].keys.push(key);
         }
     }
     for r in resources.iter().filter(|r| r.kind == Kind::ManagementKey) {
@@ -152,7 +163,7 @@ pub fn apply(raw: &mut RawConfig, resources: &[Stored], master: Option<&MasterKe
             ));
             continue;
         }
-        match serde_json::from_value::<RawBudget>(r.body.clone()) {
+        match RawBudget::deserialize(&r.body) {
             Ok(b) => raw.budgets.push(b),
             Err(e) => errors.push(ConfigError::new(format!("budgets.{}", r.slug), e.to_string())),
         }
