@@ -649,7 +649,7 @@ async fn budgets_through_the_api_police_at_once_and_report_spend_and_forecast() 
         call(&gw, "GET", &format!("/manage/v1/budgets/{}", b["id"].as_str().unwrap()), None, &[]).await;
     let r = data(&read);
     let spend = r["spend_usd"].as_f64().unwrap();
-    assert!(spend >= 0.5 && spend < 1.0, "{r}");
+    assert!((0.5..1.0).contains(&spend), "{r}");
     assert_eq!(r["remaining_usd"].as_f64(), Some(0.0));
     assert!(r["forecast_usd"].as_f64().unwrap() >= spend, "{r}");
 
