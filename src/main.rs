@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use rand::Rng;
 
+mod admin;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -33,10 +35,31 @@ enum Command {
     /// requests matching filters. Reads the trace store the config names (ClickHouse, or
     /// the embedded file in its data dir).
     Logs(Box<LogsArgs>),
-    /// Create and hash API keys.
+    /// Create, revoke (through the management API) and hash API keys.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Projects, through the management API.
+    Projects {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::ProjectsCommand,
+    },
+    /// Routing configs and their versions, through the management API.
+    Configs {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::ConfigsCommand,
+    },
+    /// Budgets with their spend and forecast, through the management API.
+    Budgets {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::BudgetsCommand,
     },
 }
 
@@ -91,6 +114,29 @@ enum KeysCommand {
     },
     /// Print the key_sha256 of an existing key.
     Hash { key: String },
+    /// Create a key through the management API (shown once).
+    Create {
+        #[command(flatten)]
+        conn: admin::Conn,
+        /// The project (id or slug) of a project key.
+        #[arg(long, required_unless_present = "management")]
+        project: Option<String>,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        requests_per_minute: Option<u64>,
+        /// A management key instead of a project key.
+        #[arg(long)]
+        management: bool,
+    },
+    /// Revoke a key through the management API: the next request with it gets 401.
+    Revoke {
+        #[command(flatten)]
+        conn: admin::Conn,
+        id: String,
+        #[arg(long)]
+        management: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +146,9 @@ fn main() -> ExitCode {
         Command::Check { config } => check(config),
         Command::Keys { command } => keys(command),
         Command::Logs(args) => logs(*args),
+        Command::Projects { conn, command } => admin::projects(&conn, command),
+        Command::Configs { conn, command } => admin::configs(&conn, command),
+        Command::Budgets { conn, command } => admin::budgets(&conn, command),
     }
 }
 
@@ -326,6 +375,10 @@ fn keys(command: KeysCommand) -> ExitCode {
             println!("key_sha256: {}", hex::encode(modelux::auth::digest(&key)));
         }
         KeysCommand::Hash { key } => println!("{}", hex::encode(modelux::auth::digest(&key))),
+        KeysCommand::Create { conn, project, name, requests_per_minute, management } => {
+            return admin::create_key(&conn, project, name, requests_per_minute, management)
+        }
+        KeysCommand::Revoke { conn, id, management } => return admin::revoke_key(&conn, id, management),
     }
     ExitCode::SUCCESS
 }

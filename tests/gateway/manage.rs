@@ -668,3 +668,94 @@ async fn budgets_through_the_api_police_at_once_and_report_spend_and_forecast() 
     assert_eq!(call(&gw, "DELETE", "/manage/v1/budgets/team", None, &[]).await.status, 200);
     assert_eq!(ask().await.status, 200);
 }
+
+/// Runs the `modelux` binary against `gw`'s management listener.
+async fn cli(gw: &Gateway, args: &[&str]) -> (bool, String, String) {
+    let url = format!("http://{}", gw.manage);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelux"))
+            .args(&args)
+            .arg("--manage-url")
+            .arg(url)
+            .env("MODELUX_ADMIN_KEY", ADMIN_KEY)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_the_management_api() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw = start(Cfg::new(upstream.base_url().leak())).await;
+    let (ok, out, err) = cli(&gw, &["projects", "create", "CLI Team", "--json"]).await;
+    assert!(ok, "{err}");
+    let made: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(made["slug"], "cli-team");
+    let (ok, out, _) = cli(&gw, &["projects", "list"]).await;
+    assert!(ok);
+    assert!(out.lines().next().unwrap().starts_with("SLUG"), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("cli-team") && l.contains("CLI Team") && l.contains("api")),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("default") && l.contains("file")), "{out}");
+
+    let (ok, out, err) = cli(&gw, &["keys", "create", "--project", "default", "--name", "from-cli"]).await;
+    assert!(ok, "{err}");
+    let secret = out.lines().find(|l| l.starts_with("mlx_sk_")).unwrap().to_string();
+    let auth = format!("Bearer {secret}");
+    let resp = httpc::request(gw.proxy, "POST", CHAT, &[("authorization", &auth)], &chat_body("@fast"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    let id = out.lines().next().unwrap().split(['(', ')']).nth(1).unwrap().to_string();
+    let (ok, _, err) = cli(&gw, &["keys", "revoke", &id]).await;
+    assert!(ok, "{err}");
+    let resp = httpc::request(gw.proxy, "POST", CHAT, &[("authorization", &auth)], &chat_body("@fast"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 401);
+
+    let rc =
+        json!({"slug": "prod", "project": "default", "strategy": "single", "model": "openai/gpt-4o-mini"});
+    assert_eq!(call(&gw, "POST", "/manage/v1/routing-configs", Some(rc), &[]).await.status, 201);
+    assert_eq!(
+        call(&gw, "PATCH", "/manage/v1/routing-configs/prod", Some(json!({"model": "openai/gpt-4o"})), &[])
+            .await
+            .status,
+        200
+    );
+    let (ok, out, _) = cli(&gw, &["configs", "diff", "prod", "--from", "1", "--to", "2"]).await;
+    assert!(ok);
+    assert_eq!(out.trim(), "replace /model: \"openai/gpt-4o-mini\" -> \"openai/gpt-4o\"");
+    let (ok, out, err) = cli(&gw, &["configs", "rollback", "prod", "--to", "1"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "@prod is now v3 (the body of v1)");
+    let (ok, out, _) = cli(&gw, &["configs", "history", "prod"]).await;
+    assert!(ok);
+    let versions: Vec<&str> = out.lines().skip(1).map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(versions, ["3", "2", "1"]);
+    let (ok, out, _) = cli(&gw, &["configs", "list", "--json"]).await;
+    assert!(ok);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3, "fast, theirs and prod");
+    let (ok, out, _) = cli(&gw, &["budgets", "list"]).await;
+    assert!(ok);
+    assert!(out.starts_with("NAME"), "{out}");
+
+    // Errors are the API's, on stderr, with a failing exit status.
+    let (ok, _, err) = cli(&gw, &["configs", "rollback", "prod", "--to", "9"]).await;
+    assert!(!ok);
+    assert!(err.contains("422 validation_failed") && err.contains("version"), "{err}");
+    let (ok, _, err) = cli(&gw, &["projects", "list", "--admin-key", "mlx_mk_wrong_0000000000000000"]).await;
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
+}
