@@ -137,7 +137,7 @@ pub struct RawClickHouse {
     pub table: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetScopeKind {
     Org,
@@ -147,7 +147,7 @@ pub enum BudgetScopeKind {
     Tag,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetActionKind {
     Block,
@@ -156,7 +156,8 @@ pub enum BudgetActionKind {
 }
 
 /// One entry of `budgets:` (PRODUCT.md §5).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = BudgetBody)]
 #[serde(deny_unknown_fields)]
 pub struct RawBudget {
     pub name: String,

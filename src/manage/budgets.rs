@@ -13,6 +13,9 @@ use crate::spend::counters::{to_usd, SpendKey};
 use crate::spend::period::iso8601;
 use crate::state::{Kind, ListQuery, Op, Stored};
 
+/// The body of `POST /budgets`: the YAML budget entry.
+pub use crate::config::raw::RawBudget as BudgetBody;
+
 const RESOURCE: &str = "budget";
 
 /// Where a budget (its YAML entry) stands now, from the live counters.

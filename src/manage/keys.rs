@@ -13,9 +13,10 @@ use crate::auth::{MANAGEMENT_KEY_PREFIX, PROJECT_KEY_PREFIX};
 use crate::config::ConfigError;
 use crate::state::{Kind, ListQuery, Op, Stored};
 
-#[derive(Deserialize)]
+/// `POST /api-keys`, `POST /management-keys`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Create {
+pub struct KeyCreate {
     /// Project id or slug (project keys only).
     project: Option<String>,
     name: String,
@@ -23,9 +24,10 @@ struct Create {
     tokens_per_minute: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// `PATCH /api-keys/{id}`, `PATCH /management-keys/{id}`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Patch {
+pub struct KeyPatch {
     name: Option<String>,
     #[serde(default, deserialize_with = "api::nullable")]
     requests_per_minute: Option<Option<u64>>,
@@ -165,7 +167,7 @@ async fn get(app: &ManageApp, call: &Call<'_>, kind: Kind, key: &str) -> Result<
 }
 
 async fn create(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str) -> Answer {
-    let input: Create = match api::body(call.body) {
+    let input: KeyCreate = match api::body(call.body) {
         Ok(b) => b,
         Err(e) => return e.into_answer(),
     };
@@ -272,7 +274,7 @@ fn editable<'a>(
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str, key: &str) -> Answer {
-    let input: Patch = match api::body(call.body) {
+    let input: KeyPatch = match api::body(call.body) {
         Ok(b) => b,
         Err(e) => return e.into_answer(),
     };

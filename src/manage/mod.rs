@@ -7,6 +7,7 @@ pub mod audit;
 pub mod budgets;
 pub mod keys;
 pub mod logs;
+pub mod openapi;
 pub mod projects;
 pub mod providers;
 pub mod routing_configs;
@@ -71,20 +72,43 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, api::Answer> 
 
 impl ManageApp {
     /// A resource endpoint (`rest`: the path below `/manage/v1/`), or `None` if not one.
-    async fn resource(&self, call: &api::Call<'_>, path: &str, rest: &str) -> Option<api::Answer> {
-        let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
-        Some(match segments.as_slice() {
-            ["projects", tail @ ..] => projects::handle(self, call, path, tail).await,
-            ["api-keys", tail @ ..] => keys::handle(self, call, crate::state::Kind::ApiKey, path, tail).await,
-            ["management-keys", tail @ ..] => {
-                keys::handle(self, call, crate::state::Kind::ManagementKey, path, tail).await
+    /// A management endpoint (`rest`: the path below `/manage/v1/`). Only what the route
+    /// table lists is dispatched, so the OpenAPI document covers every answered path.
+    async fn resource(&self, call: &api::Call<'_>, path: &str, rest: &str) -> api::Answer {
+        match openapi::find(call.method, rest) {
+            Err(None) => return api::ApiError::not_found("endpoint", path).into_answer(),
+            Err(Some(allowed)) => {
+                let mut answer = api::ApiError::method_not_allowed(call.method, &allowed).into_answer();
+                answer.headers.push(("allow", allowed));
+                return answer;
             }
-            ["audit-logs", tail @ ..] => audit::handle(self, call, path, tail).await,
-            ["routing-configs", tail @ ..] => routing_configs::handle(self, call, path, tail).await,
-            ["providers", tail @ ..] => providers::handle(self, call, path, tail).await,
-            ["budgets", tail @ ..] => budgets::handle(self, call, path, tail).await,
-            _ => return None,
-        })
+            Ok(route) if route.operation_id == "getOpenApi" => {
+                return api::Answer::json(200, &serde_json::to_value(openapi::document()).unwrap_or_default())
+            }
+            Ok(_) => {}
+        }
+        let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+        let answer = match segments.as_slice() {
+            ["projects", tail @ ..] => Some(projects::handle(self, call, path, tail).await),
+            ["api-keys", tail @ ..] => {
+                Some(keys::handle(self, call, crate::state::Kind::ApiKey, path, tail).await)
+            }
+            ["management-keys", tail @ ..] => {
+                Some(keys::handle(self, call, crate::state::Kind::ManagementKey, path, tail).await)
+            }
+            ["audit-logs", tail @ ..] => Some(audit::handle(self, call, path, tail).await),
+            ["routing-configs", tail @ ..] => Some(routing_configs::handle(self, call, path, tail).await),
+            ["providers", tail @ ..] => Some(providers::handle(self, call, path, tail).await),
+            ["budgets", tail @ ..] => Some(budgets::handle(self, call, path, tail).await),
+            _ => None,
+        };
+        match answer {
+            Some(answer) => answer,
+            None => match logs::answer(self.trace_store.as_ref(), call.method, path, call.query).await {
+                Some(answer) => api::Answer { status: answer.status, body: answer.body, headers: Vec::new() },
+                None => api::ApiError::not_found("endpoint", path).into_answer(),
+            },
+        }
     }
 }
 
@@ -199,15 +223,7 @@ impl ServeHttp for ManageApp {
                         };
                         let rest = p.strip_prefix("/api").unwrap_or(p);
                         let rest = rest.strip_prefix("/manage/v1").unwrap_or(rest).trim_start_matches('/');
-                        match self.resource(&call, p, rest).await {
-                            Some(answer) => finish(answer),
-                            None => match logs::answer(self.trace_store.as_ref(), method.as_str(), p, &query)
-                                .await
-                            {
-                                Some(answer) => json(answer.status, answer.body),
-                                None => finish(api::ApiError::not_found("endpoint", p).into_answer()),
-                            },
-                        }
+                        finish(self.resource(&call, p, rest).await)
                     }
                 };
                 if let Some(v) = verdict {

@@ -9,17 +9,19 @@ use super::ManageApp;
 use crate::config::ConfigError;
 use crate::state::{Kind, ListQuery, Op, Stored};
 
-#[derive(Deserialize)]
+/// `POST /projects`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Create {
+pub struct ProjectCreate {
     name: String,
     slug: Option<String>,
     description: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `PATCH /projects/{id}`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Patch {
+pub struct ProjectPatch {
     name: Option<String>,
     #[serde(default, deserialize_with = "api::nullable")]
     description: Option<Option<String>>,
@@ -130,7 +132,7 @@ async fn get(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
 }
 
 async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
-    let input: Create = match api::body(call.body) {
+    let input: ProjectCreate = match api::body(call.body) {
         Ok(b) => b,
         Err(e) => return e.into_answer(),
     };
@@ -201,7 +203,7 @@ fn editable<'a>(
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
-    let input: Patch = match api::body(call.body) {
+    let input: ProjectPatch = match api::body(call.body) {
         Ok(b) => b,
         Err(e) => return e.into_answer(),
     };

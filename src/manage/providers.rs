@@ -17,9 +17,10 @@ use crate::trace::query::{Granularity, GroupBy, LogQuery, ReportQuery};
 
 const RESOURCE: &str = "provider";
 
-#[derive(Deserialize)]
+/// `POST /providers`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Create {
+pub struct ProviderCreate {
     id: Option<String>,
     #[serde(alias = "vendor")]
     kind: String,
@@ -32,9 +33,10 @@ struct Create {
     verify: Option<bool>,
 }
 
-#[derive(Deserialize)]
+/// `PATCH /providers/{id}`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Patch {
+pub struct ProviderPatch {
     #[serde(alias = "vendor")]
     kind: Option<String>,
     #[serde(default, deserialize_with = "api::nullable")]
@@ -167,7 +169,7 @@ async fn get(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
 }
 
 async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
-    let input: Create = match api::body(call.body) {
+    let input: ProviderCreate = match api::body(call.body) {
         Ok(b) => b,
         Err(e) => return e.into_answer(),
     };
@@ -271,7 +273,7 @@ fn editable<'a>(
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
-    let input: Patch = match api::body(call.body) {
+    let input: ProviderPatch = match api::body(call.body) {
         Ok(b) => b,
         Err(e) => return e.into_answer(),
     };

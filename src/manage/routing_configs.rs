@@ -353,9 +353,10 @@ async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answe
     answer.map_validation(&error_slug)
 }
 
-#[derive(Deserialize)]
+/// `POST /routing-configs/{id}/rollback`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Rollback {
+pub struct Rollback {
     version: i64,
 }
 

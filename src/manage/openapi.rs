@@ -1,0 +1,618 @@
+//! The management API's routes, in one table, and the OpenAPI 3.1 document generated from
+//! it and from the handlers' request types (`utoipa::ToSchema`). The dispatcher answers
+//! only what this table lists (anything else is 404 or 405 before a handler runs), so the
+//! document cannot leave out a routed path.
+
+use utoipa::openapi::path::{OperationBuilder, ParameterBuilder, ParameterIn};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::schema::{ComponentsBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{
+    ContentBuilder, HttpMethod, InfoBuilder, OpenApiBuilder, PathItem, PathsBuilder, RefOr, Required,
+    ResponseBuilder,
+};
+use utoipa::ToSchema;
+
+use super::budgets::BudgetBody;
+use super::keys::{KeyCreate, KeyPatch};
+use super::projects::{ProjectCreate, ProjectPatch};
+use super::providers::{ProviderCreate, ProviderPatch};
+use super::routing_configs::Rollback;
+
+/// A request body: its schema's name and the schemas it needs.
+pub struct Body {
+    name: String,
+    schemas: Vec<(String, RefOr<Schema>)>,
+}
+
+fn body<T: ToSchema>() -> Body {
+    let mut schemas = vec![(T::name().to_string(), T::schema())];
+    T::schemas(&mut schemas);
+    Body { name: T::name().to_string(), schemas }
+}
+
+/// A routing config's body: its YAML entry (fields depend on the strategy) plus `slug`.
+fn routing_config_body() -> Body {
+    let string = || ObjectBuilder::new().schema_type(Type::String).build();
+    let schema = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "The YAML entry of a routing config plus its slug; the other fields depend on the strategy \
+             (see the README's Routing section). PATCH takes any subset (a JSON merge patch).",
+        ))
+        .property("slug", string())
+        .property("project", string())
+        .property(
+            "strategy",
+            ObjectBuilder::new().schema_type(Type::String).enum_values(Some([
+                "single",
+                "fallback",
+                "fallback_chain",
+                "cost_optimized",
+                "latency_optimized",
+                "ensemble",
+                "ab_test",
+                "cascade",
+                "custom_rules",
+            ])),
+        )
+        .additional_properties(Some(utoipa::openapi::schema::AdditionalProperties::FreeForm(true)))
+        .build();
+    let name = "RoutingConfigBody".to_string();
+    Body { name: name.clone(), schemas: vec![(name, RefOr::T(Schema::Object(schema)))] }
+}
+
+/// One route. `path` is relative to `/manage/v1`, with `{name}` parameters.
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub operation_id: &'static str,
+    pub tag: &'static str,
+    pub summary: &'static str,
+    pub body: Option<fn() -> Body>,
+    /// A cursor-paged list (`limit`, `cursor`).
+    pub paged: bool,
+    /// Query parameters besides the page.
+    pub query: &'static [(&'static str, &'static str)],
+    /// Created (201) instead of 200.
+    pub creates: bool,
+}
+
+const fn route(
+    method: &'static str,
+    path: &'static str,
+    operation_id: &'static str,
+    tag: &'static str,
+    summary: &'static str,
+) -> Route {
+    Route { method, path, operation_id, tag, summary, body: None, paged: false, query: &[], creates: false }
+}
+
+const fn list(
+    path: &'static str,
+    operation_id: &'static str,
+    tag: &'static str,
+    summary: &'static str,
+    query: &'static [(&'static str, &'static str)],
+) -> Route {
+    Route { paged: true, query, ..route("GET", path, operation_id, tag, summary) }
+}
+
+const fn with_body(mut r: Route, body: fn() -> Body, creates: bool) -> Route {
+    r.body = Some(body);
+    r.creates = creates;
+    r
+}
+
+const PROJECT: &[(&str, &str)] = &[("project", "only this project's (id or slug)")];
+
+pub static ROUTES: &[Route] = &[
+    list(
+        "/projects",
+        "listProjects",
+        "projects",
+        "List projects",
+        &[("include_deleted", "also soft-deleted projects")],
+    ),
+    with_body(
+        route("POST", "/projects", "createProject", "projects", "Create a project"),
+        body::<ProjectCreate>,
+        true,
+    ),
+    route("GET", "/projects/{id}", "getProject", "projects", "Get a project by id or slug"),
+    with_body(
+        route("PATCH", "/projects/{id}", "updateProject", "projects", "Change a project"),
+        body::<ProjectPatch>,
+        false,
+    ),
+    route(
+        "DELETE",
+        "/projects/{id}",
+        "deleteProject",
+        "projects",
+        "Soft-delete a project and revoke its keys",
+    ),
+    list(
+        "/api-keys",
+        "listApiKeys",
+        "api-keys",
+        "List project keys",
+        &[("project", "only this project's (id or slug)"), ("include_revoked", "also revoked keys")],
+    ),
+    with_body(
+        route("POST", "/api-keys", "createApiKey", "api-keys", "Create a project key (shown once)"),
+        body::<KeyCreate>,
+        true,
+    ),
+    route("GET", "/api-keys/{id}", "getApiKey", "api-keys", "Get a project key"),
+    with_body(
+        route(
+            "PATCH",
+            "/api-keys/{id}",
+            "updateApiKey",
+            "api-keys",
+            "Rename a project key or change its limits",
+        ),
+        body::<KeyPatch>,
+        false,
+    ),
+    route("DELETE", "/api-keys/{id}", "revokeApiKey", "api-keys", "Revoke a project key"),
+    list(
+        "/management-keys",
+        "listManagementKeys",
+        "management-keys",
+        "List management keys",
+        &[("include_revoked", "also revoked keys")],
+    ),
+    with_body(
+        route(
+            "POST",
+            "/management-keys",
+            "createManagementKey",
+            "management-keys",
+            "Create a management key (shown once)",
+        ),
+        body::<KeyCreate>,
+        true,
+    ),
+    route("GET", "/management-keys/{id}", "getManagementKey", "management-keys", "Get a management key"),
+    with_body(
+        route(
+            "PATCH",
+            "/management-keys/{id}",
+            "updateManagementKey",
+            "management-keys",
+            "Rename a management key or change its limit",
+        ),
+        body::<KeyPatch>,
+        false,
+    ),
+    route(
+        "DELETE",
+        "/management-keys/{id}",
+        "revokeManagementKey",
+        "management-keys",
+        "Revoke a management key",
+    ),
+    list("/providers", "listProviders", "providers", "List providers", &[]),
+    with_body(
+        route(
+            "POST",
+            "/providers",
+            "createProvider",
+            "providers",
+            "Add a provider (its key checked, then stored sealed)",
+        ),
+        body::<ProviderCreate>,
+        true,
+    ),
+    route("GET", "/providers/{id}", "getProvider", "providers", "Get a provider"),
+    with_body(
+        route(
+            "PATCH",
+            "/providers/{id}",
+            "updateProvider",
+            "providers",
+            "Change a provider or rotate its key",
+        ),
+        body::<ProviderPatch>,
+        false,
+    ),
+    route(
+        "DELETE",
+        "/providers/{id}",
+        "deleteProvider",
+        "providers",
+        "Remove a provider no routing config uses",
+    ),
+    route(
+        "GET",
+        "/providers/{id}/health",
+        "getProviderHealth",
+        "providers",
+        "A provider's live and last-hour health",
+    ),
+    list("/routing-configs", "listRoutingConfigs", "routing-configs", "List routing configs", PROJECT),
+    with_body(
+        route(
+            "POST",
+            "/routing-configs",
+            "createRoutingConfig",
+            "routing-configs",
+            "Create a routing config (v1)",
+        ),
+        routing_config_body,
+        true,
+    ),
+    with_body(
+        route(
+            "POST",
+            "/routing-configs/validate",
+            "validateRoutingConfig",
+            "routing-configs",
+            "Check a draft without saving it",
+        ),
+        routing_config_body,
+        false,
+    ),
+    route(
+        "GET",
+        "/routing-configs/{id}",
+        "getRoutingConfig",
+        "routing-configs",
+        "Get a routing config by id, slug or @slug",
+    ),
+    with_body(
+        route(
+            "PATCH",
+            "/routing-configs/{id}",
+            "updateRoutingConfig",
+            "routing-configs",
+            "Make the next version (active at once)",
+        ),
+        routing_config_body,
+        false,
+    ),
+    route(
+        "DELETE",
+        "/routing-configs/{id}",
+        "deleteRoutingConfig",
+        "routing-configs",
+        "Delete a routing config no other config uses",
+    ),
+    list(
+        "/routing-configs/{id}/versions",
+        "listRoutingConfigVersions",
+        "routing-configs",
+        "Every version, newest first",
+        &[],
+    ),
+    Route {
+        query: &[("from", "version number"), ("to", "version number")],
+        ..route(
+            "GET",
+            "/routing-configs/{id}/versions/diff",
+            "diffRoutingConfigVersions",
+            "routing-configs",
+            "What changed between two versions",
+        )
+    },
+    route(
+        "GET",
+        "/routing-configs/{id}/versions/{version}",
+        "getRoutingConfigVersion",
+        "routing-configs",
+        "One version's body",
+    ),
+    with_body(
+        route(
+            "POST",
+            "/routing-configs/{id}/rollback",
+            "rollbackRoutingConfig",
+            "routing-configs",
+            "Make a new version equal to an old one",
+        ),
+        body::<Rollback>,
+        false,
+    ),
+    list("/budgets", "listBudgets", "budgets", "List budgets with spend and forecast", &[]),
+    with_body(
+        route("POST", "/budgets", "createBudget", "budgets", "Create a budget"),
+        body::<BudgetBody>,
+        true,
+    ),
+    route("GET", "/budgets/{id}", "getBudget", "budgets", "Get a budget with its spend and forecast"),
+    with_body(
+        route("PATCH", "/budgets/{id}", "updateBudget", "budgets", "Change a budget (JSON merge patch)"),
+        body::<BudgetBody>,
+        false,
+    ),
+    route("DELETE", "/budgets/{id}", "deleteBudget", "budgets", "Delete a budget"),
+    list(
+        "/audit-logs",
+        "listAuditLogs",
+        "audit-logs",
+        "Every management change, newest first",
+        &[
+            ("resource_type", "project, api_key, management_key, provider, routing_config, budget"),
+            ("resource_id", "the resource's id"),
+            ("action", "e.g. routing_config.updated"),
+            ("actor_id", "the management key's name"),
+            ("start", "RFC 3339 time or unix ms"),
+            ("end", "RFC 3339 time or unix ms"),
+        ],
+    ),
+    list(
+        "/logs",
+        "listLogs",
+        "logs",
+        "Request logs, newest first",
+        &[
+            ("start", "RFC 3339 time or unix ms"),
+            ("end", "RFC 3339 time or unix ms"),
+            ("project", "project"),
+            ("status", "2xx, 4xx, 5xx or a status code"),
+            ("model", "requested or served model"),
+            ("provider", "provider id"),
+            ("routing_config", "@slug"),
+            ("end_user", "end user id"),
+            ("tags", "JSON object or tag=k=v"),
+            ("trace_id", "X-Modelux-Trace-Id"),
+            ("conversation_id", "X-Modelux-Conversation-Id"),
+            ("min_latency_ms", "slowest only"),
+        ],
+    ),
+    route("GET", "/logs/{request_id}", "getLog", "logs", "One request's log record"),
+    route("GET", "/logs/{request_id}/trace", "getLogTrace", "logs", "One request's decision trace"),
+    Route {
+        query: &[
+            ("start", "RFC 3339 time or unix ms"),
+            ("end", "RFC 3339 time or unix ms"),
+            ("granularity", "minute, hour or day"),
+            ("group_by", "model, provider, project, routing_config, end_user or tag:<key>"),
+        ],
+        ..route(
+            "GET",
+            "/analytics/report",
+            "getAnalyticsReport",
+            "analytics",
+            "Requests, errors, cost, tokens and latency percentiles",
+        )
+    },
+    route("GET", "/openapi.json", "getOpenApi", "meta", "This document"),
+];
+
+/// The route `method` and `path` (below `/manage/v1`, no leading slash) match: `Ok(route)`,
+/// `Err(Some(allowed))` when the path exists with other methods, `Err(None)` when not at all.
+pub fn find(method: &str, path: &str) -> Result<&'static Route, Option<String>> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let fits = |r: &Route| {
+        let pattern: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
+        pattern.len() == segments.len()
+            && pattern.iter().zip(&segments).all(|(p, s)| (p.starts_with('{') && !s.is_empty()) || p == s)
+    };
+    // A literal segment beats a parameter (`versions/diff` before `versions/{version}`).
+    let literal_count = |r: &Route| r.path.split('/').filter(|p| !p.starts_with('{')).count();
+    let mut matching: Vec<&'static Route> = ROUTES.iter().filter(|r| fits(r)).collect();
+    if matching.is_empty() {
+        return Err(None);
+    }
+    let best = matching.iter().map(|r| literal_count(r)).max().unwrap_or(0);
+    matching.retain(|r| literal_count(r) == best);
+    match matching.iter().find(|r| r.method == method) {
+        Some(r) => Ok(r),
+        None => Err(Some(matching.iter().map(|r| r.method).collect::<Vec<_>>().join(", "))),
+    }
+}
+
+fn http_method(m: &str) -> HttpMethod {
+    match m {
+        "POST" => HttpMethod::Post,
+        "PATCH" => HttpMethod::Patch,
+        "DELETE" => HttpMethod::Delete,
+        _ => HttpMethod::Get,
+    }
+}
+
+fn string_param(
+    name: &str,
+    at: ParameterIn,
+    required: bool,
+    description: &str,
+) -> utoipa::openapi::path::Parameter {
+    ParameterBuilder::new()
+        .name(name)
+        .parameter_in(at)
+        .required(if required { Required::True } else { Required::False })
+        .description(Some(description))
+        .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+        .build()
+}
+
+/// The whole document.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let envelope = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Data"))))
+                    .build(),
+            )
+            .build()
+    };
+    let error = ResponseBuilder::new()
+        .description(
+            "an error in the nested envelope: {\"error\": {type, code, message, resource, id, errors}}",
+        )
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Error"))))
+                .build(),
+        )
+        .build();
+    let mut components = ComponentsBuilder::new()
+        .security_scheme(
+            "BearerAuth",
+            SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("mlx_mk_…").build(),
+            ),
+        )
+        .schema(
+            "Data",
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .description(Some("`{\"data\": …}`; lists add `next_cursor` and `has_more`"))
+                .property("data", ObjectBuilder::new().schema_type(Type::Object))
+                .property(
+                    "next_cursor",
+                    ObjectBuilder::new().schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+                        Type::String,
+                        Type::Null,
+                    ])),
+                )
+                .property("has_more", ObjectBuilder::new().schema_type(Type::Boolean))
+                .required("data"),
+        )
+        .schema(
+            "Error",
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property(
+                    "error",
+                    ObjectBuilder::new()
+                        .schema_type(Type::Object)
+                        .property("type", ObjectBuilder::new().schema_type(Type::String))
+                        .property("code", ObjectBuilder::new().schema_type(Type::String))
+                        .property("message", ObjectBuilder::new().schema_type(Type::String))
+                        .property("resource", ObjectBuilder::new().schema_type(Type::String))
+                        .property("id", ObjectBuilder::new().schema_type(Type::String))
+                        .required("type")
+                        .required("code")
+                        .required("message"),
+                )
+                .required("error"),
+        );
+    let mut paths = PathsBuilder::new();
+    let mut items: Vec<(String, PathItem)> = Vec::new();
+    for r in ROUTES {
+        let mut op = OperationBuilder::new()
+            .operation_id(Some(r.operation_id))
+            .summary(Some(r.summary))
+            .tag(r.tag)
+            .response(
+                if r.creates { "201" } else { "200" },
+                envelope(if r.creates { "created" } else { "ok" }),
+            )
+            .response("default", error.clone());
+        for segment in r.path.split('/').filter(|s| s.starts_with('{')) {
+            let name = segment.trim_matches(|c| c == '{' || c == '}');
+            op = op.parameter(string_param(
+                name,
+                ParameterIn::Path,
+                true,
+                "id (or slug where the resource has one)",
+            ));
+        }
+        if r.paged {
+            op = op.parameter(string_param("limit", ParameterIn::Query, false, "1 to 200 (default 50)"));
+            op = op.parameter(string_param(
+                "cursor",
+                ParameterIn::Query,
+                false,
+                "next_cursor of the previous page",
+            ));
+        }
+        for (name, description) in r.query {
+            op = op.parameter(string_param(name, ParameterIn::Query, false, description));
+        }
+        if let Some(body) = r.body {
+            let body = body();
+            op = op.request_body(Some(
+                RequestBodyBuilder::new()
+                    .required(Some(Required::True))
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(&body.name))))
+                            .build(),
+                    )
+                    .build(),
+            ));
+            if r.method != "GET" {
+                op = op.parameter(string_param(
+                    "Idempotency-Key",
+                    ParameterIn::Header,
+                    false,
+                    "replays the stored answer for 24 h",
+                ));
+            }
+            for (name, schema) in body.schemas {
+                components = components.schema(name, schema);
+            }
+        }
+        if r.method == "PATCH" || r.method == "DELETE" {
+            op = op.parameter(string_param(
+                "If-Match",
+                ParameterIn::Header,
+                false,
+                "the version the change is based on",
+            ));
+        }
+        let full = format!("/manage/v1{}", r.path);
+        match items.iter_mut().find(|(p, _)| *p == full) {
+            Some((_, item)) => {
+                let other = PathItem::new(http_method(r.method), op.build());
+                item.merge_operations(other);
+            }
+            None => items.push((full, PathItem::new(http_method(r.method), op.build()))),
+        }
+    }
+    for (path, item) in items {
+        paths = paths.path(path, item);
+    }
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("modelux management API")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some("Projects, keys, providers, routing configs with versions, budgets, audit log, logs and analytics. Also served under /api/manage/v1."))
+                .build(),
+        )
+        .paths(paths.build())
+        .components(Some(components.build()))
+        .security(Some([SecurityRequirement::new("BearerAuth", Vec::<String>::new())]))
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve_literals_before_parameters_and_know_their_methods() {
+        assert_eq!(
+            find("GET", "routing-configs/prod/versions/diff").map(|r| r.operation_id),
+            Ok("diffRoutingConfigVersions")
+        );
+        assert_eq!(
+            find("GET", "routing-configs/prod/versions/3").map(|r| r.operation_id),
+            Ok("getRoutingConfigVersion")
+        );
+        assert_eq!(
+            find("POST", "routing-configs/validate").map(|r| r.operation_id),
+            Ok("validateRoutingConfig")
+        );
+        assert_eq!(find("PUT", "projects/x").map(|r| r.operation_id), Err(Some("GET, PATCH, DELETE".into())));
+        assert_eq!(find("GET", "nothing/here").map(|r| r.operation_id), Err(None));
+        let doc = serde_json::to_value(document()).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["paths"]["/manage/v1/projects/{id}"]["patch"]["requestBody"].is_object());
+        assert!(doc["components"]["schemas"]["BudgetBody"].is_object());
+        let operations: usize =
+            doc["paths"].as_object().unwrap().values().map(|item| item.as_object().unwrap().len()).sum();
+        assert_eq!(operations, ROUTES.len());
+    }
+}
