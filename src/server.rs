@@ -15,11 +15,12 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::config::store::{ConfigStore, ConfigWatcher};
-use crate::config::Settings;
+use crate::config::{Settings, StateBackend};
 use crate::manage::ManageApp;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, GatewayState};
 use crate::spend::Spend;
+use crate::state::postgres::PostgresState;
 use crate::state::secrets::{KeySource, MasterKey};
 use crate::state::sqlite::SqliteState;
 use crate::state::StateStore;
@@ -57,7 +58,19 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let settings = store.load().settings.clone();
     let db = settings.data_dir.join(STATE_FILE);
-    let state = SqliteState::open(&db).map_err(|e| vec![e.to_string()])?;
+    let (state, resources): (Arc<dyn StateStore>, _) = match &settings.state_backend {
+        StateBackend::Sqlite => {
+            let s = SqliteState::open(&db).map_err(|e| vec![e.to_string()])?;
+            let resources = s.load_now().map_err(|e| vec![e.to_string()])?;
+            (Arc::new(s), resources)
+        }
+        StateBackend::Postgres { url } => {
+            let s = PostgresState::open(&url.0).map_err(|e| vec![e.to_string()])?;
+            let resources = s.load_now().map_err(|e| vec![e.to_string()])?;
+            (Arc::new(s), resources)
+        }
+    };
+    tracing::info!(backend = state.backend(), resources = resources.len(), "management state loaded");
     let env_key = std::env::var("MODELUX_MASTER_KEY").ok();
     let configured = settings.master_key.as_ref().map(|k| k.0.as_str());
     let (master, source) =
@@ -70,7 +83,6 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
         other => tracing::info!(source = ?other, "master key for provider keys at rest loaded"),
     }
     let master = Arc::new(master);
-    let resources = state.load_now().map_err(|e| vec![e.to_string()])?;
     store
         .load_resources(resources, master.clone())
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
@@ -82,7 +94,7 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
         spend: Arc::new(spend),
         traces,
         trace_writer,
-        state: Arc::new(state),
+        state,
         master,
     })
 }

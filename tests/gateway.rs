@@ -925,6 +925,8 @@ fn config_errors_name_their_paths() {
 mod clickhouse;
 #[path = "gateway/manage.rs"]
 mod manage;
+#[path = "gateway/pg.rs"]
+mod pg;
 #[path = "gateway/routing.rs"]
 mod routing;
 #[path = "gateway/spend.rs"]

@@ -32,6 +32,26 @@ if ! command -v clickhouse-server >/dev/null 2>&1; then
     fi
 fi
 
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v pg_config >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "== installing postgresql"
+        apt-get update -qq
+        # The tests start their own servers (initdb in a temp dir, stopped by PID); keep the
+        # package from starting a system-wide one.
+        created_policy=0
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+            chmod +x /usr/sbin/policy-rc.d
+            created_policy=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        if [ "$created_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+    else
+        echo "PostgreSQL is required by the state-store tests (apt-get install postgresql)" >&2
+        exit 1
+    fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

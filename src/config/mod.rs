@@ -65,6 +65,17 @@ pub struct Settings {
     pub traces: TraceSettings,
     /// `state.master_key`, if set.
     pub master_key: Option<Redacted>,
+    pub state_backend: StateBackend,
+}
+
+/// Where management state lives (`state.backend`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StateBackend {
+    /// `<data_dir>/modelux.db`.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by several gateway nodes.
+    Postgres { url: Redacted },
 }
 
 /// A secret from the config: `Debug` never shows it.
@@ -425,6 +436,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         },
         traces: trace_settings(traces, errors),
         master_key: None,
+        state_backend: StateBackend::Sqlite,
     }
 }
 
@@ -592,11 +604,23 @@ pub fn validate(
     let mut errors = Vec::new();
     let mut settings = settings(&raw.server, &raw.traces, base_dir, &mut errors);
     settings.master_key = raw.state.master_key.clone().map(Redacted);
-    match raw.state.backend.as_deref() {
-        None | Some("sqlite") => {}
-        Some(other) => errors.push(ConfigError::new(
+    match (raw.state.backend.as_deref(), &raw.state.url) {
+        (None | Some("sqlite"), None) => {}
+        (None | Some("sqlite"), Some(_)) => {
+            errors.push(ConfigError::new("state.url", "is only for backend: postgres"))
+        }
+        (Some("postgres"), Some(url))
+            if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
+        {
+            settings.state_backend = StateBackend::Postgres { url: Redacted(url.clone()) };
+        }
+        (Some("postgres"), _) => errors.push(ConfigError::new(
+            "state.url",
+            "backend postgres needs url: postgres://user:password@host:port/database",
+        )),
+        (Some(other), _) => errors.push(ConfigError::new(
             "state.backend",
-            format!("unknown state backend \"{other}\"; this build supports: sqlite"),
+            format!("unknown state backend \"{other}\" (supported: sqlite, postgres)"),
         )),
     }
     let limits = &raw.rate_limits;

@@ -244,8 +244,10 @@ pub struct RawConfig {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawState {
-    /// `sqlite` (default): `<data_dir>/modelux.db`.
+    /// `sqlite` (default): `<data_dir>/modelux.db`; `postgres`: the database at `url`.
     pub backend: Option<String>,
+    /// `postgres` only: `postgres://user:password@host:port/database`.
+    pub url: Option<String>,
     /// Encrypts provider keys at rest (64 hex characters or 32 bytes base64);
     /// `MODELUX_MASTER_KEY` wins over it, `<data_dir>/master.key` is used without either.
     pub master_key: Option<String>,

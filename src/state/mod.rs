@@ -7,6 +7,7 @@
 //! the resource's new version (an append-only history row), its audit entry and, when the
 //! caller sent `Idempotency-Key`, the stored answer.
 
+pub mod postgres;
 pub mod secrets;
 pub mod sqlite;
 

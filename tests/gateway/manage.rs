@@ -2,6 +2,7 @@
 //! audit log, idempotency and races, each change served by the proxy on the next request
 //! and still there after a restart.
 
+use super::pg::PgServer;
 use super::*;
 
 async fn call(
@@ -27,17 +28,59 @@ fn data(resp: &Response) -> Value {
     resp.json().unwrap()["data"].clone()
 }
 
-fn with_data_dir(upstream: &MockServer, data: &tempfile::TempDir) -> Cfg<'static> {
-    let mut cfg = Cfg::new(upstream.base_url().leak());
+/// Where the gateway under test keeps its management state: the embedded SQLite file, or a
+/// database on a PostgreSQL server of the test's own. Every scenario runs on both.
+struct Backend {
+    yaml: String,
+    pg: Option<PgServer>,
+}
+
+impl Backend {
+    fn sqlite() -> Backend {
+        Backend { yaml: String::new(), pg: None }
+    }
+
+    async fn postgres() -> Backend {
+        let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+        let url = pg.database("modelux_test").await;
+        Backend { yaml: format!("state: {{ backend: postgres, url: \"{url}\" }}\n"), pg: Some(pg) }
+    }
+
+    fn cfg(&self, upstream: &MockServer) -> Cfg<'static> {
+        let mut cfg = Cfg::new(upstream.base_url().leak());
+        cfg.top_extra = self.yaml.clone();
+        cfg
+    }
+
+    /// Files that hold the stored state (searched for plaintext secrets).
+    fn files(&self, data_dir: &std::path::Path) -> Vec<PathBuf> {
+        match &self.pg {
+            None => vec![data_dir.join("modelux.db"), data_dir.join("modelux.db-wal")],
+            Some(pg) => pg.files(),
+        }
+    }
+}
+
+fn with_data_dir(upstream: &MockServer, data: &tempfile::TempDir, backend: &Backend) -> Cfg<'static> {
+    let mut cfg = backend.cfg(upstream);
     cfg.server_extra = format!("  data_dir: \"{}\"", data.path().display()).leak();
     cfg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projects_and_keys_are_served_at_once_audited_and_survive_a_restart() {
+    projects_and_keys_are_served_at_once_audited_and_survive_a_restart_on(Backend::sqlite()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_and_keys_are_served_at_once_audited_and_survive_a_restart_on_postgres() {
+    projects_and_keys_are_served_at_once_audited_and_survive_a_restart_on(Backend::postgres().await).await
+}
+
+async fn projects_and_keys_are_served_at_once_audited_and_survive_a_restart_on(backend: Backend) {
     let upstream = mock(MockConfig::default()).await;
     let data_dir = tempfile::tempdir().unwrap();
-    let gw = start(with_data_dir(&upstream, &data_dir)).await;
+    let gw = start(with_data_dir(&upstream, &data_dir, &backend)).await;
 
     // The file's projects are listed, read-only.
     let list = call(&gw, "GET", "/manage/v1/projects", None, &[]).await;
@@ -210,7 +253,7 @@ async fn projects_and_keys_are_served_at_once_audited_and_survive_a_restart() {
     // Restart: projects, keys and revocations are all still there.
     let project_id = project["id"].as_str().unwrap().to_string();
     drop(gw);
-    let gw = start(with_data_dir(&upstream, &data_dir)).await;
+    let gw = start(with_data_dir(&upstream, &data_dir, &backend)).await;
     assert_eq!(chat_with(&gw, &secret).await.status, 404, "staging-eu's key still authenticates");
     assert_eq!(chat_with(&gw, &dev2_secret).await.status, 401);
     let again = call(&gw, "GET", &format!("/manage/v1/projects/{project_id}"), None, &[]).await;
@@ -231,8 +274,17 @@ async fn projects_and_keys_are_served_at_once_audited_and_survive_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_replay_and_conflict() {
+    idempotency_keys_replay_and_conflict_on(Backend::sqlite()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_replay_and_conflict_on_postgres() {
+    idempotency_keys_replay_and_conflict_on(Backend::postgres().await).await
+}
+
+async fn idempotency_keys_replay_and_conflict_on(backend: Backend) {
     let upstream = mock(MockConfig::default()).await;
-    let gw = start(Cfg::new(upstream.base_url().leak())).await;
+    let gw = start(backend.cfg(&upstream)).await;
     let body = json!({"name": "once"});
     let first =
         call(&gw, "POST", "/manage/v1/projects", Some(body.clone()), &[("idempotency-key", "k-1")]).await;
@@ -260,8 +312,17 @@ async fn idempotency_keys_replay_and_conflict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_twenty_racing_patches_from_one_version_exactly_one_wins() {
+    of_twenty_racing_patches_from_one_version_exactly_one_wins_on(Backend::sqlite()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_twenty_racing_patches_from_one_version_exactly_one_wins_on_postgres() {
+    of_twenty_racing_patches_from_one_version_exactly_one_wins_on(Backend::postgres().await).await
+}
+
+async fn of_twenty_racing_patches_from_one_version_exactly_one_wins_on(backend: Backend) {
     let upstream = mock(MockConfig::default()).await;
-    let gw = Arc::new(start(Cfg::new(upstream.base_url().leak())).await);
+    let gw = Arc::new(start(backend.cfg(&upstream)).await);
     let created = call(&gw, "POST", "/manage/v1/projects", Some(json!({"name": "race"})), &[]).await;
     assert_eq!(data(&created)["version"], 1);
     let tasks: Vec<_> = (0..20)
@@ -311,9 +372,18 @@ async fn ask_production(gw: &Gateway) -> Response {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_configs_are_versioned_diffed_rolled_back_and_served_at_once() {
+    routing_configs_are_versioned_diffed_rolled_back_and_served_at_once_on(Backend::sqlite()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_configs_are_versioned_diffed_rolled_back_and_served_at_once_on_postgres() {
+    routing_configs_are_versioned_diffed_rolled_back_and_served_at_once_on(Backend::postgres().await).await
+}
+
+async fn routing_configs_are_versioned_diffed_rolled_back_and_served_at_once_on(backend: Backend) {
     let upstream = mock(MockConfig::default()).await;
     let data_dir = tempfile::tempdir().unwrap();
-    let gw = start(with_data_dir(&upstream, &data_dir)).await;
+    let gw = start(with_data_dir(&upstream, &data_dir, &backend)).await;
     let rc = "/manage/v1/routing-configs";
 
     // A draft is checked without saving; errors name the field in the body.
@@ -409,7 +479,7 @@ async fn routing_configs_are_versioned_diffed_rolled_back_and_served_at_once() {
 
     // The active version survives a restart.
     drop(gw);
-    let gw = start(with_data_dir(&upstream, &data_dir)).await;
+    let gw = start(with_data_dir(&upstream, &data_dir, &backend)).await;
     let resp = ask_production(&gw).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.header("x-modelux-config-version"), Some("v3"));
@@ -445,9 +515,18 @@ fn chat_keys(upstream: &MockServer) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn providers_are_verified_sealed_rotated_under_load_and_survive_a_restart() {
+    providers_are_verified_sealed_rotated_under_load_and_survive_a_restart_on(Backend::sqlite()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_are_verified_sealed_rotated_under_load_and_survive_a_restart_on_postgres() {
+    providers_are_verified_sealed_rotated_under_load_and_survive_a_restart_on(Backend::postgres().await).await
+}
+
+async fn providers_are_verified_sealed_rotated_under_load_and_survive_a_restart_on(backend: Backend) {
     let upstream = mock(MockConfig::default()).await;
     let data_dir = tempfile::tempdir().unwrap();
-    let gw = Arc::new(start(with_data_dir(&upstream, &data_dir)).await);
+    let gw = Arc::new(start(with_data_dir(&upstream, &data_dir, &backend)).await);
     let old_key = "sk-old-0123456789abcdef";
     let new_key = "sk-new-fedcba9876543210";
     let base = upstream.base_url();
@@ -581,9 +660,9 @@ async fn providers_are_verified_sealed_rotated_under_load_and_survive_a_restart(
     assert_eq!(actions, ["provider.key_rotated", "provider.created"]);
     for key in [old_key, new_key] {
         assert!(!audit.text().contains(key));
-        for file in ["modelux.db", "modelux.db-wal"] {
-            let bytes = std::fs::read(data_dir.path().join(file)).unwrap_or_default();
-            assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "{key} in {file}");
+        for file in backend.files(data_dir.path()) {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "{key} in {file:?}");
         }
     }
     let master = std::fs::metadata(data_dir.path().join("master.key")).unwrap();
@@ -592,7 +671,7 @@ async fn providers_are_verified_sealed_rotated_under_load_and_survive_a_restart(
 
     // After a restart the sealed key opens again and serves.
     drop(Arc::try_unwrap(gw).ok().unwrap());
-    let gw = Arc::new(start(with_data_dir(&upstream, &data_dir)).await);
+    let gw = Arc::new(start(with_data_dir(&upstream, &data_dir, &backend)).await);
     assert_eq!(ask(gw.clone()).await.status, 200);
     assert_eq!(chat_keys(&upstream).last(), Some(&new_h));
     assert_eq!(call(&gw, "DELETE", "/manage/v1/routing-configs/viaapi", None, &[]).await.status, 200);
@@ -605,9 +684,18 @@ async fn providers_are_verified_sealed_rotated_under_load_and_survive_a_restart(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgets_through_the_api_police_at_once_and_report_spend_and_forecast() {
+    budgets_through_the_api_police_at_once_and_report_spend_and_forecast_on(Backend::sqlite()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_through_the_api_police_at_once_and_report_spend_and_forecast_on_postgres() {
+    budgets_through_the_api_police_at_once_and_report_spend_and_forecast_on(Backend::postgres().await).await
+}
+
+async fn budgets_through_the_api_police_at_once_and_report_spend_and_forecast_on(backend: Backend) {
     let upstream = mock(MockConfig::default()).await;
-    let mut cfg = Cfg::new(upstream.base_url().leak());
-    cfg.top_extra = "prices:\n  m1: { input_per_mtok: 10000, output_per_mtok: 10000 }\n".into();
+    let mut cfg = backend.cfg(&upstream);
+    cfg.top_extra += "prices:\n  m1: { input_per_mtok: 10000, output_per_mtok: 10000 }\n";
     cfg.more_configs = "  cheap: { project: default, strategy: single, model: \"local/m1\" }\n".into();
     let gw = start(cfg).await;
     let ask = || async {
@@ -693,8 +781,17 @@ async fn cli(gw: &Gateway, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_drives_the_management_api() {
+    the_cli_drives_the_management_api_on(Backend::sqlite()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_the_management_api_on_postgres() {
+    the_cli_drives_the_management_api_on(Backend::postgres().await).await
+}
+
+async fn the_cli_drives_the_management_api_on(backend: Backend) {
     let upstream = mock(MockConfig::default()).await;
-    let gw = start(Cfg::new(upstream.base_url().leak())).await;
+    let gw = start(backend.cfg(&upstream)).await;
     let (ok, out, err) = cli(&gw, &["projects", "create", "CLI Team", "--json"]).await;
     assert!(ok, "{err}");
     let made: Value = serde_json::from_str(&out).unwrap();

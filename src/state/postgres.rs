@@ -1,0 +1,506 @@
+//! The PostgreSQL state store, for several gateway nodes sharing one management state. The
+//! same tables and semantics as the embedded store (`sqlite.rs`): numbered migrations
+//! (applied under an advisory lock, so nodes starting together apply each once), one
+//! transaction per change, the version check in the `UPDATE` itself.
+//!
+//! The client and its connection live on a runtime of their own (one thread): management
+//! calls never run on, or wait for, a thread the proxy needs.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::{
+    Actor, AuditEntry, AuditQuery, Change, Idempotent, Kind, ListQuery, Op, StateError, StateStore, Stored,
+    Version,
+};
+
+/// Entry `i` takes the schema from version `i` to `i + 1`; append only.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE revisions (
+    revision   BIGSERIAL PRIMARY KEY,
+    created_ms BIGINT NOT NULL,
+    action     TEXT   NOT NULL
+);
+CREATE TABLE resources (
+    seq        BIGSERIAL PRIMARY KEY,
+    kind       TEXT   NOT NULL,
+    id         TEXT   NOT NULL UNIQUE,
+    project    TEXT   NOT NULL,
+    slug       TEXT   NOT NULL,
+    body       TEXT   NOT NULL,
+    version    BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    deleted_ms BIGINT
+);
+CREATE UNIQUE INDEX resources_live_slug ON resources (kind, project, slug) WHERE deleted_ms IS NULL;
+CREATE TABLE resource_versions (
+    id         TEXT    NOT NULL,
+    version    BIGINT  NOT NULL,
+    kind       TEXT    NOT NULL,
+    revision   BIGINT  NOT NULL,
+    body       TEXT    NOT NULL,
+    deleted    BOOLEAN NOT NULL,
+    actor_type TEXT    NOT NULL,
+    actor_id   TEXT    NOT NULL,
+    created_ms BIGINT  NOT NULL,
+    PRIMARY KEY (id, version)
+);
+CREATE TABLE audit_log (
+    seq           BIGSERIAL PRIMARY KEY,
+    id            TEXT   NOT NULL UNIQUE,
+    revision      BIGINT NOT NULL,
+    created_ms    BIGINT NOT NULL,
+    actor_type    TEXT   NOT NULL,
+    actor_id      TEXT   NOT NULL,
+    actor_label   TEXT   NOT NULL,
+    action        TEXT   NOT NULL,
+    resource_type TEXT   NOT NULL,
+    resource_id   TEXT   NOT NULL,
+    project       TEXT   NOT NULL,
+    ip            TEXT   NOT NULL,
+    user_agent    TEXT   NOT NULL,
+    before        TEXT,
+    after         TEXT
+);
+CREATE INDEX audit_log_resource ON audit_log (resource_type, resource_id);
+CREATE TABLE idempotency (
+    scope       TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    fingerprint TEXT    NOT NULL,
+    status      INTEGER NOT NULL,
+    body        BYTEA   NOT NULL,
+    created_ms  BIGINT  NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+"];
+
+/// Serialises schema migrations across nodes (an arbitrary constant: "mlx" + 1).
+const MIGRATION_LOCK: i64 = 0x6d6c_7801;
+
+pub struct PostgresState {
+    client: Arc<tokio::sync::Mutex<Client>>,
+    /// Runs the connection and every query (`None` only while dropping).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn db(e: tokio_postgres::Error) -> StateError {
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        return StateError::Conflict(e.to_string());
+    }
+    StateError::Unavailable(e.to_string())
+}
+
+impl PostgresState {
+    /// Connects to `url`, applies the migrations the database lacks. Blocks the calling
+    /// thread (start-up only).
+    pub fn open(url: &str) -> Result<PostgresState, StateError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("modelux-state")
+            .enable_all()
+            .build()
+            .map_err(|e| StateError::Unavailable(format!("state runtime: {e}")))?;
+        let url = url.to_string();
+        let client = blocking(&runtime, async move {
+            let (mut client, connection) = tokio_postgres::connect(&url, NoTls).await.map_err(|e| {
+                StateError::Unavailable(format!(
+                    "cannot connect to PostgreSQL: {}",
+                    strip_password(&e.to_string())
+                ))
+            })?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::error!(error = %e, "PostgreSQL state connection ended");
+                }
+            });
+            migrate(&mut client).await?;
+            Ok(client)
+        })?;
+        Ok(PostgresState { client: Arc::new(tokio::sync::Mutex::new(client)), runtime: Some(runtime) })
+    }
+
+    /// Runs `f` with the client on the store's own runtime.
+    async fn run<T, F>(&self, f: impl FnOnce(Arc<tokio::sync::Mutex<Client>>) -> F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, StateError>> + Send + 'static,
+    {
+        let runtime =
+            self.runtime.as_ref().ok_or_else(|| StateError::Unavailable("state store closed".into()))?;
+        runtime
+            .spawn(f(self.client.clone()))
+            .await
+            .map_err(|e| StateError::Unavailable(format!("state store task failed: {e}")))?
+    }
+
+    /// `load`, from a thread that may be inside another runtime (start-up).
+    pub fn load_now(&self) -> Result<Vec<Stored>, StateError> {
+        let runtime =
+            self.runtime.as_ref().ok_or_else(|| StateError::Unavailable("state store closed".into()))?;
+        let client = self.client.clone();
+        blocking(runtime, async move { load_live(&*client.lock().await).await })
+    }
+}
+
+/// Runs `fut` on `runtime` and waits for it on this thread, whatever runtime (if any) the
+/// thread belongs to.
+fn blocking<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = Result<T, StateError>> + Send + 'static,
+) -> Result<T, StateError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| StateError::Unavailable("state store task failed".into()))?
+}
+
+/// Connection errors may quote the URL: never its password.
+fn strip_password(message: &str) -> String {
+    match (message.find("://"), message.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &message[..scheme], &message[at..]),
+        _ => message.to_string(),
+    }
+}
+
+async fn migrate(client: &mut Client) -> Result<(), StateError> {
+    let tx = client.transaction().await.map_err(db)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)")
+        .await
+        .map_err(db)?;
+    let applied: i64 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+        .await
+        .map_err(db)?
+        .get(0);
+    let known = MIGRATIONS.len() as i64;
+    if applied > known {
+        return Err(StateError::Unavailable(format!(
+            "state schema version {applied} is newer than this build's ({known})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        tx.batch_execute(sql).await.map_err(db)?;
+        let now = (crate::spend::unix_now_us() / 1000) as i64;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
+            &[&(i as i64 + 1), &now],
+        )
+        .await
+        .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)
+}
+
+const RESOURCE_COLUMNS: &str =
+    "kind, id, project, slug, body, version, seq, created_ms, updated_ms, deleted_ms";
+
+fn read_resource(r: &Row) -> Result<Stored, StateError> {
+    let bad = |e: String| StateError::Unavailable(format!("stored resource unreadable: {e}"));
+    let kind: String = r.get(0);
+    let body: String = r.get(4);
+    Ok(Stored {
+        kind: Kind::parse(&kind).ok_or_else(|| bad(format!("unknown kind {kind}")))?,
+        id: r.get(1),
+        project: r.get(2),
+        slug: r.get(3),
+        body: serde_json::from_str(&body).map_err(|e| bad(e.to_string()))?,
+        version: r.get(5),
+        seq: r.get(6),
+        created_ms: r.get(7),
+        updated_ms: r.get(8),
+        deleted_ms: r.get(9),
+    })
+}
+
+async fn load_live(client: &Client) -> Result<Vec<Stored>, StateError> {
+    let sql = format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted_ms IS NULL ORDER BY seq");
+    client.query(&sql, &[]).await.map_err(db)?.iter().map(read_resource).collect()
+}
+
+fn text(v: &Option<Value>) -> Option<String> {
+    v.as_ref().map(Value::to_string)
+}
+
+async fn commit_changes(client: &mut Client, changes: &[Change]) -> Result<i64, StateError> {
+    let Some(first) = changes.first() else { return Err(StateError::Conflict("nothing to change".into())) };
+    let tx = client.transaction().await.map_err(db)?;
+    let revision: i64 = tx
+        .query_one(
+            "INSERT INTO revisions (created_ms, action) VALUES ($1, $2) RETURNING revision",
+            &[&first.now_ms, &first.action],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    for c in changes {
+        let r = &c.resource;
+        let body = r.body.to_string();
+        let kind = r.kind.as_str();
+        match c.op {
+            Op::Create => {
+                tx.execute(
+                    "INSERT INTO resources (kind, id, project, slug, body, version, created_ms, updated_ms) \
+                     VALUES ($1, $2, $3, $4, $5, 1, $6, $6)",
+                    &[&kind, &r.id, &r.project, &r.slug, &body, &c.now_ms],
+                )
+                .await
+                .map_err(|e| match db(e) {
+                    StateError::Conflict(_) => {
+                        StateError::Conflict(format!("{kind} \"{}\" already exists", r.slug))
+                    }
+                    other => other,
+                })?;
+            }
+            Op::Update | Op::Delete => {
+                let deleted = matches!(c.op, Op::Delete).then_some(c.now_ms);
+                let base = c.base_version.unwrap_or(0);
+                let changed = tx
+                    .execute(
+                        "UPDATE resources SET body = $1, slug = $2, version = $3, updated_ms = $4, deleted_ms = $5 \
+                         WHERE id = $6 AND version = $7 AND deleted_ms IS NULL",
+                        &[&body, &r.slug, &r.version, &c.now_ms, &deleted, &r.id, &base],
+                    )
+                    .await
+                    .map_err(db)?;
+                if changed == 0 {
+                    return Err(StateError::Conflict(format!(
+                        "{kind} {} was changed by another request; read it again and retry",
+                        r.id
+                    )));
+                }
+            }
+        }
+        let deleted = matches!(c.op, Op::Delete);
+        tx.execute(
+            "INSERT INTO resource_versions (id, version, kind, revision, body, deleted, actor_type, actor_id, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[&r.id, &r.version, &kind, &revision, &body, &deleted, &c.actor.kind, &c.actor.id, &c.now_ms],
+        )
+        .await
+        .map_err(db)?;
+        let audit_id = format!("aud_{}", uuid::Uuid::now_v7().simple());
+        tx.execute(
+            "INSERT INTO audit_log (id, revision, created_ms, actor_type, actor_id, actor_label, action, \
+             resource_type, resource_id, project, ip, user_agent, before, after) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            &[
+                &audit_id,
+                &revision,
+                &c.now_ms,
+                &c.actor.kind,
+                &c.actor.id,
+                &c.actor.label,
+                &c.action,
+                &kind,
+                &r.id,
+                &r.project,
+                &c.origin.ip,
+                &c.origin.user_agent,
+                &text(&c.before),
+                &text(&c.after),
+            ],
+        )
+        .await
+        .map_err(db)?;
+        if let Some(i) = &c.idempotent {
+            let status = i32::from(i.status);
+            tx.execute(
+                "INSERT INTO idempotency (scope, key, fingerprint, status, body, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, key) DO UPDATE SET \
+                 fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status, body = EXCLUDED.body, \
+                 created_ms = EXCLUDED.created_ms",
+                &[&i.scope, &i.key, &i.fingerprint, &status, &i.body, &i.created_ms],
+            )
+            .await
+            .map_err(db)?;
+        }
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(revision)
+}
+
+#[async_trait]
+impl StateStore for PostgresState {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn load(&self) -> Result<Vec<Stored>, StateError> {
+        self.run(|c| async move { load_live(&*c.lock().await).await }).await
+    }
+
+    async fn get(&self, kind: Kind, id_or_slug: &str, project: &str) -> Result<Option<Stored>, StateError> {
+        let (key, project) = (id_or_slug.to_string(), project.to_string());
+        self.run(|c| async move {
+            let sql = format!(
+                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = $1 AND (id = $2 OR (slug = $2 AND project = $3)) \
+                 ORDER BY id = $2 DESC, deleted_ms IS NULL DESC, seq DESC LIMIT 1"
+            );
+            let rows = c.lock().await.query(&sql, &[&kind.as_str(), &key, &project]).await.map_err(db)?;
+            rows.first().map(read_resource).transpose()
+        })
+        .await
+    }
+
+    async fn list(&self, kind: Kind, q: &ListQuery) -> Result<Vec<Stored>, StateError> {
+        let q = q.clone();
+        self.run(|c| async move {
+            let sql = format!(
+                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = $1 AND seq > $2 \
+                 AND ($3::TEXT IS NULL OR project = $3) AND ($4 OR deleted_ms IS NULL) ORDER BY seq LIMIT $5"
+            );
+            let limit = q.limit as i64;
+            let rows = c
+                .lock()
+                .await
+                .query(
+                    &sql,
+                    &[&kind.as_str(), &q.after_seq.unwrap_or(0), &q.project, &q.include_deleted, &limit],
+                )
+                .await
+                .map_err(db)?;
+            rows.iter().map(read_resource).collect()
+        })
+        .await
+    }
+
+    async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError> {
+        let id = id.to_string();
+        self.run(|c| async move {
+            let rows = c
+                .lock()
+                .await
+                .query(
+                    "SELECT version, revision, body, deleted, actor_type, actor_id, created_ms \
+                     FROM resource_versions WHERE id = $1 ORDER BY version",
+                    &[&id],
+                )
+                .await
+                .map_err(db)?;
+            Ok(rows
+                .iter()
+                .map(|r| Version {
+                    version: r.get(0),
+                    revision: r.get(1),
+                    body: serde_json::from_str(r.get::<_, &str>(2)).unwrap_or(Value::Null),
+                    deleted: r.get(3),
+                    actor_kind: r.get(4),
+                    actor_id: r.get(5),
+                    created_ms: r.get(6),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn commit(&self, changes: &[Change]) -> Result<i64, StateError> {
+        let changes = changes.to_vec();
+        self.run(|c| async move { commit_changes(&mut *c.lock().await, &changes).await }).await
+    }
+
+    async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StateError> {
+        let q = q.clone();
+        self.run(|c| async move {
+            let limit = q.limit as i64;
+            let rows = c
+                .lock()
+                .await
+                .query(
+                    "SELECT seq, id, created_ms, actor_type, actor_id, actor_label, action, resource_type, \
+                     resource_id, project, ip, user_agent, before, after FROM audit_log \
+                     WHERE seq < $1 AND ($2::TEXT IS NULL OR resource_type = $2) AND ($3::TEXT IS NULL OR resource_id = $3) \
+                     AND ($4::TEXT IS NULL OR action = $4) AND ($5::TEXT IS NULL OR actor_id = $5) \
+                     AND ($6::BIGINT IS NULL OR created_ms >= $6) AND ($7::BIGINT IS NULL OR created_ms < $7) \
+                     ORDER BY seq DESC LIMIT $8",
+                    &[
+                        &q.before_seq.unwrap_or(i64::MAX),
+                        &q.resource_type,
+                        &q.resource_id,
+                        &q.action,
+                        &q.actor_id,
+                        &q.start_ms,
+                        &q.end_ms,
+                        &limit,
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+            Ok(rows
+                .iter()
+                .map(|r| AuditEntry {
+                    seq: r.get(0),
+                    id: r.get(1),
+                    created_ms: r.get(2),
+                    actor: Actor { kind: r.get(3), id: r.get(4), label: r.get(5) },
+                    action: r.get(6),
+                    resource_type: r.get(7),
+                    resource_id: r.get(8),
+                    project: r.get(9),
+                    ip: r.get(10),
+                    user_agent: r.get(11),
+                    before: json(r.get(12)),
+                    after: json(r.get(13)),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        since_ms: i64,
+    ) -> Result<Option<Idempotent>, StateError> {
+        let (scope, key) = (scope.to_string(), key.to_string());
+        self.run(|c| async move {
+            let rows = c
+                .lock()
+                .await
+                .query(
+                    "SELECT scope, key, fingerprint, status, body, created_ms FROM idempotency \
+                     WHERE scope = $1 AND key = $2 AND created_ms >= $3",
+                    &[&scope, &key, &since_ms],
+                )
+                .await
+                .map_err(db)?;
+            Ok(rows.first().map(|r| Idempotent {
+                scope: r.get(0),
+                key: r.get(1),
+                fingerprint: r.get(2),
+                status: u16::try_from(r.get::<_, i32>(3)).unwrap_or(500),
+                body: r.get(4),
+                created_ms: r.get(5),
+            }))
+        })
+        .await
+    }
+}
+
+impl Drop for PostgresState {
+    fn drop(&mut self) {
+        // A plain drop blocks, which panics inside another runtime's context.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_password;
+
+    #[test]
+    fn connection_errors_never_quote_a_password() {
+        assert_eq!(strip_password("bad url postgres://u:secret@h:5/db"), "bad url postgres://…@h:5/db");
+        assert_eq!(strip_password("refused"), "refused");
+    }
+}
