@@ -25,6 +25,9 @@ RATE=${RATE:-5000}
 # latency when nothing queues): 0 skips them.
 STREAM=${STREAM:-1}
 ONE_CONN=${ONE_CONN:-1}
+# Management PATCHes sent while a second paced gateway phase runs (0 skips): the proxy's
+# tail with the control plane busy, against the same phase without.
+CHURN=${CHURN:-100}
 # Resident memory with this many streams open through the gateway at once (0 skips).
 OPEN_STREAMS=${OPEN_STREAMS:-1000}
 # A bare pingora proxy (no auth, no body work) to run beside nginx: the floor of any
@@ -37,6 +40,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release
 
 GW_KEY=mlx_sk_loadtest_0123456789abcdef
+MANAGE_KEY=mlx_mk_loadtest_0123456789abcdef
 CLK_TCK=$(getconf CLK_TCK)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/modelux-load.XXXXXX")
 PIDS=()
@@ -223,7 +227,9 @@ projects:
       # Far above what one run sends, so the limiter runs on every request but never refuses.
       - { name: load, key: "$GW_KEY", requests_per_minute: 1000000000 }
 management_keys:
-  - { name: admin, key: "mlx_mk_loadtest_0123456789abcdef" }
+  - { name: admin, key: "$MANAGE_KEY" }
+# The churn phase sends more management calls than the default 60 a minute.
+rate_limits: { management_requests_per_minute: 0 }
 YAML
     "$BIN/modelux" check --config "$TMP/gw.yaml" >"$TMP/gw-check.log" 2>&1 ||
         die "gateway rejected the generated config: $(cat "$TMP/gw-check.log")"
@@ -362,6 +368,24 @@ for mode in sat paced; do
         alive "$GW_PID" gateway
         run_phase gateway$sfx "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
             --header "Authorization: Bearer $GW_KEY" "${extra[@]}"
+        if [ "$mode" = paced ] && [ "$CHURN" != 0 ]; then
+            manage="http://127.0.0.1:$GW_MANAGE_PORT/manage/v1"
+            curl -sf -o /dev/null -H "Authorization: Bearer $MANAGE_KEY" -H 'content-type: application/json' \
+                -d '{"slug":"churn","project":"default","strategy":"single","model":"mock/mock-model"}' \
+                "$manage/routing-configs" || die "cannot create the churn routing config"
+            # $CHURN PATCHes spread over the phase, each a new version swapped in.
+            interval=$(awk -v t="$((WARMUP_S + DURATION_S))" -v n="$CHURN" 'BEGIN { printf "%.3f", t / n }')
+            (for i in $(seq 1 "$CHURN"); do
+                taskset -c "$LOAD_CPU" curl -s -o /dev/null -w '%{http_code}\n' --max-time 5 -X PATCH \
+                    -H "Authorization: Bearer $MANAGE_KEY" -H 'content-type: application/json' \
+                    -d "{\"timeout_ms\": $((1000 + i))}" "$manage/routing-configs/churn" >>"$TMP/churn.codes"
+                sleep "$interval"
+            done) &
+            churner=$!
+            run_phase gateway_churn.paced "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+                --header "Authorization: Bearer $GW_KEY" "${extra[@]}"
+            wait "$churner" || true
+        fi
         if [ "$mode" = sat ]; then
             run_phase gateway_xlat "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
                 --header "Authorization: Bearer $GW_KEY"
@@ -488,9 +512,15 @@ row() {
         echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         row direct.paced
         [ "$SKIP_GATEWAY" = 1 ] || row gateway.paced
+        [ "$SKIP_GATEWAY" = 1 ] || [ "$CHURN" = 0 ] || row gateway_churn.paced
         row nginx.paced
         [ -z "$PINGORA_BARE" ] || row pingora.paced
         echo
+        if [ "$SKIP_GATEWAY" != 1 ] && [ "$CHURN" != 0 ]; then
+            awk -v a="$(jnum "$TMP/gateway_churn.paced.json" p99_us)" -v b="$(jnum "$TMP/gateway.paced.json" p99_us)" \
+                -v ok="$(grep -c '^200$' "$TMP/churn.codes" 2>/dev/null || echo 0)" -v n="$CHURN" \
+                'BEGIN { if (b > 0) printf "Gateway p99 with %d management PATCHes during the run (%d answered 200): %d µs against %d µs without (**%+.1f%%**).\n\n", n, ok, a, b, 100 * (a - b) / b }'
+        fi
     fi
     if [ "$SKIP_GATEWAY" != 1 ]; then
         awk -v g="$(jnum "$TMP/gateway.json" rps)" -v n="$(jnum "$TMP/nginx.json" rps)" \
