@@ -80,6 +80,18 @@ fn rebuild_and_swap(c: &mut Criterion) {
             })
         })
     });
+    // The fixed cost: a small config and one stored routing config.
+    let small = resources(1, 0);
+    store.load_resources(small.clone(), Arc::new(MasterKey::from_bytes(&[7; 32]))).unwrap();
+    group.bench_function("rebuild_validate_swap_1_config", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let staged = store.stage().await;
+                let snapshot = staged.build(&small).unwrap();
+                staged.install(snapshot, small.clone());
+            })
+        })
+    });
     group.finish();
 }
 
