@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::Principal;
 use crate::config::{ConfigError, Snapshot};
-use crate::state::{Actor, Change, Idempotent, Op, Origin, StateError, StateStore, Stored};
+use crate::state::{Actor, Change, Idempotent, Kind, ListQuery, Op, Origin, StateError, StateStore, Stored};
 
 /// Largest management request body.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -429,4 +429,134 @@ pub fn time(ms: i64) -> Value {
 
 pub fn opt_time(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, time)
+}
+
+/// A new resource of `kind` (its id generated), at version 1.
+pub fn new_resource(kind: Kind, project: String, slug: String, body: Value) -> Stored {
+    let now = now_ms();
+    Stored {
+        kind,
+        id: format!("{}{}", kind.id_prefix(), uuid::Uuid::now_v7().simple()),
+        project,
+        slug,
+        body,
+        version: 1,
+        seq: 0,
+        created_ms: now,
+        updated_ms: now,
+        deleted_ms: None,
+    }
+}
+
+/// `old` at its next version with `body`.
+pub fn next_version(old: &Stored, body: Value) -> Stored {
+    let mut new = old.clone();
+    new.body = body;
+    new.version += 1;
+    new.updated_ms = now_ms();
+    new
+}
+
+/// Creating `r`: the change, audited as `action`, answered 201 with `view(r)`.
+pub fn create_plan(call: &Call<'_>, r: Stored, action: &str, view: fn(&Stored) -> Value) -> Plan {
+    let data = view(&r);
+    let mut c = change(call, Op::Create, r, None, action.into());
+    c.after = Some(data.clone());
+    Plan { changes: vec![c], status: 201, data }
+}
+
+/// `old` becoming `new` (its next version), audited as `action`.
+pub fn update_plan(
+    call: &Call<'_>,
+    old: &Stored,
+    new: Stored,
+    action: &str,
+    view: fn(&Stored) -> Value,
+) -> Plan {
+    let data = view(&new);
+    let mut c = change(call, Op::Update, new, Some(old.version), action.into());
+    c.before = Some(view(old));
+    c.after = Some(data.clone());
+    Plan { changes: vec![c], status: 200, data }
+}
+
+/// The change that soft-deletes (or revokes) `old`, audited as `action`.
+pub fn delete_change(call: &Call<'_>, old: &Stored, action: &str, view: fn(&Stored) -> Value) -> Change {
+    let mut gone = next_version(old, old.body.clone());
+    gone.deleted_ms = Some(gone.updated_ms);
+    let after = view(&gone);
+    let mut c = change(call, Op::Delete, gone, Some(old.version), action.into());
+    c.before = Some(view(old));
+    c.after = Some(after);
+    c
+}
+
+/// Deleting `old`: answered 200 with the deleted resource.
+pub fn delete_plan(call: &Call<'_>, old: &Stored, action: &str, view: fn(&Stored) -> Value) -> Plan {
+    let c = delete_change(call, old, action, view);
+    let data = c.after.clone().unwrap_or(Value::Null);
+    Plan { changes: vec![c], status: 200, data }
+}
+
+/// The live stored resource `found` picked out of `current`, held to `If-Match`; without
+/// one, 409 `managed_by_file` when the config file defines `key`, else 404.
+pub fn editable<'a>(
+    current: &'a [Stored],
+    resource: &'static str,
+    key: &str,
+    in_file: bool,
+    call: &Call<'_>,
+    found: impl Fn(&Stored) -> bool,
+) -> Result<&'a Stored, ApiError> {
+    let Some(r) = current.iter().find(|r| found(r)) else {
+        return Err(if in_file {
+            ApiError::managed_by_file(resource, key)
+        } else {
+            ApiError::not_found(resource, key)
+        });
+    };
+    if let Some(v) = call.expected_version()? {
+        if v != r.version {
+            return Err(ApiError::conflict(
+                "version_conflict",
+                resource,
+                &r.id,
+                format!("{} {} is at version {}, not {v}", resource.replace('_', " "), r.slug, r.version),
+            ));
+        }
+    }
+    Ok(r)
+}
+
+/// One page of a list: the config file's entries (`file`, already viewed) first, then the
+/// store's resources of `kind` by `seq`.
+pub async fn list_page(
+    state: &dyn StateStore,
+    call: &Call<'_>,
+    kind: Kind,
+    file: Vec<Value>,
+    mut query: ListQuery,
+    view: impl Fn(&Stored) -> Value,
+) -> Result<Answer, ApiError> {
+    let page = page(call)?;
+    let mut items = Vec::new();
+    let after_seq = match position(page.cursor.as_deref())? {
+        Position::File(i) => {
+            items.extend(file.iter().skip(i).take(page.limit).cloned());
+            if i + page.limit < file.len() {
+                return Ok(list_answer(items, Some(format!("f{}", i + page.limit))));
+            }
+            0
+        }
+        Position::Store(seq) => seq,
+    };
+    let want = page.limit - items.len();
+    query.after_seq = Some(after_seq);
+    query.limit = want + 1;
+    let rows = state.list(kind, &query).await.map_err(|e| ApiError::unavailable(&e))?;
+    let more = rows.len() > want;
+    let rows = &rows[..rows.len().min(want)];
+    items.extend(rows.iter().map(view));
+    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
+    Ok(list_answer(items, next))
 }

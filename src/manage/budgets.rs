@@ -5,13 +5,13 @@
 
 use serde_json::{json, Value};
 
-use super::api::{self, Answer, ApiError, Call, Plan, Position};
+use super::api::{self, Answer, ApiError, Call};
 use super::ManageApp;
 use crate::config::raw::{BudgetActionKind, BudgetScopeKind, RawBudget};
 use crate::config::{ConfigError, Snapshot};
 use crate::spend::counters::{to_usd, SpendKey};
 use crate::spend::period::iso8601;
-use crate::state::{Kind, ListQuery, Op, Stored};
+use crate::state::{Kind, ListQuery, Stored};
 
 /// The body of `POST /budgets`: the YAML budget entry.
 pub use crate::config::raw::RawBudget as BudgetBody;
@@ -153,32 +153,14 @@ pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str])
 }
 
 async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
-    let page = api::page(call)?;
     let snapshot = app.store.load();
-    let file: Vec<&crate::spend::budgets::Budget> = snapshot
-        .budgets
-        .iter()
-        .filter(|b| snapshot.file_owned.budgets.iter().any(|n| *n == *b.name))
-        .collect();
-    let mut items = Vec::new();
-    let after_seq = match api::position(page.cursor.as_deref())? {
-        Position::File(i) => {
-            items.extend(file.iter().skip(i).take(page.limit).map(|b| file_view(app, b)));
-            if i + page.limit < file.len() {
-                return Ok(api::list_answer(items, Some(format!("f{}", i + page.limit))));
-            }
-            0
-        }
-        Position::Store(seq) => seq,
-    };
-    let want = page.limit - items.len();
-    let query = ListQuery { after_seq: Some(after_seq), limit: want + 1, ..Default::default() };
-    let rows = app.state.list(Kind::Budget, &query).await.map_err(|e| ApiError::unavailable(&e))?;
-    let more = rows.len() > want;
-    let rows = &rows[..rows.len().min(want)];
-    items.extend(rows.iter().map(|r| with_standing(view(r), standing_of(app, &r.body))));
-    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
-    Ok(api::list_answer(items, next))
+    let in_file =
+        |b: &&crate::spend::budgets::Budget| snapshot.file_owned.budgets.iter().any(|n| *n == *b.name);
+    let file = snapshot.budgets.iter().filter(in_file).map(|b| file_view(app, b)).collect();
+    api::list_page(&*app.state, call, Kind::Budget, file, ListQuery::default(), |r| {
+        with_standing(view(r), standing_of(app, &r.body))
+    })
+    .await
 }
 
 async fn get(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
@@ -210,23 +192,11 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
                 format!("a budget named \"{name}\" already exists"),
             ));
         }
-        let now = api::now_ms();
-        let r = Stored {
-            kind: Kind::Budget,
-            id: format!("{}{}", Kind::Budget.id_prefix(), uuid::Uuid::now_v7().simple()),
-            project: body["project"].as_str().unwrap_or_default().to_string(),
-            slug: name.clone(),
-            body,
-            version: 1,
-            seq: 0,
-            created_ms: now,
-            updated_ms: now,
-            deleted_ms: None,
-        };
-        let data = with_standing(view(&r), standing_of(app, &r.body));
-        let mut c = api::change(call, Op::Create, r.clone(), None, "budget.created".into());
-        c.after = Some(view(&r));
-        Ok(Plan { changes: vec![c], status: 201, data })
+        let project = body["project"].as_str().unwrap_or_default().to_string();
+        let r = api::new_resource(Kind::Budget, project, name.clone(), body);
+        let mut plan = api::create_plan(call, r, "budget.created", view);
+        plan.data = with_standing(plan.data, standing_of(app, &plan.changes[0].resource.body));
+        Ok(plan)
     })
     .await
 }
@@ -237,24 +207,10 @@ fn editable<'a>(
     key: &str,
     call: &Call<'_>,
 ) -> Result<&'a Stored, ApiError> {
-    let Some(r) = current.iter().find(|r| r.kind == Kind::Budget && (r.id == key || r.slug == key)) else {
-        return Err(if snapshot.file_owned.budgets.iter().any(|b| b == key) {
-            ApiError::managed_by_file(RESOURCE, key)
-        } else {
-            ApiError::not_found(RESOURCE, key)
-        });
-    };
-    if let Some(v) = call.expected_version()? {
-        if v != r.version {
-            return Err(ApiError::conflict(
-                "version_conflict",
-                RESOURCE,
-                &r.id,
-                format!("budget {} is at version {}, not {v}", r.slug, r.version),
-            ));
-        }
-    }
-    Ok(r)
+    let in_file = snapshot.file_owned.budgets.iter().any(|b| b == key);
+    api::editable(current, RESOURCE, key, in_file, call, |r| {
+        r.kind == Kind::Budget && (r.id == key || r.slug == key)
+    })
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
@@ -277,16 +233,12 @@ async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answe
             )]));
         }
         entry(&serde_json::to_vec(&body).unwrap_or_default())?;
-        let mut new = old.clone();
-        new.project = body["project"].as_str().unwrap_or_default().to_string();
-        new.body = body;
-        new.version += 1;
-        new.updated_ms = api::now_ms();
-        let data = with_standing(view(&new), standing_of(app, &new.body));
-        let mut c = api::change(call, Op::Update, new.clone(), Some(old.version), "budget.updated".into());
-        c.before = Some(view(old));
-        c.after = Some(view(&new));
-        Ok(Plan { changes: vec![c], status: 200, data })
+        let mut new = api::next_version(old, body);
+        new.project = new.body["project"].as_str().unwrap_or_default().to_string();
+        let standing = standing_of(app, &new.body);
+        let mut plan = api::update_plan(call, old, new, "budget.updated", view);
+        plan.data = with_standing(plan.data, standing);
+        Ok(plan)
     })
     .await
 }
@@ -295,15 +247,7 @@ async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answ
     let lock = format!("{RESOURCE}:{key}");
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
         let old = editable(current, snapshot, key, call)?;
-        let now = api::now_ms();
-        let mut gone = old.clone();
-        gone.version += 1;
-        gone.updated_ms = now;
-        gone.deleted_ms = Some(now);
-        let data = view(&gone);
-        let mut c = api::change(call, Op::Delete, gone, Some(old.version), "budget.deleted".into());
-        c.before = Some(view(old));
-        Ok(Plan { changes: vec![c], status: 200, data })
+        Ok(api::delete_plan(call, old, "budget.deleted", view))
     })
     .await
 }

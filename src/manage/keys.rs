@@ -6,12 +6,12 @@ use rand::distr::{Alphanumeric, SampleString};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{self, Answer, ApiError, Call, Plan, Position};
+use super::api::{self, Answer, ApiError, Call};
 use super::projects::{self, Found};
 use super::ManageApp;
 use crate::auth::{MANAGEMENT_KEY_PREFIX, PROJECT_KEY_PREFIX};
 use crate::config::ConfigError;
-use crate::state::{Kind, ListQuery, Op, Stored};
+use crate::state::{Kind, ListQuery, Stored};
 
 /// `POST /api-keys`, `POST /management-keys`.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -132,30 +132,11 @@ async fn project_param(app: &ManageApp, call: &Call<'_>, kind: Kind) -> Result<O
 }
 
 async fn list(app: &ManageApp, call: &Call<'_>, kind: Kind) -> Result<Answer, ApiError> {
-    let page = api::page(call)?;
     let project = project_param(app, call, kind).await?;
-    let include_revoked = call.param("include_revoked").is_some_and(|v| v == "true" || v == "1");
+    let include_deleted = call.param("include_revoked").is_some_and(|v| v == "true" || v == "1");
     let file = file_keys(&app.store.load(), kind, project.as_deref());
-    let mut items = Vec::new();
-    let after_seq = match api::position(page.cursor.as_deref())? {
-        Position::File(i) => {
-            items.extend(file.iter().skip(i).take(page.limit).cloned());
-            if i + items.len() < file.len() {
-                return Ok(api::list_answer(items, Some(format!("f{}", i + page.limit))));
-            }
-            0
-        }
-        Position::Store(seq) => seq,
-    };
-    let want = page.limit - items.len();
-    let query =
-        ListQuery { project, include_deleted: include_revoked, after_seq: Some(after_seq), limit: want + 1 };
-    let rows = app.state.list(kind, &query).await.map_err(|e| ApiError::unavailable(&e))?;
-    let more = rows.len() > want;
-    let rows = &rows[..rows.len().min(want)];
-    items.extend(rows.iter().map(view));
-    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
-    Ok(api::list_answer(items, next))
+    let query = ListQuery { project, include_deleted, ..Default::default() };
+    api::list_page(&*app.state, call, kind, file, query, view).await
 }
 
 async fn get(app: &ManageApp, call: &Call<'_>, kind: Kind, key: &str) -> Result<Answer, ApiError> {
@@ -213,31 +194,18 @@ async fn create(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str) -> Ans
             ));
         }
         let secret = format!("{}{}", prefix(kind), Alphanumeric.sample_string(&mut rand::rng(), 40));
-        let now = api::now_ms();
-        let r = Stored {
-            kind,
-            id: format!("{}{}", kind.id_prefix(), uuid::Uuid::now_v7().simple()),
-            project,
-            slug: name.clone(),
-            body: json!({
-                "name": name,
-                "key_sha256": hex::encode(crate::auth::digest(&secret)),
-                "key_last4": &secret[secret.len() - 4..],
-                "requests_per_minute": input.requests_per_minute,
-                "tokens_per_minute": input.tokens_per_minute,
-            }),
-            version: 1,
-            seq: 0,
-            created_ms: now,
-            updated_ms: now,
-            deleted_ms: None,
-        };
-        let shown = view(&r);
-        let mut data = shown.clone();
-        data["key"] = json!(secret);
-        let mut c = api::change(call, Op::Create, r, None, format!("{}.created", kind.as_str()));
-        c.after = Some(shown);
-        Ok(Plan { changes: vec![c], status: 201, data })
+        let body = json!({
+            "name": name,
+            "key_sha256": hex::encode(crate::auth::digest(&secret)),
+            "key_last4": &secret[secret.len() - 4..],
+            "requests_per_minute": input.requests_per_minute,
+            "tokens_per_minute": input.tokens_per_minute,
+        });
+        let r = api::new_resource(kind, project, name.clone(), body);
+        let mut plan = api::create_plan(call, r, &format!("{}.created", kind.as_str()), view);
+        // The plaintext is in this answer only (not in the audit entry's copy).
+        plan.data["key"] = json!(secret);
+        Ok(plan)
     })
     .await
 }
@@ -250,27 +218,9 @@ fn editable<'a>(
     call: &Call<'_>,
 ) -> Result<&'a Stored, ApiError> {
     let project = call.param("project").unwrap_or_default();
-    let found = current.iter().find(|r| {
+    api::editable(current, resource_name(kind), key, key.starts_with("file:"), call, |r| {
         r.kind == kind && (r.id == key || (r.slug == key && (r.project == project || project.is_empty())))
-    });
-    let Some(r) = found else {
-        return Err(if key.starts_with("file:") {
-            ApiError::managed_by_file(resource_name(kind), key)
-        } else {
-            ApiError::not_found(resource_name(kind), key)
-        });
-    };
-    if let Some(v) = call.expected_version()? {
-        if v != r.version {
-            return Err(ApiError::conflict(
-                "version_conflict",
-                resource_name(kind),
-                &r.id,
-                format!("{} is at version {}, not {v}", r.id, r.version),
-            ));
-        }
-    }
-    Ok(r)
+    })
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str, key: &str) -> Answer {
@@ -288,7 +238,7 @@ async fn patch(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str, key: &s
     let lock = format!("{}:{key}", kind.as_str());
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, _| {
         let old = editable(current, kind, key, call)?;
-        let mut new = old.clone();
+        let mut new = api::next_version(old, old.body.clone());
         if let Some(name) = &input.name {
             let name = name.trim();
             if current
@@ -311,14 +261,7 @@ async fn patch(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str, key: &s
         if let Some(tpm) = input.tokens_per_minute {
             new.body["tokens_per_minute"] = json!(tpm);
         }
-        new.version += 1;
-        new.updated_ms = api::now_ms();
-        let data = view(&new);
-        let mut c =
-            api::change(call, Op::Update, new, Some(old.version), format!("{}.updated", kind.as_str()));
-        c.before = Some(view(old));
-        c.after = Some(data.clone());
-        Ok(Plan { changes: vec![c], status: 200, data })
+        Ok(api::update_plan(call, old, new, &format!("{}.updated", kind.as_str()), view))
     })
     .await
 }
@@ -327,17 +270,7 @@ async fn revoke(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str, key: &
     let lock = format!("{}:{key}", kind.as_str());
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, _| {
         let old = editable(current, kind, key, call)?;
-        let now = api::now_ms();
-        let mut gone = old.clone();
-        gone.version += 1;
-        gone.updated_ms = now;
-        gone.deleted_ms = Some(now);
-        let data = view(&gone);
-        let mut c =
-            api::change(call, Op::Delete, gone, Some(old.version), format!("{}.revoked", kind.as_str()));
-        c.before = Some(view(old));
-        c.after = Some(data.clone());
-        Ok(Plan { changes: vec![c], status: 200, data })
+        Ok(api::delete_plan(call, old, &format!("{}.revoked", kind.as_str()), view))
     })
     .await
 }

@@ -4,10 +4,10 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{self, Answer, ApiError, Call, Plan, Position};
+use super::api::{self, Answer, ApiError, Call};
 use super::ManageApp;
-use crate::config::ConfigError;
-use crate::state::{Kind, ListQuery, Op, Stored};
+use crate::config::{ConfigError, Snapshot};
+use crate::state::{Kind, ListQuery, Stored};
 
 /// `POST /projects`.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -74,7 +74,7 @@ pub enum Found<'a> {
     File(String),
 }
 
-pub fn find<'a>(resources: &'a [Stored], snapshot: &crate::config::Snapshot, key: &str) -> Option<Found<'a>> {
+pub fn find<'a>(resources: &'a [Stored], snapshot: &Snapshot, key: &str) -> Option<Found<'a>> {
     if let Some(r) = resources.iter().find(|r| r.kind == Kind::Project && (r.id == key || r.slug == key)) {
         return Some(Found::Api(r));
     }
@@ -96,29 +96,10 @@ pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str])
 }
 
 async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
-    let page = api::page(call)?;
     let include_deleted = call.param("include_deleted").is_some_and(|v| v == "true" || v == "1");
-    let snapshot = app.store.load();
-    let file = &snapshot.file_owned.projects;
-    let mut items = Vec::new();
-    let after_seq = match api::position(page.cursor.as_deref())? {
-        Position::File(i) => {
-            items.extend(file.iter().skip(i).take(page.limit).map(|p| file_view(p)));
-            if i + items.len() < file.len() {
-                return Ok(api::list_answer(items, Some(format!("f{}", i + page.limit))));
-            }
-            0
-        }
-        Position::Store(seq) => seq,
-    };
-    let want = page.limit - items.len();
-    let query = ListQuery { project: None, include_deleted, after_seq: Some(after_seq), limit: want + 1 };
-    let rows = app.state.list(Kind::Project, &query).await.map_err(|e| ApiError::unavailable(&e))?;
-    let more = rows.len() > want;
-    let rows = &rows[..rows.len().min(want)];
-    items.extend(rows.iter().map(view));
-    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
-    Ok(api::list_answer(items, next))
+    let file = app.store.load().file_owned.projects.iter().map(|p| file_view(p)).collect();
+    let query = ListQuery { include_deleted, ..Default::default() };
+    api::list_page(&*app.state, call, Kind::Project, file, query, view).await
 }
 
 async fn get(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
@@ -156,50 +137,24 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
                 format!("a project with slug \"{slug}\" already exists"),
             ));
         }
-        let now = api::now_ms();
-        let r = Stored {
-            kind: Kind::Project,
-            id: format!("{}{}", Kind::Project.id_prefix(), uuid::Uuid::now_v7().simple()),
-            project: String::new(),
-            slug: slug.clone(),
-            body: json!({ "name": input.name.trim(), "description": input.description }),
-            version: 1,
-            seq: 0,
-            created_ms: now,
-            updated_ms: now,
-            deleted_ms: None,
-        };
-        let data = view(&r);
-        let mut c = api::change(call, Op::Create, r, None, "project.created".into());
-        c.after = Some(data.clone());
-        Ok(Plan { changes: vec![c], status: 201, data })
+        let body = json!({ "name": input.name.trim(), "description": input.description });
+        let r = api::new_resource(Kind::Project, String::new(), slug.clone(), body);
+        Ok(api::create_plan(call, r, "project.created", view))
     })
     .await
 }
 
-/// The live API project `key` names, or the error to answer.
+/// The live API project `key` (id or slug) names, or the error to answer.
 fn editable<'a>(
     current: &'a [Stored],
-    snapshot: &crate::config::Snapshot,
+    snapshot: &Snapshot,
     key: &str,
     call: &Call<'_>,
 ) -> Result<&'a Stored, ApiError> {
-    let r = match find(current, snapshot, key) {
-        Some(Found::Api(r)) => r,
-        Some(Found::File(_)) => return Err(ApiError::managed_by_file("project", key)),
-        None => return Err(ApiError::not_found("project", key)),
-    };
-    if let Some(v) = call.expected_version()? {
-        if v != r.version {
-            return Err(ApiError::conflict(
-                "version_conflict",
-                "project",
-                &r.id,
-                format!("project {} is at version {}, not {v}", r.id, r.version),
-            ));
-        }
-    }
-    Ok(r)
+    let in_file = snapshot.file_owned.projects.iter().any(|p| p == key);
+    api::editable(current, "project", key, in_file, call, |r| {
+        r.kind == Kind::Project && (r.id == key || r.slug == key)
+    })
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
@@ -217,20 +172,14 @@ async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answe
     let lock = format!("project:{key}");
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
         let old = editable(current, snapshot, key, call)?;
-        let mut new = old.clone();
+        let mut body = old.body.clone();
         if let Some(name) = &input.name {
-            new.body["name"] = json!(name.trim());
+            body["name"] = json!(name.trim());
         }
         if let Some(description) = &input.description {
-            new.body["description"] = json!(description);
+            body["description"] = json!(description);
         }
-        new.version += 1;
-        new.updated_ms = api::now_ms();
-        let data = view(&new);
-        let mut c = api::change(call, Op::Update, new, Some(old.version), "project.updated".into());
-        c.before = Some(view(old));
-        c.after = Some(data.clone());
-        Ok(Plan { changes: vec![c], status: 200, data })
+        Ok(api::update_plan(call, old, api::next_version(old, body), "project.updated", view))
     })
     .await
 }
@@ -239,27 +188,12 @@ async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answ
     let lock = format!("project:{key}");
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
         let old = editable(current, snapshot, key, call)?;
-        let now = api::now_ms();
-        let mut gone = old.clone();
-        gone.version += 1;
-        gone.updated_ms = now;
-        gone.deleted_ms = Some(now);
-        let data = view(&gone);
-        let mut c = api::change(call, Op::Delete, gone, Some(old.version), "project.deleted".into());
-        c.before = Some(view(old));
-        c.after = Some(data.clone());
-        let mut changes = vec![c];
+        let mut plan = api::delete_plan(call, old, "project.deleted", view);
         // Its keys are revoked with it, in the same transaction.
         for k in current.iter().filter(|r| r.kind == Kind::ApiKey && r.project == old.slug) {
-            let mut revoked = k.clone();
-            revoked.version += 1;
-            revoked.updated_ms = now;
-            revoked.deleted_ms = Some(now);
-            let mut c = api::change(call, Op::Delete, revoked, Some(k.version), "api_key.revoked".into());
-            c.before = Some(super::keys::view(k));
-            changes.push(c);
+            plan.changes.push(api::delete_change(call, k, "api_key.revoked", super::keys::view));
         }
-        Ok(Plan { changes, status: 200, data })
+        Ok(plan)
     })
     .await
 }

@@ -7,12 +7,12 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{self, Answer, ApiError, Call, Plan, Position};
+use super::api::{self, Answer, ApiError, Call};
 use super::ManageApp;
 use crate::config::raw::RawProvider;
 use crate::config::{ConfigError, Snapshot};
 use crate::providers::upstream;
-use crate::state::{Kind, ListQuery, Op, Stored};
+use crate::state::{Kind, ListQuery, Stored};
 use crate::trace::query::{Granularity, GroupBy, LogQuery, ReportQuery};
 
 const RESOURCE: &str = "provider";
@@ -133,28 +133,9 @@ pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str])
 }
 
 async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
-    let page = api::page(call)?;
     let snapshot = app.store.load();
-    let file = &snapshot.file_owned.providers;
-    let mut items = Vec::new();
-    let after_seq = match api::position(page.cursor.as_deref())? {
-        Position::File(i) => {
-            items.extend(file.iter().skip(i).take(page.limit).filter_map(|id| file_view(&snapshot, id)));
-            if i + page.limit < file.len() {
-                return Ok(api::list_answer(items, Some(format!("f{}", i + page.limit))));
-            }
-            0
-        }
-        Position::Store(seq) => seq,
-    };
-    let want = page.limit - items.len();
-    let query = ListQuery { after_seq: Some(after_seq), limit: want + 1, ..Default::default() };
-    let rows = app.state.list(Kind::Provider, &query).await.map_err(|e| ApiError::unavailable(&e))?;
-    let more = rows.len() > want;
-    let rows = &rows[..rows.len().min(want)];
-    items.extend(rows.iter().map(view));
-    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
-    Ok(api::list_answer(items, next))
+    let file = snapshot.file_owned.providers.iter().filter_map(|id| file_view(&snapshot, id)).collect();
+    api::list_page(&*app.state, call, Kind::Provider, file, ListQuery::default(), view).await
 }
 
 async fn get(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
@@ -207,32 +188,18 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
                 format!("a provider with id \"{slug}\" already exists"),
             ));
         }
-        let now = api::now_ms();
-        let r = Stored {
-            kind: Kind::Provider,
-            id: format!("{}{}", Kind::Provider.id_prefix(), uuid::Uuid::now_v7().simple()),
-            project: String::new(),
-            slug: slug.clone(),
-            body: json!({
-                "kind": input.kind,
-                "name": input.name,
-                "base_url": input.base_url,
-                "api_version": input.api_version,
-                "models": input.models,
-                "api_key_enc": sealed,
-                "key_last4": last4(api_key.as_deref()),
-                "verified_at": verified.then(|| crate::spend::period::iso8601_ms(now)),
-            }),
-            version: 1,
-            seq: 0,
-            created_ms: now,
-            updated_ms: now,
-            deleted_ms: None,
-        };
-        let data = view(&r);
-        let mut c = api::change(call, Op::Create, r, None, "provider.created".into());
-        c.after = Some(data.clone());
-        Ok(Plan { changes: vec![c], status: 201, data })
+        let body = json!({
+            "kind": input.kind,
+            "name": input.name,
+            "base_url": input.base_url,
+            "api_version": input.api_version,
+            "models": input.models,
+            "api_key_enc": sealed,
+            "key_last4": last4(api_key.as_deref()),
+            "verified_at": verified.then(|| crate::spend::period::iso8601_ms(api::now_ms())),
+        });
+        let r = api::new_resource(Kind::Provider, String::new(), slug.clone(), body);
+        Ok(api::create_plan(call, r, "provider.created", view))
     })
     .await
 }
@@ -252,24 +219,10 @@ fn editable<'a>(
     key: &str,
     call: &Call<'_>,
 ) -> Result<&'a Stored, ApiError> {
-    let Some(r) = current.iter().find(|r| r.kind == Kind::Provider && (r.id == key || r.slug == key)) else {
-        return Err(if snapshot.file_owned.providers.iter().any(|p| p == key) {
-            ApiError::managed_by_file(RESOURCE, key)
-        } else {
-            ApiError::not_found(RESOURCE, key)
-        });
-    };
-    if let Some(v) = call.expected_version()? {
-        if v != r.version {
-            return Err(ApiError::conflict(
-                "version_conflict",
-                RESOURCE,
-                &r.slug,
-                format!("provider {} is at version {}, not {v}", r.slug, r.version),
-            ));
-        }
-    }
-    Ok(r)
+    let in_file = snapshot.file_owned.providers.iter().any(|p| p == key);
+    api::editable(current, RESOURCE, key, in_file, call, |r| {
+        r.kind == Kind::Provider && (r.id == key || r.slug == key)
+    })
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
@@ -356,16 +309,8 @@ async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answe
                 "the provider was changed while this change was checked; retry",
             ));
         }
-        let mut new = live.clone();
-        new.body = body;
-        new.version += 1;
-        new.updated_ms = now;
-        let data = view(&new);
         let action = if rotated { "provider.key_rotated" } else { "provider.updated" };
-        let mut c = api::change(call, Op::Update, new, Some(live.version), action.into());
-        c.before = Some(view(live));
-        c.after = Some(data.clone());
-        Ok(Plan { changes: vec![c], status: 200, data })
+        Ok(api::update_plan(call, live, api::next_version(live, body), action, view))
     })
     .await
 }
@@ -389,15 +334,7 @@ async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answ
                 format!("provider {} is used by @{}; change those first", old.slug, users.join(", @")),
             ));
         }
-        let now = api::now_ms();
-        let mut gone = old.clone();
-        gone.version += 1;
-        gone.updated_ms = now;
-        gone.deleted_ms = Some(now);
-        let data = view(&gone);
-        let mut c = api::change(call, Op::Delete, gone, Some(old.version), "provider.deleted".into());
-        c.before = Some(view(old));
-        Ok(Plan { changes: vec![c], status: 200, data })
+        Ok(api::delete_plan(call, old, "provider.deleted", view))
     })
     .await
 }

@@ -6,11 +6,11 @@
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::api::{self, Answer, ApiError, Call, Plan, Position};
+use super::api::{self, Answer, ApiError, Call, Plan};
 use super::projects::{self, Found};
 use super::ManageApp;
 use crate::config::{ConfigError, Snapshot};
-use crate::state::{Kind, ListQuery, Op, Stored, Version};
+use crate::state::{Kind, ListQuery, Stored, Version};
 
 const RESOURCE: &str = "routing_config";
 
@@ -133,7 +133,6 @@ pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str])
 }
 
 async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
-    let page = api::page(call)?;
     let snapshot = app.store.load();
     let project = match call.param("project").or_else(|| call.param("project_id")) {
         None => None,
@@ -143,31 +142,20 @@ async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
             None => return Err(ApiError::not_found("project", &p)),
         },
     };
-    let mut file: Vec<&String> = snapshot.file_owned.routing_configs.iter().collect();
-    file.retain(|s| {
+    let in_project = |s: &&String| {
         project
             .as_ref()
             .is_none_or(|p| snapshot.routing_configs.get(s.as_str()).is_some_and(|rc| rc.project == *p))
-    });
-    let mut items = Vec::new();
-    let after_seq = match api::position(page.cursor.as_deref())? {
-        Position::File(i) => {
-            items.extend(file.iter().skip(i).take(page.limit).filter_map(|s| file_view(&snapshot, s)));
-            if i + page.limit < file.len() {
-                return Ok(api::list_answer(items, Some(format!("f{}", i + page.limit))));
-            }
-            0
-        }
-        Position::Store(seq) => seq,
     };
-    let want = page.limit - items.len();
-    let query = ListQuery { project, include_deleted: false, after_seq: Some(after_seq), limit: want + 1 };
-    let rows = app.state.list(Kind::RoutingConfig, &query).await.map_err(|e| ApiError::unavailable(&e))?;
-    let more = rows.len() > want;
-    let rows = &rows[..rows.len().min(want)];
-    items.extend(rows.iter().map(view));
-    let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
-    Ok(api::list_answer(items, next))
+    let file: Vec<Value> = snapshot
+        .file_owned
+        .routing_configs
+        .iter()
+        .filter(in_project)
+        .filter_map(|s| file_view(&snapshot, s))
+        .collect();
+    let query = ListQuery { project, ..Default::default() };
+    api::list_page(&*app.state, call, Kind::RoutingConfig, file, query, view).await
 }
 
 /// The stored config `key` names (id, slug or `@slug`), deleted ones included.
@@ -245,29 +233,14 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
                 format!("a routing config @{slug} already exists"),
             ));
         }
-        let now = api::now_ms();
-        let r = Stored {
-            kind: Kind::RoutingConfig,
-            id: format!("{}{}", Kind::RoutingConfig.id_prefix(), uuid::Uuid::now_v7().simple()),
-            project,
-            slug: slug.clone(),
-            body: Value::Object(map),
-            version: 1,
-            seq: 0,
-            created_ms: now,
-            updated_ms: now,
-            deleted_ms: None,
-        };
-        let data = view(&r);
-        let mut c = api::change(call, Op::Create, r, None, "routing_config.created".into());
-        c.after = Some(data.clone());
-        Ok(Plan { changes: vec![c], status: 201, data })
+        let r = api::new_resource(Kind::RoutingConfig, project, slug.clone(), Value::Object(map));
+        Ok(api::create_plan(call, r, "routing_config.created", view))
     })
     .await
     .map_validation(&slug)
 }
 
-/// The live API config `key` names, or the error to answer.
+/// The live API config `key` (id, slug or `@slug`) names, or the error to answer.
 fn editable<'a>(
     current: &'a [Stored],
     snapshot: &Snapshot,
@@ -275,25 +248,10 @@ fn editable<'a>(
     call: &Call<'_>,
 ) -> Result<&'a Stored, ApiError> {
     let key = key.trim_start_matches('@');
-    let Some(r) = current.iter().find(|r| r.kind == Kind::RoutingConfig && (r.id == key || r.slug == key))
-    else {
-        return Err(if snapshot.file_owned.routing_configs.iter().any(|s| s == key) {
-            ApiError::managed_by_file(RESOURCE, key)
-        } else {
-            ApiError::not_found(RESOURCE, key)
-        });
-    };
-    if let Some(v) = call.expected_version()? {
-        if v != r.version {
-            return Err(ApiError::conflict(
-                "version_conflict",
-                RESOURCE,
-                &r.id,
-                format!("@{} is at version {}, not {v}", r.slug, r.version),
-            ));
-        }
-    }
-    Ok(r)
+    let in_file = snapshot.file_owned.routing_configs.iter().any(|s| s == key);
+    api::editable(current, RESOURCE, key, in_file, call, |r| {
+        r.kind == Kind::RoutingConfig && (r.id == key || r.slug == key)
+    })
 }
 
 /// `old` with `patch` applied as a JSON merge patch (RFC 7396: `null` removes a field). A
@@ -312,15 +270,7 @@ fn merged(old: &Value, patch: Map<String, Value>) -> Value {
 
 /// A new active version of `old` with `body` (PATCH and rollback).
 fn new_version(call: &Call<'_>, old: &Stored, body: Value, action: &str) -> Plan {
-    let mut new = old.clone();
-    new.body = body;
-    new.version += 1;
-    new.updated_ms = api::now_ms();
-    let data = view(&new);
-    let mut c = api::change(call, Op::Update, new, Some(old.version), action.into());
-    c.before = Some(view(old));
-    c.after = Some(data.clone());
-    Plan { changes: vec![c], status: 200, data }
+    api::update_plan(call, old, api::next_version(old, body), action, view)
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {
@@ -419,15 +369,7 @@ async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answ
                 format!("@{} is used by @{}; change those first", old.slug, users.join(", @")),
             ));
         }
-        let now = api::now_ms();
-        let mut gone = old.clone();
-        gone.version += 1;
-        gone.updated_ms = now;
-        gone.deleted_ms = Some(now);
-        let data = view(&gone);
-        let mut c = api::change(call, Op::Delete, gone, Some(old.version), "routing_config.deleted".into());
-        c.before = Some(view(old));
-        Ok(Plan { changes: vec![c], status: 200, data })
+        Ok(api::delete_plan(call, old, "routing_config.deleted", view))
     })
     .await
 }
