@@ -560,3 +560,30 @@ pub async fn list_page(
     let next = if more { rows.last().map(|r| format!("s{}", r.seq)) } else { None };
     Ok(list_answer(items, next))
 }
+
+/// 409 `code` when routing configs of the snapshot use `old` (`uses` picks them), naming them.
+pub fn refuse_if_used(
+    snapshot: &Snapshot,
+    resource: &'static str,
+    old: &Stored,
+    code: &str,
+    uses: impl Fn(&crate::routing::RoutingConfig) -> bool,
+) -> Result<(), ApiError> {
+    let mut users: Vec<&str> =
+        snapshot.routing_configs.values().filter(|rc| uses(rc)).map(|rc| rc.slug.as_str()).collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    users.sort_unstable();
+    Err(ApiError::conflict(
+        code,
+        resource,
+        &old.slug,
+        format!(
+            "{} {} is used by @{}; change those first",
+            resource.replace('_', " "),
+            old.slug,
+            users.join(", @")
+        ),
+    ))
+}

@@ -319,21 +319,9 @@ async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answ
     let lock = format!("{RESOURCE}:{key}");
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
         let old = editable(current, snapshot, key, call)?;
-        let mut users: Vec<&str> = snapshot
-            .routing_configs
-            .values()
-            .filter(|rc| rc.strategy.uses_provider(&old.slug))
-            .map(|rc| rc.slug.as_str())
-            .collect();
-        users.sort_unstable();
-        if !users.is_empty() {
-            return Err(ApiError::conflict(
-                "provider_in_use",
-                RESOURCE,
-                &old.slug,
-                format!("provider {} is used by @{}; change those first", old.slug, users.join(", @")),
-            ));
-        }
+        api::refuse_if_used(snapshot, RESOURCE, old, "provider_in_use", |rc| {
+            rc.strategy.uses_provider(&old.slug)
+        })?;
         Ok(api::delete_plan(call, old, "provider.deleted", view))
     })
     .await

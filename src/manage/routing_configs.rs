@@ -354,21 +354,9 @@ async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answ
     let lock = format!("{RESOURCE}:{}", key.trim_start_matches('@'));
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
         let old = editable(current, snapshot, key, call)?;
-        let mut users: Vec<&str> = snapshot
-            .routing_configs
-            .values()
-            .filter(|rc| rc.slug != old.slug && rc.strategy.sub_configs().contains(&old.slug.as_str()))
-            .map(|rc| rc.slug.as_str())
-            .collect();
-        users.sort_unstable();
-        if !users.is_empty() {
-            return Err(ApiError::conflict(
-                "routing_config_in_use",
-                RESOURCE,
-                &old.id,
-                format!("@{} is used by @{}; change those first", old.slug, users.join(", @")),
-            ));
-        }
+        api::refuse_if_used(snapshot, RESOURCE, old, "routing_config_in_use", |rc| {
+            rc.slug != old.slug && rc.strategy.sub_configs().contains(&old.slug.as_str())
+        })?;
         Ok(api::delete_plan(call, old, "routing_config.deleted", view))
     })
     .await
