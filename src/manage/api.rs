@@ -587,3 +587,16 @@ pub fn refuse_if_used(
         ),
     ))
 }
+
+/// The live project `key` (id or slug) names, from the store or the file.
+pub enum Found<'a> {
+    Api(&'a Stored),
+    File(String),
+}
+
+pub fn find_project<'a>(resources: &'a [Stored], snapshot: &Snapshot, key: &str) -> Option<Found<'a>> {
+    if let Some(r) = resources.iter().find(|r| r.kind == Kind::Project && (r.id == key || r.slug == key)) {
+        return Some(Found::Api(r));
+    }
+    snapshot.file_owned.projects.iter().find(|p| *p == key).map(|p| Found::File(p.clone()))
+}

@@ -7,7 +7,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::api::{self, Answer, ApiError, Call};
-use super::projects::{self, Found};
 use super::ManageApp;
 use crate::auth::{MANAGEMENT_KEY_PREFIX, PROJECT_KEY_PREFIX};
 use crate::config::ConfigError;
@@ -171,9 +170,9 @@ async fn create(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str) -> Ans
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
         let project = match input.project.as_deref() {
             None => String::new(),
-            Some(p) => match projects::find(current, snapshot, p) {
-                Some(Found::Api(r)) => r.slug.clone(),
-                Some(Found::File(slug)) => slug,
+            Some(p) => match api::find_project(current, snapshot, p) {
+                Some(api::Found::Api(r)) => r.slug.clone(),
+                Some(api::Found::File(slug)) => slug,
                 None => return Err(ApiError::not_found("project", p)),
             },
         };

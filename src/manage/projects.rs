@@ -68,19 +68,6 @@ fn check_name(name: &str, errors: &mut Vec<ConfigError>) {
     }
 }
 
-/// The live project `key` (id or slug) names, from the store or the file.
-pub enum Found<'a> {
-    Api(&'a Stored),
-    File(String),
-}
-
-pub fn find<'a>(resources: &'a [Stored], snapshot: &Snapshot, key: &str) -> Option<Found<'a>> {
-    if let Some(r) = resources.iter().find(|r| r.kind == Kind::Project && (r.id == key || r.slug == key)) {
-        return Some(Found::Api(r));
-    }
-    snapshot.file_owned.projects.iter().find(|p| *p == key).map(|p| Found::File(p.clone()))
-}
-
 pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str]) -> Answer {
     let result = match (call.method, rest) {
         ("GET", []) => list(app, call).await,
@@ -129,7 +116,7 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
     }
     let lock = format!("project:{slug}");
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
-        if find(current, snapshot, &slug).is_some() {
+        if api::find_project(current, snapshot, &slug).is_some() {
             return Err(ApiError::conflict(
                 "project_exists",
                 "project",

@@ -7,7 +7,6 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::api::{self, Answer, ApiError, Call, Plan};
-use super::projects::{self, Found};
 use super::ManageApp;
 use crate::config::{ConfigError, Snapshot};
 use crate::state::{Kind, ListQuery, Stored, Version};
@@ -99,9 +98,9 @@ fn project_of(
     let Some(p) = p.as_str() else {
         return Err(ApiError::invalid(vec![ConfigError::new("project", "must be a string")]));
     };
-    let slug = match projects::find(current, snapshot, p) {
-        Some(Found::Api(r)) => r.slug.clone(),
-        Some(Found::File(slug)) => slug,
+    let slug = match api::find_project(current, snapshot, p) {
+        Some(api::Found::Api(r)) => r.slug.clone(),
+        Some(api::Found::File(slug)) => slug,
         None => {
             return Err(ApiError::invalid(vec![ConfigError::new(
                 "project",
