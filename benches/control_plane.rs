@@ -65,7 +65,7 @@ fn rebuild_and_swap(c: &mut Criterion) {
     let store = ConfigStore::open(Some(path), metrics).unwrap();
     let master = Arc::new(MasterKey::from_bytes(&[7; 32]));
     let all = resources(1_000, 10_000);
-    store.load_resources(all.clone(), master).unwrap();
+    store.load_resources(all.clone(), master, &[]).unwrap();
     assert_eq!(store.load().routing_configs.len(), 1_000);
     assert_eq!(store.load().project_keys.len(), 10_000);
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -82,7 +82,7 @@ fn rebuild_and_swap(c: &mut Criterion) {
     });
     // The fixed cost: a small config and one stored routing config.
     let small = resources(1, 0);
-    store.load_resources(small.clone(), Arc::new(MasterKey::from_bytes(&[7; 32]))).unwrap();
+    store.load_resources(small.clone(), Arc::new(MasterKey::from_bytes(&[7; 32])), &[]).unwrap();
     group.bench_function("rebuild_validate_swap_1_config", |b| {
         b.iter(|| {
             rt.block_on(async {

@@ -83,9 +83,11 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
         other => tracing::info!(source = ?other, "master key for provider keys at rest loaded"),
     }
     let master = Arc::new(master);
+    let recorded = state.file_versions_now().map_err(|e| vec![e.to_string()])?;
     store
-        .load_resources(resources, master.clone())
+        .load_resources(resources, master.clone(), &recorded)
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    state.save_file_versions_now(&store.file_versions()).map_err(|e| vec![e.to_string()])?;
     let spend = Spend::open(Some(&db)).map_err(|e| vec![format!("embedded store: {e}")])?;
     let (traces, trace_writer) = open_traces(&store.load().settings, &metrics)?;
     Ok(Handles {
@@ -213,6 +215,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             store: handles.store.clone(),
             poll_file: settings.watch_config,
             handle_sighup: options.handle_sighup,
+            state: Some(handles.state.clone()),
         },
     );
     let flusher = background_service(

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use super::{build_snapshot_with, env_lookup, ConfigError, Snapshot};
 use crate::metrics::Metrics;
 use crate::state::secrets::MasterKey;
-use crate::state::Stored;
+use crate::state::{FileVersion, Stored};
 
 /// The config shipped in the binary; `modelux serve` without `--config` runs on it.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/modelux.yaml");
@@ -114,17 +114,20 @@ impl ConfigStore {
     }
 
     /// Lays the state store's resources over the file (at start, before serving); `master`
-    /// opens their provider keys.
+    /// opens their provider keys. `recorded`: the file's routing-config versions as last
+    /// served; a config whose definition is unchanged keeps its version, a changed one takes
+    /// the next.
     pub fn load_resources(
         &self,
         resources: Vec<Stored>,
         master: Arc<MasterKey>,
+        recorded: &[FileVersion],
     ) -> Result<(), Vec<ConfigError>> {
         let Ok(mut sources) = self.sources.try_lock() else {
             return Err(vec![ConfigError::new("state", "the config is being changed; try again")]);
         };
         // Built as the first snapshot (generation 1): nothing has been served yet.
-        let snapshot = build_snapshot_with(
+        let mut snapshot = build_snapshot_with(
             &sources.text,
             &env_lookup,
             None,
@@ -132,10 +135,33 @@ impl ConfigStore {
             &resources,
             Some(&master),
         )?;
+        for r in recorded {
+            if !snapshot.file_owned.routing_configs.contains(&r.slug) {
+                continue;
+            }
+            let Some(rc) = snapshot.routing_configs.get_mut(&r.slug) else { continue };
+            let last = u32::try_from(r.version).unwrap_or(1);
+            Arc::make_mut(rc).version =
+                if rc.definition == r.definition { last } else { last.saturating_add(1) };
+        }
         sources.resources = Arc::new(resources);
         sources.master = Some(master);
         self.swap(snapshot);
         Ok(())
+    }
+
+    /// The versions the config file's routing configs are served at now.
+    pub fn file_versions(&self) -> Vec<FileVersion> {
+        let snapshot = self.load();
+        let file = &snapshot.file_owned.routing_configs;
+        file.iter()
+            .filter_map(|slug| snapshot.routing_configs.get(slug))
+            .map(|rc| FileVersion {
+                slug: rc.slug.clone(),
+                definition: rc.definition.clone(),
+                version: i64::from(rc.version),
+            })
+            .collect()
     }
 
     /// Starts a management change; see `StagedChange`.
@@ -225,6 +251,8 @@ pub struct ConfigWatcher {
     pub store: Arc<ConfigStore>,
     pub poll_file: bool,
     pub handle_sighup: bool,
+    /// Where the file's routing-config versions are recorded after each reload.
+    pub state: Option<Arc<dyn crate::state::StateStore>>,
 }
 
 /// What identifies one version of a file without reading it. The inode is part of it because
@@ -238,9 +266,21 @@ fn file_stamp(path: &PathBuf) -> Option<(SystemTime, u64, u64)> {
 
 impl ConfigWatcher {
     async fn reload_and_log(&self, force: bool) {
-        if let Err(errors) = self.store.reload(force).await {
-            for e in &errors {
-                tracing::error!(error = %e, "config reload rejected; the previous config stays active");
+        match self.store.reload(force).await {
+            Ok(_) => {
+                let (Some(state), versions) = (self.state.clone(), self.store.file_versions()) else {
+                    return;
+                };
+                let saved =
+                    tokio::task::spawn_blocking(move || state.save_file_versions_now(&versions)).await;
+                if let Ok(Err(e)) = saved {
+                    tracing::warn!(error = %e, "cannot record the routing-config versions; a restart may count again from the recorded ones");
+                }
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(error = %e, "config reload rejected; the previous config stays active");
+                }
             }
         }
     }

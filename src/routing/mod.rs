@@ -15,7 +15,7 @@ use crate::providers::Target;
 use health::{Health, HealthSettings, Verdict};
 
 /// One validated routing config: a slug, its project, its version and its strategy.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RoutingConfig {
     pub slug: String,
     pub project: String,

@@ -90,6 +90,15 @@ pub struct Version {
     pub created_ms: i64,
 }
 
+/// The version a routing config of the config file was last served at, with the
+/// definition it had (so a restart keeps counting instead of starting again at 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileVersion {
+    pub slug: String,
+    pub definition: String,
+    pub version: i64,
+}
+
 /// Who made a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor {
@@ -215,6 +224,13 @@ pub trait StateStore: Send + Sync {
     async fn get(&self, kind: Kind, id_or_slug: &str, project: &str) -> Result<Option<Stored>, StateError>;
 
     async fn list(&self, kind: Kind, query: &ListQuery) -> Result<Vec<Stored>, StateError>;
+
+    /// The recorded versions of the file's routing configs. Blocks (start-up, blocking pool).
+    fn file_versions_now(&self) -> Result<Vec<FileVersion>, StateError>;
+
+    /// Records the file's routing-config versions (replacing those of the same slugs).
+    /// Blocks (start-up, blocking pool).
+    fn save_file_versions_now(&self, rows: &[FileVersion]) -> Result<(), StateError>;
 
     /// Every version of resource `id`, oldest first.
     async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError>;

@@ -14,12 +14,13 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row};
 
 use super::{
-    Actor, AuditEntry, AuditQuery, Change, Idempotent, Kind, ListQuery, Op, StateError, StateStore, Stored,
-    Version,
+    Actor, AuditEntry, AuditQuery, Change, FileVersion, Idempotent, Kind, ListQuery, Op, StateError,
+    StateStore, Stored, Version,
 };
 
 /// Entry `i` takes the schema from version `i` to `i + 1`; append only.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE revisions (
     revision   BIGSERIAL PRIMARY KEY,
     created_ms BIGINT NOT NULL,
@@ -77,7 +78,15 @@ CREATE TABLE idempotency (
     created_ms  BIGINT  NOT NULL,
     PRIMARY KEY (scope, key)
 );
-"];
+",
+    "
+CREATE TABLE file_config_versions (
+    slug       TEXT   NOT NULL PRIMARY KEY,
+    definition TEXT   NOT NULL,
+    version    BIGINT NOT NULL
+);
+",
+];
 
 /// Serialises schema migrations across nodes (an arbitrary constant: "mlx" + 1).
 const MIGRATION_LOCK: i64 = 0x6d6c_7801;
@@ -369,6 +378,44 @@ impl StateStore for PostgresState {
             rows.iter().map(read_resource).collect()
         })
         .await
+    }
+
+    fn file_versions_now(&self) -> Result<Vec<FileVersion>, StateError> {
+        let runtime =
+            self.runtime.as_ref().ok_or_else(|| StateError::Unavailable("state store closed".into()))?;
+        let client = self.client.clone();
+        blocking(runtime, async move {
+            let rows = client
+                .lock()
+                .await
+                .query("SELECT slug, definition, version FROM file_config_versions", &[])
+                .await
+                .map_err(db)?;
+            Ok(rows
+                .iter()
+                .map(|r| FileVersion { slug: r.get(0), definition: r.get(1), version: r.get(2) })
+                .collect())
+        })
+    }
+
+    fn save_file_versions_now(&self, rows: &[FileVersion]) -> Result<(), StateError> {
+        let runtime =
+            self.runtime.as_ref().ok_or_else(|| StateError::Unavailable("state store closed".into()))?;
+        let (client, rows) = (self.client.clone(), rows.to_vec());
+        blocking(runtime, async move {
+            let mut client = client.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            for r in &rows {
+                tx.execute(
+                    "INSERT INTO file_config_versions (slug, definition, version) VALUES ($1, $2, $3) \
+                     ON CONFLICT (slug) DO UPDATE SET definition = EXCLUDED.definition, version = EXCLUDED.version",
+                    &[&r.slug, &r.definition, &r.version],
+                )
+                .await
+                .map_err(db)?;
+            }
+            tx.commit().await.map_err(db)
+        })
     }
 
     async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError> {

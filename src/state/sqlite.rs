@@ -14,13 +14,14 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBeha
 use serde_json::Value;
 
 use super::{
-    Actor, AuditEntry, AuditQuery, Change, Idempotent, Kind, ListQuery, Op, StateError, StateStore, Stored,
-    Version,
+    Actor, AuditEntry, AuditQuery, Change, FileVersion, Idempotent, Kind, ListQuery, Op, StateError,
+    StateStore, Stored, Version,
 };
 
 /// Each entry is one schema version; entry `i` takes the schema from version `i` to `i + 1`.
 /// Append only: a released migration is never edited.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE revisions (
     revision   INTEGER PRIMARY KEY AUTOINCREMENT,
     created_ms INTEGER NOT NULL,
@@ -78,7 +79,15 @@ CREATE TABLE idempotency (
     created_ms  INTEGER NOT NULL,
     PRIMARY KEY (scope, key)
 );
-"];
+",
+    "
+CREATE TABLE file_config_versions (
+    slug       TEXT    NOT NULL PRIMARY KEY,
+    definition TEXT    NOT NULL,
+    version    INTEGER NOT NULL
+);
+",
+];
 
 pub struct SqliteState {
     conn: Arc<Mutex<Connection>>,
@@ -384,6 +393,30 @@ impl StateStore for SqliteState {
     async fn list(&self, kind: Kind, query: &ListQuery) -> Result<Vec<Stored>, StateError> {
         let query = query.clone();
         self.run(move |conn| list_resources(conn, kind, &query)).await
+    }
+
+    fn file_versions_now(&self) -> Result<Vec<FileVersion>, StateError> {
+        let conn = lock(&self.conn);
+        let mut stmt =
+            conn.prepare_cached("SELECT slug, definition, version FROM file_config_versions").map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| Ok(FileVersion { slug: r.get(0)?, definition: r.get(1)?, version: r.get(2)? }))
+            .map_err(db)?;
+        rows.collect::<Result<_, _>>().map_err(db)
+    }
+
+    fn save_file_versions_now(&self, rows: &[FileVersion]) -> Result<(), StateError> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        for r in rows {
+            tx.execute(
+                "INSERT INTO file_config_versions (slug, definition, version) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (slug) DO UPDATE SET definition = excluded.definition, version = excluded.version",
+                params![r.slug, r.definition, r.version],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)
     }
 
     async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError> {

@@ -856,3 +856,49 @@ async fn the_cli_drives_the_management_api_on(backend: Backend) {
     assert!(!ok);
     assert!(err.contains("401"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_routing_config_versions_count_on_across_restarts() {
+    file_routing_config_versions_count_on_across_restarts_on(Backend::sqlite()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_routing_config_versions_count_on_across_restarts_on_postgres() {
+    file_routing_config_versions_count_on_across_restarts_on(Backend::postgres().await).await
+}
+
+async fn file_routing_config_versions_count_on_across_restarts_on(backend: Backend) {
+    let upstream = mock(MockConfig::default()).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let version = |gw: &Gateway| {
+        let auth = format!("Bearer {KEY}");
+        let proxy = gw.proxy;
+        async move {
+            let resp = httpc::request(proxy, "POST", CHAT, &[("authorization", &auth)], &chat_body("@fast"))
+                .await
+                .unwrap();
+            assert_eq!(resp.status, 200, "{}", resp.text());
+            resp.header("x-modelux-config-version").unwrap().to_string()
+        }
+    };
+    let gw = start(with_data_dir(&upstream, &data_dir, &backend)).await;
+    assert_eq!(version(&gw).await, "v1");
+    // A reload that changes @fast makes v2, and the version is recorded.
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    write_config_atomically(&gw.config_path, &text.replace("model: \"gpt-4o-mini\"", "model: \"gpt-4o\""));
+    wait_for_generation(&gw.handles, 2).await;
+    assert_eq!(version(&gw).await, "v2");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.handles.state.file_versions_now().unwrap().iter().all(|v| v.version != 2) {
+        assert!(Instant::now() < deadline, "the reload's versions were not recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(gw);
+    // Restarted on the original file: a changed definition is the next version, not v1.
+    let gw = start(with_data_dir(&upstream, &data_dir, &backend)).await;
+    assert_eq!(version(&gw).await, "v3");
+    drop(gw);
+    // Restarted unchanged: the same version.
+    let gw = start(with_data_dir(&upstream, &data_dir, &backend)).await;
+    assert_eq!(version(&gw).await, "v3");
+}
