@@ -32,7 +32,9 @@ if ! command -v clickhouse-server >/dev/null 2>&1; then
     fi
 fi
 
-if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v pg_config >/dev/null 2>&1; then
+# The server, not just the client tools (a machine may have psql and pg_config alone).
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 &&
+    ! { command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/postgres" ]; }; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "== installing postgresql"
         apt-get update -qq
