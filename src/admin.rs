@@ -298,7 +298,7 @@ pub fn configs(conn: &Conn, command: ConfigsCommand) -> ExitCode {
                     None,
                 )?;
                 print(conn, &d["data"], |d| {
-                    let changes = d["changes"].as_array().cloned().unwrap_or_default();
+                    let changes = d.as_array().cloned().unwrap_or_default();
                     if changes.is_empty() {
                         return format!("v{from} and v{to} are the same");
                     }

@@ -465,7 +465,13 @@ pub fn document() -> utoipa::openapi::OpenApi {
             ObjectBuilder::new()
                 .schema_type(Type::Object)
                 .description(Some("`{\"data\": …}`; lists add `next_cursor` and `has_more`"))
-                .property("data", ObjectBuilder::new().schema_type(Type::Object))
+                .property(
+                    "data",
+                    ObjectBuilder::new().schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+                        Type::Object,
+                        Type::Array,
+                    ])),
+                )
                 .property(
                     "next_cursor",
                     ObjectBuilder::new().schema_type(utoipa::openapi::schema::SchemaType::from_iter([

@@ -386,7 +386,8 @@ async fn one_version(app: &ManageApp, key: &str, n: &str) -> Result<Answer, ApiE
     Ok(Answer::data(200, version_view(&r, &v)))
 }
 
-/// `?from=&to=`: `[{path, op, from, to}]`, JSON pointers into the config body.
+/// `?from=&to=`: `{"data": [{path, op, from, to}], "from", "to"}`, JSON pointers into the
+/// config body.
 async fn diff(app: &ManageApp, call: &Call<'_>, key: &str) -> Result<Answer, ApiError> {
     let param = |name: &str| {
         call.param(name)
@@ -414,10 +415,9 @@ async fn diff(app: &ManageApp, call: &Call<'_>, key: &str) -> Result<Answer, Api
             })
         })
         .collect();
-    Ok(Answer::data(
-        200,
-        json!({ "routing_config_id": r.id, "from": a.version, "to": b.version, "changes": ops }),
-    ))
+    // `data` is the list of changes; which versions were compared rides beside it.
+    let body = json!({ "data": ops, "routing_config_id": r.id, "from": a.version, "to": b.version });
+    Ok(Answer::json(200, &body))
 }
 
 /// Validation errors of a routing config answered with paths into its body.
