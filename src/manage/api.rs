@@ -528,6 +528,17 @@ pub fn editable<'a>(
     Ok(r)
 }
 
+/// `editable` for a resource of `kind` named by its id or its slug.
+pub fn editable_named<'a>(
+    current: &'a [Stored],
+    kind: Kind,
+    key: &str,
+    in_file: bool,
+    call: &Call<'_>,
+) -> Result<&'a Stored, ApiError> {
+    editable(current, kind.as_str(), key, in_file, call, |r| r.kind == kind && (r.id == key || r.slug == key))
+}
+
 /// One page of a list: the config file's entries (`file`, already viewed) first, then the
 /// store's resources of `kind` by `seq`.
 pub async fn list_page(

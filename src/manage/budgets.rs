@@ -145,8 +145,7 @@ pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str])
         ("GET", [id]) => get(app, id).await,
         ("PATCH", [id]) => return strip_index(patch(app, call, path, id).await),
         ("DELETE", [id]) => return delete(app, call, path, id).await,
-        (m, []) => Err(ApiError::method_not_allowed(m, "GET or POST")),
-        (m, [_]) => Err(ApiError::method_not_allowed(m, "GET, PATCH or DELETE")),
+        // The route table (openapi.rs) answered unknown paths and methods already.
         _ => Err(ApiError::not_found("endpoint", path)),
     };
     result.unwrap_or_else(ApiError::into_answer)
@@ -207,10 +206,8 @@ fn editable<'a>(
     key: &str,
     call: &Call<'_>,
 ) -> Result<&'a Stored, ApiError> {
-    let in_file = snapshot.file_owned.budgets.iter().any(|b| b == key);
-    api::editable(current, RESOURCE, key, in_file, call, |r| {
-        r.kind == Kind::Budget && (r.id == key || r.slug == key)
-    })
+    let in_file = snapshot.file_owned.budgets.iter().any(|s| s == key);
+    api::editable_named(current, Kind::Budget, key, in_file, call)
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {

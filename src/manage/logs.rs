@@ -44,17 +44,9 @@ fn unavailable(e: &StoreError) -> Answer {
 pub async fn answer(store: &dyn TraceStore, method: &str, path: &str, query: &str) -> Option<Answer> {
     let rest = path.strip_prefix("/manage/v1/").or_else(|| path.strip_prefix("/api/manage/v1/"))?;
     let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    // Methods were checked against the route table (openapi.rs) before this is called.
     let answer = match segments.as_slice() {
-        ["logs"] | ["logs", _] | ["logs", _, "trace"] | ["analytics", "report"] if method != "GET" => {
-            Answer {
-                status: 405,
-                body: openai_error_body(
-                    "invalid_request_error",
-                    &format!("{method} is not allowed; use GET"),
-                    "method_not_allowed",
-                ),
-            }
-        }
+        _ if method != "GET" => return None,
         ["logs"] => match parse_log_query(query) {
             Ok(q) => list(store, &q).await,
             Err(e) => bad(e),

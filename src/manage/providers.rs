@@ -125,8 +125,7 @@ pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str])
         ("PATCH", [id]) => return patch(app, call, path, id).await,
         ("DELETE", [id]) => return delete(app, call, path, id).await,
         ("GET", [id, "health"]) => health(app, id).await,
-        (m, []) => Err(ApiError::method_not_allowed(m, "GET or POST")),
-        (m, [_]) => Err(ApiError::method_not_allowed(m, "GET, PATCH or DELETE")),
+        // The route table (openapi.rs) answered unknown paths and methods already.
         _ => Err(ApiError::not_found("endpoint", path)),
     };
     result.unwrap_or_else(ApiError::into_answer)
@@ -219,10 +218,8 @@ fn editable<'a>(
     key: &str,
     call: &Call<'_>,
 ) -> Result<&'a Stored, ApiError> {
-    let in_file = snapshot.file_owned.providers.iter().any(|p| p == key);
-    api::editable(current, RESOURCE, key, in_file, call, |r| {
-        r.kind == Kind::Provider && (r.id == key || r.slug == key)
-    })
+    let in_file = snapshot.file_owned.providers.iter().any(|s| s == key);
+    api::editable_named(current, Kind::Provider, key, in_file, call)
 }
 
 async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {

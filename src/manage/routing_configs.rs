@@ -124,8 +124,7 @@ pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str])
         ("GET", [id, "versions", "diff"]) => diff(app, call, id).await,
         ("GET", [id, "versions", n]) => one_version(app, id, n).await,
         ("POST", [id, "rollback"]) => return rollback(app, call, path, id).await,
-        (m, []) => Err(ApiError::method_not_allowed(m, "GET or POST")),
-        (m, [_]) => Err(ApiError::method_not_allowed(m, "GET, PATCH or DELETE")),
+        // The route table (openapi.rs) answered unknown paths and methods already.
         _ => Err(ApiError::not_found("endpoint", path)),
     };
     result.unwrap_or_else(ApiError::into_answer)
@@ -248,9 +247,7 @@ fn editable<'a>(
 ) -> Result<&'a Stored, ApiError> {
     let key = key.trim_start_matches('@');
     let in_file = snapshot.file_owned.routing_configs.iter().any(|s| s == key);
-    api::editable(current, RESOURCE, key, in_file, call, |r| {
-        r.kind == Kind::RoutingConfig && (r.id == key || r.slug == key)
-    })
+    api::editable_named(current, Kind::RoutingConfig, key, in_file, call)
 }
 
 /// `old` with `patch` applied as a JSON merge patch (RFC 7396: `null` removes a field). A
