@@ -385,6 +385,8 @@ fn trace_event(i: u64) -> modelux::trace::TraceEvent {
         bytes_out: 480,
         request_body: None,
         response_body: None,
+        max_tokens: None,
+        replay_body: None,
     }
 }
 

@@ -61,6 +61,8 @@ fn event(i: u64) -> TraceEvent {
         bytes_out: 480,
         request_body: None,
         response_body: None,
+        max_tokens: None,
+        replay_body: None,
     }
 }
 
@@ -160,6 +162,7 @@ fn through_writer(
                 batch_size: BATCH,
                 flush_interval: Duration::from_millis(200),
                 retention: Duration::from_secs(86_400 * 365 * 50),
+                replay_retention: Duration::from_secs(86_400),
                 spill_dir: dir.path().join("spill"),
                 dead_letter: dir.path().join("dead.jsonl"),
             },

@@ -24,6 +24,8 @@ pub struct RequestMeta {
     pub end_user: Option<String>,
     pub trace_id: Option<String>,
     pub conversation_id: Option<String>,
+    /// The body's `max_tokens`, recorded for replay.
+    pub max_tokens: Option<u64>,
 }
 
 /// The routing facts of a request: what the strategies and rule files read.

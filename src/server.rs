@@ -143,6 +143,7 @@ pub fn open_traces(
             batch_size: t.batch_size,
             flush_interval: t.flush_interval,
             retention: Duration::from_secs(u64::from(t.retention_days) * 86_400),
+            replay_retention: Duration::from_secs(u64::from(t.replay_hours) * 3_600),
             spill_dir: settings.data_dir.join("trace-spill"),
             dead_letter: settings.data_dir.join("trace-dead-letter.jsonl"),
         },

@@ -111,6 +111,10 @@ pub struct TraceSettings {
     pub flush_interval: Duration,
     /// 0: bodies are not kept.
     pub max_body_bytes: usize,
+    /// Hours a chat request's body is kept (compressed) for replay; 0: not kept.
+    pub replay_hours: u32,
+    /// Replay bodies are cut to this many bytes (uncompressed) and marked as cut.
+    pub replay_max_body_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -495,6 +499,13 @@ fn trace_settings(raw: &RawTraces, errors: &mut Vec<ConfigError>) -> TraceSettin
             errors,
         )),
         max_body_bytes: if raw.bodies.unwrap_or(false) { raw.max_body_bytes.unwrap_or(32_768) } else { 0 },
+        replay_hours: raw.replay_hours.unwrap_or(24),
+        replay_max_body_bytes: positive(
+            raw.replay_max_body_bytes.map(|v| v as u64),
+            1 << 20,
+            "traces.replay_max_body_bytes",
+            errors,
+        ) as usize,
     }
 }
 

@@ -122,6 +122,10 @@ pub struct RawTraces {
     pub bodies: Option<bool>,
     /// Each body is cut to this many bytes (default 32,768).
     pub max_body_bytes: Option<usize>,
+    /// Hours chat request bodies are kept, compressed, for replay (default 24; 0: not kept).
+    pub replay_hours: Option<u32>,
+    /// A replay body longer than this is cut and marked as cut (default 1 MiB).
+    pub replay_max_body_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,6 +21,11 @@ pub async fn complete(
     let chat = &incoming.request;
     let mut facts = crate::admission::facts(chat, &incoming.meta, body.len());
     let dry_run = dry_run_endpoint || incoming.dry_run;
+    let traces = &snapshot.settings.traces;
+    if traces.replay_hours > 0 && !dry_run {
+        // A reference to the body already held, not a copy; compressed on the writer.
+        req.ctx.replay_body = Some((body.clone(), traces.replay_max_body_bytes));
+    }
     req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(body.len());
     if !dry_run {
         let estimate =

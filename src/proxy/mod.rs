@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -87,6 +88,8 @@ pub struct RequestCtx {
     pub streamed: bool,
     /// Captured only when `traces.bodies` is on; already cut to size.
     pub request_body: Option<String>,
+    /// A chat request's whole body and its cap, kept for replay (`traces.replay_hours`).
+    pub replay_body: Option<(Bytes, usize)>,
     /// The first `body_cap` bytes sent to the client.
     response_body: Vec<u8>,
     /// `traces.max_body_bytes` of the snapshot this request runs on (0: no bodies).
@@ -132,6 +135,7 @@ impl RequestCtx {
             meta: RequestMeta::default(),
             streamed: false,
             request_body: None,
+            replay_body: None,
             response_body: Vec::new(),
             body_cap: 0,
             traces: Some(traces),
@@ -175,6 +179,8 @@ impl RequestCtx {
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             request_body: self.request_body.take(),
+            max_tokens: meta.max_tokens,
+            replay_body: self.replay_body.take(),
             response_body: (self.body_cap > 0)
                 .then(|| crate::trace::record::capped_body(&self.response_body, self.body_cap))
                 .flatten(),

@@ -114,6 +114,7 @@ pub fn incoming<'b>(session: &Session, ctx: &mut RequestCtx, request: RoutedRequ
         conversation_id: get("x-modelux-conversation-id")
             .map(str::to_string)
             .or_else(|| from_metadata("conversation_id")),
+        max_tokens: request.max_tokens,
     };
     ctx.meta = meta.clone();
     let dry_run = get("x-modelux-dry-run").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");

@@ -15,14 +15,17 @@ use serde::Deserialize;
 
 use super::query::{round_cost, Cursor, GroupBy, LogPage, LogQuery, Report, ReportQuery, ReportRow, Totals};
 use super::query::{DEFAULT_PAGE, MAX_PAGE};
+use super::replay::{self, ReplayQuery, ReplayRow};
 use super::{StoreError, TraceRow, TraceStore};
 
 /// Bookkeeping table, created before any migration.
 const SCHEMA_MIGRATIONS: &str = include_str!("../../conf/clickhouse/schema_migrations.sql");
 
 /// `(version, name, sql)`, applied in order; a version runs once per table.
-const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "0001_requests", include_str!("../../conf/clickhouse/0001_requests.sql"))];
+const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "0001_requests", include_str!("../../conf/clickhouse/0001_requests.sql")),
+    (2, "0002_replay", include_str!("../../conf/clickhouse/0002_replay.sql")),
+];
 
 /// How long one insert may take before the writer treats the store as unavailable (a hung
 /// server must not stall the writer: its rows get spilled instead).
@@ -418,7 +421,14 @@ impl TraceStore for ClickHouseStore {
                 continue;
             }
             for statement in statements(sql, db, table) {
-                self.ddl(&statement).await?;
+                match self.ddl(&statement).await {
+                    // 44 ILLEGAL_COLUMN: an `ADD COLUMN` that already ran.
+                    Err(StoreError::Transient(m))
+                        if statement.contains(" ADD COLUMN ")
+                            && error_code(&m) == Some(44)
+                            && m.contains("already exists") => {}
+                    other => other?,
+                }
             }
             // Recorded only after every statement succeeded; a crash in between reruns
             // the (idempotent) statements next time.
@@ -547,6 +557,48 @@ impl TraceStore for ClickHouseStore {
             p99_latency_ms: latency(2),
         };
         Ok(Report { series, totals })
+    }
+
+    async fn replay(&self, query: &ReplayQuery) -> Result<Vec<ReplayRow>, StoreError> {
+        let mut filter = Filter::default();
+        filter.log(&query.filters);
+        filter.push(
+            "(endsWith(endpoint, '/chat/completions') OR endsWith(endpoint, '/messages')) \
+             AND model_requested != '' AND project != '' AND NOT has(tag_keys, 'experiment')",
+            [],
+        );
+        if let Some(c) = &query.after {
+            filter.push(
+                "(ts_ms > ? OR (ts_ms = ? AND request_id > ?))",
+                [Param::U64(c.ts_ms), Param::U64(c.ts_ms), Param::Str(c.request_id.clone())],
+            );
+            filter.push("ts >= toDateTime(?)", [Param::U64(seconds(c.ts_ms))]);
+        }
+        let body = if query.bodies { "replay_body" } else { "'' AS replay_body" };
+        let sql = format!(
+            "SELECT {} FROM {} FINAL WHERE {} ORDER BY ts_ms ASC, request_id ASC LIMIT {}",
+            replay::COLUMNS.replace("{body}", body),
+            self.table_in_query(),
+            filter.sql(),
+            query.limit.max(1)
+        );
+        let q = bind(self.read_query(&sql), filter.params);
+        self.timed(self.read_timeout, q.fetch_all::<ReplayRow>()).await
+    }
+
+    /// A mutation (`ALTER TABLE … UPDATE`, ClickHouse 18.12 and later) over the days that
+    /// may still hold bodies; ClickHouse runs it in the background.
+    async fn expire_replay_bodies(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let before = seconds(before_ms);
+        let condition = format!("ts < toDateTime({before}) AND replay_body != ''");
+        // A mutation rewrites parts even where nothing matches: only start one when needed.
+        let count_sql = format!("SELECT count() FROM {} FINAL WHERE {condition}", self.table_in_query());
+        let pending = self.timed(self.read_timeout, self.read_query(&count_sql).fetch_one::<u64>()).await?;
+        if pending > 0 {
+            self.ddl(&format!("ALTER TABLE {} UPDATE replay_body = '' WHERE {condition}", self.qualified))
+                .await?;
+        }
+        Ok(pending)
     }
 
     async fn prune(&self, before_ms: u64) -> Result<u64, StoreError> {

@@ -28,11 +28,12 @@ use rusqlite::types::{Type, Value};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::query::{self, Cursor, GroupBy, LogPage, LogQuery, Report, ReportAcc, ReportQuery, StatusFilter};
+use super::replay::{self, ReplayQuery, ReplayRow};
 use super::{StoreError, TraceRow, TraceStore};
 
 /// Kept in `PRAGMA user_version`. A file written by a newer schema is refused rather than
 /// misread.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Rows deleted per transaction by `prune`: inserts get the write lock between chunks
 /// instead of waiting for a prune of millions of rows.
@@ -91,7 +92,10 @@ CREATE TABLE IF NOT EXISTS requests (
     bytes_out             INTEGER NOT NULL,
     decision_trace        TEXT    NOT NULL,
     request_body          TEXT    NOT NULL,
-    response_body         TEXT    NOT NULL
+    response_body         TEXT    NOT NULL,
+    max_tokens            INTEGER NOT NULL DEFAULT 0,
+    replay_body           BLOB    NOT NULL DEFAULT x'',
+    replay_body_truncated INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms DESC, request_id DESC);
 CREATE INDEX IF NOT EXISTS requests_project_ts ON requests (project, ts_ms);
@@ -103,6 +107,15 @@ CREATE TABLE IF NOT EXISTS request_tags (
     PRIMARY KEY (request_id, idx)
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS request_tags_kv ON request_tags (key, value);
+-- Only rows still holding a replay body: expiry finds them without scanning the rest.
+CREATE INDEX IF NOT EXISTS requests_replay_ts ON requests (ts_ms) WHERE length(replay_body) > 0;
+";
+
+/// Version 1 → 2: the replay columns (`trace::replay`).
+const ADD_REPLAY_COLUMNS: &str = "
+ALTER TABLE requests ADD COLUMN max_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN replay_body BLOB NOT NULL DEFAULT x'';
+ALTER TABLE requests ADD COLUMN replay_body_truncated INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Every column, in `TraceRow` order (the order `bind` and `read_row` use).
@@ -115,7 +128,8 @@ macro_rules! columns {
          input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_input, cost_output, \
          cost_total, latency_ms, ttfb_ms, tag_keys, tag_values, end_user, trace_id, \
          conversation_id, budget_name, budget_action, streamed, bytes_in, bytes_out, \
-         decision_trace, request_body, response_body"
+         decision_trace, request_body, response_body, max_tokens, replay_body, \
+         replay_body_truncated"
     };
 }
 
@@ -125,7 +139,7 @@ const INSERT_ROW: &str = concat!(
     "INSERT INTO requests (",
     columns!(),
     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
 );
 const INSERT_TAG: &str = "INSERT INTO request_tags (request_id, idx, key, value) VALUES (?1, ?2, ?3, ?4) \
      ON CONFLICT (request_id, idx) DO UPDATE SET key = excluded.key, value = excluded.value";
@@ -221,6 +235,15 @@ impl TraceStore for EmbeddedStore {
         self.run(move |inner| report_rows(&lock(&inner.reader), &query)).await
     }
 
+    async fn replay(&self, query: &ReplayQuery) -> Result<Vec<ReplayRow>, StoreError> {
+        let q = query.clone();
+        self.run(move |inner| replay_rows(&lock(&inner.reader), &q)).await
+    }
+
+    async fn expire_replay_bodies(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.run(move |inner| expire_bodies(&inner.writer, before_ms, PRUNE_CHUNK)).await
+    }
+
     async fn prune(&self, before_ms: u64) -> Result<u64, StoreError> {
         self.run(move |inner| prune_rows(inner, before_ms, PRUNE_CHUNK)).await
     }
@@ -247,6 +270,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         return Err(StoreError::Transient(format!(
             "trace schema version {version} is newer than this build's ({SCHEMA_VERSION})"
         )));
+    }
+    if version == 1 {
+        tx.execute_batch(ADD_REPLAY_COLUMNS).map_err(db)?;
     }
     tx.execute_batch(SCHEMA).map_err(db)?;
     if version < SCHEMA_VERSION {
@@ -332,6 +358,9 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
                     row.decision_trace,
                     row.request_body,
                     row.response_body,
+                    bits(row.max_tokens),
+                    row.replay_body,
+                    row.replay_body_truncated,
                 ])
                 .map_err(db)?;
             // Tags only with a new row: a replayed row already has its tags.
@@ -496,7 +525,105 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceRow> {
         decision_trace: r.get(43)?,
         request_body: r.get(44)?,
         response_body: r.get(45)?,
+        max_tokens: unbits(r.get(46)?),
+        replay_body: r.get(47)?,
+        replay_body_truncated: r.get(48)?,
     })
+}
+
+fn read_replay_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplayRow> {
+    Ok(ReplayRow {
+        ts_ms: read_ts(r, 0)?,
+        request_id: r.get(1)?,
+        project: r.get(2)?,
+        surface: r.get(3)?,
+        model_requested: r.get(4)?,
+        routing_config: r.get(5)?,
+        config_version: r.get(6)?,
+        provider: r.get(7)?,
+        model: r.get(8)?,
+        status: r.get(9)?,
+        error_code: r.get(10)?,
+        attempt_providers: read_json(r, 11)?,
+        attempt_models: read_json(r, 12)?,
+        attempt_statuses: read_json(r, 13)?,
+        input_tokens: unbits(r.get(14)?),
+        output_tokens: unbits(r.get(15)?),
+        cached_tokens: unbits(r.get(16)?),
+        reasoning_tokens: unbits(r.get(17)?),
+        cost_total: read_real(r, 18)?,
+        latency_ms: read_real(r, 19)?,
+        tag_keys: read_json(r, 20)?,
+        tag_values: read_json(r, 21)?,
+        end_user: r.get(22)?,
+        trace_id: r.get(23)?,
+        streamed: r.get(24)?,
+        bytes_in: unbits(r.get(25)?),
+        max_tokens: unbits(r.get(26)?),
+        budget_action: r.get(27)?,
+        replay_body: r.get(28)?,
+        replay_body_truncated: r.get(29)?,
+    })
+}
+
+/// One page of the replay set, oldest first (`trace::replay`).
+fn replay_rows(conn: &Connection, q: &ReplayQuery) -> Result<Vec<ReplayRow>, StoreError> {
+    let mut w = Where::default();
+    w.filters(&q.filters);
+    w.and(
+        "(r.endpoint LIKE '%/chat/completions' OR r.endpoint LIKE '%/messages') \
+         AND r.model_requested <> '' AND r.project <> '' \
+         AND NOT EXISTS (SELECT 1 FROM request_tags t WHERE t.request_id = r.request_id \
+         AND t.key = 'experiment')",
+        [],
+    );
+    if let Some(c) = &q.after {
+        match i64::try_from(c.ts_ms) {
+            Ok(ts) => w.and(
+                "r.ts_ms >= ? AND (r.ts_ms > ? OR (r.ts_ms = ? AND r.request_id > ?))",
+                [
+                    Value::Integer(ts),
+                    Value::Integer(ts),
+                    Value::Integer(ts),
+                    Value::Text(c.request_id.clone()),
+                ],
+            ),
+            Err(_) => w.and("0", []),
+        }
+    }
+    w.args.push(Value::Integer(q.limit.max(1) as i64));
+    let body = if q.bodies { "r.replay_body" } else { "x''" };
+    let columns = replay::COLUMNS.replace("{body}", body);
+    let sql = format!(
+        "SELECT {columns} FROM requests r WHERE {} ORDER BY r.ts_ms ASC, r.request_id ASC LIMIT ?",
+        w.clause()
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+    let rows = stmt
+        .query_map(params_from_iter(&w.args), read_replay_row)
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(rows)
+}
+
+/// Empties replay bodies older than `before_ms`, a chunk per transaction.
+fn expire_bodies(m: &Mutex<Connection>, before_ms: u64, chunk: usize) -> Result<u64, StoreError> {
+    let before = i64::try_from(before_ms).unwrap_or(i64::MAX);
+    let mut total = 0;
+    loop {
+        let n = lock(m)
+            .execute(
+                "UPDATE requests SET replay_body = x'' WHERE rowid IN (SELECT rowid FROM requests \
+                 WHERE ts_ms < ?1 AND length(replay_body) > 0 LIMIT ?2)",
+                params![before, chunk as i64],
+            )
+            .map_err(db)?;
+        total += n as u64;
+        if n < chunk {
+            return Ok(total);
+        }
+    }
 }
 
 fn read_ts(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
@@ -784,6 +911,9 @@ mod tests {
             decision_trace: r#"{"strategy":"fallback","attempts":[{"provider":"openai"}]}"#.into(),
             request_body: "{\"messages\":[{\"content\":\"héllo wörld 你好 🚀\\u0000\"}]}\0tail".into(),
             response_body: "ответ ✓ 𝄞".into(),
+            max_tokens: 256,
+            replay_body: crate::trace::replay::compress(b"{\"model\":\"m\"}"),
+            replay_body_truncated: true,
         }
     }
 
@@ -835,6 +965,9 @@ mod tests {
             decision_trace: String::new(),
             request_body: String::new(),
             response_body: String::new(),
+            max_tokens: 0,
+            replay_body: Vec::new(),
+            replay_body_truncated: false,
         }
     }
 
@@ -1214,6 +1347,98 @@ mod tests {
         drop(store);
         let err = EmbeddedStore::open(&dir.path().join("data/traces.db"), 0).err().unwrap();
         assert!(matches!(err, StoreError::Transient(ref m) if m.contains("newer")), "{err:?}");
+    }
+
+    /// Rows as replay sees them: chat and other endpoints, experiment traffic, bodies.
+    fn replay_rows_for_test(n: usize, seed: u64) -> Vec<TraceRow> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rows = varied_rows(n, seed);
+        for row in &mut rows {
+            row.endpoint = pick(
+                &mut rng,
+                &["/openai/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models"],
+            )
+            .into();
+            if rng.random_bool(0.1) {
+                row.tag_keys.push("experiment".into());
+                row.tag_values.push("exp_1".into());
+            }
+            row.max_tokens = rng.random_range(0..3) * 100;
+            if rng.random_bool(0.5) {
+                row.replay_body = crate::trace::replay::compress(row.request_id.as_bytes());
+                row.replay_body_truncated = rng.random_bool(0.2);
+            }
+        }
+        rows
+    }
+
+    #[tokio::test]
+    async fn replay_pages_oldest_first_through_the_reference_set() {
+        use crate::trace::replay::{ReplayQuery, ReplayRow};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, 0);
+        let rows = replay_rows_for_test(600, 11);
+        store.insert(&rows).await.unwrap();
+        let mut rng = StdRng::seed_from_u64(12);
+        let mut nonempty = 0;
+        for i in 0..60 {
+            let filters = random_query(&mut rng, &rows);
+            let bodies = i % 2 == 0;
+            let base = ReplayQuery { filters, after: None, limit: rng.random_range(1..80), bodies };
+            let mut want: Vec<ReplayRow> =
+                rows.iter().filter(|r| base.matches(r)).map(|r| ReplayRow::from_row(r, bodies)).collect();
+            want.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
+            let mut got = Vec::new();
+            let mut q = base.clone();
+            loop {
+                let page = store.replay(&q).await.unwrap();
+                assert!(page.len() <= q.limit);
+                let Some(last) = page.last() else { break };
+                q.after = Some(last.cursor());
+                got.extend(page);
+            }
+            assert_eq!(got, want, "{base:?}");
+            nonempty += usize::from(!want.is_empty());
+        }
+        assert!(nonempty > 10, "the queries must select something");
+    }
+
+    #[tokio::test]
+    async fn replay_bodies_expire_and_old_files_gain_the_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = replay_rows_for_test(200, 21);
+        {
+            let store = open(&dir, 0);
+            store.insert(&rows).await.unwrap();
+            let cut = rows[100].ts_ms;
+            let with_body_before = rows.iter().filter(|r| r.ts_ms < cut && !r.replay_body.is_empty()).count();
+            assert!(with_body_before > 0);
+            assert_eq!(store.expire_replay_bodies(cut).await.unwrap(), with_body_before as u64);
+            assert_eq!(store.expire_replay_bodies(cut).await.unwrap(), 0);
+            for row in &rows {
+                let got = store.get(&row.request_id).await.unwrap().unwrap();
+                let mut want = row.clone();
+                if row.ts_ms < cut {
+                    want.replay_body.clear();
+                }
+                assert_eq!(got, want);
+            }
+            // Back to a version-1 file: no replay columns.
+            let conn = lock(&store.inner.writer);
+            conn.execute_batch(
+                "DROP INDEX requests_replay_ts; ALTER TABLE requests DROP COLUMN max_tokens; \
+                 ALTER TABLE requests DROP COLUMN replay_body; \
+                 ALTER TABLE requests DROP COLUMN replay_body_truncated; PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = open(&dir, 0);
+        let old = store.get(&rows[150].request_id).await.unwrap().unwrap();
+        assert_eq!((old.max_tokens, old.replay_body.len(), old.replay_body_truncated), (0, 0, false));
+        let mut fresh = full_row("after-migration", BASE_MS);
+        fresh.replay_body = crate::trace::replay::compress(b"body");
+        store.insert(std::slice::from_ref(&fresh)).await.unwrap();
+        assert_eq!(store.get("after-migration").await.unwrap(), Some(fresh));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod query;
 pub mod record;
 pub mod render;
+pub mod replay;
 pub mod spill;
 pub mod writer;
 
@@ -46,6 +47,10 @@ pub trait TraceStore: Send + Sync {
     async fn list(&self, query: &LogQuery) -> Result<LogPage, StoreError>;
     async fn get(&self, request_id: &str) -> Result<Option<TraceRow>, StoreError>;
     async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError>;
+    /// One page of the records replay reads, oldest first (`replay`).
+    async fn replay(&self, query: &replay::ReplayQuery) -> Result<Vec<replay::ReplayRow>, StoreError>;
+    /// Empties the replay bodies of records older than `before_ms`; how many.
+    async fn expire_replay_bodies(&self, before_ms: u64) -> Result<u64, StoreError>;
     /// Drops records older than `before_ms` (and, for the embedded store, the oldest ones
     /// beyond its row cap). Returns how many rows (or partitions, for ClickHouse) went.
     async fn prune(&self, before_ms: u64) -> Result<u64, StoreError>;

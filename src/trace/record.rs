@@ -44,6 +44,11 @@ pub struct TraceEvent {
     /// Only when bodies are enabled; already capped.
     pub request_body: Option<String>,
     pub response_body: Option<String>,
+    /// The request's `max_tokens`, a routing input.
+    pub max_tokens: Option<u64>,
+    /// The whole request body and the cap it is kept to, when it is kept for replay
+    /// (`traces.replay_hours`); compressed on the writer's thread, not here.
+    pub replay_body: Option<(bytes::Bytes, usize)>,
 }
 
 /// The stored record. Field names are the column names in both stores
@@ -112,6 +117,14 @@ pub struct TraceRow {
     /// Empty unless bodies are enabled; cut to the configured size.
     pub request_body: String,
     pub response_body: String,
+    /// The request's `max_tokens` (a routing input), or 0.
+    pub max_tokens: u64,
+    /// The request body kept for replay, zstd-compressed (`trace::replay`); empty when not
+    /// kept or after `traces.replay_hours`.
+    #[serde(with = "serde_bytes")]
+    pub replay_body: Vec<u8>,
+    /// The replay body was cut at `traces.replay_max_body_bytes`.
+    pub replay_body_truncated: bool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -173,6 +186,12 @@ impl TraceEvent {
             decision_trace: trace.and_then(|t| serde_json::to_string(t).ok()).unwrap_or_default(),
             request_body: self.request_body.unwrap_or_default(),
             response_body: self.response_body.unwrap_or_default(),
+            max_tokens: self.max_tokens.unwrap_or(0),
+            replay_body_truncated: self.replay_body.as_ref().is_some_and(|(b, cap)| b.len() > *cap),
+            replay_body: self
+                .replay_body
+                .map(|(body, cap)| super::replay::compress(&body[..body.len().min(cap)]))
+                .unwrap_or_default(),
             request_id: self.request_id,
         }
     }

@@ -81,6 +81,8 @@ pub struct WriterSettings {
     pub flush_interval: Duration,
     /// Records older than this are pruned from the store.
     pub retention: Duration,
+    /// Replay bodies older than this are emptied (`traces.replay_hours` at start).
+    pub replay_retention: Duration,
     pub spill_dir: PathBuf,
     pub dead_letter: PathBuf,
 }
@@ -368,6 +370,10 @@ impl TraceWriter {
         if let Err(e) = self.store.prune(before).await {
             tracing::warn!(error = %e, "pruning old trace records failed");
         }
+        let bodies_before = now.saturating_sub(self.settings.replay_retention.as_secs()) * 1000;
+        if let Err(e) = self.store.expire_replay_bodies(bodies_before).await {
+            tracing::warn!(error = %e, "emptying expired replay bodies failed");
+        }
     }
 
     /// Drains the queue and writes everything; what the store does not take is spilled.
@@ -505,6 +511,15 @@ mod tests {
         async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
             self.store.report(query).await
         }
+        async fn replay(
+            &self,
+            query: &crate::trace::replay::ReplayQuery,
+        ) -> Result<Vec<crate::trace::replay::ReplayRow>, StoreError> {
+            self.store.replay(query).await
+        }
+        async fn expire_replay_bodies(&self, before_ms: u64) -> Result<u64, StoreError> {
+            self.store.expire_replay_bodies(before_ms).await
+        }
         async fn prune(&self, before_ms: u64) -> Result<u64, StoreError> {
             self.store.prune(before_ms).await
         }
@@ -538,6 +553,7 @@ mod tests {
                 batch_size,
                 flush_interval: Duration::from_secs(3600),
                 retention: Duration::from_secs(30 * 86_400),
+                replay_retention: Duration::from_secs(86_400),
                 spill_dir: self.dir.path().join("trace-spill"),
                 dead_letter: self.dir.path().join("trace-dead-letter.jsonl"),
             };
@@ -592,6 +608,8 @@ mod tests {
             bytes_in: 100,
             bytes_out: 200,
             request_body: None,
+            max_tokens: None,
+            replay_body: None,
             response_body: None,
         }
     }

@@ -5,6 +5,7 @@
 use super::*;
 use modelux::trace::clickhouse::{classify_response, ClickHouseSettings, ClickHouseStore};
 use modelux::trace::query::{report_from_rows, StatusFilter};
+use modelux::trace::replay::{ReplayQuery, ReplayRow};
 use modelux::trace::{Cursor, Granularity, GroupBy, LogQuery, ReportQuery, StoreError, TraceRow, TraceStore};
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -215,6 +216,9 @@ fn full_row(id: &str, ts_ms: u64) -> TraceRow {
         decision_trace: r#"{"strategy":"fallback","attempts":[]}"#.into(),
         request_body: "{\"messages\":[{\"role\":\"user\",\"content\":\"h\u{e9}llo \\n\\t'`?\"}]}".into(),
         response_body: "données ✓ \0 end".into(),
+        max_tokens: 512,
+        replay_body: modelux::trace::replay::compress(b"{\"model\":\"@production\"}"),
+        replay_body_truncated: true,
     }
 }
 
@@ -267,6 +271,9 @@ fn bare_row(id: &str, ts_ms: u64) -> TraceRow {
         decision_trace: String::new(),
         request_body: String::new(),
         response_body: String::new(),
+        max_tokens: 0,
+        replay_body: Vec::new(),
+        replay_body_truncated: false,
     }
 }
 
@@ -290,7 +297,7 @@ async fn clickhouse_prepare_is_idempotent() {
         .fetch_all()
         .await
         .unwrap();
-    assert_eq!(versions, vec![("requests".to_string(), 1)]);
+    assert_eq!(versions, vec![("requests".to_string(), 1), ("requests".to_string(), 2)]);
     let engine: String = server
         .client()
         .query("SELECT engine FROM system.tables WHERE database = 'traces' AND name = 'requests'")
@@ -304,7 +311,38 @@ async fn clickhouse_prepare_is_idempotent() {
     ClickHouseStore::new(other).prepare().await.unwrap();
     let n: u64 =
         server.client().query("SELECT count() FROM traces.schema_migrations").fetch_one().await.unwrap();
-    assert_eq!(n, 2);
+    assert_eq!(n, 4);
+    // A crash part-way through 0002 (one column added, the migration not recorded): the
+    // rerun completes it.
+    let mut torn = server.settings("traces");
+    torn.table = "requests_torn".into();
+    ClickHouseStore::new(torn.clone()).prepare().await.unwrap();
+    for sql in [
+        "ALTER TABLE traces.requests_torn DROP COLUMN replay_body",
+        "ALTER TABLE traces.requests_torn DROP COLUMN replay_body_truncated",
+        "ALTER TABLE traces.schema_migrations DELETE WHERE table_name = 'requests_torn' AND version = 2",
+    ] {
+        server.client().query(sql).execute().await.unwrap();
+    }
+    // Mutations apply in the background.
+    for _ in 0..100 {
+        let left: u64 = server
+            .client()
+            .query("SELECT count() FROM traces.schema_migrations WHERE table_name = 'requests_torn' AND version = 2")
+            .fetch_one()
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let torn_store = ClickHouseStore::new(torn);
+    torn_store.prepare().await.unwrap();
+    let mut row = full_row("torn", 1_763_700_000_000);
+    row.replay_body = modelux::trace::replay::compress(b"{}");
+    torn_store.insert(std::slice::from_ref(&row)).await.unwrap();
+    assert_eq!(torn_store.get("torn").await.unwrap(), Some(row));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,7 +566,19 @@ fn varied_rows(base: u64) -> Vec<TraceRow> {
             r.latency_ms = if i % 11 == 0 { 250.0 } else { (g.next() % 3_000_000) as f64 / 1000.0 };
             r.ttfb_ms =
                 if g.next().is_multiple_of(3) { None } else { Some((g.next() % 500_000) as f64 / 1000.0) };
-            match g.next() % 5 {
+            r.endpoint = g
+                .pick(&["/openai/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models"])
+                .into();
+            r.max_tokens = g.next() % 3 * 100;
+            if g.next().is_multiple_of(2) {
+                r.replay_body = modelux::trace::replay::compress(r.request_id.as_bytes());
+                r.replay_body_truncated = g.next().is_multiple_of(5);
+            }
+            match g.next() % 6 {
+                5 => {
+                    r.tag_keys = vec!["experiment".into()];
+                    r.tag_values = vec!["exp_1".into()];
+                }
                 0 => {}
                 1 => {
                     r.tag_keys = vec!["team".into()];
@@ -647,7 +697,53 @@ async fn clickhouse_reports_and_pages_match_the_reference() {
             let got: Vec<&TraceRow> = got.iter().collect();
             assert_eq!(got, want, "{filter:?} limit {limit}");
         }
+
+        // Replay pages: oldest first, only the replay set, bodies when asked.
+        for (limit, bodies) in [(9, true), (500, false)] {
+            let base_q = ReplayQuery { filters: filter.clone(), after: None, limit, bodies };
+            let mut want: Vec<ReplayRow> =
+                rows.iter().filter(|r| base_q.matches(r)).map(|r| ReplayRow::from_row(r, bodies)).collect();
+            want.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
+            let mut got = Vec::new();
+            let mut q = base_q.clone();
+            loop {
+                let page = store.replay(&q).await.unwrap();
+                assert!(page.len() <= limit);
+                let Some(last) = page.last() else { break };
+                q.after = Some(last.cursor());
+                got.extend(page);
+            }
+            assert_eq!(got, want, "{filter:?} replay limit {limit}");
+        }
     }
+
+    // Bodies older than the cut are emptied (a background mutation), the rest kept.
+    let cut = base + 86_400_000;
+    let old_bodies =
+        unique.values().filter(|r| r.ts_ms / 1000 < cut / 1000 && !r.replay_body.is_empty()).count();
+    assert_eq!(store.expire_replay_bodies(cut).await.unwrap(), old_bodies as u64);
+    let all = ReplayQuery { filters: LogQuery::default(), after: None, limit: 1000, bodies: true };
+    for _ in 0..100 {
+        let left = store.replay(&all).await.unwrap();
+        if left.iter().all(|r| r.ts_ms / 1000 >= cut / 1000 || r.replay_body.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after: Vec<ReplayRow> = store.replay(&all).await.unwrap();
+    let mut want: Vec<ReplayRow> = rows
+        .iter()
+        .filter(|r| all.matches(r))
+        .map(|r| {
+            let mut w = ReplayRow::from_row(r, true);
+            if r.ts_ms / 1000 < cut / 1000 {
+                w.replay_body.clear();
+            }
+            w
+        })
+        .collect();
+    want.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
+    assert_eq!(after, want);
     // The filters are not all empty: the comparison compared something.
     assert!(compared > 200, "{compared}");
 }
