@@ -246,6 +246,7 @@ fn route_decisions(c: &mut Criterion) {
         max_tokens: Some(256),
         budget_remaining_usd: None,
         budget_remaining_pct: None,
+        seed: 7,
     };
     {
         // Live latencies for the latency strategy to rank.

@@ -29,7 +29,12 @@ pub struct RequestMeta {
 }
 
 /// The routing facts of a request: what the strategies and rule files read.
-pub fn facts<'a>(request: &'a RoutedRequest<'_>, meta: &'a RequestMeta, body_len: usize) -> RequestFacts<'a> {
+pub fn facts<'a>(
+    request: &'a RoutedRequest<'_>,
+    meta: &'a RequestMeta,
+    body_len: usize,
+    request_id: &str,
+) -> RequestFacts<'a> {
     RequestFacts {
         model: &request.model,
         tags: &meta.tags,
@@ -39,6 +44,7 @@ pub fn facts<'a>(request: &'a RoutedRequest<'_>, meta: &'a RequestMeta, body_len
         max_tokens: request.max_tokens,
         budget_remaining_usd: None,
         budget_remaining_pct: None,
+        seed: routing::seed_of(request_id),
     }
 }
 
@@ -272,7 +278,7 @@ budgets:
         let meta = RequestMeta::default();
         let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
         let request = RoutedRequest::parse(body.as_bytes()).unwrap();
-        let mut f = facts(&request, &meta, body.len());
+        let mut f = facts(&request, &meta, body.len(), "req-1");
         let ask = Ask { project: "default", model, meta: &meta };
         let a = admit(snap, counters, &ask, &mut f, now, false);
         let route = a.routed.map(|(r, _)| {

@@ -19,7 +19,7 @@ pub async fn complete(
     let body = request::read_json_body(req).await?;
     let incoming: Incoming<'_> = request::incoming(req.session, req.ctx, RoutedRequest::parse(&body)?);
     let chat = &incoming.request;
-    let mut facts = crate::admission::facts(chat, &incoming.meta, body.len());
+    let mut facts = crate::admission::facts(chat, &incoming.meta, body.len(), &req.ctx.request_id);
     let dry_run = dry_run_endpoint || incoming.dry_run;
     let traces = &snapshot.settings.traces;
     if traces.replay_hours > 0 && !dry_run {

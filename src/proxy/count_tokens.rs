@@ -19,7 +19,7 @@ pub async fn count(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     let settings = &snapshot.settings;
     let body = request::read_json_body(req).await?;
     let incoming: Incoming<'_> = request::incoming(req.session, req.ctx, RoutedRequest::parse(&body)?);
-    let facts = crate::admission::facts(&incoming.request, &incoming.meta, body.len());
+    let facts = crate::admission::facts(&incoming.request, &incoming.meta, body.len(), &req.ctx.request_id);
     let routed = request::route(req, principal, &incoming.request.model, &facts, !incoming.dry_run)?;
     if incoming.dry_run {
         return dry_run::answer(req, &routed, &facts, 0).await;

@@ -20,7 +20,8 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     let body = request::read_json_body(req).await?;
     let incoming: Incoming<'_> =
         request::incoming(req.session, req.ctx, RoutedRequest::parse_routed(&body, Payload::Input)?);
-    let mut facts = crate::admission::facts(&incoming.request, &incoming.meta, body.len());
+    let mut facts =
+        crate::admission::facts(&incoming.request, &incoming.meta, body.len(), &req.ctx.request_id);
     req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(body.len());
     if !incoming.dry_run {
         billing::charge_tokens(req.state, req.ctx, principal, facts.est_input_tokens)?;

@@ -107,6 +107,20 @@ impl Failure {
         }
     }
 
+    /// The failure an attempt record names (`as_str`); `None` for `success` and unknowns.
+    pub fn parse(s: &str) -> Option<Failure> {
+        [
+            Failure::RateLimited,
+            Failure::ServerError,
+            Failure::Timeout,
+            Failure::Connect,
+            Failure::Rejected,
+            Failure::ClientError,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == s)
+    }
+
     /// Whether it says something about the provider's health (PRODUCT.md §9.3: client
     /// 4xx do not count, 429/5xx/timeouts do).
     pub fn counts_against_health(self) -> bool {
@@ -302,6 +316,20 @@ pub struct RequestFacts<'a> {
     pub max_tokens: Option<u64>,
     pub budget_remaining_usd: Option<f64>,
     pub budget_remaining_pct: Option<f64>,
+    /// The request's own random draws (an A/B split without a sticky key, latency
+    /// exploration) derive from this (`seed_of` its request id), so replaying a stored
+    /// request makes the same draws production made.
+    pub seed: u64,
+}
+
+/// The draw seed of a request (`RequestFacts::seed`).
+pub fn seed_of(request_id: &str) -> u64 {
+    sticky_hash(&[request_id.as_bytes()])
+}
+
+/// A uniform draw in `[0, 1)` from `seed`, distinct per `salt` (the config slug).
+fn draw(seed: u64, salt: &str, what: &[u8]) -> f64 {
+    (sticky_hash(&[&seed.to_le_bytes(), salt.as_bytes(), what]) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Why a candidate is where it is in the decision.
@@ -514,7 +542,7 @@ pub fn decide<'a>(
                         (sticky_hash(&[current.slug.as_bytes(), key.as_bytes()]) >> 11) as f64
                             / (1u64 << 53) as f64
                     }
-                    None => rand::random::<f64>(),
+                    None => draw(facts.seed, &current.slug, b"ab"),
                 } * total_weight;
                 let mut acc = 0.0;
                 let variant = variants
@@ -680,8 +708,10 @@ fn candidates<'a>(
                 })
             });
             let usable = out.iter().filter(|c| c.eligible).count();
-            if usable > 1 && *explore > 0.0 && rand::random::<f64>() < *explore {
-                let pick = 1 + rand::random_range(0..usable - 1);
+            if usable > 1 && *explore > 0.0 && draw(facts.seed, &config.slug, b"explore") < *explore {
+                let pick = 1
+                    + ((draw(facts.seed, &config.slug, b"pick") * (usable - 1) as f64) as usize)
+                        .min(usable - 2);
                 out[pick].reason = Reason::Explore;
                 out[..=pick].rotate_right(1);
             }
@@ -755,6 +785,7 @@ mod tests {
             max_tokens: Some(256),
             budget_remaining_usd: None,
             budget_remaining_pct: None,
+            seed: 7,
         }
     }
 
