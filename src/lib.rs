@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod prices;
 pub mod providers;
 pub mod proxy;
+pub mod replay;
 pub mod routing;
 pub mod server;
 pub mod spend;

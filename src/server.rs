@@ -193,6 +193,12 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             .l4_buffer(L4BufferSettings::new(PROXY_READ_BUFFER, DEFAULT_L4_WRITE_BUFFER_SIZE)),
     );
 
+    let experiments = crate::replay::Experiments::start(
+        handles.state.clone(),
+        handles.trace_writer.store().clone(),
+        handles.store.clone(),
+        handles.spend.counters.clone(),
+    );
     let mut manage = Service::new(
         "modelux manage".to_string(),
         HttpServer::new_app(ManageApp {
@@ -205,6 +211,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             master: handles.master.clone(),
             connector: Connector::new(None),
             changing: Default::default(),
+            experiments: experiments.clone(),
         }),
     );
     manage.add_tcp(&settings.manage_listen);

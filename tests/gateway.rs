@@ -927,6 +927,8 @@ mod clickhouse;
 mod manage;
 #[path = "gateway/pg.rs"]
 mod pg;
+#[path = "gateway/replay.rs"]
+mod replay;
 #[path = "gateway/routing.rs"]
 mod routing;
 #[path = "gateway/spend.rs"]

@@ -219,6 +219,37 @@ pub fn build_snapshot_with(
     Ok(snapshot)
 }
 
+/// `build_snapshot_with`, with routing config `slug` defined as `body` wherever it was
+/// defined before (file or store), or added: the snapshot a replay candidate runs on.
+/// Errors about the candidate name `routing_configs.<slug>`.
+#[allow(clippy::too_many_arguments)]
+pub fn build_snapshot_replacing(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Snapshot>,
+    base_dir: &Path,
+    resources: &[crate::state::Stored],
+    master: Option<&crate::state::secrets::MasterKey>,
+    slug: &str,
+    body: &serde_json::Value,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut raw = parse(text, lookup)?;
+    let others: Vec<crate::state::Stored> = resources
+        .iter()
+        .filter(|r| !(r.kind == crate::state::Kind::RoutingConfig && r.slug == slug))
+        .cloned()
+        .collect();
+    let errors = overlay::apply(&mut raw, &others, master);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let value = serde_yaml_ng::to_value(body)
+        .map_err(|e| vec![ConfigError::new(format!("routing_configs.{slug}"), e.to_string())])?;
+    raw.routing_configs.insert(slug.to_string(), value);
+    raw.pinned_versions.remove(slug);
+    validate(raw, previous, base_dir)
+}
+
 pub(crate) fn section<T: DeserializeOwned>(
     value: Value,
     path: &str,

@@ -71,6 +71,26 @@ impl StagedChange<'_> {
         )
     }
 
+    /// The snapshot with routing config `slug` defined as `body` (a replay candidate);
+    /// validated, never installed.
+    pub fn build_replacing(
+        &self,
+        slug: &str,
+        body: &serde_json::Value,
+    ) -> Result<Snapshot, Vec<ConfigError>> {
+        let old = self.store.current.load_full();
+        crate::config::build_snapshot_replacing(
+            &self.sources.text,
+            &env_lookup,
+            Some(&old),
+            &self.store.base_dir(),
+            &self.sources.resources,
+            self.sources.master.as_deref(),
+            slug,
+            body,
+        )
+    }
+
     /// Swaps in `snapshot`, built by `build` from `resources`.
     pub fn install(mut self, snapshot: Snapshot, resources: Vec<Stored>) {
         self.sources.resources = Arc::new(resources);

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod audit;
 pub mod budgets;
+pub mod experiments;
 pub mod keys;
 pub mod logs;
 pub mod openapi;
@@ -37,6 +38,8 @@ pub struct ManageApp {
     pub connector: pingora::connectors::http::Connector,
     /// Resources with a change being applied.
     pub changing: api::InFlight,
+    /// The experiment queue and its worker.
+    pub experiments: Arc<crate::replay::Experiments>,
 }
 
 /// Reads the request body, up to `api::MAX_BODY`; `Err`: the answer to send instead.
@@ -100,6 +103,7 @@ impl ManageApp {
             ["routing-configs", tail @ ..] => Some(routing_configs::handle(self, call, path, tail).await),
             ["providers", tail @ ..] => Some(providers::handle(self, call, path, tail).await),
             ["budgets", tail @ ..] => Some(budgets::handle(self, call, path, tail).await),
+            ["experiments", tail @ ..] => Some(experiments::handle(self, call, path, tail).await),
             _ => None,
         };
         match answer {

@@ -62,6 +62,53 @@ fn routing_config_body() -> Body {
     Body { name: name.clone(), schemas: vec![(name, RefOr::T(Schema::Object(schema)))] }
 }
 
+/// An experiment's create body (PRODUCT.md §8.6); snake_case spellings are accepted too.
+fn experiment_body() -> Body {
+    let of = |t: Type, description: &str| {
+        ObjectBuilder::new().schema_type(t).description(Some(description)).build()
+    };
+    let any = |description: &str| ObjectBuilder::new().description(Some(description)).build();
+    let schema = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "Replays stored traffic through a candidate routing config. Every field is also accepted \
+             in snake_case (project_id, candidate_policy, window_start, ...).",
+        ))
+        .property("name", of(Type::String, "free text"))
+        .property("projectId", of(Type::String, "project id or slug"))
+        .property(
+            "candidate",
+            any("a routing-config body, \"@slug\", \"@slug@vN\" or {\"routing_config\": \"@slug\", \"version\": n}"),
+        )
+        .property("candidatePolicy", of(Type::String, "a strategy (with candidateConfig)"))
+        .property("candidateConfig", of(Type::Object, "the strategy's fields; provider_credential_id names the provider"))
+        .property("routing_config", of(Type::String, "@slug the candidate stands in for and promote writes"))
+        .property("filters", of(Type::Object, "routing_config, model, end_user, tags"))
+        .property("mode", of(Type::String, "routing_only (default) or with_responses"))
+        .property("sampleSize", of(Type::Integer, "1 to 50000; default every request in the window"))
+        .property("windowStart", of(Type::String, "RFC 3339 time or unix ms; default 24 h before windowEnd"))
+        .property("windowEnd", of(Type::String, "RFC 3339 time or unix ms; default now"))
+        .property("windowHours", of(Type::Number, "instead of windowStart"))
+        .property("hypothesis", of(Type::String, "free text, at most 2000 characters"))
+        .build();
+    let name = "ExperimentCreate".to_string();
+    Body { name: name.clone(), schemas: vec![(name, RefOr::T(Schema::Object(schema)))] }
+}
+
+fn promote_body() -> Body {
+    let schema = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property(
+            "routing_config",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some("@slug to write; default the config the experiment replayed")),
+        )
+        .build();
+    let name = "ExperimentPromote".to_string();
+    Body { name: name.clone(), schemas: vec![(name, RefOr::T(Schema::Object(schema)))] }
+}
+
 /// One route. `path` is relative to `/manage/v1`, with `{name}` parameters.
 pub struct Route {
     pub method: &'static str,
@@ -76,6 +123,8 @@ pub struct Route {
     pub query: &'static [(&'static str, &'static str)],
     /// Created (201) instead of 200.
     pub creates: bool,
+    /// Accepted for asynchronous work (202).
+    pub accepted: bool,
 }
 
 const fn route(
@@ -85,7 +134,18 @@ const fn route(
     tag: &'static str,
     summary: &'static str,
 ) -> Route {
-    Route { method, path, operation_id, tag, summary, body: None, paged: false, query: &[], creates: false }
+    Route {
+        method,
+        path,
+        operation_id,
+        tag,
+        summary,
+        body: None,
+        paged: false,
+        query: &[],
+        creates: false,
+        accepted: false,
+    }
 }
 
 const fn list(
@@ -379,6 +439,66 @@ pub static ROUTES: &[Route] = &[
             "Requests, errors, cost, tokens and latency percentiles",
         )
     },
+    list(
+        "/experiments",
+        "listExperiments",
+        "experiments",
+        "Experiments, newest first",
+        &[("project", "project slug"), ("status", "queued, running, completed, failed or cancelled")],
+    ),
+    Route {
+        accepted: true,
+        ..with_body(
+            route(
+                "POST",
+                "/experiments",
+                "createExperiment",
+                "experiments",
+                "Replay stored traffic through a candidate",
+            ),
+            experiment_body,
+            false,
+        )
+    },
+    route(
+        "GET",
+        "/experiments/{id}",
+        "getExperiment",
+        "experiments",
+        "An experiment: status, progress, result",
+    ),
+    route(
+        "DELETE",
+        "/experiments/{id}",
+        "deleteExperiment",
+        "experiments",
+        "Delete an experiment (cancels it first)",
+    ),
+    route(
+        "POST",
+        "/experiments/{id}/cancel",
+        "cancelExperiment",
+        "experiments",
+        "Stop a queued or running experiment",
+    ),
+    with_body(
+        route(
+            "POST",
+            "/experiments/{id}/promote",
+            "promoteExperiment",
+            "experiments",
+            "Make the candidate the next version of a routing config",
+        ),
+        promote_body,
+        false,
+    ),
+    list(
+        "/experiments/{id}/decisions",
+        "listExperimentDecisions",
+        "experiments",
+        "Per request: baseline and candidate provider, model, cost, latency and reason",
+        &[],
+    ),
     route("GET", "/openapi.json", "getOpenApi", "meta", "This document"),
 ];
 
@@ -509,8 +629,20 @@ pub fn document() -> utoipa::openapi::OpenApi {
             .summary(Some(r.summary))
             .tag(r.tag)
             .response(
-                if r.creates { "201" } else { "200" },
-                envelope(if r.creates { "created" } else { "ok" }),
+                if r.accepted {
+                    "202"
+                } else if r.creates {
+                    "201"
+                } else {
+                    "200"
+                },
+                envelope(if r.accepted {
+                    "accepted: poll the resource until its status is final"
+                } else if r.creates {
+                    "created"
+                } else {
+                    "ok"
+                }),
             )
             .response("default", error.clone());
         for segment in r.path.split('/').filter(|s| s.starts_with('{')) {

@@ -157,7 +157,7 @@ async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
 }
 
 /// The stored config `key` names (id, slug or `@slug`), deleted ones included.
-async fn stored(app: &ManageApp, key: &str) -> Result<Option<Stored>, ApiError> {
+pub(super) async fn stored(app: &ManageApp, key: &str) -> Result<Option<Stored>, ApiError> {
     let key = key.trim_start_matches('@');
     let by_id = app.state.get(Kind::RoutingConfig, key, "").await.map_err(|e| ApiError::unavailable(&e))?;
     if by_id.is_some() {
@@ -344,6 +344,45 @@ async fn rollback(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> An
     })
     .await
     .map_validation(&slug)
+}
+
+/// Makes `body` (an experiment's candidate) the next version of `@slug`, or creates the
+/// config when none by that slug exists; audited as an update or a create, marked with
+/// the experiment. A config of the file is read-only here (409 `managed_by_file`).
+pub async fn promote(
+    app: &ManageApp,
+    call: &Call<'_>,
+    path: &str,
+    slug: &str,
+    body: Value,
+    experiment: &str,
+) -> Answer {
+    let lock = format!("{RESOURCE}:{slug}");
+    api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
+        let exists = snapshot.file_owned.routing_configs.iter().any(|s| s == slug)
+            || current.iter().any(|r| r.kind == Kind::RoutingConfig && r.slug == slug);
+        let mut body = body.clone();
+        let mut plan = if exists {
+            let old = editable(current, snapshot, slug, call)?;
+            if let (Value::Object(m), Some(p)) = (&mut body, old.body.get("project")) {
+                m.insert("project".into(), p.clone());
+            }
+            new_version(call, old, body, "routing_config.updated")
+        } else {
+            let Value::Object(mut map) = body else {
+                return Err(ApiError::invalid(vec![ConfigError::new("", "the candidate is not an object")]));
+            };
+            let project = project_of(&mut map, current, snapshot)?;
+            let r = api::new_resource(Kind::RoutingConfig, project, slug.to_string(), Value::Object(map));
+            api::create_plan(call, r, "routing_config.created", view)
+        };
+        if let Some(after) = plan.changes.first_mut().and_then(|c| c.after.as_mut()) {
+            after["promoted_from_experiment"] = json!(experiment);
+        }
+        Ok(plan)
+    })
+    .await
+    .map_validation(slug)
 }
 
 async fn delete(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answer {

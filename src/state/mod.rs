@@ -201,6 +201,33 @@ pub struct ListQuery {
     pub limit: usize,
 }
 
+/// One experiment (a replay run): its definition, progress and result as one document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExperimentRow {
+    pub id: String,
+    pub project: String,
+    /// The schedule that started it; empty for a one-off run.
+    pub schedule_id: String,
+    /// `queued`, `running`, `completed`, `failed`, `cancelled`.
+    pub status: String,
+    pub body: Value,
+    /// Insertion order (set by the store): lists are ordered and paged by it.
+    pub seq: i64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// Filters of an experiment list; newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ExperimentQuery {
+    pub project: Option<String>,
+    pub schedule_id: Option<String>,
+    pub status: Option<String>,
+    /// Experiments before this `seq` (the cursor).
+    pub before_seq: Option<i64>,
+    pub limit: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
     /// Another change got there first (a live duplicate, or a newer version).
@@ -239,6 +266,23 @@ pub trait StateStore: Send + Sync {
     async fn commit(&self, changes: &[Change]) -> Result<i64, StateError>;
 
     async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StateError>;
+
+    /// Creates or replaces experiment `row.id` (its `seq` and `created_ms` stay those of
+    /// the first save). Returns its `seq`.
+    async fn save_experiment(&self, row: &ExperimentRow) -> Result<i64, StateError>;
+
+    async fn experiment(&self, id: &str) -> Result<Option<ExperimentRow>, StateError>;
+
+    async fn experiments(&self, query: &ExperimentQuery) -> Result<Vec<ExperimentRow>, StateError>;
+
+    /// Removes an experiment and its decisions; whether it existed.
+    async fn delete_experiment(&self, id: &str) -> Result<bool, StateError>;
+
+    /// Stores per-request decisions numbered from `first` (replacing any with those numbers).
+    async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError>;
+
+    /// Decisions numbered above `after`, in order, at most `limit`.
+    async fn decisions(&self, id: &str, after: i64, limit: usize) -> Result<Vec<(i64, Value)>, StateError>;
 
     /// The stored answer for an idempotency key, if one younger than `since_ms` exists.
     async fn idempotent(

@@ -14,8 +14,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row};
 
 use super::{
-    Actor, AuditEntry, AuditQuery, Change, FileVersion, Idempotent, Kind, ListQuery, Op, StateError,
-    StateStore, Stored, Version,
+    Actor, AuditEntry, AuditQuery, Change, ExperimentQuery, ExperimentRow, FileVersion, Idempotent, Kind,
+    ListQuery, Op, StateError, StateStore, Stored, Version,
 };
 
 /// Entry `i` takes the schema from version `i` to `i + 1`; append only.
@@ -84,6 +84,25 @@ CREATE TABLE file_config_versions (
     slug       TEXT   NOT NULL PRIMARY KEY,
     definition TEXT   NOT NULL,
     version    BIGINT NOT NULL
+);
+",
+    "
+CREATE TABLE experiments (
+    seq         BIGSERIAL PRIMARY KEY,
+    id          TEXT   NOT NULL UNIQUE,
+    project     TEXT   NOT NULL,
+    schedule_id TEXT   NOT NULL,
+    status      TEXT   NOT NULL,
+    body        TEXT   NOT NULL,
+    created_ms  BIGINT NOT NULL,
+    updated_ms  BIGINT NOT NULL
+);
+CREATE INDEX experiments_schedule ON experiments (schedule_id, seq);
+CREATE TABLE experiment_decisions (
+    experiment_id TEXT   NOT NULL,
+    seq           BIGINT NOT NULL,
+    body          TEXT   NOT NULL,
+    PRIMARY KEY (experiment_id, seq)
 );
 ",
 ];
@@ -209,6 +228,22 @@ async fn migrate(client: &mut Client) -> Result<(), StateError> {
 
 const RESOURCE_COLUMNS: &str =
     "kind, id, project, slug, body, version, seq, created_ms, updated_ms, deleted_ms";
+
+const EXPERIMENT_COLUMNS: &str = "id, project, schedule_id, status, body, seq, created_ms, updated_ms";
+
+fn read_experiment(r: &Row) -> ExperimentRow {
+    let body: String = r.get(4);
+    ExperimentRow {
+        id: r.get(0),
+        project: r.get(1),
+        schedule_id: r.get(2),
+        status: r.get(3),
+        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        seq: r.get(5),
+        created_ms: r.get(6),
+        updated_ms: r.get(7),
+    }
+}
 
 fn read_resource(r: &Row) -> Result<Stored, StateError> {
     let bad = |e: String| StateError::Unavailable(format!("stored resource unreadable: {e}"));
@@ -495,6 +530,124 @@ impl StateStore for PostgresState {
                     user_agent: r.get(11),
                     before: json(r.get(12)),
                     after: json(r.get(13)),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn save_experiment(&self, row: &ExperimentRow) -> Result<i64, StateError> {
+        let row = row.clone();
+        self.run(|c| async move {
+            let body = row.body.to_string();
+            let r = c
+                .lock()
+                .await
+                .query_one(
+                    "INSERT INTO experiments (id, project, schedule_id, status, body, created_ms, updated_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
+                     status = EXCLUDED.status, body = EXCLUDED.body, updated_ms = EXCLUDED.updated_ms \
+                     RETURNING seq",
+                    &[&row.id, &row.project, &row.schedule_id, &row.status, &body, &row.created_ms, &row.updated_ms],
+                )
+                .await
+                .map_err(db)?;
+            Ok(r.get(0))
+        })
+        .await
+    }
+
+    async fn experiment(&self, id: &str) -> Result<Option<ExperimentRow>, StateError> {
+        let id = id.to_string();
+        self.run(|c| async move {
+            let sql = format!("SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE id = $1");
+            let rows = c.lock().await.query(&sql, &[&id]).await.map_err(db)?;
+            Ok(rows.first().map(read_experiment))
+        })
+        .await
+    }
+
+    async fn experiments(&self, q: &ExperimentQuery) -> Result<Vec<ExperimentRow>, StateError> {
+        let q = q.clone();
+        self.run(|c| async move {
+            let sql = format!(
+                "SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE seq < $1 \
+                 AND ($2::TEXT IS NULL OR project = $2) AND ($3::TEXT IS NULL OR schedule_id = $3) \
+                 AND ($4::TEXT IS NULL OR status = $4) ORDER BY seq DESC LIMIT $5"
+            );
+            let limit = q.limit as i64;
+            let rows = c
+                .lock()
+                .await
+                .query(
+                    &sql,
+                    &[&q.before_seq.unwrap_or(i64::MAX), &q.project, &q.schedule_id, &q.status, &limit],
+                )
+                .await
+                .map_err(db)?;
+            Ok(rows.iter().map(read_experiment).collect())
+        })
+        .await
+    }
+
+    async fn delete_experiment(&self, id: &str) -> Result<bool, StateError> {
+        let id = id.to_string();
+        self.run(|c| async move {
+            let mut client = c.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            tx.execute("DELETE FROM experiment_decisions WHERE experiment_id = $1", &[&id])
+                .await
+                .map_err(db)?;
+            let n = tx.execute("DELETE FROM experiments WHERE id = $1", &[&id]).await.map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError> {
+        let id = id.to_string();
+        self.run(|c| async move {
+            let mut client = c.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            // One statement per chunk (arrays unnested server-side), not one per row.
+            for (n, chunk) in rows.chunks(1000).enumerate() {
+                let start = first + (n * 1000) as i64;
+                let seqs: Vec<i64> = (0..chunk.len() as i64).map(|i| start + i).collect();
+                let bodies: Vec<String> = chunk.iter().map(Value::to_string).collect();
+                tx.execute(
+                    "INSERT INTO experiment_decisions (experiment_id, seq, body) \
+                     SELECT $1, s, b FROM UNNEST($2::BIGINT[], $3::TEXT[]) AS u(s, b) \
+                     ON CONFLICT (experiment_id, seq) DO UPDATE SET body = EXCLUDED.body",
+                    &[&id, &seqs, &bodies],
+                )
+                .await
+                .map_err(db)?;
+            }
+            tx.commit().await.map_err(db)
+        })
+        .await
+    }
+
+    async fn decisions(&self, id: &str, after: i64, limit: usize) -> Result<Vec<(i64, Value)>, StateError> {
+        let id = id.to_string();
+        self.run(|c| async move {
+            let limit = limit as i64;
+            let rows = c
+                .lock()
+                .await
+                .query(
+                    "SELECT seq, body FROM experiment_decisions WHERE experiment_id = $1 AND seq > $2 \
+                     ORDER BY seq LIMIT $3",
+                    &[&id, &after, &limit],
+                )
+                .await
+                .map_err(db)?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let body: String = r.get(1);
+                    (r.get(0), serde_json::from_str(&body).unwrap_or(Value::Null))
                 })
                 .collect())
         })

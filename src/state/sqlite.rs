@@ -14,8 +14,8 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBeha
 use serde_json::Value;
 
 use super::{
-    Actor, AuditEntry, AuditQuery, Change, FileVersion, Idempotent, Kind, ListQuery, Op, StateError,
-    StateStore, Stored, Version,
+    Actor, AuditEntry, AuditQuery, Change, ExperimentQuery, ExperimentRow, FileVersion, Idempotent, Kind,
+    ListQuery, Op, StateError, StateStore, Stored, Version,
 };
 
 /// Each entry is one schema version; entry `i` takes the schema from version `i` to `i + 1`.
@@ -86,6 +86,25 @@ CREATE TABLE file_config_versions (
     definition TEXT    NOT NULL,
     version    INTEGER NOT NULL
 );
+",
+    "
+CREATE TABLE experiments (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT    NOT NULL UNIQUE,
+    project     TEXT    NOT NULL,
+    schedule_id TEXT    NOT NULL,
+    status      TEXT    NOT NULL,
+    body        TEXT    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    updated_ms  INTEGER NOT NULL
+);
+CREATE INDEX experiments_schedule ON experiments (schedule_id, seq);
+CREATE TABLE experiment_decisions (
+    experiment_id TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    body          TEXT    NOT NULL,
+    PRIMARY KEY (experiment_id, seq)
+) WITHOUT ROWID;
 ",
 ];
 
@@ -366,6 +385,22 @@ fn audit_entries(conn: &Connection, q: &AuditQuery) -> Result<Vec<AuditEntry>, S
     rows.collect::<Result<_, _>>().map_err(db)
 }
 
+const EXPERIMENT_COLUMNS: &str = "id, project, schedule_id, status, body, seq, created_ms, updated_ms";
+
+fn read_experiment(r: &rusqlite::Row<'_>) -> rusqlite::Result<ExperimentRow> {
+    let body: String = r.get(4)?;
+    Ok(ExperimentRow {
+        id: r.get(0)?,
+        project: r.get(1)?,
+        schedule_id: r.get(2)?,
+        status: r.get(3)?,
+        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        seq: r.get(5)?,
+        created_ms: r.get(6)?,
+        updated_ms: r.get(7)?,
+    })
+}
+
 #[async_trait]
 impl StateStore for SqliteState {
     fn backend(&self) -> &'static str {
@@ -455,6 +490,116 @@ impl StateStore for SqliteState {
     async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StateError> {
         let query = query.clone();
         self.run(move |conn| audit_entries(conn, &query)).await
+    }
+
+    async fn save_experiment(&self, row: &ExperimentRow) -> Result<i64, StateError> {
+        let row = row.clone();
+        self.run(move |conn| {
+            conn.query_row(
+                "INSERT INTO experiments (id, project, schedule_id, status, body, created_ms, updated_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO UPDATE SET \
+                 status = excluded.status, body = excluded.body, updated_ms = excluded.updated_ms \
+                 RETURNING seq",
+                params![
+                    row.id,
+                    row.project,
+                    row.schedule_id,
+                    row.status,
+                    row.body.to_string(),
+                    row.created_ms,
+                    row.updated_ms
+                ],
+                |r| r.get(0),
+            )
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn experiment(&self, id: &str) -> Result<Option<ExperimentRow>, StateError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let sql = format!("SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE id = ?1");
+            conn.query_row(&sql, [id], read_experiment).optional().map_err(db)
+        })
+        .await
+    }
+
+    async fn experiments(&self, q: &ExperimentQuery) -> Result<Vec<ExperimentRow>, StateError> {
+        let q = q.clone();
+        self.run(move |conn| {
+            let sql = format!(
+                "SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE seq < ?1 \
+                 AND (?2 IS NULL OR project = ?2) AND (?3 IS NULL OR schedule_id = ?3) \
+                 AND (?4 IS NULL OR status = ?4) ORDER BY seq DESC LIMIT ?5"
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        q.before_seq.unwrap_or(i64::MAX),
+                        q.project,
+                        q.schedule_id,
+                        q.status,
+                        q.limit as i64
+                    ],
+                    read_experiment,
+                )
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn delete_experiment(&self, id: &str) -> Result<bool, StateError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(db)?;
+            tx.execute("DELETE FROM experiment_decisions WHERE experiment_id = ?1", [&id]).map_err(db)?;
+            let n = tx.execute("DELETE FROM experiments WHERE id = ?1", [&id]).map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(db)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO experiment_decisions (experiment_id, seq, body) VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(db)?;
+                for (i, row) in rows.iter().enumerate() {
+                    stmt.execute(params![id, first + i as i64, row.to_string()]).map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn decisions(&self, id: &str, after: i64, limit: usize) -> Result<Vec<(i64, Value)>, StateError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, body FROM experiment_decisions WHERE experiment_id = ?1 AND seq > ?2 \
+                     ORDER BY seq LIMIT ?3",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![id, after, limit as i64], |r| {
+                    let body: String = r.get(1)?;
+                    Ok((r.get(0)?, serde_json::from_str(&body).unwrap_or(Value::Null)))
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
     }
 
     async fn idempotent(

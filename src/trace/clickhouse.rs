@@ -302,6 +302,7 @@ impl Filter {
         if let Some(m) = &q.model {
             self.push("(model = ? OR model_requested = ?)", [Param::Str(m.clone()), Param::Str(m.clone())]);
         }
+        self.eq("model_requested", &q.model_requested);
         self.eq("provider", &q.provider);
         self.eq("routing_config", &q.routing_config);
         self.eq("end_user", &q.end_user);

@@ -706,6 +706,9 @@ impl Where {
             let m = Value::Text(m.clone());
             self.and("(r.model = ? OR r.model_requested = ?)", [m.clone(), m]);
         }
+        if let Some(m) = &q.model_requested {
+            self.text("r.model_requested = ?", m);
+        }
         if let Some(p) = &q.provider {
             self.text("r.provider = ?", p);
         }
@@ -1044,6 +1047,9 @@ mod tests {
         }
         if some(rng) {
             q.model = Some(pick(rng, &MODELS).into());
+        }
+        if some(rng) {
+            q.model_requested = Some(pick(rng, &MODELS).into());
         }
         if some(rng) {
             q.provider = Some(pick(rng, &PROVIDERS).into());

@@ -92,6 +92,9 @@ pub struct LogQuery {
     pub project: Option<String>,
     pub status: Option<StatusFilter>,
     pub model: Option<String>,
+    /// Exactly what the client asked for (`@slug`, a model): replay's "traffic that named
+    /// @slug", including requests refused before routing.
+    pub model_requested: Option<String>,
     pub provider: Option<String>,
     pub routing_config: Option<String>,
     pub end_user: Option<String>,
@@ -113,6 +116,7 @@ impl LogQuery {
             && self.project.as_ref().is_none_or(|p| *p == row.project)
             && self.status.is_none_or(|s| s.matches(row.status))
             && self.model.as_ref().is_none_or(|m| *m == row.model || *m == row.model_requested)
+            && self.model_requested.as_ref().is_none_or(|m| *m == row.model_requested)
             && self.provider.as_ref().is_none_or(|p| *p == row.provider)
             && self.routing_config.as_ref().is_none_or(|c| *c == row.routing_config)
             && self.end_user.as_ref().is_none_or(|u| *u == row.end_user)

@@ -615,6 +615,7 @@ fn filters(base: u64, rows: &[TraceRow]) -> Vec<LogQuery> {
         LogQuery { status: Some(StatusFilter::Class(2)), model: Some("gpt-4o".into()), ..q() },
         LogQuery { provider: Some("anthropic".into()), routing_config: Some("@fast".into()), ..q() },
         LogQuery { end_user: Some("u2".into()), ..q() },
+        LogQuery { model_requested: Some("smart".into()), ..q() },
         LogQuery { trace_id: Some("t1".into()), conversation_id: Some("c1".into()), ..q() },
         LogQuery { min_latency_ms: Some(some_latency), ..q() },
         LogQuery { tags: vec![("team".into(), "ads".into())], ..q() },

@@ -1,0 +1,372 @@
+//! Runs experiments off the request path: one worker thread, at a lower CPU priority
+//! (nice 10) so proxy threads win every contended core, with its own single-threaded
+//! runtime for the store calls. An experiment is a row in the state store whose body is
+//! the document the API shows plus its `job`; the worker moves it `queued → running →
+//! completed | failed | cancelled`, saving progress as it reads. Rows left `queued` or
+//! `running` by a stopped gateway are queued again at the next start.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::simulate::{Report, Simulation};
+use super::MAX_SAMPLE;
+use crate::admission::Now;
+use crate::config::store::ConfigStore;
+use crate::spend::counters::Counters;
+use crate::spend::period::iso8601_ms;
+use crate::state::{ExperimentQuery, ExperimentRow, StateStore};
+use crate::trace::replay::ReplayQuery;
+use crate::trace::{LogQuery, TraceStore};
+
+/// Records read per page of the trace store.
+const PAGE: usize = 2_000;
+/// Decisions written per state-store transaction.
+const DECISION_CHUNK: usize = 5_000;
+/// Progress is saved at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// What the worker needs to run an experiment, resolved when it was created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub project: String,
+    /// The config the candidate stands in for (replayed requests name `@slug`).
+    pub slug: String,
+    /// The config `promote` writes when the call names none.
+    pub promote_to: Option<String>,
+    /// The candidate's routing-config body.
+    pub candidate_config: Value,
+    pub mode: String,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub sample_size: Option<usize>,
+    pub filter_routing_config: Option<String>,
+    pub filter_model: Option<String>,
+    pub filter_end_user: Option<String>,
+    pub filter_tags: Vec<(String, String)>,
+}
+
+impl Job {
+    /// The trace-store filters of the window.
+    pub fn query(&self) -> LogQuery {
+        LogQuery {
+            start_ms: Some(self.window_start_ms),
+            end_ms: Some(self.window_end_ms),
+            project: Some(self.project.clone()),
+            model: self.filter_model.clone(),
+            // Traffic that named the config, budget refusals included (they have no route).
+            model_requested: self.filter_routing_config.as_ref().map(|s| format!("@{s}")),
+            end_user: self.filter_end_user.clone(),
+            tags: self.filter_tags.clone(),
+            ..LogQuery::default()
+        }
+    }
+}
+
+/// The document the API shows: the stored body without its `job`.
+pub fn view(row: &ExperimentRow) -> Value {
+    let mut body = row.body.clone();
+    if let Value::Object(m) = &mut body {
+        m.remove("job");
+        m.insert("status".into(), json!(row.status));
+    }
+    body
+}
+
+pub fn job_of(row: &ExperimentRow) -> Result<Job, String> {
+    serde_json::from_value(row.body.get("job").cloned().unwrap_or(Value::Null))
+        .map_err(|e| format!("experiment {} has no readable job: {e}", row.id))
+}
+
+fn now_ms() -> i64 {
+    (crate::spend::unix_now_us() / 1000) as i64
+}
+
+/// The experiments of one gateway: a queue and the worker that drains it.
+pub struct Experiments {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<String>,
+}
+
+struct Shared {
+    state: Arc<dyn StateStore>,
+    traces: Arc<dyn TraceStore>,
+    config: Arc<ConfigStore>,
+    counters: Arc<dyn Counters>,
+    /// Cancel flags of experiments queued or running here.
+    cancels: DashMap<String, Arc<AtomicBool>>,
+}
+
+impl Experiments {
+    /// Starts the worker thread; it ends when this value is dropped. It first runs the
+    /// experiments a stopped gateway left unfinished.
+    pub fn start(
+        state: Arc<dyn StateStore>,
+        traces: Arc<dyn TraceStore>,
+        config: Arc<ConfigStore>,
+        counters: Arc<dyn Counters>,
+    ) -> Arc<Experiments> {
+        let shared = Arc::new(Shared { state, traces, config, counters, cancels: DashMap::new() });
+        let (jobs, rx) = mpsc::channel::<String>();
+        let worker = shared.clone();
+        let spawned = std::thread::Builder::new().name("modelux-replay".into()).spawn(move || {
+            // Linux: a thread's nice value is its own. Best effort: at worst the worker
+            // competes at normal priority.
+            // SAFETY: setpriority on the calling thread's id; no memory is passed.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "experiment worker could not start its runtime");
+                    return;
+                }
+            };
+            for id in runtime.block_on(worker.unfinished()) {
+                runtime.block_on(worker.run(&id));
+            }
+            while let Ok(id) = rx.recv() {
+                runtime.block_on(worker.run(&id));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the experiment worker; experiments stay queued");
+        }
+        Arc::new(Experiments { shared, jobs })
+    }
+
+    pub fn submit(&self, id: &str) {
+        self.shared.cancels.insert(id.to_string(), Arc::new(AtomicBool::new(false)));
+        if self.jobs.send(id.to_string()).is_err() {
+            tracing::error!(experiment = %id, "experiment worker is gone");
+        }
+    }
+
+    /// Stops the experiment if it runs here (the stored status is the caller's to set).
+    pub fn cancel(&self, id: &str) {
+        if let Some(flag) = self.shared.cancels.get(id) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// How a run ended early.
+enum Stop {
+    Cancelled,
+    Failed(String),
+}
+
+impl Shared {
+    /// Experiments left `queued` or `running` by a stopped gateway, queued again, oldest
+    /// first.
+    async fn unfinished(&self) -> Vec<String> {
+        let mut ids = Vec::new();
+        for status in ["running", "queued"] {
+            let q = ExperimentQuery { status: Some(status.into()), limit: 10_000, ..Default::default() };
+            match self.state.experiments(&q).await {
+                Ok(rows) => {
+                    for mut row in rows.into_iter().rev() {
+                        tracing::info!(experiment = %row.id, "running an experiment left unfinished");
+                        if row.status == "running" {
+                            row.status = "queued".into();
+                            if self.state.save_experiment(&row).await.is_err() {
+                                continue;
+                            }
+                        }
+                        self.cancels.insert(row.id.clone(), Arc::new(AtomicBool::new(false)));
+                        ids.push(row.id);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list unfinished experiments"),
+            }
+        }
+        ids
+    }
+
+    fn cancelled(&self, id: &str) -> bool {
+        self.cancels.get(id).is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    async fn run(&self, id: &str) {
+        let row = match self.state.experiment(id).await {
+            Ok(Some(row)) if row.status == "queued" => row,
+            Ok(_) => {
+                self.cancels.remove(id);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(experiment = %id, error = %e, "cannot read the experiment");
+                self.cancels.remove(id);
+                return;
+            }
+        };
+        let started = Instant::now();
+        let outcome = self.execute(row.clone()).await;
+        // Another node (or a delete) may have ended it meanwhile: never overwrite that.
+        let current = match self.state.experiment(id).await {
+            Ok(Some(r)) if r.status == "running" => r,
+            _ => {
+                self.cancels.remove(id);
+                return;
+            }
+        };
+        let mut row = current;
+        let finished = iso8601_ms(now_ms());
+        if let Value::Object(m) = &mut row.body {
+            m.insert("completed_at".into(), json!(finished));
+        }
+        match outcome {
+            Ok(report) => {
+                if let Err(e) = self.save_decisions(id, &report).await {
+                    self.fail(row, &format!("cannot save the decisions: {e}")).await;
+                } else {
+                    apply_report(&mut row.body, &report);
+                    row.status = "completed".into();
+                    row.updated_ms = now_ms();
+                    if let Err(e) = self.state.save_experiment(&row).await {
+                        tracing::warn!(experiment = %id, error = %e, "cannot save the experiment's result");
+                    }
+                    tracing::info!(
+                        experiment = %id,
+                        requests = report.outcomes.len(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "experiment completed"
+                    );
+                }
+            }
+            Err(Stop::Cancelled) => {
+                row.status = "cancelled".into();
+                row.updated_ms = now_ms();
+                let _ = self.state.save_experiment(&row).await;
+            }
+            Err(Stop::Failed(message)) => self.fail(row, &message).await,
+        }
+        self.cancels.remove(id);
+    }
+
+    async fn fail(&self, mut row: ExperimentRow, message: &str) {
+        tracing::warn!(experiment = %row.id, error = %message, "experiment failed");
+        row.status = "failed".into();
+        row.updated_ms = now_ms();
+        if let Value::Object(m) = &mut row.body {
+            m.insert("error".into(), json!({ "code": "experiment_failed", "message": message }));
+        }
+        let _ = self.state.save_experiment(&row).await;
+    }
+
+    async fn execute(&self, mut row: ExperimentRow) -> Result<Report, Stop> {
+        let id = row.id.clone();
+        let job = job_of(&row).map_err(Stop::Failed)?;
+        row.status = "running".into();
+        row.updated_ms = now_ms();
+        if let Value::Object(m) = &mut row.body {
+            m.insert("started_at".into(), json!(iso8601_ms(row.updated_ms)));
+        }
+        self.state.save_experiment(&row).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        if job.mode != "routing_only" {
+            return Err(Stop::Failed(format!("mode {} is not run by this gateway", job.mode)));
+        }
+        let snapshot = {
+            let staged = self.config.stage().await;
+            staged.build_replacing(&job.slug, &job.candidate_config)
+        }
+        .map_err(|errors| {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            Stop::Failed(format!("the candidate no longer builds: {}", text.join("; ")))
+        })?;
+        let mut sim = Simulation::new(
+            &snapshot,
+            self.counters.as_ref(),
+            &job.slug,
+            Now::current(),
+            job.sample_size.unwrap_or(MAX_SAMPLE),
+            crate::routing::seed_of(&id),
+        );
+        let mut query = ReplayQuery { filters: job.query(), after: None, limit: PAGE, bodies: false };
+        let span = job.window_end_ms.saturating_sub(job.window_start_ms).max(1);
+        let mut last_progress = Instant::now();
+        loop {
+            if self.cancelled(&id) {
+                return Err(Stop::Cancelled);
+            }
+            let page = self.traces.replay(&query).await.map_err(|e| Stop::Failed(e.to_string()))?;
+            for r in &page {
+                sim.push(r);
+            }
+            let Some(last) = page.last() else { break };
+            query.after = Some(last.cursor());
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                let percent =
+                    (last.ts_ms.saturating_sub(job.window_start_ms) as f64 / span as f64 * 100.0).min(99.0);
+                self.progress(&mut row, sim.matched(), percent).await?;
+            }
+            if page.len() < PAGE {
+                break;
+            }
+        }
+        if self.cancelled(&id) {
+            return Err(Stop::Cancelled);
+        }
+        Ok(sim.finish())
+    }
+
+    /// Saves how far the run got; a row cancelled or deleted meanwhile stops the run.
+    async fn progress(&self, row: &mut ExperimentRow, read: u64, percent: f64) -> Result<(), Stop> {
+        match self.state.experiment(&row.id).await {
+            Ok(Some(r)) if r.status == "running" => {}
+            Ok(_) => return Err(Stop::Cancelled),
+            Err(e) => return Err(Stop::Failed(e.to_string())),
+        }
+        if let Value::Object(m) = &mut row.body {
+            m.insert(
+                "progress".into(),
+                json!({ "requests_read": read, "percent": (percent * 10.0).round() / 10.0 }),
+            );
+        }
+        row.updated_ms = now_ms();
+        self.state.save_experiment(row).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn save_decisions(&self, id: &str, report: &Report) -> Result<(), crate::state::StateError> {
+        for (n, chunk) in report.outcomes.chunks(DECISION_CHUNK).enumerate() {
+            let rows: Vec<Value> = chunk.iter().map(|o| o.view()).collect();
+            self.state.save_decisions(id, (n * DECISION_CHUNK) as i64 + 1, rows).await?;
+        }
+        Ok(())
+    }
+}
+
+fn routes(m: &std::collections::BTreeMap<String, f64>) -> Value {
+    Value::Object(m.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<Map<String, Value>>())
+}
+
+/// Writes a finished run's numbers into the experiment's document.
+pub fn apply_report(body: &mut Value, report: &Report) {
+    let Value::Object(m) = body else { return };
+    let deltas = report.deltas();
+    let baseline = report.baseline.view();
+    let candidate = report.candidate.view();
+    m.insert("requests".into(), json!(report.outcomes.len()));
+    m.insert("matched_requests".into(), json!(report.matched));
+    m.insert("progress".into(), json!({ "requests_read": report.matched, "percent": 100.0 }));
+    m.insert("baseline_summary".into(), baseline.clone());
+    m.insert("candidate_summary".into(), candidate.clone());
+    // PRODUCT.md §8.6's result shape names the summaries `baseline` and `candidate`.
+    m.insert("baseline".into(), baseline);
+    m.insert("candidate".into(), candidate);
+    m.insert("route_distribution".into(), routes(&report.candidate_routes));
+    m.insert("baseline_route_distribution".into(), routes(&report.baseline_routes));
+    if let Value::Object(d) = &deltas {
+        for (k, v) in d {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    m.insert("deltas".into(), deltas);
+}

@@ -1,0 +1,400 @@
+//! Experiments end to end: real traffic through the gateway to mock providers (fallbacks
+//! that happened, a budget that blocked, several configs), then replays checked against
+//! figures computed here from the stored records and the price table; promote, cancel,
+//! and the errors of bad definitions.
+
+use super::*;
+use modelux::trace::{LogQuery, TraceRow};
+
+/// A cent a token on `local/m1`: costs are exact sums of token counts.
+const PRICES: &str = "prices:\n  m1: { input_per_mtok: 10000, output_per_mtok: 10000 }\n";
+const CONFIGS: &str = "  cheaper: { project: default, strategy: single, model: \"local/m1\" }\n  \
+    capped: { project: default, strategy: single, model: \"local/m1\" }\n";
+const BUDGET: &str =
+    "budgets:\n  - { name: capped-daily, scope: routing_config, routing_config: \"@capped\", \
+    period: daily, cap_usd: 0.5, action: block }\n";
+
+async fn manage(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> Response {
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let h = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let bytes = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+    httpc::request(gw.manage, method, path, &h, &bytes).await.unwrap()
+}
+
+async fn chat(gw: &Gateway, model: &str, extra: &[(&str, &str)]) -> Response {
+    let auth = format!("Bearer {KEY}");
+    let mut h = vec![("authorization", auth.as_str()), ("content-type", "application/json")];
+    h.extend_from_slice(extra);
+    let body =
+        json!({"model": model, "messages": [{"role": "user", "content": "say hello"}], "max_tokens": 20});
+    httpc::request(gw.proxy, "POST", CHAT, &h, &serde_json::to_vec(&body).unwrap()).await.unwrap()
+}
+
+/// Every stored record of the project, oldest first, once the writer has stored `n`.
+async fn stored_rows(gw: &Gateway, n: usize) -> Vec<TraceRow> {
+    let store = gw.handles.trace_writer.store().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = store.list(&LogQuery { limit: 200, ..LogQuery::default() }).await.unwrap();
+        if page.rows.len() >= n {
+            let mut rows = page.rows;
+            rows.reverse();
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "only {} of {n} records stored", page.rows.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn finished(gw: &Gateway, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = manage(gw, "GET", &format!("/manage/v1/experiments/{id}"), None).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let v = resp.json().unwrap()["data"].clone();
+        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "experiment {id} never finished: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run(gw: &Gateway, body: Value) -> Value {
+    let resp = manage(gw, "POST", "/manage/v1/experiments", Some(body)).await;
+    assert_eq!(resp.status, 202, "{}", resp.text());
+    let v = resp.json().unwrap()["data"].clone();
+    assert!(["queued", "running", "completed"].contains(&v["status"].as_str().unwrap()), "{v}");
+    let done = finished(gw, v["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    done
+}
+
+fn quantile(mut v: Vec<f64>, q: f64) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let i = ((q * v.len() as f64) as usize).min(v.len().checked_sub(1)?);
+    v.get(i).copied()
+}
+
+fn close(a: &Value, b: f64) {
+    let a = a.as_f64().unwrap_or_else(|| panic!("not a number: {a}"));
+    assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} != {b}");
+}
+
+/// What production did, computed from the records: cost, answered latencies, errors and
+/// where the answered ones went.
+fn baseline_of(rows: &[&TraceRow]) -> (f64, Vec<f64>, u64, BTreeMap<String, u64>) {
+    let mut cost = 0.0;
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let mut routes = BTreeMap::new();
+    for r in rows {
+        cost += r.cost_total;
+        if r.status >= 400 || r.status == 0 {
+            errors += 1;
+        } else {
+            latencies.push(r.latency_ms);
+            *routes.entry(format!("{}:{}", r.model, r.provider)).or_insert(0) += 1;
+        }
+    }
+    (cost, latencies, errors, routes)
+}
+
+fn shares(counts: &BTreeMap<String, u64>) -> Value {
+    let total: u64 = counts.values().sum();
+    Value::Object(counts.iter().map(|(k, n)| (k.clone(), json!(*n as f64 / total as f64))).collect())
+}
+
+use std::collections::BTreeMap;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiments_replay_stored_traffic_and_promote_the_candidate() {
+    experiments_replay_stored_traffic_and_promote_the_candidate_on(String::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiments_replay_stored_traffic_and_promote_the_candidate_on_postgres() {
+    let pg = tokio::task::spawn_blocking(super::pg::PgServer::start).await.unwrap();
+    let url = pg.database("modelux_replay").await;
+    experiments_replay_stored_traffic_and_promote_the_candidate_on(format!(
+        "state: {{ backend: postgres, url: \"{url}\" }}\n"
+    ))
+    .await
+}
+
+/// `state`: the `state:` section (empty: the embedded SQLite store).
+async fn experiments_replay_stored_traffic_and_promote_the_candidate_on(state: String) {
+    // The OpenAI mock fails every fourth call: production's fallback moves those to local.
+    let mut script = Vec::new();
+    for _ in 0..6 {
+        script.extend([Behavior::Status(500), Behavior::Normal, Behavior::Normal, Behavior::Normal]);
+    }
+    let openai = mock(MockConfig { script, ..MockConfig::default() }).await;
+    let local = mock(MockConfig { tokens: 7, ..MockConfig::default() }).await;
+    let openai_url = openai.base_url();
+    let local_url = local.base_url();
+    let mut cfg = Cfg::new(openai_url.leak());
+    cfg.local = Some(local_url.leak());
+    // Health never steps in: every fallback below is the scripted failure's.
+    cfg.top_extra = format!(
+        "{state}{PRICES}{BUDGET}traces: {{ flush_interval_ms: 50 }}\n\
+         health: {{ min_requests: 1000, consecutive_failures: 1000 }}\n"
+    );
+    cfg.more_configs = CONFIGS.into();
+    let gw = start(cfg).await;
+
+    // @production lives in the state store, so promote can write its next version.
+    let created = manage(
+        &gw,
+        "POST",
+        "/manage/v1/routing-configs",
+        Some(json!({"slug": "production", "project": "default", "strategy": "fallback",
+                    "retry_on": ["5xx"], "attempts": ["openai/gpt-4o-mini", "local/m1"]})),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+
+    let mut sent = 0;
+    for i in 0..24 {
+        let user = format!("user-{}", i % 3);
+        let resp =
+            chat(&gw, "@production", &[("x-modelux-user-id", &user), ("x-modelux-user-tags", "team=search")])
+                .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        sent += 1;
+    }
+    for _ in 0..6 {
+        assert_eq!(chat(&gw, "@fast", &[]).await.status, 200);
+        sent += 1;
+    }
+    // @capped: $0.50 a day at a cent a token; each answer costs well over that in total.
+    let mut blocked = 0;
+    for _ in 0..8 {
+        let resp = chat(&gw, "@capped", &[]).await;
+        assert!(resp.status == 200 || resp.status == 402, "{}", resp.text());
+        blocked += usize::from(resp.status == 402);
+        sent += 1;
+    }
+    assert!(blocked > 0, "the budget never blocked");
+    let rows = stored_rows(&gw, sent).await;
+    assert_eq!(rows.len(), sent);
+    let production: Vec<&TraceRow> = rows.iter().filter(|r| r.model_requested == "@production").collect();
+    assert_eq!(production.len(), 24);
+    let fell_back = production.iter().filter(|r| r.provider == "local").count();
+    assert_eq!(fell_back, 6, "every fourth first attempt failed");
+    assert!(production.iter().all(|r| !r.replay_body.is_empty() && r.max_tokens == 20));
+
+    // 1. A candidate identical to production reproduces it exactly.
+    let same = run(
+        &gw,
+        json!({"name": "same", "candidate": "@production", "filters": {"routing_config": "@production"}}),
+    )
+    .await;
+    let (cost, latencies, errors, routes) = baseline_of(&production);
+    assert_eq!(same["requests"], 24);
+    assert_eq!(same["route_distribution"], shares(&routes), "{same}");
+    assert_eq!(same["baseline_route_distribution"], shares(&routes));
+    for side in ["baseline_summary", "candidate_summary"] {
+        close(&same[side]["cost_usd"], cost);
+        close(&same[side]["p50_ms"], quantile(latencies.clone(), 0.5).unwrap());
+        close(&same[side]["p95_ms"], quantile(latencies.clone(), 0.95).unwrap());
+        assert_eq!(same[side]["errors"], errors);
+    }
+    assert_eq!(same["cost_delta_pct"], 0.0);
+    assert_eq!(same["deltas"]["p95_latency_delta_pct"], 0.0);
+    // The documented result shape too.
+    assert_eq!(same["baseline"], same["baseline_summary"]);
+    assert_eq!(same["candidate"], same["candidate_summary"]);
+
+    // 2. Everything on local/m1, priced at a cent a token from the recorded tokens.
+    let inline = json!({"strategy": "single", "model": "local/m1"});
+    let cheap = run(
+        &gw,
+        json!({"candidate": inline, "filters": {"routing_config": "@production"}, "mode": "routing_only"}),
+    )
+    .await;
+    let want_cost: f64 = production.iter().map(|r| (r.input_tokens + r.output_tokens) as f64 * 0.01).sum();
+    close(&cheap["candidate_summary"]["cost_usd"], want_cost);
+    close(&cheap["baseline_summary"]["cost_usd"], cost);
+    close(&cheap["cost_delta_pct"], (want_cost - cost) / cost * 100.0);
+    assert_eq!(cheap["route_distribution"], json!({"m1:local": 1.0}));
+    assert_eq!(cheap["candidate_summary"]["errors"], 0);
+    assert_eq!(cheap["candidate_summary"]["latency_unknown"], 0);
+    // Per request: where each went, paged.
+    let mut decisions = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let path =
+            format!("/manage/v1/experiments/{}/decisions?limit=10{cursor}", cheap["id"].as_str().unwrap());
+        let page = manage(&gw, "GET", &path, None).await.json().unwrap();
+        decisions.extend(page["data"].as_array().unwrap().clone());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(decisions.len(), 24);
+    for (d, r) in decisions.iter().zip(&production) {
+        assert_eq!(d["request_id"], r.request_id.as_str());
+        assert_eq!(d["baseline"]["provider"], r.provider.as_str());
+        assert_eq!(d["candidate"]["provider"], "local");
+        close(&d["candidate"]["cost_usd"], (r.input_tokens + r.output_tokens) as f64 * 0.01);
+        if r.provider == "local" {
+            // Where production was served by the same target, its own latency stands.
+            close(&d["candidate"]["latency_ms"], r.latency_ms);
+        }
+    }
+
+    // 3. Filters: one end user's traffic only.
+    let one_user = run(
+        &gw,
+        json!({"candidate": "@cheaper", "filters": {"routing_config": "@production", "end_user": "user-1"}}),
+    )
+    .await;
+    assert_eq!(one_user["requests"], 8);
+
+    // 4. The budget that blocked still blocks (budgets as of now): every request an error.
+    let capped_rows: Vec<&TraceRow> = rows.iter().filter(|r| r.model_requested == "@capped").collect();
+    let capped = run(&gw, json!({"candidate": "@capped", "filters": {"routing_config": "@capped"}})).await;
+    assert_eq!(capped["baseline_summary"]["errors"], blocked);
+    assert_eq!(capped["candidate_summary"]["errors"], capped_rows.len());
+    close(&capped["candidate_summary"]["error_rate"], 1.0);
+
+    // 5. Promote the cheap candidate: @production v2, audited, served at once, rollback-able.
+    let id = cheap["id"].as_str().unwrap();
+    let promoted = manage(
+        &gw,
+        "POST",
+        &format!("/manage/v1/experiments/{id}/promote"),
+        Some(json!({"routing_config": "@production"})),
+    )
+    .await;
+    assert_eq!(promoted.status, 200, "{}", promoted.text());
+    let p = promoted.json().unwrap()["data"].clone();
+    assert_eq!(p["promoted"]["version"], 2, "{p}");
+    let resp = chat(&gw, "@production", &[]).await;
+    assert_eq!(resp.header("x-modelux-provider-used"), Some("local"));
+    assert_eq!(resp.header("x-modelux-config-version"), Some("v2"));
+    let audit = manage(&gw, "GET", "/manage/v1/audit-logs?action=routing_config.updated", None).await;
+    let entries = audit.json().unwrap()["data"].clone();
+    assert_eq!(entries[0]["after"]["promoted_from_experiment"], id, "{entries}");
+    let rollback =
+        manage(&gw, "POST", "/manage/v1/routing-configs/production/rollback", Some(json!({"version": 1})))
+            .await;
+    assert_eq!(rollback.status, 200, "{}", rollback.text());
+    // A file config is read-only.
+    let file = manage(
+        &gw,
+        "POST",
+        &format!("/manage/v1/experiments/{id}/promote"),
+        Some(json!({"routing_config": "@fast"})),
+    )
+    .await;
+    assert_eq!((file.status, file.json().unwrap()["error"]["code"].clone()), (409, json!("managed_by_file")));
+
+    // 6. Lists, and delete.
+    let list =
+        manage(&gw, "GET", "/manage/v1/experiments?status=completed&limit=2", None).await.json().unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    assert_eq!(list["has_more"], true);
+    let gone =
+        manage(&gw, "DELETE", &format!("/manage/v1/experiments/{}", same["id"].as_str().unwrap()), None)
+            .await;
+    assert_eq!(gone.status, 200);
+    let again =
+        manage(&gw, "GET", &format!("/manage/v1/experiments/{}", same["id"].as_str().unwrap()), None).await;
+    assert_eq!(again.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_experiments_name_their_field_and_a_cancelled_one_stops() {
+    let upstream = mock(MockConfig::default()).await;
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.top_extra = "traces: { flush_interval_ms: 50 }\n".into();
+    let gw = start(cfg).await;
+    assert_eq!(chat(&gw, "@fast", &[]).await.status, 200);
+    stored_rows(&gw, 1).await;
+
+    let bad = |body: Value, status: u16, path: &'static str| {
+        let gw = &gw;
+        async move {
+            let resp = manage(gw, "POST", "/manage/v1/experiments", Some(body.clone())).await;
+            assert_eq!(resp.status, status, "{body}: {}", resp.text());
+            let e = resp.json().unwrap()["error"].clone();
+            let paths: Vec<&str> =
+                e["errors"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+            assert!(paths.contains(&path), "{body}: {e}");
+        }
+    };
+    bad(json!({"candidate": "@nope"}), 422, "candidate").await;
+    // The message names the missing field.
+    bad(json!({"candidate": {"strategy": "single"}, "projectId": "default"}), 422, "candidate").await;
+    bad(json!({"candidate": {"strategy": "warp"}, "projectId": "default"}), 422, "candidate.strategy").await;
+    bad(json!({"candidate": "@fast", "windowStart": "2030-01-01T00:00:00Z"}), 422, "windowStart").await;
+    bad(
+        json!({"candidate": "@fast", "window_start": "2026-01-01T00:00:00Z", "window_end": "2026-01-01T00:00:00Z"}),
+        422,
+        "window_end",
+    )
+    .await;
+    // A window with no traffic in it.
+    bad(
+        json!({"candidate": "@fast", "windowStart": "2020-01-01T00:00:00Z", "windowEnd": "2020-01-02T00:00:00Z"}),
+        422,
+        "windowStart",
+    )
+    .await;
+    bad(json!({"candidate": "@fast", "sampleSize": 50_001}), 422, "sampleSize").await;
+    bad(json!({"candidatePolicy": "single", "candidateConfig": {"model": "m1", "provider_credential_id": "nope"}, "projectId": "default"}), 422, "candidateConfig.provider_credential_id").await;
+
+    // The documented body: a policy and its provider credential.
+    let ok = manage(
+        &gw,
+        "POST",
+        "/manage/v1/experiments",
+        Some(json!({"name": "to m1", "projectId": "default", "candidatePolicy": "single",
+                    "candidateConfig": {"model": "m1", "provider_credential_id": "local"}})),
+    )
+    .await;
+    assert_eq!(ok.status, 202, "{}", ok.text());
+    let done = finished(&gw, ok.json().unwrap()["data"]["id"].as_str().unwrap()).await;
+    assert_eq!(done["route_distribution"], json!({"m1:local": 1.0}), "{done}");
+    assert_eq!(done["candidate_config"]["model"], "local/m1");
+
+    // Enough stored traffic that a run takes a while: cancel it and it stays cancelled.
+    let store = gw.handles.trace_writer.store().clone();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let template = stored_rows(&gw, 1).await.remove(0);
+    for batch in 0..20 {
+        let rows: Vec<TraceRow> = (0..5_000)
+            .map(|i| {
+                let mut r = template.clone();
+                r.request_id = format!("synthetic-{batch}-{i}");
+                r.ts_ms = now - 3_600_000 + (batch * 5_000 + i) as u64;
+                r.ts = (r.ts_ms / 1000) as u32;
+                r
+            })
+            .collect();
+        store.insert(&rows).await.unwrap();
+    }
+    let resp = manage(
+        &gw,
+        "POST",
+        "/manage/v1/experiments",
+        Some(json!({"candidate": {"strategy": "single", "model": "local/m1"}, "projectId": "default"})),
+    )
+    .await;
+    assert_eq!(resp.status, 202, "{}", resp.text());
+    let id = resp.json().unwrap()["data"]["id"].as_str().unwrap().to_string();
+    let cancel = manage(&gw, "POST", &format!("/manage/v1/experiments/{id}/cancel"), None).await;
+    assert_eq!(cancel.status, 200, "{}", cancel.text());
+    assert_eq!(cancel.json().unwrap()["data"]["status"], "cancelled");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = finished(&gw, &id).await;
+    assert_eq!(after["status"], "cancelled");
+    assert_eq!(after["requests"], Value::Null);
+    let again = manage(&gw, "POST", &format!("/manage/v1/experiments/{id}/cancel"), None).await;
+    assert_eq!(again.status, 409);
+    let not_done = manage(&gw, "POST", &format!("/manage/v1/experiments/{id}/promote"), None).await;
+    assert_eq!(not_done.status, 409);
+}
