@@ -351,3 +351,328 @@ pub fn budgets(conn: &Conn, command: BudgetsCommand) -> ExitCode {
         Ok(())
     })())
 }
+
+/// Unix ms of `text`: a duration back from `now_ms` (90s, 15m, 1h, 7d) or an ISO 8601 time.
+pub fn when(text: &str, now_ms: u64) -> Option<u64> {
+    let text = text.trim();
+    let unit = match text.chars().last()? {
+        's' => 1_000,
+        'm' => 60_000,
+        'h' => 3_600_000,
+        'd' => 86_400_000,
+        _ => 0,
+    };
+    if unit > 0 {
+        if let Ok(n) = text[..text.len() - 1].parse::<u64>() {
+            return Some(now_ms.saturating_sub(n.saturating_mul(unit)));
+        }
+    }
+    modelux::spend::period::parse_iso8601(text).and_then(|ms| u64::try_from(ms).ok())
+}
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// A routing-config file (YAML or JSON: one config's body, or a `routing_configs:`
+    /// map with one entry, whose slug is the config it stands in for), or `@slug` /
+    /// `@slug@vN` of a stored config.
+    #[arg(long)]
+    pub candidate: String,
+    /// Replay traffic newer than this: 90m, 24h, 7d, or an ISO 8601 time.
+    #[arg(long, default_value = "24h")]
+    pub since: String,
+    /// ...and older than this (same forms; default now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only traffic that named this config (@slug); also the config promote writes.
+    #[arg(long)]
+    pub routing_config: Option<String>,
+    /// Project (id or slug); needed when nothing else names one.
+    #[arg(long)]
+    pub project: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub end_user: Option<String>,
+    /// Only requests with this tag (repeatable; all must match).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub tag: Vec<String>,
+    /// At most this many requests (1 to 50,000; default every request in the window).
+    #[arg(long)]
+    pub sample_size: Option<u64>,
+    /// routing_only (decisions only, no provider call) or with_responses.
+    #[arg(long, default_value = "routing_only")]
+    pub mode: String,
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ExperimentsCommand {
+    List {
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// An experiment's status and result.
+    Show {
+        id: String,
+    },
+    /// Make the candidate the next version of a routing config.
+    Promote {
+        id: String,
+        /// The config to write (@slug); default the one the experiment replayed.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    Cancel {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+/// The candidate as the API takes it, and the config a `routing_configs:` file names.
+fn candidate_arg(text: &str) -> Result<(Value, Option<String>), String> {
+    if text.starts_with('@') {
+        return Ok((json!(text), None));
+    }
+    let raw = std::fs::read_to_string(text).map_err(|e| format!("--candidate {text}: {e}"))?;
+    let doc: Value = serde_yaml_ng::from_str(&raw).map_err(|e| format!("--candidate {text}: {e}"))?;
+    if let Some(Value::Object(configs)) = doc.get("routing_configs") {
+        let mut entries = configs.iter();
+        return match (entries.next(), entries.next()) {
+            (Some((slug, body)), None) => Ok((body.clone(), Some(slug.clone()))),
+            _ => Err(format!("--candidate {text}: routing_configs must hold exactly one config")),
+        };
+    }
+    match doc {
+        Value::Object(_) => Ok((doc, None)),
+        _ => Err(format!("--candidate {text}: expected a routing config (a mapping)")),
+    }
+}
+
+fn pct(v: &Value) -> String {
+    match v.as_f64() {
+        Some(p) => format!("{p:+.1}%"),
+        None => "-".into(),
+    }
+}
+
+fn num(v: &Value, decimals: usize) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.decimals$}"),
+        None => "-".into(),
+    }
+}
+
+/// The side-by-side table of a finished experiment.
+pub fn comparison(e: &Value) -> String {
+    let (b, c) = (&e["baseline_summary"], &e["candidate_summary"]);
+    let mut out = vec![format!(
+        "experiment {}  {}  {} requests replayed ({}), {} to {}",
+        cell(&e["id"]),
+        cell(&e["status"]),
+        cell(&e["requests"]),
+        cell(&e["mode"]),
+        cell(&e["window"]["start"]),
+        cell(&e["window"]["end"]),
+    )];
+    if e["status"] != "completed" {
+        if let Some(m) = e["error"]["message"].as_str() {
+            out.push(format!("error: {m}"));
+        }
+        return out.join("\n");
+    }
+    let errors = |s: &Value| {
+        format!("{} ({:.2}%)", cell(&s["errors"]), s["error_rate"].as_f64().unwrap_or(0.0) * 100.0)
+    };
+    let rows = [
+        json!({"m": "cost (USD)", "b": num(&b["cost_usd"], 6), "c": num(&c["cost_usd"], 6), "d": pct(&e["cost_delta_pct"])}),
+        json!({"m": "p50 latency (ms)", "b": num(&b["p50_ms"], 1), "c": num(&c["p50_ms"], 1), "d": pct(&e["p50_latency_delta_pct"])}),
+        json!({"m": "p95 latency (ms)", "b": num(&b["p95_ms"], 1), "c": num(&c["p95_ms"], 1), "d": pct(&e["p95_latency_delta_pct"])}),
+        json!({"m": "errors", "b": errors(b), "c": errors(c), "d": pct(&e["error_rate_delta_pct"])}),
+    ];
+    out.push(String::new());
+    out.push(table(&rows, &[("", "m"), ("BASELINE", "b"), ("CANDIDATE", "c"), ("DELTA", "d")]));
+    let mut routes: Vec<String> = Vec::new();
+    for dist in ["baseline_route_distribution", "route_distribution"] {
+        for k in e[dist].as_object().into_iter().flat_map(|m| m.keys()) {
+            if !routes.contains(k) {
+                routes.push(k.clone());
+            }
+        }
+    }
+    routes.sort();
+    let share = |dist: &str, k: &str| match e[dist][k].as_f64() {
+        Some(s) => format!("{:.1}%", s * 100.0),
+        None => "-".into(),
+    };
+    let route_rows: Vec<Value> = routes
+        .iter()
+        .map(|k| json!({"r": k, "b": share("baseline_route_distribution", k), "c": share("route_distribution", k)}))
+        .collect();
+    out.push(String::new());
+    out.push(table(&route_rows, &[("ROUTE (model:provider)", "r"), ("BASELINE", "b"), ("CANDIDATE", "c")]));
+    let unknown = c["latency_unknown"].as_u64().unwrap_or(0) + c["cost_unknown"].as_u64().unwrap_or(0);
+    if unknown > 0 {
+        out.push(format!(
+            "\ncandidate latency unknown for {} requests, cost unknown for {} (left out of the figures)",
+            cell(&c["latency_unknown"]),
+            cell(&c["cost_unknown"])
+        ));
+    }
+    out.join("\n")
+}
+
+/// Polls experiment `id` until it is completed, failed or cancelled.
+fn wait(conn: &Conn, id: &str) -> Result<Value, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    loop {
+        let e = request(conn, "GET", &format!("/experiments/{id}"), None)?["data"].clone();
+        if matches!(e["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+            return Ok(e);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("experiment {id} is still {} after an hour", cell(&e["status"])));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+pub fn replay(args: ReplayArgs) -> ExitCode {
+    let conn = &args.conn;
+    run((|| {
+        // Milliseconds: traffic of the last second is in the window.
+        let now_ms = modelux::spend::unix_now_us() / 1000;
+        let start = when(&args.since, now_ms).ok_or_else(|| {
+            format!("--since: \"{}\" is not a duration (90m, 24h, 7d) or an ISO 8601 time", args.since)
+        })?;
+        let end = match &args.until {
+            Some(u) => {
+                when(u, now_ms).ok_or_else(|| format!("--until: \"{u}\" is not a duration or a time"))?
+            }
+            None => now_ms,
+        };
+        let (candidate, file_slug) = candidate_arg(&args.candidate)?;
+        let mut filters = serde_json::Map::new();
+        if let Some(rc) = &args.routing_config {
+            filters.insert("routing_config".into(), json!(rc));
+        }
+        if let Some(m) = &args.model {
+            filters.insert("model".into(), json!(m));
+        }
+        if let Some(u) = &args.end_user {
+            filters.insert("end_user".into(), json!(u));
+        }
+        if !args.tag.is_empty() {
+            filters.insert("tags".into(), json!(args.tag));
+        }
+        let mut body = json!({
+            "candidate": candidate,
+            "window_start": start,
+            "window_end": end,
+            "mode": args.mode,
+            "filters": filters,
+        });
+        if let Some(slug) = file_slug.or_else(|| args.routing_config.clone()) {
+            body["routing_config"] = json!(format!("@{}", slug.trim_start_matches('@')));
+        }
+        for (k, v) in [
+            ("project_id", args.project.as_ref().map(|p| json!(p))),
+            ("name", args.name.as_ref().map(|n| json!(n))),
+            ("sample_size", args.sample_size.map(|n| json!(n))),
+        ] {
+            if let Some(v) = v {
+                body[k] = v;
+            }
+        }
+        let created = request(conn, "POST", "/experiments", Some(&body))?;
+        let id = created["data"]["id"].as_str().ok_or("the API gave the experiment no id")?.to_string();
+        let e = wait(conn, &id)?;
+        print(conn, &e, comparison);
+        match e["status"].as_str() {
+            Some("completed") => {
+                if !conn.json {
+                    println!("\npromote with: modelux experiments promote {id}");
+                }
+                Ok(())
+            }
+            _ => Err(format!("experiment {id} ended {}", cell(&e["status"]))),
+        }
+    })())
+}
+
+pub fn experiments(conn: &Conn, command: ExperimentsCommand) -> ExitCode {
+    run((|| {
+        match command {
+            ExperimentsCommand::List { project, status } => {
+                let mut params = Vec::new();
+                if let Some(p) = project {
+                    params.push(format!("project={p}"));
+                }
+                if let Some(s) = status {
+                    params.push(format!("status={s}"));
+                }
+                let path = if params.is_empty() {
+                    "/experiments".into()
+                } else {
+                    format!("/experiments?{}", params.join("&"))
+                };
+                let rows = list_all(conn, &path)?;
+                print(conn, &json!(rows), |_| {
+                    let rows: Vec<Value> = rows
+                        .iter()
+                        .map(|e| {
+                            let mut e = e.clone();
+                            e["cost_delta"] = json!(pct(&e["cost_delta_pct"]));
+                            e
+                        })
+                        .collect();
+                    table(
+                        &rows,
+                        &[
+                            ("ID", "id"),
+                            ("NAME", "name"),
+                            ("STATUS", "status"),
+                            ("CONFIG", "routing_config"),
+                            ("REQUESTS", "requests"),
+                            ("COST DELTA", "cost_delta"),
+                            ("CREATED", "created_at"),
+                        ],
+                    )
+                });
+            }
+            ExperimentsCommand::Show { id } => {
+                let e = request(conn, "GET", &format!("/experiments/{id}"), None)?;
+                print(conn, &e["data"], comparison);
+            }
+            ExperimentsCommand::Promote { id, to } => {
+                let body = match to {
+                    Some(t) => json!({"routing_config": t}),
+                    None => json!({}),
+                };
+                let r = request(conn, "POST", &format!("/experiments/{id}/promote"), Some(&body))?;
+                print(conn, &r["data"], |e| {
+                    format!(
+                        "{} is now v{} (the candidate of experiment {id})",
+                        cell(&e["promoted"]["routing_config"]),
+                        cell(&e["promoted"]["version"])
+                    )
+                });
+            }
+            ExperimentsCommand::Cancel { id } => {
+                let r = request(conn, "POST", &format!("/experiments/{id}/cancel"), None)?;
+                print(conn, &r["data"], |e| format!("experiment {id} is {}", cell(&e["status"])));
+            }
+            ExperimentsCommand::Delete { id } => {
+                let r = request(conn, "DELETE", &format!("/experiments/{id}"), None)?;
+                print(conn, &r["data"], |_| format!("experiment {id} deleted"));
+            }
+        }
+        Ok(())
+    })())
+}

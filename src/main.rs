@@ -61,6 +61,17 @@ enum Command {
         #[command(subcommand)]
         command: admin::BudgetsCommand,
     },
+    /// Replay stored traffic through a candidate routing config and print baseline vs
+    /// candidate: cost, p50/p95 latency, errors, route distribution (an experiment,
+    /// through the management API).
+    Replay(Box<admin::ReplayArgs>),
+    /// Experiments (replays), through the management API.
+    Experiments {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::ExperimentsCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -149,6 +160,8 @@ fn main() -> ExitCode {
         Command::Projects { conn, command } => admin::projects(&conn, command),
         Command::Configs { conn, command } => admin::configs(&conn, command),
         Command::Budgets { conn, command } => admin::budgets(&conn, command),
+        Command::Replay(args) => admin::replay(*args),
+        Command::Experiments { conn, command } => admin::experiments(&conn, command),
     }
 }
 
@@ -188,23 +201,6 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
 }
 
 /// `90s`, `15m`, `1h`, `7d` before `now_ms`, or an ISO 8601 time.
-fn when(text: &str, now_ms: u64) -> Option<u64> {
-    let text = text.trim();
-    let unit = match text.chars().last()? {
-        's' => 1_000,
-        'm' => 60_000,
-        'h' => 3_600_000,
-        'd' => 86_400_000,
-        _ => 0,
-    };
-    if unit > 0 {
-        if let Ok(n) = text[..text.len() - 1].parse::<u64>() {
-            return Some(now_ms.saturating_sub(n.saturating_mul(unit)));
-        }
-    }
-    modelux::spend::period::parse_iso8601(text).and_then(|ms| u64::try_from(ms).ok())
-}
-
 fn logs(args: LogsArgs) -> ExitCode {
     use modelux::trace::LogQuery;
     let snapshot = match load_config(args.config.as_ref()) {
@@ -233,13 +229,13 @@ fn logs(args: LogsArgs) -> ExitCode {
     let mut query =
         LogQuery { limit: args.limit.clamp(1, modelux::trace::query::MAX_PAGE), ..LogQuery::default() };
     if args.trace.is_none() {
-        let Some(start) = when(&args.since, now_ms) else {
+        let Some(start) = admin::when(&args.since, now_ms) else {
             eprintln!("--since: \"{}\" is not a duration (90s, 15m, 1h, 7d) or an ISO 8601 time", args.since);
             return ExitCode::FAILURE;
         };
         query.start_ms = Some(start);
         if let Some(until) = &args.until {
-            let Some(end) = when(until, now_ms) else {
+            let Some(end) = admin::when(until, now_ms) else {
                 eprintln!("--until: \"{until}\" is not a duration or an ISO 8601 time");
                 return ExitCode::FAILURE;
             };

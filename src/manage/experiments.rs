@@ -342,10 +342,12 @@ async fn create(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
                 .or(of_reference.map(str::to_string))
             {
                 Some(p) => p,
-                None => return Err(ApiError::invalid(vec![ConfigError::new(
+                None => {
+                    return Err(ApiError::invalid(vec![ConfigError::new(
                     "projectId",
                     "is required when neither the candidate nor the filters name an existing routing config",
-                )])),
+                )]))
+                }
             }
         }
     };

@@ -762,7 +762,7 @@ async fn budgets_through_the_api_police_at_once_and_report_spend_and_forecast_on
 }
 
 /// Runs the `modelux` binary against `gw`'s management listener.
-async fn cli(gw: &Gateway, args: &[&str]) -> (bool, String, String) {
+pub(super) async fn cli(gw: &Gateway, args: &[&str]) -> (bool, String, String) {
     let url = format!("http://{}", gw.manage);
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {

@@ -245,6 +245,51 @@ async fn experiments_replay_stored_traffic_and_promote_the_candidate_on(state: S
         }
     }
 
+    // The CLI: a candidate file naming the config it stands in for, the table, --json.
+    let file = gw.config_path.with_file_name("cheaper.yaml");
+    std::fs::write(
+        &file,
+        "routing_configs:\n  production: { project: default, strategy: single, model: \"local/m1\" }\n",
+    )
+    .unwrap();
+    let (ok, out, err) =
+        super::manage::cli(&gw, &["replay", "--candidate", file.to_str().unwrap(), "--since", "1h"]).await;
+    assert!(ok, "{out}{err}");
+    for needle in [
+        "BASELINE",
+        "CANDIDATE",
+        "cost (USD)",
+        "p95 latency (ms)",
+        "m1:local",
+        "gpt-4o-mini:openai",
+        "promote with",
+    ] {
+        assert!(out.contains(needle), "{needle} missing from:\n{out}");
+    }
+    let (ok, out, err) = super::manage::cli(
+        &gw,
+        &[
+            "replay",
+            "--candidate",
+            file.to_str().unwrap(),
+            "--since",
+            "1h",
+            "--routing-config",
+            "@production",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["candidate_summary"], cheap["candidate_summary"], "{v}");
+    let (ok, out, _) = super::manage::cli(&gw, &["experiments", "list"]).await;
+    assert!(ok && out.contains(v["id"].as_str().unwrap()), "{out}");
+    let (ok, out, _) = super::manage::cli(&gw, &["experiments", "show", v["id"].as_str().unwrap()]).await;
+    assert!(ok && out.contains("ROUTE (model:provider)"), "{out}");
+    let (ok, _, err) = super::manage::cli(&gw, &["replay", "--candidate", "@nope", "--since", "1h"]).await;
+    assert!(!ok && err.contains("candidate"), "{err}");
+
     // 3. Filters: one end user's traffic only.
     let one_user = run(
         &gw,
