@@ -28,6 +28,16 @@ ONE_CONN=${ONE_CONN:-1}
 # Management PATCHes sent while a second paced gateway phase runs (0 skips): the proxy's
 # tail with the control plane busy, against the same phase without.
 CHURN=${CHURN:-100}
+# Replay (experiments): this many requests stored, then replayed routing_only on their own
+# (time, memory), and experiments run back to back during a second paced phase (the
+# proxy's tail while one runs). 0 skips.
+REPLAY=${REPLAY:-50000}
+# Pairs of paced phases (without, then with experiments running) for the tail comparison.
+REPLAY_PAIRS=${REPLAY_PAIRS:-3}
+# Where the gateway keeps its traces: embedded (default) or clickhouse (Debian's
+# clickhouse-server, installed when missing, started here on loopback ports, pinned with the
+# load generator). Every gateway phase then writes to it.
+TRACE_STORE=${TRACE_STORE:-embedded}
 # Resident memory with this many streams open through the gateway at once (0 skips).
 OPEN_STREAMS=${OPEN_STREAMS:-1000}
 # A bare pingora proxy (no auth, no body work) to run beside nginx: the floor of any
@@ -207,6 +217,51 @@ for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
 done
 [ -n "$SLOW_ADDR" ] || die "the slow mock-upstream did not report its address"
 
+# ---------------------------------------------------------------- clickhouse
+TRACES_YAML=
+if [ "$TRACE_STORE" = clickhouse ] && [ "$SKIP_GATEWAY" != 1 ]; then
+    CH_BIN=$(command -v clickhouse-server || { [ -x /usr/sbin/clickhouse-server ] && echo /usr/sbin/clickhouse-server; } || true)
+    if [ -z "$CH_BIN" ]; then
+        apt_install clickhouse-server
+        CH_BIN=$(command -v clickhouse-server || echo /usr/sbin/clickhouse-server)
+    fi
+    CH=$TMP/clickhouse
+    mkdir -p "$CH/data" "$CH/tmp" "$CH/user_files" "$CH/format_schemas"
+    CH_HTTP=$(free_port) || die "no free port"
+    CH_TCP=$(free_port) || die "no free port"
+    cat >"$CH/config.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><console>1</console></logger>
+  <http_port>$CH_HTTP</http_port>
+  <tcp_port>$CH_TCP</tcp_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>$CH/data/</path>
+  <tmp_path>$CH/tmp/</tmp_path>
+  <user_files_path>$CH/user_files/</user_files_path>
+  <format_schema_path>$CH/format_schemas/</format_schema_path>
+  <users_config>users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>268435456</mark_cache_size>
+</yandex>
+XML
+    cat >"$CH/users.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+XML
+    (cd "$CH" && exec taskset -c "$LOAD_CPU" "$CH_BIN" --config-file="$CH/config.xml") >"$TMP/clickhouse.log" 2>&1 &
+    CH_PID=$!
+    PIDS+=("$CH_PID")
+    wait_status "http://127.0.0.1:$CH_HTTP/ping" 200
+    log "clickhouse on 127.0.0.1:$CH_HTTP, pid $CH_PID"
+    TRACES_YAML="traces: { clickhouse: { url: \"http://127.0.0.1:$CH_HTTP\" }, flush_interval_ms: 500 }"
+fi
+
 # ---------------------------------------------------------------- gateway
 if [ "$SKIP_GATEWAY" != 1 ]; then
     GW_PORT=$(free_port) || die "no free port"
@@ -230,6 +285,7 @@ management_keys:
   - { name: admin, key: "$MANAGE_KEY" }
 # The churn phase sends more management calls than the default 60 a minute.
 rate_limits: { management_requests_per_minute: 0 }
+$TRACES_YAML
 YAML
     "$BIN/modelux" check --config "$TMP/gw.yaml" >"$TMP/gw-check.log" 2>&1 ||
         die "gateway rejected the generated config: $(cat "$TMP/gw-check.log")"
@@ -353,6 +409,59 @@ if [ "$OPEN_STREAMS" != 0 ] && [ "$SKIP_GATEWAY" != 1 ]; then
         --timeout-s 30
 fi
 
+# json_str FILE FIELD: a string field of one-line JSON.
+jstr() { sed -nE "s/.*\"$2\":\"([^\"]*)\".*/\1/p" "$1" | head -n 1; }
+
+# start_experiment OUT BODY: POST an experiment, its id on stdout. The calls run on the
+# load generator's CPU, never beside the gateway.
+start_experiment() {
+    taskset -c "$LOAD_CPU" curl -s -o "$1" -w '%{http_code}' --max-time 30 -H "Authorization: Bearer $MANAGE_KEY" \
+        -H 'content-type: application/json' -d "$2" \
+        "http://127.0.0.1:$GW_MANAGE_PORT/manage/v1/experiments" >"$1.code"
+    [ "$(cat "$1.code")" = 202 ] || die "experiment not accepted: $(cat "$1.code") $(cat "$1")"
+    sed -nE 's/.*"id":"(exp_[0-9a-f]+)".*/\1/p' "$1" | head -n 1
+}
+
+# wait_experiment ID OUT [INTERVAL_S]: poll until it is finished; its status on stdout.
+wait_experiment() {
+    local st
+    for _ in $(seq 1 6000); do
+        taskset -c "$LOAD_CPU" curl -s -o "$2" --max-time 5 -H "Authorization: Bearer $MANAGE_KEY" \
+            "http://127.0.0.1:$GW_MANAGE_PORT/manage/v1/experiments/$1" || true
+        st=$(sed -nE 's/.*"status":"(queued|running|completed|failed|cancelled)".*/\1/p' "$2" | tail -n 1)
+        case $st in completed | failed | cancelled) echo "$st"; return 0 ;; esac
+        sleep "${3:-0.02}"
+    done
+    die "experiment $1 did not finish in 120 s"
+}
+
+if [ "$REPLAY" != 0 ] && [ "$SKIP_GATEWAY" != 1 ]; then
+    # Exactly $REPLAY requests tagged phase=fill, closed loop.
+    log "replay: storing $REPLAY requests"
+    timeout 600 taskset -c "$LOAD_CPU" "$BIN/loadgen" --target "127.0.0.1:$GW_PORT" \
+        --path /openai/v1/chat/completions --body-file "$BODY_GW" --threads 1 --json \
+        --header "Authorization: Bearer $GW_KEY" --header "X-Modelux-User-Tags: phase=fill" \
+        --connections "$CONNECTIONS" --warmup-s 0 --duration-s 300 --max-requests "$REPLAY" \
+        >"$TMP/replay_fill.json" || die "replay fill: loadgen failed"
+    # The writer flushes every second; then the records are all readable.
+    sleep 3
+    REPLAY_BODY='{"candidate":{"strategy":"single","model":"mockant/claude-mock"},"projectId":"default","windowHours":1,"filters":{"tags":{"phase":"fill"}}}'
+    rss_before=$(rss_kib "$GW_PID")
+    (peak=0; while kill -0 "$GW_PID" 2>/dev/null; do
+        r=$(rss_kib "$GW_PID"); [ "${r:-0}" -gt "$peak" ] && peak=$r && echo "$peak" >"$TMP/replay.peak"
+        sleep 0.02; done) &
+    sampler=$!
+    t0=$(date +%s%N)
+    id=$(start_experiment "$TMP/replay.created" "$REPLAY_BODY")
+    st=$(wait_experiment "$id" "$TMP/replay.done")
+    t1=$(date +%s%N)
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+    [ "$st" = completed ] || die "replay experiment ended $st: $(cat "$TMP/replay.done")"
+    echo "$(( (t1 - t0) / 1000000 )) $(jnum "$TMP/replay.done" requests) $rss_before $(cat "$TMP/replay.peak" 2>/dev/null || echo "$rss_before")" \
+        >"$TMP/replay.result"
+    log "replay: $(cat "$TMP/replay.result") (ms, requests, RSS before KiB, peak KiB)"
+fi
+
 # Saturation (closed loop: throughput and CPU per request), then paced at $RATE req/s
 # (latency added by the hop when it is not the bottleneck).
 for mode in sat paced; do
@@ -385,6 +494,24 @@ for mode in sat paced; do
             run_phase gateway_churn.paced "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
                 --header "Authorization: Bearer $GW_KEY" "${extra[@]}"
             wait "$churner" || true
+        fi
+        if [ "$mode" = paced ] && [ "$REPLAY" != 0 ]; then
+            # Phases without and with experiments (run back to back for the whole phase,
+            # each over the stored fill), alternating: this VM's p99 moves by 2× between
+            # two identical phases, so one pair says little; the medians are compared.
+            for pair in $(seq 1 "$REPLAY_PAIRS"); do
+                run_phase "gateway_quiet$pair.paced" "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+                    --header "Authorization: Bearer $GW_KEY" "${extra[@]}"
+                (end=$(( $(date +%s) + WARMUP_S + DURATION_S ))
+                 while [ "$(date +%s)" -lt "$end" ]; do
+                     i=$(start_experiment "$TMP/replay_bg.created" "$REPLAY_BODY") || break
+                     wait_experiment "$i" "$TMP/replay_bg.done" 0.2 >>"$TMP/replay_bg.statuses" || break
+                 done) &
+                replayer=$!
+                run_phase "gateway_replay$pair.paced" "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+                    --header "Authorization: Bearer $GW_KEY" "${extra[@]}"
+                wait "$replayer" || true
+            done
         fi
         if [ "$mode" = sat ]; then
             run_phase gateway_xlat "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
@@ -513,6 +640,12 @@ row() {
         row direct.paced
         [ "$SKIP_GATEWAY" = 1 ] || row gateway.paced
         [ "$SKIP_GATEWAY" = 1 ] || [ "$CHURN" = 0 ] || row gateway_churn.paced
+        if [ "$SKIP_GATEWAY" != 1 ] && [ "$REPLAY" != 0 ]; then
+            for pair in $(seq 1 "$REPLAY_PAIRS"); do
+                row "gateway_quiet$pair.paced"
+                row "gateway_replay$pair.paced"
+            done
+        fi
         row nginx.paced
         [ -z "$PINGORA_BARE" ] || row pingora.paced
         echo
@@ -521,6 +654,21 @@ row() {
                 -v ok="$(grep -c '^200$' "$TMP/churn.codes" 2>/dev/null || echo 0)" -v n="$CHURN" \
                 'BEGIN { if (b > 0) printf "Gateway p99 with %d management PATCHes during the run (%d answered 200): %d µs against %d µs without (**%+.1f%%**).\n\n", n, ok, a, b, 100 * (a - b) / b }'
         fi
+    fi
+    if [ "$SKIP_GATEWAY" != 1 ] && [ "$REPLAY" != 0 ] && [ -s "$TMP/replay.result" ]; then
+        read -r ms n before peak <"$TMP/replay.result"
+        awk -v ms="$ms" -v n="$n" -v before="$before" -v peak="$peak" \
+            -v store="$TRACE_STORE" 'BEGIN { printf "Replay (routing_only, " store " trace store): %d stored requests in **%.2f s** (API call to completed, polled every 20 ms); gateway RSS %.1f MiB before, %.1f MiB peak (**%+.1f MiB**).\n", n, ms / 1000, before / 1024, peak / 1024, (peak - before) / 1024 }'
+        if [ "$RATE" != 0 ]; then
+            median_p99() { # median_p99 PREFIX: median p99 of the REPLAY_PAIRS phases
+                for pair in $(seq 1 "$REPLAY_PAIRS"); do jnum "$TMP/$1$pair.paced.json" p99_us; done |
+                    sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+            }
+            awk -v a="$(median_p99 gateway_replay)" -v b="$(median_p99 gateway_quiet)" -v n="$REPLAY_PAIRS" \
+                -v runs="$(grep -c completed "$TMP/replay_bg.statuses" 2>/dev/null || echo 0)" \
+                'BEGIN { if (b > 0) printf "Gateway p99 with experiments running (%d completed, back to back, over %d phases): median %d µs against %d µs over %d phases without, alternating (**%+.1f%%**).\n", runs, n, a, b, n, 100 * (a - b) / b }'
+        fi
+        echo
     fi
     if [ "$SKIP_GATEWAY" != 1 ]; then
         awk -v g="$(jnum "$TMP/gateway.json" rps)" -v n="$(jnum "$TMP/nginx.json" rps)" \

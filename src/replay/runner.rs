@@ -1,6 +1,6 @@
-//! Runs experiments off the request path: one worker thread, at a lower CPU priority
-//! (nice 10) so proxy threads win every contended core, with its own single-threaded
-//! runtime for the store calls. An experiment is a row in the state store whose body is
+//! Runs experiments off the request path: one worker thread in `SCHED_IDLE` (it gets a
+//! CPU only when no proxy thread wants it), with its own single-threaded runtime whose
+//! blocking pool (the store calls) runs the same way. An experiment is a row in the state store whose body is
 //! the document the API shows plus its `job`; the worker moves it `queued → running →
 //! completed | failed | cancelled`, saving progress as it reads. Rows left `queued` or
 //! `running` by a stopped gateway are queued again at the next start.
@@ -86,6 +86,21 @@ fn now_ms() -> i64 {
     (crate::spend::unix_now_us() / 1000) as i64
 }
 
+/// Puts the calling thread in `SCHED_IDLE`: it runs only on a CPU no other thread wants, so
+/// a replay never delays a proxied request (a nice value still takes a share of a busy
+/// core, and CFS slices of milliseconds show up in the proxy's p99). Best effort: if the
+/// kernel refuses, nice 19.
+fn background_priority() {
+    // SAFETY: both calls act on the calling thread (pid 0 / its own tid) and read only the
+    // parameter struct passed by reference.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+        }
+    }
+}
+
 /// The experiments of one gateway: a queue and the worker that drains it.
 pub struct Experiments {
     shared: Arc<Shared>,
@@ -114,13 +129,14 @@ impl Experiments {
         let (jobs, rx) = mpsc::channel::<String>();
         let worker = shared.clone();
         let spawned = std::thread::Builder::new().name("modelux-replay".into()).spawn(move || {
-            // Linux: a thread's nice value is its own. Best effort: at worst the worker
-            // competes at normal priority.
-            // SAFETY: setpriority on the calling thread's id; no memory is passed.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
-            }
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            background_priority();
+            // Its blocking pool (SQLite reads and writes) runs at the same low priority.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name("modelux-replay-io")
+                .on_thread_start(background_priority)
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "experiment worker could not start its runtime");
@@ -294,10 +310,15 @@ impl Shared {
             if self.cancelled(&id) {
                 return Err(Stop::Cancelled);
             }
+            let started = Instant::now();
             let page = self.traces.replay(&query).await.map_err(|e| Stop::Failed(e.to_string()))?;
             for r in &page {
                 sim.push(r);
             }
+            // At most half of one core: a core kept busy by a replay, even at idle
+            // priority, showed up in the proxy's tail on a VM (the hypervisor schedules
+            // the whole vCPU).
+            tokio::time::sleep(started.elapsed()).await;
             let Some(last) = page.last() else { break };
             query.after = Some(last.cursor());
             if last_progress.elapsed() >= PROGRESS_EVERY {

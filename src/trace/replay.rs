@@ -3,8 +3,9 @@
 //! * **Kept**: every record has the routing inputs of its request (model, tags, end user,
 //!   trace id, `bytes_in` for the input estimate, `max_tokens`, stream flag) for as long
 //!   as the record lives. A chat request's whole body is kept too, for
-//!   `traces.replay_hours` (default 24): zstd-compressed (level 1, on the writer's thread),
-//!   cut at `traces.replay_max_body_bytes` and then marked `replay_body_truncated`. The
+//!   `traces.replay_hours` (default 24): zstd-compressed (level 1, on the writer's thread;
+//!   bodies under 1 KiB as they are), cut at `traces.replay_max_body_bytes` and then marked
+//!   `replay_body_truncated`. The
 //!   writer's prune pass empties bodies older than that.
 //! * **Read**: `ReplayQuery` pages oldest first, `(ts_ms, request_id)` ascending, through
 //!   chat requests only (`…/chat/completions`, `…/messages`) that reached the gateway with
@@ -18,20 +19,44 @@ use super::query::{Cursor, LogQuery};
 /// zstd level 1: about 3× smaller on chat JSON at several hundred MB/s per core.
 const LEVEL: i32 = 1;
 
-/// The body as stored: a zstd frame.
+thread_local! {
+    /// One compression context per thread (the trace writer's), reused: making one per body
+    /// costs more than compressing a small body.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Bodies shorter than this are stored as they are: on a few hundred bytes zstd saves
+/// little and its per-frame table building costs more than the rest of the record.
+pub const RAW_BELOW: usize = 1024;
+
+/// A zstd frame's first four bytes. A short body that starts with them (never JSON) is compressed all the same.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The body as stored: a zstd frame, or the body itself when short (`RAW_BELOW`).
 pub fn compress(body: &[u8]) -> Vec<u8> {
-    if body.is_empty() {
-        return Vec::new();
+    if body.len() < RAW_BELOW && !body.starts_with(&ZSTD_MAGIC) {
+        return body.to_vec();
     }
     // Compressing into memory fails only on allocation failure; keep nothing rather than
     // a corrupt body.
-    zstd::bulk::compress(body, LEVEL).unwrap_or_default()
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(LEVEL).ok();
+        }
+        slot.as_mut().and_then(|c| c.compress(body).ok()).unwrap_or_default()
+    })
 }
 
 /// The body from a stored frame; `max` bounds the output (the cap it was stored under).
 pub fn decompress(stored: &[u8], max: usize) -> Result<Vec<u8>, String> {
-    if stored.is_empty() {
-        return Ok(Vec::new());
+    if !stored.starts_with(&ZSTD_MAGIC) {
+        return if stored.len() > max {
+            Err(format!("stored body is larger than {max} bytes"))
+        } else {
+            Ok(stored.to_vec())
+        };
     }
     let mut out = Vec::new();
     let mut decoder = zstd::stream::read::Decoder::new(stored).map_err(|e| e.to_string())?;
@@ -175,12 +200,18 @@ mod tests {
     fn bodies_round_trip_and_are_bounded() {
         let body = br#"{"model":"@production","messages":[{"role":"user","content":"hello hello hello"}]}"#;
         let stored = compress(body);
-        assert!(!stored.is_empty());
         assert_eq!(decompress(&stored, body.len()).unwrap(), body.to_vec());
         assert!(decompress(&stored, body.len() - 1).is_err());
-        assert!(decompress(b"not zstd", 100).is_err());
+        // Short bodies are kept as they are.
+        assert_eq!(stored, body.to_vec());
         assert_eq!(decompress(&[], 10).unwrap(), Vec::<u8>::new());
-        let big = vec![b'a'; 1 << 20];
-        assert!(compress(&big).len() < 1000);
+        let big = format!(r#"{{"messages":[{{"content":"{}"}}]}}"#, "hello ".repeat(10_000));
+        let packed = compress(big.as_bytes());
+        assert!(packed.len() < 1000 && packed.starts_with(&ZSTD_MAGIC), "{}", packed.len());
+        assert_eq!(decompress(&packed, big.len()).unwrap(), big.as_bytes());
+        assert!(decompress(&packed, big.len() - 1).is_err());
+        let mut broken = packed.clone();
+        broken.truncate(packed.len() / 2);
+        assert!(decompress(&broken, big.len()).is_err());
     }
 }
