@@ -199,21 +199,22 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         handles.store.clone(),
         handles.spend.counters.clone(),
     );
-    let mut manage = Service::new(
-        "modelux manage".to_string(),
-        HttpServer::new_app(ManageApp {
-            store: handles.store.clone(),
-            metrics: handles.metrics.clone(),
-            spend: handles.spend.clone(),
-            traces: handles.traces.clone(),
-            trace_store: handles.trace_writer.store().clone(),
-            state: handles.state.clone(),
-            master: handles.master.clone(),
-            connector: Connector::new(None),
-            changing: Default::default(),
-            experiments: experiments.clone(),
-        }),
-    );
+    let manage_app = || ManageApp {
+        store: handles.store.clone(),
+        metrics: handles.metrics.clone(),
+        spend: handles.spend.clone(),
+        traces: handles.traces.clone(),
+        trace_store: handles.trace_writer.store().clone(),
+        state: handles.state.clone(),
+        master: handles.master.clone(),
+        connector: Connector::new(None),
+        changing: Default::default(),
+        experiments: experiments.clone(),
+    };
+    let mut manage = Service::new("modelux manage".to_string(), HttpServer::new_app(manage_app()));
+    // Creates experiments only (no resource changes), so its own in-flight set is enough.
+    let scheduler =
+        background_service("experiment scheduler", crate::manage::scheduled::Scheduler { app: manage_app() });
     manage.add_tcp(&settings.manage_listen);
     manage.threads = Some(1);
 
@@ -233,6 +234,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     server.add_service(proxy);
     server.add_service(manage);
     server.add_service(watcher);
+    server.add_service(scheduler);
     server.add_service(flusher);
     server.add_service(background_service("trace writer", ArcService(handles.trace_writer.clone())));
     server

@@ -45,6 +45,11 @@ async fn get(app: &ManageApp, id: &str) -> Result<Answer, ApiError> {
 }
 
 async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
+    list_runs(app, call, None).await
+}
+
+/// Experiments newest first; `schedule`: only that schedule's runs.
+pub async fn list_runs(app: &ManageApp, call: &Call<'_>, schedule: Option<&str>) -> Result<Answer, ApiError> {
     let page = api::page(call)?;
     let before_seq =
         match page.cursor.as_deref() {
@@ -64,7 +69,7 @@ async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
     }
     let query = ExperimentQuery {
         project: call.param("project").or_else(|| call.param("project_id")),
-        schedule_id: None,
+        schedule_id: schedule.map(str::to_string),
         status,
         before_seq,
         limit: page.limit + 1,
@@ -286,10 +291,112 @@ fn policy_body(
     config
 }
 
+/// A scheduled run: its id, its schedule, and the schedule's success criteria.
+pub struct Run {
+    pub id: String,
+    pub schedule_id: String,
+    pub criteria: Value,
+}
+
+/// A checked experiment, ready to be stored and queued.
+pub struct Prepared {
+    row: ExperimentRow,
+}
+
+impl Prepared {
+    pub fn project(&self) -> &str {
+        &self.row.project
+    }
+
+    /// `@slug` of the config the candidate stands in for.
+    pub fn routing_config(&self) -> String {
+        self.row.body["routing_config"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+fn new_id() -> String {
+    format!("exp_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Checks a create body (its candidate built into a would-be config; with
+/// `require_traffic`, the window must hold matching traffic).
+pub async fn prepare(app: &ManageApp, input: &Value, require_traffic: bool) -> Result<Prepared, ApiError> {
+    prepare_as(app, input, require_traffic, new_id()).await
+}
+
+/// Stores and queues an experiment: a one-off (`run` is `None`: the window must hold
+/// traffic) or one run of a schedule.
+pub async fn launch(app: &ManageApp, input: &Value, run: Option<Run>) -> Result<ExperimentRow, ApiError> {
+    let id = run.as_ref().map_or_else(new_id, |r| r.id.clone());
+    let mut row = prepare_as(app, input, run.is_none(), id).await?.row;
+    if let Some(run) = run {
+        row.schedule_id = run.schedule_id.clone();
+        if let Value::Object(m) = &mut row.body {
+            m.insert("schedule_id".into(), json!(run.schedule_id));
+            m.insert("success_criteria".into(), run.criteria.clone());
+            m.insert("verdict".into(), Value::Null);
+        }
+        if !run.criteria.is_null() {
+            row.body["job"]["success_criteria"] = run.criteria;
+        }
+    }
+    app.state.save_experiment(&row).await.map_err(unavailable)?;
+    app.experiments.submit(&row.id);
+    Ok(row)
+}
+
+/// A scheduled run that could not start (its definition no longer holds), recorded as
+/// failed so the schedule's history shows it.
+pub async fn record_failed_run(
+    app: &ManageApp,
+    schedule: &Stored,
+    run_id: &str,
+    fire_ms: i64,
+    message: &str,
+) -> Result<ExperimentRow, ApiError> {
+    let now = api::now_ms();
+    let row = ExperimentRow {
+        id: run_id.to_string(),
+        project: schedule.project.clone(),
+        schedule_id: schedule.id.clone(),
+        status: "failed".into(),
+        body: json!({
+            "id": run_id,
+            "object": RESOURCE,
+            "name": schedule.body["name"],
+            "project": schedule.project,
+            "schedule_id": schedule.id,
+            "fired_at": iso8601_ms(fire_ms),
+            "verdict": "inconclusive",
+            "error": { "code": "experiment_failed", "message": message },
+            "created_at": iso8601_ms(now),
+            "completed_at": iso8601_ms(now),
+        }),
+        seq: 0,
+        created_ms: now,
+        updated_ms: now,
+    };
+    app.state.save_experiment(&row).await.map_err(unavailable)?;
+    Ok(row)
+}
+
 async fn create(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
     let input: Value = api::body(call.body)?;
+    let row = launch(app, &input, None).await?;
+    let id = row.id.clone();
+    let mut answer = Answer::data(202, runner::view(&row));
+    answer.headers.push(("location", format!("/manage/v1/experiments/{id}")));
+    Ok(answer)
+}
+
+async fn prepare_as(
+    app: &ManageApp,
+    input: &Value,
+    require_traffic: bool,
+    id: String,
+) -> Result<Prepared, ApiError> {
     let now = api::now_ms();
-    let def = Definition::parse(&input, now as u64).map_err(ApiError::invalid)?;
+    let def = Definition::parse(input, now as u64).map_err(ApiError::invalid)?;
     if def.mode == Mode::WithResponses {
         return Err(ApiError::invalid(vec![ConfigError::new(
             "mode",
@@ -304,7 +411,6 @@ async fn create(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
         CandidateSpec::Reference { slug, .. } => Some(slug.clone()),
         _ => None,
     };
-    let id = format!("exp_{}", uuid::Uuid::now_v7().simple());
     // The config the candidate stands in for: replayed requests name it, its budgets apply.
     let slug = def
         .promote_to
@@ -380,13 +486,17 @@ async fn create(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
         filter_model: def.filters.model.clone(),
         filter_end_user: def.filters.end_user.clone(),
         filter_tags: def.filters.tags.clone(),
+        success_criteria: None,
     };
     let probe = ReplayQuery { filters: job.query(), after: None, limit: 1, bodies: false };
-    let any =
+    let any = if require_traffic {
         app.trace_store.replay(&probe).await.map_err(|e| {
             ApiError::new(503, "service_unavailable", "trace_store_unavailable", e.to_string())
-        })?;
-    if any.is_empty() {
+        })?
+    } else {
+        Vec::new()
+    };
+    if require_traffic && any.is_empty() {
         let name = ["windowStart", "window_start", "windowHours", "window_hours"]
             .into_iter()
             .find(|f| input.get(*f).is_some())
@@ -443,9 +553,5 @@ async fn create(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
         created_ms: now,
         updated_ms: now,
     };
-    app.state.save_experiment(&row).await.map_err(unavailable)?;
-    app.experiments.submit(&id);
-    let mut answer = Answer::data(202, runner::view(&row));
-    answer.headers.push(("location", format!("/manage/v1/experiments/{id}")));
-    Ok(answer)
+    Ok(Prepared { row })
 }

@@ -12,6 +12,7 @@ pub mod openapi;
 pub mod projects;
 pub mod providers;
 pub mod routing_configs;
+pub mod scheduled;
 
 use std::sync::Arc;
 
@@ -104,6 +105,7 @@ impl ManageApp {
             ["providers", tail @ ..] => Some(providers::handle(self, call, path, tail).await),
             ["budgets", tail @ ..] => Some(budgets::handle(self, call, path, tail).await),
             ["experiments", tail @ ..] => Some(experiments::handle(self, call, path, tail).await),
+            ["scheduled_experiments", tail @ ..] => Some(scheduled::handle(self, call, path, tail).await),
             _ => None,
         };
         match answer {

@@ -95,6 +95,38 @@ fn experiment_body() -> Body {
     Body { name: name.clone(), schemas: vec![(name, RefOr::T(Schema::Object(schema)))] }
 }
 
+/// A scheduled experiment: an experiment's create body (without a window) plus its schedule.
+fn schedule_body() -> Body {
+    let of = |t: Type, description: &str| {
+        ObjectBuilder::new().schema_type(t).description(Some(description)).build()
+    };
+    let schema = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "An experiment's create body (candidate, filters, mode, sampleSize, name, hypothesis; no \
+             window) fired on a cron expression over the last windowHours. snake_case accepted too.",
+        ))
+        .property("cronExpression", of(Type::String, "five fields, UTC (e.g. \"0 9 * * *\")"))
+        .property("windowHours", of(Type::Number, "hours replayed at each fire (default 24)"))
+        .property(
+            "successCriteria",
+            of(Type::Object, "{logic: and, min_sample_size, predicates: [{metric, op, value}]}"),
+        )
+        .property("enabled", of(Type::Boolean, "default true"))
+        .property("projectId", of(Type::String, "project id or slug"))
+        .property("candidatePolicy", of(Type::String, "a strategy (with candidateConfig)"))
+        .property("candidateConfig", of(Type::Object, "the strategy's fields"))
+        .property(
+            "candidate",
+            ObjectBuilder::new().description(Some("a routing-config body or \"@slug\"")).build(),
+        )
+        .property("name", of(Type::String, "free text"))
+        .additional_properties(Some(utoipa::openapi::schema::AdditionalProperties::FreeForm(true)))
+        .build();
+    let name = "ScheduledExperimentBody".to_string();
+    Body { name: name.clone(), schemas: vec![(name, RefOr::T(Schema::Object(schema)))] }
+}
+
 fn promote_body() -> Body {
     let schema = ObjectBuilder::new()
         .schema_type(Type::Object)
@@ -499,6 +531,66 @@ pub static ROUTES: &[Route] = &[
         "Per request: baseline and candidate provider, model, cost, latency and reason",
         &[],
     ),
+    list(
+        "/scheduled_experiments",
+        "listScheduledExperiments",
+        "experiments",
+        "Scheduled experiments",
+        &[("project", "project slug")],
+    ),
+    with_body(
+        route(
+            "POST",
+            "/scheduled_experiments",
+            "createScheduledExperiment",
+            "experiments",
+            "Replay on a cron schedule",
+        ),
+        schedule_body,
+        true,
+    ),
+    route(
+        "GET",
+        "/scheduled_experiments/{id}",
+        "getScheduledExperiment",
+        "experiments",
+        "A schedule and its next fire",
+    ),
+    with_body(
+        route(
+            "PATCH",
+            "/scheduled_experiments/{id}",
+            "updateScheduledExperiment",
+            "experiments",
+            "Change a schedule (fields given replace the stored ones)",
+        ),
+        schedule_body,
+        false,
+    ),
+    route(
+        "DELETE",
+        "/scheduled_experiments/{id}",
+        "deleteScheduledExperiment",
+        "experiments",
+        "Delete a schedule",
+    ),
+    list(
+        "/scheduled_experiments/{id}/runs",
+        "listScheduledExperimentRuns",
+        "experiments",
+        "The schedule's runs (experiments), newest first, each with its verdict",
+        &[],
+    ),
+    Route {
+        accepted: true,
+        ..route(
+            "POST",
+            "/scheduled_experiments/{id}/run",
+            "runScheduledExperiment",
+            "experiments",
+            "Fire the schedule now",
+        )
+    },
     route("GET", "/openapi.json", "getOpenApi", "meta", "This document"),
 ];
 

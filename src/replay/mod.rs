@@ -2,9 +2,11 @@
 //!
 //! * `definition`: an experiment's body as the API takes it (both spellings), checked.
 //! * `simulate`: `routing_only`, the candidate's decision for each stored request.
+//! * `criteria`: scheduled experiments' success criteria and each run's verdict.
 //! * `runner`: the queue and the worker thread that runs experiments, persists progress,
 //!   results and per-request decisions in the state store, and honours cancels.
 
+pub mod criteria;
 pub mod definition;
 pub mod runner;
 pub mod simulate;

@@ -48,6 +48,9 @@ pub struct Job {
     pub filter_model: Option<String>,
     pub filter_end_user: Option<String>,
     pub filter_tags: Vec<(String, String)>,
+    /// A scheduled run's success criteria (`criteria::Criteria`).
+    #[serde(default)]
+    pub success_criteria: Option<Value>,
 }
 
 impl Job {
@@ -242,6 +245,7 @@ impl Shared {
                     self.fail(row, &format!("cannot save the decisions: {e}")).await;
                 } else {
                     apply_report(&mut row.body, &report);
+                    self.judge(&mut row).await;
                     row.status = "completed".into();
                     row.updated_ms = now_ms();
                     if let Err(e) = self.state.save_experiment(&row).await {
@@ -263,6 +267,36 @@ impl Shared {
             Err(Stop::Failed(message)) => self.fail(row, &message).await,
         }
         self.cancels.remove(id);
+    }
+
+    /// A scheduled run's verdict by its schedule's success criteria, and whether it is the
+    /// transition into breach (`fail` after a run that was not).
+    async fn judge(&self, row: &mut ExperimentRow) {
+        let criteria = row.body["job"]["success_criteria"].clone();
+        if !criteria.is_object() {
+            return;
+        }
+        let Ok(criteria) = super::criteria::Criteria::parse(&criteria, "success_criteria") else { return };
+        let (verdict, details) = criteria.evaluate(&row.body);
+        let q = ExperimentQuery {
+            schedule_id: Some(row.schedule_id.clone()),
+            status: Some("completed".into()),
+            limit: 1,
+            ..Default::default()
+        };
+        let previous = match self.state.experiments(&q).await {
+            Ok(rows) => rows.first().and_then(|r| r.body["verdict"].as_str().map(str::to_string)),
+            Err(_) => None,
+        };
+        let regression = verdict == "fail" && previous.as_deref() != Some("fail");
+        if let Value::Object(m) = &mut row.body {
+            m.insert("verdict".into(), json!(verdict));
+            m.insert("criteria_results".into(), details);
+            m.insert("regression_detected".into(), json!(regression));
+            if regression {
+                m.insert("signal_key".into(), json!(format!("{}:regression", row.schedule_id)));
+            }
+        }
     }
 
     async fn fail(&self, mut row: ExperimentRow, message: &str) {

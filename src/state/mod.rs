@@ -23,6 +23,7 @@ pub enum Kind {
     RoutingConfig,
     Provider,
     Budget,
+    ScheduledExperiment,
 }
 
 impl Kind {
@@ -34,6 +35,7 @@ impl Kind {
             Kind::RoutingConfig => "routing_config",
             Kind::Provider => "provider",
             Kind::Budget => "budget",
+            Kind::ScheduledExperiment => "scheduled_experiment",
         }
     }
 
@@ -46,13 +48,22 @@ impl Kind {
             Kind::RoutingConfig => "rc_",
             Kind::Provider => "prov_",
             Kind::Budget => "bud_",
+            Kind::ScheduledExperiment => "sched_",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        [Kind::Project, Kind::ApiKey, Kind::ManagementKey, Kind::RoutingConfig, Kind::Provider, Kind::Budget]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        [
+            Kind::Project,
+            Kind::ApiKey,
+            Kind::ManagementKey,
+            Kind::RoutingConfig,
+            Kind::Provider,
+            Kind::Budget,
+            Kind::ScheduledExperiment,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
     }
 }
 

@@ -443,3 +443,162 @@ async fn bad_experiments_name_their_field_and_a_cancelled_one_stops() {
     let not_done = manage(&gw, "POST", &format!("/manage/v1/experiments/{id}/promote"), None).await;
     assert_eq!(not_done.status, 409);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_experiments_fire_on_their_cron_and_judge_each_run() {
+    let upstream = mock(MockConfig::default()).await;
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.top_extra = format!("{PRICES}traces: {{ flush_interval_ms: 50 }}\n");
+    let gw = start(cfg).await;
+    for _ in 0..5 {
+        assert_eq!(chat(&gw, "@fast", &[]).await.status, 200);
+    }
+    stored_rows(&gw, 5).await;
+
+    let definition = json!({
+        "projectId": "default", "name": "daily m1 check", "candidatePolicy": "single",
+        "candidateConfig": {"model": "m1", "provider_credential_id": "local"},
+        "cronExpression": "0 9 * * *", "windowHours": 1, "mode": "routing_only",
+        "hypothesis": "m1 is good enough",
+        "successCriteria": {"logic": "and", "min_sample_size": 1,
+                            "predicates": [{"metric": "error_rate_delta_pct", "op": "lte", "value": 5}]}
+    });
+    let created = manage(&gw, "POST", "/manage/v1/scheduled_experiments", Some(definition.clone())).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let s = created.json().unwrap()["data"].clone();
+    let id = s["id"].as_str().unwrap().to_string();
+    assert_eq!((s["cron_expression"].clone(), s["version"].clone()), (json!("0 9 * * *"), json!(1)));
+    assert!(s["next_run_at"].as_str().unwrap().contains("T09:00:00"), "{s}");
+
+    // Bad definitions name their field.
+    for (patch, path) in [
+        (json!({"cronExpression": "every day"}), "cronExpression"),
+        (
+            json!({"successCriteria": {"predicates": [{"metric": "vibes", "op": "gte", "value": 1}]}}),
+            "successCriteria.predicates[0].metric",
+        ),
+        (json!({"windowStart": "2026-01-01T00:00:00Z"}), "windowStart"),
+        (json!({"candidate": "@nope"}), "candidate"),
+    ] {
+        let mut body = definition.clone();
+        if patch.get("candidate").is_some() {
+            body.as_object_mut().unwrap().remove("candidatePolicy");
+            body.as_object_mut().unwrap().remove("candidateConfig");
+        }
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let resp = manage(&gw, "POST", "/manage/v1/scheduled_experiments", Some(body)).await;
+        assert_eq!(resp.status, 422, "{patch}: {}", resp.text());
+        let e = resp.json().unwrap()["error"]["errors"].clone();
+        assert!(e.as_array().unwrap().iter().any(|x| x["path"] == path), "{patch}: {e}");
+    }
+
+    let fire = || async {
+        let resp = manage(&gw, "POST", &format!("/manage/v1/scheduled_experiments/{id}/run"), None).await;
+        assert_eq!(resp.status, 202, "{}", resp.text());
+        finished(&gw, resp.json().unwrap()["data"]["id"].as_str().unwrap()).await
+    };
+    let first = fire().await;
+    assert_eq!(
+        (first["verdict"].clone(), first["regression_detected"].clone()),
+        (json!("pass"), json!(false)),
+        "{first}"
+    );
+    assert_eq!(first["schedule_id"], id.as_str());
+    assert_eq!(first["requests"], 5);
+    // A criterion the run cannot meet: the first failing run is the regression, the next is not.
+    let patched = manage(
+        &gw,
+        "PATCH",
+        &format!("/manage/v1/scheduled_experiments/{id}"),
+        Some(json!({"successCriteria": {"predicates": [{"metric": "cost_delta_pct", "op": "lte", "value": -1000}]}})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    assert_eq!(patched.json().unwrap()["data"]["version"], 2);
+    let second = fire().await;
+    assert_eq!(
+        (second["verdict"].clone(), second["regression_detected"].clone()),
+        (json!("fail"), json!(true)),
+        "{second}"
+    );
+    assert_eq!(second["signal_key"], format!("{id}:regression"));
+    let third = fire().await;
+    assert_eq!(
+        (third["verdict"].clone(), third["regression_detected"].clone()),
+        (json!("fail"), json!(false))
+    );
+    // Similarity is not measured by routing_only: inconclusive.
+    manage(
+        &gw,
+        "PATCH",
+        &format!("/manage/v1/scheduled_experiments/{id}"),
+        Some(json!({"successCriteria": {"predicates": [{"metric": "similarity_pct_above_threshold", "op": "gte", "value": 80, "params": {"threshold": 0.9}}]}})),
+    )
+    .await;
+    assert_eq!(fire().await["verdict"], "inconclusive");
+    let runs = manage(&gw, "GET", &format!("/manage/v1/scheduled_experiments/{id}/runs"), None)
+        .await
+        .json()
+        .unwrap();
+    let runs = runs["data"].as_array().unwrap().clone();
+    assert_eq!(runs.len(), 4);
+    assert_eq!(runs[3]["id"], first["id"], "newest first");
+
+    // The cron itself: every two seconds (six fields, seconds first) until disabled.
+    let every = manage(
+        &gw,
+        "POST",
+        "/manage/v1/scheduled_experiments",
+        Some(json!({"projectId": "default", "candidate": "@fast", "cronExpression": "*/2 * * * * *", "windowHours": 1})),
+    )
+    .await;
+    assert_eq!(every.status, 201, "{}", every.text());
+    let every_id = every.json().unwrap()["data"]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let fired = loop {
+        let runs = manage(&gw, "GET", &format!("/manage/v1/scheduled_experiments/{every_id}/runs"), None)
+            .await
+            .json()
+            .unwrap();
+        let runs = runs["data"].as_array().unwrap().clone();
+        if runs.len() >= 2 {
+            break runs;
+        }
+        assert!(Instant::now() < deadline, "the schedule never fired twice: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(fired[0]["id"], fired[1]["id"]);
+    let off = manage(
+        &gw,
+        "PATCH",
+        &format!("/manage/v1/scheduled_experiments/{every_id}"),
+        Some(json!({"enabled": false})),
+    )
+    .await;
+    assert_eq!(off.status, 200, "{}", off.text());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let count = |v: Value| v["data"].as_array().unwrap().len();
+    let before = count(
+        manage(&gw, "GET", &format!("/manage/v1/scheduled_experiments/{every_id}/runs"), None)
+            .await
+            .json()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let after = count(
+        manage(&gw, "GET", &format!("/manage/v1/scheduled_experiments/{every_id}/runs"), None)
+            .await
+            .json()
+            .unwrap(),
+    );
+    assert_eq!(before, after, "a disabled schedule fired");
+    let gone = manage(&gw, "DELETE", &format!("/manage/v1/scheduled_experiments/{every_id}"), None).await;
+    assert_eq!(gone.status, 200);
+    let audit = manage(&gw, "GET", "/manage/v1/audit-logs?resource_type=scheduled_experiment", None)
+        .await
+        .json()
+        .unwrap();
+    assert!(audit["data"].as_array().unwrap().len() >= 4, "{audit}");
+}
