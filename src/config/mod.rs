@@ -197,26 +197,7 @@ pub fn build_snapshot_with(
     resources: &[crate::state::Stored],
     master: Option<&crate::state::secrets::MasterKey>,
 ) -> Result<Snapshot, Vec<ConfigError>> {
-    let mut raw = parse(text, lookup)?;
-    let file_owned = FileOwned {
-        projects: raw.projects.iter().map(|p| p.id.clone()).collect(),
-        keys: raw
-            .projects
-            .iter()
-            .flat_map(|p| p.keys.iter().map(|k| (p.id.clone(), k.name.clone())))
-            .collect(),
-        management_keys: raw.management_keys.iter().map(|k| k.name.clone()).collect(),
-        routing_configs: raw.routing_configs.keys().cloned().collect(),
-        providers: raw.providers.iter().map(|p| p.id.clone()).collect(),
-        budgets: raw.budgets.iter().map(|b| b.name.clone()).collect(),
-    };
-    let errors = overlay::apply(&mut raw, resources, master);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let mut snapshot = validate(raw, previous, base_dir)?;
-    snapshot.file_owned = file_owned;
-    Ok(snapshot)
+    build_from(text, lookup, previous, base_dir, resources, master, None)
 }
 
 /// `build_snapshot_with`, with routing config `slug` defined as `body` wherever it was
@@ -233,21 +214,56 @@ pub fn build_snapshot_replacing(
     slug: &str,
     body: &serde_json::Value,
 ) -> Result<Snapshot, Vec<ConfigError>> {
+    build_from(text, lookup, previous, base_dir, resources, master, Some((slug, body)))
+}
+
+/// The file, the store's `resources` over it and, with `replace`, one routing config
+/// defined anew (the stored one of that slug left out, the file's overwritten).
+fn build_from(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Snapshot>,
+    base_dir: &Path,
+    resources: &[crate::state::Stored],
+    master: Option<&crate::state::secrets::MasterKey>,
+    replace: Option<(&str, &serde_json::Value)>,
+) -> Result<Snapshot, Vec<ConfigError>> {
     let mut raw = parse(text, lookup)?;
-    let others: Vec<crate::state::Stored> = resources
-        .iter()
-        .filter(|r| !(r.kind == crate::state::Kind::RoutingConfig && r.slug == slug))
-        .cloned()
-        .collect();
-    let errors = overlay::apply(&mut raw, &others, master);
+    let file_owned = FileOwned {
+        projects: raw.projects.iter().map(|p| p.id.clone()).collect(),
+        keys: raw
+            .projects
+            .iter()
+            .flat_map(|p| p.keys.iter().map(|k| (p.id.clone(), k.name.clone())))
+            .collect(),
+        management_keys: raw.management_keys.iter().map(|k| k.name.clone()).collect(),
+        routing_configs: raw.routing_configs.keys().cloned().collect(),
+        providers: raw.providers.iter().map(|p| p.id.clone()).collect(),
+        budgets: raw.budgets.iter().map(|b| b.name.clone()).collect(),
+    };
+    let errors = match replace {
+        None => overlay::apply(&mut raw, resources, master),
+        Some((slug, _)) => {
+            let others: Vec<crate::state::Stored> = resources
+                .iter()
+                .filter(|r| !(r.kind == crate::state::Kind::RoutingConfig && r.slug == slug))
+                .cloned()
+                .collect();
+            overlay::apply(&mut raw, &others, master)
+        }
+    };
     if !errors.is_empty() {
         return Err(errors);
     }
-    let value = serde_yaml_ng::to_value(body)
-        .map_err(|e| vec![ConfigError::new(format!("routing_configs.{slug}"), e.to_string())])?;
-    raw.routing_configs.insert(slug.to_string(), value);
-    raw.pinned_versions.remove(slug);
-    validate(raw, previous, base_dir)
+    if let Some((slug, body)) = replace {
+        let value = serde_yaml_ng::to_value(body)
+            .map_err(|e| vec![ConfigError::new(format!("routing_configs.{slug}"), e.to_string())])?;
+        raw.routing_configs.insert(slug.to_string(), value);
+        raw.pinned_versions.remove(slug);
+    }
+    let mut snapshot = validate(raw, previous, base_dir)?;
+    snapshot.file_owned = file_owned;
+    Ok(snapshot)
 }
 
 pub(crate) fn section<T: DeserializeOwned>(
