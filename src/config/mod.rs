@@ -63,6 +63,8 @@ pub struct Settings {
     /// The embedded store's directory, resolved against the config file's directory.
     pub data_dir: PathBuf,
     pub traces: TraceSettings,
+    /// Finished experiments older than this many days are deleted (`experiments.retention_days`).
+    pub experiment_retention_days: u32,
     /// `state.master_key`, if set.
     pub master_key: Option<Redacted>,
     pub state_backend: StateBackend,
@@ -379,6 +381,13 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
                     }
                 }
             }
+            "experiments" => {
+                if !value.is_null() {
+                    if let Some(e) = section(value, "experiments", &mut errors) {
+                        raw.experiments = e;
+                    }
+                }
+            }
             "state" => {
                 if !value.is_null() {
                     if let Some(t) = section(value, "state", &mut errors) {
@@ -486,6 +495,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
             base_dir.join(dir)
         },
         traces: trace_settings(traces, errors),
+        experiment_retention_days: 30,
         master_key: None,
         state_backend: StateBackend::Sqlite,
     }
@@ -662,6 +672,11 @@ pub fn validate(
     let mut errors = Vec::new();
     let mut settings = settings(&raw.server, &raw.traces, base_dir, &mut errors);
     settings.master_key = raw.state.master_key.clone().map(Redacted);
+    match raw.experiments.retention_days {
+        Some(0) => errors.push(ConfigError::new("experiments.retention_days", "must be greater than 0")),
+        Some(days) => settings.experiment_retention_days = days,
+        None => {}
+    }
     match (raw.state.backend.as_deref(), &raw.state.url) {
         (None | Some("sqlite"), None) => {}
         (None | Some("sqlite"), Some(_)) => {

@@ -23,6 +23,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "prices",
     "rate_limits",
     "traces",
+    "experiments",
 ];
 
 #[derive(Debug, Deserialize, Default)]
@@ -239,9 +240,19 @@ pub struct RawConfig {
     pub rate_limits: RawRateLimits,
     pub traces: RawTraces,
     pub state: RawState,
+    pub experiments: RawExperiments,
     /// Versions of routing configs owned by the state store (their stored version, not one
     /// counted from reloads).
     pub pinned_versions: BTreeMap<String, u32>,
+}
+
+/// `experiments:` — replays of stored traffic (README: Experiments).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawExperiments {
+    /// Finished experiments (and their per-request decisions) older than this are deleted
+    /// (default 30).
+    pub retention_days: Option<u32>,
 }
 
 /// `state:` — where management state (API-created projects, keys, versions, audit) lives.

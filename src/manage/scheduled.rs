@@ -325,7 +325,20 @@ pub struct Scheduler {
     pub app: ManageApp,
 }
 
+/// How often finished experiments past `experiments.retention_days` are deleted.
+const PRUNE_EVERY: u64 = 3600;
+
 impl Scheduler {
+    async fn prune(&self) {
+        let days = i64::from(self.app.store.load().settings.experiment_retention_days);
+        let before = api::now_ms() - days * 86_400_000;
+        match self.app.state.prune_experiments(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "finished experiments past their retention deleted"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete old experiments"),
+        }
+    }
+
     async fn tick(&self) {
         let query = ListQuery { limit: 10_000, ..Default::default() };
         let schedules = match self.app.state.list(Kind::ScheduledExperiment, &query).await {
@@ -370,12 +383,18 @@ impl BackgroundService for Scheduler {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => break,
             }
             self.tick().await;
+            // At start, then hourly.
+            if ticks.is_multiple_of(PRUNE_EVERY) {
+                self.prune().await;
+            }
+            ticks += 1;
         }
     }
 }

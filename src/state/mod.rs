@@ -289,6 +289,10 @@ pub trait StateStore: Send + Sync {
     /// Removes an experiment and its decisions; whether it existed.
     async fn delete_experiment(&self, id: &str) -> Result<bool, StateError>;
 
+    /// Deletes finished experiments (completed, failed, cancelled) created before
+    /// `before_ms`, with their decisions; how many.
+    async fn prune_experiments(&self, before_ms: i64) -> Result<u64, StateError>;
+
     /// Stores per-request decisions numbered from `first` (replacing any with those numbers).
     async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError>;
 

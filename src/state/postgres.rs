@@ -605,6 +605,28 @@ impl StateStore for PostgresState {
         .await
     }
 
+    async fn prune_experiments(&self, before_ms: i64) -> Result<u64, StateError> {
+        self.run(|c| async move {
+            let mut client = c.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            let old = "SELECT id FROM experiments WHERE created_ms < $1 \
+                       AND status IN ('completed', 'failed', 'cancelled')";
+            tx.execute(
+                &format!("DELETE FROM experiment_decisions WHERE experiment_id IN ({old})"),
+                &[&before_ms],
+            )
+            .await
+            .map_err(db)?;
+            let n = tx
+                .execute(&format!("DELETE FROM experiments WHERE id IN ({old})"), &[&before_ms])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(n)
+        })
+        .await
+    }
+
     async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError> {
         let id = id.to_string();
         self.run(|c| async move {

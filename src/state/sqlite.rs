@@ -563,6 +563,25 @@ impl StateStore for SqliteState {
         .await
     }
 
+    async fn prune_experiments(&self, before_ms: i64) -> Result<u64, StateError> {
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(db)?;
+            let old = "SELECT id FROM experiments WHERE created_ms < ?1 \
+                       AND status IN ('completed', 'failed', 'cancelled')";
+            tx.execute(
+                &format!("DELETE FROM experiment_decisions WHERE experiment_id IN ({old})"),
+                [before_ms],
+            )
+            .map_err(db)?;
+            let n = tx
+                .execute(&format!("DELETE FROM experiments WHERE id IN ({old})"), [before_ms])
+                .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError> {
         let id = id.to_string();
         self.run(move |conn| {
@@ -635,7 +654,7 @@ impl StateStore for SqliteState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Origin;
+    use crate::state::{ExperimentQuery, ExperimentRow, Origin};
     use serde_json::json;
 
     fn change(op: Op, id: &str, slug: &str, version: i64, base: Option<i64>) -> Change {
@@ -662,6 +681,54 @@ mod tests {
             now_ms: 1_000,
             idempotent: None,
         }
+    }
+
+    #[tokio::test]
+    async fn experiments_page_and_finished_ones_are_pruned_with_their_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteState::open(&dir.path().join("modelux.db")).unwrap();
+        let row = |id: &str, status: &str, created_ms: i64| ExperimentRow {
+            id: id.into(),
+            project: "default".into(),
+            schedule_id: String::new(),
+            status: status.into(),
+            body: json!({ "id": id }),
+            seq: 0,
+            created_ms,
+            updated_ms: created_ms,
+        };
+        for (id, status, at) in [
+            ("old-done", "completed", 1_000),
+            ("old-running", "running", 1_000),
+            ("old-failed", "failed", 2_000),
+            ("new", "completed", 9_000),
+        ] {
+            store.save_experiment(&row(id, status, at)).await.unwrap();
+            store.save_decisions(id, 1, vec![json!({"n": 1}), json!({"n": 2})]).await.unwrap();
+        }
+        // Saving again keeps the row's place (seq) and updates it.
+        let seq = store.save_experiment(&row("old-done", "completed", 1_000)).await.unwrap();
+        let all = store.experiments(&ExperimentQuery { limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["new", "old-failed", "old-running", "old-done"]
+        );
+        assert_eq!(all[3].seq, seq);
+        let page = store
+            .experiments(&ExperimentQuery { limit: 2, before_seq: Some(all[1].seq), ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["old-running", "old-done"]);
+        assert_eq!(store.decisions("old-done", 1, 10).await.unwrap(), vec![(2, json!({"n": 2}))]);
+
+        assert_eq!(store.prune_experiments(5_000).await.unwrap(), 2);
+        let left = store.experiments(&ExperimentQuery { limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(left.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["new", "old-running"]);
+        assert!(store.decisions("old-done", 0, 10).await.unwrap().is_empty());
+        assert_eq!(store.decisions("new", 0, 10).await.unwrap().len(), 2);
+        assert!(store.delete_experiment("new").await.unwrap());
+        assert!(!store.delete_experiment("new").await.unwrap());
+        assert!(store.decisions("new", 0, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -349,6 +349,14 @@ async fn experiments_replay_stored_traffic_and_promote_the_candidate_on(state: S
     let again =
         manage(&gw, "GET", &format!("/manage/v1/experiments/{}", same["id"].as_str().unwrap()), None).await;
     assert_eq!(again.status, 404);
+    // Retention: finished experiments created before the cut go, with their decisions.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let pruned = gw.handles.state.prune_experiments(now + 1).await.unwrap();
+    assert!(pruned >= 4, "{pruned}");
+    let left = manage(&gw, "GET", "/manage/v1/experiments", None).await.json().unwrap();
+    assert_eq!(left["data"], json!([]), "{left}");
+    let decisions = manage(&gw, "GET", &format!("/manage/v1/experiments/{id}/decisions"), None).await;
+    assert_eq!(decisions.status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
