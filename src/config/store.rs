@@ -71,26 +71,6 @@ impl StagedChange<'_> {
         )
     }
 
-    /// The snapshot with routing config `slug` defined as `body` (a replay candidate);
-    /// validated, never installed.
-    pub fn build_replacing(
-        &self,
-        slug: &str,
-        body: &serde_json::Value,
-    ) -> Result<Snapshot, Vec<ConfigError>> {
-        let old = self.store.current.load_full();
-        crate::config::build_snapshot_replacing(
-            &self.sources.text,
-            &env_lookup,
-            Some(&old),
-            &self.store.base_dir(),
-            &self.sources.resources,
-            self.sources.master.as_deref(),
-            slug,
-            body,
-        )
-    }
-
     /// Swaps in `snapshot`, built by `build` from `resources`.
     pub fn install(mut self, snapshot: Snapshot, resources: Vec<Stored>) {
         self.sources.resources = Arc::new(resources);
@@ -202,6 +182,31 @@ impl ConfigStore {
     /// The snapshot to use for one whole request.
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// The snapshot with routing config `slug` defined as `body` (a replay candidate);
+    /// validated, never installed. The sources are copied under the lock and the build runs
+    /// after it is released, so a slow (low-priority) caller never holds up a change.
+    pub async fn build_replacing(
+        &self,
+        slug: &str,
+        body: &serde_json::Value,
+    ) -> Result<Snapshot, Vec<ConfigError>> {
+        let (text, resources, master) = {
+            let s = self.sources.lock().await;
+            (s.text.clone(), s.resources.clone(), s.master.clone())
+        };
+        let old = self.current.load_full();
+        crate::config::build_snapshot_replacing(
+            &text,
+            &env_lookup,
+            Some(&old),
+            &self.base_dir(),
+            &resources,
+            master.as_deref(),
+            slug,
+            body,
+        )
     }
 
     pub fn path(&self) -> Option<&PathBuf> {

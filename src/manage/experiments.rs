@@ -112,7 +112,16 @@ async fn cancel(app: &ManageApp, id: &str) -> Result<Answer, ApiError> {
     if let Value::Object(m) = &mut row.body {
         m.insert("completed_at".into(), json!(iso8601_ms(row.updated_ms)));
     }
-    app.state.save_experiment(&row).await.map_err(unavailable)?;
+    // Only while it is still queued or running: the worker may have finished it meanwhile.
+    if !app.state.update_experiment(&row, &["queued", "running"]).await.map_err(unavailable)? {
+        let now = find(app, id).await?;
+        return Err(ApiError::conflict(
+            "experiment_finished",
+            RESOURCE,
+            id,
+            format!("experiment {id} is {}; only a queued or running one can be cancelled", now.status),
+        ));
+    }
     app.experiments.cancel(id);
     Ok(Answer::data(200, runner::view(&row)))
 }
@@ -182,7 +191,7 @@ async fn promote(app: &ManageApp, call: &Call<'_>, path: &str, id: &str) -> Answ
         );
     }
     row.updated_ms = api::now_ms();
-    if let Err(e) = app.state.save_experiment(&row).await {
+    if let Err(e) = app.state.update_experiment(&row, &["completed"]).await {
         tracing::warn!(experiment = %id, error = %e, "promoted, but the experiment could not record it");
     }
     let mut data = runner::view(&row);
@@ -340,7 +349,14 @@ pub async fn launch(app: &ManageApp, input: &Value, run: Option<Run>) -> Result<
             row.body["job"]["success_criteria"] = run.criteria;
         }
     }
-    app.state.save_experiment(&row).await.map_err(unavailable)?;
+    if !app.state.create_experiment(&row).await.map_err(unavailable)? {
+        return Err(ApiError::conflict(
+            "experiment_exists",
+            RESOURCE,
+            &row.id,
+            format!("experiment {} exists already (a fire that another node ran)", row.id),
+        ));
+    }
     app.experiments.submit(&row.id);
     Ok(row)
 }
@@ -376,7 +392,7 @@ pub async fn record_failed_run(
         created_ms: now,
         updated_ms: now,
     };
-    app.state.save_experiment(&row).await.map_err(unavailable)?;
+    app.state.create_experiment(&row).await.map_err(unavailable)?;
     Ok(row)
 }
 
@@ -461,7 +477,7 @@ async fn prepare_as(
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
-    let built = app.store.stage().await.build_replacing(&slug, &candidate_config);
+    let built = app.store.build_replacing(&slug, &candidate_config).await;
     if let Err(errors) = built {
         let prefix = format!("routing_configs.{slug}");
         let mapped = errors

@@ -254,6 +254,13 @@ async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, id: &str) -> Answer
             "success_criteria" => "successCriteria".to_string(),
             other => other.to_string(),
         };
+        // One spelling per field: the patch's replaces the stored one's.
+        if let Some((c, n)) =
+            crate::replay::definition::FIELDS.iter().find(|(c, n)| *c == camel || *n == camel)
+        {
+            merged.remove(*c);
+            merged.remove(*n);
+        }
         merged.insert(camel, v);
     }
     let (_, body) = match checked(app, &merged).await {

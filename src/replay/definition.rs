@@ -90,7 +90,7 @@ pub struct Definition {
 }
 
 /// The fields accepted, each as `(camelCase, snake_case)`.
-const FIELDS: &[(&str, &str)] = &[
+pub const FIELDS: &[(&str, &str)] = &[
     ("name", "name"),
     ("projectId", "project_id"),
     ("project", "project"),

@@ -1,6 +1,8 @@
 //! Runs experiments off the request path: one worker thread in `SCHED_IDLE` (it gets a
-//! CPU only when no proxy thread wants it), with its own single-threaded runtime whose
-//! blocking pool (the store calls) runs the same way. An experiment is a row in the state store whose body is
+//! CPU only when no proxy thread wants it) that decides, with its own single-threaded
+//! runtime whose blocking pool makes the store calls at normal priority (they hold locks
+//! others share); at most half of a core, paced page by page. Every write of a running
+//! experiment is conditional on its status, so a cancel or a delete always wins. An experiment is a row in the state store whose body is
 //! the document the API shows plus its `job`; the worker moves it `queued → running →
 //! completed | failed | cancelled`, saving progress as it reads. Rows left `queued` or
 //! `running` by a stopped gateway are queued again at the next start.
@@ -26,7 +28,7 @@ use crate::trace::{LogQuery, TraceStore};
 /// Records read per page of the trace store.
 const PAGE: usize = 2_000;
 /// Decisions written per state-store transaction.
-const DECISION_CHUNK: usize = 5_000;
+const DECISION_CHUNK: usize = 1_000;
 /// Progress is saved at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
@@ -104,6 +106,17 @@ fn background_priority() {
     }
 }
 
+/// Back to `SCHED_OTHER` for a thread that inherited `SCHED_IDLE` from the worker (new
+/// threads inherit their creator's policy). Best effort: where the kernel refuses an
+/// unprivileged switch, the store calls stay idle-class.
+fn normal_priority() {
+    // SAFETY: acts on the calling thread only, reading the struct passed by reference.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+    }
+}
+
 /// The experiments of one gateway: a queue and the worker that drains it.
 pub struct Experiments {
     shared: Arc<Shared>,
@@ -133,11 +146,12 @@ impl Experiments {
         let worker = shared.clone();
         let spawned = std::thread::Builder::new().name("modelux-replay".into()).spawn(move || {
             background_priority();
-            // Its blocking pool (SQLite reads and writes) runs at the same low priority.
+            // Its blocking pool (the store calls) keeps normal priority: those hold locks the
+            // management API and the logs share, and a starved holder would stall them.
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .thread_name("modelux-replay-io")
-                .on_thread_start(background_priority)
+                .on_thread_start(normal_priority)
                 .build()
             {
                 Ok(r) => r,
@@ -193,7 +207,7 @@ impl Shared {
                         tracing::info!(experiment = %row.id, "running an experiment left unfinished");
                         if row.status == "running" {
                             row.status = "queued".into();
-                            if self.state.save_experiment(&row).await.is_err() {
+                            if !matches!(self.state.update_experiment(&row, &["running"]).await, Ok(true)) {
                                 continue;
                             }
                         }
@@ -225,20 +239,14 @@ impl Shared {
             }
         };
         let started = Instant::now();
-        let outcome = self.execute(row.clone()).await;
-        // Another node (or a delete) may have ended it meanwhile: never overwrite that.
-        let current = match self.state.experiment(id).await {
-            Ok(Some(r)) if r.status == "running" => r,
-            _ => {
-                self.cancels.remove(id);
-                return;
-            }
-        };
-        let mut row = current;
-        let finished = iso8601_ms(now_ms());
+        let mut row = row;
+        let outcome = self.execute(&mut row).await;
         if let Value::Object(m) = &mut row.body {
-            m.insert("completed_at".into(), json!(finished));
+            m.insert("completed_at".into(), json!(iso8601_ms(now_ms())));
         }
+        row.updated_ms = now_ms();
+        // Every write below is conditional on the run still being ours (`running`): a
+        // cancel or a delete that came in meanwhile is never overwritten or undone.
         match outcome {
             Ok(report) => {
                 if let Err(e) = self.save_decisions(id, &report).await {
@@ -247,22 +255,29 @@ impl Shared {
                     apply_report(&mut row.body, &report);
                     self.judge(&mut row).await;
                     row.status = "completed".into();
-                    row.updated_ms = now_ms();
-                    if let Err(e) = self.state.save_experiment(&row).await {
-                        tracing::warn!(experiment = %id, error = %e, "cannot save the experiment's result");
+                    match self.state.update_experiment(&row, &["running"]).await {
+                        Ok(true) => tracing::info!(
+                            experiment = %id,
+                            requests = report.outcomes.len(),
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "experiment completed"
+                        ),
+                        Ok(false) => {
+                            // Cancelled or deleted while its decisions were written: a
+                            // deleted one must not leave them behind.
+                            if matches!(self.state.experiment(id).await, Ok(None)) {
+                                let _ = self.state.delete_experiment(id).await;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(experiment = %id, error = %e, "cannot save the experiment's result")
+                        }
                     }
-                    tracing::info!(
-                        experiment = %id,
-                        requests = report.outcomes.len(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "experiment completed"
-                    );
                 }
             }
             Err(Stop::Cancelled) => {
                 row.status = "cancelled".into();
-                row.updated_ms = now_ms();
-                let _ = self.state.save_experiment(&row).await;
+                let _ = self.state.update_experiment(&row, &["running"]).await;
             }
             Err(Stop::Failed(message)) => self.fail(row, &message).await,
         }
@@ -306,29 +321,31 @@ impl Shared {
         if let Value::Object(m) = &mut row.body {
             m.insert("error".into(), json!({ "code": "experiment_failed", "message": message }));
         }
-        let _ = self.state.save_experiment(&row).await;
+        if let Err(e) = self.state.update_experiment(&row, &["running", "queued"]).await {
+            tracing::warn!(experiment = %row.id, error = %e, "cannot record the failure");
+        }
     }
 
-    async fn execute(&self, mut row: ExperimentRow) -> Result<Report, Stop> {
+    async fn execute(&self, row: &mut ExperimentRow) -> Result<Report, Stop> {
         let id = row.id.clone();
-        let job = job_of(&row).map_err(Stop::Failed)?;
+        let job = job_of(row).map_err(Stop::Failed)?;
         row.status = "running".into();
         row.updated_ms = now_ms();
         if let Value::Object(m) = &mut row.body {
             m.insert("started_at".into(), json!(iso8601_ms(row.updated_ms)));
         }
-        self.state.save_experiment(&row).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        // queued → running, unless it was cancelled or deleted since it was queued.
+        if !self.state.update_experiment(row, &["queued"]).await.map_err(|e| Stop::Failed(e.to_string()))? {
+            return Err(Stop::Cancelled);
+        }
         if job.mode != "routing_only" {
             return Err(Stop::Failed(format!("mode {} is not run by this gateway", job.mode)));
         }
-        let snapshot = {
-            let staged = self.config.stage().await;
-            staged.build_replacing(&job.slug, &job.candidate_config)
-        }
-        .map_err(|errors| {
-            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            Stop::Failed(format!("the candidate no longer builds: {}", text.join("; ")))
-        })?;
+        let snapshot =
+            self.config.build_replacing(&job.slug, &job.candidate_config).await.map_err(|errors| {
+                let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                Stop::Failed(format!("the candidate no longer builds: {}", text.join("; ")))
+            })?;
         let mut sim = Simulation::new(
             &snapshot,
             self.counters.as_ref(),
@@ -359,7 +376,7 @@ impl Shared {
                 last_progress = Instant::now();
                 let percent =
                     (last.ts_ms.saturating_sub(job.window_start_ms) as f64 / span as f64 * 100.0).min(99.0);
-                self.progress(&mut row, sim.matched(), percent).await?;
+                self.progress(row, sim.matched(), percent).await?;
             }
             if page.len() < PAGE {
                 break;
@@ -373,11 +390,6 @@ impl Shared {
 
     /// Saves how far the run got; a row cancelled or deleted meanwhile stops the run.
     async fn progress(&self, row: &mut ExperimentRow, read: u64, percent: f64) -> Result<(), Stop> {
-        match self.state.experiment(&row.id).await {
-            Ok(Some(r)) if r.status == "running" => {}
-            Ok(_) => return Err(Stop::Cancelled),
-            Err(e) => return Err(Stop::Failed(e.to_string())),
-        }
         if let Value::Object(m) = &mut row.body {
             m.insert(
                 "progress".into(),
@@ -385,8 +397,12 @@ impl Shared {
             );
         }
         row.updated_ms = now_ms();
-        self.state.save_experiment(row).await.map_err(|e| Stop::Failed(e.to_string()))?;
-        Ok(())
+        match self.state.update_experiment(row, &["running"]).await {
+            Ok(true) => Ok(()),
+            // Cancelled or deleted meanwhile.
+            Ok(false) => Err(Stop::Cancelled),
+            Err(e) => Err(Stop::Failed(e.to_string())),
+        }
     }
 
     async fn save_decisions(&self, id: &str, report: &Report) -> Result<(), crate::state::StateError> {

@@ -18,6 +18,9 @@
 //!   it; else a draw from that target's observed latencies in the window's own traffic
 //!   (its p50/p95 carry over); else its live health p50; else unknown
 //!   (`latency_unknown`, left out of the percentiles).
+//! * **Deltas**: cost over the requests whose candidate cost is known (the cost of the rest
+//!   is unknown, not zero); latency as a relative change; the error rate in percentage
+//!   points.
 //! * **Errors**: the candidate could not route (no eligible target, a budget blocked it),
 //!   or every attempt it would make failed in production.
 //! * **Sample**: at most `sample_size` requests, a uniform sample (reservoir, seeded by the
@@ -185,6 +188,10 @@ pub struct Report {
     pub candidate: Summary,
     pub baseline_routes: BTreeMap<String, f64>,
     pub candidate_routes: BTreeMap<String, f64>,
+    /// Baseline and candidate cost over the requests whose candidate cost is known (a
+    /// candidate that could not route spends nothing): what the cost delta compares, so a
+    /// target without a price never looks cheaper.
+    pub comparable_cost: (f64, f64),
     /// Replayed requests, oldest first.
     pub outcomes: Vec<Outcome>,
 }
@@ -193,10 +200,12 @@ impl Report {
     pub fn deltas(&self) -> Value {
         let (b, c) = (&self.baseline, &self.candidate);
         json!({
-            "cost_delta_pct": delta_pct(Some(b.cost_usd), Some(c.cost_usd)),
+            "cost_delta_pct": delta_pct(Some(self.comparable_cost.0), Some(self.comparable_cost.1)),
             "p50_latency_delta_pct": delta_pct(b.p50_ms, c.p50_ms),
             "p95_latency_delta_pct": delta_pct(b.p95_ms, c.p95_ms),
-            "error_rate_delta_pct": delta_pct(Some(b.error_rate), Some(c.error_rate)),
+            // Percentage points: a relative change from a 0% error rate has no value, and a
+            // rise from 0% is exactly what a regression check must see.
+            "error_rate_delta_pct": ((c.error_rate - b.error_rate) * 100.0 * 1e6).round() / 1e6,
         })
     }
 }
@@ -441,7 +450,13 @@ impl<'s> Simulation<'s> {
             };
         }
         self.outcomes.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
+        let comparable =
+            self.outcomes.iter().filter(|o| o.candidate.error.is_some() || o.candidate.cost_usd.is_some());
+        let comparable_cost = comparable.fold((0.0, 0.0), |(b, c), o| {
+            (b + o.baseline.cost_usd.unwrap_or(0.0), c + o.candidate.cost_usd.unwrap_or(0.0))
+        });
         Report {
+            comparable_cost: (round_cost(comparable_cost.0), round_cost(comparable_cost.1)),
             matched: self.matched,
             baseline: Summary::of(self.outcomes.iter().map(|o| &o.baseline)),
             candidate: Summary::of(self.outcomes.iter().map(|o| &o.candidate)),

@@ -239,6 +239,25 @@ pub struct ExperimentQuery {
     pub limit: usize,
 }
 
+/// `status IN (…)` over the code's own status names (letters and `_` only).
+pub fn status_list(from: &[&str]) -> String {
+    let names: Vec<String> = from
+        .iter()
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .map(|s| format!("'{s}'"))
+        .collect();
+    if names.is_empty() {
+        "status IN ('')".into()
+    } else {
+        format!("status IN ({})", names.join(", "))
+    }
+}
+
+/// Finished experiments older than the cut, except each schedule's newest run.
+pub const PRUNABLE_EXPERIMENTS: &str = "SELECT id FROM experiments e WHERE created_ms < {cut} \
+     AND status IN ('completed', 'failed', 'cancelled') \
+     AND NOT (schedule_id <> '' AND seq = (SELECT max(seq) FROM experiments x WHERE x.schedule_id = e.schedule_id))";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
     /// Another change got there first (a live duplicate, or a newer version).
@@ -282,6 +301,14 @@ pub trait StateStore: Send + Sync {
     /// the first save). Returns its `seq`.
     async fn save_experiment(&self, row: &ExperimentRow) -> Result<i64, StateError>;
 
+    /// Creates experiment `row.id` unless one with that id exists; whether it did.
+    async fn create_experiment(&self, row: &ExperimentRow) -> Result<bool, StateError>;
+
+    /// Writes `row`'s status, body and time only if the stored experiment's status is one of
+    /// `from` (never re-creating a deleted one); whether it did. `from` holds the code's own
+    /// status names.
+    async fn update_experiment(&self, row: &ExperimentRow, from: &[&str]) -> Result<bool, StateError>;
+
     async fn experiment(&self, id: &str) -> Result<Option<ExperimentRow>, StateError>;
 
     async fn experiments(&self, query: &ExperimentQuery) -> Result<Vec<ExperimentRow>, StateError>;
@@ -290,10 +317,12 @@ pub trait StateStore: Send + Sync {
     async fn delete_experiment(&self, id: &str) -> Result<bool, StateError>;
 
     /// Deletes finished experiments (completed, failed, cancelled) created before
-    /// `before_ms`, with their decisions; how many.
+    /// `before_ms`, with their decisions; how many. The newest run of each schedule stays
+    /// (the scheduler reads it to know the fire was run).
     async fn prune_experiments(&self, before_ms: i64) -> Result<u64, StateError>;
 
-    /// Stores per-request decisions numbered from `first` (replacing any with those numbers).
+    /// Stores per-request decisions numbered from `first`; `first == 1` replaces all the
+    /// experiment's earlier ones (a re-run).
     async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError>;
 
     /// Decisions numbered above `after`, in order, at most `limit`.

@@ -609,8 +609,7 @@ impl StateStore for PostgresState {
         self.run(|c| async move {
             let mut client = c.lock().await;
             let tx = client.transaction().await.map_err(db)?;
-            let old = "SELECT id FROM experiments WHERE created_ms < $1 \
-                       AND status IN ('completed', 'failed', 'cancelled')";
+            let old = super::PRUNABLE_EXPERIMENTS.replace("{cut}", "$1");
             tx.execute(
                 &format!("DELETE FROM experiment_decisions WHERE experiment_id IN ({old})"),
                 &[&before_ms],
@@ -627,11 +626,54 @@ impl StateStore for PostgresState {
         .await
     }
 
+    async fn create_experiment(&self, row: &ExperimentRow) -> Result<bool, StateError> {
+        let row = row.clone();
+        self.run(|c| async move {
+            let body = row.body.to_string();
+            let n = c
+                .lock()
+                .await
+                .execute(
+                    "INSERT INTO experiments (id, project, schedule_id, status, body, created_ms, updated_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                    &[&row.id, &row.project, &row.schedule_id, &row.status, &body, &row.created_ms, &row.updated_ms],
+                )
+                .await
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn update_experiment(&self, row: &ExperimentRow, from: &[&str]) -> Result<bool, StateError> {
+        let row = row.clone();
+        let condition = super::status_list(from);
+        self.run(|c| async move {
+            let body = row.body.to_string();
+            let n = c
+                .lock()
+                .await
+                .execute(
+                    &format!("UPDATE experiments SET status = $2, body = $3, updated_ms = $4 WHERE id = $1 AND {condition}"),
+                    &[&row.id, &row.status, &body, &row.updated_ms],
+                )
+                .await
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError> {
         let id = id.to_string();
         self.run(|c| async move {
             let mut client = c.lock().await;
             let tx = client.transaction().await.map_err(db)?;
+            if first == 1 {
+                tx.execute("DELETE FROM experiment_decisions WHERE experiment_id = $1", &[&id])
+                    .await
+                    .map_err(db)?;
+            }
             // One statement per chunk (arrays unnested server-side), not one per row.
             for (n, chunk) in rows.chunks(1000).enumerate() {
                 let start = first + (n * 1000) as i64;

@@ -566,8 +566,7 @@ impl StateStore for SqliteState {
     async fn prune_experiments(&self, before_ms: i64) -> Result<u64, StateError> {
         self.run(move |conn| {
             let tx = conn.transaction().map_err(db)?;
-            let old = "SELECT id FROM experiments WHERE created_ms < ?1 \
-                       AND status IN ('completed', 'failed', 'cancelled')";
+            let old = super::PRUNABLE_EXPERIMENTS.replace("{cut}", "?1");
             tx.execute(
                 &format!("DELETE FROM experiment_decisions WHERE experiment_id IN ({old})"),
                 [before_ms],
@@ -582,10 +581,53 @@ impl StateStore for SqliteState {
         .await
     }
 
+    async fn create_experiment(&self, row: &ExperimentRow) -> Result<bool, StateError> {
+        let row = row.clone();
+        self.run(move |conn| {
+            let n = conn
+                .execute(
+                    "INSERT INTO experiments (id, project, schedule_id, status, body, created_ms, updated_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+                    params![
+                        row.id,
+                        row.project,
+                        row.schedule_id,
+                        row.status,
+                        row.body.to_string(),
+                        row.created_ms,
+                        row.updated_ms
+                    ],
+                )
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn update_experiment(&self, row: &ExperimentRow, from: &[&str]) -> Result<bool, StateError> {
+        let row = row.clone();
+        let condition = super::status_list(from);
+        self.run(move |conn| {
+            let n = conn
+                .execute(
+                    &format!(
+                        "UPDATE experiments SET status = ?2, body = ?3, updated_ms = ?4 WHERE id = ?1 AND {condition}"
+                    ),
+                    params![row.id, row.status, row.body.to_string(), row.updated_ms],
+                )
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn save_decisions(&self, id: &str, first: i64, rows: Vec<Value>) -> Result<(), StateError> {
         let id = id.to_string();
         self.run(move |conn| {
             let tx = conn.transaction().map_err(db)?;
+            if first == 1 {
+                tx.execute("DELETE FROM experiment_decisions WHERE experiment_id = ?1", [&id]).map_err(db)?;
+            }
             {
                 let mut stmt = tx
                     .prepare_cached(
@@ -729,6 +771,33 @@ mod tests {
         assert!(store.delete_experiment("new").await.unwrap());
         assert!(!store.delete_experiment("new").await.unwrap());
         assert!(store.decisions("new", 0, 10).await.unwrap().is_empty());
+
+        // Writes conditional on the status: a cancelled run is not completed over, a
+        // deleted one is not brought back; a second create of one id is refused.
+        assert!(store.create_experiment(&row("run", "running", 9_500)).await.unwrap());
+        assert!(!store.create_experiment(&row("run", "queued", 9_500)).await.unwrap());
+        assert!(store
+            .update_experiment(&row("run", "cancelled", 9_500), &["queued", "running"])
+            .await
+            .unwrap());
+        assert!(!store.update_experiment(&row("run", "completed", 9_500), &["running"]).await.unwrap());
+        assert_eq!(store.experiment("run").await.unwrap().unwrap().status, "cancelled");
+        assert!(store.delete_experiment("run").await.unwrap());
+        assert!(!store.update_experiment(&row("run", "completed", 9_500), &["running"]).await.unwrap());
+        assert_eq!(store.experiment("run").await.unwrap(), None);
+        // A schedule's newest run outlives retention (the scheduler reads it).
+        let mut a = row("s-1", "completed", 100);
+        a.schedule_id = "sched_x".into();
+        let mut b = row("s-2", "completed", 200);
+        b.schedule_id = "sched_x".into();
+        store.create_experiment(&a).await.unwrap();
+        store.create_experiment(&b).await.unwrap();
+        assert_eq!(store.prune_experiments(10_000).await.unwrap(), 1);
+        assert!(store.experiment("s-2").await.unwrap().is_some());
+        // Decisions of a re-run replace the earlier ones.
+        store.save_decisions("s-2", 1, vec![json!(1), json!(2), json!(3)]).await.unwrap();
+        store.save_decisions("s-2", 1, vec![json!(9)]).await.unwrap();
+        assert_eq!(store.decisions("s-2", 0, 10).await.unwrap(), vec![(1, json!(9))]);
     }
 
     #[tokio::test]
