@@ -1,7 +1,7 @@
 //! Runs experiments off the request path: one worker thread in `SCHED_IDLE` (it gets a
-//! CPU only when no proxy thread wants it) that decides, with its own single-threaded
-//! runtime whose blocking pool makes the store calls at normal priority (they hold locks
-//! others share); at most half of a core, paced page by page. Every write of a running
+//! CPU only when no proxy thread wants it) that reads the trace store and decides, at most
+//! half of a core, paced page by page; its state-store calls (short, holding the
+//! connection management changes share) run on a small runtime of normal priority. Every write of a running
 //! experiment is conditional on its status, so a cancel or a delete always wins. An experiment is a row in the state store whose body is
 //! the document the API shows plus its `job`; the worker moves it `queued → running →
 //! completed | failed | cancelled`, saving progress as it reads. Rows left `queued` or
@@ -106,17 +106,6 @@ fn background_priority() {
     }
 }
 
-/// Back to `SCHED_OTHER` for a thread that inherited `SCHED_IDLE` from the worker (new
-/// threads inherit their creator's policy). Best effort: where the kernel refuses an
-/// unprivileged switch, the store calls stay idle-class.
-fn normal_priority() {
-    // SAFETY: acts on the calling thread only, reading the struct passed by reference.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
-    }
-}
-
 /// The experiments of one gateway: a queue and the worker that drains it.
 pub struct Experiments {
     shared: Arc<Shared>,
@@ -125,6 +114,10 @@ pub struct Experiments {
 
 struct Shared {
     state: Arc<dyn StateStore>,
+    /// A runtime of normal priority for the state-store calls: they hold the store's
+    /// connection, which management changes share, and must not wait on an idle-class
+    /// thread.
+    store_rt: Option<tokio::runtime::Handle>,
     traces: Arc<dyn TraceStore>,
     config: Arc<ConfigStore>,
     counters: Arc<dyn Counters>,
@@ -141,17 +134,33 @@ impl Experiments {
         config: Arc<ConfigStore>,
         counters: Arc<dyn Counters>,
     ) -> Arc<Experiments> {
-        let shared = Arc::new(Shared { state, traces, config, counters, cancels: DashMap::new() });
+        // Built here, on a thread of normal priority (its threads keep that); without it the
+        // store calls run on the worker's own runtime.
+        let store_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("modelux-replay-store")
+            .enable_all()
+            .build()
+            .map_err(|e| tracing::warn!(error = %e, "no separate runtime for experiment store calls"))
+            .ok();
+        let shared = Arc::new(Shared {
+            state,
+            store_rt: store_rt.as_ref().map(|rt| rt.handle().clone()),
+            traces,
+            config,
+            counters,
+            cancels: DashMap::new(),
+        });
         let (jobs, rx) = mpsc::channel::<String>();
         let worker = shared.clone();
         let spawned = std::thread::Builder::new().name("modelux-replay".into()).spawn(move || {
+            let _store_rt = store_rt;
             background_priority();
-            // Its blocking pool (the store calls) keeps normal priority: those hold locks the
-            // management API and the logs share, and a starved holder would stall them.
+            // Its blocking pool (the trace reads) inherits the idle class; state-store calls
+            // go to `store_rt` instead.
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .thread_name("modelux-replay-io")
-                .on_thread_start(normal_priority)
                 .build()
             {
                 Ok(r) => r,
@@ -195,19 +204,37 @@ enum Stop {
 }
 
 impl Shared {
+    /// Runs a state-store call on the normal-priority runtime.
+    async fn store<T: Send + 'static>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, crate::state::StateError>> + Send + 'static,
+    ) -> Result<T, crate::state::StateError> {
+        match &self.store_rt {
+            Some(rt) => rt
+                .spawn(call)
+                .await
+                .map_err(|e| crate::state::StateError::Unavailable(format!("store task failed: {e}")))?,
+            None => call.await,
+        }
+    }
+
     /// Experiments left `queued` or `running` by a stopped gateway, queued again, oldest
     /// first.
     async fn unfinished(&self) -> Vec<String> {
         let mut ids = Vec::new();
         for status in ["running", "queued"] {
             let q = ExperimentQuery { status: Some(status.into()), limit: 10_000, ..Default::default() };
-            match self.state.experiments(&q).await {
+            let state = self.state.clone();
+            match self.store(async move { state.experiments(&q).await }).await {
                 Ok(rows) => {
                     for mut row in rows.into_iter().rev() {
                         tracing::info!(experiment = %row.id, "running an experiment left unfinished");
                         if row.status == "running" {
                             row.status = "queued".into();
-                            if !matches!(self.state.update_experiment(&row, &["running"]).await, Ok(true)) {
+                            let (state, r) = (self.state.clone(), row.clone());
+                            let moved =
+                                self.store(async move { state.update_experiment(&r, &["running"]).await });
+                            if !matches!(moved.await, Ok(true)) {
                                 continue;
                             }
                         }
@@ -226,7 +253,8 @@ impl Shared {
     }
 
     async fn run(&self, id: &str) {
-        let row = match self.state.experiment(id).await {
+        let (state, key) = (self.state.clone(), id.to_string());
+        let row = match self.store(async move { state.experiment(&key).await }).await {
             Ok(Some(row)) if row.status == "queued" => row,
             Ok(_) => {
                 self.cancels.remove(id);
@@ -255,7 +283,8 @@ impl Shared {
                     apply_report(&mut row.body, &report);
                     self.judge(&mut row).await;
                     row.status = "completed".into();
-                    match self.state.update_experiment(&row, &["running"]).await {
+                    let (state, r) = (self.state.clone(), row.clone());
+                    match self.store(async move { state.update_experiment(&r, &["running"]).await }).await {
                         Ok(true) => tracing::info!(
                             experiment = %id,
                             requests = report.outcomes.len(),
@@ -265,9 +294,15 @@ impl Shared {
                         Ok(false) => {
                             // Cancelled or deleted while its decisions were written: a
                             // deleted one must not leave them behind.
-                            if matches!(self.state.experiment(id).await, Ok(None)) {
-                                let _ = self.state.delete_experiment(id).await;
-                            }
+                            let (state, key) = (self.state.clone(), id.to_string());
+                            let _ = self
+                                .store(async move {
+                                    if state.experiment(&key).await?.is_none() {
+                                        state.delete_experiment(&key).await?;
+                                    }
+                                    Ok(())
+                                })
+                                .await;
                         }
                         Err(e) => {
                             tracing::warn!(experiment = %id, error = %e, "cannot save the experiment's result")
@@ -277,7 +312,8 @@ impl Shared {
             }
             Err(Stop::Cancelled) => {
                 row.status = "cancelled".into();
-                let _ = self.state.update_experiment(&row, &["running"]).await;
+                let (state, r) = (self.state.clone(), row.clone());
+                let _ = self.store(async move { state.update_experiment(&r, &["running"]).await }).await;
             }
             Err(Stop::Failed(message)) => self.fail(row, &message).await,
         }
@@ -299,7 +335,8 @@ impl Shared {
             limit: 1,
             ..Default::default()
         };
-        let previous = match self.state.experiments(&q).await {
+        let state = self.state.clone();
+        let previous = match self.store(async move { state.experiments(&q).await }).await {
             Ok(rows) => rows.first().and_then(|r| r.body["verdict"].as_str().map(str::to_string)),
             Err(_) => None,
         };
@@ -321,7 +358,10 @@ impl Shared {
         if let Value::Object(m) = &mut row.body {
             m.insert("error".into(), json!({ "code": "experiment_failed", "message": message }));
         }
-        if let Err(e) = self.state.update_experiment(&row, &["running", "queued"]).await {
+        let (state, r) = (self.state.clone(), row.clone());
+        if let Err(e) =
+            self.store(async move { state.update_experiment(&r, &["running", "queued"]).await }).await
+        {
             tracing::warn!(experiment = %row.id, error = %e, "cannot record the failure");
         }
     }
@@ -335,7 +375,9 @@ impl Shared {
             m.insert("started_at".into(), json!(iso8601_ms(row.updated_ms)));
         }
         // queued → running, unless it was cancelled or deleted since it was queued.
-        if !self.state.update_experiment(row, &["queued"]).await.map_err(|e| Stop::Failed(e.to_string()))? {
+        let (state, r) = (self.state.clone(), row.clone());
+        let moved = self.store(async move { state.update_experiment(&r, &["queued"]).await }).await;
+        if !moved.map_err(|e| Stop::Failed(e.to_string()))? {
             return Err(Stop::Cancelled);
         }
         if job.mode != "routing_only" {
@@ -397,7 +439,8 @@ impl Shared {
             );
         }
         row.updated_ms = now_ms();
-        match self.state.update_experiment(row, &["running"]).await {
+        let (state, r) = (self.state.clone(), row.clone());
+        match self.store(async move { state.update_experiment(&r, &["running"]).await }).await {
             Ok(true) => Ok(()),
             // Cancelled or deleted meanwhile.
             Ok(false) => Err(Stop::Cancelled),
@@ -408,7 +451,9 @@ impl Shared {
     async fn save_decisions(&self, id: &str, report: &Report) -> Result<(), crate::state::StateError> {
         for (n, chunk) in report.outcomes.chunks(DECISION_CHUNK).enumerate() {
             let rows: Vec<Value> = chunk.iter().map(|o| o.view()).collect();
-            self.state.save_decisions(id, (n * DECISION_CHUNK) as i64 + 1, rows).await?;
+            let (state, key) = (self.state.clone(), id.to_string());
+            let first = (n * DECISION_CHUNK) as i64 + 1;
+            self.store(async move { state.save_decisions(&key, first, rows).await }).await?;
         }
         Ok(())
     }
