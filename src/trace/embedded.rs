@@ -13,9 +13,9 @@
 //!   drops records older than the retention, then the oldest beyond `max_records`, so the
 //!   file stays bounded (SQLite reuses the freed pages; the file itself does not shrink).
 //!
-//! SQLite calls block, so each runs on tokio's blocking pool. There are two connections:
-//! inserts and prunes use one, reads the other, so (with WAL) a read never waits behind a
-//! large insert.
+//! SQLite calls block, so each runs on tokio's blocking pool. There are three connections:
+//! inserts and prunes use one, the logs and reports reads another, replay reads the third,
+//! so (with WAL) a read never waits behind a large insert, nor a logs read behind a replay.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -154,6 +154,9 @@ pub struct EmbeddedStore {
 struct Inner {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// Replay's own read connection: an experiment's pages (read by a low-priority thread)
+    /// never hold the one the logs API reads through.
+    replay_reader: Mutex<Connection>,
     /// 0: no cap.
     max_records: u64,
 }
@@ -179,8 +182,15 @@ impl EmbeddedStore {
         migrate(&mut writer).map_err(at)?;
         let reader = connect(path).map_err(at)?;
         reader.pragma_update(None, "query_only", true).map_err(db).map_err(at)?;
+        let replay_reader = connect(path).map_err(at)?;
+        replay_reader.pragma_update(None, "query_only", true).map_err(db).map_err(at)?;
         Ok(EmbeddedStore {
-            inner: Arc::new(Inner { writer: Mutex::new(writer), reader: Mutex::new(reader), max_records }),
+            inner: Arc::new(Inner {
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+                replay_reader: Mutex::new(replay_reader),
+                max_records,
+            }),
         })
     }
 
@@ -237,7 +247,7 @@ impl TraceStore for EmbeddedStore {
 
     async fn replay(&self, query: &ReplayQuery) -> Result<Vec<ReplayRow>, StoreError> {
         let q = query.clone();
-        self.run(move |inner| replay_rows(&lock(&inner.reader), &q)).await
+        self.run(move |inner| replay_rows(&lock(&inner.replay_reader), &q)).await
     }
 
     async fn expire_replay_bodies(&self, before_ms: u64) -> Result<u64, StoreError> {
