@@ -297,10 +297,6 @@ pub trait StateStore: Send + Sync {
 
     async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StateError>;
 
-    /// Creates or replaces experiment `row.id` (its `seq` and `created_ms` stay those of
-    /// the first save). Returns its `seq`.
-    async fn save_experiment(&self, row: &ExperimentRow) -> Result<i64, StateError>;
-
     /// Creates experiment `row.id` unless one with that id exists; whether it did.
     async fn create_experiment(&self, row: &ExperimentRow) -> Result<bool, StateError>;
 

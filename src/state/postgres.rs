@@ -536,27 +536,6 @@ impl StateStore for PostgresState {
         .await
     }
 
-    async fn save_experiment(&self, row: &ExperimentRow) -> Result<i64, StateError> {
-        let row = row.clone();
-        self.run(|c| async move {
-            let body = row.body.to_string();
-            let r = c
-                .lock()
-                .await
-                .query_one(
-                    "INSERT INTO experiments (id, project, schedule_id, status, body, created_ms, updated_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
-                     status = EXCLUDED.status, body = EXCLUDED.body, updated_ms = EXCLUDED.updated_ms \
-                     RETURNING seq",
-                    &[&row.id, &row.project, &row.schedule_id, &row.status, &body, &row.created_ms, &row.updated_ms],
-                )
-                .await
-                .map_err(db)?;
-            Ok(r.get(0))
-        })
-        .await
-    }
-
     async fn experiment(&self, id: &str) -> Result<Option<ExperimentRow>, StateError> {
         let id = id.to_string();
         self.run(|c| async move {

@@ -492,30 +492,6 @@ impl StateStore for SqliteState {
         self.run(move |conn| audit_entries(conn, &query)).await
     }
 
-    async fn save_experiment(&self, row: &ExperimentRow) -> Result<i64, StateError> {
-        let row = row.clone();
-        self.run(move |conn| {
-            conn.query_row(
-                "INSERT INTO experiments (id, project, schedule_id, status, body, created_ms, updated_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO UPDATE SET \
-                 status = excluded.status, body = excluded.body, updated_ms = excluded.updated_ms \
-                 RETURNING seq",
-                params![
-                    row.id,
-                    row.project,
-                    row.schedule_id,
-                    row.status,
-                    row.body.to_string(),
-                    row.created_ms,
-                    row.updated_ms
-                ],
-                |r| r.get(0),
-            )
-            .map_err(db)
-        })
-        .await
-    }
-
     async fn experiment(&self, id: &str) -> Result<Option<ExperimentRow>, StateError> {
         let id = id.to_string();
         self.run(move |conn| {
@@ -745,11 +721,12 @@ mod tests {
             ("old-failed", "failed", 2_000),
             ("new", "completed", 9_000),
         ] {
-            store.save_experiment(&row(id, status, at)).await.unwrap();
+            assert!(store.create_experiment(&row(id, status, at)).await.unwrap());
             store.save_decisions(id, 1, vec![json!({"n": 1}), json!({"n": 2})]).await.unwrap();
         }
-        // Saving again keeps the row's place (seq) and updates it.
-        let seq = store.save_experiment(&row("old-done", "completed", 1_000)).await.unwrap();
+        // Updating keeps the row's place (seq) and updates it.
+        let seq = store.experiment("old-done").await.unwrap().unwrap().seq;
+        assert!(store.update_experiment(&row("old-done", "completed", 1_000), &["completed"]).await.unwrap());
         let all = store.experiments(&ExperimentQuery { limit: 10, ..Default::default() }).await.unwrap();
         assert_eq!(
             all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
