@@ -388,6 +388,7 @@ fn trace_event(i: u64) -> modelux::trace::TraceEvent {
         response_body: None,
         max_tokens: None,
         replay_body: None,
+        replay_answer: Vec::new(),
     }
 }
 

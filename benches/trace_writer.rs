@@ -63,6 +63,7 @@ fn event(i: u64) -> TraceEvent {
         response_body: None,
         max_tokens: None,
         replay_body: None,
+        replay_answer: Vec::new(),
     }
 }
 

@@ -401,9 +401,16 @@ pub struct ReplayArgs {
     /// At most this many requests (1 to 50,000; default every request in the window).
     #[arg(long)]
     pub sample_size: Option<u64>,
-    /// routing_only (decisions only, no provider call) or with_responses.
+    /// routing_only (decisions only, no provider call) or with_responses (the sample sent
+    /// through the candidate for real: real spend; default sample 100).
     #[arg(long, default_value = "routing_only")]
     pub mode: String,
+    /// with_responses: requests in flight at once (1 to 32; default 4).
+    #[arg(long)]
+    pub concurrency: Option<u64>,
+    /// with_responses: the cosine similarity that counts as the same answer (default 0.9).
+    #[arg(long)]
+    pub similarity_threshold: Option<f64>,
     #[arg(long)]
     pub name: Option<String>,
 }
@@ -517,6 +524,23 @@ pub fn comparison(e: &Value) -> String {
         .collect();
     out.push(String::new());
     out.push(table(&route_rows, &[("ROUTE (model:provider)", "r"), ("BASELINE", "b"), ("CANDIDATE", "c")]));
+    let sim = &e["similarity"];
+    if sim.is_object() {
+        match sim["unavailable"].as_str() {
+            Some(why) => out.push(format!("\nanswers not compared: {why}")),
+            None => out.push(format!(
+                "\nanswer similarity ({}): {} pairs compared, mean {}, p10 {}, p50 {}; {}% at or above {} ({} not compared)",
+                cell(&sim["embedding_model"]),
+                cell(&sim["compared"]),
+                num(&sim["mean"], 3),
+                num(&sim["p10"], 3),
+                num(&sim["p50"], 3),
+                num(&sim["pct_above_threshold"], 1),
+                cell(&sim["threshold"]),
+                cell(&sim["not_compared"]),
+            )),
+        }
+    }
     let unknown = c["latency_unknown"].as_u64().unwrap_or(0) + c["cost_unknown"].as_u64().unwrap_or(0);
     if unknown > 0 {
         out.push(format!(
@@ -585,6 +609,8 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
             ("project_id", args.project.as_ref().map(|p| json!(p))),
             ("name", args.name.as_ref().map(|n| json!(n))),
             ("sample_size", args.sample_size.map(|n| json!(n))),
+            ("concurrency", args.concurrency.map(|n| json!(n))),
+            ("similarity_threshold", args.similarity_threshold.map(|t| json!(t))),
         ] {
             if let Some(v) = v {
                 body[k] = v;

@@ -172,12 +172,14 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
+    let grants = Arc::new(crate::replay::live::Grants::default());
     let state = Arc::new(GatewayState {
         store: handles.store.clone(),
         metrics: handles.metrics.clone(),
         connector: Connector::new(None),
         spend: handles.spend.clone(),
         traces: handles.traces.clone(),
+        grants: grants.clone(),
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -198,6 +200,8 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         handles.trace_writer.store().clone(),
         handles.store.clone(),
         handles.spend.counters.clone(),
+        crate::replay::live::reachable(&settings.proxy_listen)
+            .map(|proxy| crate::replay::runner::LiveTarget { proxy, grants }),
     );
     let manage_app = || ManageApp {
         store: handles.store.clone(),

@@ -65,6 +65,8 @@ pub struct Settings {
     pub traces: TraceSettings,
     /// Finished experiments older than this many days are deleted (`experiments.retention_days`).
     pub experiment_retention_days: u32,
+    /// `experiments.embedding_model`: what `with_responses` embeds answers with.
+    pub experiment_embedding_model: Option<String>,
     /// `state.master_key`, if set.
     pub master_key: Option<Redacted>,
     pub state_backend: StateBackend,
@@ -496,6 +498,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         },
         traces: trace_settings(traces, errors),
         experiment_retention_days: 30,
+        experiment_embedding_model: None,
         master_key: None,
         state_backend: StateBackend::Sqlite,
     }
@@ -675,6 +678,11 @@ pub fn validate(
     match raw.experiments.retention_days {
         Some(0) => errors.push(ConfigError::new("experiments.retention_days", "must be greater than 0")),
         Some(days) => settings.experiment_retention_days = days,
+        None => {}
+    }
+    match raw.experiments.embedding_model.as_deref().map(str::trim) {
+        Some("") => errors.push(ConfigError::new("experiments.embedding_model", "must not be empty")),
+        Some(model) => settings.experiment_embedding_model = Some(model.to_string()),
         None => {}
     }
     match (raw.state.backend.as_deref(), &raw.state.url) {

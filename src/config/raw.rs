@@ -253,6 +253,9 @@ pub struct RawExperiments {
     /// Finished experiments (and their per-request decisions) older than this are deleted
     /// (default 30).
     pub retention_days: Option<u32>,
+    /// The embeddings model `with_responses` compares answers with (a model name as the
+    /// embeddings endpoint takes it: `provider/model`, a bare name or `@config`).
+    pub embedding_model: Option<String>,
 }
 
 /// `state:` — where management state (API-created projects, keys, versions, audit) lives.

@@ -10,6 +10,7 @@ use super::routing_configs;
 use super::ManageApp;
 use crate::config::ConfigError;
 use crate::replay::definition::{CandidateSpec, Definition, Mode};
+use crate::replay::live;
 use crate::replay::runner::{self, Job};
 use crate::spend::period::iso8601_ms;
 use crate::state::{ExperimentQuery, ExperimentRow, Kind, Stored};
@@ -413,13 +414,13 @@ async fn prepare_as(
 ) -> Result<Prepared, ApiError> {
     let now = api::now_ms();
     let def = Definition::parse(input, now as u64).map_err(ApiError::invalid)?;
-    if def.mode == Mode::WithResponses {
+    let snapshot = app.store.load();
+    if def.mode == Mode::WithResponses && snapshot.settings.traces.replay_hours == 0 {
         return Err(ApiError::invalid(vec![ConfigError::new(
             "mode",
-            "with_responses is not available in this version of the gateway; use routing_only",
+            "with_responses re-sends stored request bodies, and none are kept: set traces.replay_hours above 0",
         )]));
     }
-    let snapshot = app.store.load();
     let resources = app.store.stage().await.resources();
     let field = def.candidate_field;
     let mut errors = Vec::new();
@@ -503,6 +504,8 @@ async fn prepare_as(
         filter_end_user: def.filters.end_user.clone(),
         filter_tags: def.filters.tags.clone(),
         success_criteria: None,
+        concurrency: def.concurrency,
+        similarity_threshold: def.similarity_threshold,
     };
     let probe = ReplayQuery { filters: job.query(), after: None, limit: 1, bodies: false };
     let any = if require_traffic {
@@ -544,7 +547,10 @@ async fn prepare_as(
         "candidate_config": candidate_config,
         "filters": def.filters.view(),
         "window": { "start": iso8601_ms(def.window_start_ms as i64), "end": iso8601_ms(def.window_end_ms as i64) },
-        "sample_size": def.sample_size,
+        "sample_size": match def.mode {
+            Mode::WithResponses => Some(def.sample_size.unwrap_or(live::DEFAULT_SAMPLE)),
+            Mode::RoutingOnly => def.sample_size,
+        },
         "progress": { "requests_read": 0, "percent": 0.0 },
         "requests": null,
         "baseline_summary": null,
@@ -552,6 +558,14 @@ async fn prepare_as(
         "route_distribution": null,
         "baseline_route_distribution": null,
         "deltas": null,
+        "similarity": null,
+        "concurrency": (def.mode == Mode::WithResponses)
+            .then(|| def.concurrency.unwrap_or(live::DEFAULT_CONCURRENCY)),
+        "similarity_threshold": (def.mode == Mode::WithResponses)
+            .then(|| def.similarity_threshold.unwrap_or(live::DEFAULT_THRESHOLD)),
+        "embedding_model": (def.mode == Mode::WithResponses)
+            .then(|| snapshot.settings.experiment_embedding_model.clone())
+            .flatten(),
         "error": null,
         "promoted": null,
         "created_at": iso8601_ms(now),

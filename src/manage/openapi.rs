@@ -85,7 +85,15 @@ fn experiment_body() -> Body {
         .property("routing_config", of(Type::String, "@slug the candidate stands in for and promote writes"))
         .property("filters", of(Type::Object, "routing_config, model, end_user, tags"))
         .property("mode", of(Type::String, "routing_only (default) or with_responses"))
-        .property("sampleSize", of(Type::Integer, "1 to 50000; default every request in the window"))
+        .property(
+            "sampleSize",
+            of(Type::Integer, "1 to 50000; default every request in the window (routing_only), 100 (with_responses)"),
+        )
+        .property("concurrency", of(Type::Integer, "with_responses: requests in flight at once, 1 to 32 (default 4)"))
+        .property(
+            "similarityThreshold",
+            of(Type::Number, "with_responses: cosine similarity counted as the same answer (default 0.9)"),
+        )
         .property("windowStart", of(Type::String, "RFC 3339 time or unix ms; default 24 h before windowEnd"))
         .property("windowEnd", of(Type::String, "RFC 3339 time or unix ms; default now"))
         .property("windowHours", of(Type::Number, "instead of windowStart"))
@@ -110,7 +118,7 @@ fn schedule_body() -> Body {
         .property("windowHours", of(Type::Number, "hours replayed at each fire (default 24)"))
         .property(
             "successCriteria",
-            of(Type::Object, "{logic: and, min_sample_size, predicates: [{metric, op, value}]}"),
+            of(Type::Object, "{logic: and, min_sample_size, predicates: [{metric, op, value, params}]}"),
         )
         .property("enabled", of(Type::Boolean, "default true"))
         .property("projectId", of(Type::String, "project id or slug"))

@@ -19,10 +19,12 @@ pub async fn complete(
     let body = request::read_json_body(req).await?;
     let incoming: Incoming<'_> = request::incoming(req.session, req.ctx, RoutedRequest::parse(&body)?);
     let chat = &incoming.request;
-    let mut facts = crate::admission::facts(chat, &incoming.meta, body.len(), &req.ctx.request_id);
+    // An experiment's request draws as the stored request it re-sends did.
+    let seed_id = req.ctx.replay_of.as_deref().unwrap_or(&req.ctx.request_id);
+    let mut facts = crate::admission::facts(chat, &incoming.meta, body.len(), seed_id);
     let dry_run = dry_run_endpoint || incoming.dry_run;
     let traces = &snapshot.settings.traces;
-    if traces.replay_hours > 0 && !dry_run {
+    if traces.replay_hours > 0 && !dry_run && req.ctx.replay_of.is_none() {
         // A reference to the body already held, not a copy; compressed on the writer.
         req.ctx.replay_body = Some((body.clone(), traces.replay_max_body_bytes));
     }

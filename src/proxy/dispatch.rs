@@ -5,6 +5,7 @@
 use super::request::authenticate;
 use super::{billing, chat, count_tokens, embeddings, models, respond, GatewayState, Req, RequestCtx};
 use crate::error::{GatewayError, Surface};
+use crate::replay::live::{self, Grant};
 use pingora::proxy::Session;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,14 +64,20 @@ impl Endpoint {
 const MAX_LOGGED_PATH: usize = 256;
 
 pub async fn handle(state: &GatewayState, session: &mut Session, ctx: &mut RequestCtx) {
-    let snapshot = state.store.load();
+    // A running `with_responses` experiment's request runs on its candidate's snapshot.
+    let grant =
+        if state.grants.is_empty() { None } else { state.grants.presented(&session.req_header().headers) };
+    let snapshot = match &grant {
+        Some(g) => g.snapshot.clone(),
+        None => state.store.load(),
+    };
     let mut req = Req { state, snapshot: &snapshot, session, ctx };
-    if let Err(err) = serve(&mut req).await {
+    if let Err(err) = serve(&mut req, grant.as_deref()).await {
         respond::error(req.session, req.ctx, &err).await;
     }
 }
 
-async fn serve(req: &mut Req<'_>) -> Result<(), GatewayError> {
+async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayError> {
     let header = req.session.req_header();
     let path = header.uri.path();
     let ctx = &mut *req.ctx;
@@ -87,7 +94,14 @@ async fn serve(req: &mut Req<'_>) -> Result<(), GatewayError> {
     if header.method.as_str() != endpoint.method() {
         return Err(GatewayError::MethodNotAllowed { allowed: endpoint.method() });
     }
-    let principal = authenticate(req.session, req.snapshot, surface)?;
+    let principal = match grant {
+        Some(grant) => {
+            let headers = &req.session.req_header().headers;
+            req.ctx.replay_of = live::replay_of(headers);
+            live::principal(grant, headers)
+        }
+        None => authenticate(req.session, req.snapshot, surface)?,
+    };
     req.ctx.principal = Some(principal.clone());
     billing::check_requests(req.state, req.ctx, &principal)?;
     match endpoint {

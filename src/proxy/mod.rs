@@ -47,6 +47,8 @@ pub struct GatewayState {
     pub connector: Connector,
     pub spend: Arc<crate::spend::Spend>,
     pub traces: Arc<TraceQueue>,
+    /// Grants of `with_responses` experiments sending through this gateway.
+    pub grants: Arc<crate::replay::live::Grants>,
 }
 
 pub struct Gateway {
@@ -90,6 +92,11 @@ pub struct RequestCtx {
     pub request_body: Option<String>,
     /// A chat request's whole body and its cap, kept for replay (`traces.replay_hours`).
     pub replay_body: Option<(Bytes, usize)>,
+    /// What the client got, when its request is kept for replay (cut at the same cap).
+    replay_answer: Vec<u8>,
+    /// An experiment's request (`replay::live`): the stored request it re-sends, whose
+    /// id seeds the routing draws as production's did.
+    pub replay_of: Option<String>,
     /// The first `body_cap` bytes sent to the client.
     response_body: Vec<u8>,
     /// `traces.max_body_bytes` of the snapshot this request runs on (0: no bodies).
@@ -136,17 +143,24 @@ impl RequestCtx {
             streamed: false,
             request_body: None,
             replay_body: None,
+            replay_answer: Vec::new(),
+            replay_of: None,
             response_body: Vec::new(),
             body_cap: 0,
             traces: Some(traces),
         }
     }
 
-    /// Keeps the start of the response body for the trace, when bodies are kept.
+    /// Keeps the start of the response body for the trace, when bodies are kept, and the
+    /// answer for replay, when the request is kept for replay.
     pub fn capture_response(&mut self, bytes: &[u8]) {
         let room = self.body_cap.saturating_sub(self.response_body.len());
         if room > 0 {
             self.response_body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        }
+        if let Some((_, cap)) = &self.replay_body {
+            let room = cap.saturating_sub(self.replay_answer.len());
+            self.replay_answer.extend_from_slice(&bytes[..bytes.len().min(room)]);
         }
     }
 
@@ -181,6 +195,7 @@ impl RequestCtx {
             request_body: self.request_body.take(),
             max_tokens: meta.max_tokens,
             replay_body: self.replay_body.take(),
+            replay_answer: std::mem::take(&mut self.replay_answer),
             response_body: (self.body_cap > 0)
                 .then(|| crate::trace::record::capped_body(&self.response_body, self.body_cap))
                 .flatten(),

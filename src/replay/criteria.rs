@@ -1,7 +1,8 @@
 //! Success criteria of scheduled experiments (PRODUCT.md §8.6): predicates over a run's
 //! result, AND-ed, giving each run a verdict `pass`, `fail` or `inconclusive` (the sample
 //! below `min_sample_size`, or a metric the run does not have, e.g. similarity in
-//! `routing_only` mode).
+//! `routing_only` mode). `similarity_pct_above_threshold` takes `params.threshold`
+//! (default: the run's `similarity_threshold`).
 
 use serde_json::{json, Value};
 
@@ -14,7 +15,7 @@ const METRICS: &[(&str, Option<&str>)] = &[
     ("p50_latency_delta_pct", Some("p50_latency_delta_pct")),
     ("p95_latency_delta_pct", Some("p95_latency_delta_pct")),
     ("error_rate_delta_pct", Some("error_rate_delta_pct")),
-    ("similarity_pct_above_threshold", None),
+    ("similarity_pct_above_threshold", Some("similarity_pct_above_threshold")),
     ("judge_worse_pct_upper_ci", None),
 ];
 
@@ -55,6 +56,8 @@ struct Predicate {
     metric: String,
     op: Op,
     value: f64,
+    /// `params.threshold` of `similarity_pct_above_threshold` (else the run's own).
+    threshold: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -110,8 +113,21 @@ impl Criteria {
                     if value.is_none() {
                         errors.push(ConfigError::new(format!("{at}.value"), "must be a number"));
                     }
+                    let threshold = match p.get("params").and_then(|p| p.get("threshold")) {
+                        None | Some(Value::Null) => None,
+                        Some(t) => match t.as_f64() {
+                            Some(t) if (-1.0..=1.0).contains(&t) => Some(t),
+                            _ => {
+                                errors.push(ConfigError::new(
+                                    format!("{at}.params.threshold"),
+                                    "must be a number from -1 to 1",
+                                ));
+                                None
+                            }
+                        },
+                    };
                     if let (Some(metric), Some(op), Some(value)) = (metric, op, value) {
-                        predicates.push(Predicate { metric: metric.to_string(), op, value });
+                        predicates.push(Predicate { metric: metric.to_string(), op, value, threshold });
                     }
                 }
             }
@@ -124,15 +140,21 @@ impl Criteria {
         }
     }
 
-    /// The verdict of a finished run (its API document) and each predicate's outcome.
-    pub fn evaluate(&self, run: &Value) -> (String, Value) {
+    /// The verdict of a finished run (its API document, and its answers' similarities
+    /// when it compared any) and each predicate's outcome.
+    pub fn evaluate(&self, run: &Value, similarity: Option<&super::live::Similarity>) -> (String, Value) {
         let requests = run["requests"].as_u64().unwrap_or(0);
         let mut results = Vec::new();
         let mut unavailable = false;
         let mut failed = false;
         for p in &self.predicates {
             let key = METRICS.iter().find(|(n, _)| *n == p.metric).and_then(|(_, k)| *k);
-            let actual = key.and_then(|k| run[k].as_f64());
+            let actual = match (p.metric.as_str(), similarity) {
+                ("similarity_pct_above_threshold", Some(s)) => {
+                    s.pct_above(p.threshold.unwrap_or(s.threshold))
+                }
+                _ => key.and_then(|k| run[k].as_f64()),
+            };
             let holds = actual.map(|a| p.op.holds(a, p.value));
             match holds {
                 None => unavailable = true,
@@ -169,15 +191,35 @@ mod tests {
         )
         .unwrap();
         let run = |n: u64, cost: f64, err: f64| json!({"requests": n, "cost_delta_pct": cost, "error_rate_delta_pct": err});
-        assert_eq!(c.evaluate(&run(500, -30.0, 0.0)).0, "pass");
-        assert_eq!(c.evaluate(&run(500, -10.0, 0.0)).0, "fail");
-        assert_eq!(c.evaluate(&run(50, -30.0, 0.0)).0, "inconclusive");
+        assert_eq!(c.evaluate(&run(500, -30.0, 0.0), None).0, "pass");
+        assert_eq!(c.evaluate(&run(500, -10.0, 0.0), None).0, "fail");
+        assert_eq!(c.evaluate(&run(50, -30.0, 0.0), None).0, "inconclusive");
         assert_eq!(
-            c.evaluate(&json!({"requests": 500, "cost_delta_pct": -30.0, "error_rate_delta_pct": null})).0,
+            c.evaluate(
+                &json!({"requests": 500, "cost_delta_pct": -30.0, "error_rate_delta_pct": null}),
+                None
+            )
+            .0,
             "inconclusive"
         );
         let sim = Criteria::parse(&json!({"predicates": [{"metric": "similarity_pct_above_threshold", "op": "gte", "value": 80, "params": {"threshold": 0.9}}]}), "c").unwrap();
-        assert_eq!(sim.evaluate(&run(500, 0.0, 0.0)).0, "inconclusive");
+        assert_eq!(sim.evaluate(&run(500, 0.0, 0.0), None).0, "inconclusive");
+        // With answers compared: 3 of 4 at or above 0.9 (75%), 4 of 4 above the run's 0.5.
+        let compared = crate::replay::live::Similarity {
+            threshold: 0.5,
+            values: vec![0.6, 0.9, 0.95, 1.0],
+            ..Default::default()
+        };
+        assert_eq!(sim.evaluate(&run(500, 0.0, 0.0), Some(&compared)).0, "fail");
+        let default_threshold = Criteria::parse(
+            &json!({"predicates": [{"metric": "similarity_pct_above_threshold", "op": "gte", "value": 80}]}),
+            "c",
+        )
+        .unwrap();
+        let (verdict, details) = default_threshold.evaluate(&run(500, 0.0, 0.0), Some(&compared));
+        assert_eq!((verdict.as_str(), details["predicates"][0]["actual"].as_f64()), ("pass", Some(100.0)));
+        let bad = Criteria::parse(&json!({"predicates": [{"metric": "similarity_pct_above_threshold", "op": "gte", "value": 80, "params": {"threshold": 2}}]}), "c").unwrap_err();
+        assert_eq!(bad[0].path, "c.predicates[0].params.threshold");
         let errs = Criteria::parse(
             &json!({"logic": "or", "predicates": [{"metric": "x", "op": "about", "value": "1"}]}),
             "c",

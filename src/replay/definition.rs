@@ -87,6 +87,10 @@ pub struct Definition {
     pub hypothesis: Option<String>,
     /// The config `promote` writes by default (`routing_config` in the body).
     pub promote_to: Option<String>,
+    /// `with_responses`: requests in flight at once (`None`: the default).
+    pub concurrency: Option<usize>,
+    /// `with_responses`: the similarity a pair of answers needs to count as alike.
+    pub similarity_threshold: Option<f64>,
 }
 
 /// The fields accepted, each as `(camelCase, snake_case)`.
@@ -105,6 +109,8 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("windowHours", "window_hours"),
     ("hypothesis", "hypothesis"),
     ("routingConfig", "routing_config"),
+    ("concurrency", "concurrency"),
+    ("similarityThreshold", "similarity_threshold"),
 ];
 
 /// Reads a body's fields under either spelling; two spellings of one field is an error.
@@ -393,6 +399,39 @@ impl Definition {
                 }
             },
         };
+        let concurrency = match f.get("concurrency", "concurrency") {
+            None => None,
+            Some((name, v)) => match v.as_u64() {
+                Some(n) if (1..=super::live::MAX_CONCURRENCY as u64).contains(&n) => Some(n as usize),
+                _ => {
+                    f.errors.push(ConfigError::new(
+                        name,
+                        format!("must be a whole number from 1 to {}", super::live::MAX_CONCURRENCY),
+                    ));
+                    None
+                }
+            },
+        };
+        let similarity_threshold = match f.get("similarityThreshold", "similarity_threshold") {
+            None => None,
+            Some((name, v)) => match v.as_f64() {
+                Some(t) if (-1.0..=1.0).contains(&t) => Some(t),
+                _ => {
+                    f.errors
+                        .push(ConfigError::new(name, "must be a number from -1 to 1 (a cosine similarity)"));
+                    None
+                }
+            },
+        };
+        if mode == Mode::RoutingOnly {
+            for (camel, snake) in
+                [("concurrency", "concurrency"), ("similarityThreshold", "similarity_threshold")]
+            {
+                if let Some((name, _)) = f.get(camel, snake) {
+                    f.errors.push(ConfigError::new(name, "applies to mode with_responses only"));
+                }
+            }
+        }
         let end = f.time("windowEnd", "window_end");
         let start = f.time("windowStart", "window_start");
         let hours = match f.get("windowHours", "window_hours") {
@@ -448,6 +487,8 @@ impl Definition {
                 window_end_ms,
                 hypothesis,
                 promote_to,
+                concurrency,
+                similarity_threshold,
             }),
             _ => Err(f.errors),
         }

@@ -8,6 +8,7 @@
 
 pub mod criteria;
 pub mod definition;
+pub mod live;
 pub mod runner;
 pub mod simulate;
 

@@ -7,7 +7,8 @@
 //! completed | failed | cancelled`, saving progress as it reads. Rows left `queued` or
 //! `running` by a stopped gateway are queued again at the next start.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::live::{self, Grant, Grants, Plan, Similarity};
 use super::simulate::{Report, Simulation};
 use super::MAX_SAMPLE;
 use crate::admission::Now;
@@ -22,11 +24,15 @@ use crate::config::store::ConfigStore;
 use crate::spend::counters::Counters;
 use crate::spend::period::iso8601_ms;
 use crate::state::{ExperimentQuery, ExperimentRow, StateStore};
-use crate::trace::replay::ReplayQuery;
-use crate::trace::{LogQuery, TraceStore};
+use crate::trace::replay::{ReplayQuery, ReplayRow};
+use crate::trace::{LogQuery, TraceRow, TraceStore};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Records read per page of the trace store.
 const PAGE: usize = 2_000;
+/// Per page when bodies are read too (`with_responses`).
+const LIVE_PAGE: usize = 500;
 /// Decisions written per state-store transaction.
 const DECISION_CHUNK: usize = 1_000;
 /// Progress is saved at most this often.
@@ -53,6 +59,12 @@ pub struct Job {
     /// A scheduled run's success criteria (`criteria::Criteria`).
     #[serde(default)]
     pub success_criteria: Option<Value>,
+    /// `with_responses`: requests in flight at once.
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// `with_responses`: the similarity that counts as alike.
+    #[serde(default)]
+    pub similarity_threshold: Option<f64>,
 }
 
 impl Job {
@@ -123,6 +135,14 @@ struct Shared {
     counters: Arc<dyn Counters>,
     /// Cancel flags of experiments queued or running here.
     cancels: DashMap<String, Arc<AtomicBool>>,
+    /// Where `with_responses` sends (`None`: the mode fails).
+    live: Option<LiveTarget>,
+}
+
+/// This gateway's proxy listener and the grants its requests present.
+pub struct LiveTarget {
+    pub proxy: std::net::SocketAddr,
+    pub grants: Arc<Grants>,
 }
 
 impl Experiments {
@@ -133,6 +153,7 @@ impl Experiments {
         traces: Arc<dyn TraceStore>,
         config: Arc<ConfigStore>,
         counters: Arc<dyn Counters>,
+        live: Option<LiveTarget>,
     ) -> Arc<Experiments> {
         // Built here, on a thread of normal priority (its threads keep that); without it the
         // store calls run on the worker's own runtime.
@@ -150,6 +171,7 @@ impl Experiments {
             config,
             counters,
             cancels: DashMap::new(),
+            live,
         });
         let (jobs, rx) = mpsc::channel::<String>();
         let worker = shared.clone();
@@ -281,7 +303,7 @@ impl Shared {
                     self.fail(row, &format!("cannot save the decisions: {e}")).await;
                 } else {
                     apply_report(&mut row.body, &report);
-                    self.judge(&mut row).await;
+                    self.judge(&mut row, report.similarity.as_ref()).await;
                     row.status = "completed".into();
                     let (state, r) = (self.state.clone(), row.clone());
                     match self.store(async move { state.update_experiment(&r, &["running"]).await }).await {
@@ -322,13 +344,13 @@ impl Shared {
 
     /// A scheduled run's verdict by its schedule's success criteria, and whether it is the
     /// transition into breach (`fail` after a run that was not).
-    async fn judge(&self, row: &mut ExperimentRow) {
+    async fn judge(&self, row: &mut ExperimentRow, similarity: Option<&Similarity>) {
         let criteria = row.body["job"]["success_criteria"].clone();
         if !criteria.is_object() {
             return;
         }
         let Ok(criteria) = super::criteria::Criteria::parse(&criteria, "success_criteria") else { return };
-        let (verdict, details) = criteria.evaluate(&row.body);
+        let (verdict, details) = criteria.evaluate(&row.body, similarity);
         let q = ExperimentQuery {
             schedule_id: Some(row.schedule_id.clone()),
             status: Some("completed".into()),
@@ -380,14 +402,16 @@ impl Shared {
         if !moved.map_err(|e| Stop::Failed(e.to_string()))? {
             return Err(Stop::Cancelled);
         }
-        if job.mode != "routing_only" {
-            return Err(Stop::Failed(format!("mode {} is not run by this gateway", job.mode)));
-        }
         let snapshot =
             self.config.build_replacing(&job.slug, &job.candidate_config).await.map_err(|errors| {
                 let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 Stop::Failed(format!("the candidate no longer builds: {}", text.join("; ")))
             })?;
+        match job.mode.as_str() {
+            "routing_only" => {}
+            "with_responses" => return self.send_for_real(row, &job, snapshot).await,
+            other => return Err(Stop::Failed(format!("mode {other} is not run by this gateway"))),
+        }
         let mut sim = Simulation::new(
             &snapshot,
             self.counters.as_ref(),
@@ -428,6 +452,174 @@ impl Shared {
             return Err(Stop::Cancelled);
         }
         Ok(sim.finish())
+    }
+
+    /// `with_responses`: a uniform sample of the window's requests whose bodies are kept,
+    /// sent through the candidate for real (`live`), their answers compared.
+    async fn send_for_real(
+        &self,
+        row: &mut ExperimentRow,
+        job: &Job,
+        snapshot: crate::config::Snapshot,
+    ) -> Result<Report, Stop> {
+        let id = row.id.clone();
+        let Some(target) = &self.live else {
+            return Err(Stop::Failed(
+                "this gateway has no proxy listener to send experiment traffic through".into(),
+            ));
+        };
+        let sample_size = job.sample_size.unwrap_or(live::DEFAULT_SAMPLE).max(1);
+        let mut rng = StdRng::seed_from_u64(crate::routing::seed_of(&id));
+        let mut sample: Vec<ReplayRow> = Vec::new();
+        let (mut matched, mut replayable, mut not_replayable) = (0u64, 0u64, 0u64);
+        let mut query = ReplayQuery { filters: job.query(), after: None, limit: LIVE_PAGE, bodies: true };
+        let mut last_progress = Instant::now();
+        loop {
+            if self.cancelled(&id) {
+                return Err(Stop::Cancelled);
+            }
+            let started = Instant::now();
+            let page = self.traces.replay(&query).await.map_err(|e| Stop::Failed(e.to_string()))?;
+            let full = page.len() >= LIVE_PAGE;
+            query.after = page.last().map(ReplayRow::cursor);
+            for r in page {
+                matched += 1;
+                if r.replay_body.is_empty() || r.replay_body_truncated {
+                    not_replayable += 1;
+                    continue;
+                }
+                replayable += 1;
+                // Algorithm R, as `simulate` samples.
+                if sample.len() < sample_size {
+                    sample.push(r);
+                } else {
+                    let j = rng.random_range(0..replayable) as usize;
+                    if let Some(slot) = sample.get_mut(j) {
+                        *slot = r;
+                    }
+                }
+            }
+            tokio::time::sleep(started.elapsed()).await;
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                self.progress(row, matched, 0.0).await?;
+            }
+            if !full {
+                break;
+            }
+        }
+        sample.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
+        let embedding_model = snapshot.settings.experiment_embedding_model.clone();
+        let issued = target.grants.issue(Grant {
+            experiment: id.clone(),
+            project: job.project.clone(),
+            snapshot: Arc::new(snapshot),
+        });
+        let plan = Arc::new(Plan {
+            experiment: id.clone(),
+            model: format!("@{}", job.slug),
+            token: issued.token.clone(),
+            proxy: target.proxy,
+            concurrency: job.concurrency.unwrap_or(live::DEFAULT_CONCURRENCY),
+        });
+        let cancel = self.cancels.get(&id).map(|f| f.clone()).unwrap_or_default();
+        let done = Arc::new(AtomicUsize::new(0));
+        let rows = Arc::new(sample);
+        let mut sending = {
+            let (plan, rows, cancel, done) = (plan.clone(), rows.clone(), cancel.clone(), done.clone());
+            tokio::task::spawn_blocking(move || live::send_all(&plan, &rows, &cancel, &done))
+        };
+        let sent = loop {
+            tokio::select! {
+                joined = &mut sending => break joined.map_err(|e| Stop::Failed(format!("the sender stopped: {e}")))?,
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    let percent = done.load(Ordering::SeqCst) as f64 / rows.len().max(1) as f64 * 90.0;
+                    if let Err(stop) = self.progress(row, matched, percent).await {
+                        cancel.store(true, Ordering::SeqCst);
+                        let _ = sending.await;
+                        return Err(stop);
+                    }
+                }
+            }
+        };
+        if self.cancelled(&id) {
+            return Err(Stop::Cancelled);
+        }
+        let records = self.candidate_records(&sent).await;
+        let mut outcomes = Vec::with_capacity(rows.len());
+        let mut pairs = Vec::with_capacity(rows.len());
+        for (r, s) in rows.iter().zip(&sent) {
+            let record = s.as_ref().and_then(|s| s.request_id.as_ref()).and_then(|rid| records.get(rid));
+            let o = live::outcome(r, s.as_ref(), record);
+            let ok = (o.baseline.error.is_none(), o.candidate.error.is_none());
+            pairs.push(s.as_ref().and_then(|s| live::pair_texts(r, s, ok.0, ok.1)));
+            outcomes.push(o);
+        }
+        let mut similarity = Similarity {
+            model: embedding_model.clone(),
+            threshold: job.similarity_threshold.unwrap_or(live::DEFAULT_THRESHOLD),
+            ..Similarity::default()
+        };
+        match embedding_model {
+            None => similarity.unavailable = Some("experiments.embedding_model is not set".into()),
+            Some(model) if pairs.iter().any(Option::is_some) => {
+                let (plan, cancel) = (plan.clone(), cancel.clone());
+                let compared =
+                    tokio::task::spawn_blocking(move || live::similarities(&plan, &model, &pairs, &cancel))
+                        .await;
+                match compared {
+                    Ok(Ok((values, cost))) => {
+                        similarity.embedding_cost_usd = cost;
+                        for (o, v) in outcomes.iter_mut().zip(values) {
+                            o.similarity = v;
+                        }
+                    }
+                    Ok(Err(e)) => similarity.unavailable = Some(e),
+                    Err(e) => similarity.unavailable = Some(format!("the comparison stopped: {e}")),
+                }
+            }
+            Some(_) => {}
+        }
+        drop(issued);
+        if self.cancelled(&id) {
+            return Err(Stop::Cancelled);
+        }
+        similarity.values = outcomes.iter().filter_map(|o| o.similarity).collect();
+        similarity.values.sort_by(f64::total_cmp);
+        similarity.not_compared = (outcomes.len() - similarity.values.len()) as u64;
+        let mut report = Report::of(matched, outcomes);
+        report.similarity = Some(similarity);
+        report.not_replayable = not_replayable;
+        Ok(report)
+    }
+
+    /// The trace records of the candidate's requests, waiting (bounded) for the writer.
+    async fn candidate_records(&self, sent: &[Option<live::Sent>]) -> HashMap<String, TraceRow> {
+        let mut missing: Vec<&str> = sent.iter().flatten().filter_map(|s| s.request_id.as_deref()).collect();
+        let mut found = HashMap::new();
+        let deadline = Instant::now() + live::TRACE_WAIT;
+        loop {
+            let mut still = Vec::new();
+            for rid in missing {
+                match self.traces.get(rid).await {
+                    Ok(Some(r)) => {
+                        found.insert(rid.to_string(), r);
+                    }
+                    _ => still.push(rid),
+                }
+            }
+            missing = still;
+            if missing.is_empty() || Instant::now() >= deadline {
+                if !missing.is_empty() {
+                    tracing::warn!(
+                        missing = missing.len(),
+                        "experiment requests whose trace records were not written in time"
+                    );
+                }
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Saves how far the run got; a row cancelled or deleted meanwhile stops the run.
@@ -485,4 +677,9 @@ pub fn apply_report(body: &mut Value, report: &Report) {
         }
     }
     m.insert("deltas".into(), deltas);
+    if let Some(sim) = &report.similarity {
+        m.insert("similarity".into(), sim.view());
+        m.insert("similarity_pct_above_threshold".into(), json!(sim.pct_above(sim.threshold)));
+        m.insert("not_replayable".into(), json!(report.not_replayable));
+    }
 }

@@ -93,19 +93,29 @@ pub struct Outcome {
     pub candidate: Side,
     /// Why the candidate went where it did, or could not.
     pub reason: String,
+    /// `with_responses`: the cosine similarity of the two answers, when compared.
+    pub similarity: Option<f64>,
     /// The chosen target's live p50 at decision time (the latency fallback).
     live_p50: Option<f64>,
 }
 
 impl Outcome {
+    pub fn new(request_id: String, ts_ms: u64, baseline: Side, candidate: Side, reason: String) -> Outcome {
+        Outcome { request_id, ts_ms, baseline, candidate, reason, similarity: None, live_p50: None }
+    }
+
     pub fn view(&self) -> Value {
-        json!({
+        let mut v = json!({
             "request_id": self.request_id,
             "timestamp": crate::spend::period::iso8601_ms(self.ts_ms as i64),
             "baseline": self.baseline.view(),
             "candidate": self.candidate.view(),
             "reason": self.reason,
-        })
+        });
+        if let (Some(s), Value::Object(m)) = (self.similarity, &mut v) {
+            m.insert("similarity".into(), json!((s * 1e4).round() / 1e4));
+        }
+        v
     }
 }
 
@@ -194,6 +204,10 @@ pub struct Report {
     pub comparable_cost: (f64, f64),
     /// Replayed requests, oldest first.
     pub outcomes: Vec<Outcome>,
+    /// `with_responses`: how alike the answers were.
+    pub similarity: Option<super::live::Similarity>,
+    /// `with_responses`: sampled requests that could not be re-sent (body not kept or cut).
+    pub not_replayable: u64,
 }
 
 impl Report {
@@ -302,6 +316,7 @@ impl<'s> Simulation<'s> {
             baseline,
             candidate,
             reason,
+            similarity: None,
             live_p50,
         };
         match slot {
@@ -449,20 +464,29 @@ impl<'s> Simulation<'s> {
                 }
             };
         }
-        self.outcomes.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
+        Report::of(self.matched, self.outcomes)
+    }
+}
+
+impl Report {
+    /// Summaries and distributions of finished outcomes (sorted here, oldest first).
+    pub fn of(matched: u64, mut outcomes: Vec<Outcome>) -> Report {
+        outcomes.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
         let comparable =
-            self.outcomes.iter().filter(|o| o.candidate.error.is_some() || o.candidate.cost_usd.is_some());
+            outcomes.iter().filter(|o| o.candidate.error.is_some() || o.candidate.cost_usd.is_some());
         let comparable_cost = comparable.fold((0.0, 0.0), |(b, c), o| {
             (b + o.baseline.cost_usd.unwrap_or(0.0), c + o.candidate.cost_usd.unwrap_or(0.0))
         });
         Report {
             comparable_cost: (round_cost(comparable_cost.0), round_cost(comparable_cost.1)),
-            matched: self.matched,
-            baseline: Summary::of(self.outcomes.iter().map(|o| &o.baseline)),
-            candidate: Summary::of(self.outcomes.iter().map(|o| &o.candidate)),
-            baseline_routes: distribution(self.outcomes.iter().map(|o| &o.baseline)),
-            candidate_routes: distribution(self.outcomes.iter().map(|o| &o.candidate)),
-            outcomes: self.outcomes,
+            matched,
+            baseline: Summary::of(outcomes.iter().map(|o| &o.baseline)),
+            candidate: Summary::of(outcomes.iter().map(|o| &o.candidate)),
+            baseline_routes: distribution(outcomes.iter().map(|o| &o.baseline)),
+            candidate_routes: distribution(outcomes.iter().map(|o| &o.candidate)),
+            similarity: None,
+            not_replayable: 0,
+            outcomes,
         }
     }
 }

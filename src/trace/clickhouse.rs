@@ -25,6 +25,7 @@ const SCHEMA_MIGRATIONS: &str = include_str!("../../conf/clickhouse/schema_migra
 const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "0001_requests", include_str!("../../conf/clickhouse/0001_requests.sql")),
     (2, "0002_replay", include_str!("../../conf/clickhouse/0002_replay.sql")),
+    (3, "0003_replay_answer", include_str!("../../conf/clickhouse/0003_replay_answer.sql")),
 ];
 
 /// How long one insert may take before the writer treats the store as unavailable (a hung
@@ -575,10 +576,14 @@ impl TraceStore for ClickHouseStore {
             );
             filter.push("ts >= toDateTime(?)", [Param::U64(seconds(c.ts_ms))]);
         }
-        let body = if query.bodies { "replay_body" } else { "'' AS replay_body" };
+        let (body, answer) = if query.bodies {
+            ("replay_body", "replay_answer")
+        } else {
+            ("'' AS replay_body", "'' AS replay_answer")
+        };
         let sql = format!(
             "SELECT {} FROM {} FINAL WHERE {} ORDER BY ts_ms ASC, request_id ASC LIMIT {}",
-            replay::COLUMNS.replace("{body}", body),
+            replay::COLUMNS.replace("{body}", body).replace("{answer}", answer),
             self.table_in_query(),
             filter.sql(),
             query.limit.max(1)
@@ -596,8 +601,11 @@ impl TraceStore for ClickHouseStore {
         let count_sql = format!("SELECT count() FROM {} FINAL WHERE {condition}", self.table_in_query());
         let pending = self.timed(self.read_timeout, self.read_query(&count_sql).fetch_one::<u64>()).await?;
         if pending > 0 {
-            self.ddl(&format!("ALTER TABLE {} UPDATE replay_body = '' WHERE {condition}", self.qualified))
-                .await?;
+            self.ddl(&format!(
+                "ALTER TABLE {} UPDATE replay_body = '', replay_answer = '' WHERE {condition}",
+                self.qualified
+            ))
+            .await?;
         }
         Ok(pending)
     }

@@ -33,7 +33,7 @@ use super::{StoreError, TraceRow, TraceStore};
 
 /// Kept in `PRAGMA user_version`. A file written by a newer schema is refused rather than
 /// misread.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Rows deleted per transaction by `prune`: inserts get the write lock between chunks
 /// instead of waiting for a prune of millions of rows.
@@ -95,7 +95,8 @@ CREATE TABLE IF NOT EXISTS requests (
     response_body         TEXT    NOT NULL,
     max_tokens            INTEGER NOT NULL DEFAULT 0,
     replay_body           BLOB    NOT NULL DEFAULT x'',
-    replay_body_truncated INTEGER NOT NULL DEFAULT 0
+    replay_body_truncated INTEGER NOT NULL DEFAULT 0,
+    replay_answer         BLOB    NOT NULL DEFAULT x''
 ) STRICT;
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms DESC, request_id DESC);
 CREATE INDEX IF NOT EXISTS requests_project_ts ON requests (project, ts_ms);
@@ -118,6 +119,11 @@ ALTER TABLE requests ADD COLUMN replay_body BLOB NOT NULL DEFAULT x'';
 ALTER TABLE requests ADD COLUMN replay_body_truncated INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 2 → 3: the answer kept for replay.
+const ADD_REPLAY_ANSWER: &str = "
+ALTER TABLE requests ADD COLUMN replay_answer BLOB NOT NULL DEFAULT x'';
+";
+
 /// Every column, in `TraceRow` order (the order `bind` and `read_row` use).
 macro_rules! columns {
     () => {
@@ -129,7 +135,7 @@ macro_rules! columns {
          cost_total, latency_ms, ttfb_ms, tag_keys, tag_values, end_user, trace_id, \
          conversation_id, budget_name, budget_action, streamed, bytes_in, bytes_out, \
          decision_trace, request_body, response_body, max_tokens, replay_body, \
-         replay_body_truncated"
+         replay_body_truncated, replay_answer"
     };
 }
 
@@ -139,7 +145,7 @@ const INSERT_ROW: &str = concat!(
     "INSERT INTO requests (",
     columns!(),
     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
 );
 const INSERT_TAG: &str = "INSERT INTO request_tags (request_id, idx, key, value) VALUES (?1, ?2, ?3, ?4) \
      ON CONFLICT (request_id, idx) DO UPDATE SET key = excluded.key, value = excluded.value";
@@ -284,6 +290,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if version == 1 {
         tx.execute_batch(ADD_REPLAY_COLUMNS).map_err(db)?;
     }
+    if (1..=2).contains(&version) {
+        tx.execute_batch(ADD_REPLAY_ANSWER).map_err(db)?;
+    }
     tx.execute_batch(SCHEMA).map_err(db)?;
     if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db)?;
@@ -371,6 +380,7 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
                     bits(row.max_tokens),
                     row.replay_body,
                     row.replay_body_truncated,
+                    row.replay_answer,
                 ])
                 .map_err(db)?;
             // Tags only with a new row: a replayed row already has its tags.
@@ -538,6 +548,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceRow> {
         max_tokens: unbits(r.get(46)?),
         replay_body: r.get(47)?,
         replay_body_truncated: r.get(48)?,
+        replay_answer: r.get(49)?,
     })
 }
 
@@ -546,33 +557,36 @@ fn read_replay_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplayRow> {
         ts_ms: read_ts(r, 0)?,
         request_id: r.get(1)?,
         project: r.get(2)?,
-        surface: r.get(3)?,
-        model_requested: r.get(4)?,
-        routing_config: r.get(5)?,
-        config_version: r.get(6)?,
-        provider: r.get(7)?,
-        model: r.get(8)?,
-        status: r.get(9)?,
-        error_code: r.get(10)?,
-        attempt_providers: read_json(r, 11)?,
-        attempt_models: read_json(r, 12)?,
-        attempt_statuses: read_json(r, 13)?,
-        input_tokens: unbits(r.get(14)?),
-        output_tokens: unbits(r.get(15)?),
-        cached_tokens: unbits(r.get(16)?),
-        reasoning_tokens: unbits(r.get(17)?),
-        cost_total: read_real(r, 18)?,
-        latency_ms: read_real(r, 19)?,
-        tag_keys: read_json(r, 20)?,
-        tag_values: read_json(r, 21)?,
-        end_user: r.get(22)?,
-        trace_id: r.get(23)?,
-        streamed: r.get(24)?,
-        bytes_in: unbits(r.get(25)?),
-        max_tokens: unbits(r.get(26)?),
-        budget_action: r.get(27)?,
-        replay_body: r.get(28)?,
-        replay_body_truncated: r.get(29)?,
+        key_name: r.get(3)?,
+        surface: r.get(4)?,
+        endpoint: r.get(5)?,
+        model_requested: r.get(6)?,
+        routing_config: r.get(7)?,
+        config_version: r.get(8)?,
+        provider: r.get(9)?,
+        model: r.get(10)?,
+        status: r.get(11)?,
+        error_code: r.get(12)?,
+        attempt_providers: read_json(r, 13)?,
+        attempt_models: read_json(r, 14)?,
+        attempt_statuses: read_json(r, 15)?,
+        input_tokens: unbits(r.get(16)?),
+        output_tokens: unbits(r.get(17)?),
+        cached_tokens: unbits(r.get(18)?),
+        reasoning_tokens: unbits(r.get(19)?),
+        cost_total: read_real(r, 20)?,
+        latency_ms: read_real(r, 21)?,
+        tag_keys: read_json(r, 22)?,
+        tag_values: read_json(r, 23)?,
+        end_user: r.get(24)?,
+        trace_id: r.get(25)?,
+        streamed: r.get(26)?,
+        bytes_in: unbits(r.get(27)?),
+        max_tokens: unbits(r.get(28)?),
+        budget_action: r.get(29)?,
+        replay_body: r.get(30)?,
+        replay_body_truncated: r.get(31)?,
+        replay_answer: r.get(32)?,
     })
 }
 
@@ -602,8 +616,8 @@ fn replay_rows(conn: &Connection, q: &ReplayQuery) -> Result<Vec<ReplayRow>, Sto
         }
     }
     w.args.push(Value::Integer(q.limit.max(1) as i64));
-    let body = if q.bodies { "r.replay_body" } else { "x''" };
-    let columns = replay::COLUMNS.replace("{body}", body);
+    let (body, answer) = if q.bodies { ("r.replay_body", "r.replay_answer") } else { ("x''", "x''") };
+    let columns = replay::COLUMNS.replace("{body}", body).replace("{answer}", answer);
     let sql = format!(
         "SELECT {columns} FROM requests r WHERE {} ORDER BY r.ts_ms ASC, r.request_id ASC LIMIT ?",
         w.clause()
@@ -624,7 +638,7 @@ fn expire_bodies(m: &Mutex<Connection>, before_ms: u64, chunk: usize) -> Result<
     loop {
         let n = lock(m)
             .execute(
-                "UPDATE requests SET replay_body = x'' WHERE rowid IN (SELECT rowid FROM requests \
+                "UPDATE requests SET replay_body = x'', replay_answer = x'' WHERE rowid IN (SELECT rowid FROM requests \
                  WHERE ts_ms < ?1 AND length(replay_body) > 0 LIMIT ?2)",
                 params![before, chunk as i64],
             )
@@ -927,6 +941,7 @@ mod tests {
             max_tokens: 256,
             replay_body: crate::trace::replay::compress(b"{\"model\":\"m\"}"),
             replay_body_truncated: true,
+            replay_answer: crate::trace::replay::compress(b"{\"choices\":[]}"),
         }
     }
 
@@ -981,6 +996,7 @@ mod tests {
             max_tokens: 0,
             replay_body: Vec::new(),
             replay_body_truncated: false,
+            replay_answer: Vec::new(),
         }
     }
 
@@ -1382,6 +1398,7 @@ mod tests {
             row.max_tokens = rng.random_range(0..3) * 100;
             if rng.random_bool(0.5) {
                 row.replay_body = crate::trace::replay::compress(row.request_id.as_bytes());
+                row.replay_answer = crate::trace::replay::compress(row.ts_ms.to_string().as_bytes());
                 row.replay_body_truncated = rng.random_bool(0.2);
             }
         }
@@ -1436,6 +1453,7 @@ mod tests {
                 let mut want = row.clone();
                 if row.ts_ms < cut {
                     want.replay_body.clear();
+                    want.replay_answer.clear();
                 }
                 assert_eq!(got, want);
             }
@@ -1444,15 +1462,18 @@ mod tests {
             conn.execute_batch(
                 "DROP INDEX requests_replay_ts; ALTER TABLE requests DROP COLUMN max_tokens; \
                  ALTER TABLE requests DROP COLUMN replay_body; \
-                 ALTER TABLE requests DROP COLUMN replay_body_truncated; PRAGMA user_version = 1;",
+                 ALTER TABLE requests DROP COLUMN replay_body_truncated; \
+                 ALTER TABLE requests DROP COLUMN replay_answer; PRAGMA user_version = 1;",
             )
             .unwrap();
         }
         let store = open(&dir, 0);
         let old = store.get(&rows[150].request_id).await.unwrap().unwrap();
         assert_eq!((old.max_tokens, old.replay_body.len(), old.replay_body_truncated), (0, 0, false));
+        assert!(old.replay_answer.is_empty());
         let mut fresh = full_row("after-migration", BASE_MS);
         fresh.replay_body = crate::trace::replay::compress(b"body");
+        fresh.replay_answer = crate::trace::replay::compress(b"answer");
         store.insert(std::slice::from_ref(&fresh)).await.unwrap();
         assert_eq!(store.get("after-migration").await.unwrap(), Some(fresh));
     }

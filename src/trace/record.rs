@@ -49,6 +49,9 @@ pub struct TraceEvent {
     /// The whole request body and the cap it is kept to, when it is kept for replay
     /// (`traces.replay_hours`); compressed on the writer's thread, not here.
     pub replay_body: Option<(bytes::Bytes, usize)>,
+    /// The answer the client got (as sent: JSON or the stream's bytes), when the body is
+    /// kept for replay; already cut to the same cap. `with_responses` compares against it.
+    pub replay_answer: Vec<u8>,
 }
 
 /// The stored record. Field names are the column names in both stores
@@ -125,6 +128,10 @@ pub struct TraceRow {
     pub replay_body: Vec<u8>,
     /// The replay body was cut at `traces.replay_max_body_bytes`.
     pub replay_body_truncated: bool,
+    /// The answer the client got, kept and compressed like `replay_body` (cut at the same
+    /// cap); empty when not kept or after `traces.replay_hours`.
+    #[serde(with = "serde_bytes")]
+    pub replay_answer: Vec<u8>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -192,6 +199,11 @@ impl TraceEvent {
                 .replay_body
                 .map(|(body, cap)| super::replay::compress(&body[..body.len().min(cap)]))
                 .unwrap_or_default(),
+            replay_answer: if self.replay_answer.is_empty() {
+                Vec::new()
+            } else {
+                super::replay::compress(&self.replay_answer)
+            },
             request_id: self.request_id,
         }
     }

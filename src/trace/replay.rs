@@ -5,8 +5,10 @@
 //!   as the record lives. A chat request's whole body is kept too, for
 //!   `traces.replay_hours` (default 24): zstd-compressed (level 1, on the writer's thread;
 //!   bodies under 1 KiB as they are), cut at `traces.replay_max_body_bytes` and then marked
-//!   `replay_body_truncated`. The
-//!   writer's prune pass empties bodies older than that.
+//!   `replay_body_truncated`. The answer the client got is kept
+//!   alongside (as sent: a JSON body or the stream's bytes, cut at the same cap, compressed
+//!   alike) for `with_responses` to compare against. The writer's prune pass empties both
+//!   older than that.
 //! * **Read**: `ReplayQuery` pages oldest first, `(ts_ms, request_id)` ascending, through
 //!   chat requests only (`…/chat/completions`, `…/messages`) that reached the gateway with
 //!   a model, leaving out traffic an experiment sent itself (tag `experiment`). The filters
@@ -98,12 +100,14 @@ impl ReplayQuery {
 }
 
 /// What replay reads of a record: its routing inputs and what production did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clickhouse::Row)]
 pub struct ReplayRow {
     pub ts_ms: u64,
     pub request_id: String,
     pub project: String,
+    pub key_name: String,
     pub surface: String,
+    pub endpoint: String,
     pub model_requested: String,
     pub routing_config: String,
     pub config_version: u32,
@@ -131,15 +135,18 @@ pub struct ReplayRow {
     #[serde(with = "serde_bytes")]
     pub replay_body: Vec<u8>,
     pub replay_body_truncated: bool,
+    /// The answer production sent (`with_responses` compares against it).
+    #[serde(with = "serde_bytes")]
+    pub replay_answer: Vec<u8>,
 }
 
-/// The columns `ReplayRow` reads, in its field order; `{body}` is `replay_body` or an
-/// empty string.
-pub const COLUMNS: &str = "ts_ms, request_id, project, surface, model_requested, routing_config, \
+/// The columns `ReplayRow` reads, in its field order; `{body}` and `{answer}` are
+/// `replay_body` and `replay_answer`, or empty strings.
+pub const COLUMNS: &str = "ts_ms, request_id, project, key_name, surface, endpoint, model_requested, routing_config, \
      config_version, provider, model, status, error_code, attempt_providers, attempt_models, \
      attempt_statuses, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_total, latency_ms, tag_keys, \
      tag_values, end_user, trace_id, streamed, bytes_in, max_tokens, budget_action, {body}, \
-     replay_body_truncated";
+     replay_body_truncated, {answer}";
 
 impl ReplayRow {
     pub fn tags(&self) -> Vec<(String, String)> {
@@ -161,7 +168,9 @@ impl ReplayRow {
             ts_ms: row.ts_ms,
             request_id: row.request_id.clone(),
             project: row.project.clone(),
+            key_name: row.key_name.clone(),
             surface: row.surface.clone(),
+            endpoint: row.endpoint.clone(),
             model_requested: row.model_requested.clone(),
             routing_config: row.routing_config.clone(),
             config_version: row.config_version,
@@ -188,6 +197,7 @@ impl ReplayRow {
             budget_action: row.budget_action.clone(),
             replay_body: if bodies { row.replay_body.clone() } else { Vec::new() },
             replay_body_truncated: row.replay_body_truncated,
+            replay_answer: if bodies { row.replay_answer.clone() } else { Vec::new() },
         }
     }
 }

@@ -610,6 +610,7 @@ mod tests {
             request_body: None,
             max_tokens: None,
             replay_body: None,
+            replay_answer: Vec::new(),
             response_body: None,
         }
     }

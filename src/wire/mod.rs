@@ -195,6 +195,37 @@ pub fn response_text(resp: &Response) -> String {
     out
 }
 
+/// The text of an answer as a client of `surface` got it, a whole JSON body or the bytes
+/// of its stream, joined as `response_text` joins it; `None` when it is neither. A stream
+/// cut short (a capped copy) gives the text decoded up to the cut.
+pub fn answer_text(surface: Surface, body: &[u8]) -> Option<String> {
+    let codec = surface.codec();
+    if body.trim_ascii_start().starts_with(b"{") {
+        return codec.decode_response(body).ok().map(|r| response_text(&r));
+    }
+    let mut framer = Parser::new();
+    let mut events = Vec::new();
+    framer.feed(body, &mut events).ok()?;
+    framer.finish(&mut events);
+    if events.is_empty() {
+        return None;
+    }
+    let mut decoder = codec.stream_decoder();
+    let mut deltas = Vec::new();
+    // What decoded before an undecodable event still counts.
+    let _ = decoder.decode(&mut events, &mut deltas);
+    let mut out = String::new();
+    for d in deltas {
+        match d {
+            Delta::Text(t) => out.push_str(&t),
+            Delta::ToolCallStart { name, .. } => out.push_str(&name),
+            Delta::ToolArgs { json, .. } => out.push_str(&json),
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
 /// Upstream stream bytes → client stream bytes, one upstream read at a time: a synchronous
 /// state machine, so nothing is buffered beyond an incomplete SSE line.
 pub struct Transcoder {

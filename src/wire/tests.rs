@@ -325,3 +325,23 @@ fn usage_merge_keeps_earlier_fields() {
     u.merge(Usage { output: 5, ..Usage::default() });
     assert_eq!((u.input, u.output), (10, 5));
 }
+
+#[test]
+fn answer_text_reads_whole_answers_and_streams() {
+    let openai = br#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+    assert_eq!(answer_text(Surface::OpenAi, openai).as_deref(), Some("hi there"));
+    let chunk = |content: &str| {
+        format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let stream = format!("{}{}data: [DONE]\n\n", chunk("hi"), chunk(" there"));
+    assert_eq!(answer_text(Surface::OpenAi, stream.as_bytes()).as_deref(), Some("hi there"));
+    // A copy cut mid-stream gives what decoded before the cut.
+    let cut = &stream.as_bytes()[..chunk("hi").len() + 20];
+    assert_eq!(answer_text(Surface::OpenAi, cut).as_deref(), Some("hi"));
+    let anthropic = br#"{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"hi there"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":2}}"#;
+    assert_eq!(answer_text(Surface::Anthropic, anthropic).as_deref(), Some("hi there"));
+    assert_eq!(answer_text(Surface::OpenAi, b"not an answer"), None);
+    assert_eq!(answer_text(Surface::OpenAi, b"{\"error\": {}}"), None);
+}

@@ -219,6 +219,7 @@ fn full_row(id: &str, ts_ms: u64) -> TraceRow {
         max_tokens: 512,
         replay_body: modelux::trace::replay::compress(b"{\"model\":\"@production\"}"),
         replay_body_truncated: true,
+        replay_answer: modelux::trace::replay::compress(b"data: {\"choices\":[]}\n\n"),
     }
 }
 
@@ -274,6 +275,7 @@ fn bare_row(id: &str, ts_ms: u64) -> TraceRow {
         max_tokens: 0,
         replay_body: Vec::new(),
         replay_body_truncated: false,
+        replay_answer: Vec::new(),
     }
 }
 
@@ -297,7 +299,10 @@ async fn clickhouse_prepare_is_idempotent() {
         .fetch_all()
         .await
         .unwrap();
-    assert_eq!(versions, vec![("requests".to_string(), 1), ("requests".to_string(), 2)]);
+    assert_eq!(
+        versions,
+        vec![("requests".to_string(), 1), ("requests".to_string(), 2), ("requests".to_string(), 3)]
+    );
     let engine: String = server
         .client()
         .query("SELECT engine FROM system.tables WHERE database = 'traces' AND name = 'requests'")
@@ -311,7 +316,7 @@ async fn clickhouse_prepare_is_idempotent() {
     ClickHouseStore::new(other).prepare().await.unwrap();
     let n: u64 =
         server.client().query("SELECT count() FROM traces.schema_migrations").fetch_one().await.unwrap();
-    assert_eq!(n, 4);
+    assert_eq!(n, 6);
     // A crash part-way through 0002 (one column added, the migration not recorded): the
     // rerun completes it.
     let mut torn = server.settings("traces");

@@ -610,3 +610,229 @@ async fn scheduled_experiments_fire_on_their_cron_and_judge_each_run() {
         .unwrap();
     assert!(audit["data"].as_array().unwrap().len() >= 4, "{audit}");
 }
+
+/// `with_responses`: the sample goes through the candidate for real (both surfaces, plain
+/// and streamed), measured from the candidate's own trace records, spend counted in the
+/// budgets, answers compared by the embeddings of the configured model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_responses_sends_the_sample_through_the_candidate_and_compares_answers() {
+    let openai = mock(MockConfig::default()).await;
+    // Shorter answers: a different text than production's.
+    let local = mock(MockConfig { tokens: 7, ..MockConfig::default() }).await;
+    let openai_url = openai.base_url();
+    let local_url = local.base_url();
+    let mut cfg = Cfg::new(openai_url.leak());
+    cfg.local = Some(local_url.leak());
+    cfg.top_extra = format!(
+        "{PRICES}budgets:\n  - {{ name: project-daily, scope: project, project: default, period: daily, \
+         cap_usd: 1000, action: block }}\ntraces: {{ flush_interval_ms: 50 }}\n\
+         experiments: {{ embedding_model: \"openai/text-embedding-3-small\" }}\n"
+    );
+    cfg.more_configs = format!(
+        "{CONFIGS}  production: {{ project: default, strategy: fallback, attempts: [\"openai/gpt-4o-mini\", \"local/m1\"] }}\n"
+    );
+    let gw = start(cfg).await;
+
+    let auth = format!("Bearer {KEY}");
+    let json_h = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    for i in 0..6 {
+        let user = format!("user-{i}");
+        let resp =
+            chat(&gw, "@production", &[("x-modelux-user-id", &user), ("x-modelux-user-tags", "team=a")])
+                .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    for _ in 0..3 {
+        let body = json!({"model": "@production", "stream": true, "max_tokens": 20,
+                          "messages": [{"role": "user", "content": "stream it"}]});
+        let resp = httpc::request(gw.proxy, "POST", CHAT, &json_h, &serde_json::to_vec(&body).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+        assert!(resp.text().contains("data: [DONE]"), "{}", resp.text());
+    }
+    for stream in [false, true, false] {
+        let body = json!({"model": "@production", "max_tokens": 20, "stream": stream,
+                          "messages": [{"role": "user", "content": "from claude's sdk"}]});
+        let h =
+            [("x-api-key", KEY), ("content-type", "application/json"), ("anthropic-version", "2023-06-01")];
+        let resp = httpc::request(
+            gw.proxy,
+            "POST",
+            "/anthropic/v1/messages",
+            &h,
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let rows = stored_rows(&gw, 12).await;
+    assert!(rows.iter().all(|r| !r.replay_answer.is_empty()), "every answer is kept for replay");
+    let spend = |gw: &Gateway| {
+        let gw_manage = gw.manage;
+        async move {
+            let auth = format!("Bearer {ADMIN_KEY}");
+            let list = httpc::request(
+                gw_manage,
+                "GET",
+                "/manage/v1/budgets",
+                &[("authorization", auth.as_str())],
+                b"",
+            )
+            .await
+            .unwrap();
+            let v = list.json().unwrap();
+            let b =
+                v["data"].as_array().unwrap().iter().find(|b| b["name"] == "project-daily").unwrap().clone();
+            b["spend_usd"].as_f64().unwrap()
+        }
+    };
+    let spend_before = spend(&gw).await;
+    let openai_before = openai.request_count();
+
+    // 1. The candidate is production itself: same answers, similarity 1 for every pair.
+    let same = run(
+        &gw,
+        json!({"name": "same, for real", "candidate": "@production", "mode": "with_responses",
+               "filters": {"routing_config": "@production"}}),
+    )
+    .await;
+    let id = same["id"].as_str().unwrap().to_string();
+    assert_eq!(same["mode"], "with_responses");
+    assert_eq!(same["requests"], 12, "{same}");
+    assert_eq!(same["not_replayable"], 0);
+    let sim = &same["similarity"];
+    assert_eq!(sim["embedding_model"], "openai/text-embedding-3-small");
+    assert_eq!(sim["compared"], 12, "every pair compared, JSON and streamed, both surfaces: {sim}");
+    assert_eq!(sim["min"], 1.0, "{sim}");
+    assert_eq!(sim["pct_above_threshold"], 100.0);
+    assert_eq!(same["similarity_pct_above_threshold"], 100.0);
+    assert_eq!(same["route_distribution"], json!({"gpt-4o-mini:openai": 1.0}));
+    // 12 chat calls and one embeddings call (24 texts) reached the provider.
+    assert_eq!(openai.request_count() - openai_before, 13);
+    // The candidate's side is its own trace records: tagged, priced, timed by the gateway.
+    let store = gw.handles.trace_writer.store().clone();
+    // 12 chat records and the embeddings call's (written just after the run finished).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tagged = loop {
+        let q = LogQuery { limit: 100, tags: vec![("experiment".into(), id.clone())], ..LogQuery::default() };
+        let rows = store.list(&q).await.unwrap().rows;
+        if rows.len() >= 13 || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(tagged.len(), 13);
+    let chats: Vec<&TraceRow> = tagged
+        .iter()
+        .filter(|r| r.endpoint.ends_with("/chat/completions") || r.endpoint.ends_with("/messages"))
+        .collect();
+    assert_eq!(chats.len(), 12);
+    let seen: Vec<(&str, &str, usize)> =
+        chats.iter().map(|r| (r.key_name.as_str(), r.routing_config.as_str(), r.replay_body.len())).collect();
+    assert!(seen.iter().all(|(k, c, b)| *k == "dev" && *c == "@production" && *b == 0), "{seen:?}");
+    assert_eq!(chats.iter().filter(|r| r.streamed).count(), 4);
+    let (cost, latencies, errors, _) = baseline_of(&chats);
+    assert_eq!(errors, 0);
+    close(&same["candidate_summary"]["cost_usd"], cost);
+    close(&same["candidate_summary"]["p50_ms"], quantile(latencies, 0.5).unwrap());
+    let embed_cost =
+        tagged.iter().filter(|r| r.endpoint.ends_with("/embeddings")).map(|r| r.cost_total).sum::<f64>();
+    close(&sim["embedding_cost_usd"], embed_cost);
+    // Spent and budgeted like any traffic.
+    let spent = spend(&gw).await - spend_before;
+    assert!(
+        (spent - cost - embed_cost).abs() < 1e-6,
+        "budget moved by {spent}, experiment cost {cost} + {embed_cost}"
+    );
+    let decisions =
+        manage(&gw, "GET", &format!("/manage/v1/experiments/{id}/decisions?limit=100"), None).await;
+    let decisions = decisions.json().unwrap()["data"].as_array().unwrap().clone();
+    assert_eq!(decisions.len(), 12);
+    assert!(
+        decisions.iter().all(|d| d["similarity"] == 1.0 && d["candidate"]["provider"] == "openai"),
+        "{decisions:?}"
+    );
+
+    // 2. A cheaper candidate with shorter answers: a sample of 5, two at a time.
+    let cheaper = run(
+        &gw,
+        json!({"candidate": "@cheaper", "mode": "with_responses", "sample_size": 5, "concurrency": 2,
+               "similarity_threshold": 0.5, "filters": {"routing_config": "@production"}}),
+    )
+    .await;
+    assert_eq!(cheaper["requests"], 5);
+    assert_eq!(cheaper["route_distribution"], json!({"m1:local": 1.0}));
+    assert_eq!(cheaper["similarity"]["compared"], 5);
+    assert_eq!(cheaper["similarity"]["threshold"], 0.5);
+    assert_eq!(cheaper["similarity"]["pct_above_threshold"], 0.0, "{}", cheaper["similarity"]);
+    assert!(cheaper["similarity"]["max"].as_f64().unwrap() < 0.5);
+    assert_eq!(local.request_count(), 5);
+
+    // Experiment traffic is never replayed itself.
+    let again =
+        run(&gw, json!({"candidate": "@production", "filters": {"routing_config": "@production"}})).await;
+    assert_eq!(again["requests"], 12);
+
+    // Its own fields are checked, and refused where they do not apply.
+    for (body, field) in [
+        (json!({"candidate": "@production", "mode": "with_responses", "concurrency": 0}), "concurrency"),
+        (
+            json!({"candidate": "@production", "mode": "with_responses", "similarityThreshold": 1.5}),
+            "similarityThreshold",
+        ),
+        (json!({"candidate": "@production", "concurrency": 2}), "concurrency"),
+    ] {
+        let resp = manage(&gw, "POST", "/manage/v1/experiments", Some(body)).await;
+        assert_eq!(resp.status, 422, "{}", resp.text());
+        assert_eq!(resp.json().unwrap()["error"]["errors"][0]["path"], field, "{}", resp.text());
+    }
+}
+
+/// Without an embeddings model the run still measures cost, latency and errors and says why
+/// nothing was compared; a cancel stops the sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_responses_without_an_embedding_model_and_cancelled_mid_way() {
+    let openai = mock(MockConfig { latency: Duration::from_millis(150), ..MockConfig::default() }).await;
+    let openai_url = openai.base_url();
+    let mut cfg = Cfg::new(openai_url.leak());
+    cfg.top_extra = "traces: { flush_interval_ms: 50 }\n".into();
+    let gw = start(cfg).await;
+    for _ in 0..8 {
+        assert_eq!(chat(&gw, "@fast", &[]).await.status, 200);
+    }
+    stored_rows(&gw, 8).await;
+    let before = openai.request_count();
+    let done = run(
+        &gw,
+        json!({"candidate": "@fast", "mode": "with_responses", "concurrency": 4, "filters": {"routing_config": "@fast"}}),
+    )
+    .await;
+    assert_eq!(done["requests"], 8);
+    assert_eq!(done["candidate_summary"]["errors"], 0);
+    assert!(done["candidate_summary"]["p50_ms"].as_f64().unwrap() >= 150.0, "{done}");
+    assert_eq!(done["similarity"]["compared"], 0);
+    assert_eq!(done["similarity"]["unavailable"], "experiments.embedding_model is not set");
+    assert_eq!(done["similarity_pct_above_threshold"], Value::Null);
+    assert_eq!(openai.request_count() - before, 8);
+
+    let before = openai.request_count();
+    let resp = manage(
+        &gw,
+        "POST",
+        "/manage/v1/experiments",
+        Some(json!({"candidate": "@fast", "mode": "with_responses", "concurrency": 1,
+                    "filters": {"routing_config": "@fast"}})),
+    )
+    .await;
+    assert_eq!(resp.status, 202, "{}", resp.text());
+    let id = resp.json().unwrap()["data"]["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancel = manage(&gw, "POST", &format!("/manage/v1/experiments/{id}/cancel"), None).await;
+    assert_eq!(cancel.status, 200, "{}", cancel.text());
+    assert_eq!(finished(&gw, &id).await["status"], "cancelled");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let sent = openai.request_count() - before;
+    assert!(sent < 8, "a cancelled run stops sending ({sent} of 8 sent)");
+}
