@@ -78,15 +78,6 @@ impl KeyIndex {
         self.by_digest.is_empty()
     }
 
-    /// The key named `key_name` in `project` (linear: for experiment traffic, which names
-    /// the key its stored request came with, not for client requests).
-    pub fn by_name(&self, project: &str, key_name: &str) -> Option<Arc<Principal>> {
-        self.by_digest
-            .values()
-            .find(|(_, p)| &*p.project == project && &*p.key_name == key_name)
-            .map(|(_, p)| p.clone())
-    }
-
     /// Authenticates a presented key. The map lookup only reveals which bucket a digest
     /// falls in (useless without a preimage); the final equality check is constant-time.
     pub fn authenticate(&self, presented: &str) -> Option<Arc<Principal>> {

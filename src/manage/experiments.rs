@@ -507,7 +507,7 @@ async fn prepare_as(
         concurrency: def.concurrency,
         similarity_threshold: def.similarity_threshold,
     };
-    let probe = ReplayQuery { filters: job.query(), after: None, limit: 1, bodies: false };
+    let probe = ReplayQuery { filters: job.query(), limit: 1, ..Default::default() };
     let any = if require_traffic {
         app.trace_store.replay(&probe).await.map_err(|e| {
             ApiError::new(503, "service_unavailable", "trace_store_unavailable", e.to_string())

@@ -92,8 +92,10 @@ pub struct RequestCtx {
     pub request_body: Option<String>,
     /// A chat request's whole body and its cap, kept for replay (`traces.replay_hours`).
     pub replay_body: Option<(Bytes, usize)>,
-    /// What the client got, when its request is kept for replay (cut at the same cap).
-    replay_answer: Vec<u8>,
+    /// What the client got, when its request is kept for replay: the pieces as sent
+    /// (shared, not copied); dropped when they outgrow the body's cap.
+    replay_answer: Vec<Bytes>,
+    replay_answer_len: usize,
     /// An experiment's request (`replay::live`): the stored request it re-sends, whose
     /// id seeds the routing draws as production's did.
     pub replay_of: Option<String>,
@@ -144,6 +146,7 @@ impl RequestCtx {
             request_body: None,
             replay_body: None,
             replay_answer: Vec::new(),
+            replay_answer_len: 0,
             replay_of: None,
             response_body: Vec::new(),
             body_cap: 0,
@@ -152,15 +155,22 @@ impl RequestCtx {
     }
 
     /// Keeps the start of the response body for the trace, when bodies are kept, and the
-    /// answer for replay, when the request is kept for replay.
-    pub fn capture_response(&mut self, bytes: &[u8]) {
+    /// answer for replay, when the request is kept for replay. An answer longer than the
+    /// cap is not kept at all: a cut one would compare as a different answer.
+    pub fn capture_response(&mut self, bytes: &Bytes) {
         let room = self.body_cap.saturating_sub(self.response_body.len());
         if room > 0 {
             self.response_body.extend_from_slice(&bytes[..bytes.len().min(room)]);
         }
         if let Some((_, cap)) = &self.replay_body {
-            let room = cap.saturating_sub(self.replay_answer.len());
-            self.replay_answer.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            if self.replay_answer_len <= *cap {
+                self.replay_answer_len += bytes.len();
+                if self.replay_answer_len <= *cap {
+                    self.replay_answer.push(bytes.clone());
+                } else {
+                    self.replay_answer = Vec::new();
+                }
+            }
         }
     }
 

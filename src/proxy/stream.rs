@@ -168,8 +168,9 @@ pub async fn stream(
                 }
                 if !out.is_empty() {
                     ctx.bytes_out += out.len() as u64;
-                    ctx.capture_response(&out);
-                    let _ = session.write_response_body(Some(Bytes::copy_from_slice(&out)), false).await;
+                    let tail = Bytes::copy_from_slice(&out);
+                    ctx.capture_response(&tail);
+                    let _ = session.write_response_body(Some(tail), false).await;
                 }
                 break finished
                     .err()
@@ -185,10 +186,10 @@ pub async fn stream(
         if ctx.bill.usage.is_none() {
             bill_stream(state, ctx, &codec, false);
         }
-        let event = codec.failure_event(ctx.surface, &e);
+        let event = Bytes::from(codec.failure_event(ctx.surface, &e));
         ctx.bytes_out += event.len() as u64;
         ctx.capture_response(&event);
-        let _ = session.write_response_body(Some(Bytes::from(event)), true).await;
+        let _ = session.write_response_body(Some(event), true).await;
         return;
     }
     if session.write_response_body(None, true).await.is_err() {

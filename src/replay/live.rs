@@ -27,11 +27,10 @@ use dashmap::DashMap;
 use serde_json::{json, Map, Value};
 
 use super::simulate::{baseline, Outcome, Side};
-use crate::auth::Principal;
+use crate::auth::{KeyLimits, Principal};
 use crate::config::Snapshot;
 use crate::error::Surface;
 use crate::trace::replay::{decompress, ReplayRow};
-use crate::trace::TraceRow;
 
 /// Grant tokens start with this (never a project or management key's prefix).
 pub const TOKEN_PREFIX: &str = "mlx_xp_";
@@ -113,13 +112,21 @@ impl Drop for Issued {
     }
 }
 
-/// Who an experiment request runs as: the key its stored request came with, with that
-/// key's limits as they are now; the project alone when the key is gone (or for the
-/// experiment's own embeddings calls).
+/// Who an experiment request runs as: the project, under the key name its stored request
+/// came with (`experiment` for the experiment's own embeddings calls). Its pace is the
+/// experiment's `concurrency`: it is not held to that key's rate limits and does not use
+/// them up (its rate counters are the experiment's own), so it never turns a client away.
 pub fn principal(grant: &Grant, headers: &http::HeaderMap) -> Arc<Principal> {
     let key = headers.get(REPLAY_KEY).and_then(|v| v.to_str().ok()).filter(|k| !k.is_empty());
-    key.and_then(|k| grant.snapshot.project_keys.by_name(&grant.project, k))
-        .unwrap_or_else(|| Arc::new(Principal::new(&grant.project, key.unwrap_or("experiment"), 0, 0)))
+    Arc::new(Principal {
+        project: grant.project.as_str().into(),
+        key_name: key.unwrap_or("experiment").into(),
+        limits: KeyLimits {
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            rate_key: format!("experiment/{}", grant.experiment).into(),
+        },
+    })
 }
 
 /// The stored request an experiment request re-sends.
@@ -151,6 +158,8 @@ pub struct Sent {
     pub model: String,
     /// A request that could not be sent at all.
     pub error: Option<String>,
+    /// An error answer's message.
+    pub error_message: Option<String>,
 }
 
 /// The address to reach a listener at: its own, or loopback for a wildcard one.
@@ -187,12 +196,27 @@ pub fn rewritten_body(row: &ReplayRow, model: &str) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&map).map_err(|e| e.to_string())
 }
 
+/// A client for this gateway's own listener: never through an HTTP proxy of the
+/// environment (it would receive the grant and the prompts), never redirected.
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .proxy(None)
+        .max_redirects(0)
         .timeout_global(Some(CALL_TIMEOUT))
         .build()
         .into()
+}
+
+/// The stored endpoint, when it is one of the chat paths the gateway serves (a stored
+/// value is data: it never picks where the grant goes).
+fn chat_path(endpoint: &str) -> Option<&str> {
+    let ok = endpoint.starts_with('/')
+        && !endpoint.starts_with("//")
+        && crate::trace::replay::is_chat_endpoint(endpoint)
+        && endpoint.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b))
+        && !endpoint.contains("..");
+    ok.then_some(endpoint)
 }
 
 /// Re-sends one stored request through the gateway.
@@ -201,7 +225,10 @@ fn send_one(agent: &ureq::Agent, plan: &Plan, row: &ReplayRow) -> Sent {
         Ok(b) => b,
         Err(e) => return Sent { error: Some(e), ..Sent::default() },
     };
-    let url = format!("http://{}{}", plan.proxy, row.endpoint);
+    let Some(path) = chat_path(&row.endpoint) else {
+        return Sent { error: Some(format!("not a chat endpoint: {:?}", row.endpoint)), ..Sent::default() };
+    };
+    let url = format!("http://{}{path}", plan.proxy);
     let mut tags: Vec<String> = row
         .tags()
         .into_iter()
@@ -240,7 +267,12 @@ fn send_one(agent: &ureq::Agent, plan: &Plan, row: &ReplayRow) -> Sent {
         (header("x-modelux-request-id"), header("x-modelux-provider-used"), header("x-modelux-model-used"));
     let status = resp.status().as_u16();
     let answer = resp.body_mut().with_config().limit(MAX_ANSWER).read_to_vec();
+    let error_message = match &answer {
+        Ok(bytes) if status >= 400 => crate::wire::nested_error_message(bytes),
+        _ => None,
+    };
     Sent {
+        error_message,
         request_id: (!request_id.is_empty()).then_some(request_id),
         status,
         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
@@ -293,7 +325,7 @@ fn surface_of(row: &ReplayRow) -> Surface {
 
 /// The candidate's side of one request: its trace record when written, else what the
 /// answer's headers and the runner's clock said.
-pub fn candidate_side(sent: &Sent, record: Option<&TraceRow>) -> Side {
+pub fn candidate_side(sent: &Sent, record: Option<&ReplayRow>) -> Side {
     if let Some(error) = &sent.error {
         if sent.status == 0 {
             return Side {
@@ -333,7 +365,7 @@ pub fn candidate_side(sent: &Sent, record: Option<&TraceRow>) -> Side {
 }
 
 /// Why the candidate's request ended as it did, for the decisions list.
-pub fn reason(sent: &Sent, record: Option<&TraceRow>) -> String {
+pub fn reason(sent: &Sent, record: Option<&ReplayRow>) -> String {
     if let Some(e) = &sent.error {
         if sent.status == 0 {
             return e.clone();
@@ -355,7 +387,7 @@ pub fn reason(sent: &Sent, record: Option<&TraceRow>) -> String {
             )
         }
         Some(r) => {
-            let why = crate::wire::nested_error_message(&sent.answer).unwrap_or_default();
+            let why = sent.error_message.clone().unwrap_or_default();
             format!("sent for real; failed with {} {}: {why}", r.status, r.error_code)
                 .trim_end_matches(": ")
                 .to_string()
@@ -364,23 +396,20 @@ pub fn reason(sent: &Sent, record: Option<&TraceRow>) -> String {
     }
 }
 
-/// Texts to compare for one request: production's answer and the candidate's, when both
-/// succeeded and have text.
-pub fn pair_texts(
-    row: &ReplayRow,
-    sent: &Sent,
-    baseline_ok: bool,
-    candidate_ok: bool,
-) -> Option<(String, String)> {
-    if !baseline_ok || !candidate_ok || row.replay_answer.is_empty() {
+/// The text of a stored answer or of the candidate's (the first `MAX_EMBED_CHARS`
+/// characters), in the stored request's surface; `None` when there is none.
+pub fn answer_text(row: &ReplayRow, answer: &[u8]) -> Option<String> {
+    let text = crate::wire::answer_text(surface_of(row), answer)?;
+    let text: String = text.chars().take(MAX_EMBED_CHARS).collect();
+    (!text.trim().is_empty()).then_some(text)
+}
+
+/// The text of the answer production gave, when it is kept.
+pub fn production_text(row: &ReplayRow) -> Option<String> {
+    if row.replay_answer.is_empty() {
         return None;
     }
-    let surface = surface_of(row);
-    let production = decompress(&row.replay_answer, MAX_STORED).ok()?;
-    let a = crate::wire::answer_text(surface, &production)?;
-    let b = crate::wire::answer_text(surface, &sent.answer)?;
-    let cut = |s: String| s.chars().take(MAX_EMBED_CHARS).collect::<String>();
-    (!a.trim().is_empty() && !b.trim().is_empty()).then(|| (cut(a), cut(b)))
+    answer_text(row, &decompress(&row.replay_answer, MAX_STORED).ok()?)
 }
 
 pub fn cosine(a: &[f64], b: &[f64]) -> Option<f64> {
@@ -441,17 +470,26 @@ fn embed(
     Ok((out, cost))
 }
 
-/// The similarity of each pair (`None` where a pair is absent), and what embedding cost.
-/// Blocking.
+/// What comparing the answers gave.
+#[derive(Debug, Default)]
+pub struct Compared {
+    /// Per pair (`None`: absent or not compared).
+    pub values: Vec<Option<f64>>,
+    pub cost_usd: f64,
+    /// The first embeddings call that failed; the pairs compared before it stand.
+    pub error: Option<String>,
+}
+
+/// The similarity of each pair, `PAIRS_PER_CALL` pairs per embeddings call, until done,
+/// an error, or `cancel`. Blocking.
 pub fn similarities(
     plan: &Plan,
     model: &str,
     pairs: &[Option<(String, String)>],
     cancel: &AtomicBool,
-) -> Result<(Vec<Option<f64>>, f64), String> {
+) -> Compared {
     let agent = agent();
-    let mut out = vec![None; pairs.len()];
-    let mut cost = 0.0;
+    let mut out = Compared { values: vec![None; pairs.len()], ..Compared::default() };
     let present: Vec<(usize, &(String, String))> =
         pairs.iter().enumerate().filter_map(|(i, p)| p.as_ref().map(|p| (i, p))).collect();
     for chunk in present.chunks(PAIRS_PER_CALL) {
@@ -459,13 +497,24 @@ pub fn similarities(
             break;
         }
         let texts: Vec<&str> = chunk.iter().flat_map(|(_, (a, b))| [a.as_str(), b.as_str()]).collect();
-        let (vectors, c) = embed(&agent, plan, model, &texts)?;
-        cost += c;
-        for (k, (i, _)) in chunk.iter().enumerate() {
-            out[*i] = cosine(&vectors[2 * k], &vectors[2 * k + 1]);
+        match embed(&agent, plan, model, &texts) {
+            Ok((vectors, cost)) => {
+                out.cost_usd += cost;
+                for (k, (i, _)) in chunk.iter().enumerate() {
+                    if let (Some(a), Some(b), Some(slot)) =
+                        (vectors.get(2 * k), vectors.get(2 * k + 1), out.values.get_mut(*i))
+                    {
+                        *slot = cosine(a, b);
+                    }
+                }
+            }
+            Err(e) => {
+                out.error = Some(e);
+                break;
+            }
         }
     }
-    Ok((out, cost))
+    out
 }
 
 /// The similarity distribution of a run.
@@ -529,7 +578,7 @@ fn round4(v: f64) -> f64 {
 }
 
 /// One request's comparison, from what was sent and recorded.
-pub fn outcome(row: &ReplayRow, sent: Option<&Sent>, record: Option<&TraceRow>) -> Outcome {
+pub fn outcome(row: &ReplayRow, sent: Option<&Sent>, record: Option<&ReplayRow>) -> Outcome {
     let base = baseline(row);
     let (candidate, why) = match sent {
         Some(s) => (candidate_side(s, record), reason(s, record)),
@@ -594,18 +643,35 @@ projects:
         assert_eq!(grants.presented(&h).map(|g| g.experiment.clone()), Some("exp_1".into()));
         let p = principal(&grants.presented(&h).unwrap(), &h);
         assert_eq!((&*p.project, &*p.key_name), ("p", "experiment"));
+        // Under the stored request's key name, on the experiment's own rate counters: the
+        // key's clients are never rate-limited by experiment traffic.
         h.insert(REPLAY_KEY, "dev".parse().unwrap());
         let p = principal(&grants.presented(&h).unwrap(), &h);
-        assert_eq!((&*p.key_name, p.limits.requests_per_minute), ("dev", 7));
-        h.insert(REPLAY_KEY, "revoked".parse().unwrap());
-        let p = principal(&grants.presented(&h).unwrap(), &h);
-        assert_eq!((&*p.key_name, p.limits.requests_per_minute), ("revoked", 0));
+        assert_eq!(
+            (&*p.key_name, p.limits.requests_per_minute, &*p.limits.rate_key),
+            ("dev", 0, "experiment/exp_1")
+        );
         h.remove(REPLAY_KEY);
         let token = issued.token.clone();
         drop(issued);
         assert!(grants.is_empty());
         h.insert("authorization", format!("Bearer {token}").parse().unwrap());
         assert!(grants.presented(&h).is_none());
+    }
+
+    #[test]
+    fn only_chat_paths_are_sent_to() {
+        assert_eq!(chat_path("/openai/v1/chat/completions"), Some("/openai/v1/chat/completions"));
+        assert_eq!(chat_path("/v1/messages"), Some("/v1/messages"));
+        for bad in [
+            "@evil.example/chat/completions",
+            "//evil/chat/completions",
+            "/a/../v1/messages",
+            "/v1/models",
+            "/x?y/messages",
+        ] {
+            assert_eq!(chat_path(bad), None, "{bad}");
+        }
     }
 
     #[test]

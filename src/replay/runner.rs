@@ -24,15 +24,24 @@ use crate::config::store::ConfigStore;
 use crate::spend::counters::Counters;
 use crate::spend::period::iso8601_ms;
 use crate::state::{ExperimentQuery, ExperimentRow, StateStore};
-use crate::trace::replay::{ReplayQuery, ReplayRow};
-use crate::trace::{LogQuery, TraceRow, TraceStore};
+use crate::trace::replay::{Bodies, ReplayQuery, ReplayRow};
+use crate::trace::{LogQuery, TraceStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Records read per page of the trace store.
 const PAGE: usize = 2_000;
-/// Per page when bodies are read too (`with_responses`).
-const LIVE_PAGE: usize = 500;
+/// `with_responses`: sampled requests whose bodies are read and sent at a time.
+const SEND_CHUNK: usize = 200;
+
+/// One sampled request of a `with_responses` run, after it was sent: its record without
+/// body or answer, what came back (answer dropped), and both answers' text.
+struct Item {
+    row: ReplayRow,
+    sent: Option<live::Sent>,
+    production: Option<String>,
+    candidate: Option<String>,
+}
 /// Decisions written per state-store transaction.
 const DECISION_CHUNK: usize = 1_000;
 /// Progress is saved at most this often.
@@ -250,6 +259,17 @@ impl Shared {
             match self.store(async move { state.experiments(&q).await }).await {
                 Ok(rows) => {
                     for mut row in rows.into_iter().rev() {
+                        // A `with_responses` run stopped mid-way has spent on part of its
+                        // sample: running it again would pay for those requests twice.
+                        if row.status == "running" && row.body["mode"] == "with_responses" {
+                            self.fail(
+                                row,
+                                "the gateway stopped while this with_responses experiment was sending; \
+                                 not sent again (its requests so far were paid for): create it anew",
+                            )
+                            .await;
+                            continue;
+                        }
                         tracing::info!(experiment = %row.id, "running an experiment left unfinished");
                         if row.status == "running" {
                             row.status = "queued".into();
@@ -420,7 +440,7 @@ impl Shared {
             job.sample_size.unwrap_or(MAX_SAMPLE),
             crate::routing::seed_of(&id),
         );
-        let mut query = ReplayQuery { filters: job.query(), after: None, limit: PAGE, bodies: false };
+        let mut query = ReplayQuery { filters: job.query(), limit: PAGE, ..Default::default() };
         let span = job.window_end_ms.saturating_sub(job.window_start_ms).max(1);
         let mut last_progress = Instant::now();
         loop {
@@ -455,7 +475,9 @@ impl Shared {
     }
 
     /// `with_responses`: a uniform sample of the window's requests whose bodies are kept,
-    /// sent through the candidate for real (`live`), their answers compared.
+    /// sent through the candidate for real (`live`), their answers compared. The sample is
+    /// drawn without reading bodies; bodies are read a chunk at a time, just before that
+    /// chunk is sent, and only the answers' text is kept after it.
     async fn send_for_real(
         &self,
         row: &mut ExperimentRow,
@@ -472,7 +494,8 @@ impl Shared {
         let mut rng = StdRng::seed_from_u64(crate::routing::seed_of(&id));
         let mut sample: Vec<ReplayRow> = Vec::new();
         let (mut matched, mut replayable, mut not_replayable) = (0u64, 0u64, 0u64);
-        let mut query = ReplayQuery { filters: job.query(), after: None, limit: LIVE_PAGE, bodies: true };
+        let mut query =
+            ReplayQuery { filters: job.query(), limit: PAGE, bodies: Bodies::Presence, ..Default::default() };
         let mut last_progress = Instant::now();
         loop {
             if self.cancelled(&id) {
@@ -480,11 +503,11 @@ impl Shared {
             }
             let started = Instant::now();
             let page = self.traces.replay(&query).await.map_err(|e| Stop::Failed(e.to_string()))?;
-            let full = page.len() >= LIVE_PAGE;
+            let full = page.len() >= PAGE;
             query.after = page.last().map(ReplayRow::cursor);
             for r in page {
                 matched += 1;
-                if r.replay_body.is_empty() || r.replay_body_truncated {
+                if !r.has_body() || r.replay_body_truncated {
                     not_replayable += 1;
                     continue;
                 }
@@ -524,37 +547,75 @@ impl Shared {
         });
         let cancel = self.cancels.get(&id).map(|f| f.clone()).unwrap_or_default();
         let done = Arc::new(AtomicUsize::new(0));
-        let rows = Arc::new(sample);
-        let mut sending = {
-            let (plan, rows, cancel, done) = (plan.clone(), rows.clone(), cancel.clone(), done.clone());
-            tokio::task::spawn_blocking(move || live::send_all(&plan, &rows, &cancel, &done))
-        };
-        let sent = loop {
-            tokio::select! {
-                joined = &mut sending => break joined.map_err(|e| Stop::Failed(format!("the sender stopped: {e}")))?,
-                _ = tokio::time::sleep(PROGRESS_EVERY) => {
-                    let percent = done.load(Ordering::SeqCst) as f64 / rows.len().max(1) as f64 * 90.0;
-                    if let Err(stop) = self.progress(row, matched, percent).await {
-                        cancel.store(true, Ordering::SeqCst);
-                        let _ = sending.await;
-                        return Err(stop);
-                    }
-                }
+        let total = sample.len().max(1);
+        let sending_started_ms = crate::spend::unix_now_us() / 1000;
+        // Per sampled request: what was sent back, and both answers' text.
+        let mut items: Vec<Item> = Vec::with_capacity(sample.len());
+        for chunk in sample.chunks(SEND_CHUNK) {
+            if self.cancelled(&id) {
+                return Err(Stop::Cancelled);
             }
-        };
+            let ids: Vec<String> = chunk.iter().map(|r| r.request_id.clone()).collect();
+            let q = ReplayQuery {
+                filters: job.query(),
+                limit: ids.len(),
+                bodies: Bodies::Full,
+                request_ids: ids,
+                ..Default::default()
+            };
+            let fetched = self.traces.replay(&q).await.map_err(|e| Stop::Failed(e.to_string()))?;
+            let mut by_id: HashMap<String, ReplayRow> =
+                fetched.into_iter().map(|r| (r.request_id.clone(), r)).collect();
+            // A body expired since the sample was drawn: not sent, counted as such.
+            let rows: Vec<ReplayRow> = chunk
+                .iter()
+                .filter_map(|r| by_id.remove(&r.request_id))
+                .filter(|r| r.has_body() && !r.replay_body_truncated)
+                .collect();
+            not_replayable += (chunk.len() - rows.len()) as u64;
+            let rows = Arc::new(rows);
+            let sent = {
+                let (plan, rows, stop, sent_so_far) =
+                    (plan.clone(), rows.clone(), cancel.clone(), done.clone());
+                let percent = || done.load(Ordering::SeqCst) as f64 / total as f64 * 90.0;
+                self.watched(row, matched, &cancel, percent, move || {
+                    live::send_all(&plan, &rows, &stop, &sent_so_far)
+                })
+                .await?
+            };
+            for (r, s) in rows.iter().zip(sent) {
+                let production = live::production_text(r);
+                let candidate = s.as_ref().and_then(|s| live::answer_text(r, &s.answer));
+                let mut r = r.clone();
+                r.replay_body = Vec::new();
+                r.replay_answer = Vec::new();
+                let sent = s.map(|s| live::Sent { answer: Vec::new(), ..s });
+                items.push(Item { row: r, sent, production, candidate });
+            }
+        }
         if self.cancelled(&id) {
             return Err(Stop::Cancelled);
         }
-        let records = self.candidate_records(&sent).await;
-        let mut outcomes = Vec::with_capacity(rows.len());
-        let mut pairs = Vec::with_capacity(rows.len());
-        for (r, s) in rows.iter().zip(&sent) {
-            let record = s.as_ref().and_then(|s| s.request_id.as_ref()).and_then(|rid| records.get(rid));
-            let o = live::outcome(r, s.as_ref(), record);
-            let ok = (o.baseline.error.is_none(), o.candidate.error.is_none());
-            pairs.push(s.as_ref().and_then(|s| live::pair_texts(r, s, ok.0, ok.1)));
+        let records = self.candidate_records(row, matched, job, &id, sending_started_ms, &items).await?;
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut pairs = Vec::with_capacity(items.len());
+        for item in &items {
+            let record =
+                item.sent.as_ref().and_then(|s| s.request_id.as_ref()).and_then(|rid| records.get(rid));
+            let o = live::outcome(&item.row, item.sent.as_ref(), record);
+            // Only two complete answers compare: no error on either side, not even one
+            // that ended a stream after its status went out.
+            let clean = o.baseline.error.is_none()
+                && item.row.error_code.is_empty()
+                && o.candidate.error.is_none()
+                && record.is_some_and(|r| r.error_code.is_empty());
+            pairs.push(match (&item.production, &item.candidate) {
+                (Some(a), Some(b)) if clean => Some((a.clone(), b.clone())),
+                _ => None,
+            });
             outcomes.push(o);
         }
+        drop(items);
         let mut similarity = Similarity {
             model: embedding_model.clone(),
             threshold: job.similarity_threshold.unwrap_or(live::DEFAULT_THRESHOLD),
@@ -563,20 +624,21 @@ impl Shared {
         match embedding_model {
             None => similarity.unavailable = Some("experiments.embedding_model is not set".into()),
             Some(model) if pairs.iter().any(Option::is_some) => {
-                let (plan, cancel) = (plan.clone(), cancel.clone());
-                let compared =
-                    tokio::task::spawn_blocking(move || live::similarities(&plan, &model, &pairs, &cancel))
-                        .await;
-                match compared {
-                    Ok(Ok((values, cost))) => {
-                        similarity.embedding_cost_usd = cost;
-                        for (o, v) in outcomes.iter_mut().zip(values) {
-                            o.similarity = v;
-                        }
-                    }
-                    Ok(Err(e)) => similarity.unavailable = Some(e),
-                    Err(e) => similarity.unavailable = Some(format!("the comparison stopped: {e}")),
+                let (plan, c) = (plan.clone(), cancel.clone());
+                let compared = self
+                    .watched(
+                        row,
+                        matched,
+                        &cancel,
+                        || 95.0,
+                        move || live::similarities(&plan, &model, &pairs, &c),
+                    )
+                    .await?;
+                similarity.embedding_cost_usd = compared.cost_usd;
+                for (o, v) in outcomes.iter_mut().zip(compared.values) {
+                    o.similarity = v;
                 }
+                similarity.unavailable = compared.error;
             }
             Some(_) => {}
         }
@@ -593,31 +655,96 @@ impl Shared {
         Ok(report)
     }
 
-    /// The trace records of the candidate's requests, waiting (bounded) for the writer.
-    async fn candidate_records(&self, sent: &[Option<live::Sent>]) -> HashMap<String, TraceRow> {
-        let mut missing: Vec<&str> = sent.iter().flatten().filter_map(|s| s.request_id.as_deref()).collect();
-        let mut found = HashMap::new();
-        let deadline = Instant::now() + live::TRACE_WAIT;
+    /// Runs blocking work (the loopback calls) on a thread of normal priority, saving
+    /// progress while it runs; a cancel (here or through the state store) sets `cancel`
+    /// for the work to stop at its next request.
+    async fn watched<T: Send + 'static>(
+        &self,
+        row: &mut ExperimentRow,
+        matched: u64,
+        cancel: &Arc<AtomicBool>,
+        percent: impl Fn() -> f64,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Stop> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = move || {
+            let _ = tx.send(work());
+        };
+        // A thread started from a task of the normal-priority runtime is of that class;
+        // one started from this idle-class worker would be idle too.
+        match &self.store_rt {
+            Some(rt) => drop(rt.spawn(async move {
+                let _ = tokio::task::spawn_blocking(job).await;
+            })),
+            None => drop(tokio::task::spawn_blocking(job)),
+        }
+        tokio::pin!(rx);
         loop {
-            let mut still = Vec::new();
-            for rid in missing {
-                match self.traces.get(rid).await {
-                    Ok(Some(r)) => {
-                        found.insert(rid.to_string(), r);
+            tokio::select! {
+                out = &mut rx => return out.map_err(|_| Stop::Failed("the experiment's sender stopped".into())),
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    if let Err(stop) = self.progress(row, matched, percent()).await {
+                        cancel.store(true, Ordering::SeqCst);
+                        let _ = rx.await;
+                        return Err(stop);
                     }
-                    _ => still.push(rid),
                 }
             }
-            missing = still;
-            if missing.is_empty() || Instant::now() >= deadline {
-                if !missing.is_empty() {
+        }
+    }
+
+    /// The trace records of the candidate's requests (read as replay reads, on the replay
+    /// connection), waiting a bounded time for the writer to store them all.
+    async fn candidate_records(
+        &self,
+        row: &mut ExperimentRow,
+        matched: u64,
+        job: &Job,
+        id: &str,
+        since_ms: u64,
+        items: &[Item],
+    ) -> Result<HashMap<String, ReplayRow>, Stop> {
+        let wanted: std::collections::HashSet<&str> =
+            items.iter().filter_map(|i| i.sent.as_ref()?.request_id.as_deref()).collect();
+        let mut found: HashMap<String, ReplayRow> = HashMap::new();
+        let deadline = Instant::now() + live::TRACE_WAIT;
+        let filters = LogQuery {
+            start_ms: Some(since_ms.saturating_sub(1_000)),
+            project: Some(job.project.clone()),
+            tags: vec![("experiment".into(), id.to_string())],
+            ..LogQuery::default()
+        };
+        loop {
+            let mut q = ReplayQuery {
+                filters: filters.clone(),
+                limit: PAGE,
+                experiment_traffic: true,
+                ..Default::default()
+            };
+            loop {
+                let page = self.traces.replay(&q).await.map_err(|e| Stop::Failed(e.to_string()))?;
+                let full = page.len() >= PAGE;
+                q.after = page.last().map(ReplayRow::cursor);
+                for r in page {
+                    if wanted.contains(r.request_id.as_str()) {
+                        found.insert(r.request_id.clone(), r);
+                    }
+                }
+                if !full || Instant::now() >= deadline {
+                    break;
+                }
+            }
+            if found.len() >= wanted.len() || Instant::now() >= deadline {
+                if found.len() < wanted.len() {
                     tracing::warn!(
-                        missing = missing.len(),
+                        experiment = %id,
+                        missing = wanted.len() - found.len(),
                         "experiment requests whose trace records were not written in time"
                     );
                 }
-                return found;
+                return Ok(found);
             }
+            self.progress(row, matched, 92.0).await?;
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }

@@ -206,7 +206,8 @@ pub struct Report {
     pub outcomes: Vec<Outcome>,
     /// `with_responses`: how alike the answers were.
     pub similarity: Option<super::live::Similarity>,
-    /// `with_responses`: sampled requests that could not be re-sent (body not kept or cut).
+    /// `with_responses`: requests of the window that could not be re-sent (body not kept,
+    /// expired or cut).
     pub not_replayable: u64,
 }
 

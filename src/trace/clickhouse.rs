@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::query::{round_cost, Cursor, GroupBy, LogPage, LogQuery, Report, ReportQuery, ReportRow, Totals};
 use super::query::{DEFAULT_PAGE, MAX_PAGE};
-use super::replay::{self, ReplayQuery, ReplayRow};
+use super::replay::{self, Bodies, ReplayQuery, ReplayRow};
 use super::{StoreError, TraceRow, TraceStore};
 
 /// Bookkeeping table, created before any migration.
@@ -566,9 +566,19 @@ impl TraceStore for ClickHouseStore {
         filter.log(&query.filters);
         filter.push(
             "(endsWith(endpoint, '/chat/completions') OR endsWith(endpoint, '/messages')) \
-             AND model_requested != '' AND project != '' AND NOT has(tag_keys, 'experiment')",
+             AND model_requested != '' AND project != ''",
             [],
         );
+        if !query.experiment_traffic {
+            filter.push("NOT has(tag_keys, 'experiment')", []);
+        }
+        if !query.request_ids.is_empty() {
+            let marks = vec!["?"; query.request_ids.len()].join(", ");
+            filter.push(
+                &format!("request_id IN ({marks})"),
+                query.request_ids.iter().map(|id| Param::Str(id.clone())),
+            );
+        }
         if let Some(c) = &query.after {
             filter.push(
                 "(ts_ms > ? OR (ts_ms = ? AND request_id > ?))",
@@ -576,10 +586,10 @@ impl TraceStore for ClickHouseStore {
             );
             filter.push("ts >= toDateTime(?)", [Param::U64(seconds(c.ts_ms))]);
         }
-        let (body, answer) = if query.bodies {
-            ("replay_body", "replay_answer")
-        } else {
-            ("'' AS replay_body", "'' AS replay_answer")
+        let (body, answer) = match query.bodies {
+            Bodies::Skip => ("'' AS replay_body", "'' AS replay_answer"),
+            Bodies::Presence => ("if(replay_body != '', 'x', '') AS replay_body", "'' AS replay_answer"),
+            Bodies::Full => ("replay_body", "replay_answer"),
         };
         let sql = format!(
             "SELECT {} FROM {} FINAL WHERE {} ORDER BY ts_ms ASC, request_id ASC LIMIT {}",

@@ -28,7 +28,7 @@ use rusqlite::types::{Type, Value};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::query::{self, Cursor, GroupBy, LogPage, LogQuery, Report, ReportAcc, ReportQuery, StatusFilter};
-use super::replay::{self, ReplayQuery, ReplayRow};
+use super::replay::{self, Bodies, ReplayQuery, ReplayRow};
 use super::{StoreError, TraceRow, TraceStore};
 
 /// Kept in `PRAGMA user_version`. A file written by a newer schema is refused rather than
@@ -596,11 +596,20 @@ fn replay_rows(conn: &Connection, q: &ReplayQuery) -> Result<Vec<ReplayRow>, Sto
     w.filters(&q.filters);
     w.and(
         "(r.endpoint LIKE '%/chat/completions' OR r.endpoint LIKE '%/messages') \
-         AND r.model_requested <> '' AND r.project <> '' \
-         AND NOT EXISTS (SELECT 1 FROM request_tags t WHERE t.request_id = r.request_id \
-         AND t.key = 'experiment')",
+         AND r.model_requested <> '' AND r.project <> ''",
         [],
     );
+    if !q.experiment_traffic {
+        w.and(
+            "NOT EXISTS (SELECT 1 FROM request_tags t WHERE t.request_id = r.request_id \
+             AND t.key = 'experiment')",
+            [],
+        );
+    }
+    if !q.request_ids.is_empty() {
+        let marks = vec!["?"; q.request_ids.len()].join(", ");
+        w.and(&format!("r.request_id IN ({marks})"), q.request_ids.iter().map(|id| Value::Text(id.clone())));
+    }
     if let Some(c) = &q.after {
         match i64::try_from(c.ts_ms) {
             Ok(ts) => w.and(
@@ -616,7 +625,11 @@ fn replay_rows(conn: &Connection, q: &ReplayQuery) -> Result<Vec<ReplayRow>, Sto
         }
     }
     w.args.push(Value::Integer(q.limit.max(1) as i64));
-    let (body, answer) = if q.bodies { ("r.replay_body", "r.replay_answer") } else { ("x''", "x''") };
+    let (body, answer) = match q.bodies {
+        Bodies::Skip => ("x''", "x''"),
+        Bodies::Presence => ("CASE WHEN length(r.replay_body) > 0 THEN x'78' ELSE x'' END", "x''"),
+        Bodies::Full => ("r.replay_body", "r.replay_answer"),
+    };
     let columns = replay::COLUMNS.replace("{body}", body).replace("{answer}", answer);
     let sql = format!(
         "SELECT {columns} FROM requests r WHERE {} ORDER BY r.ts_ms ASC, r.request_id ASC LIMIT ?",
@@ -1407,7 +1420,7 @@ mod tests {
 
     #[tokio::test]
     async fn replay_pages_oldest_first_through_the_reference_set() {
-        use crate::trace::replay::{ReplayQuery, ReplayRow};
+        use crate::trace::replay::{Bodies, ReplayQuery, ReplayRow};
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, 0);
         let rows = replay_rows_for_test(600, 11);
@@ -1415,9 +1428,26 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(12);
         let mut nonempty = 0;
         for i in 0..60 {
-            let filters = random_query(&mut rng, &rows);
-            let bodies = i % 2 == 0;
-            let base = ReplayQuery { filters, after: None, limit: rng.random_range(1..80), bodies };
+            let mut filters = random_query(&mut rng, &rows);
+            let bodies = [Bodies::Skip, Bodies::Presence, Bodies::Full][i % 3];
+            // Every fourth reads experiment traffic; every fifth only a few named records.
+            let experiment_traffic = i % 4 == 3;
+            if experiment_traffic {
+                filters.tags = vec![("experiment".into(), "exp_1".into())];
+            }
+            let request_ids = if i % 5 == 4 {
+                (0..6).map(|_| rows[rng.random_range(0..rows.len())].request_id.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            let base = ReplayQuery {
+                filters,
+                after: None,
+                limit: rng.random_range(1..80),
+                bodies,
+                request_ids,
+                experiment_traffic,
+            };
             let mut want: Vec<ReplayRow> =
                 rows.iter().filter(|r| base.matches(r)).map(|r| ReplayRow::from_row(r, bodies)).collect();
             want.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
@@ -1476,6 +1506,21 @@ mod tests {
         fresh.replay_answer = crate::trace::replay::compress(b"answer");
         store.insert(std::slice::from_ref(&fresh)).await.unwrap();
         assert_eq!(store.get("after-migration").await.unwrap(), Some(fresh));
+    }
+
+    #[test]
+    fn spilled_rows_of_an_older_build_still_read() {
+        // A spill file written before the replay columns existed: the rows come back with
+        // those fields empty instead of going to the dead-letter file.
+        let mut old = full_row("old", BASE_MS);
+        old.attempt_ttfb_ms = vec![-1.0, 12.5];
+        let mut v = serde_json::to_value(old).unwrap();
+        for k in ["max_tokens", "replay_body", "replay_body_truncated", "replay_answer"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let row: TraceRow = serde_json::from_str(&v.to_string()).unwrap();
+        assert_eq!((row.max_tokens, row.replay_body.len(), row.replay_answer.len()), (0, 0, 0));
+        assert!(!row.replay_body_truncated);
     }
 
     #[test]

@@ -49,9 +49,10 @@ pub struct TraceEvent {
     /// The whole request body and the cap it is kept to, when it is kept for replay
     /// (`traces.replay_hours`); compressed on the writer's thread, not here.
     pub replay_body: Option<(bytes::Bytes, usize)>,
-    /// The answer the client got (as sent: JSON or the stream's bytes), when the body is
-    /// kept for replay; already cut to the same cap. `with_responses` compares against it.
-    pub replay_answer: Vec<u8>,
+    /// The answer the client got (as sent: JSON or the stream's pieces), when the body is
+    /// kept for replay and the answer fits its cap; joined and compressed on the writer's
+    /// thread. `with_responses` compares against it.
+    pub replay_answer: Vec<bytes::Bytes>,
 }
 
 /// The stored record. Field names are the column names in both stores
@@ -120,17 +121,20 @@ pub struct TraceRow {
     /// Empty unless bodies are enabled; cut to the configured size.
     pub request_body: String,
     pub response_body: String,
-    /// The request's `max_tokens` (a routing input), or 0.
+    /// The request's `max_tokens` (a routing input), or 0. (`default`: spill files written
+    /// before a column existed still read back.)
+    #[serde(default)]
     pub max_tokens: u64,
     /// The request body kept for replay, zstd-compressed (`trace::replay`); empty when not
     /// kept or after `traces.replay_hours`.
-    #[serde(with = "serde_bytes")]
+    #[serde(default, with = "serde_bytes")]
     pub replay_body: Vec<u8>,
     /// The replay body was cut at `traces.replay_max_body_bytes`.
+    #[serde(default)]
     pub replay_body_truncated: bool,
-    /// The answer the client got, kept and compressed like `replay_body` (cut at the same
-    /// cap); empty when not kept or after `traces.replay_hours`.
-    #[serde(with = "serde_bytes")]
+    /// The answer the client got, kept and compressed like `replay_body`; empty when not
+    /// kept (longer than the cap, or no body kept) or after `traces.replay_hours`.
+    #[serde(default, with = "serde_bytes")]
     pub replay_answer: Vec<u8>,
 }
 
@@ -199,10 +203,10 @@ impl TraceEvent {
                 .replay_body
                 .map(|(body, cap)| super::replay::compress(&body[..body.len().min(cap)]))
                 .unwrap_or_default(),
-            replay_answer: if self.replay_answer.is_empty() {
-                Vec::new()
-            } else {
-                super::replay::compress(&self.replay_answer)
+            replay_answer: match self.replay_answer.as_slice() {
+                [] => Vec::new(),
+                [one] => super::replay::compress(one),
+                pieces => super::replay::compress(&pieces.concat()),
             },
             request_id: self.request_id,
         }

@@ -75,6 +75,22 @@ pub fn is_chat_endpoint(endpoint: &str) -> bool {
     endpoint.ends_with("/chat/completions") || endpoint.ends_with("/messages")
 }
 
+/// What a replay read returns of the kept body and answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Bodies {
+    /// Both empty (`routing_only` needs neither).
+    #[default]
+    Skip,
+    /// `replay_body` is a one-byte marker when a body is kept, else empty; no answer.
+    /// (`with_responses` samples on it without reading the bodies.)
+    Presence,
+    /// Both as stored.
+    Full,
+}
+
+/// The one byte `Bodies::Presence` puts in `replay_body` (`x`).
+pub const PRESENT: u8 = b'x';
+
 /// One page of a replay read.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayQuery {
@@ -83,8 +99,12 @@ pub struct ReplayQuery {
     /// Rows strictly after this one in oldest-first order.
     pub after: Option<Cursor>,
     pub limit: usize,
-    /// Read the stored bodies (`with_responses`); without, `replay_body` comes back empty.
-    pub bodies: bool,
+    pub bodies: Bodies,
+    /// Only these records (empty: no such filter); a few hundred at most.
+    pub request_ids: Vec<String>,
+    /// Read the traffic experiments sent (tag `experiment`; `filters.tags` picks one)
+    /// instead of leaving it out.
+    pub experiment_traffic: bool,
 }
 
 impl ReplayQuery {
@@ -95,7 +115,8 @@ impl ReplayQuery {
             && is_chat_endpoint(&row.endpoint)
             && !row.model_requested.is_empty()
             && !row.project.is_empty()
-            && row.tag("experiment").is_none()
+            && (self.experiment_traffic || row.tag("experiment").is_none())
+            && (self.request_ids.is_empty() || self.request_ids.contains(&row.request_id))
     }
 }
 
@@ -162,8 +183,13 @@ impl ReplayRow {
         Cursor { ts_ms: self.ts_ms, request_id: self.request_id.clone() }
     }
 
+    /// A body is kept for this record (`Bodies::Presence` or `Full`).
+    pub fn has_body(&self) -> bool {
+        !self.replay_body.is_empty()
+    }
+
     /// The reference projection of a full record.
-    pub fn from_row(row: &super::TraceRow, bodies: bool) -> ReplayRow {
+    pub fn from_row(row: &super::TraceRow, bodies: Bodies) -> ReplayRow {
         ReplayRow {
             ts_ms: row.ts_ms,
             request_id: row.request_id.clone(),
@@ -195,9 +221,14 @@ impl ReplayRow {
             bytes_in: row.bytes_in,
             max_tokens: row.max_tokens,
             budget_action: row.budget_action.clone(),
-            replay_body: if bodies { row.replay_body.clone() } else { Vec::new() },
+            replay_body: match bodies {
+                Bodies::Skip => Vec::new(),
+                Bodies::Presence if row.replay_body.is_empty() => Vec::new(),
+                Bodies::Presence => vec![PRESENT],
+                Bodies::Full => row.replay_body.clone(),
+            },
             replay_body_truncated: row.replay_body_truncated,
-            replay_answer: if bodies { row.replay_answer.clone() } else { Vec::new() },
+            replay_answer: if bodies == Bodies::Full { row.replay_answer.clone() } else { Vec::new() },
         }
     }
 }

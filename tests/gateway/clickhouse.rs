@@ -5,7 +5,7 @@
 use super::*;
 use modelux::trace::clickhouse::{classify_response, ClickHouseSettings, ClickHouseStore};
 use modelux::trace::query::{report_from_rows, StatusFilter};
-use modelux::trace::replay::{ReplayQuery, ReplayRow};
+use modelux::trace::replay::{Bodies, ReplayQuery, ReplayRow};
 use modelux::trace::{Cursor, Granularity, GroupBy, LogQuery, ReportQuery, StoreError, TraceRow, TraceStore};
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -577,6 +577,7 @@ fn varied_rows(base: u64) -> Vec<TraceRow> {
             r.max_tokens = g.next() % 3 * 100;
             if g.next().is_multiple_of(2) {
                 r.replay_body = modelux::trace::replay::compress(r.request_id.as_bytes());
+                r.replay_answer = modelux::trace::replay::compress(r.endpoint.as_bytes());
                 r.replay_body_truncated = g.next().is_multiple_of(5);
             }
             match g.next() % 6 {
@@ -705,8 +706,19 @@ async fn clickhouse_reports_and_pages_match_the_reference() {
         }
 
         // Replay pages: oldest first, only the replay set, bodies when asked.
-        for (limit, bodies) in [(9, true), (500, false)] {
-            let base_q = ReplayQuery { filters: filter.clone(), after: None, limit, bodies };
+        // The last two: an experiment's own traffic, and a few named records.
+        let some_ids: Vec<String> = rows.iter().step_by(37).map(|r| r.request_id.clone()).collect();
+        for (limit, bodies, experiment_traffic, request_ids) in [
+            (9, Bodies::Full, false, Vec::new()),
+            (500, Bodies::Skip, false, Vec::new()),
+            (50, Bodies::Presence, true, Vec::new()),
+            (50, Bodies::Presence, false, some_ids),
+        ] {
+            let mut filters = filter.clone();
+            if experiment_traffic {
+                filters.tags = vec![("experiment".into(), "exp_1".into())];
+            }
+            let base_q = ReplayQuery { filters, after: None, limit, bodies, request_ids, experiment_traffic };
             let mut want: Vec<ReplayRow> =
                 rows.iter().filter(|r| base_q.matches(r)).map(|r| ReplayRow::from_row(r, bodies)).collect();
             want.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
@@ -728,10 +740,19 @@ async fn clickhouse_reports_and_pages_match_the_reference() {
     let old_bodies =
         unique.values().filter(|r| r.ts_ms / 1000 < cut / 1000 && !r.replay_body.is_empty()).count();
     assert_eq!(store.expire_replay_bodies(cut).await.unwrap(), old_bodies as u64);
-    let all = ReplayQuery { filters: LogQuery::default(), after: None, limit: 1000, bodies: true };
+    let all = ReplayQuery {
+        filters: LogQuery::default(),
+        after: None,
+        limit: 1000,
+        bodies: Bodies::Full,
+        ..ReplayQuery::default()
+    };
     for _ in 0..100 {
         let left = store.replay(&all).await.unwrap();
-        if left.iter().all(|r| r.ts_ms / 1000 >= cut / 1000 || r.replay_body.is_empty()) {
+        if left
+            .iter()
+            .all(|r| r.ts_ms / 1000 >= cut / 1000 || (r.replay_body.is_empty() && r.replay_answer.is_empty()))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -741,9 +762,10 @@ async fn clickhouse_reports_and_pages_match_the_reference() {
         .iter()
         .filter(|r| all.matches(r))
         .map(|r| {
-            let mut w = ReplayRow::from_row(r, true);
+            let mut w = ReplayRow::from_row(r, Bodies::Full);
             if r.ts_ms / 1000 < cut / 1000 {
                 w.replay_body.clear();
+                w.replay_answer.clear();
             }
             w
         })
