@@ -180,6 +180,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         spend: handles.spend.clone(),
         traces: handles.traces.clone(),
         grants: grants.clone(),
+        answer_budget: Default::default(),
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

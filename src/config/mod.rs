@@ -119,6 +119,8 @@ pub struct TraceSettings {
     pub replay_hours: u32,
     /// Replay bodies are cut to this many bytes (uncompressed) and marked as cut.
     pub replay_max_body_bytes: usize,
+    /// Answers kept beside replay bodies, at most this many a second (0: none).
+    pub replay_answers_per_second: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -566,6 +568,7 @@ fn trace_settings(raw: &RawTraces, errors: &mut Vec<ConfigError>) -> TraceSettin
             "traces.replay_max_body_bytes",
             errors,
         ) as usize,
+        replay_answers_per_second: raw.replay_answers_per_second.unwrap_or(100),
     }
 }
 

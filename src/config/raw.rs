@@ -127,6 +127,9 @@ pub struct RawTraces {
     pub replay_hours: Option<u32>,
     /// A replay body longer than this is cut and marked as cut (default 1 MiB).
     pub replay_max_body_bytes: Option<usize>,
+    /// The most answers kept for replay per second per gateway, beside their bodies
+    /// (default 100; 0: none).
+    pub replay_answers_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,6 +27,8 @@ pub async fn complete(
     if traces.replay_hours > 0 && !dry_run && req.ctx.replay_of.is_none() {
         // A reference to the body already held, not a copy; compressed on the writer.
         req.ctx.replay_body = Some((body.clone(), traces.replay_max_body_bytes));
+        req.ctx.keep_answer =
+            req.state.answer_budget.take(req.ctx.ts_ms / 1000, traces.replay_answers_per_second);
     }
     req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(body.len());
     if !dry_run {

@@ -49,6 +49,8 @@ pub struct GatewayState {
     pub traces: Arc<TraceQueue>,
     /// Grants of `with_responses` experiments sending through this gateway.
     pub grants: Arc<crate::replay::live::Grants>,
+    /// Answers kept for replay this second (`traces.replay_answers_per_second`).
+    pub answer_budget: crate::trace::replay::AnswerBudget,
 }
 
 pub struct Gateway {
@@ -92,8 +94,10 @@ pub struct RequestCtx {
     pub request_body: Option<String>,
     /// A chat request's whole body and its cap, kept for replay (`traces.replay_hours`).
     pub replay_body: Option<(Bytes, usize)>,
-    /// What the client got, when its request is kept for replay: the pieces as sent
-    /// (shared, not copied); dropped when they outgrow the body's cap.
+    /// Keep the answer for replay (its body is kept and the answer budget allowed it).
+    pub keep_answer: bool,
+    /// What the client got, when `keep_answer`: the pieces as sent (shared, not copied);
+    /// dropped when they outgrow the body's cap.
     replay_answer: Vec<Bytes>,
     replay_answer_len: usize,
     /// An experiment's request (`replay::live`): the stored request it re-sends, whose
@@ -145,6 +149,7 @@ impl RequestCtx {
             streamed: false,
             request_body: None,
             replay_body: None,
+            keep_answer: false,
             replay_answer: Vec::new(),
             replay_answer_len: 0,
             replay_of: None,
@@ -162,7 +167,7 @@ impl RequestCtx {
         if room > 0 {
             self.response_body.extend_from_slice(&bytes[..bytes.len().min(room)]);
         }
-        if let Some((_, cap)) = &self.replay_body {
+        if let (true, Some((_, cap))) = (self.keep_answer, &self.replay_body) {
             if self.replay_answer_len <= *cap {
                 self.replay_answer_len += bytes.len();
                 if self.replay_answer_len <= *cap {

@@ -507,7 +507,8 @@ impl Shared {
             query.after = page.last().map(ReplayRow::cursor);
             for r in page {
                 matched += 1;
-                if !r.has_body() || r.replay_body_truncated {
+                // Only requests whose answer is kept too: every pair sent can be compared.
+                if !r.has_body() || r.replay_body_truncated || !r.has_answer() {
                     not_replayable += 1;
                     continue;
                 }

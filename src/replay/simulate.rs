@@ -206,8 +206,8 @@ pub struct Report {
     pub outcomes: Vec<Outcome>,
     /// `with_responses`: how alike the answers were.
     pub similarity: Option<super::live::Similarity>,
-    /// `with_responses`: requests of the window that could not be re-sent (body not kept,
-    /// expired or cut).
+    /// `with_responses`: requests of the window not sampled because their body or answer is
+    /// not kept (expired, cut, over the answer budget).
     pub not_replayable: u64,
 }
 

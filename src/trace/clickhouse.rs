@@ -588,7 +588,10 @@ impl TraceStore for ClickHouseStore {
         }
         let (body, answer) = match query.bodies {
             Bodies::Skip => ("'' AS replay_body", "'' AS replay_answer"),
-            Bodies::Presence => ("if(replay_body != '', 'x', '') AS replay_body", "'' AS replay_answer"),
+            Bodies::Presence => (
+                "if(replay_body != '', 'x', '') AS replay_body",
+                "if(replay_answer != '', 'x', '') AS replay_answer",
+            ),
             Bodies::Full => ("replay_body", "replay_answer"),
         };
         let sql = format!(

@@ -627,7 +627,10 @@ fn replay_rows(conn: &Connection, q: &ReplayQuery) -> Result<Vec<ReplayRow>, Sto
     w.args.push(Value::Integer(q.limit.max(1) as i64));
     let (body, answer) = match q.bodies {
         Bodies::Skip => ("x''", "x''"),
-        Bodies::Presence => ("CASE WHEN length(r.replay_body) > 0 THEN x'78' ELSE x'' END", "x''"),
+        Bodies::Presence => (
+            "CASE WHEN length(r.replay_body) > 0 THEN x'78' ELSE x'' END",
+            "CASE WHEN length(r.replay_answer) > 0 THEN x'78' ELSE x'' END",
+        ),
         Bodies::Full => ("r.replay_body", "r.replay_answer"),
     };
     let columns = replay::COLUMNS.replace("{body}", body).replace("{answer}", answer);

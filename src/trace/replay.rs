@@ -70,6 +70,44 @@ pub fn decompress(stored: &[u8], max: usize) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// How many answers are kept for replay each second (`traces.replay_answers_per_second`):
+/// an answer travels to the trace writer and its store beside its body, which at full load
+/// cost the proxy about a tenth more CPU per request when every one was kept; a bounded
+/// rate keeps what `with_responses` samples from (up to 8.6 M answers a day at the
+/// default) at no measurable cost. One word: the second (high half) and the count so far.
+#[derive(Debug, Default)]
+pub struct AnswerBudget {
+    state: std::sync::atomic::AtomicU64,
+}
+
+impl AnswerBudget {
+    /// Whether a request arriving in unix second `second` may keep its answer.
+    pub fn take(&self, second: u64, per_second: u32) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if per_second == 0 {
+            return false;
+        }
+        let second = second & 0xffff_ffff;
+        let mut current = self.state.load(Relaxed);
+        loop {
+            let (window, used) = (current >> 32, current & 0xffff_ffff);
+            // A request stamped in an earlier second than the window counts in the window.
+            let next = if second <= window {
+                if used >= u64::from(per_second) {
+                    return false;
+                }
+                current + 1
+            } else {
+                (second << 32) | 1
+            };
+            match self.state.compare_exchange_weak(current, next, Relaxed, Relaxed) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+}
+
 /// The paths whose records replay reads: the two chat surfaces.
 pub fn is_chat_endpoint(endpoint: &str) -> bool {
     endpoint.ends_with("/chat/completions") || endpoint.ends_with("/messages")
@@ -81,8 +119,8 @@ pub enum Bodies {
     /// Both empty (`routing_only` needs neither).
     #[default]
     Skip,
-    /// `replay_body` is a one-byte marker when a body is kept, else empty; no answer.
-    /// (`with_responses` samples on it without reading the bodies.)
+    /// `replay_body` and `replay_answer` are one-byte markers when kept, else empty.
+    /// (`with_responses` samples on them without reading bodies.)
     Presence,
     /// Both as stored.
     Full,
@@ -188,6 +226,11 @@ impl ReplayRow {
         !self.replay_body.is_empty()
     }
 
+    /// The answer production gave is kept (`Bodies::Presence` or `Full`).
+    pub fn has_answer(&self) -> bool {
+        !self.replay_answer.is_empty()
+    }
+
     /// The reference projection of a full record.
     pub fn from_row(row: &super::TraceRow, bodies: Bodies) -> ReplayRow {
         ReplayRow {
@@ -228,7 +271,12 @@ impl ReplayRow {
                 Bodies::Full => row.replay_body.clone(),
             },
             replay_body_truncated: row.replay_body_truncated,
-            replay_answer: if bodies == Bodies::Full { row.replay_answer.clone() } else { Vec::new() },
+            replay_answer: match bodies {
+                Bodies::Skip => Vec::new(),
+                Bodies::Presence if row.replay_answer.is_empty() => Vec::new(),
+                Bodies::Presence => vec![PRESENT],
+                Bodies::Full => row.replay_answer.clone(),
+            },
         }
     }
 }
@@ -236,6 +284,25 @@ impl ReplayRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_answer_budget_refills_each_second() {
+        let b = AnswerBudget::default();
+        assert!(!b.take(100, 0));
+        assert_eq!((0..5).filter(|_| b.take(100, 3)).count(), 3);
+        // A late request of the second before counts in the current window.
+        assert!(!b.take(99, 3));
+        assert_eq!((0..5).filter(|_| b.take(101, 3)).count(), 3);
+        let shared = std::sync::Arc::new(AnswerBudget::default());
+        let taken: usize = (0..4)
+            .map(|_| {
+                let b = shared.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| b.take(7, 250)).count())
+            })
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(taken, 250);
+    }
 
     #[test]
     fn bodies_round_trip_and_are_bounded() {

@@ -797,25 +797,30 @@ async fn with_responses_without_an_embedding_model_and_cancelled_mid_way() {
     let openai = mock(MockConfig { latency: Duration::from_millis(150), ..MockConfig::default() }).await;
     let openai_url = openai.base_url();
     let mut cfg = Cfg::new(openai_url.leak());
-    cfg.top_extra = "traces: { flush_interval_ms: 50 }\n".into();
+    // At most 3 answers a second are kept: the run samples only requests whose answer is.
+    cfg.top_extra = "traces: { flush_interval_ms: 50, replay_answers_per_second: 3 }\n".into();
     let gw = start(cfg).await;
     for _ in 0..8 {
         assert_eq!(chat(&gw, "@fast", &[]).await.status, 200);
     }
-    stored_rows(&gw, 8).await;
+    let rows = stored_rows(&gw, 8).await;
+    let kept = rows.iter().filter(|r| !r.replay_answer.is_empty()).count();
+    assert!(rows.iter().all(|r| !r.replay_body.is_empty()));
+    assert!((3..8).contains(&kept), "{kept} answers kept over ~1.2 s at 3 a second");
     let before = openai.request_count();
     let done = run(
         &gw,
         json!({"candidate": "@fast", "mode": "with_responses", "concurrency": 4, "filters": {"routing_config": "@fast"}}),
     )
     .await;
-    assert_eq!(done["requests"], 8);
+    assert_eq!(done["requests"], kept);
+    assert_eq!(done["not_replayable"], 8 - kept);
     assert_eq!(done["candidate_summary"]["errors"], 0);
     assert!(done["candidate_summary"]["p50_ms"].as_f64().unwrap() >= 150.0, "{done}");
     assert_eq!(done["similarity"]["compared"], 0);
     assert_eq!(done["similarity"]["unavailable"], "experiments.embedding_model is not set");
     assert_eq!(done["similarity_pct_above_threshold"], Value::Null);
-    assert_eq!(openai.request_count() - before, 8);
+    assert_eq!(openai.request_count() - before, kept);
 
     let before = openai.request_count();
     let resp = manage(
@@ -828,11 +833,11 @@ async fn with_responses_without_an_embedding_model_and_cancelled_mid_way() {
     .await;
     assert_eq!(resp.status, 202, "{}", resp.text());
     let id = resp.json().unwrap()["data"]["id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let cancel = manage(&gw, "POST", &format!("/manage/v1/experiments/{id}/cancel"), None).await;
     assert_eq!(cancel.status, 200, "{}", cancel.text());
     assert_eq!(finished(&gw, &id).await["status"], "cancelled");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let sent = openai.request_count() - before;
-    assert!(sent < 8, "a cancelled run stops sending ({sent} of 8 sent)");
+    assert!(sent < kept, "a cancelled run stops sending ({sent} of {kept} sent)");
 }
