@@ -440,7 +440,32 @@ impl Shared {
             job.sample_size.unwrap_or(MAX_SAMPLE),
             crate::routing::seed_of(&id),
         );
-        let mut query = ReplayQuery { filters: job.query(), limit: PAGE, ..Default::default() };
+        let query = ReplayQuery { filters: job.query(), limit: PAGE, ..Default::default() };
+        self.read_window(row, &job, query, 1.0, |page| {
+            for r in &page {
+                sim.push(r);
+            }
+            sim.matched()
+        })
+        .await?;
+        if self.cancelled(&id) {
+            return Err(Stop::Cancelled);
+        }
+        Ok(sim.finish())
+    }
+
+    /// Reads the window's replay set page by page, oldest first, handing each page to
+    /// `each` (which returns the requests seen so far), saving progress (the share of the
+    /// window read, times `scale`) and stopping on a cancel.
+    async fn read_window(
+        &self,
+        row: &mut ExperimentRow,
+        job: &Job,
+        mut query: ReplayQuery,
+        scale: f64,
+        mut each: impl FnMut(Vec<ReplayRow>) -> u64,
+    ) -> Result<(), Stop> {
+        let id = row.id.clone();
         let span = job.window_end_ms.saturating_sub(job.window_start_ms).max(1);
         let mut last_progress = Instant::now();
         loop {
@@ -449,29 +474,24 @@ impl Shared {
             }
             let started = Instant::now();
             let page = self.traces.replay(&query).await.map_err(|e| Stop::Failed(e.to_string()))?;
-            for r in &page {
-                sim.push(r);
-            }
+            let full = page.len() >= query.limit;
+            let last_ts = page.last().map(|r| r.ts_ms);
+            query.after = page.last().map(ReplayRow::cursor);
+            let seen = each(page);
             // At most half of one core: a core kept busy by a replay, even at idle
             // priority, showed up in the proxy's tail on a VM (the hypervisor schedules
             // the whole vCPU).
             tokio::time::sleep(started.elapsed()).await;
-            let Some(last) = page.last() else { break };
-            query.after = Some(last.cursor());
+            let Some(last_ts) = last_ts else { return Ok(()) };
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
-                let percent =
-                    (last.ts_ms.saturating_sub(job.window_start_ms) as f64 / span as f64 * 100.0).min(99.0);
-                self.progress(row, sim.matched(), percent).await?;
+                let read = last_ts.saturating_sub(job.window_start_ms) as f64 / span as f64;
+                self.progress(row, seen, (read * 100.0).min(99.0) * scale).await?;
             }
-            if page.len() < PAGE {
-                break;
+            if !full {
+                return Ok(());
             }
         }
-        if self.cancelled(&id) {
-            return Err(Stop::Cancelled);
-        }
-        Ok(sim.finish())
     }
 
     /// `with_responses`: a uniform sample of the window's requests whose bodies are kept,
@@ -494,17 +514,10 @@ impl Shared {
         let mut rng = StdRng::seed_from_u64(crate::routing::seed_of(&id));
         let mut sample: Vec<ReplayRow> = Vec::new();
         let (mut matched, mut replayable, mut not_replayable) = (0u64, 0u64, 0u64);
-        let mut query =
+        let query =
             ReplayQuery { filters: job.query(), limit: PAGE, bodies: Bodies::Presence, ..Default::default() };
-        let mut last_progress = Instant::now();
-        loop {
-            if self.cancelled(&id) {
-                return Err(Stop::Cancelled);
-            }
-            let started = Instant::now();
-            let page = self.traces.replay(&query).await.map_err(|e| Stop::Failed(e.to_string()))?;
-            let full = page.len() >= PAGE;
-            query.after = page.last().map(ReplayRow::cursor);
+        // Reading is the first tenth of the run's progress; sending the rest.
+        self.read_window(row, job, query, 0.1, |page| {
             for r in page {
                 matched += 1;
                 // Only requests whose answer is kept too: every pair sent can be compared.
@@ -523,15 +536,9 @@ impl Shared {
                     }
                 }
             }
-            tokio::time::sleep(started.elapsed()).await;
-            if last_progress.elapsed() >= PROGRESS_EVERY {
-                last_progress = Instant::now();
-                self.progress(row, matched, 0.0).await?;
-            }
-            if !full {
-                break;
-            }
-        }
+            matched
+        })
+        .await?;
         sample.sort_by(|a, b| (a.ts_ms, &a.request_id).cmp(&(b.ts_ms, &b.request_id)));
         let embedding_model = snapshot.settings.experiment_embedding_model.clone();
         let issued = target.grants.issue(Grant {
@@ -578,7 +585,7 @@ impl Shared {
             let sent = {
                 let (plan, rows, stop, sent_so_far) =
                     (plan.clone(), rows.clone(), cancel.clone(), done.clone());
-                let percent = || done.load(Ordering::SeqCst) as f64 / total as f64 * 90.0;
+                let percent = || 10.0 + done.load(Ordering::SeqCst) as f64 / total as f64 * 80.0;
                 self.watched(row, matched, &cancel, percent, move || {
                     live::send_all(&plan, &rows, &stop, &sent_so_far)
                 })
