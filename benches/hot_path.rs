@@ -389,6 +389,8 @@ fn trace_event(i: u64) -> modelux::trace::TraceEvent {
         max_tokens: None,
         replay_body: None,
         replay_answer: Vec::new(),
+        cache_hit: false,
+        cache_saved_usd: 0.0,
     }
 }
 

@@ -64,6 +64,8 @@ fn event(i: u64) -> TraceEvent {
         max_tokens: None,
         replay_body: None,
         replay_answer: Vec::new(),
+        cache_hit: false,
+        cache_saved_usd: 0.0,
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod estimate;

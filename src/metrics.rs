@@ -47,6 +47,14 @@ pub struct Metrics {
     pub trace_queue_depth: IntGauge,
     pub trace_spill_depth: IntGauge,
     pub trace_flush: HistogramVec,
+    /// Response cache lookups by result: `hit`, `miss`, `bypass`.
+    pub cache_lookups: IntCounterVec,
+    pub cache_bytes: IntGauge,
+    pub cache_entries: IntGauge,
+    /// Answers written to the cache.
+    pub cache_stores: IntCounter,
+    /// Entries pushed out for room (not expiries).
+    pub cache_evictions: IntCounter,
     target_healthy: GaugeVec,
     target_success_rate: GaugeVec,
     target_samples: GaugeVec,
@@ -233,6 +241,23 @@ impl Metrics {
         registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(upstream_connections_reused.clone()))?;
         registry.register(Box::new(upstream_connections_new.clone()))?;
+        let cache_lookups = IntCounterVec::new(
+            Opts::new("modelux_cache_lookups_total", "Response cache lookups by result (hit, miss, bypass)"),
+            &["result"],
+        )?;
+        let cache_bytes = IntGauge::new("modelux_cache_bytes", "Bytes held by the embedded response cache")?;
+        let cache_entries = IntGauge::new("modelux_cache_entries", "Entries in the embedded response cache")?;
+        let cache_stores =
+            IntCounter::new("modelux_cache_stores_total", "Answers written to the response cache")?;
+        let cache_evictions = IntCounter::new(
+            "modelux_cache_evictions_total",
+            "Cache entries evicted for room (not expiries)",
+        )?;
+        registry.register(Box::new(cache_lookups.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(cache_stores.clone()))?;
+        registry.register(Box::new(cache_evictions.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -258,6 +283,11 @@ impl Metrics {
             trace_queue_depth,
             trace_spill_depth,
             trace_flush,
+            cache_lookups,
+            cache_bytes,
+            cache_entries,
+            cache_stores,
+            cache_evictions,
             target_healthy,
             target_success_rate,
             target_samples,

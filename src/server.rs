@@ -181,6 +181,10 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         traces: handles.traces.clone(),
         grants: grants.clone(),
         answer_budget: Default::default(),
+        cache: crate::cache::EmbeddedCache::new(
+            settings.cache_max_bytes,
+            handles.metrics.cache_evictions.clone(),
+        ),
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -67,6 +67,8 @@ pub struct Settings {
     pub experiment_retention_days: u32,
     /// `experiments.embedding_model`: what `with_responses` embeds answers with.
     pub experiment_embedding_model: Option<String>,
+    /// `cache.max_bytes`: the embedded response cache's size (read at start).
+    pub cache_max_bytes: u64,
     /// `state.master_key`, if set.
     pub master_key: Option<Redacted>,
     pub state_backend: StateBackend,
@@ -145,6 +147,8 @@ pub struct Snapshot {
     pub management_keys: KeyIndex,
     pub routing_configs: RoutingConfigs,
     pub projects: Vec<String>,
+    /// Projects' default `cache:` settings (for requests no config with its own decides).
+    pub project_cache: HashMap<String, crate::cache::CacheSettings>,
     /// Live provider health; the same registry is handed from snapshot to snapshot.
     pub health: Arc<HealthRegistry>,
     pub health_settings: HealthSettings,
@@ -399,6 +403,13 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
                     }
                 }
             }
+            "cache" => {
+                if !value.is_null() {
+                    if let Some(c) = section(value, "cache", &mut errors) {
+                        raw.cache = c;
+                    }
+                }
+            }
             "budgets" => {
                 for (i, item) in sequence(value, "budgets", &mut errors).into_iter().enumerate() {
                     if let Some(b) = section(item, &format!("budgets[{i}]"), &mut errors) {
@@ -501,6 +512,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         traces: trace_settings(traces, errors),
         experiment_retention_days: 30,
         experiment_embedding_model: None,
+        cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
         master_key: None,
         state_backend: StateBackend::Sqlite,
     }
@@ -683,6 +695,11 @@ pub fn validate(
         Some(days) => settings.experiment_retention_days = days,
         None => {}
     }
+    match raw.cache.max_bytes {
+        Some(0) => errors.push(ConfigError::new("cache.max_bytes", "must be greater than 0")),
+        Some(n) => settings.cache_max_bytes = n,
+        None => {}
+    }
     match raw.experiments.embedding_model.as_deref().map(str::trim) {
         Some("") => errors.push(ConfigError::new("experiments.embedding_model", "must not be empty")),
         Some(model) => settings.experiment_embedding_model = Some(model.to_string()),
@@ -739,6 +756,7 @@ pub fn validate(
 
     let mut project_keys = KeyIndex::default();
     let mut projects = Vec::new();
+    let mut project_cache = HashMap::new();
     for (i, project) in raw.projects.iter().enumerate() {
         let path = format!("projects[{i}]");
         if !valid_id(&project.id) {
@@ -753,6 +771,11 @@ pub fn validate(
             continue;
         }
         projects.push(project.id.clone());
+        if let Some(raw_cache) = project.cache.clone() {
+            if let Some(c) = raw_cache.settings(&format!("{path}.cache"), &mut errors) {
+                project_cache.insert(project.id.clone(), c);
+            }
+        }
         for (j, key) in project.keys.iter().enumerate() {
             let kpath = format!("{path}.keys[{j}]");
             if let Some(d) = key_digest(key, PROJECT_KEY_PREFIX, &kpath, &mut errors) {
@@ -831,6 +854,7 @@ pub fn validate(
         management_keys,
         routing_configs,
         projects,
+        project_cache,
         health,
         health_settings,
         prices,
@@ -841,6 +865,8 @@ pub fn validate(
 }
 
 pub const DEFAULT_REQUESTS_PER_MINUTE: u64 = 600;
+/// The embedded response cache holds this many bytes unless `cache.max_bytes` says otherwise.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 << 20;
 pub const DEFAULT_MANAGEMENT_REQUESTS_PER_MINUTE: u64 = 60;
 
 /// The shipped table with `prices:` applied. A listed model keeps the values an override

@@ -109,7 +109,10 @@ pub fn apply(raw: &mut RawConfig, resources: &[Stored], master: Option<&MasterKe
             ));
             continue;
         }
-        raw.projects.push(RawProject { id: r.slug.clone(), keys: Vec::new() });
+        // Its stored body was checked when it was written.
+        let cache =
+            r.body.get("cache").filter(|v| !v.is_null()).and_then(|v| serde_json::from_value(v.clone()).ok());
+        raw.projects.push(RawProject { id: r.slug.clone(), keys: Vec::new(), cache });
     }
     // Indexes, not scans: a store may hold tens of thousands of keys.
     let project_at: HashMap<String, usize> =

@@ -24,6 +24,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "rate_limits",
     "traces",
     "experiments",
+    "cache",
 ];
 
 #[derive(Debug, Deserialize, Default)]
@@ -209,6 +210,8 @@ pub struct RawProject {
     pub id: String,
     #[serde(default)]
     pub keys: Vec<RawKey>,
+    /// The project's default response cache (`cache:` of a routing config wins).
+    pub cache: Option<crate::cache::RawCache>,
 }
 
 /// `health:` — thresholds of the provider health tracker (PRODUCT.md §9.3 defaults).
@@ -244,6 +247,7 @@ pub struct RawConfig {
     pub traces: RawTraces,
     pub state: RawState,
     pub experiments: RawExperiments,
+    pub cache: RawCacheStore,
     /// Versions of routing configs owned by the state store (their stored version, not one
     /// counted from reloads).
     pub pinned_versions: BTreeMap<String, u32>,
@@ -259,6 +263,14 @@ pub struct RawExperiments {
     /// The embeddings model `with_responses` compares answers with (a model name as the
     /// embeddings endpoint takes it: `provider/model`, a bare name or `@config`).
     pub embedding_model: Option<String>,
+}
+
+/// `cache:` — the response cache's store (each routing config turns caching on).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheStore {
+    /// Bytes the embedded cache holds (default 256 MiB).
+    pub max_bytes: Option<u64>,
 }
 
 /// `state:` — where management state (API-created projects, keys, versions, audit) lives.

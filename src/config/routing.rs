@@ -332,6 +332,13 @@ pub fn build(
     };
     let project = take_str("project", errors)?;
     let strategy_name = take_str("strategy", errors)?;
+    let cache = match map.remove("cache") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let at = format!("{path}.cache");
+            section::<crate::cache::RawCache>(v, &at, errors).and_then(|raw| raw.settings(&at, errors))
+        }
+    };
     let rest = Value::Mapping(map);
     let mut files = Vec::new();
     let before = errors.len();
@@ -559,7 +566,7 @@ pub fn build(
         None => 1,
     };
     Some(Built {
-        config: RoutingConfig { slug: slug.to_string(), project, version, strategy, definition },
+        config: RoutingConfig { slug: slug.to_string(), project, version, strategy, definition, cache },
         files,
     })
 }

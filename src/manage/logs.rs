@@ -134,6 +134,8 @@ pub fn summary(r: &TraceRow) -> Value {
         "ttft_ms": r.ttfb_ms,
         "latency_ms": r.latency_ms,
         "streamed": r.streamed,
+        "cache_hit": r.cache_hit,
+        "cache_saved_usd": r.cache_saved_usd,
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
         "end_user": opt(&r.end_user),

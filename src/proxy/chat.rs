@@ -40,6 +40,10 @@ pub async fn complete(
     if dry_run {
         return dry_run::answer(req, &routed, &facts, 1024).await;
     }
+    let info = routed.info();
+    if super::cache::lookup(req, principal, &info, &chat.model, &body).await? {
+        return Ok(());
+    }
     let attempts = routed.attempts();
     let plan = routed.plan();
     // Ensembles bill every member, cascades every step they try.
@@ -54,7 +58,6 @@ pub async fn complete(
     );
     billing::reserve(req.state, req.ctx, &eval, usd)?;
     let anthropic_headers = request::anthropic_headers(req.session, req.ctx.surface);
-    let info = routed.info();
     let mut exec = Exec::new(req, chat, &body, anthropic_headers, &info);
     match plan {
         Plan::Sequential { retry_on, total_budget, cascade } => {

@@ -6,6 +6,7 @@ mod answer;
 mod billing;
 pub use billing::push_rate_headers;
 mod body;
+mod cache;
 mod chat;
 mod count_tokens;
 mod dispatch;
@@ -51,6 +52,8 @@ pub struct GatewayState {
     pub grants: Arc<crate::replay::live::Grants>,
     /// Answers kept for replay this second (`traces.replay_answers_per_second`).
     pub answer_budget: crate::trace::replay::AnswerBudget,
+    /// The response cache (in process).
+    pub cache: crate::cache::EmbeddedCache,
 }
 
 pub struct Gateway {
@@ -100,6 +103,12 @@ pub struct RequestCtx {
     /// dropped when they outgrow the body's cap.
     replay_answer: Vec<Bytes>,
     replay_answer_len: usize,
+    /// Answered from the response cache: what the answer cost when it was bought.
+    pub cache_hit: Option<f64>,
+    /// `X-Modelux-Cache` of this answer, when caching applies to its request.
+    pub cache_status: Option<&'static str>,
+    /// A cache miss to store once answered, and the client-bound pieces so far.
+    pub cache_pending: Option<Box<cache::Pending>>,
     /// An experiment's request (`replay::live`): the stored request it re-sends, whose
     /// id seeds the routing draws as production's did.
     pub replay_of: Option<String>,
@@ -153,6 +162,9 @@ impl RequestCtx {
             replay_answer: Vec::new(),
             replay_answer_len: 0,
             replay_of: None,
+            cache_hit: None,
+            cache_status: None,
+            cache_pending: None,
             response_body: Vec::new(),
             body_cap: 0,
             traces: Some(traces),
@@ -166,6 +178,9 @@ impl RequestCtx {
         let room = self.body_cap.saturating_sub(self.response_body.len());
         if room > 0 {
             self.response_body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        }
+        if let Some(pending) = self.cache_pending.as_deref_mut() {
+            pending.capture(bytes);
         }
         if let (true, Some((_, cap))) = (self.keep_answer, &self.replay_body) {
             if self.replay_answer_len <= *cap {
@@ -211,6 +226,8 @@ impl RequestCtx {
             max_tokens: meta.max_tokens,
             replay_body: self.replay_body.take(),
             replay_answer: std::mem::take(&mut self.replay_answer),
+            cache_hit: self.cache_hit.is_some(),
+            cache_saved_usd: self.cache_hit.unwrap_or(0.0),
             response_body: (self.body_cap > 0)
                 .then(|| crate::trace::record::capped_body(&self.response_body, self.body_cap))
                 .flatten(),
@@ -268,6 +285,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&PError>, ctx: &mut RequestCtx) {
+        cache::store(&self.state, ctx);
         billing::settle(&self.state, ctx);
         billing::record_metrics(&self.state, ctx);
         respond::record_metrics(&self.state.metrics, ctx);

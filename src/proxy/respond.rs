@@ -21,6 +21,7 @@ pub fn header(status: u16, extra: Headers, ctx: &RequestCtx) -> Result<ResponseH
         }
         let mut spend = Vec::new();
         super::billing::push_headers(&ctx.bill, &mut spend);
+        super::cache::push_headers(ctx, &mut spend);
         for (name, value) in spend {
             h.insert_header(name, value)?;
         }

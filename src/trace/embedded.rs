@@ -33,7 +33,7 @@ use super::{StoreError, TraceRow, TraceStore};
 
 /// Kept in `PRAGMA user_version`. A file written by a newer schema is refused rather than
 /// misread.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Rows deleted per transaction by `prune`: inserts get the write lock between chunks
 /// instead of waiting for a prune of millions of rows.
@@ -96,7 +96,9 @@ CREATE TABLE IF NOT EXISTS requests (
     max_tokens            INTEGER NOT NULL DEFAULT 0,
     replay_body           BLOB    NOT NULL DEFAULT x'',
     replay_body_truncated INTEGER NOT NULL DEFAULT 0,
-    replay_answer         BLOB    NOT NULL DEFAULT x''
+    replay_answer         BLOB    NOT NULL DEFAULT x'',
+    cache_hit             INTEGER NOT NULL DEFAULT 0,
+    cache_saved_usd       REAL    NOT NULL DEFAULT 0
 ) STRICT;
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms DESC, request_id DESC);
 CREATE INDEX IF NOT EXISTS requests_project_ts ON requests (project, ts_ms);
@@ -124,6 +126,12 @@ const ADD_REPLAY_ANSWER: &str = "
 ALTER TABLE requests ADD COLUMN replay_answer BLOB NOT NULL DEFAULT x'';
 ";
 
+/// Version 3 → 4: response cache hits.
+const ADD_CACHE_COLUMNS: &str = "
+ALTER TABLE requests ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN cache_saved_usd REAL NOT NULL DEFAULT 0;
+";
+
 /// Every column, in `TraceRow` order (the order `bind` and `read_row` use).
 macro_rules! columns {
     () => {
@@ -135,7 +143,7 @@ macro_rules! columns {
          cost_total, latency_ms, ttfb_ms, tag_keys, tag_values, end_user, trace_id, \
          conversation_id, budget_name, budget_action, streamed, bytes_in, bytes_out, \
          decision_trace, request_body, response_body, max_tokens, replay_body, \
-         replay_body_truncated, replay_answer"
+         replay_body_truncated, replay_answer, cache_hit, cache_saved_usd"
     };
 }
 
@@ -145,7 +153,7 @@ const INSERT_ROW: &str = concat!(
     "INSERT INTO requests (",
     columns!(),
     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
 );
 const INSERT_TAG: &str = "INSERT INTO request_tags (request_id, idx, key, value) VALUES (?1, ?2, ?3, ?4) \
      ON CONFLICT (request_id, idx) DO UPDATE SET key = excluded.key, value = excluded.value";
@@ -293,6 +301,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if (1..=2).contains(&version) {
         tx.execute_batch(ADD_REPLAY_ANSWER).map_err(db)?;
     }
+    if (1..=3).contains(&version) {
+        tx.execute_batch(ADD_CACHE_COLUMNS).map_err(db)?;
+    }
     tx.execute_batch(SCHEMA).map_err(db)?;
     if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db)?;
@@ -381,6 +392,8 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
                     row.replay_body,
                     row.replay_body_truncated,
                     row.replay_answer,
+                    row.cache_hit,
+                    row.cache_saved_usd,
                 ])
                 .map_err(db)?;
             // Tags only with a new row: a replayed row already has its tags.
@@ -549,6 +562,8 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceRow> {
         replay_body: r.get(47)?,
         replay_body_truncated: r.get(48)?,
         replay_answer: r.get(49)?,
+        cache_hit: r.get(50)?,
+        cache_saved_usd: r.get(51)?,
     })
 }
 
@@ -958,6 +973,8 @@ mod tests {
             replay_body: crate::trace::replay::compress(b"{\"model\":\"m\"}"),
             replay_body_truncated: true,
             replay_answer: crate::trace::replay::compress(b"{\"choices\":[]}"),
+            cache_hit: true,
+            cache_saved_usd: 0.000123,
         }
     }
 
@@ -1013,6 +1030,8 @@ mod tests {
             replay_body: Vec::new(),
             replay_body_truncated: false,
             replay_answer: Vec::new(),
+            cache_hit: false,
+            cache_saved_usd: 0.0,
         }
     }
 
@@ -1496,7 +1515,9 @@ mod tests {
                 "DROP INDEX requests_replay_ts; ALTER TABLE requests DROP COLUMN max_tokens; \
                  ALTER TABLE requests DROP COLUMN replay_body; \
                  ALTER TABLE requests DROP COLUMN replay_body_truncated; \
-                 ALTER TABLE requests DROP COLUMN replay_answer; PRAGMA user_version = 1;",
+                 ALTER TABLE requests DROP COLUMN replay_answer; \
+                 ALTER TABLE requests DROP COLUMN cache_hit; \
+                 ALTER TABLE requests DROP COLUMN cache_saved_usd; PRAGMA user_version = 1;",
             )
             .unwrap();
         }
@@ -1518,7 +1539,14 @@ mod tests {
         let mut old = full_row("old", BASE_MS);
         old.attempt_ttfb_ms = vec![-1.0, 12.5];
         let mut v = serde_json::to_value(old).unwrap();
-        for k in ["max_tokens", "replay_body", "replay_body_truncated", "replay_answer"] {
+        for k in [
+            "max_tokens",
+            "replay_body",
+            "replay_body_truncated",
+            "replay_answer",
+            "cache_hit",
+            "cache_saved_usd",
+        ] {
             v.as_object_mut().unwrap().remove(k);
         }
         let row: TraceRow = serde_json::from_str(&v.to_string()).unwrap();

@@ -53,6 +53,9 @@ pub struct TraceEvent {
     /// kept for replay and the answer fits its cap; joined and compressed on the writer's
     /// thread. `with_responses` compares against it.
     pub replay_answer: Vec<bytes::Bytes>,
+    /// Answered from the response cache; and what that answer cost when it was bought.
+    pub cache_hit: bool,
+    pub cache_saved_usd: f64,
 }
 
 /// The stored record. Field names are the column names in both stores
@@ -136,6 +139,12 @@ pub struct TraceRow {
     /// kept (longer than the cap, or no body kept) or after `traces.replay_hours`.
     #[serde(default, with = "serde_bytes")]
     pub replay_answer: Vec<u8>,
+    /// Answered from the response cache (no provider call, cost 0).
+    #[serde(default)]
+    pub cache_hit: bool,
+    /// What a cache hit saved: the cost of the answer when it was bought.
+    #[serde(default)]
+    pub cache_saved_usd: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -208,6 +217,8 @@ impl TraceEvent {
                 [one] => super::replay::compress(one),
                 pieces => super::replay::compress(&pieces.concat()),
             },
+            cache_hit: self.cache_hit,
+            cache_saved_usd: self.cache_saved_usd,
             request_id: self.request_id,
         }
     }

@@ -611,6 +611,8 @@ mod tests {
             max_tokens: None,
             replay_body: None,
             replay_answer: Vec::new(),
+            cache_hit: false,
+            cache_saved_usd: 0.0,
             response_body: None,
         }
     }

@@ -195,14 +195,9 @@ pub fn response_text(resp: &Response) -> String {
     out
 }
 
-/// The text of an answer as a client of `surface` got it, a whole JSON body or the bytes
-/// of its stream, joined as `response_text` joins it; `None` when it is neither. A stream
-/// cut short (a capped copy) gives the text decoded up to the cut.
-pub fn answer_text(surface: Surface, body: &[u8]) -> Option<String> {
-    let codec = surface.codec();
-    if body.trim_ascii_start().starts_with(b"{") {
-        return codec.decode_response(body).ok().map(|r| response_text(&r));
-    }
+/// The deltas of a stream as a client of `surface` got it (SSE bytes); `None` when the
+/// bytes hold no event. What decoded before an undecodable event is kept.
+fn client_stream_deltas(surface: Surface, body: &[u8]) -> Option<Vec<Delta>> {
     let mut framer = Parser::new();
     let mut events = Vec::new();
     framer.feed(body, &mut events).ok()?;
@@ -210,12 +205,22 @@ pub fn answer_text(surface: Surface, body: &[u8]) -> Option<String> {
     if events.is_empty() {
         return None;
     }
-    let mut decoder = codec.stream_decoder();
+    let mut decoder = surface.codec().stream_decoder();
     let mut deltas = Vec::new();
-    // What decoded before an undecodable event still counts.
     let _ = decoder.decode(&mut events, &mut deltas);
+    let _ = decoder.finish(&mut deltas);
+    Some(deltas)
+}
+
+/// The text of an answer as a client of `surface` got it, a whole JSON body or the bytes
+/// of its stream, joined as `response_text` joins it; `None` when it is neither. A stream
+/// cut short (a capped copy) gives the text decoded up to the cut.
+pub fn answer_text(surface: Surface, body: &[u8]) -> Option<String> {
+    if body.trim_ascii_start().starts_with(b"{") {
+        return surface.codec().decode_response(body).ok().map(|r| response_text(&r));
+    }
     let mut out = String::new();
-    for d in deltas {
+    for d in client_stream_deltas(surface, body)? {
         match d {
             Delta::Text(t) => out.push_str(&t),
             Delta::ToolCallStart { name, .. } => out.push_str(&name),
@@ -224,6 +229,63 @@ pub fn answer_text(surface: Surface, body: &[u8]) -> Option<String> {
         }
     }
     Some(out)
+}
+
+/// A whole answer from the stream a client of `surface` got: `None` unless the stream
+/// is complete (its final event) and carried no error. The response cache stores streamed
+/// answers this way, to replay them in either surface, whole or streamed.
+pub fn assemble_stream(surface: Surface, body: &[u8]) -> Option<Response> {
+    use canonical::Part;
+    let mut resp = Response {
+        id: String::new(),
+        model: String::new(),
+        created: 0,
+        content: Vec::new(),
+        stop: None,
+        usage: canonical::Usage::default(),
+    };
+    let mut done = false;
+    // Content index of each tool call, by its number in the stream.
+    let mut calls: Vec<usize> = Vec::new();
+    for d in client_stream_deltas(surface, body)? {
+        match d {
+            Delta::Start { id, model } => {
+                resp.id = id;
+                resp.model = model;
+            }
+            Delta::Text(t) => match resp.content.last_mut() {
+                Some(Part::Text { text, .. }) => text.push_str(&t),
+                _ => resp.content.push(Part::Text { text: t, cache_control: None }),
+            },
+            Delta::Thinking(t) => match resp.content.last_mut() {
+                Some(Part::Thinking { text, .. }) => text.push_str(&t),
+                _ => resp.content.push(Part::Thinking { text: t, signature: None }),
+            },
+            Delta::Signature(sig) => {
+                if let Some(Part::Thinking { signature, .. }) = resp.content.last_mut() {
+                    signature.get_or_insert_with(String::new).push_str(&sig);
+                }
+            }
+            Delta::ToolCallStart { call, id, name } => {
+                if calls.len() <= call {
+                    calls.resize(call + 1, usize::MAX);
+                }
+                calls[call] = resp.content.len();
+                resp.content.push(Part::ToolCall { id, name, arguments: String::new() });
+            }
+            Delta::ToolArgs { call, json } => {
+                let at = calls.get(call).copied().unwrap_or(usize::MAX);
+                if let Some(Part::ToolCall { arguments, .. }) = resp.content.get_mut(at) {
+                    arguments.push_str(&json);
+                }
+            }
+            Delta::Stop(r) => resp.stop = Some(r),
+            Delta::Usage(u) => resp.usage.merge(u),
+            Delta::Error { .. } => return None,
+            Delta::Done => done = true,
+        }
+    }
+    done.then_some(resp)
 }
 
 /// Upstream stream bytes → client stream bytes, one upstream read at a time: a synchronous

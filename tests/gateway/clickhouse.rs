@@ -220,6 +220,8 @@ fn full_row(id: &str, ts_ms: u64) -> TraceRow {
         replay_body: modelux::trace::replay::compress(b"{\"model\":\"@production\"}"),
         replay_body_truncated: true,
         replay_answer: modelux::trace::replay::compress(b"data: {\"choices\":[]}\n\n"),
+        cache_hit: true,
+        cache_saved_usd: 0.000321,
     }
 }
 
@@ -276,6 +278,8 @@ fn bare_row(id: &str, ts_ms: u64) -> TraceRow {
         replay_body: Vec::new(),
         replay_body_truncated: false,
         replay_answer: Vec::new(),
+        cache_hit: false,
+        cache_saved_usd: 0.0,
     }
 }
 
@@ -301,7 +305,12 @@ async fn clickhouse_prepare_is_idempotent() {
         .unwrap();
     assert_eq!(
         versions,
-        vec![("requests".to_string(), 1), ("requests".to_string(), 2), ("requests".to_string(), 3)]
+        vec![
+            ("requests".to_string(), 1),
+            ("requests".to_string(), 2),
+            ("requests".to_string(), 3),
+            ("requests".to_string(), 4)
+        ]
     );
     let engine: String = server
         .client()
@@ -316,7 +325,7 @@ async fn clickhouse_prepare_is_idempotent() {
     ClickHouseStore::new(other).prepare().await.unwrap();
     let n: u64 =
         server.client().query("SELECT count() FROM traces.schema_migrations").fetch_one().await.unwrap();
-    assert_eq!(n, 6);
+    assert_eq!(n, 8);
     // A crash part-way through 0002 (one column added, the migration not recorded): the
     // rerun completes it.
     let mut torn = server.settings("traces");

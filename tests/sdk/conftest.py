@@ -187,6 +187,7 @@ routing_configs:
   fast: {{ project: default, strategy: single, model: "{fast_model}" }}
   claude: {{ project: default, strategy: single, model: "{CLAUDE_MODEL}" }}
   cheap: {{ project: default, strategy: single, model: "local/m1" }}
+  cached: {{ project: default, strategy: single, model: "{fast_model}", cache: {{ mode: exact, ttl_seconds: 600 }} }}
 {extra_yaml}"""
 
 

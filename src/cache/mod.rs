@@ -1,0 +1,383 @@
+//! The response cache (PRODUCT.md §7): settings, the key, and the embedded store.
+//!
+//! * **Key, scheme `v1`**: SHA-256 of a JSON document built from the *decoded* request
+//!   (`wire::canonical::Request`), never its raw bytes, so formatting, key order and the
+//!   surface it came in on do not matter: `{"v":1, project, config, config_version, model,
+//!   system, messages, max_tokens, temperature, top_p, stop, tools, tool_choice,
+//!   parallel_tool_calls, thinking_budget, options}` with object keys sorted (serde_json's
+//!   map) and numbers as serde_json prints them. `model` is what the client named (`@slug`
+//!   or `provider/model`); `config_version` is the version that decided, so a changed config
+//!   never serves answers of its previous definition. Left out, as they do not change the
+//!   answer: `stream`, stream usage, `user`/end user, tags, metadata, `cache_control`
+//!   marks. A change to this document is a new scheme (`v2`), never an edit of `v1`: keys
+//!   are compared across processes and versions of the binary.
+//! * **Store**: in process, bounded by bytes (moka: TinyLFU admission, LRU eviction), each
+//!   entry living its config's `ttl_seconds`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::wire::canonical::{ImageSource, Part, Request, Response, Role, ToolChoice};
+
+/// The key scheme (see the module docs); part of every key.
+pub const KEY_SCHEME: u32 = 1;
+/// `cache.max_entry_bytes` when a config names none.
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1 << 20;
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_THRESHOLD: f64 = 0.95;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Exact,
+    Semantic,
+}
+
+/// A routing config's (or a project's default) `cache:` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    pub mode: Mode,
+    pub ttl: Duration,
+    pub threshold: f64,
+    pub allow_nonzero_temperature: bool,
+    pub allow_tools: bool,
+    pub max_entry_bytes: usize,
+}
+
+/// `cache:` as written in YAML or sent to the management API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// `exact` or `semantic`; `off` (or `enabled: false`) turns a project default off.
+    pub mode: Option<String>,
+    pub enabled: Option<bool>,
+    pub ttl_seconds: Option<u64>,
+    pub threshold: Option<f64>,
+    pub allow_nonzero_temperature: Option<bool>,
+    pub allow_tools: Option<bool>,
+    pub max_entry_bytes: Option<usize>,
+}
+
+impl RawCache {
+    /// The settings, or `None` when caching is off; errors name their field under `path`.
+    pub fn settings(self, path: &str, errors: &mut Vec<crate::config::ConfigError>) -> Option<CacheSettings> {
+        use crate::config::ConfigError;
+        let mode = match self.mode.as_deref() {
+            None | Some("exact") => Mode::Exact,
+            Some("off") => return None,
+            Some("semantic") => {
+                errors.push(ConfigError::new(
+                    format!("{path}.mode"),
+                    "semantic caching is not available in this version; use exact",
+                ));
+                return None;
+            }
+            Some(other) => {
+                errors.push(ConfigError::new(
+                    format!("{path}.mode"),
+                    format!("unknown mode \"{other}\" (exact, semantic, off)"),
+                ));
+                return None;
+            }
+        };
+        if self.enabled == Some(false) {
+            return None;
+        }
+        let ttl = match self.ttl_seconds {
+            None => DEFAULT_TTL,
+            Some(0) => {
+                errors.push(ConfigError::new(format!("{path}.ttl_seconds"), "must be greater than 0"));
+                return None;
+            }
+            Some(s) if s > 366 * 86_400 => {
+                errors.push(ConfigError::new(
+                    format!("{path}.ttl_seconds"),
+                    "must be at most a year (31622400)",
+                ));
+                return None;
+            }
+            Some(s) => Duration::from_secs(s),
+        };
+        let threshold = match self.threshold {
+            None => DEFAULT_THRESHOLD,
+            Some(t) if t > 0.0 && t <= 1.0 => t,
+            Some(_) => {
+                errors.push(ConfigError::new(format!("{path}.threshold"), "must be above 0 and at most 1"));
+                return None;
+            }
+        };
+        let max_entry_bytes = match self.max_entry_bytes {
+            None => DEFAULT_MAX_ENTRY_BYTES,
+            Some(0) => {
+                errors.push(ConfigError::new(format!("{path}.max_entry_bytes"), "must be greater than 0"));
+                return None;
+            }
+            Some(n) => n,
+        };
+        Some(CacheSettings {
+            mode,
+            ttl,
+            threshold,
+            allow_nonzero_temperature: self.allow_nonzero_temperature.unwrap_or(false),
+            allow_tools: self.allow_tools.unwrap_or(false),
+            max_entry_bytes,
+        })
+    }
+}
+
+/// Why a request is not looked up (`X-Modelux-Cache: BYPASS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bypass {
+    /// `Cache-Control: no-cache`: not read; the answer is stored.
+    NoCache,
+    /// `Cache-Control: no-store`: neither read nor written.
+    NoStore,
+    /// `"mlx:cache": {"skip": true}`.
+    Skip,
+    /// `temperature` above 0 without `allow_nonzero_temperature`.
+    Temperature,
+    /// Tools offered without `allow_tools`.
+    Tools,
+}
+
+impl Bypass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bypass::NoCache => "no_cache",
+            Bypass::NoStore => "no_store",
+            Bypass::Skip => "skip",
+            Bypass::Temperature => "temperature",
+            Bypass::Tools => "tools",
+        }
+    }
+
+    /// The answer may still be written.
+    pub fn stores(self) -> bool {
+        self == Bypass::NoCache
+    }
+}
+
+/// Whether `settings` let this request use the cache.
+pub fn admits(settings: &CacheSettings, req: &Request) -> Result<(), Bypass> {
+    if req.temperature.is_some_and(|t| t > 0.0) && !settings.allow_nonzero_temperature {
+        return Err(Bypass::Temperature);
+    }
+    if !req.tools.is_empty() && !settings.allow_tools {
+        return Err(Bypass::Tools);
+    }
+    Ok(())
+}
+
+fn part(p: &Part) -> Value {
+    match p {
+        Part::Text { text, .. } => json!({"text": text}),
+        Part::Image { source: ImageSource::Url(url), .. } => json!({"image_url": url}),
+        Part::Image { source: ImageSource::Base64 { media_type, data }, .. } => {
+            json!({"image": {"media_type": media_type, "data": data}})
+        }
+        Part::ToolCall { id, name, arguments } => {
+            json!({"tool_call": {"id": id, "name": name, "arguments": arguments}})
+        }
+        Part::ToolResult { call_id, content, is_error } => {
+            json!({"tool_result": {"call_id": call_id, "is_error": is_error, "content": content.iter().map(part).collect::<Vec<_>>()}})
+        }
+        Part::Thinking { text, .. } => json!({"thinking": text}),
+        Part::RedactedThinking { data } => json!({"redacted_thinking": data}),
+    }
+}
+
+/// The cache key of a decoded request (scheme `v1`, see the module docs).
+pub fn key(project: &str, config: Option<(&str, u32)>, model: &str, req: &Request) -> [u8; 32] {
+    let messages: Vec<Value> = req
+        .messages
+        .iter()
+        .map(|m| {
+            let role = match m.role {
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            };
+            json!({"role": role, "content": m.content.iter().map(part).collect::<Vec<_>>()})
+        })
+        .collect();
+    let tools: Vec<Value> = req
+        .tools
+        .iter()
+        .map(|t| json!({"name": t.name, "description": t.description, "parameters": t.parameters}))
+        .collect();
+    let tool_choice = req.tool_choice.as_ref().map(|c| match c {
+        ToolChoice::Auto => "auto".to_string(),
+        ToolChoice::None => "none".to_string(),
+        ToolChoice::Required => "required".to_string(),
+        ToolChoice::Tool(name) => format!("tool:{name}"),
+    });
+    let options: serde_json::Map<String, Value> = req
+        .openai_only
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "user" | "store" | "stream_options"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let doc = json!({
+        "v": KEY_SCHEME,
+        "project": project,
+        "config": config.map(|(slug, _)| slug),
+        "config_version": config.map(|(_, v)| v),
+        "model": model,
+        "system": req.system.iter().map(|b| b.text.as_str()).collect::<Vec<_>>(),
+        "messages": messages,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "stop": req.stop,
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "thinking_budget": req.thinking_budget,
+        "options": options,
+    });
+    Sha256::digest(doc.to_string().as_bytes()).into()
+}
+
+/// One stored answer.
+#[derive(Debug)]
+pub struct Entry {
+    pub response: Response,
+    /// Who answered it first (the route headers of a hit name them).
+    pub provider: String,
+    pub model: String,
+    /// What the answer cost when it was bought: what each hit saves.
+    pub cost_usd: f64,
+    /// Its weight in the store.
+    pub bytes: usize,
+    pub ttl: Duration,
+    pub stored: Instant,
+}
+
+impl Entry {
+    pub fn new(response: Response, provider: String, model: String, cost_usd: f64, ttl: Duration) -> Entry {
+        let text: usize = response
+            .content
+            .iter()
+            .map(|p| match p {
+                Part::Text { text, .. } | Part::Thinking { text, .. } => text.len(),
+                Part::ToolCall { id, name, arguments } => id.len() + name.len() + arguments.len(),
+                _ => 64,
+            })
+            .sum();
+        let bytes = 256 + text + response.id.len() + response.model.len() + provider.len() + model.len();
+        Entry { response, provider, model, cost_usd, bytes, ttl, stored: Instant::now() }
+    }
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<[u8; 32], Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<Entry>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// The in-process store: bounded by bytes (`cache.max_bytes`), entries expire by TTL.
+pub struct EmbeddedCache {
+    inner: moka::sync::Cache<[u8; 32], Arc<Entry>>,
+}
+
+impl EmbeddedCache {
+    /// `evicted` counts entries pushed out for room (not expiries or replacements).
+    pub fn new(max_bytes: u64, evicted: prometheus::IntCounter) -> EmbeddedCache {
+        let inner = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &[u8; 32], v: &Arc<Entry>| u32::try_from(v.bytes).unwrap_or(u32::MAX))
+            .expire_after(PerEntryTtl)
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evicted.inc();
+                }
+            })
+            .build();
+        EmbeddedCache { inner }
+    }
+
+    pub fn get(&self, key: &[u8; 32]) -> Option<Arc<Entry>> {
+        self.inner.get(key)
+    }
+
+    pub fn insert(&self, key: [u8; 32], entry: Entry) {
+        self.inner.insert(key, Arc::new(entry));
+    }
+
+    /// Bytes held (moka's weighted size; settles after pending maintenance).
+    pub fn bytes(&self) -> u64 {
+        self.inner.weighted_size()
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.inner.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Surface;
+
+    fn decode(surface: Surface, body: &str) -> Request {
+        crate::wire::decode_request(surface, body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn keys_ignore_formatting_and_surface_and_are_stable() {
+        let a = decode(
+            Surface::OpenAi,
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"hi"}],"max_tokens":20}"#,
+        );
+        let b = decode(
+            Surface::OpenAi,
+            r#"{ "max_tokens": 20, "messages": [ {"content": "Be brief.", "role": "system"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]} ], "model": "gpt-4o-mini", "stream": true, "user": "u1" }"#,
+        );
+        let c = decode(
+            Surface::Anthropic,
+            r#"{"model":"gpt-4o-mini","system":"Be brief.","messages":[{"role":"user","content":"hi"}],"max_tokens":20}"#,
+        );
+        let k = |r: &Request| key("p", Some(("prod", 3)), "@prod", r);
+        assert_eq!(k(&a), k(&b));
+        assert_eq!(k(&a), k(&c));
+        // Deterministic across processes and builds: a golden value of scheme v1.
+        assert_eq!(hex::encode(k(&a)), GOLDEN_V1);
+        assert_ne!(k(&a), key("p", Some(("prod", 4)), "@prod", &a), "a new config version");
+        assert_ne!(k(&a), key("q", Some(("prod", 3)), "@prod", &a), "another project");
+        let mut other = a.clone();
+        other.temperature = Some(0.0);
+        assert_ne!(k(&a), k(&other), "a sampling field");
+    }
+
+    const GOLDEN_V1: &str = "be2bc3635dba7deebbe59e4b9b92274ecbc2ca7f78ac13d255323486f378b8c6";
+
+    #[test]
+    fn settings_and_bypass_rules() {
+        let mut errors = Vec::new();
+        let raw: RawCache = serde_json::from_value(json!({"mode": "exact", "ttl_seconds": 60})).unwrap();
+        let s = raw.settings("c", &mut errors).unwrap();
+        assert_eq!((s.ttl, s.threshold, s.max_entry_bytes), (Duration::from_secs(60), 0.95, 1 << 20));
+        let hot = decode(
+            Surface::OpenAi,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.7}"#,
+        );
+        assert_eq!(admits(&s, &hot), Err(Bypass::Temperature));
+        let cold = decode(
+            Surface::OpenAi,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+        );
+        assert_eq!(admits(&s, &cold), Ok(()));
+        let raw: RawCache = serde_json::from_value(json!({"mode": "warp", "ttl_seconds": 0})).unwrap();
+        assert!(raw.settings("c", &mut errors).is_none());
+        assert_eq!(errors[0].path, "c.mode");
+    }
+}

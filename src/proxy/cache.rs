@@ -1,0 +1,188 @@
+//! The response cache on the request path (PRODUCT.md §7; the key and the store are in
+//! `crate::cache`). A request whose routing config (or project default) turns caching on
+//! is decoded and keyed after admission: a hit is answered here, re-encoded in the caller's
+//! wire format (streamed if it asked for a stream), at $0; a miss goes on as usual while
+//! the answer it gets is collected on its way to the client (pieces shared, never
+//! delaying one) and stored in `logging`, once the client has it all.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderName;
+
+use super::headers::{name, Headers};
+use super::{respond, GatewayState, Req, RequestCtx};
+use crate::admission::RouteInfo;
+use crate::auth::Principal;
+use crate::cache::{self, Bypass, CacheSettings, Entry};
+use crate::error::{GatewayError, Surface};
+use crate::wire;
+
+pub const CACHE: &str = "x-modelux-cache";
+pub const SIMILARITY: &str = "x-modelux-cache-similarity";
+
+/// A miss to store once answered.
+pub struct Pending {
+    key: [u8; 32],
+    ttl: Duration,
+    max_bytes: usize,
+    surface: Surface,
+    streamed: bool,
+    pieces: Vec<Bytes>,
+    len: usize,
+    over: bool,
+}
+
+impl Pending {
+    /// Keeps a piece sent to the client (shared, not copied); an answer over
+    /// `max_entry_bytes` is not stored.
+    pub fn capture(&mut self, piece: &Bytes) {
+        if self.over {
+            return;
+        }
+        self.len += piece.len();
+        if self.len > self.max_bytes {
+            self.over = true;
+            self.pieces = Vec::new();
+        } else {
+            self.pieces.push(piece.clone());
+        }
+    }
+}
+
+/// The settings that decide for this request: its config's, else its project's default.
+fn settings<'s>(req: &Req<'s>, project: &str, info: &RouteInfo) -> Option<&'s CacheSettings> {
+    let snapshot = req.snapshot;
+    let own = info.config.as_ref().and_then(|(slug, _)| snapshot.routing_configs.get(slug)?.cache.as_ref());
+    own.or_else(|| snapshot.project_cache.get(project))
+}
+
+/// `Cache-Control: no-store` / `no-cache`, or `"mlx:cache": {"skip": true}` in the body.
+fn bypass_asked(req: &Req<'_>, body: &[u8]) -> Option<Bypass> {
+    let headers = &req.session.req_header().headers;
+    for v in headers.get_all(http::header::CACHE_CONTROL) {
+        let v = v.to_str().unwrap_or("").to_ascii_lowercase();
+        if v.split(',').any(|d| d.trim() == "no-store") {
+            return Some(Bypass::NoStore);
+        }
+        if v.split(',').any(|d| d.trim() == "no-cache") {
+            return Some(Bypass::NoCache);
+        }
+    }
+    // Parsed only when present: most bodies never pay for it.
+    if memchr_find(body, b"\"mlx:cache\"") {
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        if v["mlx:cache"]["skip"] == serde_json::Value::Bool(true) {
+            return Some(Bypass::Skip);
+        }
+    }
+    None
+}
+
+fn memchr_find(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Looks the request up. `Ok(true)`: a hit, answered here. Otherwise the request goes on
+/// (with `X-Modelux-Cache` set, and its answer to store when it is a miss).
+pub async fn lookup(
+    req: &mut Req<'_>,
+    principal: &Principal,
+    info: &RouteInfo,
+    model: &str,
+    body: &Bytes,
+) -> Result<bool, GatewayError> {
+    let Some(settings) = settings(req, &principal.project, info) else { return Ok(false) };
+    let metrics = &req.state.metrics;
+    let surface = req.ctx.surface;
+    let asked = bypass_asked(req, body);
+    let Ok(decoded) = wire::decode_request(surface, body) else { return Ok(false) };
+    let bypass = asked.or_else(|| cache::admits(settings, &decoded).err());
+    let key = cache::key(
+        &principal.project,
+        info.config.as_ref().map(|(slug, v)| (slug.as_str(), *v)),
+        model,
+        &decoded,
+    );
+    if bypass.is_none() {
+        if let Some(entry) = req.state.cache.get(&key) {
+            metrics.cache_lookups.with_label_values(&["hit"]).inc();
+            serve_hit(req, info, &entry, decoded.stream, decoded.stream_usage).await;
+            return Ok(true);
+        }
+    }
+    let label = if bypass.is_some() { "bypass" } else { "miss" };
+    metrics.cache_lookups.with_label_values(&[label]).inc();
+    req.ctx.cache_status = Some(if bypass.is_some() { "BYPASS" } else { "MISS" });
+    if bypass.is_none_or(Bypass::stores) {
+        req.ctx.cache_pending = Some(Box::new(Pending {
+            key,
+            ttl: settings.ttl,
+            max_bytes: settings.max_entry_bytes,
+            surface,
+            streamed: decoded.stream,
+            pieces: Vec::new(),
+            len: 0,
+            over: false,
+        }));
+    }
+    Ok(false)
+}
+
+/// Answers from the cache: the stored answer in the caller's format, at $0.
+async fn serve_hit(req: &mut Req<'_>, info: &RouteInfo, entry: &Entry, stream: bool, stream_usage: bool) {
+    let surface = req.ctx.surface;
+    let (content_type, body) = if stream {
+        // Anthropic streams always carry usage; OpenAI's when the client asked.
+        let usage = stream_usage || surface == Surface::Anthropic;
+        ("text/event-stream", wire::stream_response(surface, &entry.response, usage, None))
+    } else {
+        ("application/json", wire::encode_response(surface, &entry.response))
+    };
+    let mut headers: Headers = vec![(http::header::CONTENT_TYPE, content_type.to_string())];
+    headers.push((name("x-modelux-provider-used"), entry.provider.clone()));
+    headers.push((name("x-modelux-model-used"), entry.model.clone()));
+    if let Some((slug, version)) = &info.config {
+        headers.push((name("x-modelux-routing-config"), format!("@{slug}")));
+        headers.push((name("x-modelux-config-version"), format!("v{version}")));
+    }
+    let ctx = &mut *req.ctx;
+    ctx.provider = Some(entry.provider.clone());
+    ctx.model = Some(entry.model.clone());
+    ctx.served = true;
+    ctx.streamed = stream;
+    ctx.cache_hit = Some(entry.cost_usd);
+    ctx.cache_status = Some("HIT");
+    ctx.bill.cost_header = true;
+    respond::whole(req.session, ctx, 200, headers, Bytes::from(body)).await;
+}
+
+/// `X-Modelux-Cache` (and, on a hit, its similarity: 1.0 for an exact match).
+pub fn push_headers(ctx: &RequestCtx, headers: &mut Vec<(HeaderName, String)>) {
+    if let Some(status) = ctx.cache_status {
+        headers.push((name(CACHE), status.to_string()));
+        if status == "HIT" {
+            headers.push((name(SIMILARITY), "1.0".to_string()));
+        }
+    }
+}
+
+/// Stores a miss's answer once the client has it all: a complete, successful answer only.
+pub fn store(state: &GatewayState, ctx: &mut RequestCtx) {
+    let Some(pending) = ctx.cache_pending.take() else { return };
+    if pending.over || !ctx.served || !(200..300).contains(&ctx.status) || ctx.error_code.is_some() {
+        return;
+    }
+    let bytes = pending.pieces.concat();
+    let response = if pending.streamed {
+        wire::assemble_stream(pending.surface, &bytes)
+    } else {
+        pending.surface.codec().decode_response(&bytes).ok()
+    };
+    let Some(response) = response else { return };
+    let (Some(provider), Some(model)) = (ctx.provider.clone(), ctx.model.clone()) else { return };
+    state.cache.insert(pending.key, Entry::new(response, provider, model, ctx.bill.cost.total, pending.ttl));
+    state.metrics.cache_stores.inc();
+    state.metrics.cache_bytes.set(i64::try_from(state.cache.bytes()).unwrap_or(i64::MAX));
+    state.metrics.cache_entries.set(i64::try_from(state.cache.entries()).unwrap_or(i64::MAX));
+}

@@ -1,0 +1,254 @@
+//! The response cache end to end: exact hits on both surfaces and across them, streamed
+//! hits and streamed misses, bypasses, not-cached requests, TTL expiry, and what the trace
+//! and the metrics say.
+
+use super::*;
+
+const CONFIGS: &str = "  cached: { project: default, strategy: single, model: \"openai/gpt-4o-mini\", \
+    cache: { mode: exact, ttl_seconds: 2 } }\n  \
+    tooled: { project: default, strategy: single, model: \"openai/gpt-4o-mini\", \
+    cache: { allow_tools: true, allow_nonzero_temperature: true } }\n";
+
+async fn send(gw: &Gateway, path: &str, body: &str, extra: &[(&str, &str)]) -> Response {
+    let auth = format!("Bearer {KEY}");
+    let mut h = vec![("authorization", auth.as_str()), ("content-type", "application/json")];
+    if path.starts_with("/anthropic") {
+        h.push(("anthropic-version", "2023-06-01"));
+    }
+    h.extend_from_slice(extra);
+    httpc::request(gw.proxy, "POST", path, &h, body.as_bytes()).await.unwrap()
+}
+
+/// The text of an OpenAI answer, whole or streamed.
+fn openai_text(resp: &Response) -> String {
+    if resp.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")) {
+        let mut out = String::new();
+        for line in resp.text().lines() {
+            if let Some(data) = line.strip_prefix("data: ") {
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(data).unwrap();
+                if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                    out.push_str(t);
+                }
+            }
+        }
+        out
+    } else {
+        resp.json().unwrap()["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    }
+}
+
+fn anthropic_text(resp: &Response) -> String {
+    if resp.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")) {
+        let mut out = String::new();
+        for line in resp.text().lines() {
+            if let Some(data) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(data).unwrap();
+                if v["type"] == "content_block_delta" {
+                    out.push_str(v["delta"]["text"].as_str().unwrap_or(""));
+                }
+            }
+        }
+        out
+    } else {
+        resp.json().unwrap()["content"][0]["text"].as_str().unwrap().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_cache_hits_across_surfaces_and_streams() {
+    let upstream = mock(MockConfig::default()).await;
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.top_extra = "traces: { flush_interval_ms: 50 }\n".into();
+    cfg.more_configs = CONFIGS.into();
+    let gw = start(cfg).await;
+    let calls = || upstream.request_count();
+
+    // 1. A miss goes to the provider and is stored.
+    let first = send(
+        &gw,
+        CHAT,
+        r#"{"model":"@cached","messages":[{"role":"user","content":"say hello"}],"max_tokens":20}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("x-modelux-cache"), Some("MISS"));
+    let paid: f64 = first.header("x-modelux-cost-usd").unwrap().parse().unwrap();
+    assert!(paid > 0.0);
+    let text = openai_text(&first);
+    assert!(!text.is_empty());
+    assert_eq!(calls(), 1);
+
+    // 2. The same request, formatted differently: a hit, at $0, no provider call.
+    let hit = send(
+        &gw,
+        CHAT,
+        r#"{ "max_tokens": 20, "messages": [ { "content": [{"type": "text", "text": "say hello"}], "role": "user" } ], "model": "@cached" }"#,
+        &[],
+    )
+    .await;
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.header("x-modelux-cache"), Some("HIT"));
+    assert_eq!(hit.header("x-modelux-cache-similarity"), Some("1.0"));
+    assert_eq!(hit.header("x-modelux-cost-usd"), Some("0"));
+    assert_eq!(hit.header("x-modelux-provider-used"), Some("openai"));
+    assert_eq!(openai_text(&hit), text);
+    assert_eq!(hit.json().unwrap()["object"], "chat.completion");
+    assert_eq!(calls(), 1);
+
+    // 3. The other surface shares the entry, answered in its own shape.
+    let claude = send(
+        &gw,
+        "/anthropic/v1/messages",
+        r#"{"model":"@cached","max_tokens":20,"messages":[{"role":"user","content":"say hello"}]}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(claude.status, 200, "{}", claude.text());
+    assert_eq!(claude.header("x-modelux-cache"), Some("HIT"));
+    assert_eq!(claude.json().unwrap()["type"], "message");
+    assert_eq!(anthropic_text(&claude), text);
+
+    // 4. Streamed hits replay as well-formed streams of each surface, usage included.
+    let streamed = send(
+        &gw,
+        CHAT,
+        r#"{"model":"@cached","messages":[{"role":"user","content":"say hello"}],"max_tokens":20,"stream":true,"stream_options":{"include_usage":true}}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(streamed.header("x-modelux-cache"), Some("HIT"));
+    let sse = streamed.text();
+    assert!(sse.trim_end().ends_with("data: [DONE]"), "{sse}");
+    assert!(sse.contains("\"usage\":{"), "{sse}");
+    assert_eq!(openai_text(&streamed), text);
+    let claude_stream = send(
+        &gw,
+        "/anthropic/v1/messages",
+        r#"{"model":"@cached","max_tokens":20,"stream":true,"messages":[{"role":"user","content":"say hello"}]}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(claude_stream.header("x-modelux-cache"), Some("HIT"));
+    assert!(claude_stream.text().contains("event: message_stop"));
+    assert_eq!(anthropic_text(&claude_stream), text);
+    assert_eq!(calls(), 1);
+
+    // 5. A streamed miss is assembled as it passes and stored: a whole request then hits.
+    let body = r#"{"model":"@cached","messages":[{"role":"user","content":"stream first"}],"max_tokens":20,"stream":true}"#;
+    let miss = send(&gw, CHAT, body, &[]).await;
+    assert_eq!(miss.header("x-modelux-cache"), Some("MISS"));
+    let streamed_text = openai_text(&miss);
+    let whole = send(
+        &gw,
+        CHAT,
+        r#"{"model":"@cached","messages":[{"role":"user","content":"stream first"}],"max_tokens":20}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(whole.header("x-modelux-cache"), Some("HIT"), "{}", whole.text());
+    assert_eq!(openai_text(&whole), streamed_text);
+    assert_eq!(calls(), 2);
+
+    // 6. Bypasses: not read; `no-cache` still stores, `no-store` and skip do not.
+    let hello = r#"{"model":"@cached","messages":[{"role":"user","content":"say hello"}],"max_tokens":20}"#;
+    for (header, body) in [
+        (Some(("cache-control", "no-cache")), hello.to_string()),
+        (Some(("cache-control", "no-store")), hello.to_string()),
+        (None, hello.replace("\"max_tokens\":20", "\"max_tokens\":20,\"mlx:cache\":{\"skip\":true}")),
+    ] {
+        let before = calls();
+        let extra: Vec<(&str, &str)> = header.into_iter().collect();
+        let resp = send(&gw, CHAT, &body, &extra).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.header("x-modelux-cache"), Some("BYPASS"), "{extra:?} {body}");
+        assert_eq!(calls(), before + 1);
+    }
+    let fresh =
+        r#"{"model":"@cached","messages":[{"role":"user","content":"never stored"}],"max_tokens":20}"#;
+    let resp = send(&gw, CHAT, fresh, &[("cache-control", "no-store")]).await;
+    assert_eq!(resp.header("x-modelux-cache"), Some("BYPASS"));
+    let resp = send(&gw, CHAT, fresh, &[]).await;
+    assert_eq!(resp.header("x-modelux-cache"), Some("MISS"), "a no-store answer is not written");
+
+    // 7. Not cached without opt-in: a temperature above 0, tools. Opted in: cached.
+    let warm = r#"{"model":"@cached","messages":[{"role":"user","content":"say hello"}],"max_tokens":20,"temperature":0.7}"#;
+    assert_eq!(send(&gw, CHAT, warm, &[]).await.header("x-modelux-cache"), Some("BYPASS"));
+    let tools = r#"{"model":"@cached","messages":[{"role":"user","content":"weather?"}],"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{}}}}]}"#;
+    assert_eq!(send(&gw, CHAT, tools, &[]).await.header("x-modelux-cache"), Some("BYPASS"));
+    let opted = tools.replace("@cached", "@tooled");
+    assert_eq!(send(&gw, CHAT, &opted, &[]).await.header("x-modelux-cache"), Some("MISS"));
+    assert_eq!(send(&gw, CHAT, &opted, &[]).await.header("x-modelux-cache"), Some("HIT"));
+
+    // 8. A config without `cache:` says nothing about it.
+    let plain = send(&gw, CHAT, &hello.replace("@cached", "@fast"), &[]).await;
+    assert_eq!(plain.header("x-modelux-cache"), None);
+
+    // 9. Trace and logs: the hit is marked, with what it saved; metrics count.
+    let store = gw.handles.trace_writer.store().clone();
+    let hit_id = hit.header("x-modelux-request-id").unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        if let Some(r) = store.get(&hit_id).await.unwrap() {
+            break r;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(row.cache_hit);
+    assert!((row.cache_saved_usd - paid).abs() < 1e-9, "{} vs {paid}", row.cache_saved_usd);
+    assert_eq!(row.cost_total, 0.0);
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let log = httpc::request(
+        gw.manage,
+        "GET",
+        &format!("/manage/v1/logs/{hit_id}"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+    .unwrap();
+    let log = log.json().unwrap();
+    assert_eq!(log["data"]["cache_hit"], true, "{log}");
+    let metrics = httpc::request(gw.manage, "GET", "/metrics", &[], b"").await.unwrap().text();
+    assert!(metrics.contains("modelux_cache_lookups_total{result=\"hit\"} 6"), "{metrics}");
+    assert!(metrics.contains("modelux_cache_stores_total"), "{metrics}");
+
+    // 10. Configs made through the management API take the same `cache:`, checked alike.
+    let manage = |body: Value| {
+        let auth = format!("Bearer {ADMIN_KEY}");
+        let gw_manage = gw.manage;
+        async move {
+            let h = [("authorization", auth.as_str()), ("content-type", "application/json")];
+            httpc::request(
+                gw_manage,
+                "POST",
+                "/manage/v1/routing-configs",
+                &h,
+                &serde_json::to_vec(&body).unwrap(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let created = manage(json!({"slug": "apicached", "project": "default", "strategy": "single",
+                                "model": "openai/gpt-4o-mini", "cache": {"mode": "exact", "ttl_seconds": 60}}))
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let api_body = hello.replace("@cached", "@apicached");
+    assert_eq!(send(&gw, CHAT, &api_body, &[]).await.header("x-modelux-cache"), Some("MISS"));
+    assert_eq!(send(&gw, CHAT, &api_body, &[]).await.header("x-modelux-cache"), Some("HIT"));
+    let bad = manage(json!({"slug": "badcache", "project": "default", "strategy": "single",
+                            "model": "openai/gpt-4o-mini", "cache": {"mode": "sometimes"}}))
+    .await;
+    assert_eq!(bad.status, 422, "{}", bad.text());
+    assert!(bad.text().contains("cache.mode"), "{}", bad.text());
+
+    // 11. Entries live their config's TTL.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = send(&gw, CHAT, hello, &[]).await;
+    assert_eq!(expired.header("x-modelux-cache"), Some("MISS"));
+}
