@@ -149,6 +149,8 @@ pub struct Snapshot {
     pub projects: Vec<String>,
     /// Projects' default `cache:` settings (for requests no config with its own decides).
     pub project_cache: HashMap<String, crate::cache::CacheSettings>,
+    /// Some config or project turns the response cache on (else requests skip it outright).
+    pub any_cache: bool,
     /// Live provider health; the same registry is handed from snapshot to snapshot.
     pub health: Arc<HealthRegistry>,
     pub health_settings: HealthSettings,
@@ -846,8 +848,10 @@ pub fn validate(
     if !errors.is_empty() {
         return Err(errors);
     }
+    let any_cache = !project_cache.is_empty() || routing_configs.values().any(|c| c.cache.is_some());
     Ok(Snapshot {
         generation: previous.map_or(1, |p| p.generation + 1),
+        any_cache,
         settings,
         providers,
         project_keys,
