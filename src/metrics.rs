@@ -55,6 +55,8 @@ pub struct Metrics {
     pub cache_stores: IntCounter,
     /// Entries pushed out for room (not expiries).
     pub cache_evictions: IntCounter,
+    /// Store calls that failed (`get`, `put`): the request was served uncached.
+    pub cache_errors: IntCounterVec,
     target_healthy: GaugeVec,
     target_success_rate: GaugeVec,
     target_samples: GaugeVec,
@@ -258,6 +260,14 @@ impl Metrics {
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(cache_stores.clone()))?;
         registry.register(Box::new(cache_evictions.clone()))?;
+        let cache_errors = IntCounterVec::new(
+            Opts::new(
+                "modelux_cache_errors_total",
+                "Response cache store calls that failed (served uncached)",
+            ),
+            &["op"],
+        )?;
+        registry.register(Box::new(cache_errors.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -288,6 +298,7 @@ impl Metrics {
             cache_entries,
             cache_stores,
             cache_evictions,
+            cache_errors,
             target_healthy,
             target_success_rate,
             target_samples,

@@ -181,10 +181,24 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         traces: handles.traces.clone(),
         grants: grants.clone(),
         answer_budget: Default::default(),
-        cache: crate::cache::EmbeddedCache::new(
-            settings.cache_max_bytes,
-            handles.metrics.cache_evictions.clone(),
-        ),
+        cache: Arc::new(match &settings.cache_redis {
+            // The URL was checked with the config; a client that cannot be made now is
+            // reported and the cache runs in process.
+            Some((url, timeout)) => match crate::cache::redis::RedisCache::new(&url.0, *timeout) {
+                Ok(r) => crate::cache::Store::Redis(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "response cache: Redis unusable, caching in process");
+                    crate::cache::Store::Embedded(crate::cache::EmbeddedCache::new(
+                        settings.cache_max_bytes,
+                        handles.metrics.cache_evictions.clone(),
+                    ))
+                }
+            },
+            None => crate::cache::Store::Embedded(crate::cache::EmbeddedCache::new(
+                settings.cache_max_bytes,
+                handles.metrics.cache_evictions.clone(),
+            )),
+        }),
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -929,6 +929,8 @@ mod clickhouse;
 mod manage;
 #[path = "gateway/pg.rs"]
 mod pg;
+#[path = "gateway/redis.rs"]
+mod redis;
 #[path = "gateway/replay.rs"]
 mod replay;
 #[path = "gateway/routing.rs"]

@@ -54,6 +54,26 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 &&
     fi
 fi
 
+# The shared-cache tests run a real Redis (Debian's redis-server, started and stopped by
+# the tests themselves on loopback ports).
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "== installing redis-server"
+        apt-get update -qq
+        created_policy=0
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+            chmod +x /usr/sbin/policy-rc.d
+            created_policy=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        if [ "$created_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+    else
+        echo "redis-server is required by the shared-cache tests (apt-get install redis-server)" >&2
+        exit 1
+    fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -12,7 +12,9 @@
 //!   marks. A change to this document is a new scheme (`v2`), never an edit of `v1`: keys
 //!   are compared across processes and versions of the binary.
 //! * **Store**: in process, bounded by bytes (moka: TinyLFU admission, LRU eviction), each
-//!   entry living its config's `ttl_seconds`.
+//!   entry living its config's `ttl_seconds`; or Redis (`redis.rs`), shared by every node.
+
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -320,6 +322,47 @@ impl EmbeddedCache {
 
     pub fn entries(&self) -> u64 {
         self.inner.entry_count()
+    }
+}
+
+/// Where entries live: this process, or Redis.
+pub enum Store {
+    Embedded(EmbeddedCache),
+    Redis(redis::RedisCache),
+}
+
+impl Store {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Embedded(_) => "embedded",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// `Err`: the store could not answer (Redis down or slow): serve uncached.
+    pub async fn get(&self, key: &[u8; 32], ttl: Duration) -> Result<Option<Arc<Entry>>, String> {
+        match self {
+            Store::Embedded(c) => Ok(c.get(key)),
+            Store::Redis(r) => Ok(r.get(key, ttl).await?.map(Arc::new)),
+        }
+    }
+
+    pub async fn put(&self, key: [u8; 32], entry: Entry) -> Result<(), String> {
+        match self {
+            Store::Embedded(c) => {
+                c.insert(key, entry);
+                Ok(())
+            }
+            Store::Redis(r) => r.put(&key, &entry).await,
+        }
+    }
+
+    /// Bytes and entries held, for the in-process store.
+    pub fn size(&self) -> Option<(u64, u64)> {
+        match self {
+            Store::Embedded(c) => Some((c.bytes(), c.entries())),
+            Store::Redis(_) => None,
+        }
     }
 }
 

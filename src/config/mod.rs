@@ -69,6 +69,8 @@ pub struct Settings {
     pub experiment_embedding_model: Option<String>,
     /// `cache.max_bytes`: the embedded response cache's size (read at start).
     pub cache_max_bytes: u64,
+    /// `cache.redis`: the URL and call timeout of a shared cache (read at start).
+    pub cache_redis: Option<(Redacted, Duration)>,
     /// `state.master_key`, if set.
     pub master_key: Option<Redacted>,
     pub state_backend: StateBackend,
@@ -515,6 +517,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         experiment_retention_days: 30,
         experiment_embedding_model: None,
         cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+        cache_redis: None,
         master_key: None,
         state_backend: StateBackend::Sqlite,
     }
@@ -701,6 +704,18 @@ pub fn validate(
         Some(0) => errors.push(ConfigError::new("cache.max_bytes", "must be greater than 0")),
         Some(n) => settings.cache_max_bytes = n,
         None => {}
+    }
+    if let Some(r) = &raw.cache.redis {
+        let url = r.url.trim();
+        if !url.starts_with("redis://") || ::redis::Client::open(url).is_err() {
+            errors.push(ConfigError::new(
+                "cache.redis.url",
+                "must be a redis://[:password@]host:port[/db] URL",
+            ));
+        } else {
+            let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(100).max(1));
+            settings.cache_redis = Some((Redacted(url.to_string()), timeout));
+        }
     }
     match raw.experiments.embedding_model.as_deref().map(str::trim) {
         Some("") => errors.push(ConfigError::new("experiments.embedding_model", "must not be empty")),

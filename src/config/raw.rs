@@ -271,6 +271,17 @@ pub struct RawExperiments {
 pub struct RawCacheStore {
     /// Bytes the embedded cache holds (default 256 MiB).
     pub max_bytes: Option<u64>,
+    /// Keep entries in Redis instead, shared by every node pointed at it.
+    pub redis: Option<RawCacheRedis>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheRedis {
+    /// `redis://[:password@]host:port[/db]` (`${ENV}` expands).
+    pub url: String,
+    /// Each call's bound (default 100 ms): a slower Redis is a miss, not a wait.
+    pub timeout_ms: Option<u64>,
 }
 
 /// `state:` — where management state (API-created projects, keys, versions, audit) lives.

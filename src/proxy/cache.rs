@@ -5,17 +5,19 @@
 //! the answer it gets is collected on its way to the client (pieces shared, never
 //! delaying one) and stored in `logging`, once the client has it all.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderName;
 
 use super::headers::{name, Headers};
-use super::{respond, GatewayState, Req, RequestCtx};
+use super::{respond, Req, RequestCtx};
 use crate::admission::RouteInfo;
 use crate::auth::Principal;
 use crate::cache::{self, Bypass, CacheSettings, Entry};
 use crate::error::{GatewayError, Surface};
+use crate::metrics::Metrics;
 use crate::wire;
 
 pub const CACHE: &str = "x-modelux-cache";
@@ -23,6 +25,8 @@ pub const SIMILARITY: &str = "x-modelux-cache-similarity";
 
 /// A miss to store once answered.
 pub struct Pending {
+    store: Arc<cache::Store>,
+    metrics: Arc<Metrics>,
     key: [u8; 32],
     ttl: Duration,
     max_bytes: usize,
@@ -105,10 +109,18 @@ pub async fn lookup(
         &decoded,
     );
     if bypass.is_none() {
-        if let Some(entry) = req.state.cache.get(&key) {
-            metrics.cache_lookups.with_label_values(&["hit"]).inc();
-            serve_hit(req, info, &entry, decoded.stream, decoded.stream_usage).await;
-            return Ok(true);
+        match req.state.cache.get(&key, settings.ttl).await {
+            Ok(Some(entry)) => {
+                metrics.cache_lookups.with_label_values(&["hit"]).inc();
+                serve_hit(req, info, &entry, decoded.stream, decoded.stream_usage).await;
+                return Ok(true);
+            }
+            Ok(None) => {}
+            // Served uncached: a store that is down never fails a request.
+            Err(e) => {
+                metrics.cache_errors.with_label_values(&["get"]).inc();
+                tracing::debug!(error = %e, "response cache unavailable");
+            }
         }
     }
     let label = if bypass.is_some() { "bypass" } else { "miss" };
@@ -116,6 +128,8 @@ pub async fn lookup(
     req.ctx.cache_status = Some(if bypass.is_some() { "BYPASS" } else { "MISS" });
     if bypass.is_none_or(Bypass::stores) {
         req.ctx.cache_pending = Some(Box::new(Pending {
+            store: req.state.cache.clone(),
+            metrics: req.state.metrics.clone(),
             key,
             ttl: settings.ttl,
             max_bytes: settings.max_entry_bytes,
@@ -167,8 +181,11 @@ pub fn push_headers(ctx: &RequestCtx, headers: &mut Vec<(HeaderName, String)>) {
     }
 }
 
-/// Stores a miss's answer once the client has it all: a complete, successful answer only.
-pub fn store(state: &GatewayState, ctx: &mut RequestCtx) {
+/// Stores a miss's answer: a complete, successful answer only. Called just before the
+/// answer's last bytes go out (a whole answer's only write, a stream's closing event), so
+/// a client that repeats the request as soon as it has the answer finds it stored; and
+/// from `logging`, for an answer that ended any other way (then a no-op).
+pub async fn finish(ctx: &mut RequestCtx) {
     let Some(pending) = ctx.cache_pending.take() else { return };
     if pending.over || !ctx.served || !(200..300).contains(&ctx.status) || ctx.error_code.is_some() {
         return;
@@ -181,8 +198,17 @@ pub fn store(state: &GatewayState, ctx: &mut RequestCtx) {
     };
     let Some(response) = response else { return };
     let (Some(provider), Some(model)) = (ctx.provider.clone(), ctx.model.clone()) else { return };
-    state.cache.insert(pending.key, Entry::new(response, provider, model, ctx.bill.cost.total, pending.ttl));
-    state.metrics.cache_stores.inc();
-    state.metrics.cache_bytes.set(i64::try_from(state.cache.bytes()).unwrap_or(i64::MAX));
-    state.metrics.cache_entries.set(i64::try_from(state.cache.entries()).unwrap_or(i64::MAX));
+    let entry = Entry::new(response, provider, model, ctx.bill.cost.total, pending.ttl);
+    let metrics = &pending.metrics;
+    match pending.store.put(pending.key, entry).await {
+        Ok(()) => metrics.cache_stores.inc(),
+        Err(e) => {
+            metrics.cache_errors.with_label_values(&["put"]).inc();
+            tracing::debug!(error = %e, "response cache unavailable; answer not stored");
+        }
+    }
+    if let Some((bytes, entries)) = pending.store.size() {
+        metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
 }

@@ -52,8 +52,8 @@ pub struct GatewayState {
     pub grants: Arc<crate::replay::live::Grants>,
     /// Answers kept for replay this second (`traces.replay_answers_per_second`).
     pub answer_budget: crate::trace::replay::AnswerBudget,
-    /// The response cache (in process).
-    pub cache: crate::cache::EmbeddedCache,
+    /// The response cache (in process, or Redis).
+    pub cache: Arc<crate::cache::Store>,
 }
 
 pub struct Gateway {
@@ -285,7 +285,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&PError>, ctx: &mut RequestCtx) {
-        cache::store(&self.state, ctx);
+        cache::finish(ctx).await;
         billing::settle(&self.state, ctx);
         billing::record_metrics(&self.state, ctx);
         respond::record_metrics(&self.state.metrics, ctx);

@@ -51,6 +51,9 @@ pub async fn whole(
     ctx.status = status;
     let len = body.len() as u64;
     ctx.capture_response(&body);
+    if ctx.cache_pending.is_some() {
+        super::cache::finish(ctx).await;
+    }
     if let Err(e) = session.write_response_header(Box::new(resp), false).await {
         tracing::debug!(error = %e, "client went away before the response header");
         ctx.error_code.get_or_insert("client_disconnected");

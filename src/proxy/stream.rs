@@ -166,10 +166,16 @@ pub async fn stream(
                         }
                     }
                 }
-                if !out.is_empty() {
-                    ctx.bytes_out += out.len() as u64;
-                    let tail = Bytes::copy_from_slice(&out);
-                    ctx.capture_response(&tail);
+                let tail = (!out.is_empty()).then(|| Bytes::copy_from_slice(&out));
+                if let Some(tail) = &tail {
+                    ctx.capture_response(tail);
+                }
+                // Stored before the stream's closing bytes go out (see `cache::finish`).
+                if finished.is_ok() && ctx.cache_pending.is_some() {
+                    super::cache::finish(ctx).await;
+                }
+                if let Some(tail) = tail {
+                    ctx.bytes_out += tail.len() as u64;
                     let _ = session.write_response_body(Some(tail), false).await;
                 }
                 break finished

@@ -46,13 +46,13 @@ pub struct Message {
     pub content: Vec<Part>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ImageSource {
     Url(String),
     Base64 { media_type: String, data: String },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Part {
     Text {
         text: String,
@@ -122,7 +122,7 @@ pub enum ToolChoice {
     Tool(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StopReason {
     EndTurn,
     MaxTokens,
@@ -133,7 +133,7 @@ pub enum StopReason {
 
 /// Token counts. `input` counts every prompt token, cached ones included; `cache_read`
 /// and `cache_write` are the parts of it served from or written to a prompt cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub input: u64,
     pub output: u64,
@@ -142,7 +142,7 @@ pub struct Usage {
     pub reasoning: u64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Response {
     pub id: String,
     pub model: String,

@@ -252,3 +252,53 @@ async fn exact_cache_hits_across_surfaces_and_streams() {
     let expired = send(&gw, CHAT, hello, &[]).await;
     assert_eq!(expired.header("x-modelux-cache"), Some("MISS"));
 }
+
+/// Two gateways on one Redis: an answer bought through one is a hit on the other, in the
+/// other surface; with Redis gone both keep serving, uncached, and say so in a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_share_the_cache_on_redis_and_survive_its_outage() {
+    let mut redis = tokio::task::spawn_blocking(super::redis::RedisServer::start).await.unwrap();
+    let upstream = mock(MockConfig::default()).await;
+    let url = upstream.base_url();
+    let node = |url: String| {
+        let mut cfg = Cfg::new(url.leak());
+        cfg.top_extra = format!("cache: {{ redis: {{ url: \"{}\", timeout_ms: 200 }} }}\n", redis.url());
+        cfg.more_configs = CONFIGS.replace("ttl_seconds: 2", "ttl_seconds: 60");
+        start(cfg)
+    };
+    let a = node(url.clone()).await;
+    let b = node(url.clone()).await;
+    let hello = r#"{"model":"@cached","messages":[{"role":"user","content":"shared"}],"max_tokens":20}"#;
+    let first = send(&a, CHAT, hello, &[]).await;
+    assert_eq!(first.header("x-modelux-cache"), Some("MISS"));
+    // Stored once `a` logged the request: poll `b` briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let hit = loop {
+        let r = send(
+            &b,
+            "/anthropic/v1/messages",
+            r#"{"model":"@cached","max_tokens":20,"messages":[{"role":"user","content":"shared"}]}"#,
+            &[],
+        )
+        .await;
+        if r.header("x-modelux-cache") == Some("HIT") || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(hit.header("x-modelux-cache"), Some("HIT"), "{}", hit.text());
+    assert_eq!(anthropic_text(&hit), openai_text(&first));
+    assert_eq!(upstream.request_count(), 1, "b's hit never reached the provider");
+
+    // Redis goes away: requests are served, uncached, and counted.
+    redis.stop();
+    for gw in [&a, &b] {
+        let started = Instant::now();
+        let resp = send(gw, CHAT, hello, &[]).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.header("x-modelux-cache"), Some("MISS"));
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+    let metrics = httpc::request(a.manage, "GET", "/metrics", &[], b"").await.unwrap().text();
+    assert!(metrics.contains("modelux_cache_errors_total{op=\"get\"}"), "{metrics}");
+}

@@ -1,0 +1,152 @@
+//! The response cache on Redis (`cache.redis.url`), shared by every gateway node pointed at
+//! it. Entries are `mlx:cache:v1:<key hex>` → a JSON envelope (`Stored`), written with
+//! `SET … PX <ttl>` so Redis expires them. Calls run on a small runtime of their own that
+//! drives the one multiplexed, reconnecting connection (pingora's per-thread runtimes come
+//! and go with their threads); each call is bounded by `timeout`. Any failure makes the
+//! store sit out for a second (`BACKOFF`): requests are then served uncached, never failed
+//! and never held up by a Redis that is down.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use super::Entry;
+use crate::wire::canonical::Response;
+
+/// After a failure, Redis is not tried again for this long.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// What is stored in Redis for one entry (the scheme is in the key's prefix).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    response: Response,
+    provider: String,
+    model: String,
+    cost_usd: f64,
+}
+
+pub struct RedisCache {
+    client: redis::Client,
+    runtime: Option<tokio::runtime::Runtime>,
+    conn: Arc<tokio::sync::Mutex<Option<ConnectionManager>>>,
+    timeout: Duration,
+    started: Instant,
+    /// Milliseconds since `started` before which Redis is not tried.
+    down_until_ms: AtomicU64,
+}
+
+fn redis_key(key: &[u8; 32]) -> String {
+    format!("mlx:cache:v{}:{}", super::KEY_SCHEME, hex::encode(key))
+}
+
+impl RedisCache {
+    /// `url`: `redis://[:password@]host:port[/db]`. Connects on first use.
+    pub fn new(url: &str, timeout: Duration) -> Result<RedisCache, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("cache.redis.url: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("modelux-cache-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the Redis cache runtime: {e}"))?;
+        Ok(RedisCache {
+            client,
+            runtime: Some(runtime),
+            conn: Arc::new(tokio::sync::Mutex::new(None)),
+            timeout,
+            started: Instant::now(),
+            down_until_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Runs one command on the cache's runtime, bounded by the timeout; a failure backs off.
+    async fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(
+                ConnectionManager,
+            )
+                -> std::pin::Pin<Box<dyn std::future::Future<Output = redis::RedisResult<T>> + Send>>
+            + Send
+            + 'static,
+    ) -> Result<T, String> {
+        if self.now_ms() < self.down_until_ms.load(Ordering::Relaxed) {
+            return Err("redis is backing off after a failure".into());
+        }
+        let Some(runtime) = &self.runtime else { return Err("the Redis cache is shut down".into()) };
+        let (conn, client, timeout) = (self.conn.clone(), self.client.clone(), self.timeout);
+        let task = runtime.spawn(async move {
+            let work = async {
+                let manager = {
+                    let mut slot = conn.lock().await;
+                    match slot.as_ref() {
+                        Some(m) => m.clone(),
+                        None => {
+                            let m = ConnectionManager::new(client).await?;
+                            *slot = Some(m.clone());
+                            m
+                        }
+                    }
+                };
+                op(manager).await
+            };
+            match tokio::time::timeout(timeout, work).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            }
+        });
+        let result = task.await.map_err(|e| format!("redis task: {e}")).and_then(|r| r);
+        if result.is_err() {
+            self.down_until_ms.store(self.now_ms() + BACKOFF.as_millis() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    pub async fn get(&self, key: &[u8; 32], ttl_hint: Duration) -> Result<Option<Entry>, String> {
+        let k = redis_key(key);
+        let raw: Option<Vec<u8>> = self
+            .call(move |mut c| {
+                Box::pin(
+                    async move { redis::cmd("GET").arg(&k).query_async::<Option<Vec<u8>>>(&mut c).await },
+                )
+            })
+            .await?;
+        let Some(raw) = raw else { return Ok(None) };
+        // An entry this build cannot read is a miss (and is overwritten by the next store).
+        let Ok(s) = serde_json::from_slice::<Stored>(&raw) else { return Ok(None) };
+        Ok(Some(Entry::new(s.response, s.provider, s.model, s.cost_usd, ttl_hint)))
+    }
+
+    pub async fn put(&self, key: &[u8; 32], entry: &Entry) -> Result<(), String> {
+        let stored = Stored {
+            response: entry.response.clone(),
+            provider: entry.provider.clone(),
+            model: entry.model.clone(),
+            cost_usd: entry.cost_usd,
+        };
+        let body = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+        let (k, px) = (redis_key(key), entry.ttl.as_millis().max(1) as u64);
+        self.call(move |mut c| {
+            Box::pin(async move {
+                redis::cmd("SET").arg(&k).arg(body).arg("PX").arg(px).query_async::<()>(&mut c).await
+            })
+        })
+        .await
+    }
+}
+
+impl Drop for RedisCache {
+    /// Dropping a runtime blocks, which is not allowed inside another runtime: let it wind
+    /// down in the background.
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
