@@ -16,6 +16,9 @@ pub struct ProjectCreate {
     name: String,
     slug: Option<String>,
     description: Option<String>,
+    /// The project's default response cache (a routing config's own `cache:` wins).
+    #[schema(value_type = Option<Object>)]
+    cache: Option<Value>,
 }
 
 /// `PATCH /projects/{id}`.
@@ -25,6 +28,20 @@ pub struct ProjectPatch {
     name: Option<String>,
     #[serde(default, deserialize_with = "api::nullable")]
     description: Option<Option<String>>,
+    /// `null` removes the default.
+    #[serde(default, deserialize_with = "api::nullable")]
+    #[schema(value_type = Option<Object>)]
+    cache: Option<Option<Value>>,
+}
+
+/// Checks a `cache` body as a routing config's `cache:` is checked; errors name `cache.…`.
+fn check_cache(v: &Value, errors: &mut Vec<ConfigError>) {
+    match serde_json::from_value::<crate::cache::RawCache>(v.clone()) {
+        Ok(raw) => {
+            raw.settings("cache", errors);
+        }
+        Err(e) => errors.push(ConfigError::new("cache", e.to_string())),
+    }
 }
 
 pub fn view(r: &Stored) -> Value {
@@ -34,6 +51,7 @@ pub fn view(r: &Stored) -> Value {
         "name": r.body.get("name").cloned().unwrap_or(Value::Null),
         "slug": r.slug,
         "description": r.body.get("description").cloned().unwrap_or(Value::Null),
+        "cache": r.body.get("cache").cloned().unwrap_or(Value::Null),
         "version": r.version,
         "managed_by": "api",
         "created_at": api::time(r.created_ms),
@@ -105,6 +123,9 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
     };
     let mut errors = Vec::new();
     check_name(&input.name, &mut errors);
+    if let Some(c) = &input.cache {
+        check_cache(c, &mut errors);
+    }
     let slug = input.slug.clone().unwrap_or_else(|| slugify(&input.name));
     if !crate::config::valid_id(&slug) {
         let field = if input.slug.is_some() { "slug" } else { "name" };
@@ -123,7 +144,10 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
                 format!("a project with slug \"{slug}\" already exists"),
             ));
         }
-        let body = json!({ "name": input.name.trim(), "description": input.description });
+        let mut body = json!({ "name": input.name.trim(), "description": input.description });
+        if let Some(c) = &input.cache {
+            body["cache"] = c.clone();
+        }
         let r = api::new_resource(Kind::Project, String::new(), slug.clone(), body);
         Ok(api::create_plan(call, r, "project.created", view))
     })
@@ -146,12 +170,15 @@ async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answe
         Ok(b) => b,
         Err(e) => return e.into_answer(),
     };
+    let mut errors = Vec::new();
     if let Some(name) = &input.name {
-        let mut errors = Vec::new();
         check_name(name, &mut errors);
-        if !errors.is_empty() {
-            return ApiError::invalid(errors).into_answer();
-        }
+    }
+    if let Some(Some(c)) = &input.cache {
+        check_cache(c, &mut errors);
+    }
+    if !errors.is_empty() {
+        return ApiError::invalid(errors).into_answer();
     }
     let lock = format!("project:{key}");
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
@@ -162,6 +189,15 @@ async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answe
         }
         if let Some(description) = &input.description {
             body["description"] = json!(description);
+        }
+        match &input.cache {
+            Some(Some(c)) => body["cache"] = c.clone(),
+            Some(None) => {
+                if let Value::Object(m) = &mut body {
+                    m.remove("cache");
+                }
+            }
+            None => {}
         }
         Ok(api::update_plan(call, old, api::next_version(old, body), "project.updated", view))
     })

@@ -247,7 +247,55 @@ async fn exact_cache_hits_across_surfaces_and_streams() {
     assert_eq!(bad.status, 422, "{}", bad.text());
     assert!(bad.text().contains("cache.mode"), "{}", bad.text());
 
-    // 11. Entries live their config's TTL.
+    // 11. A project made through the API with a default cache: its direct-model traffic is
+    // cached; a bad `cache` names its field; PATCH null turns it off.
+    let admin = format!("Bearer {ADMIN_KEY}");
+    let call = |method: &'static str, path: String, body: Value| {
+        let (auth, gw_manage) = (admin.clone(), gw.manage);
+        async move {
+            let h = [("authorization", auth.as_str()), ("content-type", "application/json")];
+            httpc::request(gw_manage, method, &path, &h, &serde_json::to_vec(&body).unwrap()).await.unwrap()
+        }
+    };
+    let bad =
+        call("POST", "/manage/v1/projects".into(), json!({"name": "Bad Cache", "cache": {"mode": "often"}}))
+            .await;
+    assert_eq!(bad.status, 422, "{}", bad.text());
+    assert!(bad.text().contains("cache.mode"), "{}", bad.text());
+    let project = call(
+        "POST",
+        "/manage/v1/projects".into(),
+        json!({"name": "Cached Co", "slug": "cachedco", "cache": {"mode": "exact", "ttl_seconds": 60}}),
+    )
+    .await;
+    assert_eq!(project.status, 201, "{}", project.text());
+    assert_eq!(project.json().unwrap()["data"]["cache"]["ttl_seconds"], 60);
+    let key = call(
+        "POST",
+        "/manage/v1/api-keys".into(),
+        json!({"project": "cachedco", "name": "ci", "requests_per_minute": 0}),
+    )
+    .await;
+    assert_eq!(key.status, 201, "{}", key.text());
+    let secret = key.json().unwrap()["data"]["key"].as_str().unwrap().to_string();
+    let direct = r#"{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"project default"}],"max_tokens":20}"#;
+    let as_project = |body: &'static str| {
+        let (secret, proxy) = (secret.clone(), gw.proxy);
+        async move {
+            let auth = format!("Bearer {secret}");
+            let h = [("authorization", auth.as_str()), ("content-type", "application/json")];
+            httpc::request(proxy, "POST", CHAT, &h, body.as_bytes()).await.unwrap()
+        }
+    };
+    assert_eq!(as_project(direct).await.header("x-modelux-cache"), Some("MISS"));
+    assert_eq!(as_project(direct).await.header("x-modelux-cache"), Some("HIT"));
+    // The same prompt from another project is never its hit.
+    assert_eq!(send(&gw, CHAT, direct, &[]).await.header("x-modelux-cache"), None);
+    let off = call("PATCH", "/manage/v1/projects/cachedco".into(), json!({"cache": null})).await;
+    assert_eq!(off.status, 200, "{}", off.text());
+    assert_eq!(as_project(direct).await.header("x-modelux-cache"), None);
+
+    // 12. Entries live their config's TTL.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let expired = send(&gw, CHAT, hello, &[]).await;
     assert_eq!(expired.header("x-modelux-cache"), Some("MISS"));
