@@ -143,6 +143,8 @@ pub enum Bypass {
     Temperature,
     /// Tools offered without `allow_tools`.
     Tools,
+    /// The answer would have parts an entry does not keep (`n` above 1, `logprobs`).
+    Unkept,
 }
 
 impl Bypass {
@@ -153,6 +155,7 @@ impl Bypass {
             Bypass::Skip => "skip",
             Bypass::Temperature => "temperature",
             Bypass::Tools => "tools",
+            Bypass::Unkept => "unkept",
         }
     }
 
@@ -169,6 +172,17 @@ pub fn admits(settings: &CacheSettings, req: &Request) -> Result<(), Bypass> {
     }
     if !req.tools.is_empty() && !settings.allow_tools {
         return Err(Bypass::Tools);
+    }
+    // An entry holds one choice's content and usage: more choices or token log
+    // probabilities would come back without them.
+    let unkept = req.openai_only.iter().any(|(k, v)| match k.as_str() {
+        "n" => v.as_u64().is_some_and(|n| n > 1),
+        "logprobs" => v.as_bool() == Some(true),
+        "top_logprobs" => !v.is_null(),
+        _ => false,
+    });
+    if unkept {
+        return Err(Bypass::Unkept);
     }
     Ok(())
 }
