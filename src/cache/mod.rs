@@ -2,14 +2,12 @@
 //!
 //! * **Key, scheme `v1`**: SHA-256 of a JSON document built from the *decoded* request
 //!   (`wire::canonical::Request`), never its raw bytes, so formatting, key order and the
-//!   surface it came in on do not matter: `{"v":1, project, config, config_version, model,
+//!   surface it came in on do not matter: `{"v":1, project, model, config, route, extras,
 //!   system, messages, max_tokens, temperature, top_p, stop, tools, tool_choice,
 //!   parallel_tool_calls, thinking_budget, options}` with object keys sorted (serde_json's
-//!   map) and numbers as serde_json prints them. `model` is what the client named (`@slug`
-//!   or `provider/model`); `config_version` is the version that decided, so a changed config
-//!   never serves answers of its previous definition. Left out, as they do not change the
-//!   answer: `stream`, stream usage, `user`/end user, tags, metadata, `cache_control`
-//!   marks. A change to this document is a new scheme (`v2`), never an edit of `v1`: keys
+//!   map) and numbers as serde_json prints them (`Scope` says what the first ones are).
+//!   Left out, as they do not change the answer: `stream`, stream usage, `user`/end user,
+//!   tags, metadata, `cache_control` marks. A change to this document is a new scheme (`v2`), never an edit of `v1`: keys
 //!   are compared across processes and versions of the binary.
 //! * **Store**: in process, bounded by bytes (moka: TinyLFU admission, LRU eviction), each
 //!   entry living its config's `ttl_seconds`; or Redis (`redis.rs`), shared by every node.
@@ -205,8 +203,24 @@ fn part(p: &Part) -> Value {
     }
 }
 
+/// What, besides the decoded request, decides an answer.
+pub struct Scope<'a> {
+    pub project: &'a str,
+    /// As the client named it (`@slug`, `provider/model`).
+    pub model: &'a str,
+    /// The named config's definition (its canonical text, not its version number: versions
+    /// are counted per process and would collide across restarts and nodes).
+    pub config: Option<&'a str>,
+    /// Where the decision sends the request first (`provider/model`) and its A/B variant:
+    /// requests of one config that rules or a split send elsewhere never share answers.
+    pub route: &'a str,
+    /// Request fields the canonical request does not model (vendor parameters, beta
+    /// headers), as sent.
+    pub extras: &'a serde_json::Map<String, Value>,
+}
+
 /// The cache key of a decoded request (scheme `v1`, see the module docs).
-pub fn key(project: &str, config: Option<(&str, u32)>, model: &str, req: &Request) -> [u8; 32] {
+pub fn key(scope: &Scope<'_>, req: &Request) -> [u8; 32] {
     let messages: Vec<Value> = req
         .messages
         .iter()
@@ -237,10 +251,11 @@ pub fn key(project: &str, config: Option<(&str, u32)>, model: &str, req: &Reques
         .collect();
     let doc = json!({
         "v": KEY_SCHEME,
-        "project": project,
-        "config": config.map(|(slug, _)| slug),
-        "config_version": config.map(|(_, v)| v),
-        "model": model,
+        "project": scope.project,
+        "config": scope.config,
+        "route": scope.route,
+        "extras": scope.extras,
+        "model": scope.model,
         "system": req.system.iter().map(|b| b.text.as_str()).collect::<Vec<_>>(),
         "messages": messages,
         "max_tokens": req.max_tokens,
@@ -403,19 +418,33 @@ mod tests {
             Surface::Anthropic,
             r#"{"model":"gpt-4o-mini","system":"Be brief.","messages":[{"role":"user","content":"hi"}],"max_tokens":20}"#,
         );
-        let k = |r: &Request| key("p", Some(("prod", 3)), "@prod", r);
+        let extras = serde_json::Map::new();
+        let scope = |project, config| Scope {
+            project,
+            model: "@prod",
+            config,
+            route: "openai/gpt-4o-mini",
+            extras: &extras,
+        };
+        let k = |r: &Request| key(&scope("p", Some("{strategy:single}")), r);
         assert_eq!(k(&a), k(&b));
         assert_eq!(k(&a), k(&c));
         // Deterministic across processes and builds: a golden value of scheme v1.
         assert_eq!(hex::encode(k(&a)), GOLDEN_V1);
-        assert_ne!(k(&a), key("p", Some(("prod", 4)), "@prod", &a), "a new config version");
-        assert_ne!(k(&a), key("q", Some(("prod", 3)), "@prod", &a), "another project");
+        assert_ne!(k(&a), key(&scope("p", Some("{strategy:fallback}")), &a), "another definition");
+        assert_ne!(k(&a), key(&scope("q", Some("{strategy:single}")), &a), "another project");
+        let routed = Scope { route: "anthropic/claude", ..scope("p", Some("{strategy:single}")) };
+        assert_ne!(k(&a), key(&routed, &a), "another route");
+        let mut top_k = serde_json::Map::new();
+        top_k.insert("top_k".into(), json!(5));
+        let vendor = Scope { extras: &top_k, ..scope("p", Some("{strategy:single}")) };
+        assert_ne!(k(&a), key(&vendor, &a), "a field the canonical request does not model");
         let mut other = a.clone();
         other.temperature = Some(0.0);
         assert_ne!(k(&a), k(&other), "a sampling field");
     }
 
-    const GOLDEN_V1: &str = "be2bc3635dba7deebbe59e4b9b92274ecbc2ca7f78ac13d255323486f378b8c6";
+    const GOLDEN_V1: &str = "2ed559519c648c04632aba89b1d37e0468ae5975b1fba834499579d36c2085af";
 
     #[test]
     fn settings_and_bypass_rules() {

@@ -863,7 +863,8 @@ pub fn validate(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let any_cache = !project_cache.is_empty() || routing_configs.values().any(|c| c.cache.is_some());
+    let any_cache =
+        !project_cache.is_empty() || routing_configs.values().any(|c| matches!(c.cache, Some(Some(_))));
     Ok(Snapshot {
         generation: previous.map_or(1, |p| p.generation + 1),
         any_cache,

@@ -336,7 +336,7 @@ pub fn build(
         None | Some(Value::Null) => None,
         Some(v) => {
             let at = format!("{path}.cache");
-            section::<crate::cache::RawCache>(v, &at, errors).and_then(|raw| raw.settings(&at, errors))
+            section::<crate::cache::RawCache>(v, &at, errors).map(|raw| raw.settings(&at, errors))
         }
     };
     let rest = Value::Mapping(map);

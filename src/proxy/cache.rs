@@ -54,24 +54,109 @@ impl Pending {
     }
 }
 
-/// The settings that decide for this request: its config's, else its project's default.
+/// The settings that decide for this request: its config's own `cache:` (which may turn
+/// caching off), else its project's default.
 fn settings<'s>(req: &Req<'s>, project: &str, info: &RouteInfo) -> Option<&'s CacheSettings> {
     let snapshot = req.snapshot;
     let own = info.config.as_ref().and_then(|(slug, _)| snapshot.routing_configs.get(slug)?.cache.as_ref());
-    own.or_else(|| snapshot.project_cache.get(project))
+    match own {
+        Some(choice) => choice.as_ref(),
+        None => snapshot.project_cache.get(project),
+    }
+}
+
+/// Top-level request fields the canonical request models (the key reads them decoded);
+/// any other field, and `anthropic-beta`, goes into the key as sent.
+fn modeled(surface: Surface, field: &str) -> bool {
+    field.starts_with("mlx:")
+        || match surface {
+            Surface::OpenAi => matches!(
+                field,
+                "model"
+                    | "messages"
+                    | "max_tokens"
+                    | "max_completion_tokens"
+                    | "temperature"
+                    | "top_p"
+                    | "stop"
+                    | "stream"
+                    | "stream_options"
+                    | "tools"
+                    | "tool_choice"
+                    | "parallel_tool_calls"
+                    | "user"
+                    | "metadata"
+            ),
+            Surface::Anthropic => matches!(
+                field,
+                "model"
+                    | "messages"
+                    | "system"
+                    | "max_tokens"
+                    | "temperature"
+                    | "top_p"
+                    | "stop_sequences"
+                    | "stream"
+                    | "tools"
+                    | "tool_choice"
+                    | "metadata"
+            ),
+        }
+}
+
+/// The fields of `body` the canonical request does not model (OpenAI-only fields it keeps
+/// are in the key already), and a bypass the raw body asks for.
+fn extras(
+    req: &Req<'_>,
+    surface: Surface,
+    body: &[u8],
+    decoded: &wire::canonical::Request,
+    settings: &CacheSettings,
+) -> Result<serde_json::Map<String, serde_json::Value>, Bypass> {
+    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for (k, v) in raw {
+        if modeled(surface, &k) || decoded.openai_only.iter().any(|(name, _)| *name == k) {
+            continue;
+        }
+        match k.as_str() {
+            // The legacy tool fields are tools.
+            "functions" | "function_call" if !settings.allow_tools => return Err(Bypass::Tools),
+            // Audio output is not kept by an entry.
+            "audio" | "modalities" => return Err(Bypass::Unkept),
+            // Enabled thinking is the canonical budget; any other shape goes in as sent.
+            "thinking" if decoded.thinking_budget.is_some() => continue,
+            _ => {
+                out.insert(k, v);
+            }
+        }
+    }
+    if surface == Surface::Anthropic {
+        if let Some(beta) =
+            req.session.req_header().headers.get("anthropic-beta").and_then(|v| v.to_str().ok())
+        {
+            out.insert("anthropic-beta".into(), serde_json::Value::String(beta.to_string()));
+        }
+    }
+    Ok(out)
 }
 
 /// `Cache-Control: no-store` / `no-cache`, or `"mlx:cache": {"skip": true}` in the body.
 fn bypass_asked(req: &Req<'_>, body: &[u8]) -> Option<Bypass> {
     let headers = &req.session.req_header().headers;
-    for v in headers.get_all(http::header::CACHE_CONTROL) {
-        let v = v.to_str().unwrap_or("").to_ascii_lowercase();
-        if v.split(',').any(|d| d.trim() == "no-store") {
-            return Some(Bypass::NoStore);
-        }
-        if v.split(',').any(|d| d.trim() == "no-cache") {
-            return Some(Bypass::NoCache);
-        }
+    let directives: Vec<String> = headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .flat_map(|v| {
+            v.to_str().unwrap_or("").split(',').map(|d| d.trim().to_ascii_lowercase()).collect::<Vec<_>>()
+        })
+        .collect();
+    // `no-store` anywhere wins over `no-cache`.
+    if directives.iter().any(|d| d == "no-store") {
+        return Some(Bypass::NoStore);
+    }
+    if directives.iter().any(|d| d == "no-cache") {
+        return Some(Bypass::NoCache);
     }
     // Parsed only when present: most bodies never pay for it.
     if memchr_find(body, b"\"mlx:cache\"") {
@@ -97,17 +182,40 @@ pub async fn lookup(
     body: &Bytes,
 ) -> Result<bool, GatewayError> {
     let Some(settings) = settings(req, &principal.project, info) else { return Ok(false) };
+    // An experiment's request measures its candidate: never answered from the cache.
+    if req.ctx.replay_of.is_some() {
+        return Ok(false);
+    }
     let metrics = &req.state.metrics;
     let surface = req.ctx.surface;
-    let asked = bypass_asked(req, body);
     let Ok(decoded) = wire::decode_request(surface, body) else { return Ok(false) };
-    let bypass = asked.or_else(|| cache::admits(settings, &decoded).err());
-    let key = cache::key(
-        &principal.project,
-        info.config.as_ref().map(|(slug, v)| (slug.as_str(), *v)),
-        model,
-        &decoded,
+    // What the request may not use the cache for comes first: a `no-cache` never stores an
+    // answer the rules keep out.
+    let (extras, rule) = match extras(req, surface, body, &decoded, settings) {
+        Ok(extras) => (extras, cache::admits(settings, &decoded).err()),
+        Err(b) => (serde_json::Map::new(), Some(b)),
+    };
+    let bypass = rule.or_else(|| bypass_asked(req, body));
+    let snapshot = req.snapshot;
+    let definition = info
+        .config
+        .as_ref()
+        .and_then(|(slug, _)| snapshot.routing_configs.get(slug))
+        .map(|c| c.definition.as_str());
+    let route = format!(
+        "{}/{}#{}",
+        req.ctx.provider.as_deref().unwrap_or(""),
+        req.ctx.model.as_deref().unwrap_or(""),
+        info.ab_variant.as_deref().unwrap_or("")
     );
+    let scope = cache::Scope {
+        project: &principal.project,
+        model,
+        config: definition,
+        route: &route,
+        extras: &extras,
+    };
+    let key = cache::key(&scope, &decoded);
     if bypass.is_none() {
         match req.state.cache.get(&key, settings.ttl).await {
             Ok(Some(entry)) => {
@@ -196,7 +304,11 @@ pub async fn finish(ctx: &mut RequestCtx) {
     } else {
         pending.surface.codec().decode_response(&bytes).ok()
     };
-    let Some(response) = response else { return };
+    let Some(mut response) = response else { return };
+    // What the gateway billed: a stream whose client did not ask for usage carried none.
+    if let Some(usage) = ctx.bill.usage {
+        response.usage = usage;
+    }
     let (Some(provider), Some(model)) = (ctx.provider.clone(), ctx.model.clone()) else { return };
     let entry = Entry::new(response, provider, model, ctx.bill.cost.total, pending.ttl);
     let metrics = &pending.metrics;

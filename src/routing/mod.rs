@@ -24,8 +24,9 @@ pub struct RoutingConfig {
     pub strategy: Strategy,
     /// Canonical text of the definition, compared across reloads to decide version bumps.
     pub definition: String,
-    /// `cache:`: this config's answers are cached (`None`: the project default applies).
-    pub cache: Option<crate::cache::CacheSettings>,
+    /// `cache:` as the config sets it: `Some(Some(_))` on, `Some(None)` off (`mode: off`),
+    /// `None` not set (the project default applies).
+    pub cache: Option<Option<crate::cache::CacheSettings>>,
 }
 
 /// Every routing config of a snapshot, by slug (`ab_test` and `custom_rules` hand requests

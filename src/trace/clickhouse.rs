@@ -567,7 +567,7 @@ impl TraceStore for ClickHouseStore {
         filter.log(&query.filters);
         filter.push(
             "(endsWith(endpoint, '/chat/completions') OR endsWith(endpoint, '/messages')) \
-             AND model_requested != '' AND project != ''",
+             AND model_requested != '' AND project != '' AND cache_hit = 0",
             [],
         );
         if !query.experiment_traffic {

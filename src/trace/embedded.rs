@@ -611,7 +611,7 @@ fn replay_rows(conn: &Connection, q: &ReplayQuery) -> Result<Vec<ReplayRow>, Sto
     w.filters(&q.filters);
     w.and(
         "(r.endpoint LIKE '%/chat/completions' OR r.endpoint LIKE '%/messages') \
-         AND r.model_requested <> '' AND r.project <> ''",
+         AND r.model_requested <> '' AND r.project <> '' AND r.cache_hit = 0",
         [],
     );
     if !q.experiment_traffic {
@@ -1431,6 +1431,7 @@ mod tests {
                 row.tag_values.push("exp_1".into());
             }
             row.max_tokens = rng.random_range(0..3) * 100;
+            row.cache_hit = rng.random_bool(0.1);
             if rng.random_bool(0.5) {
                 row.replay_body = crate::trace::replay::compress(row.request_id.as_bytes());
                 row.replay_answer = crate::trace::replay::compress(row.ts_ms.to_string().as_bytes());

@@ -11,7 +11,8 @@
 //!   older than that.
 //! * **Read**: `ReplayQuery` pages oldest first, `(ts_ms, request_id)` ascending, through
 //!   chat requests only (`…/chat/completions`, `…/messages`) that reached the gateway with
-//!   a model, leaving out traffic an experiment sent itself (tag `experiment`). The filters
+//!   a model, leaving out traffic an experiment sent itself (tag `experiment`) and answers
+//!   the response cache gave (no provider call: nothing to compare with). The filters
 //!   are `LogQuery`'s, with its semantics (`query.rs`), so both stores answer alike.
 
 use serde::{Deserialize, Serialize};
@@ -154,6 +155,7 @@ impl ReplayQuery {
             && !row.model_requested.is_empty()
             && !row.project.is_empty()
             && (self.experiment_traffic || row.tag("experiment").is_none())
+            && !row.cache_hit
             && (self.request_ids.is_empty() || self.request_ids.contains(&row.request_id))
     }
 }

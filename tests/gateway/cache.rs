@@ -175,8 +175,19 @@ async fn exact_cache_hits_across_surfaces_and_streams() {
     assert_eq!(resp.header("x-modelux-cache"), Some("MISS"), "a no-store answer is not written");
 
     // 7. Not cached without opt-in: a temperature above 0, tools. Opted in: cached.
-    let warm = r#"{"model":"@cached","messages":[{"role":"user","content":"say hello"}],"max_tokens":20,"temperature":0.7}"#;
+    let warm = r#"{"model":"@cached","messages":[{"role":"user","content":"warm"}],"max_tokens":20,"temperature":0.7}"#;
     assert_eq!(send(&gw, CHAT, warm, &[]).await.header("x-modelux-cache"), Some("BYPASS"));
+    // `no-cache` on a request the rules keep out stores nothing either.
+    assert_eq!(
+        send(&gw, CHAT, warm, &[("cache-control", "no-cache")]).await.header("x-modelux-cache"),
+        Some("BYPASS")
+    );
+    let cool = warm.replace("0.7", "0");
+    assert_eq!(send(&gw, CHAT, &cool, &[]).await.header("x-modelux-cache"), Some("MISS"));
+    // A vendor field the canonical request does not model is part of the key.
+    let vendor =
+        r#"{"model":"@cached","messages":[{"role":"user","content":"say hello"}],"max_tokens":20,"top_k":3}"#;
+    assert_eq!(send(&gw, CHAT, vendor, &[]).await.header("x-modelux-cache"), Some("MISS"));
     let tools = r#"{"model":"@cached","messages":[{"role":"user","content":"weather?"}],"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{}}}}]}"#;
     assert_eq!(send(&gw, CHAT, tools, &[]).await.header("x-modelux-cache"), Some("BYPASS"));
     let opted = tools.replace("@cached", "@tooled");
@@ -291,6 +302,18 @@ async fn exact_cache_hits_across_surfaces_and_streams() {
     assert_eq!(as_project(direct).await.header("x-modelux-cache"), Some("HIT"));
     // The same prompt from another project is never its hit.
     assert_eq!(send(&gw, CHAT, direct, &[]).await.header("x-modelux-cache"), None);
+    // A config's own `mode: off` wins over its project's default.
+    let off_config = call(
+        "POST",
+        "/manage/v1/routing-configs".into(),
+        json!({"slug": "offco", "project": "cachedco", "strategy": "single", "model": "openai/gpt-4o-mini",
+               "cache": {"mode": "off"}}),
+    )
+    .await;
+    assert_eq!(off_config.status, 201, "{}", off_config.text());
+    let via_off =
+        r#"{"model":"@offco","messages":[{"role":"user","content":"project default"}],"max_tokens":20}"#;
+    assert_eq!(as_project(via_off).await.header("x-modelux-cache"), None);
     let off = call("PATCH", "/manage/v1/projects/cachedco".into(), json!({"cache": null})).await;
     assert_eq!(off.status, 200, "{}", off.text());
     assert_eq!(as_project(direct).await.header("x-modelux-cache"), None);

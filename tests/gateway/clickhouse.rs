@@ -584,6 +584,7 @@ fn varied_rows(base: u64) -> Vec<TraceRow> {
                 .pick(&["/openai/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models"])
                 .into();
             r.max_tokens = g.next() % 3 * 100;
+            r.cache_hit = g.next().is_multiple_of(10);
             if g.next().is_multiple_of(2) {
                 r.replay_body = modelux::trace::replay::compress(r.request_id.as_bytes());
                 r.replay_answer = modelux::trace::replay::compress(r.endpoint.as_bytes());
