@@ -17,7 +17,6 @@ pub mod redis;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -45,87 +44,6 @@ pub struct CacheSettings {
     pub allow_nonzero_temperature: bool,
     pub allow_tools: bool,
     pub max_entry_bytes: usize,
-}
-
-/// `cache:` as written in YAML or sent to the management API.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawCache {
-    /// `exact` or `semantic`; `off` (or `enabled: false`) turns a project default off.
-    pub mode: Option<String>,
-    pub enabled: Option<bool>,
-    pub ttl_seconds: Option<u64>,
-    pub threshold: Option<f64>,
-    pub allow_nonzero_temperature: Option<bool>,
-    pub allow_tools: Option<bool>,
-    pub max_entry_bytes: Option<usize>,
-}
-
-impl RawCache {
-    /// The settings, or `None` when caching is off; errors name their field under `path`.
-    pub fn settings(self, path: &str, errors: &mut Vec<crate::config::ConfigError>) -> Option<CacheSettings> {
-        use crate::config::ConfigError;
-        let mode = match self.mode.as_deref() {
-            None | Some("exact") => Mode::Exact,
-            Some("off") => return None,
-            Some("semantic") => {
-                errors.push(ConfigError::new(
-                    format!("{path}.mode"),
-                    "semantic caching is not available in this version; use exact",
-                ));
-                return None;
-            }
-            Some(other) => {
-                errors.push(ConfigError::new(
-                    format!("{path}.mode"),
-                    format!("unknown mode \"{other}\" (exact, semantic, off)"),
-                ));
-                return None;
-            }
-        };
-        if self.enabled == Some(false) {
-            return None;
-        }
-        let ttl = match self.ttl_seconds {
-            None => DEFAULT_TTL,
-            Some(0) => {
-                errors.push(ConfigError::new(format!("{path}.ttl_seconds"), "must be greater than 0"));
-                return None;
-            }
-            Some(s) if s > 366 * 86_400 => {
-                errors.push(ConfigError::new(
-                    format!("{path}.ttl_seconds"),
-                    "must be at most a year (31622400)",
-                ));
-                return None;
-            }
-            Some(s) => Duration::from_secs(s),
-        };
-        let threshold = match self.threshold {
-            None => DEFAULT_THRESHOLD,
-            Some(t) if t > 0.0 && t <= 1.0 => t,
-            Some(_) => {
-                errors.push(ConfigError::new(format!("{path}.threshold"), "must be above 0 and at most 1"));
-                return None;
-            }
-        };
-        let max_entry_bytes = match self.max_entry_bytes {
-            None => DEFAULT_MAX_ENTRY_BYTES,
-            Some(0) => {
-                errors.push(ConfigError::new(format!("{path}.max_entry_bytes"), "must be greater than 0"));
-                return None;
-            }
-            Some(n) => n,
-        };
-        Some(CacheSettings {
-            mode,
-            ttl,
-            threshold,
-            allow_nonzero_temperature: self.allow_nonzero_temperature.unwrap_or(false),
-            allow_tools: self.allow_tools.unwrap_or(false),
-            max_entry_bytes,
-        })
-    }
 }
 
 /// Why a request is not looked up (`X-Modelux-Cache: BYPASS`).
@@ -447,11 +365,15 @@ mod tests {
     const GOLDEN_V1: &str = "2ed559519c648c04632aba89b1d37e0468ae5975b1fba834499579d36c2085af";
 
     #[test]
-    fn settings_and_bypass_rules() {
-        let mut errors = Vec::new();
-        let raw: RawCache = serde_json::from_value(json!({"mode": "exact", "ttl_seconds": 60})).unwrap();
-        let s = raw.settings("c", &mut errors).unwrap();
-        assert_eq!((s.ttl, s.threshold, s.max_entry_bytes), (Duration::from_secs(60), 0.95, 1 << 20));
+    fn bypass_rules() {
+        let s = CacheSettings {
+            mode: Mode::Exact,
+            ttl: Duration::from_secs(60),
+            threshold: DEFAULT_THRESHOLD,
+            allow_nonzero_temperature: false,
+            allow_tools: false,
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+        };
         let hot = decode(
             Surface::OpenAi,
             r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.7}"#,
@@ -462,8 +384,5 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
         );
         assert_eq!(admits(&s, &cold), Ok(()));
-        let raw: RawCache = serde_json::from_value(json!({"mode": "warp", "ttl_seconds": 0})).unwrap();
-        assert!(raw.settings("c", &mut errors).is_none());
-        assert_eq!(errors[0].path, "c.mode");
     }
 }

@@ -2,6 +2,7 @@
 //! Every error names the path of the offending value. The live snapshot sits in one
 //! `ArcSwap` (see `store`), so a request sees either the old or the new config, never a mix.
 
+pub mod cache;
 pub mod env;
 pub mod overlay;
 pub mod raw;
@@ -789,7 +790,7 @@ pub fn validate(
         }
         projects.push(project.id.clone());
         if let Some(raw_cache) = project.cache.clone() {
-            if let Some(c) = raw_cache.settings(&format!("{path}.cache"), &mut errors) {
+            if let Some(c) = cache::settings(raw_cache, &format!("{path}.cache"), &mut errors) {
                 project_cache.insert(project.id.clone(), c);
             }
         }

@@ -211,7 +211,7 @@ pub struct RawProject {
     #[serde(default)]
     pub keys: Vec<RawKey>,
     /// The project's default response cache (`cache:` of a routing config wins).
-    pub cache: Option<crate::cache::RawCache>,
+    pub cache: Option<super::cache::RawCache>,
 }
 
 /// `health:` — thresholds of the provider health tracker (PRODUCT.md §9.3 defaults).

@@ -336,7 +336,8 @@ pub fn build(
         None | Some(Value::Null) => None,
         Some(v) => {
             let at = format!("{path}.cache");
-            section::<crate::cache::RawCache>(v, &at, errors).map(|raw| raw.settings(&at, errors))
+            section::<super::cache::RawCache>(v, &at, errors)
+                .map(|raw| super::cache::settings(raw, &at, errors))
         }
     };
     let rest = Value::Mapping(map);

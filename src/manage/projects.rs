@@ -36,9 +36,9 @@ pub struct ProjectPatch {
 
 /// Checks a `cache` body as a routing config's `cache:` is checked; errors name `cache.…`.
 fn check_cache(v: &Value, errors: &mut Vec<ConfigError>) {
-    match serde_json::from_value::<crate::cache::RawCache>(v.clone()) {
+    match serde_json::from_value::<crate::config::cache::RawCache>(v.clone()) {
         Ok(raw) => {
-            raw.settings("cache", errors);
+            crate::config::cache::settings(raw, "cache", errors);
         }
         Err(e) => errors.push(ConfigError::new("cache", e.to_string())),
     }

@@ -7,6 +7,7 @@ mod billing;
 pub use billing::push_rate_headers;
 mod body;
 mod cache;
+mod cache_fill;
 mod chat;
 mod count_tokens;
 mod dispatch;
@@ -108,7 +109,7 @@ pub struct RequestCtx {
     /// `X-Modelux-Cache` of this answer, when caching applies to its request.
     pub cache_status: Option<&'static str>,
     /// A cache miss to store once answered, and the client-bound pieces so far.
-    pub cache_pending: Option<Box<cache::Pending>>,
+    pub cache_pending: Option<Box<cache_fill::Pending>>,
     /// An experiment's request (`replay::live`): the stored request it re-sends, whose
     /// id seeds the routing draws as production's did.
     pub replay_of: Option<String>,
@@ -285,7 +286,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&PError>, ctx: &mut RequestCtx) {
-        cache::finish(ctx).await;
+        cache_fill::finish(ctx).await;
         billing::settle(&self.state, ctx);
         billing::record_metrics(&self.state, ctx);
         respond::record_metrics(&self.state.metrics, ctx);

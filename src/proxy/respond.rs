@@ -21,7 +21,7 @@ pub fn header(status: u16, extra: Headers, ctx: &RequestCtx) -> Result<ResponseH
         }
         let mut spend = Vec::new();
         super::billing::push_headers(&ctx.bill, &mut spend);
-        super::cache::push_headers(ctx, &mut spend);
+        super::cache_fill::push_headers(ctx, &mut spend);
         for (name, value) in spend {
             h.insert_header(name, value)?;
         }
@@ -52,7 +52,7 @@ pub async fn whole(
     let len = body.len() as u64;
     ctx.capture_response(&body);
     if ctx.cache_pending.is_some() {
-        super::cache::finish(ctx).await;
+        super::cache_fill::finish(ctx).await;
     }
     if let Err(e) = session.write_response_header(Box::new(resp), false).await {
         tracing::debug!(error = %e, "client went away before the response header");

@@ -172,7 +172,7 @@ pub async fn stream(
                 }
                 // Stored before the stream's closing bytes go out (see `cache::finish`).
                 if finished.is_ok() && ctx.cache_pending.is_some() {
-                    super::cache::finish(ctx).await;
+                    super::cache_fill::finish(ctx).await;
                 }
                 if let Some(tail) = tail {
                     ctx.bytes_out += tail.len() as u64;

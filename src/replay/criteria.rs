@@ -142,7 +142,7 @@ impl Criteria {
 
     /// The verdict of a finished run (its API document, and its answers' similarities
     /// when it compared any) and each predicate's outcome.
-    pub fn evaluate(&self, run: &Value, similarity: Option<&super::live::Similarity>) -> (String, Value) {
+    pub fn evaluate(&self, run: &Value, similarity: Option<&super::simulate::Similarity>) -> (String, Value) {
         let requests = run["requests"].as_u64().unwrap_or(0);
         let mut results = Vec::new();
         let mut unavailable = false;
@@ -205,7 +205,7 @@ mod tests {
         let sim = Criteria::parse(&json!({"predicates": [{"metric": "similarity_pct_above_threshold", "op": "gte", "value": 80, "params": {"threshold": 0.9}}]}), "c").unwrap();
         assert_eq!(sim.evaluate(&run(500, 0.0, 0.0), None).0, "inconclusive");
         // With answers compared: 3 of 4 at or above 0.9 (75%), 4 of 4 above the run's 0.5.
-        let compared = crate::replay::live::Similarity {
+        let compared = crate::replay::simulate::Similarity {
             threshold: 0.5,
             values: vec![0.6, 0.9, 0.95, 1.0],
             ..Default::default()

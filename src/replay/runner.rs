@@ -16,8 +16,8 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::live::{self, Grant, Grants, Plan, Similarity};
-use super::simulate::{Report, Simulation};
+use super::live::{self, Grant, Grants, Plan};
+use super::simulate::{Report, Similarity, Simulation};
 use super::MAX_SAMPLE;
 use crate::admission::Now;
 use crate::config::store::ConfigStore;

@@ -205,7 +205,7 @@ pub struct Report {
     /// Replayed requests, oldest first.
     pub outcomes: Vec<Outcome>,
     /// `with_responses`: how alike the answers were.
-    pub similarity: Option<super::live::Similarity>,
+    pub similarity: Option<Similarity>,
     /// `with_responses`: requests of the window not sampled because their body or answer is
     /// not kept (expired, cut, over the answer budget).
     pub not_replayable: u64,
@@ -533,4 +533,64 @@ fn production_failure(row: &ReplayRow, m: &Member) -> Option<Failure> {
         return None;
     }
     on_target().find_map(Failure::parse)
+}
+
+/// The similarity distribution of a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Similarity {
+    pub model: Option<String>,
+    pub threshold: f64,
+    /// Sorted ascending.
+    pub values: Vec<f64>,
+    pub not_compared: u64,
+    pub embedding_cost_usd: f64,
+    /// Why nothing was compared (no embedding model, the embeddings call failed).
+    pub unavailable: Option<String>,
+}
+
+impl Similarity {
+    /// Percent of compared pairs at or above `threshold`; `None` when none were compared.
+    pub fn pct_above(&self, threshold: f64) -> Option<f64> {
+        if self.values.is_empty() {
+            return None;
+        }
+        let above = self.values.iter().filter(|v| **v >= threshold).count();
+        Some(((above as f64 / self.values.len() as f64) * 100.0 * 1e4).round() / 1e4)
+    }
+
+    pub fn view(&self) -> Value {
+        let q = |p: f64| crate::trace::query::quantile_exact(&self.values, p).map(round4);
+        let mean = (!self.values.is_empty())
+            .then(|| round4(self.values.iter().sum::<f64>() / self.values.len() as f64));
+        // Ten buckets over [0, 1]; negative similarities count in the first.
+        let mut buckets = [0u64; 10];
+        for v in &self.values {
+            buckets[((v.max(0.0) * 10.0) as usize).min(9)] += 1;
+        }
+        let histogram: Vec<Value> = buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| json!({ "from": i as f64 / 10.0, "to": (i + 1) as f64 / 10.0, "count": n }))
+            .collect();
+        json!({
+            "embedding_model": self.model,
+            "threshold": self.threshold,
+            "compared": self.values.len(),
+            "not_compared": self.not_compared,
+            "mean": mean,
+            "min": self.values.first().copied().map(round4),
+            "p10": q(0.1),
+            "p50": q(0.5),
+            "p90": q(0.9),
+            "max": self.values.last().copied().map(round4),
+            "pct_above_threshold": self.pct_above(self.threshold),
+            "histogram": histogram,
+            "embedding_cost_usd": crate::trace::query::round_cost(self.embedding_cost_usd),
+            "unavailable": self.unavailable,
+        })
+    }
+}
+
+fn round4(v: f64) -> f64 {
+    (v * 1e4).round() / 1e4
 }
