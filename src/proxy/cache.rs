@@ -66,19 +66,20 @@ fn modeled(surface: Surface, field: &str) -> bool {
         }
 }
 
-/// The fields of `body` the canonical request does not model (OpenAI-only fields it keeps
-/// are in the key already), and a bypass the raw body asks for.
+type Fields = serde_json::Map<String, serde_json::Value>;
+
+/// The top-level fields of the body the canonical request does not model (OpenAI-only
+/// fields it keeps are in the key already), or the bypass they call for.
 fn extras(
     req: &Req<'_>,
     surface: Surface,
-    body: &[u8],
+    raw: &Fields,
     decoded: &wire::canonical::Request,
     settings: &CacheSettings,
-) -> Result<serde_json::Map<String, serde_json::Value>, Bypass> {
-    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).unwrap_or_default();
-    let mut out = serde_json::Map::new();
+) -> Result<Fields, Bypass> {
+    let mut out = Fields::new();
     for (k, v) in raw {
-        if modeled(surface, &k) || decoded.openai_only.iter().any(|(name, _)| *name == k) {
+        if modeled(surface, k) || decoded.openai_only.iter().any(|(name, _)| name == k) {
             continue;
         }
         match k.as_str() {
@@ -89,7 +90,7 @@ fn extras(
             // Enabled thinking is the canonical budget; any other shape goes in as sent.
             "thinking" if decoded.thinking_budget.is_some() => continue,
             _ => {
-                out.insert(k, v);
+                out.insert(k.clone(), v.clone());
             }
         }
     }
@@ -104,7 +105,7 @@ fn extras(
 }
 
 /// `Cache-Control: no-store` / `no-cache`, or `"mlx:cache": {"skip": true}` in the body.
-fn bypass_asked(req: &Req<'_>, body: &[u8]) -> Option<Bypass> {
+fn bypass_asked(req: &Req<'_>, raw: &Fields) -> Option<Bypass> {
     let headers = &req.session.req_header().headers;
     let directives: Vec<String> = headers
         .get_all(http::header::CACHE_CONTROL)
@@ -120,18 +121,8 @@ fn bypass_asked(req: &Req<'_>, body: &[u8]) -> Option<Bypass> {
     if directives.iter().any(|d| d == "no-cache") {
         return Some(Bypass::NoCache);
     }
-    // Parsed only when present: most bodies never pay for it.
-    if memchr_find(body, b"\"mlx:cache\"") {
-        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-        if v["mlx:cache"]["skip"] == serde_json::Value::Bool(true) {
-            return Some(Bypass::Skip);
-        }
-    }
-    None
-}
-
-fn memchr_find(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    let skip = raw.get("mlx:cache").and_then(|c| c.get("skip"));
+    (skip == Some(&serde_json::Value::Bool(true))).then_some(Bypass::Skip)
 }
 
 /// Looks the request up. `Ok(true)`: a hit, answered here. Otherwise the request goes on
@@ -151,13 +142,15 @@ pub async fn lookup(
     let metrics = &req.state.metrics;
     let surface = req.ctx.surface;
     let Ok(decoded) = wire::decode_request(surface, body) else { return Ok(false) };
+    // The top level once more, for what the decoded request leaves out (read once here).
+    let raw: Fields = serde_json::from_slice(body).unwrap_or_default();
     // What the request may not use the cache for comes first: a `no-cache` never stores an
     // answer the rules keep out.
-    let (extras, rule) = match extras(req, surface, body, &decoded, settings) {
+    let (extras, rule) = match extras(req, surface, &raw, &decoded, settings) {
         Ok(extras) => (extras, cache::admits(settings, &decoded).err()),
-        Err(b) => (serde_json::Map::new(), Some(b)),
+        Err(b) => (Fields::new(), Some(b)),
     };
-    let bypass = rule.or_else(|| bypass_asked(req, body));
+    let bypass = rule.or_else(|| bypass_asked(req, &raw));
     let snapshot = req.snapshot;
     let definition = info
         .config
