@@ -391,6 +391,7 @@ fn trace_event(i: u64) -> modelux::trace::TraceEvent {
         replay_answer: Vec::new(),
         cache_hit: false,
         cache_saved_usd: 0.0,
+        cache_embedding_usd: 0.0,
     }
 }
 

@@ -66,6 +66,7 @@ fn event(i: u64) -> TraceEvent {
         replay_answer: Vec::new(),
         cache_hit: false,
         cache_saved_usd: 0.0,
+        cache_embedding_usd: 0.0,
     }
 }
 

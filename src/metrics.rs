@@ -55,8 +55,14 @@ pub struct Metrics {
     pub cache_stores: IntCounter,
     /// Entries pushed out for room (not expiries).
     pub cache_evictions: IntCounter,
-    /// Store calls that failed (`get`, `put`): the request was served uncached.
+    /// Store calls that failed (`get`, `put`, `embed`, `index`): the request was served
+    /// uncached, or its answer not indexed.
     pub cache_errors: IntCounterVec,
+    /// Semantic lookups after an exact miss, by result: `hit`, `miss`, `unindexable` (the
+    /// last message is not the user's text), `error` (the embeddings call failed).
+    pub cache_semantic: IntCounterVec,
+    pub cache_vectors: IntGauge,
+    pub cache_vector_bytes: IntGauge,
     target_healthy: GaugeVec,
     target_success_rate: GaugeVec,
     target_samples: GaugeVec,
@@ -268,6 +274,19 @@ impl Metrics {
             &["op"],
         )?;
         registry.register(Box::new(cache_errors.clone()))?;
+        let cache_semantic = IntCounterVec::new(
+            Opts::new(
+                "modelux_cache_semantic_lookups_total",
+                "Semantic cache lookups after an exact miss, by result (hit, miss, unindexable, error)",
+            ),
+            &["result"],
+        )?;
+        let cache_vectors = IntGauge::new("modelux_cache_vectors", "Vectors in the semantic cache index")?;
+        let cache_vector_bytes =
+            IntGauge::new("modelux_cache_vector_bytes", "Memory held by the semantic cache index")?;
+        registry.register(Box::new(cache_semantic.clone()))?;
+        registry.register(Box::new(cache_vectors.clone()))?;
+        registry.register(Box::new(cache_vector_bytes.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -299,6 +318,9 @@ impl Metrics {
             cache_stores,
             cache_evictions,
             cache_errors,
+            cache_semantic,
+            cache_vectors,
+            cache_vector_bytes,
             target_healthy,
             target_success_rate,
             target_samples,

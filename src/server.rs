@@ -173,6 +173,28 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     server.bootstrap();
 
     let grants = Arc::new(crate::replay::live::Grants::default());
+    let vectors = Arc::new(crate::cache::semantic::Vectors::new(settings.cache_max_vectors));
+    let cache = Arc::new(match &settings.cache_redis {
+        // The URL was checked with the config; a client that cannot be made now is
+        // reported and the cache runs in process.
+        Some((url, timeout)) => match crate::cache::redis::RedisCache::new(&url.0, *timeout) {
+            Ok(r) => {
+                r.follow(vectors.clone());
+                crate::cache::Store::Redis(r)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "response cache: Redis unusable, caching in process");
+                crate::cache::Store::Embedded(crate::cache::EmbeddedCache::new(
+                    settings.cache_max_bytes,
+                    handles.metrics.cache_evictions.clone(),
+                ))
+            }
+        },
+        None => crate::cache::Store::Embedded(crate::cache::EmbeddedCache::new(
+            settings.cache_max_bytes,
+            handles.metrics.cache_evictions.clone(),
+        )),
+    });
     let state = Arc::new(GatewayState {
         store: handles.store.clone(),
         metrics: handles.metrics.clone(),
@@ -181,24 +203,8 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         traces: handles.traces.clone(),
         grants: grants.clone(),
         answer_budget: Default::default(),
-        cache: Arc::new(match &settings.cache_redis {
-            // The URL was checked with the config; a client that cannot be made now is
-            // reported and the cache runs in process.
-            Some((url, timeout)) => match crate::cache::redis::RedisCache::new(&url.0, *timeout) {
-                Ok(r) => crate::cache::Store::Redis(r),
-                Err(e) => {
-                    tracing::error!(error = %e, "response cache: Redis unusable, caching in process");
-                    crate::cache::Store::Embedded(crate::cache::EmbeddedCache::new(
-                        settings.cache_max_bytes,
-                        handles.metrics.cache_evictions.clone(),
-                    ))
-                }
-            },
-            None => crate::cache::Store::Embedded(crate::cache::EmbeddedCache::new(
-                settings.cache_max_bytes,
-                handles.metrics.cache_evictions.clone(),
-            )),
-        }),
+        cache: cache.clone(),
+        vectors: vectors.clone(),
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

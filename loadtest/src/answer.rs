@@ -232,6 +232,15 @@ pub(crate) fn embedding(input: &[u8], dims: usize) -> Vec<f32> {
     v
 }
 
+/// The vector a test chose for a text: `[[vec:x,y,…]]` anywhere in it embeds to exactly
+/// that (so a test controls how similar two prompts are).
+pub(crate) fn chosen_vector(input: &[u8]) -> Option<Vec<f32>> {
+    let text = std::str::from_utf8(input).ok()?;
+    let start = text.find("[[vec:")? + "[[vec:".len();
+    let end = start + text[start..].find("]]")?;
+    text[start..end].split(',').map(|x| x.trim().parse::<f32>().ok()).collect()
+}
+
 /// The raw query parameter `name` of a request target's query string.
 pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| {

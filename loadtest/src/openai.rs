@@ -212,7 +212,8 @@ pub(crate) fn embeddings(body: &[u8], deployment: Option<&str>) -> Answer {
         .iter()
         .enumerate()
         .map(|(i, input)| {
-            let v = answer::embedding(&input.seed, dims);
+            let v =
+                answer::chosen_vector(&input.seed).unwrap_or_else(|| answer::embedding(&input.seed, dims));
             let embedding = if base64 {
                 // Little-endian f32s, as OpenAI encodes them.
                 let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();

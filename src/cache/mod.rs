@@ -7,12 +7,17 @@
 //!   parallel_tool_calls, thinking_budget, options}` with object keys sorted (serde_json's
 //!   map) and numbers as serde_json prints them (`Scope` says what the first ones are).
 //!   Left out, as they do not change the answer: `stream`, stream usage, `user`/end user,
-//!   tags, metadata, `cache_control` marks. A change to this document is a new scheme (`v2`), never an edit of `v1`: keys
-//!   are compared across processes and versions of the binary.
+//!   tags, metadata, `cache_control` marks. A change to this document is a new scheme
+//!   (`v2`), never an edit of `v1`: keys are compared across processes and versions of the
+//!   binary. A semantic partition is the same document without the last message and with
+//!   `"semantic": {"embedding_model": …}` added (`partition`).
 //! * **Store**: in process, bounded by bytes (moka: TinyLFU admission, LRU eviction), each
 //!   entry living its config's `ttl_seconds`; or Redis (`redis.rs`), shared by every node.
+//!   `mode: semantic` also indexes the embedding of each answer's last user message
+//!   (`semantic.rs`), per partition.
 
 pub mod redis;
+pub mod semantic;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::wire::canonical::{ImageSource, Part, Request, Response, Role, ToolChoice};
+use crate::wire::canonical::{ImageSource, Message, Part, Request, Response, Role, ToolChoice};
 
 /// The key scheme (see the module docs); part of every key.
 pub const KEY_SCHEME: u32 = 1;
@@ -44,6 +49,9 @@ pub struct CacheSettings {
     pub allow_nonzero_temperature: bool,
     pub allow_tools: bool,
     pub max_entry_bytes: usize,
+    /// `mode: semantic`: the model that embeds the last user message (`provider/model` or
+    /// a bare name), its own or `cache.embedding_model`.
+    pub embedding_model: Option<String>,
 }
 
 /// Why a request is not looked up (`X-Modelux-Cache: BYPASS`).
@@ -139,8 +147,37 @@ pub struct Scope<'a> {
 
 /// The cache key of a decoded request (scheme `v1`, see the module docs).
 pub fn key(scope: &Scope<'_>, req: &Request) -> [u8; 32] {
-    let messages: Vec<Value> = req
-        .messages
+    Sha256::digest(document(scope, req, &req.messages).to_string().as_bytes()).into()
+}
+
+/// The semantic partition of a request (`semantic.rs`) and the text to embed: the key's
+/// document with every message but the last, which must be the user's and only text, and
+/// the embedding model. `None`: the request cannot be looked up semantically.
+pub fn partition(scope: &Scope<'_>, req: &Request, embedding_model: &str) -> Option<([u8; 32], String)> {
+    let (last, earlier) = req.messages.split_last()?;
+    if !matches!(last.role, Role::User) {
+        return None;
+    }
+    let mut text = String::new();
+    for p in &last.content {
+        let Part::Text { text: t, .. } = p else { return None };
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(t);
+    }
+    if text.trim().is_empty() {
+        return None;
+    }
+    let mut doc = document(scope, req, earlier);
+    doc["semantic"] = json!({"embedding_model": embedding_model});
+    Some((Sha256::digest(doc.to_string().as_bytes()).into(), text))
+}
+
+/// The JSON document a key hashes (see the module docs), with `messages` in place of the
+/// request's own.
+fn document(scope: &Scope<'_>, req: &Request, messages: &[Message]) -> Value {
+    let messages: Vec<Value> = messages
         .iter()
         .map(|m| {
             let role = match m.role {
@@ -167,7 +204,7 @@ pub fn key(scope: &Scope<'_>, req: &Request) -> [u8; 32] {
         .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "user" | "store" | "stream_options"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let doc = json!({
+    json!({
         "v": KEY_SCHEME,
         "project": scope.project,
         "config": scope.config,
@@ -185,8 +222,7 @@ pub fn key(scope: &Scope<'_>, req: &Request) -> [u8; 32] {
         "parallel_tool_calls": req.parallel_tool_calls,
         "thinking_budget": req.thinking_budget,
         "options": options,
-    });
-    Sha256::digest(doc.to_string().as_bytes()).into()
+    })
 }
 
 /// One stored answer.
@@ -304,6 +340,14 @@ impl Store {
         }
     }
 
+    /// Shares a vector this node indexed with the other nodes (Redis only).
+    pub async fn publish(&self, item: &semantic::Indexed, max_len: usize) -> Result<(), String> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Redis(r) => r.publish(item, max_len).await,
+        }
+    }
+
     /// Bytes and entries held, for the in-process store.
     pub fn size(&self) -> Option<(u64, u64)> {
         match self {
@@ -373,6 +417,7 @@ mod tests {
             allow_nonzero_temperature: false,
             allow_tools: false,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            embedding_model: None,
         };
         let hot = decode(
             Surface::OpenAi,

@@ -5,6 +5,11 @@
 //! and go with their threads); each call is bounded by `timeout`. Any failure makes the
 //! store sit out for a second (`BACKOFF`): requests are then served uncached, never failed
 //! and never held up by a Redis that is down.
+//!
+//! Semantic vectors are shared through the stream `mlx:cache:v1:vectors` (`XADD … MAXLEN ~`
+//! the index's cap): each node appends the vectors it indexes and follows the stream on a
+//! connection of its own (`XREAD BLOCK`, from the start when it boots, so a restarted node
+//! finds what the others indexed), adding the other nodes' vectors to its own index.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
+use super::semantic::{Indexed, Vectors};
 use super::Entry;
 use crate::wire::canonical::Response;
 
@@ -36,7 +42,14 @@ pub struct RedisCache {
     started: Instant,
     /// Milliseconds since `started` before which Redis is not tried.
     down_until_ms: AtomicU64,
+    /// Tells this node's vectors from the other nodes' in the stream.
+    node: String,
 }
+
+/// The stream every node's semantic vectors go through.
+const VECTORS: &str = "mlx:cache:v1:vectors";
+/// Entries read per `XREAD`.
+const READ_BATCH: usize = 256;
 
 fn redis_key(key: &[u8; 32]) -> String {
     format!("mlx:cache:v{}:{}", super::KEY_SCHEME, hex::encode(key))
@@ -59,6 +72,7 @@ impl RedisCache {
             timeout,
             started: Instant::now(),
             down_until_ms: AtomicU64::new(0),
+            node: hex::encode(rand::random::<[u8; 8]>()),
         })
     }
 
@@ -138,6 +152,102 @@ impl RedisCache {
             })
         })
         .await
+    }
+}
+
+impl RedisCache {
+    /// Appends a vector this node indexed to the shared stream, which keeps about
+    /// `max_len` of them.
+    pub async fn publish(&self, item: &Indexed, max_len: usize) -> Result<(), String> {
+        let vector: Vec<u8> = item.vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+        let fields: [(&str, Vec<u8>); 5] = [
+            ("n", self.node.clone().into_bytes()),
+            ("p", item.partition.to_vec()),
+            ("k", item.answer.to_vec()),
+            ("e", item.expires_ms.to_string().into_bytes()),
+            ("v", vector),
+        ];
+        self.call(move |mut c| {
+            Box::pin(async move {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(VECTORS).arg("MAXLEN").arg("~").arg(max_len).arg("*");
+                for (k, v) in &fields {
+                    cmd.arg(*k).arg(v.as_slice());
+                }
+                cmd.query_async::<String>(&mut c).await.map(|_| ())
+            })
+        })
+        .await
+    }
+
+    /// Follows the shared stream for as long as this store lives, adding the other nodes'
+    /// unexpired vectors to `vectors`. Reconnects a second after any failure, where it left.
+    pub fn follow(&self, vectors: Arc<Vectors>) {
+        let Some(runtime) = &self.runtime else { return };
+        let (client, node) = (self.client.clone(), self.node.clone());
+        runtime.spawn(async move {
+            let mut last = "0-0".to_string();
+            loop {
+                if let Err(e) = tail(&client, &node, &vectors, &mut last).await {
+                    tracing::debug!(error = %e, "semantic cache: following the shared vectors failed; retrying");
+                }
+                tokio::time::sleep(BACKOFF).await;
+            }
+        });
+    }
+}
+
+/// Reads the stream from `last` until a call fails.
+async fn tail(
+    client: &redis::Client,
+    node: &str,
+    vectors: &Vectors,
+    last: &mut String,
+) -> Result<(), String> {
+    use redis::streams::{StreamReadOptions, StreamReadReply};
+    // A blocked read holds its connection: this one is the stream's alone.
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+    let options = StreamReadOptions::default().count(READ_BATCH).block(1000);
+    loop {
+        let reply: StreamReadReply = redis::cmd("XREAD")
+            .arg(&options)
+            .arg("STREAMS")
+            .arg(VECTORS)
+            .arg(last.as_str())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        for key in reply.keys {
+            for entry in key.ids {
+                *last = entry.id.clone();
+                let bytes = |name: &str| -> Option<Vec<u8>> {
+                    match entry.map.get(name)? {
+                        redis::Value::BulkString(b) => Some(b.clone()),
+                        _ => None,
+                    }
+                };
+                if bytes("n").as_deref() == Some(node.as_bytes()) {
+                    continue;
+                }
+                let (Some(p), Some(k), Some(e), Some(v)) = (bytes("p"), bytes("k"), bytes("e"), bytes("v"))
+                else {
+                    continue;
+                };
+                let (Ok(partition), Ok(answer)) = (<[u8; 32]>::try_from(p), <[u8; 32]>::try_from(k)) else {
+                    continue;
+                };
+                let Some(expires_ms) = std::str::from_utf8(&e).ok().and_then(|e| e.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if v.len() % 4 != 0 || expires_ms <= super::semantic::now_ms() {
+                    continue;
+                }
+                let vector =
+                    v.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                vectors.insert(Indexed { partition, answer, vector, expires_ms });
+            }
+        }
     }
 }
 

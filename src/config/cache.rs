@@ -20,6 +20,8 @@ pub struct RawCache {
     pub allow_nonzero_temperature: Option<bool>,
     pub allow_tools: Option<bool>,
     pub max_entry_bytes: Option<usize>,
+    /// `mode: semantic`: the model that embeds prompts (else `cache.embedding_model`).
+    pub embedding_model: Option<String>,
 }
 
 /// The settings of a `cache:` body, or `None` when caching is off; errors name their field
@@ -28,13 +30,7 @@ pub fn settings(raw: RawCache, path: &str, errors: &mut Vec<ConfigError>) -> Opt
     let mode = match raw.mode.as_deref() {
         None | Some("exact") => Mode::Exact,
         Some("off") => return None,
-        Some("semantic") => {
-            errors.push(ConfigError::new(
-                format!("{path}.mode"),
-                "semantic caching is not available in this version; use exact",
-            ));
-            return None;
-        }
+        Some("semantic") => Mode::Semantic,
         Some(other) => {
             errors.push(ConfigError::new(
                 format!("{path}.mode"),
@@ -74,6 +70,13 @@ pub fn settings(raw: RawCache, path: &str, errors: &mut Vec<ConfigError>) -> Opt
         }
         Some(n) => n,
     };
+    let embedding_model = match raw.embedding_model.as_deref().map(str::trim) {
+        Some("") => {
+            errors.push(ConfigError::new(format!("{path}.embedding_model"), "must not be empty"));
+            return None;
+        }
+        other => other.map(str::to_string),
+    };
     Some(CacheSettings {
         mode,
         ttl,
@@ -81,7 +84,34 @@ pub fn settings(raw: RawCache, path: &str, errors: &mut Vec<ConfigError>) -> Opt
         allow_nonzero_temperature: raw.allow_nonzero_temperature.unwrap_or(false),
         allow_tools: raw.allow_tools.unwrap_or(false),
         max_entry_bytes,
+        embedding_model,
     })
+}
+
+/// Completes a semantic `cache:` with the gateway's `cache.embedding_model` and checks the
+/// model resolves to a configured provider (errors under `path`).
+pub fn resolve_embedding_model(
+    settings: &mut CacheSettings,
+    default: Option<&str>,
+    providers: &std::collections::HashMap<String, std::sync::Arc<crate::providers::Provider>>,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) {
+    if settings.mode != Mode::Semantic {
+        return;
+    }
+    let Some(model) = settings.embedding_model.clone().or_else(|| default.map(str::to_string)) else {
+        errors.push(ConfigError::new(
+            format!("{path}.embedding_model"),
+            "is required with mode semantic (here or as cache.embedding_model)",
+        ));
+        return;
+    };
+    if let Err(e) = crate::providers::resolve_model(providers, &model) {
+        errors.push(ConfigError::new(format!("{path}.embedding_model"), e.to_string()));
+        return;
+    }
+    settings.embedding_model = Some(model);
 }
 
 #[cfg(test)]

@@ -72,6 +72,12 @@ pub struct Settings {
     pub cache_max_bytes: u64,
     /// `cache.redis`: the URL and call timeout of a shared cache (read at start).
     pub cache_redis: Option<(Redacted, Duration)>,
+    /// `cache.embedding_model`: semantic caching's model where a `cache:` names none.
+    pub cache_embedding_model: Option<String>,
+    /// `cache.embedding_timeout_ms`.
+    pub cache_embedding_timeout: Duration,
+    /// `cache.max_vectors`: the semantic index's size (read at start).
+    pub cache_max_vectors: usize,
     /// `state.master_key`, if set.
     pub master_key: Option<Redacted>,
     pub state_backend: StateBackend,
@@ -519,6 +525,9 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         experiment_embedding_model: None,
         cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
         cache_redis: None,
+        cache_embedding_model: None,
+        cache_embedding_timeout: Duration::from_millis(2000),
+        cache_max_vectors: crate::cache::semantic::DEFAULT_MAX_VECTORS,
         master_key: None,
         state_backend: StateBackend::Sqlite,
     }
@@ -718,6 +727,21 @@ pub fn validate(
             settings.cache_redis = Some((Redacted(url.to_string()), timeout));
         }
     }
+    match raw.cache.embedding_model.as_deref().map(str::trim) {
+        Some("") => errors.push(ConfigError::new("cache.embedding_model", "must not be empty")),
+        Some(model) => settings.cache_embedding_model = Some(model.to_string()),
+        None => {}
+    }
+    match raw.cache.embedding_timeout_ms {
+        Some(0) => errors.push(ConfigError::new("cache.embedding_timeout_ms", "must be greater than 0")),
+        Some(ms) => settings.cache_embedding_timeout = Duration::from_millis(ms),
+        None => {}
+    }
+    match raw.cache.max_vectors {
+        Some(0) => errors.push(ConfigError::new("cache.max_vectors", "must be greater than 0")),
+        Some(n) => settings.cache_max_vectors = n,
+        None => {}
+    }
     match raw.experiments.embedding_model.as_deref().map(str::trim) {
         Some("") => errors.push(ConfigError::new("experiments.embedding_model", "must not be empty")),
         Some(model) => settings.experiment_embedding_model = Some(model.to_string()),
@@ -790,7 +814,10 @@ pub fn validate(
         }
         projects.push(project.id.clone());
         if let Some(raw_cache) = project.cache.clone() {
-            if let Some(c) = cache::settings(raw_cache, &format!("{path}.cache"), &mut errors) {
+            let at = format!("{path}.cache");
+            if let Some(mut c) = cache::settings(raw_cache, &at, &mut errors) {
+                let default = settings.cache_embedding_model.as_deref();
+                cache::resolve_embedding_model(&mut c, default, &providers, &at, &mut errors);
                 project_cache.insert(project.id.clone(), c);
             }
         }
@@ -846,6 +873,11 @@ pub fn validate(
         let Some(mut built) = routing::build(&slug, value, &env, previous_rc, &mut errors) else { continue };
         if let Some(v) = raw.pinned_versions.get(&slug) {
             built.config.version = *v;
+        }
+        if let Some(Some(c)) = built.config.cache.as_mut() {
+            let default = settings.cache_embedding_model.as_deref();
+            let at = format!("routing_configs.{slug}.cache");
+            cache::resolve_embedding_model(c, default, &providers, &at, &mut errors);
         }
         if !projects.contains(&built.config.project) {
             errors.push(ConfigError::new(

@@ -273,6 +273,12 @@ pub struct RawCacheStore {
     pub max_bytes: Option<u64>,
     /// Keep entries in Redis instead, shared by every node pointed at it.
     pub redis: Option<RawCacheRedis>,
+    /// What `mode: semantic` embeds prompts with when a `cache:` names no model.
+    pub embedding_model: Option<String>,
+    /// Each embeddings call's bound (default 2000 ms): a slower one is a miss.
+    pub embedding_timeout_ms: Option<u64>,
+    /// Vectors the semantic index holds (default 100,000; the oldest go first).
+    pub max_vectors: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -136,6 +136,7 @@ pub fn summary(r: &TraceRow) -> Value {
         "streamed": r.streamed,
         "cache_hit": r.cache_hit,
         "cache_saved_usd": r.cache_saved_usd,
+        "cache_embedding_usd": r.cache_embedding_usd,
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
         "end_user": opt(&r.end_user),

@@ -395,7 +395,8 @@ pub(super) fn settle(state: &GatewayState, ctx: &mut RequestCtx) {
         ..ctx.bill.cost
     };
     if let Some(r) = ctx.bill.reservation.as_mut() {
-        r.settle(to_nanos(cost.total).clamp(0, MAX_RESERVATION));
+        // A semantic cache lookup's embeddings call is spent whether it hit or not.
+        r.settle(to_nanos(cost.total + ctx.cache_embedding_usd).clamp(0, MAX_RESERVATION));
     }
     if let (Some(p), true) = (principal.as_deref(), ctx.bill.tokens_charged > 0) {
         let actual = ctx.bill.usage.map_or(0, |u| u.input.saturating_add(u.output));

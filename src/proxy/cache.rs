@@ -4,6 +4,12 @@
 //! wire format (streamed if it asked for a stream), at $0; a miss goes on as usual while
 //! the answer it gets is collected on its way to the client (pieces shared, never
 //! delaying one) and stored in `logging`, once the client has it all.
+//!
+//! `mode: semantic` tries the exact key first; on a miss it embeds the last user message
+//! with the config's `embedding_model` (through the gateway's own provider, bounded by
+//! `cache.embedding_timeout_ms`) and searches the request's partition (`cache::partition`)
+//! for a stored question at least `threshold` similar. The miss's answer is indexed under
+//! that vector once stored.
 
 use bytes::Bytes;
 
@@ -12,9 +18,17 @@ use super::headers::{name, Headers};
 use super::{respond, Req};
 use crate::admission::RouteInfo;
 use crate::auth::Principal;
-use crate::cache::{self, Bypass, CacheSettings, Entry};
+use crate::cache::semantic::Indexed;
+use crate::cache::{self, Bypass, CacheSettings, Entry, Mode};
 use crate::error::{GatewayError, Surface};
+use crate::providers::{self, upstream};
+use crate::spend::budgets::Evaluation;
 use crate::wire;
+
+/// Text embedded per prompt: the start of it, within every embeddings model's input limit.
+const MAX_EMBED_CHARS: usize = 8_000;
+/// An embeddings answer larger than this is refused.
+const MAX_EMBED_ANSWER: usize = 16 << 20;
 
 /// The settings that decide for this request: its config's own `cache:` (which may turn
 /// caching off), else its project's default.
@@ -130,6 +144,7 @@ fn bypass_asked(req: &Req<'_>, raw: &Fields) -> Option<Bypass> {
 pub async fn lookup(
     req: &mut Req<'_>,
     principal: &Principal,
+    eval: &Evaluation<'_, '_>,
     info: &RouteInfo,
     model: &str,
     body: &Bytes,
@@ -171,11 +186,12 @@ pub async fn lookup(
         extras: &extras,
     };
     let key = cache::key(&scope, &decoded);
+    let mut to_index = None;
     if bypass.is_none() {
         match req.state.cache.get(&key, settings.ttl).await {
             Ok(Some(entry)) => {
                 metrics.cache_lookups.with_label_values(&["hit"]).inc();
-                serve_hit(req, info, &entry, decoded.stream, decoded.stream_usage).await;
+                serve_hit(req, info, &entry, 1.0, decoded.stream, decoded.stream_usage).await;
                 return Ok(true);
             }
             Ok(None) => {}
@@ -183,6 +199,20 @@ pub async fn lookup(
             Err(e) => {
                 metrics.cache_errors.with_label_values(&["get"]).inc();
                 tracing::debug!(error = %e, "response cache unavailable");
+            }
+        }
+        if let (Mode::Semantic, Some(model)) = (settings.mode, settings.embedding_model.as_deref()) {
+            match semantic(req, settings, &scope, &decoded, model).await {
+                Semantic::Hit(entry, similarity) => {
+                    metrics.cache_lookups.with_label_values(&["hit"]).inc();
+                    // The answer is free, the embeddings call was not: the budgets count
+                    // it (a budget already at its cap does not turn the hit away).
+                    let _ = super::billing::reserve(req.state, req.ctx, eval, req.ctx.cache_embedding_usd);
+                    serve_hit(req, info, &entry, similarity, decoded.stream, decoded.stream_usage).await;
+                    return Ok(true);
+                }
+                Semantic::Miss(partition, vector) => to_index = Some((partition, vector)),
+                Semantic::Skipped => {}
             }
         }
     }
@@ -201,13 +231,138 @@ pub async fn lookup(
             pieces: Vec::new(),
             len: 0,
             over: false,
+            vector: to_index.map(|(partition, vector)| Indexed {
+                partition,
+                answer: key,
+                vector,
+                expires_ms: cache::semantic::now_ms().saturating_add(settings.ttl.as_millis() as u64),
+            }),
+            max_vectors: req.snapshot.settings.cache_max_vectors,
+            vectors: req.state.vectors.clone(),
         }));
     }
     Ok(false)
 }
 
+enum Semantic {
+    /// A stored answer to a question at least the threshold similar, and the similarity.
+    Hit(std::sync::Arc<Entry>, f32),
+    /// Nothing close enough: the answer is indexed under this partition and vector.
+    Miss([u8; 32], Vec<f32>),
+    /// Not looked up (the prompt cannot be, or the embeddings call failed).
+    Skipped,
+}
+
+/// The semantic lookup after an exact miss.
+async fn semantic(
+    req: &mut Req<'_>,
+    settings: &CacheSettings,
+    scope: &cache::Scope<'_>,
+    decoded: &wire::canonical::Request,
+    model: &str,
+) -> Semantic {
+    let metrics = req.state.metrics.clone();
+    let Some((partition, text)) = cache::partition(scope, decoded, model) else {
+        metrics.cache_semantic.with_label_values(&["unindexable"]).inc();
+        return Semantic::Skipped;
+    };
+    let vector = match embed(req, model, &text).await {
+        Ok((vector, cost)) => {
+            req.ctx.cache_embedding_usd += cost;
+            vector
+        }
+        Err(e) => {
+            metrics.cache_semantic.with_label_values(&["error"]).inc();
+            metrics.cache_errors.with_label_values(&["embed"]).inc();
+            tracing::debug!(error = %e, model, "semantic cache: embeddings call failed; served uncached");
+            return Semantic::Skipped;
+        }
+    };
+    if let Some(found) = req.state.vectors.search(&partition, &vector) {
+        // f32 arithmetic: a paraphrase exactly at the threshold must not miss by 1e-7.
+        if f64::from(found.similarity) + 1e-6 >= settings.threshold {
+            match req.state.cache.get(&found.answer, settings.ttl).await {
+                Ok(Some(entry)) => {
+                    metrics.cache_semantic.with_label_values(&["hit"]).inc();
+                    return Semantic::Hit(entry, found.similarity);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    metrics.cache_errors.with_label_values(&["get"]).inc();
+                    tracing::debug!(error = %e, "response cache unavailable");
+                }
+            }
+        }
+    }
+    metrics.cache_semantic.with_label_values(&["miss"]).inc();
+    Semantic::Miss(partition, vector)
+}
+
+/// Embeds `text` with `model` (`provider/model` or a bare name) through the gateway's own
+/// provider: the vector, and what the call cost at the price table's rates.
+async fn embed(req: &Req<'_>, model: &str, text: &str) -> Result<(Vec<f32>, f64), String> {
+    let snapshot = req.snapshot;
+    let settings = &snapshot.settings;
+    let (target, _) = providers::resolve_model(&snapshot.providers, model).map_err(|e| e.to_string())?;
+    let provider = &target.provider;
+    let format = provider.format();
+    let text: String = text.chars().take(MAX_EMBED_CHARS).collect();
+    let canonical = wire::canonical::EmbeddingsRequest {
+        model: target.model.clone(),
+        inputs: vec![text],
+        dimensions: None,
+        user: None,
+    };
+    let body = wire::encode_embeddings(format, &canonical, &target.model).map_err(|e| e.to_string())?;
+    let path = provider.embeddings_path(&target.model);
+    let call = upstream::Call {
+        method: "POST",
+        path: &path,
+        body: Bytes::from(body),
+        accept: "application/json",
+        extra_headers: &[],
+    };
+    let state = req.state;
+    let timeouts = settings.upstream_timeouts();
+    let work = async {
+        let mut ex = upstream::exchange(&state.connector, &state.metrics, &timeouts, provider, call)
+            .await
+            .map_err(|e| e.to_string())?;
+        let bytes = upstream::read_all(&mut ex, MAX_EMBED_ANSWER, provider, &timeouts)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = ex.header.status.as_u16();
+        upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+        if !(200..300).contains(&status) {
+            let why = wire::error_message(format, &bytes).unwrap_or_default();
+            return Err(format!("{model} answered {status}: {why}"));
+        }
+        wire::decode_embeddings(format, &bytes)
+    };
+    let resp = tokio::time::timeout(settings.cache_embedding_timeout, work)
+        .await
+        .map_err(|_| format!("no answer within {} ms", settings.cache_embedding_timeout.as_millis()))??;
+    let vector = resp.vectors.into_iter().next().ok_or("the embeddings answer has no vector")?;
+    let tokens = if resp.input_tokens > 0 {
+        resp.input_tokens
+    } else {
+        crate::estimate::reserved_tokens(canonical.inputs[0].len())
+    };
+    let cost = snapshot.prices.lookup(&target.model).map_or(0.0, |info| {
+        info.rates().cost(&crate::prices::Tokens { input: tokens, ..Default::default() }).total
+    });
+    Ok((vector, cost))
+}
+
 /// Answers from the cache: the stored answer in the caller's format, at $0.
-async fn serve_hit(req: &mut Req<'_>, info: &RouteInfo, entry: &Entry, stream: bool, stream_usage: bool) {
+async fn serve_hit(
+    req: &mut Req<'_>,
+    info: &RouteInfo,
+    entry: &Entry,
+    similarity: f32,
+    stream: bool,
+    stream_usage: bool,
+) {
     let surface = req.ctx.surface;
     let (content_type, body) = if stream {
         // Anthropic streams always carry usage; OpenAI's when the client asked.
@@ -230,6 +385,7 @@ async fn serve_hit(req: &mut Req<'_>, info: &RouteInfo, entry: &Entry, stream: b
     ctx.streamed = stream;
     ctx.cache_hit = Some(entry.cost_usd);
     ctx.cache_status = Some("HIT");
+    ctx.cache_similarity = Some(similarity);
     ctx.bill.cost_header = true;
     respond::whole(req.session, ctx, 200, headers, Bytes::from(body)).await;
 }

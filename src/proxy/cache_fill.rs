@@ -2,6 +2,7 @@
 //! stored just before its last bytes leave, and the `X-Modelux-Cache` headers of every
 //! answer (`cache.rs` looks requests up and answers hits).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use http::HeaderName;
 
 use super::headers::name;
 use super::RequestCtx;
+use crate::cache::semantic::{Indexed, Vectors};
 use crate::cache::{self, Entry};
 use crate::error::Surface;
 use crate::metrics::Metrics;
@@ -30,6 +32,10 @@ pub struct Pending {
     pub(super) pieces: Vec<Bytes>,
     pub(super) len: usize,
     pub(super) over: bool,
+    /// `mode: semantic`: the vector to index the answer under, once stored.
+    pub(super) vector: Option<Indexed>,
+    pub(super) max_vectors: usize,
+    pub(super) vectors: Arc<Vectors>,
 }
 
 impl Pending {
@@ -49,13 +55,28 @@ impl Pending {
     }
 }
 
-/// `X-Modelux-Cache` (and, on a hit, its similarity: 1.0 for an exact match).
+/// `X-Modelux-Cache` (and, on a hit, its similarity: 1.0 for an exact match, else to four
+/// places, never shown as 1.0).
 pub fn push_headers(ctx: &RequestCtx, headers: &mut Vec<(HeaderName, String)>) {
     if let Some(status) = ctx.cache_status {
         headers.push((name(CACHE), status.to_string()));
-        if status == "HIT" {
-            headers.push((name(SIMILARITY), "1.0".to_string()));
+        if let Some(s) = ctx.cache_similarity {
+            headers.push((name(SIMILARITY), similarity_text(s)));
         }
+    }
+}
+
+fn similarity_text(s: f32) -> String {
+    if s >= 1.0 {
+        return "1.0".into();
+    }
+    let rounded = (f64::from(s) * 1e4).round().min(9999.0) / 1e4;
+    let text = format!("{rounded:.4}");
+    let text = text.trim_end_matches('0');
+    if text.ends_with('.') {
+        format!("{text}0")
+    } else {
+        text.to_string()
     }
 }
 
@@ -87,10 +108,34 @@ pub async fn finish(ctx: &mut RequestCtx) {
         Err(e) => {
             metrics.cache_errors.with_label_values(&["put"]).inc();
             tracing::debug!(error = %e, "response cache unavailable; answer not stored");
+            return;
         }
+    }
+    if let Some(item) = pending.vector {
+        if let Err(e) = pending.store.publish(&item, pending.max_vectors).await {
+            metrics.cache_errors.with_label_values(&["index"]).inc();
+            tracing::debug!(error = %e, "semantic cache: vector not shared with the other nodes");
+        }
+        if !pending.vectors.insert(item) {
+            metrics.cache_errors.with_label_values(&["index"]).inc();
+        }
+        let stats = &pending.vectors.stats;
+        metrics.cache_vectors.set(stats.vectors.load(Ordering::Relaxed) as i64);
+        metrics.cache_vector_bytes.set(stats.bytes.load(Ordering::Relaxed) as i64);
     }
     if let Some((bytes, entries)) = pending.store.size() {
         metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn similarity_headers() {
+        assert_eq!(super::similarity_text(1.0), "1.0");
+        assert_eq!(super::similarity_text(0.96_f32), "0.96");
+        assert_eq!(super::similarity_text(0.999_99), "0.9999");
+        assert_eq!(super::similarity_text(0.5), "0.5");
     }
 }

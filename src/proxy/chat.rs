@@ -41,7 +41,7 @@ pub async fn complete(
         return dry_run::answer(req, &routed, &facts, 1024).await;
     }
     let info = routed.info();
-    if snapshot.any_cache && super::cache::lookup(req, principal, &info, &chat.model, &body).await? {
+    if snapshot.any_cache && super::cache::lookup(req, principal, &eval, &info, &chat.model, &body).await? {
         return Ok(());
     }
     let attempts = routed.attempts();

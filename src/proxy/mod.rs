@@ -55,6 +55,8 @@ pub struct GatewayState {
     pub answer_budget: crate::trace::replay::AnswerBudget,
     /// The response cache (in process, or Redis).
     pub cache: Arc<crate::cache::Store>,
+    /// The semantic cache's index (filled from the Redis stream too, when shared).
+    pub vectors: Arc<crate::cache::semantic::Vectors>,
 }
 
 pub struct Gateway {
@@ -110,6 +112,10 @@ pub struct RequestCtx {
     pub cache_status: Option<&'static str>,
     /// A cache miss to store once answered, and the client-bound pieces so far.
     pub cache_pending: Option<Box<cache_fill::Pending>>,
+    /// A semantic hit's similarity (an exact hit's is 1).
+    pub cache_similarity: Option<f32>,
+    /// What embedding the prompt for a semantic lookup cost.
+    pub cache_embedding_usd: f64,
     /// An experiment's request (`replay::live`): the stored request it re-sends, whose
     /// id seeds the routing draws as production's did.
     pub replay_of: Option<String>,
@@ -166,6 +172,8 @@ impl RequestCtx {
             cache_hit: None,
             cache_status: None,
             cache_pending: None,
+            cache_similarity: None,
+            cache_embedding_usd: 0.0,
             response_body: Vec::new(),
             body_cap: 0,
             traces: Some(traces),
@@ -229,6 +237,7 @@ impl RequestCtx {
             replay_answer: std::mem::take(&mut self.replay_answer),
             cache_hit: self.cache_hit.is_some(),
             cache_saved_usd: self.cache_hit.unwrap_or(0.0),
+            cache_embedding_usd: self.cache_embedding_usd,
             response_body: (self.body_cap > 0)
                 .then(|| crate::trace::record::capped_body(&self.response_body, self.body_cap))
                 .flatten(),

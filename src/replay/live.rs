@@ -456,17 +456,11 @@ fn embed(
         let why = crate::wire::nested_error_message(&bytes).unwrap_or_default();
         return Err(format!("the embeddings call for {model} answered {status}: {why}"));
     }
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("embeddings answer: {e}"))?;
-    let mut out = vec![Vec::new(); texts.len()];
-    for item in v["data"].as_array().into_iter().flatten() {
-        let i = item["index"].as_u64().unwrap_or(u64::MAX) as usize;
-        if let (Some(slot), Some(vec)) = (out.get_mut(i), item["embedding"].as_array()) {
-            *slot = vec.iter().filter_map(Value::as_f64).collect();
-        }
-    }
-    if out.iter().any(Vec::is_empty) {
+    let resp = crate::wire::embeddings::decode_response(&bytes)?;
+    if resp.vectors.len() != texts.len() {
         return Err(format!("the embeddings answer for {model} is missing vectors"));
     }
+    let out = resp.vectors.into_iter().map(|v| v.into_iter().map(f64::from).collect()).collect();
     Ok((out, cost))
 }
 

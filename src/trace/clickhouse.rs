@@ -27,6 +27,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     (2, "0002_replay", include_str!("../../conf/clickhouse/0002_replay.sql")),
     (3, "0003_replay_answer", include_str!("../../conf/clickhouse/0003_replay_answer.sql")),
     (4, "0004_cache", include_str!("../../conf/clickhouse/0004_cache.sql")),
+    (5, "0005_cache_embedding", include_str!("../../conf/clickhouse/0005_cache_embedding.sql")),
 ];
 
 /// How long one insert may take before the writer treats the store as unavailable (a hung

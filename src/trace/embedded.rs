@@ -33,7 +33,7 @@ use super::{StoreError, TraceRow, TraceStore};
 
 /// Kept in `PRAGMA user_version`. A file written by a newer schema is refused rather than
 /// misread.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Rows deleted per transaction by `prune`: inserts get the write lock between chunks
 /// instead of waiting for a prune of millions of rows.
@@ -98,7 +98,8 @@ CREATE TABLE IF NOT EXISTS requests (
     replay_body_truncated INTEGER NOT NULL DEFAULT 0,
     replay_answer         BLOB    NOT NULL DEFAULT x'',
     cache_hit             INTEGER NOT NULL DEFAULT 0,
-    cache_saved_usd       REAL    NOT NULL DEFAULT 0
+    cache_saved_usd       REAL    NOT NULL DEFAULT 0,
+    cache_embedding_usd   REAL    NOT NULL DEFAULT 0
 ) STRICT;
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms DESC, request_id DESC);
 CREATE INDEX IF NOT EXISTS requests_project_ts ON requests (project, ts_ms);
@@ -132,6 +133,11 @@ ALTER TABLE requests ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE requests ADD COLUMN cache_saved_usd REAL NOT NULL DEFAULT 0;
 ";
 
+/// Version 4 → 5: what a semantic cache lookup's embeddings call cost.
+const ADD_CACHE_EMBEDDING: &str = "
+ALTER TABLE requests ADD COLUMN cache_embedding_usd REAL NOT NULL DEFAULT 0;
+";
+
 /// Every column, in `TraceRow` order (the order `bind` and `read_row` use).
 macro_rules! columns {
     () => {
@@ -143,7 +149,7 @@ macro_rules! columns {
          cost_total, latency_ms, ttfb_ms, tag_keys, tag_values, end_user, trace_id, \
          conversation_id, budget_name, budget_action, streamed, bytes_in, bytes_out, \
          decision_trace, request_body, response_body, max_tokens, replay_body, \
-         replay_body_truncated, replay_answer, cache_hit, cache_saved_usd"
+         replay_body_truncated, replay_answer, cache_hit, cache_saved_usd, cache_embedding_usd"
     };
 }
 
@@ -153,7 +159,7 @@ const INSERT_ROW: &str = concat!(
     "INSERT INTO requests (",
     columns!(),
     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
 );
 const INSERT_TAG: &str = "INSERT INTO request_tags (request_id, idx, key, value) VALUES (?1, ?2, ?3, ?4) \
      ON CONFLICT (request_id, idx) DO UPDATE SET key = excluded.key, value = excluded.value";
@@ -304,6 +310,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if (1..=3).contains(&version) {
         tx.execute_batch(ADD_CACHE_COLUMNS).map_err(db)?;
     }
+    if (1..=4).contains(&version) {
+        tx.execute_batch(ADD_CACHE_EMBEDDING).map_err(db)?;
+    }
     tx.execute_batch(SCHEMA).map_err(db)?;
     if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db)?;
@@ -394,6 +403,7 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
                     row.replay_answer,
                     row.cache_hit,
                     row.cache_saved_usd,
+                    row.cache_embedding_usd,
                 ])
                 .map_err(db)?;
             // Tags only with a new row: a replayed row already has its tags.
@@ -564,6 +574,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceRow> {
         replay_answer: r.get(49)?,
         cache_hit: r.get(50)?,
         cache_saved_usd: r.get(51)?,
+        cache_embedding_usd: r.get(52)?,
     })
 }
 
@@ -975,6 +986,7 @@ mod tests {
             replay_answer: crate::trace::replay::compress(b"{\"choices\":[]}"),
             cache_hit: true,
             cache_saved_usd: 0.000123,
+            cache_embedding_usd: 0.0000042,
         }
     }
 
@@ -1032,6 +1044,7 @@ mod tests {
             replay_answer: Vec::new(),
             cache_hit: false,
             cache_saved_usd: 0.0,
+            cache_embedding_usd: 0.0,
         }
     }
 
@@ -1518,7 +1531,8 @@ mod tests {
                  ALTER TABLE requests DROP COLUMN replay_body_truncated; \
                  ALTER TABLE requests DROP COLUMN replay_answer; \
                  ALTER TABLE requests DROP COLUMN cache_hit; \
-                 ALTER TABLE requests DROP COLUMN cache_saved_usd; PRAGMA user_version = 1;",
+                 ALTER TABLE requests DROP COLUMN cache_saved_usd; \
+                 ALTER TABLE requests DROP COLUMN cache_embedding_usd; PRAGMA user_version = 1;",
             )
             .unwrap();
         }
@@ -1547,6 +1561,7 @@ mod tests {
             "replay_answer",
             "cache_hit",
             "cache_saved_usd",
+            "cache_embedding_usd",
         ] {
             v.as_object_mut().unwrap().remove(k);
         }

@@ -56,6 +56,8 @@ pub struct TraceEvent {
     /// Answered from the response cache; and what that answer cost when it was bought.
     pub cache_hit: bool,
     pub cache_saved_usd: f64,
+    /// What embedding the prompt for a semantic cache lookup cost (hit or miss).
+    pub cache_embedding_usd: f64,
 }
 
 /// The stored record. Field names are the column names in both stores
@@ -145,6 +147,9 @@ pub struct TraceRow {
     /// What a cache hit saved: the cost of the answer when it was bought.
     #[serde(default)]
     pub cache_saved_usd: f64,
+    /// What embedding the prompt for a semantic cache lookup cost (hit or miss).
+    #[serde(default)]
+    pub cache_embedding_usd: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -219,6 +224,7 @@ impl TraceEvent {
             },
             cache_hit: self.cache_hit,
             cache_saved_usd: self.cache_saved_usd,
+            cache_embedding_usd: self.cache_embedding_usd,
             request_id: self.request_id,
         }
     }

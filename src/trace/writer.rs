@@ -613,6 +613,7 @@ mod tests {
             replay_answer: Vec::new(),
             cache_hit: false,
             cache_saved_usd: 0.0,
+            cache_embedding_usd: 0.0,
             response_body: None,
         }
     }

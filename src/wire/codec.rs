@@ -148,7 +148,7 @@ pub(crate) use provider_codec;
 /// its requests always encode, its errors nest their message under `error`, and its usage
 /// is read without decoding the answer (the answer passes through undecoded).
 macro_rules! surface_format_codec {
-    ($codec:ident, $format:ident) => {
+    ($codec:ident, $format:ident $(, $embeddings:ident)?) => {
         impl $crate::wire::codec::Codec for $codec {
             fn format(&self) -> $crate::wire::WireFormat {
                 $crate::wire::WireFormat::$format
@@ -173,6 +173,8 @@ macro_rules! surface_format_codec {
             fn usage(&self, body: &[u8]) -> Option<Usage> {
                 $crate::wire::usage::from_body($crate::wire::WireFormat::$format, body)
             }
+
+            $($crate::wire::codec::provider_codec!(@$embeddings);)?
         }
 
         impl $crate::wire::codec::StreamDecoder for StreamDecoder {

@@ -99,6 +99,44 @@ pub fn encode_response(resp: &EmbeddingsResponse, model: &str, encoding: Encodin
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
+/// Canonical request → an OpenAI embeddings body (float vectors), for a caller of its own
+/// (the semantic cache); client requests to OpenAI-family targets pass as sent.
+pub fn encode_request(req: &EmbeddingsRequest, model: &str) -> Result<Vec<u8>, String> {
+    let mut body = json!({"model": model, "input": req.inputs, "encoding_format": "float"});
+    if let Some(d) = req.dimensions {
+        body["dimensions"] = json!(d);
+    }
+    serde_json::to_vec(&body).map_err(|e| e.to_string())
+}
+
+/// An OpenAI embeddings list (float or base64 vectors) → canonical response.
+pub fn decode_response(body: &[u8]) -> Result<EmbeddingsResponse, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("embeddings answer: {e}"))?;
+    let data = v.get("data").and_then(Value::as_array).ok_or("embeddings answer without data")?;
+    let mut vectors = vec![Vec::new(); data.len()];
+    for (i, item) in data.iter().enumerate() {
+        let index = item.get("index").and_then(Value::as_u64).map_or(i, |n| n as usize);
+        let vector: Vec<f32> = match item.get("embedding") {
+            Some(Value::Array(xs)) => xs.iter().filter_map(Value::as_f64).map(|x| x as f32).collect(),
+            Some(Value::String(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| format!("embedding {index}: {e}"))?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            _ => return Err(format!("embedding {index} has no vector")),
+        };
+        let slot = vectors.get_mut(index).ok_or_else(|| format!("embedding index {index} out of range"))?;
+        *slot = vector;
+    }
+    if vectors.iter().any(Vec::is_empty) {
+        return Err("embeddings answer is missing vectors".into());
+    }
+    let input_tokens = v.pointer("/usage/prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
+    let model = v.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    Ok(EmbeddingsResponse { model, vectors, input_tokens })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -772,7 +772,12 @@ pub mod codec {
     /// The OpenAI Chat Completions codec, both as a provider format and as a client surface.
     pub struct OpenAiCodec;
 
-    crate::wire::codec::surface_format_codec!(OpenAiCodec, OpenAi);
+    use crate::wire::canonical::{EmbeddingsRequest, EmbeddingsResponse};
+    use crate::wire::embeddings::{
+        decode_response as decode_embeddings, encode_request as encode_embeddings,
+    };
+
+    crate::wire::codec::surface_format_codec!(OpenAiCodec, OpenAi, embeddings);
 
     impl crate::wire::codec::SurfaceCodec for OpenAiCodec {
         fn surface(&self) -> crate::error::Surface {

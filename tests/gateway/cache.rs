@@ -373,3 +373,135 @@ async fn gateways_share_the_cache_on_redis_and_survive_its_outage() {
     let metrics = httpc::request(a.manage, "GET", "/metrics", &[], b"").await.unwrap().text();
     assert!(metrics.contains("modelux_cache_errors_total{op=\"get\"}"), "{metrics}");
 }
+
+const SEMANTIC: &str = "  semantic: { project: default, strategy: single, model: \"openai/gpt-4o-mini\", \
+    cache: { mode: semantic, threshold: 0.95, ttl_seconds: 60, \
+    embedding_model: \"openai/text-embedding-3-small\" } }\n";
+
+/// A chat body for `@semantic` whose last user message embeds (at the mock) to `vec`.
+fn ask(vec: &str, earlier: &str) -> String {
+    format!(
+        r#"{{"model":"@semantic","max_tokens":20,"messages":[{earlier}{{"role":"user","content":"question [[vec:{vec}]]"}}]}}"#
+    )
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `mode: semantic`: paraphrases at or above the threshold hit with their similarity, in
+/// either surface and streamed; below it, or with other earlier turns, they miss; the
+/// embeddings call's cost is in the trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semantic_cache_hits_paraphrases_above_the_threshold_only() {
+    let upstream = mock(MockConfig::default()).await;
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.top_extra = "traces: { flush_interval_ms: 50 }\n".into();
+    cfg.more_configs = SEMANTIC.into();
+    let gw = start(cfg).await;
+
+    // 1. A miss: embedded, answered by the provider, stored and indexed.
+    let first = send(&gw, CHAT, &ask("1,0,0", ""), &[]).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("x-modelux-cache"), Some("MISS"));
+    let first_id = first.json().unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(upstream.request_count(), 2, "one embeddings call, one chat call");
+
+    // 2. A paraphrase at cosine 0.96: the stored answer, at $0, with its similarity. (Not
+    // polled: a miss would be stored under its own vector.)
+    let hit = send(&gw, CHAT, &ask("0.96,0.28,0", ""), &[]).await;
+    assert_eq!(hit.header("x-modelux-cache"), Some("HIT"), "{}", hit.text());
+    assert_eq!(hit.header("x-modelux-cache-similarity"), Some("0.96"));
+    assert_eq!(hit.header("x-modelux-cost-usd"), Some("0"));
+    assert_eq!(hit.json().unwrap()["id"], first_id.as_str());
+    let calls = upstream.request_count();
+
+    // 3. Streamed, in the other surface: the same answer, as Anthropic events.
+    let claude = send(
+        &gw,
+        "/anthropic/v1/messages",
+        r#"{"model":"@semantic","max_tokens":20,"stream":true,"messages":[{"role":"user","content":"question [[vec:0.97,0.2431,0]]"}]}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(claude.header("x-modelux-cache"), Some("HIT"), "{}", claude.text());
+    assert!(claude.text().contains("event: message_stop"));
+    assert_eq!(anthropic_text(&claude), openai_text(&first));
+    assert_eq!(upstream.request_count(), calls + 1, "only the embeddings call");
+
+    // 4. Below the threshold (cosine 0.9): a miss, answered by the provider.
+    let far = send(&gw, CHAT, &ask("0.9,0.43589,0", ""), &[]).await;
+    assert_eq!(far.header("x-modelux-cache"), Some("MISS"));
+    assert_ne!(far.json().unwrap()["id"], first_id.as_str());
+
+    // 5. The same last question after other turns: another conversation, a miss.
+    let earlier = r#"{"role":"user","content":"hi"},{"role":"assistant","content":"hello"},"#;
+    let turns = send(&gw, CHAT, &ask("1,0,0", earlier), &[]).await;
+    assert_eq!(turns.header("x-modelux-cache"), Some("MISS"));
+
+    // 6. The exact request is still an exact hit (tried first, similarity 1.0).
+    let exact = send(&gw, CHAT, &ask("1,0,0", ""), &[]).await;
+    assert_eq!(exact.header("x-modelux-cache"), Some("HIT"));
+    assert_eq!(exact.header("x-modelux-cache-similarity"), Some("1.0"));
+
+    // 7. Metrics and the trace: the embeddings calls are priced.
+    let metrics = httpc::request(gw.manage, "GET", "/metrics", &[], b"").await.unwrap().text();
+    assert!(metric(&metrics, "modelux_cache_semantic_lookups_total{result=\"hit\"}") >= 2.0, "{metrics}");
+    assert!(metric(&metrics, "modelux_cache_semantic_lookups_total{result=\"miss\"}") >= 3.0, "{metrics}");
+    let hit_id = hit.header("x-modelux-request-id").unwrap().to_string();
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let r = httpc::request(
+            gw.manage,
+            "GET",
+            &format!("/manage/v1/logs/{hit_id}"),
+            &[("authorization", auth.as_str())],
+            b"",
+        )
+        .await
+        .unwrap();
+        if r.status == 200 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(log.status, 200, "{}", log.text());
+    let data = &log.json().unwrap()["data"];
+    assert_eq!(data["cache_hit"], true, "{data}");
+    assert!(data["cache_embedding_usd"].as_f64().unwrap() > 0.0, "{data}");
+}
+
+/// Two gateways on one Redis: a vector indexed by one is found by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semantic_vectors_are_shared_through_redis() {
+    let redis = tokio::task::spawn_blocking(super::redis::RedisServer::start).await.unwrap();
+    let upstream = mock(MockConfig::default()).await;
+    let url = upstream.base_url();
+    let node = |url: String| {
+        let mut cfg = Cfg::new(url.leak());
+        cfg.top_extra = format!("cache: {{ redis: {{ url: \"{}\", timeout_ms: 500 }} }}\n", redis.url());
+        cfg.more_configs = SEMANTIC.into();
+        start(cfg)
+    };
+    let a = node(url.clone()).await;
+    let b = node(url.clone()).await;
+    let first = send(&a, CHAT, &ask("0,1,0", ""), &[]).await;
+    assert_eq!(first.header("x-modelux-cache"), Some("MISS"));
+    // The vector reaches `b` through the stream within milliseconds; a miss would be stored
+    // under its own vector, so this waits instead of polling.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hit = send(&b, CHAT, &ask("0.28,0.96,0", ""), &[]).await;
+    assert_eq!(hit.header("x-modelux-cache"), Some("HIT"), "{}", hit.text());
+    assert_eq!(hit.header("x-modelux-cache-similarity"), Some("0.96"));
+    assert_eq!(hit.json().unwrap()["id"], first.json().unwrap()["id"]);
+    // A third node started afterwards reads the stream from its start.
+    let c = node(url.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = send(&c, CHAT, &ask("0.2431,0.97,0", ""), &[]).await;
+    assert_eq!(late.header("x-modelux-cache"), Some("HIT"), "{}", late.text());
+}
