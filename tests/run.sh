@@ -26,9 +26,10 @@ install_package() {
         exit 1
     fi
 }
-
-# Pingora's zlib-ng build needs cmake.
+# Pingora's zlib-ng build needs cmake; usearch (the semantic cache index) a C++ compiler.
 command -v cmake >/dev/null 2>&1 || install_package cmake "to build pingora"
+command -v c++ >/dev/null 2>&1 || install_package g++ "to build usearch"
+
 # The trace tests run a real ClickHouse server (Debian's 18.16 package).
 command -v clickhouse-server >/dev/null 2>&1 || install_package clickhouse-server "by the trace tests"
 # The server, not just the client tools (a machine may have psql and pg_config alone).
