@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::wire::canonical::{ImageSource, Message, Part, Request, Response, Role, ToolChoice};
+use crate::wire::canonical::{
+    EmbeddingsRequest, EmbeddingsResponse, ImageSource, Message, Part, Request, Response, Role, ToolChoice,
+};
 
 /// The key scheme (see the module docs); part of every key.
 pub const KEY_SCHEME: u32 = 1;
@@ -225,10 +227,35 @@ fn document(scope: &Scope<'_>, req: &Request, messages: &[Message]) -> Value {
     })
 }
 
+/// The key of an embeddings request (scheme `v1`, its own kind of document): project,
+/// model named, config definition, route, the inputs, `dimensions`, and every other field
+/// as sent; not `encoding_format` (a hit is encoded as its caller asks) or `user`.
+pub fn embeddings_key(scope: &Scope<'_>, req: &EmbeddingsRequest) -> [u8; 32] {
+    let doc = json!({
+        "v": KEY_SCHEME,
+        "kind": "embeddings",
+        "project": scope.project,
+        "config": scope.config,
+        "route": scope.route,
+        "extras": scope.extras,
+        "model": scope.model,
+        "input": req.inputs,
+        "dimensions": req.dimensions,
+    });
+    Sha256::digest(doc.to_string().as_bytes()).into()
+}
+
+/// What an entry answers with.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum Answer {
+    Chat(Response),
+    Embeddings(EmbeddingsResponse),
+}
+
 /// One stored answer.
 #[derive(Debug)]
 pub struct Entry {
-    pub response: Response,
+    pub answer: Answer,
     /// Who answered it first (the route headers of a hit name them).
     pub provider: String,
     pub model: String,
@@ -241,18 +268,26 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn new(response: Response, provider: String, model: String, cost_usd: f64, ttl: Duration) -> Entry {
-        let text: usize = response
-            .content
-            .iter()
-            .map(|p| match p {
-                Part::Text { text, .. } | Part::Thinking { text, .. } => text.len(),
-                Part::ToolCall { id, name, arguments } => id.len() + name.len() + arguments.len(),
-                _ => 64,
-            })
-            .sum();
-        let bytes = 256 + text + response.id.len() + response.model.len() + provider.len() + model.len();
-        Entry { response, provider, model, cost_usd, bytes, ttl, stored: Instant::now() }
+    pub fn new(answer: Answer, provider: String, model: String, cost_usd: f64, ttl: Duration) -> Entry {
+        let held = match &answer {
+            Answer::Chat(response) => {
+                let text: usize = response
+                    .content
+                    .iter()
+                    .map(|p| match p {
+                        Part::Text { text, .. } | Part::Thinking { text, .. } => text.len(),
+                        Part::ToolCall { id, name, arguments } => id.len() + name.len() + arguments.len(),
+                        _ => 64,
+                    })
+                    .sum();
+                text + response.id.len() + response.model.len()
+            }
+            Answer::Embeddings(e) => {
+                e.vectors.iter().map(|v| v.len() * 4 + 24).sum::<usize>() + e.model.len()
+            }
+        };
+        let bytes = 256 + held + provider.len() + model.len();
+        Entry { answer, provider, model, cost_usd, bytes, ttl, stored: Instant::now() }
     }
 }
 

@@ -19,8 +19,9 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use super::semantic::{Indexed, Vectors};
+use super::Answer;
 use super::Entry;
-use crate::wire::canonical::Response;
+use crate::wire::canonical::{EmbeddingsResponse, Response};
 
 /// After a failure, Redis is not tried again for this long.
 const BACKOFF: Duration = Duration::from_secs(1);
@@ -28,7 +29,11 @@ const BACKOFF: Duration = Duration::from_secs(1);
 /// What is stored in Redis for one entry (the scheme is in the key's prefix).
 #[derive(Serialize, Deserialize)]
 struct Stored {
-    response: Response,
+    /// A chat answer (entries of earlier builds have only this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response: Option<Response>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    embeddings: Option<EmbeddingsResponse>,
     provider: String,
     model: String,
     cost_usd: f64,
@@ -134,12 +139,24 @@ impl RedisCache {
         let Some(raw) = raw else { return Ok(None) };
         // An entry this build cannot read is a miss (and is overwritten by the next store).
         let Ok(s) = serde_json::from_slice::<Stored>(&raw) else { return Ok(None) };
-        Ok(Some(Entry::new(s.response, s.provider, s.model, s.cost_usd, ttl_hint)))
+        let answer = match (s.response, s.embeddings) {
+            (Some(r), None) => Answer::Chat(r),
+            (None, Some(e)) => Answer::Embeddings(e),
+            _ => return Ok(None),
+        };
+        Ok(Some(Entry::new(answer, s.provider, s.model, s.cost_usd, ttl_hint)))
     }
 
     pub async fn put(&self, key: &[u8; 32], entry: &Entry) -> Result<(), String> {
         let stored = Stored {
-            response: entry.response.clone(),
+            response: match &entry.answer {
+                Answer::Chat(r) => Some(r.clone()),
+                Answer::Embeddings(_) => None,
+            },
+            embeddings: match &entry.answer {
+                Answer::Embeddings(e) => Some(e.clone()),
+                Answer::Chat(_) => None,
+            },
             provider: entry.provider.clone(),
             model: entry.model.clone(),
             cost_usd: entry.cost_usd,

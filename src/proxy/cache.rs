@@ -13,13 +13,13 @@
 
 use bytes::Bytes;
 
-use super::cache_fill::Pending;
+use super::cache_fill::{Kind, Pending};
 use super::headers::{name, Headers};
 use super::{respond, Req};
 use crate::admission::RouteInfo;
 use crate::auth::Principal;
 use crate::cache::semantic::Indexed;
-use crate::cache::{self, Bypass, CacheSettings, Entry, Mode};
+use crate::cache::{self, Answer, Bypass, CacheSettings, Entry, Mode};
 use crate::error::{GatewayError, Surface};
 use crate::providers::{self, upstream};
 use crate::spend::budgets::Evaluation;
@@ -166,18 +166,7 @@ pub async fn lookup(
         Err(b) => (Fields::new(), Some(b)),
     };
     let bypass = rule.or_else(|| bypass_asked(req, &raw));
-    let snapshot = req.snapshot;
-    let definition = info
-        .config
-        .as_ref()
-        .and_then(|(slug, _)| snapshot.routing_configs.get(slug))
-        .map(|c| c.definition.as_str());
-    let route = format!(
-        "{}/{}#{}",
-        req.ctx.provider.as_deref().unwrap_or(""),
-        req.ctx.model.as_deref().unwrap_or(""),
-        info.ab_variant.as_deref().unwrap_or("")
-    );
+    let (definition, route) = decision(req, info);
     let scope = cache::Scope {
         project: &principal.project,
         model,
@@ -216,8 +205,47 @@ pub async fn lookup(
             }
         }
     }
+    let vector = to_index.map(|(partition, vector)| Indexed {
+        partition,
+        answer: key,
+        vector,
+        expires_ms: cache::semantic::now_ms().saturating_add(settings.ttl.as_millis() as u64),
+    });
+    let kind = Kind::Chat { surface, streamed: decoded.stream };
+    go_on(req, settings, bypass, key, kind, vector);
+    Ok(false)
+}
+
+/// The named config's definition and where the decision sends the request first (with
+/// its A/B variant): part of every key.
+fn decision<'s>(req: &Req<'s>, info: &RouteInfo) -> (Option<&'s str>, String) {
+    let snapshot = req.snapshot;
+    let definition = info
+        .config
+        .as_ref()
+        .and_then(|(slug, _)| snapshot.routing_configs.get(slug))
+        .map(|c| c.definition.as_str());
+    let route = format!(
+        "{}/{}#{}",
+        req.ctx.provider.as_deref().unwrap_or(""),
+        req.ctx.model.as_deref().unwrap_or(""),
+        info.ab_variant.as_deref().unwrap_or("")
+    );
+    (definition, route)
+}
+
+/// A request not answered from the cache goes on: counted, marked, and its answer to be
+/// stored unless a bypass says otherwise.
+fn go_on(
+    req: &mut Req<'_>,
+    settings: &CacheSettings,
+    bypass: Option<Bypass>,
+    key: [u8; 32],
+    kind: Kind,
+    vector: Option<Indexed>,
+) {
     let label = if bypass.is_some() { "bypass" } else { "miss" };
-    metrics.cache_lookups.with_label_values(&[label]).inc();
+    req.state.metrics.cache_lookups.with_label_values(&[label]).inc();
     req.ctx.cache_status = Some(if bypass.is_some() { "BYPASS" } else { "MISS" });
     if bypass.is_none_or(Bypass::stores) {
         req.ctx.cache_pending = Some(Box::new(Pending {
@@ -226,21 +254,69 @@ pub async fn lookup(
             key,
             ttl: settings.ttl,
             max_bytes: settings.max_entry_bytes,
-            surface,
-            streamed: decoded.stream,
+            kind,
             pieces: Vec::new(),
             len: 0,
             over: false,
-            vector: to_index.map(|(partition, vector)| Indexed {
-                partition,
-                answer: key,
-                vector,
-                expires_ms: cache::semantic::now_ms().saturating_add(settings.ttl.as_millis() as u64),
-            }),
+            vector,
             max_vectors: req.snapshot.settings.cache_max_vectors,
             vectors: req.state.vectors.clone(),
         }));
     }
+}
+
+/// Embeddings requests: looked up by their exact key (`cache::embeddings_key`; semantic
+/// mode does not apply), a hit encoded as the caller asks (`encoding_format`). Token-array
+/// inputs are not cached.
+pub async fn lookup_embeddings(
+    req: &mut Req<'_>,
+    principal: &Principal,
+    info: &RouteInfo,
+    model: &str,
+    body: &Bytes,
+) -> Result<bool, GatewayError> {
+    let Some(settings) = settings(req, &principal.project, info) else { return Ok(false) };
+    if req.ctx.replay_of.is_some() {
+        return Ok(false);
+    }
+    let Ok((decoded, encoding)) = wire::embeddings::decode_request(body) else { return Ok(false) };
+    let raw: Fields = serde_json::from_slice(body).unwrap_or_default();
+    let extras: Fields = raw
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with("mlx:")
+                && !matches!(k.as_str(), "model" | "input" | "dimensions" | "encoding_format" | "user")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let bypass = bypass_asked(req, &raw);
+    let (definition, route) = decision(req, info);
+    let scope = cache::Scope {
+        project: &principal.project,
+        model,
+        config: definition,
+        route: &route,
+        extras: &extras,
+    };
+    let key = cache::embeddings_key(&scope, &decoded);
+    if bypass.is_none() {
+        match req.state.cache.get(&key, settings.ttl).await {
+            Ok(Some(entry)) => {
+                if let Answer::Embeddings(e) = &entry.answer {
+                    req.state.metrics.cache_lookups.with_label_values(&["hit"]).inc();
+                    let body = wire::embeddings::encode_response(e, &entry.model, encoding);
+                    answer_hit(req, info, &entry, 1.0, "application/json", false, body).await;
+                    return Ok(true);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                req.state.metrics.cache_errors.with_label_values(&["get"]).inc();
+                tracing::debug!(error = %e, "response cache unavailable");
+            }
+        }
+    }
+    go_on(req, settings, bypass, key, Kind::Embeddings, None);
     Ok(false)
 }
 
@@ -354,7 +430,7 @@ async fn embed(req: &Req<'_>, model: &str, text: &str) -> Result<(Vec<f32>, f64)
     Ok((vector, cost))
 }
 
-/// Answers from the cache: the stored answer in the caller's format, at $0.
+/// Answers a chat request from the cache: the stored answer in the caller's format.
 async fn serve_hit(
     req: &mut Req<'_>,
     info: &RouteInfo,
@@ -363,14 +439,28 @@ async fn serve_hit(
     stream: bool,
     stream_usage: bool,
 ) {
+    let Answer::Chat(response) = &entry.answer else { return };
     let surface = req.ctx.surface;
     let (content_type, body) = if stream {
         // Anthropic streams always carry usage; OpenAI's when the client asked.
         let usage = stream_usage || surface == Surface::Anthropic;
-        ("text/event-stream", wire::stream_response(surface, &entry.response, usage, None))
+        ("text/event-stream", wire::stream_response(surface, response, usage, None))
     } else {
-        ("application/json", wire::encode_response(surface, &entry.response))
+        ("application/json", wire::encode_response(surface, response))
     };
+    answer_hit(req, info, entry, similarity, content_type, stream, body).await;
+}
+
+/// Sends a hit's answer, at $0.
+async fn answer_hit(
+    req: &mut Req<'_>,
+    info: &RouteInfo,
+    entry: &Entry,
+    similarity: f32,
+    content_type: &str,
+    stream: bool,
+    body: Vec<u8>,
+) {
     let mut headers: Headers = vec![(http::header::CONTENT_TYPE, content_type.to_string())];
     headers.push((name("x-modelux-provider-used"), entry.provider.clone()));
     headers.push((name("x-modelux-model-used"), entry.model.clone()));

@@ -12,13 +12,21 @@ use http::HeaderName;
 use super::headers::name;
 use super::RequestCtx;
 use crate::cache::semantic::{Indexed, Vectors};
-use crate::cache::{self, Entry};
+use crate::cache::{self, Answer, Entry};
 use crate::error::Surface;
 use crate::metrics::Metrics;
 use crate::wire;
 
 pub const CACHE: &str = "x-modelux-cache";
 pub const SIMILARITY: &str = "x-modelux-cache-similarity";
+
+/// What a pending answer is.
+pub enum Kind {
+    /// In the client's surface, whole or streamed.
+    Chat { surface: Surface, streamed: bool },
+    /// An OpenAI embeddings list.
+    Embeddings,
+}
 
 /// A miss to store once answered.
 pub struct Pending {
@@ -27,8 +35,7 @@ pub struct Pending {
     pub(super) key: [u8; 32],
     pub(super) ttl: Duration,
     pub(super) max_bytes: usize,
-    pub(super) surface: Surface,
-    pub(super) streamed: bool,
+    pub(super) kind: Kind,
     pub(super) pieces: Vec<Bytes>,
     pub(super) len: usize,
     pub(super) over: bool,
@@ -90,18 +97,27 @@ pub async fn finish(ctx: &mut RequestCtx) {
         return;
     }
     let bytes = pending.pieces.concat();
-    let response = if pending.streamed {
-        wire::assemble_stream(pending.surface, &bytes)
-    } else {
-        pending.surface.codec().decode_response(&bytes).ok()
+    let answer = match pending.kind {
+        Kind::Chat { surface, streamed } => {
+            let response = if streamed {
+                wire::assemble_stream(surface, &bytes)
+            } else {
+                surface.codec().decode_response(&bytes).ok()
+            };
+            let Some(mut response) = response else { return };
+            // What the gateway billed: a stream whose client did not ask for usage carried none.
+            if let Some(usage) = ctx.bill.usage {
+                response.usage = usage;
+            }
+            Answer::Chat(response)
+        }
+        Kind::Embeddings => match wire::embeddings::decode_response(&bytes) {
+            Ok(e) => Answer::Embeddings(e),
+            Err(_) => return,
+        },
     };
-    let Some(mut response) = response else { return };
-    // What the gateway billed: a stream whose client did not ask for usage carried none.
-    if let Some(usage) = ctx.bill.usage {
-        response.usage = usage;
-    }
     let (Some(provider), Some(model)) = (ctx.provider.clone(), ctx.model.clone()) else { return };
-    let entry = Entry::new(response, provider, model, ctx.bill.cost.total, pending.ttl);
+    let entry = Entry::new(answer, provider, model, ctx.bill.cost.total, pending.ttl);
     let metrics = &pending.metrics;
     match pending.store.put(pending.key, entry).await {
         Ok(()) => metrics.cache_stores.inc(),

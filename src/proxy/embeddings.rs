@@ -30,11 +30,16 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     if incoming.dry_run {
         return dry_run::answer(req, &routed, &facts, 0).await;
     }
+    let info = routed.info();
+    if req.snapshot.any_cache
+        && super::cache::lookup_embeddings(req, principal, &info, &incoming.request.model, &body).await?
+    {
+        return Ok(());
+    }
     let member = routed.first()?;
     let usd = billing::max_cost(snapshot, &[member], false, req.ctx.bill.est_input_tokens, Some(0), 1);
     billing::reserve(req.state, req.ctx, &eval, usd)?;
     req.ctx.bill.rates = member.rates;
-    let info = routed.info();
     let served = Served::new(&info, member, 1);
     let provider = member.target.provider.clone();
     let format = provider.format();
@@ -59,6 +64,7 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
         upstream::exchange(&state.connector, &state.metrics, &settings.upstream_timeouts(), &provider, call)
             .await?;
     req.ctx.ttfb = Some(ex.ttfb);
+    req.ctx.set_served(member);
     let headers = answer_headers(&ex.header, translation.is_some(), &served);
     if !ex.header.status.is_success() {
         answer::upstream_error_status(req, &provider, ex, headers, translation.is_some()).await;

@@ -216,7 +216,7 @@ pub struct EmbeddingsRequest {
     pub user: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EmbeddingsResponse {
     pub model: String,
     /// One vector per input, in input order.

@@ -71,31 +71,62 @@ pub fn decode_request(body: &[u8]) -> Result<(EmbeddingsRequest, Encoding), Gate
     Ok((EmbeddingsRequest { model, inputs, dimensions, user }, encoding))
 }
 
+/// One vector of an answer, as OpenAI writes it.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Vector<'a> {
+    /// Serialized as f32s, so each prints as its shortest f32 text (what OpenAI sends), not
+    /// the f64 widening of it.
+    Float(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(serde::Serialize)]
+struct Item<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: Vector<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct Usage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+}
+
+#[derive(serde::Serialize)]
+struct List<'a> {
+    object: &'static str,
+    data: Vec<Item<'a>>,
+    model: &'a str,
+    usage: Usage,
+}
+
 /// Canonical response → the OpenAI embeddings list the client expects. `model` is the
 /// name the client sees.
 pub fn encode_response(resp: &EmbeddingsResponse, model: &str, encoding: Encoding) -> Vec<u8> {
-    let data: Vec<Value> = resp
+    let data = resp
         .vectors
         .iter()
         .enumerate()
         .map(|(index, vector)| {
             let embedding = match encoding {
-                Encoding::Float => json!(vector),
+                Encoding::Float => Vector::Float(vector),
                 // What OpenAI sends for base64: the little-endian f32 bytes.
                 Encoding::Base64 => {
                     let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    Vector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
                 }
             };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+            Item { object: "embedding", index, embedding }
         })
         .collect();
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": resp.input_tokens, "total_tokens": resp.input_tokens},
-    });
+    let body = List {
+        object: "list",
+        data,
+        model,
+        usage: Usage { prompt_tokens: resp.input_tokens, total_tokens: resp.input_tokens },
+    };
     serde_json::to_vec(&body).unwrap_or_default()
 }
 

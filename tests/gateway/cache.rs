@@ -505,3 +505,45 @@ async fn semantic_vectors_are_shared_through_redis() {
     let late = send(&c, CHAT, &ask("0.2431,0.97,0", ""), &[]).await;
     assert_eq!(late.header("x-modelux-cache"), Some("HIT"), "{}", late.text());
 }
+
+/// Embeddings answers are cached by their inputs, and a hit is encoded as its caller asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_answers_are_cached() {
+    let upstream = mock(MockConfig::default()).await;
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.more_configs = "  embedded: { project: default, strategy: single, \
+        model: \"openai/text-embedding-3-small\", cache: { mode: exact, ttl_seconds: 60 } }\n"
+        .into();
+    let gw = start(cfg).await;
+    let path = "/openai/v1/embeddings";
+    let body = r#"{"model":"@embedded","input":["alpha","beta"],"encoding_format":"float"}"#;
+    let first = send(&gw, path, body, &[]).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("x-modelux-cache"), Some("MISS"));
+    let hit = send(&gw, path, body, &[]).await;
+    assert_eq!(hit.header("x-modelux-cache"), Some("HIT"));
+    assert_eq!(hit.header("x-modelux-cost-usd"), Some("0"));
+    let (a, b) = (first.json().unwrap(), hit.json().unwrap());
+    assert_eq!(a["data"], b["data"]);
+    assert_eq!(a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"]);
+    assert_eq!(upstream.request_count(), 1);
+    // base64, as the OpenAI SDK asks by default: the same entry, the same floats.
+    let b64 =
+        send(&gw, path, r#"{"input":["alpha","beta"],"model":"@embedded","encoding_format":"base64"}"#, &[])
+            .await;
+    assert_eq!(b64.header("x-modelux-cache"), Some("HIT"));
+    let v = b64.json().unwrap();
+    use base64::Engine as _;
+    let b64_text = v["data"][1]["embedding"].as_str().unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64_text).unwrap();
+    let floats: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let want: Vec<f32> =
+        a["data"][1]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    assert_eq!(floats, want);
+    // Other dimensions, or no-store: not this entry.
+    let dims = send(&gw, path, r#"{"model":"@embedded","input":["alpha","beta"],"dimensions":8}"#, &[]).await;
+    assert_eq!(dims.header("x-modelux-cache"), Some("MISS"));
+    let skip = send(&gw, path, body, &[("cache-control", "no-store")]).await;
+    assert_eq!(skip.header("x-modelux-cache"), Some("BYPASS"));
+    assert_eq!(upstream.request_count(), 3);
+}

@@ -188,6 +188,8 @@ routing_configs:
   claude: {{ project: default, strategy: single, model: "{CLAUDE_MODEL}" }}
   cheap: {{ project: default, strategy: single, model: "local/m1" }}
   cached: {{ project: default, strategy: single, model: "{fast_model}", cache: {{ mode: exact, ttl_seconds: 600 }} }}
+  cached_embed: {{ project: default, strategy: single, model: "openai/text-embedding-3-small", cache: {{ mode: exact, ttl_seconds: 600 }} }}
+  semantic: {{ project: default, strategy: single, model: "{fast_model}", cache: {{ mode: semantic, threshold: 0.95, ttl_seconds: 600, embedding_model: "openai/text-embedding-3-small" }} }}
 {extra_yaml}"""
 
 
