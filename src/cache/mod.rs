@@ -25,9 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::wire::canonical::{
-    EmbeddingsRequest, EmbeddingsResponse, ImageSource, Message, Part, Request, Response, Role, ToolChoice,
-};
+use crate::wire::canonical::{EmbeddingsRequest, EmbeddingsResponse, Part, Request, Response, Role};
 
 /// The key scheme (see the module docs); part of every key.
 pub const KEY_SCHEME: u32 = 1;
@@ -113,24 +111,6 @@ pub fn admits(settings: &CacheSettings, req: &Request) -> Result<(), Bypass> {
     Ok(())
 }
 
-fn part(p: &Part) -> Value {
-    match p {
-        Part::Text { text, .. } => json!({"text": text}),
-        Part::Image { source: ImageSource::Url(url), .. } => json!({"image_url": url}),
-        Part::Image { source: ImageSource::Base64 { media_type, data }, .. } => {
-            json!({"image": {"media_type": media_type, "data": data}})
-        }
-        Part::ToolCall { id, name, arguments } => {
-            json!({"tool_call": {"id": id, "name": name, "arguments": arguments}})
-        }
-        Part::ToolResult { call_id, content, is_error } => {
-            json!({"tool_result": {"call_id": call_id, "is_error": is_error, "content": content.iter().map(part).collect::<Vec<_>>()}})
-        }
-        Part::Thinking { text, .. } => json!({"thinking": text}),
-        Part::RedactedThinking { data } => json!({"redacted_thinking": data}),
-    }
-}
-
 /// What, besides the decoded request, decides an answer.
 pub struct Scope<'a> {
     pub project: &'a str,
@@ -147,9 +127,18 @@ pub struct Scope<'a> {
     pub extras: &'a serde_json::Map<String, Value>,
 }
 
-/// The cache key of a decoded request (scheme `v1`, see the module docs).
+/// The cache key of a decoded request (scheme `v1`, see the module docs). The document is
+/// written straight into the hash (`doc::Document`), byte for byte the text of the JSON
+/// value the module docs describe (a test holds it to that value).
 pub fn key(scope: &Scope<'_>, req: &Request) -> [u8; 32] {
-    Sha256::digest(document(scope, req, &req.messages).to_string().as_bytes()).into()
+    hash(&doc::Document { scope, req, messages: &req.messages, semantic: None })
+}
+
+fn hash(document: &doc::Document<'_>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    // Writing into a hash cannot fail, nor can serializing these types.
+    let _ = serde_json::to_writer(&mut hasher, document);
+    hasher.finalize().into()
 }
 
 /// The semantic partition of a request (`semantic.rs`) and the text to embed: the key's
@@ -171,60 +160,7 @@ pub fn partition(scope: &Scope<'_>, req: &Request, embedding_model: &str) -> Opt
     if text.trim().is_empty() {
         return None;
     }
-    let mut doc = document(scope, req, earlier);
-    doc["semantic"] = json!({"embedding_model": embedding_model});
-    Some((Sha256::digest(doc.to_string().as_bytes()).into(), text))
-}
-
-/// The JSON document a key hashes (see the module docs), with `messages` in place of the
-/// request's own.
-fn document(scope: &Scope<'_>, req: &Request, messages: &[Message]) -> Value {
-    let messages: Vec<Value> = messages
-        .iter()
-        .map(|m| {
-            let role = match m.role {
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            };
-            json!({"role": role, "content": m.content.iter().map(part).collect::<Vec<_>>()})
-        })
-        .collect();
-    let tools: Vec<Value> = req
-        .tools
-        .iter()
-        .map(|t| json!({"name": t.name, "description": t.description, "parameters": t.parameters}))
-        .collect();
-    let tool_choice = req.tool_choice.as_ref().map(|c| match c {
-        ToolChoice::Auto => "auto".to_string(),
-        ToolChoice::None => "none".to_string(),
-        ToolChoice::Required => "required".to_string(),
-        ToolChoice::Tool(name) => format!("tool:{name}"),
-    });
-    let options: serde_json::Map<String, Value> = req
-        .openai_only
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "user" | "store" | "stream_options"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    json!({
-        "v": KEY_SCHEME,
-        "project": scope.project,
-        "config": scope.config,
-        "route": scope.route,
-        "extras": scope.extras,
-        "model": scope.model,
-        "system": req.system.iter().map(|b| b.text.as_str()).collect::<Vec<_>>(),
-        "messages": messages,
-        "max_tokens": req.max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "stop": req.stop,
-        "tools": tools,
-        "tool_choice": tool_choice,
-        "parallel_tool_calls": req.parallel_tool_calls,
-        "thinking_budget": req.thinking_budget,
-        "options": options,
-    })
+    Some((hash(&doc::Document { scope, req, messages: earlier, semantic: Some(embedding_model) }), text))
 }
 
 /// The key of an embeddings request (scheme `v1`, its own kind of document): project,
@@ -250,6 +186,169 @@ pub fn embeddings_key(scope: &Scope<'_>, req: &EmbeddingsRequest) -> [u8; 32] {
 pub enum Answer {
     Chat(Response),
     Embeddings(EmbeddingsResponse),
+}
+
+/// The key document, serialized in place: maps in sorted key order and values printed as
+/// `serde_json::Value` prints them, so the text is the one the module docs describe.
+mod doc {
+    use std::collections::BTreeMap;
+
+    use serde::ser::{SerializeMap, SerializeSeq};
+    use serde::{Serialize, Serializer};
+    use serde_json::Value;
+
+    use super::{Scope, KEY_SCHEME};
+    use crate::wire::canonical::{ImageSource, Message, Part, Request, Role, ToolChoice};
+
+    pub struct Document<'a> {
+        pub scope: &'a Scope<'a>,
+        pub req: &'a Request,
+        pub messages: &'a [Message],
+        /// A semantic partition's embedding model.
+        pub semantic: Option<&'a str>,
+    }
+
+    struct Seq<'a, T>(&'a [T]);
+
+    impl<T> Serialize for Seq<'_, T>
+    where
+        for<'x> Item<'x, T>: Serialize,
+    {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(self.0.len()))?;
+            for item in self.0 {
+                seq.serialize_element(&Item(item))?;
+            }
+            seq.end()
+        }
+    }
+
+    struct Item<'a, T>(&'a T);
+
+    impl Serialize for Item<'_, Message> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(Some(2))?;
+            m.serialize_entry("content", &Seq(&self.0.content))?;
+            m.serialize_entry(
+                "role",
+                match self.0.role {
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                },
+            )?;
+            m.end()
+        }
+    }
+
+    /// `{"<name>": {fields…}}` with the fields in sorted order.
+    struct One<'a, V: Serialize>(&'static str, V, std::marker::PhantomData<&'a ()>);
+
+    fn one<'a, V: Serialize>(name: &'static str, v: V) -> One<'a, V> {
+        One(name, v, std::marker::PhantomData)
+    }
+
+    impl<V: Serialize> Serialize for One<'_, V> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(Some(1))?;
+            m.serialize_entry(self.0, &self.1)?;
+            m.end()
+        }
+    }
+
+    // Nested objects: fields in sorted order, as `serde_json::Map` prints them.
+    #[derive(Serialize)]
+    struct Image<'a> {
+        data: &'a str,
+        media_type: &'a str,
+    }
+
+    #[derive(Serialize)]
+    struct ToolCall<'a> {
+        arguments: &'a str,
+        id: &'a str,
+        name: &'a str,
+    }
+
+    #[derive(Serialize)]
+    struct ToolResult<'a> {
+        call_id: &'a str,
+        content: Seq<'a, Part>,
+        is_error: bool,
+    }
+
+    impl Serialize for Item<'_, Part> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self.0 {
+                Part::Text { text, .. } => one("text", text).serialize(s),
+                Part::Image { source: ImageSource::Url(url), .. } => one("image_url", url).serialize(s),
+                Part::Image { source: ImageSource::Base64 { media_type, data }, .. } => {
+                    one("image", Image { data, media_type }).serialize(s)
+                }
+                Part::ToolCall { id, name, arguments } => {
+                    one("tool_call", ToolCall { arguments, id, name }).serialize(s)
+                }
+                Part::ToolResult { call_id, content, is_error } => {
+                    one("tool_result", ToolResult { call_id, content: Seq(content), is_error: *is_error })
+                        .serialize(s)
+                }
+                Part::Thinking { text, .. } => one("thinking", text).serialize(s),
+                Part::RedactedThinking { data } => one("redacted_thinking", data).serialize(s),
+            }
+        }
+    }
+
+    impl Serialize for Item<'_, crate::wire::canonical::Tool> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let t = self.0;
+            let mut m = s.serialize_map(Some(3))?;
+            m.serialize_entry("description", &t.description)?;
+            m.serialize_entry("name", &t.name)?;
+            m.serialize_entry("parameters", &t.parameters)?;
+            m.end()
+        }
+    }
+
+    impl Serialize for Document<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let (scope, req) = (self.scope, self.req);
+            let tool_choice = req.tool_choice.as_ref().map(|c| match c {
+                ToolChoice::Auto => "auto".to_string(),
+                ToolChoice::None => "none".to_string(),
+                ToolChoice::Required => "required".to_string(),
+                ToolChoice::Tool(name) => format!("tool:{name}"),
+            });
+            let options: BTreeMap<&str, &Value> = req
+                .openai_only
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "user" | "store" | "stream_options"))
+                .map(|(k, v)| (k.as_str(), v))
+                .collect();
+            let system: Vec<&str> = req.system.iter().map(|b| b.text.as_str()).collect();
+            // Keys in sorted order (how `serde_json::Map` prints them).
+            let mut m = s.serialize_map(None)?;
+            m.serialize_entry("config", &scope.config)?;
+            m.serialize_entry("extras", scope.extras)?;
+            m.serialize_entry("max_tokens", &req.max_tokens)?;
+            m.serialize_entry("messages", &Seq(self.messages))?;
+            m.serialize_entry("model", scope.model)?;
+            m.serialize_entry("options", &options)?;
+            m.serialize_entry("parallel_tool_calls", &req.parallel_tool_calls)?;
+            m.serialize_entry("project", scope.project)?;
+            m.serialize_entry("route", scope.route)?;
+            if let Some(model) = self.semantic {
+                m.serialize_entry("semantic", &one("embedding_model", model))?;
+            }
+            m.serialize_entry("stop", &req.stop)?;
+            m.serialize_entry("system", &system)?;
+            m.serialize_entry("temperature", &req.temperature)?;
+            m.serialize_entry("thinking_budget", &req.thinking_budget)?;
+            m.serialize_entry("tool_choice", &tool_choice)?;
+            m.serialize_entry("tools", &Seq(&req.tools))?;
+            m.serialize_entry("top_p", &req.top_p)?;
+            m.serialize_entry("v", &KEY_SCHEME)?;
+            m.end()
+        }
+    }
 }
 
 /// One stored answer.
@@ -396,6 +495,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::error::Surface;
+    use crate::wire::canonical::{ImageSource, Message, ToolChoice};
 
     fn decode(surface: Surface, body: &str) -> Request {
         crate::wire::decode_request(surface, body.as_bytes()).unwrap()
@@ -439,6 +539,120 @@ mod tests {
         let mut other = a.clone();
         other.temperature = Some(0.0);
         assert_ne!(k(&a), k(&other), "a sampling field");
+    }
+
+    // The key document as a `serde_json::Value`: what `doc::Document` must print.
+    fn part(p: &Part) -> Value {
+        match p {
+            Part::Text { text, .. } => json!({"text": text}),
+            Part::Image { source: ImageSource::Url(url), .. } => json!({"image_url": url}),
+            Part::Image { source: ImageSource::Base64 { media_type, data }, .. } => {
+                json!({"image": {"media_type": media_type, "data": data}})
+            }
+            Part::ToolCall { id, name, arguments } => {
+                json!({"tool_call": {"id": id, "name": name, "arguments": arguments}})
+            }
+            Part::ToolResult { call_id, content, is_error } => {
+                json!({"tool_result": {"call_id": call_id, "is_error": is_error, "content": content.iter().map(part).collect::<Vec<_>>()}})
+            }
+            Part::Thinking { text, .. } => json!({"thinking": text}),
+            Part::RedactedThinking { data } => json!({"redacted_thinking": data}),
+        }
+    }
+
+    /// The JSON document a key hashes (see the module docs), with `messages` in place of the
+    /// request's own.
+    fn reference_document(scope: &Scope<'_>, req: &Request, messages: &[Message]) -> Value {
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let role = match m.role {
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                };
+                json!({"role": role, "content": m.content.iter().map(part).collect::<Vec<_>>()})
+            })
+            .collect();
+        let tools: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "parameters": t.parameters}))
+            .collect();
+        let tool_choice = req.tool_choice.as_ref().map(|c| match c {
+            ToolChoice::Auto => "auto".to_string(),
+            ToolChoice::None => "none".to_string(),
+            ToolChoice::Required => "required".to_string(),
+            ToolChoice::Tool(name) => format!("tool:{name}"),
+        });
+        let options: serde_json::Map<String, Value> = req
+            .openai_only
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "user" | "store" | "stream_options"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        json!({
+            "v": KEY_SCHEME,
+            "project": scope.project,
+            "config": scope.config,
+            "route": scope.route,
+            "extras": scope.extras,
+            "model": scope.model,
+            "system": req.system.iter().map(|b| b.text.as_str()).collect::<Vec<_>>(),
+            "messages": messages,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "stop": req.stop,
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": req.parallel_tool_calls,
+            "thinking_budget": req.thinking_budget,
+            "options": options,
+        })
+    }
+
+    #[test]
+    fn the_streamed_document_is_the_documented_json_value() {
+        let rich = decode(
+            Surface::OpenAi,
+            r#"{"model":"gpt-4o","messages":[{"role":"system","content":"Be \"brief\".\n"},
+              {"role":"user","content":[{"type":"text","text":"what is in é?"},{"type":"image_url","image_url":{"url":"https://x/y.png"}},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]},
+              {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},
+              {"role":"tool","tool_call_id":"c1","content":"42"},
+              {"role":"user","content":"and then?"}],
+              "max_tokens":7,"temperature":0.3,"top_p":0.95,"stop":["x","y"],"seed":3,"response_format":{"type":"json_object"},
+              "tools":[{"type":"function","function":{"name":"f","description":"d","parameters":{"type":"object","properties":{"a":{"type":"number"}}}}}],
+              "tool_choice":{"type":"function","function":{"name":"f"}},"parallel_tool_calls":false,"user":"u","metadata":{"k":"v"}}"#,
+        );
+        let mut extras = serde_json::Map::new();
+        extras.insert("top_k".into(), json!(5));
+        extras.insert("a_vendor".into(), json!({"z": [1.5, null], "b": "c"}));
+        let scope = Scope {
+            project: "p",
+            model: "@m",
+            config: Some("{def}"),
+            route: "openai/gpt-4o#b",
+            extras: &extras,
+        };
+        let want = reference_document(&scope, &rich, &rich.messages).to_string();
+        let got = serde_json::to_string(&doc::Document {
+            scope: &scope,
+            req: &rich,
+            messages: &rich.messages,
+            semantic: None,
+        })
+        .unwrap();
+        assert_eq!(got, want);
+        let mut with_semantic = reference_document(&scope, &rich, &rich.messages[..1]);
+        with_semantic["semantic"] = json!({"embedding_model": "e"});
+        let got = serde_json::to_string(&doc::Document {
+            scope: &scope,
+            req: &rich,
+            messages: &rich.messages[..1],
+            semantic: Some("e"),
+        })
+        .unwrap();
+        assert_eq!(got, with_semantic.to_string());
     }
 
     const GOLDEN_V1: &str = "2ed559519c648c04632aba89b1d37e0468ae5975b1fba834499579d36c2085af";

@@ -81,13 +81,19 @@ fn modeled(surface: Surface, field: &str) -> bool {
 }
 
 type Fields = serde_json::Map<String, serde_json::Value>;
+/// A body's top level, values as sent (only the few the cache reads are parsed).
+type Top<'b> = std::collections::BTreeMap<String, &'b serde_json::value::RawValue>;
+
+fn parsed(raw: &serde_json::value::RawValue) -> serde_json::Value {
+    serde_json::from_str(raw.get()).unwrap_or(serde_json::Value::Null)
+}
 
 /// The top-level fields of the body the canonical request does not model (OpenAI-only
 /// fields it keeps are in the key already), or the bypass they call for.
 fn extras(
     req: &Req<'_>,
     surface: Surface,
-    raw: &Fields,
+    raw: &Top<'_>,
     decoded: &wire::canonical::Request,
     settings: &CacheSettings,
 ) -> Result<Fields, Bypass> {
@@ -104,7 +110,7 @@ fn extras(
             // Enabled thinking is the canonical budget; any other shape goes in as sent.
             "thinking" if decoded.thinking_budget.is_some() => continue,
             _ => {
-                out.insert(k.clone(), v.clone());
+                out.insert(k.clone(), parsed(v));
             }
         }
     }
@@ -119,7 +125,7 @@ fn extras(
 }
 
 /// `Cache-Control: no-store` / `no-cache`, or `"mlx:cache": {"skip": true}` in the body.
-fn bypass_asked(req: &Req<'_>, raw: &Fields) -> Option<Bypass> {
+fn bypass_asked(req: &Req<'_>, raw: &Top<'_>) -> Option<Bypass> {
     let headers = &req.session.req_header().headers;
     let directives: Vec<String> = headers
         .get_all(http::header::CACHE_CONTROL)
@@ -135,8 +141,8 @@ fn bypass_asked(req: &Req<'_>, raw: &Fields) -> Option<Bypass> {
     if directives.iter().any(|d| d == "no-cache") {
         return Some(Bypass::NoCache);
     }
-    let skip = raw.get("mlx:cache").and_then(|c| c.get("skip"));
-    (skip == Some(&serde_json::Value::Bool(true))).then_some(Bypass::Skip)
+    let skip = raw.get("mlx:cache").map(|c| parsed(c)["skip"] == serde_json::Value::Bool(true));
+    (skip == Some(true)).then_some(Bypass::Skip)
 }
 
 /// Looks the request up. `Ok(true)`: a hit, answered here. Otherwise the request goes on
@@ -158,7 +164,7 @@ pub async fn lookup(
     let surface = req.ctx.surface;
     let Ok(decoded) = wire::decode_request(surface, body) else { return Ok(false) };
     // The top level once more, for what the decoded request leaves out (read once here).
-    let raw: Fields = serde_json::from_slice(body).unwrap_or_default();
+    let raw: Top<'_> = serde_json::from_slice(body).unwrap_or_default();
     // What the request may not use the cache for comes first: a `no-cache` never stores an
     // answer the rules keep out.
     let (extras, rule) = match extras(req, surface, &raw, &decoded, settings) {
@@ -280,14 +286,14 @@ pub async fn lookup_embeddings(
         return Ok(false);
     }
     let Ok((decoded, encoding)) = wire::embeddings::decode_request(body) else { return Ok(false) };
-    let raw: Fields = serde_json::from_slice(body).unwrap_or_default();
+    let raw: Top<'_> = serde_json::from_slice(body).unwrap_or_default();
     let extras: Fields = raw
         .iter()
         .filter(|(k, _)| {
             !k.starts_with("mlx:")
                 && !matches!(k.as_str(), "model" | "input" | "dimensions" | "encoding_format" | "user")
         })
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .map(|(k, v)| (k.clone(), parsed(v)))
         .collect();
     let bypass = bypass_asked(req, &raw);
     let (definition, route) = decision(req, info);
