@@ -474,11 +474,11 @@ impl Store {
         }
     }
 
-    /// Shares a vector this node indexed with the other nodes (Redis only).
-    pub async fn publish(&self, item: &semantic::Indexed, max_len: usize) -> Result<(), String> {
-        match self {
-            Store::Embedded(_) => Ok(()),
-            Store::Redis(r) => r.publish(item, max_len).await,
+    /// Shares a vector this node indexed with the other nodes (Redis only, in the
+    /// background; `failed` counts what could not be sent).
+    pub fn publish(&self, item: &semantic::Indexed, max_len: usize, failed: prometheus::IntCounter) {
+        if let Store::Redis(r) = self {
+            r.publish(item, max_len, failed);
         }
     }
 

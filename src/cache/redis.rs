@@ -55,6 +55,24 @@ pub struct RedisCache {
 const VECTORS: &str = "mlx:cache:v1:vectors";
 /// Entries read per `XREAD`.
 const READ_BATCH: usize = 256;
+/// How long an `XREAD` blocks waiting for new entries.
+const BLOCK_MS: usize = 1000;
+/// Any stream call answers within this, or the connection is made again.
+const READ_LIMIT: Duration = Duration::from_secs(5);
+
+/// The shared connection, made on first use.
+async fn manager(
+    slot: &tokio::sync::Mutex<Option<ConnectionManager>>,
+    client: redis::Client,
+) -> redis::RedisResult<ConnectionManager> {
+    let mut slot = slot.lock().await;
+    if let Some(m) = slot.as_ref() {
+        return Ok(m.clone());
+    }
+    let m = ConnectionManager::new(client).await?;
+    *slot = Some(m.clone());
+    Ok(m)
+}
 
 fn redis_key(key: &[u8; 32]) -> String {
     format!("mlx:cache:v{}:{}", super::KEY_SCHEME, hex::encode(key))
@@ -101,20 +119,7 @@ impl RedisCache {
         let Some(runtime) = &self.runtime else { return Err("the Redis cache is shut down".into()) };
         let (conn, client, timeout) = (self.conn.clone(), self.client.clone(), self.timeout);
         let task = runtime.spawn(async move {
-            let work = async {
-                let manager = {
-                    let mut slot = conn.lock().await;
-                    match slot.as_ref() {
-                        Some(m) => m.clone(),
-                        None => {
-                            let m = ConnectionManager::new(client).await?;
-                            *slot = Some(m.clone());
-                            m
-                        }
-                    }
-                };
-                op(manager).await
-            };
+            let work = async { op(manager(&conn, client).await?).await };
             match tokio::time::timeout(timeout, work).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
@@ -174,8 +179,10 @@ impl RedisCache {
 
 impl RedisCache {
     /// Appends a vector this node indexed to the shared stream, which keeps about
-    /// `max_len` of them.
-    pub async fn publish(&self, item: &Indexed, max_len: usize) -> Result<(), String> {
+    /// `max_len` of them. Sent in the background (the answer never waits for it) and
+    /// bounded by the timeout; a failure is counted but does not pause the store.
+    pub fn publish(&self, item: &Indexed, max_len: usize, failed: prometheus::IntCounter) {
+        let Some(runtime) = &self.runtime else { return };
         let vector: Vec<u8> = item.vector.iter().flat_map(|f| f.to_le_bytes()).collect();
         let fields: [(&str, Vec<u8>); 5] = [
             ("n", self.node.clone().into_bytes()),
@@ -184,17 +191,21 @@ impl RedisCache {
             ("e", item.expires_ms.to_string().into_bytes()),
             ("v", vector),
         ];
-        self.call(move |mut c| {
-            Box::pin(async move {
+        let (conn, client, timeout) = (self.conn.clone(), self.client.clone(), self.timeout);
+        runtime.spawn(async move {
+            let work = async {
+                let mut c = manager(&conn, client).await?;
                 let mut cmd = redis::cmd("XADD");
                 cmd.arg(VECTORS).arg("MAXLEN").arg("~").arg(max_len).arg("*");
                 for (k, v) in &fields {
                     cmd.arg(*k).arg(v.as_slice());
                 }
                 cmd.query_async::<String>(&mut c).await.map(|_| ())
-            })
-        })
-        .await
+            };
+            if !matches!(tokio::time::timeout(timeout, work).await, Ok(Ok(()))) {
+                failed.inc();
+            }
+        });
     }
 
     /// Follows the shared stream for as long as this store lives, adding the other nodes'
@@ -218,22 +229,27 @@ impl RedisCache {
 async fn tail(
     client: &redis::Client,
     node: &str,
-    vectors: &Vectors,
+    vectors: &Arc<Vectors>,
     last: &mut String,
 ) -> Result<(), String> {
     use redis::streams::{StreamReadOptions, StreamReadReply};
-    // A blocked read holds its connection: this one is the stream's alone.
-    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-    let options = StreamReadOptions::default().count(READ_BATCH).block(1000);
+    // A blocked read holds its connection: this one is the stream's alone. Every call is
+    // bounded, so a connection that went silent (a half-open socket, a failover) is dropped
+    // and made again rather than waited on forever.
+    let mut conn = tokio::time::timeout(READ_LIMIT, client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| "no connection within the limit".to_string())?
+        .map_err(|e| e.to_string())?;
+    let options = StreamReadOptions::default().count(READ_BATCH).block(BLOCK_MS);
     loop {
-        let reply: StreamReadReply = redis::cmd("XREAD")
-            .arg(&options)
-            .arg("STREAMS")
-            .arg(VECTORS)
-            .arg(last.as_str())
-            .query_async(&mut conn)
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg(&options).arg("STREAMS").arg(VECTORS).arg(last.as_str());
+        let read = cmd.query_async::<StreamReadReply>(&mut conn);
+        let reply = tokio::time::timeout(READ_LIMIT, read)
             .await
+            .map_err(|_| "no answer to XREAD within the limit".to_string())?
             .map_err(|e| e.to_string())?;
+        let mut batch = Vec::new();
         for key in reply.keys {
             for entry in key.ids {
                 *last = entry.id.clone();
@@ -262,8 +278,19 @@ async fn tail(
                 }
                 let vector =
                     v.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                vectors.insert(Indexed { partition, answer, vector, expires_ms });
+                batch.push(Indexed { partition, answer, vector, expires_ms });
             }
+        }
+        if !batch.is_empty() {
+            // The indexer may be behind (a node starting on a long stream): wait for room on
+            // a blocking thread rather than drop vectors or hold up this runtime.
+            let vectors = vectors.clone();
+            let queued = tokio::task::spawn_blocking(move || {
+                for item in batch {
+                    vectors.insert_waiting(item);
+                }
+            });
+            queued.await.map_err(|e| e.to_string())?;
         }
     }
 }

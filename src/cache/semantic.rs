@@ -14,7 +14,7 @@
 //!   sweep, the cap), so a request only ever searches; the graph allows searches while the
 //!   indexer adds. The cap (`cache.max_vectors`) drops the oldest vectors first.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
@@ -30,8 +30,14 @@ pub const DEFAULT_MAX_VECTORS: usize = 100_000;
 const QUEUE: usize = 8192;
 /// How often expired vectors are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
-/// Candidates a graph search returns (the best unexpired one is taken).
+/// Candidates a graph search returns.
 const GRAPH_CANDIDATES: usize = 8;
+/// Matches a search hands back, best first (the caller tries them in order: the best one's
+/// answer may have left the store).
+const MATCHES: usize = 3;
+/// Text embedded per prompt or answer: the start of it, within every embeddings model's
+/// input limit.
+pub const MAX_EMBED_CHARS: usize = 8_000;
 /// Threads that may search one graph at once (usearch keeps a context per thread).
 const GRAPH_THREADS: usize = 64;
 
@@ -117,21 +123,34 @@ impl Partition {
         }
     }
 
-    fn search(&self, query: &[f32], now_ms: u64) -> Option<Match> {
-        match &*self.body.read().unwrap_or_else(|e| e.into_inner()) {
+    /// Unexpired matches at least `min` similar, best first.
+    fn search(&self, query: &[f32], min: f32, now_ms: u64) -> Vec<Match> {
+        let mut out: Vec<Match> = match &*self.body.read().unwrap_or_else(|e| e.into_inner()) {
             Body::Flat(entries) => entries
                 .iter()
                 .filter(|e| e.expires_ms > now_ms)
                 .map(|e| Match { answer: e.answer, similarity: dot(&e.vector, query) })
-                .max_by(|a, b| a.similarity.total_cmp(&b.similarity)),
+                .filter(|m| m.similarity >= min)
+                .collect(),
             Body::Graph(g) => {
-                let found = g.index.search(&quantized(query), GRAPH_CANDIDATES).ok()?;
-                found.keys.iter().zip(&found.distances).find_map(|(k, d)| {
-                    let slot = g.slots.get(k)?;
-                    (slot.1 > now_ms).then(|| Match { answer: slot.0, similarity: 1.0 - d })
-                })
+                let Ok(found) = g.index.search(&quantized(query), GRAPH_CANDIDATES) else {
+                    return Vec::new();
+                };
+                found
+                    .keys
+                    .iter()
+                    .zip(&found.distances)
+                    .filter_map(|(k, d)| {
+                        let slot = g.slots.get(k)?;
+                        (slot.1 > now_ms).then(|| Match { answer: slot.0, similarity: 1.0 - d })
+                    })
+                    .filter(|m| m.similarity >= min)
+                    .collect()
             }
-        }
+        };
+        out.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
+        out.truncate(MATCHES);
+        out
     }
 }
 
@@ -149,6 +168,11 @@ fn new_graph(dims: usize, capacity: usize) -> Result<Graph, String> {
 
 enum Job {
     Insert(Indexed),
+    /// A vector whose answer left the store.
+    Remove {
+        partition: [u8; 32],
+        answer: [u8; 32],
+    },
     /// Answers once every job sent before it is done (tests, benchmarks).
     Flush(mpsc::Sender<()>),
 }
@@ -184,6 +208,8 @@ impl Vectors {
             partitions: partitions.clone(),
             stats: stats.clone(),
             order: VecDeque::new(),
+            live: HashMap::new(),
+            seq: 0,
             max_vectors: max_vectors.max(1),
         };
         if let Err(e) =
@@ -194,14 +220,26 @@ impl Vectors {
         Vectors { partitions, jobs, stats }
     }
 
-    /// The closest unexpired vector of `partition` to `query` (any length; normalized here).
-    pub fn search(&self, partition: &[u8; 32], query: &[f32]) -> Option<Match> {
-        let p = self.partitions.get(partition)?.clone();
+    /// The unexpired vectors of `partition` at least `min` similar to `query` (any length;
+    /// normalized here), best first, at most three.
+    pub fn search(&self, partition: &[u8; 32], query: &[f32], min: f32) -> Vec<Match> {
+        let Some(p) = self.partitions.get(partition).map(|p| p.clone()) else { return Vec::new() };
         if p.dims != query.len() {
-            return None;
+            return Vec::new();
         }
-        let query = normalized(query)?;
-        p.search(&query, now_ms())
+        let Some(query) = normalized(query) else { return Vec::new() };
+        p.search(&query, min, now_ms())
+    }
+
+    /// Forgets a vector whose answer is no longer stored.
+    pub fn remove(&self, partition: [u8; 32], answer: [u8; 32]) {
+        let _ = self.jobs.try_send(Job::Remove { partition, answer });
+    }
+
+    /// Queues a vector, waiting for room (vectors read from the shared stream: none is
+    /// dropped, the reader slows down instead). Blocks: not for a request's thread.
+    pub fn insert_waiting(&self, item: Indexed) {
+        let _ = self.jobs.send(Job::Insert(item));
     }
 
     /// Queues a vector for the indexer; `false` if it was dropped (the indexer is behind).
@@ -228,8 +266,12 @@ impl Vectors {
 struct Indexer {
     partitions: Arc<DashMap<[u8; 32], Arc<Partition>>>,
     stats: Arc<Stats>,
-    /// Partition and answer of every vector, oldest first (what the cap drops first).
-    order: VecDeque<([u8; 32], [u8; 32])>,
+    /// Partition, answer and insert number of every vector, oldest first (what the cap
+    /// drops first); entries whose vector was replaced or removed since are skipped.
+    order: VecDeque<([u8; 32], [u8; 32], u64)>,
+    /// Each indexed answer's partition and insert number.
+    live: HashMap<[u8; 32], ([u8; 32], u64)>,
+    seq: u64,
     max_vectors: usize,
 }
 
@@ -246,6 +288,12 @@ impl Indexer {
                         self.publish_stats();
                         last_stats = std::time::Instant::now();
                     }
+                }
+                Ok(Job::Remove { partition, answer }) => {
+                    if let Some(p) = self.partitions.get(&partition).map(|p| p.clone()) {
+                        self.remove(&p, &answer);
+                    }
+                    self.live.remove(&answer);
                 }
                 Ok(Job::Flush(done)) => {
                     self.publish_stats();
@@ -288,9 +336,12 @@ impl Indexer {
             return;
         }
         self.remove(&partition, &item.answer);
+        self.live.remove(&item.answer);
         let is_graph = matches!(&*partition.body.read().unwrap_or_else(|e| e.into_inner()), Body::Graph(_));
         let full_flat = if is_graph {
-            Self::graph_add(&partition, item.answer, item.expires_ms, &vector);
+            if !Self::graph_add(&partition, item.answer, item.expires_ms, &vector) {
+                return;
+            }
             false
         } else {
             let mut body = partition.body.write().unwrap_or_else(|e| e.into_inner());
@@ -310,9 +361,15 @@ impl Indexer {
         if full_flat {
             self.to_graph(&partition);
         }
-        self.order.push_back((item.partition, item.answer));
-        while self.order.len() > self.max_vectors {
-            let Some((p, answer)) = self.order.pop_front() else { break };
+        self.seq += 1;
+        self.live.insert(item.answer, (item.partition, self.seq));
+        self.order.push_back((item.partition, item.answer, self.seq));
+        while self.live.len() > self.max_vectors {
+            let Some((p, answer, seq)) = self.order.pop_front() else { break };
+            if self.live.get(&answer) != Some(&(p, seq)) {
+                continue;
+            }
+            self.live.remove(&answer);
             if let Some(part) = self.partitions.get(&p).map(|p| p.clone()) {
                 self.remove(&part, &answer);
             }
@@ -321,17 +378,19 @@ impl Indexer {
 
     /// Adds to a graph partition, growing it first when full (the only step that makes
     /// searches wait).
-    fn graph_add(partition: &Partition, answer: [u8; 32], expires_ms: u64, vector: &[f32]) {
+    /// Whether it was added.
+    fn graph_add(partition: &Partition, answer: [u8; 32], expires_ms: u64, vector: &[f32]) -> bool {
         {
             let body = partition.body.read().unwrap_or_else(|e| e.into_inner());
-            let Body::Graph(g) = &*body else { return };
+            let Body::Graph(g) = &*body else { return false };
             if g.index.size() < g.index.capacity() {
                 let key = graph_key(&answer);
                 g.slots.insert(key, (answer, expires_ms));
                 if g.index.add(key, &quantized(vector)).is_err() {
                     g.slots.remove(&key);
+                    return false;
                 }
-                return;
+                return true;
             }
         }
         {
@@ -339,11 +398,11 @@ impl Indexer {
             if let Body::Graph(g) = &*body {
                 let capacity = g.index.capacity().max(FLAT_MAX) * 2;
                 if g.index.reserve_capacity_and_threads(capacity, GRAPH_THREADS).is_err() {
-                    return;
+                    return false;
                 }
             }
         }
-        Self::graph_add(partition, answer, expires_ms, vector);
+        Self::graph_add(partition, answer, expires_ms, vector)
     }
 
     /// A flat partition grown past `FLAT_MAX` becomes a graph (built before it is swapped
@@ -402,17 +461,26 @@ impl Indexer {
     fn sweep(&mut self) {
         let now = now_ms();
         let mut empty = Vec::new();
+        let mut gone = Vec::new();
         for p in self.partitions.iter() {
             {
                 let mut body = p.body.write().unwrap_or_else(|e| e.into_inner());
                 match &mut *body {
-                    Body::Flat(entries) => entries.retain(|e| e.expires_ms > now),
+                    Body::Flat(entries) => {
+                        gone.extend(entries.iter().filter(|e| e.expires_ms <= now).map(|e| e.answer));
+                        entries.retain(|e| e.expires_ms > now);
+                    }
                     Body::Graph(g) => {
-                        let expired: Vec<u64> =
-                            g.slots.iter().filter(|s| s.value().1 <= now).map(|s| *s.key()).collect();
-                        for key in expired {
+                        let expired: Vec<(u64, [u8; 32])> = g
+                            .slots
+                            .iter()
+                            .filter(|s| s.value().1 <= now)
+                            .map(|s| (*s.key(), s.value().0))
+                            .collect();
+                        for (key, answer) in expired {
                             g.slots.remove(&key);
                             let _ = g.index.remove(key);
+                            gone.push(answer);
                         }
                     }
                 }
@@ -424,8 +492,11 @@ impl Indexer {
         for key in &empty {
             self.partitions.remove_if(key, |_, p| p.len() == 0);
         }
-        let partitions = &self.partitions;
-        self.order.retain(|(p, _)| partitions.contains_key(p));
+        for answer in &gone {
+            self.live.remove(answer);
+        }
+        let live = &self.live;
+        self.order.retain(|(p, answer, seq)| live.get(answer) == Some(&(*p, *seq)));
     }
 }
 
@@ -444,13 +515,17 @@ mod tests {
         v.insert(item(1, 11, vec![0.0, 1.0, 0.0]));
         v.insert(item(2, 20, vec![0.96, 0.28, 0.0]));
         v.flush();
-        let m = v.search(&[1; 32], &[0.96, 0.28, 0.0]).unwrap();
+        let m = v.search(&[1; 32], &[0.96, 0.28, 0.0], 0.0)[0];
         assert_eq!(m.answer, [10; 32]);
         assert!((m.similarity - 0.96).abs() < 1e-5, "{}", m.similarity);
-        assert_eq!(v.search(&[2; 32], &[2.0, 0.0, 0.0]).unwrap().answer, [20; 32]);
-        assert!(v.search(&[3; 32], &[1.0, 0.0, 0.0]).is_none(), "another partition");
-        assert!(v.search(&[1; 32], &[1.0, 0.0]).is_none(), "another length");
-        assert_eq!(v.stats.vectors.load(Ordering::Relaxed), 3);
+        assert_eq!(v.search(&[2; 32], &[2.0, 0.0, 0.0], 0.0)[0].answer, [20; 32]);
+        assert!(v.search(&[3; 32], &[1.0, 0.0, 0.0], 0.0).is_empty(), "another partition");
+        assert!(v.search(&[1; 32], &[1.0, 0.0], 0.0).is_empty(), "another length");
+        assert_eq!(v.search(&[1; 32], &[0.96, 0.28, 0.0], 0.5).len(), 1, "one above 0.5");
+        v.remove([1; 32], [10; 32]);
+        v.flush();
+        assert_eq!(v.search(&[1; 32], &[0.96, 0.28, 0.0], 0.0)[0].answer, [11; 32]);
+        assert_eq!(v.stats.vectors.load(Ordering::Relaxed), 2);
     }
 
     #[test]
@@ -464,7 +539,13 @@ mod tests {
         v.insert(item(1, 13, vec![0.1, 1.0]));
         v.flush();
         // 11 was the oldest of three: dropped for the cap of 2.
-        assert_eq!(v.search(&[1; 32], &[1.0, 0.0]).unwrap().answer, [13; 32]);
+        assert_eq!(v.search(&[1; 32], &[1.0, 0.0], 0.0)[0].answer, [13; 32]);
+        // Re-indexing 13 makes 12 the oldest: the next one in drops 12, not 13.
+        v.insert(item(1, 13, vec![0.1, 1.0]));
+        v.insert(item(1, 14, vec![-1.0, 0.0]));
+        v.flush();
+        let left: Vec<[u8; 32]> = v.search(&[1; 32], &[1.0, 0.0], -1.0).iter().map(|m| m.answer).collect();
+        assert_eq!(left, vec![[13; 32], [14; 32]]);
     }
 
     #[test]
@@ -493,7 +574,7 @@ mod tests {
         v.flush();
         assert!(matches!(&*v.partitions.get(&[1; 32]).unwrap().body.read().unwrap(), Body::Graph(_)));
         for i in [0usize, 500, FLAT_MAX + 150] {
-            let m = v.search(&[1; 32], &vectors[i]).unwrap();
+            let m = v.search(&[1; 32], &vectors[i], 0.9)[0];
             assert_eq!(u64::from_le_bytes(m.answer[..8].try_into().unwrap()), i as u64);
             assert!(m.similarity > 0.99, "{}", m.similarity);
         }

@@ -18,15 +18,14 @@ use super::headers::{name, Headers};
 use super::{respond, Req};
 use crate::admission::RouteInfo;
 use crate::auth::Principal;
-use crate::cache::semantic::Indexed;
+use crate::cache::semantic::{self, Indexed};
 use crate::cache::{self, Answer, Bypass, CacheSettings, Entry, Mode};
 use crate::error::{GatewayError, Surface};
 use crate::providers::{self, upstream};
 use crate::spend::budgets::Evaluation;
+use crate::spend::counters::to_nanos;
 use crate::wire;
 
-/// Text embedded per prompt: the start of it, within every embeddings model's input limit.
-const MAX_EMBED_CHARS: usize = 8_000;
 /// An embeddings answer larger than this is refused.
 const MAX_EMBED_ANSWER: usize = 16 << 20;
 
@@ -184,12 +183,12 @@ pub async fn lookup(
     let mut to_index = None;
     if bypass.is_none() {
         match req.state.cache.get(&key, settings.ttl).await {
-            Ok(Some(entry)) => {
+            Ok(Some(entry)) if matches!(entry.answer, Answer::Chat(_)) => {
                 metrics.cache_lookups.with_label_values(&["hit"]).inc();
                 serve_hit(req, info, &entry, 1.0, decoded.stream, decoded.stream_usage).await;
                 return Ok(true);
             }
-            Ok(None) => {}
+            Ok(_) => {}
             // Served uncached: a store that is down never fails a request.
             Err(e) => {
                 metrics.cache_errors.with_label_values(&["get"]).inc();
@@ -201,8 +200,8 @@ pub async fn lookup(
                 Semantic::Hit(entry, similarity) => {
                     metrics.cache_lookups.with_label_values(&["hit"]).inc();
                     // The answer is free, the embeddings call was not: the budgets count
-                    // it (a budget already at its cap does not turn the hit away).
-                    let _ = super::billing::reserve(req.state, req.ctx, eval, req.ctx.cache_embedding_usd);
+                    // it as spent (a budget already at its cap does not turn the hit away).
+                    eval.charge(&*req.state.spend.counters, to_nanos(req.ctx.cache_embedding_usd));
                     serve_hit(req, info, &entry, similarity, decoded.stream, decoded.stream_usage).await;
                     return Ok(true);
                 }
@@ -344,7 +343,11 @@ async fn semantic(
     model: &str,
 ) -> Semantic {
     let metrics = req.state.metrics.clone();
-    let Some((partition, text)) = cache::partition(scope, decoded, model) else {
+    // A prompt longer than what is embedded is not looked up: two long documents with
+    // different questions at their ends would embed alike.
+    let Some((partition, text)) = cache::partition(scope, decoded, model)
+        .filter(|(_, text)| text.chars().nth(semantic::MAX_EMBED_CHARS).is_none())
+    else {
         metrics.cache_semantic.with_label_values(&["unindexable"]).inc();
         return Semantic::Skipped;
     };
@@ -360,19 +363,22 @@ async fn semantic(
             return Semantic::Skipped;
         }
     };
-    if let Some(found) = req.state.vectors.search(&partition, &vector) {
-        // f32 arithmetic: a paraphrase exactly at the threshold must not miss by 1e-7.
-        if f64::from(found.similarity) + 1e-6 >= settings.threshold {
-            match req.state.cache.get(&found.answer, settings.ttl).await {
-                Ok(Some(entry)) => {
-                    metrics.cache_semantic.with_label_values(&["hit"]).inc();
-                    return Semantic::Hit(entry, found.similarity);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    metrics.cache_errors.with_label_values(&["get"]).inc();
-                    tracing::debug!(error = %e, "response cache unavailable");
-                }
+    // f32 arithmetic: a paraphrase exactly at the threshold must not miss by 1e-7.
+    let min = (settings.threshold - 1e-6) as f32;
+    // Best first; a match whose answer left the store (evicted) is forgotten and the next
+    // one tried.
+    for found in req.state.vectors.search(&partition, &vector, min) {
+        match req.state.cache.get(&found.answer, settings.ttl).await {
+            Ok(Some(entry)) if matches!(entry.answer, Answer::Chat(_)) => {
+                metrics.cache_semantic.with_label_values(&["hit"]).inc();
+                // 1.0 is an exact hit's: a quantized similarity never rounds up to it.
+                return Semantic::Hit(entry, found.similarity.min(0.9999));
+            }
+            Ok(_) => req.state.vectors.remove(partition, found.answer),
+            Err(e) => {
+                metrics.cache_errors.with_label_values(&["get"]).inc();
+                tracing::debug!(error = %e, "response cache unavailable");
+                break;
             }
         }
     }
@@ -388,7 +394,7 @@ async fn embed(req: &Req<'_>, model: &str, text: &str) -> Result<(Vec<f32>, f64)
     let (target, _) = providers::resolve_model(&snapshot.providers, model).map_err(|e| e.to_string())?;
     let provider = &target.provider;
     let format = provider.format();
-    let text: String = text.chars().take(MAX_EMBED_CHARS).collect();
+    let text: String = text.chars().take(semantic::MAX_EMBED_CHARS).collect();
     let canonical = wire::canonical::EmbeddingsRequest {
         model: target.model.clone(),
         inputs: vec![text],

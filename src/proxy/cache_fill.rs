@@ -128,10 +128,7 @@ pub async fn finish(ctx: &mut RequestCtx) {
         }
     }
     if let Some(item) = pending.vector {
-        if let Err(e) = pending.store.publish(&item, pending.max_vectors).await {
-            metrics.cache_errors.with_label_values(&["index"]).inc();
-            tracing::debug!(error = %e, "semantic cache: vector not shared with the other nodes");
-        }
+        pending.store.publish(&item, pending.max_vectors, metrics.cache_errors.with_label_values(&["index"]));
         if !pending.vectors.insert(item) {
             metrics.cache_errors.with_label_values(&["index"]).inc();
         }

@@ -28,6 +28,7 @@ use serde_json::{json, Map, Value};
 
 use super::simulate::{baseline, Outcome, Side};
 use crate::auth::{KeyLimits, Principal};
+use crate::cache::semantic::MAX_EMBED_CHARS;
 use crate::config::Snapshot;
 use crate::error::Surface;
 use crate::trace::replay::{decompress, ReplayRow};
@@ -47,8 +48,6 @@ pub const MAX_CONCURRENCY: usize = 32;
 const MAX_STORED: usize = 64 << 20;
 /// An answer read back is cut here (the text compared is the start of it).
 const MAX_ANSWER: u64 = 16 << 20;
-/// Text embedded per answer: the start of it, within every embeddings model's input limit.
-const MAX_EMBED_CHARS: usize = 8_000;
 /// Answer pairs per embeddings call.
 const PAIRS_PER_CALL: usize = 16;
 /// How long the runner waits for the candidate's trace records to be written.

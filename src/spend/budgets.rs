@@ -359,6 +359,18 @@ impl<'b, 'r> Evaluation<'b, 'r> {
         }
     }
 
+    /// Adds spent `amount` to every matched budget without a cap check: money already spent
+    /// (a semantic cache hit's embeddings call) is counted, never refused.
+    pub fn charge(&self, counters: &dyn Counters, amount: Nanos) {
+        for hit in &self.hits {
+            let counter = match &hit.counter {
+                Some(c) => c.clone(),
+                None => counters.spend_counter(&hit.key()),
+            };
+            counter.settle(0, amount);
+        }
+    }
+
     /// Reserves `amount` on every matched budget; enforced (`block`, policed) budgets refuse
     /// once settled spend plus reservations reach their cap. On refusal nothing stays
     /// reserved and the refusing hit is returned.
