@@ -79,6 +79,17 @@ impl Routed<'_> {
         }
     }
 
+    /// Gives back the half-open probe leases the decision took, for a request answered
+    /// without calling anyone (a cache hit): a probe is then sent by the next request
+    /// instead of waiting for the next probe interval.
+    pub fn return_probes(&self, now: u64, settings: &crate::routing::health::HealthSettings) {
+        if let Routed::Config(d) = self {
+            for c in d.candidates.iter().filter(|c| matches!(c.reason, crate::routing::Reason::Probe)) {
+                c.member.health.return_probe(now, settings);
+            }
+        }
+    }
+
     /// How the attempts run: one after another, or all at once.
     pub fn plan(&self) -> Plan {
         match self {

@@ -171,6 +171,8 @@ pub async fn lookup(
         Err(b) => (Fields::new(), Some(b)),
     };
     let bypass = rule.or_else(|| bypass_asked(req, &raw));
+    let want_trace = raw.get("mlx:trace").is_some_and(|t| t.get() == "true");
+    let asked = Asked { stream: decoded.stream, stream_usage: decoded.stream_usage, trace: want_trace };
     let (definition, route) = decision(req, info);
     let scope = cache::Scope {
         project: &principal.project,
@@ -185,7 +187,7 @@ pub async fn lookup(
         match req.state.cache.get(&key, settings.ttl).await {
             Ok(Some(entry)) if matches!(entry.answer, Answer::Chat(_)) => {
                 metrics.cache_lookups.with_label_values(&["hit"]).inc();
-                serve_hit(req, info, &entry, 1.0, decoded.stream, decoded.stream_usage).await;
+                serve_hit(req, info, &entry, 1.0, asked).await;
                 return Ok(true);
             }
             Ok(_) => {}
@@ -202,7 +204,7 @@ pub async fn lookup(
                     // The answer is free, the embeddings call was not: the budgets count
                     // it as spent (a budget already at its cap does not turn the hit away).
                     eval.charge(&*req.state.spend.counters, to_nanos(req.ctx.cache_embedding_usd));
-                    serve_hit(req, info, &entry, similarity, decoded.stream, decoded.stream_usage).await;
+                    serve_hit(req, info, &entry, similarity, asked).await;
                     return Ok(true);
                 }
                 Semantic::Miss(partition, vector) => to_index = Some((partition, vector)),
@@ -442,25 +444,33 @@ async fn embed(req: &Req<'_>, model: &str, text: &str) -> Result<(Vec<f32>, f64)
     Ok((vector, cost))
 }
 
-/// Answers a chat request from the cache: the stored answer in the caller's format.
-async fn serve_hit(
-    req: &mut Req<'_>,
-    info: &RouteInfo,
-    entry: &Entry,
-    similarity: f32,
+/// How the client asked for its answer.
+#[derive(Clone, Copy)]
+struct Asked {
     stream: bool,
     stream_usage: bool,
-) {
+    /// `"mlx:trace": true`: the decision trace goes in the answer.
+    trace: bool,
+}
+
+/// Answers a chat request from the cache: the stored answer in the caller's format.
+async fn serve_hit(req: &mut Req<'_>, info: &RouteInfo, entry: &Entry, similarity: f32, asked: Asked) {
     let Answer::Chat(response) = &entry.answer else { return };
     let surface = req.ctx.surface;
-    let (content_type, body) = if stream {
+    let trace = if asked.trace { super::execute::trace_json(req.ctx) } else { None };
+    let (content_type, body) = if asked.stream {
         // Anthropic streams always carry usage; OpenAI's when the client asked.
-        let usage = stream_usage || surface == Surface::Anthropic;
-        ("text/event-stream", wire::stream_response(surface, response, usage, None))
+        let usage = asked.stream_usage || surface == Surface::Anthropic;
+        ("text/event-stream", wire::stream_response(surface, response, usage, trace.as_deref()))
     } else {
-        ("application/json", wire::encode_response(surface, response))
+        let body = wire::encode_response(surface, response);
+        let body = match trace.as_ref().and_then(|t| super::execute::inject_trace(&body, t)) {
+            Some(with) => with,
+            None => body,
+        };
+        ("application/json", body)
     };
-    answer_hit(req, info, entry, similarity, content_type, stream, body).await;
+    answer_hit(req, info, entry, similarity, content_type, asked.stream, body).await;
 }
 
 /// Sends a hit's answer, at $0.

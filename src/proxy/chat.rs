@@ -42,6 +42,8 @@ pub async fn complete(
     }
     let info = routed.info();
     if snapshot.any_cache && super::cache::lookup(req, principal, &eval, &info, &chat.model, &body).await? {
+        // Answered without calling anyone: a probe lease the decision took goes back.
+        routed.return_probes(crate::routing::health::now_ms(), &snapshot.health_settings);
         return Ok(());
     }
     let attempts = routed.attempts();

@@ -34,6 +34,7 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     if req.snapshot.any_cache
         && super::cache::lookup_embeddings(req, principal, &info, &incoming.request.model, &body).await?
     {
+        routed.return_probes(crate::routing::health::now_ms(), &snapshot.health_settings);
         return Ok(());
     }
     let member = routed.first()?;

@@ -372,7 +372,7 @@ pub fn check_accept(accept: &Accept, resp: &Response) -> Result<(), String> {
 }
 
 /// Splices `"mlx:trace": {...}` into a JSON object body.
-fn inject_trace(body: &[u8], trace: &RawValue) -> Option<Vec<u8>> {
+pub(super) fn inject_trace(body: &[u8], trace: &RawValue) -> Option<Vec<u8>> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
     let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
     if body[start] != b'{' || body[end] != b'}' {
@@ -391,7 +391,7 @@ fn inject_trace(body: &[u8], trace: &RawValue) -> Option<Vec<u8>> {
 }
 
 /// The decision trace, serialized once for the client's answer.
-fn trace_json(ctx: &RequestCtx) -> Option<Box<RawValue>> {
+pub(super) fn trace_json(ctx: &RequestCtx) -> Option<Box<RawValue>> {
     ctx.trace.as_ref().and_then(|t| serde_json::value::to_raw_value(t).ok())
 }
 

@@ -295,6 +295,15 @@ impl Health {
         Verdict::Unhealthy
     }
 
+    /// Gives back a probe lease this target's verdict handed out, for a request that was
+    /// answered without calling it (a cache hit): the next request may probe at once.
+    pub fn return_probe(&self, now: u64, s: &HealthSettings) {
+        if self.state.load(Ordering::Acquire) != CLOSED {
+            let probe_ms = s.probe_after.as_millis() as u64;
+            self.last_probe_ms.store(now.saturating_sub(probe_ms), Ordering::Relaxed);
+        }
+    }
+
     /// Healthy right now, without taking a probe lease.
     pub fn is_healthy(&self) -> bool {
         self.state.load(Ordering::Acquire) == CLOSED
@@ -420,6 +429,10 @@ mod tests {
         // Due: exactly one request gets the probe lease.
         assert_eq!(h.verdict(t + 1004, &s, true), Verdict::Probe);
         assert_eq!(h.verdict(t + 1005, &s, true), Verdict::Unhealthy);
+        // A lease given back (its request was a cache hit): the next request probes.
+        h.return_probe(t + 1005, &s);
+        assert_eq!(h.verdict(t + 1006, &s, true), Verdict::Probe);
+        assert_eq!(h.verdict(t + 1007, &s, true), Verdict::Unhealthy);
         // The probe fails: another full interval.
         h.record(Sample::Failure, Duration::ZERO, t + 1010, &s);
         assert_eq!(h.verdict(t + 1500, &s, true), Verdict::Unhealthy);

@@ -443,10 +443,15 @@ async fn semantic_cache_hits_paraphrases_above_the_threshold_only() {
     let turns = send(&gw, CHAT, &ask("1,0,0", earlier), &[]).await;
     assert_eq!(turns.header("x-modelux-cache"), Some("MISS"));
 
-    // 6. The exact request is still an exact hit (tried first, similarity 1.0).
-    let exact = send(&gw, CHAT, &ask("1,0,0", ""), &[]).await;
+    // 6. The exact request is still an exact hit (tried first, similarity 1.0); asked
+    // with `mlx:trace`, the hit carries its decision trace.
+    let traced = ask("1,0,0", "").replacen('{', r#"{"mlx:trace":true,"#, 1);
+    let exact = send(&gw, CHAT, &traced, &[]).await;
     assert_eq!(exact.header("x-modelux-cache"), Some("HIT"));
     assert_eq!(exact.header("x-modelux-cache-similarity"), Some("1.0"));
+    let body = exact.json().unwrap();
+    assert_eq!(body["id"], first_id.as_str());
+    assert!(body["mlx:trace"].is_object(), "{body}");
 
     // 7. Metrics and the trace: the embeddings calls are priced.
     let metrics = httpc::request(gw.manage, "GET", "/metrics", &[], b"").await.unwrap().text();
