@@ -30,8 +30,12 @@ use crate::wire;
 const MAX_EMBED_ANSWER: usize = 16 << 20;
 
 /// The settings that decide for this request: its config's own `cache:` (which may turn
-/// caching off), else its project's default.
+/// caching off), else its project's default. An experiment's request measures its
+/// candidate: never answered from the cache.
 fn settings<'s>(req: &Req<'s>, project: &str, info: &RouteInfo) -> Option<&'s CacheSettings> {
+    if req.ctx.replay_of.is_some() {
+        return None;
+    }
     let snapshot = req.snapshot;
     let own = info.config.as_ref().and_then(|(slug, _)| snapshot.routing_configs.get(slug)?.cache.as_ref());
     match own {
@@ -155,10 +159,6 @@ pub async fn lookup(
     body: &Bytes,
 ) -> Result<bool, GatewayError> {
     let Some(settings) = settings(req, &principal.project, info) else { return Ok(false) };
-    // An experiment's request measures its candidate: never answered from the cache.
-    if req.ctx.replay_of.is_some() {
-        return Ok(false);
-    }
     let metrics = &req.state.metrics;
     let surface = req.ctx.surface;
     let Ok(decoded) = wire::decode_request(surface, body) else { return Ok(false) };
@@ -184,18 +184,11 @@ pub async fn lookup(
     let key = cache::key(&scope, &decoded);
     let mut to_index = None;
     if bypass.is_none() {
-        match req.state.cache.get(&key, settings.ttl).await {
-            Ok(Some(entry)) if matches!(entry.answer, Answer::Chat(_)) => {
-                metrics.cache_lookups.with_label_values(&["hit"]).inc();
-                serve_hit(req, info, &entry, 1.0, asked).await;
-                return Ok(true);
-            }
-            Ok(_) => {}
-            // Served uncached: a store that is down never fails a request.
-            Err(e) => {
-                metrics.cache_errors.with_label_values(&["get"]).inc();
-                tracing::debug!(error = %e, "response cache unavailable");
-            }
+        if let Some(entry) = fetch(req, &key, settings).await.filter(|e| matches!(e.answer, Answer::Chat(_)))
+        {
+            metrics.cache_lookups.with_label_values(&["hit"]).inc();
+            serve_hit(req, info, &entry, 1.0, asked).await;
+            return Ok(true);
         }
         if let (Mode::Semantic, Some(model)) = (settings.mode, settings.embedding_model.as_deref()) {
             match semantic(req, settings, &scope, &decoded, model).await {
@@ -221,6 +214,19 @@ pub async fn lookup(
     let kind = Kind::Chat { surface, streamed: decoded.stream };
     go_on(req, settings, bypass, key, kind, vector);
     Ok(false)
+}
+
+/// The entry stored under `key`. A store that cannot answer (Redis down or slow) is a
+/// miss, counted: it never fails a request.
+async fn fetch(req: &Req<'_>, key: &[u8; 32], settings: &CacheSettings) -> Option<std::sync::Arc<Entry>> {
+    match req.state.cache.get(key, settings.ttl).await {
+        Ok(entry) => entry,
+        Err(e) => {
+            req.state.metrics.cache_errors.with_label_values(&["get"]).inc();
+            tracing::debug!(error = %e, "response cache unavailable");
+            None
+        }
+    }
 }
 
 /// The named config's definition and where the decision sends the request first (with
@@ -283,9 +289,6 @@ pub async fn lookup_embeddings(
     body: &Bytes,
 ) -> Result<bool, GatewayError> {
     let Some(settings) = settings(req, &principal.project, info) else { return Ok(false) };
-    if req.ctx.replay_of.is_some() {
-        return Ok(false);
-    }
     let Ok((decoded, encoding)) = wire::embeddings::decode_request(body) else { return Ok(false) };
     let raw: Top<'_> = serde_json::from_slice(body).unwrap_or_default();
     let extras: Fields = raw
@@ -307,19 +310,12 @@ pub async fn lookup_embeddings(
     };
     let key = cache::embeddings_key(&scope, &decoded);
     if bypass.is_none() {
-        match req.state.cache.get(&key, settings.ttl).await {
-            Ok(Some(entry)) => {
-                if let Answer::Embeddings(e) = &entry.answer {
-                    req.state.metrics.cache_lookups.with_label_values(&["hit"]).inc();
-                    let body = wire::embeddings::encode_response(e, &entry.model, encoding);
-                    answer_hit(req, info, &entry, 1.0, "application/json", false, body).await;
-                    return Ok(true);
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                req.state.metrics.cache_errors.with_label_values(&["get"]).inc();
-                tracing::debug!(error = %e, "response cache unavailable");
+        if let Some(entry) = fetch(req, &key, settings).await {
+            if let Answer::Embeddings(e) = &entry.answer {
+                req.state.metrics.cache_lookups.with_label_values(&["hit"]).inc();
+                let body = wire::embeddings::encode_response(e, &entry.model, encoding);
+                answer_hit(req, info, &entry, 1.0, "application/json", false, body).await;
+                return Ok(true);
             }
         }
     }
