@@ -552,3 +552,33 @@ async fn embeddings_answers_are_cached() {
     assert_eq!(skip.header("x-modelux-cache"), Some("BYPASS"));
     assert_eq!(upstream.request_count(), 3);
 }
+
+/// The embeddings provider is down: semantic requests are served uncached, at once, and
+/// counted; nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semantic_cache_with_its_embeddings_provider_down_serves_uncached() {
+    let upstream = mock(MockConfig::default()).await;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.more_providers =
+        format!("  - {{ id: deademb, kind: openai, base_url: \"{dead}\", api_key: \"sk-x\" }}\n");
+    cfg.more_configs = SEMANTIC.replace("openai/text-embedding-3-small", "deademb/text-embedding-3-small");
+    let gw = start(cfg).await;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let r = send(&gw, CHAT, &ask("1,0,0", ""), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The exact entry is stored and found; the semantic part is skipped, not failed.
+        assert!(matches!(r.header("x-modelux-cache"), Some("MISS") | Some("HIT")));
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    }
+    let other = send(&gw, CHAT, &ask("0.96,0.28,0", ""), &[]).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("x-modelux-cache"), Some("MISS"));
+    let metrics = httpc::request(gw.manage, "GET", "/metrics", &[], b"").await.unwrap().text();
+    assert!(metric(&metrics, "modelux_cache_errors_total{op=\"embed\"}") >= 2.0, "{metrics}");
+    assert!(metric(&metrics, "modelux_cache_semantic_lookups_total{result=\"error\"}") >= 2.0, "{metrics}");
+}
