@@ -67,6 +67,7 @@ fn event(i: u64) -> TraceEvent {
         cache_hit: false,
         cache_saved_usd: 0.0,
         cache_embedding_usd: 0.0,
+        provider_key: String::new(),
     }
 }
 

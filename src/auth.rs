@@ -13,6 +13,47 @@ pub const MANAGEMENT_KEY_PREFIX: &str = "mlx_mk_";
 
 pub type KeyDigest = [u8; 32];
 
+/// The request header carrying the caller's own provider key for one call (BYOK,
+/// PRODUCT.md §2.3).
+pub const PROVIDER_KEY_HEADER: &str = "x-modelux-provider-key";
+
+/// A provider key the caller sent for one call: held only for that call, never stored,
+/// logged or printed (`Debug` shows its fingerprint).
+pub struct ProviderKey {
+    key: Box<str>,
+    pub fingerprint: String,
+}
+
+impl ProviderKey {
+    pub fn new(key: &str) -> ProviderKey {
+        ProviderKey { key: key.into(), fingerprint: mask_key(key) }
+    }
+
+    pub fn secret(&self) -> &str {
+        &self.key
+    }
+}
+
+impl std::fmt::Debug for ProviderKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProviderKey({})", self.fingerprint)
+    }
+}
+
+/// The fingerprint a trace keeps of a provider key (PRODUCT.md §2.3): its vendor prefix
+/// (up to and including the last `-` within the first 8 characters), `...`, and its last 4
+/// characters (`sk-proj-...TA0A`). A key too short to hide anything shows only `...`.
+pub fn mask_key(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() < 12 {
+        return "...".into();
+    }
+    let head: String = chars.iter().take(8).collect();
+    let prefix = head.rfind('-').map_or("", |i| &head[..=i]);
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{prefix}...{tail}")
+}
+
 /// Who is calling: resolved from a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -115,6 +156,18 @@ mod tests {
         assert_eq!(idx.authenticate("mlx_sk_abc").as_deref(), Some(&p));
         assert!(idx.authenticate("mlx_sk_abd").is_none());
         assert!(idx.authenticate("").is_none());
+    }
+
+    #[test]
+    fn provider_keys_are_masked_to_their_prefix_and_last_four() {
+        assert_eq!(mask_key("sk-proj-abcdefghijklmnopqrstuvwxyzTA0A"), "sk-proj-...TA0A");
+        assert_eq!(mask_key("sk-ant-api03-abcdefghijklmnop-wxyz"), "sk-ant-...wxyz");
+        assert_eq!(mask_key("AIzaSyAbcdefghijklmnop1234"), "...1234");
+        assert_eq!(mask_key("short-key"), "...");
+        assert_eq!(
+            format!("{:?}", ProviderKey::new("sk-proj-secretsecretsecretTA0A")),
+            "ProviderKey(sk-proj-...TA0A)"
+        );
     }
 
     #[test]

@@ -921,6 +921,8 @@ fn config_errors_name_their_paths() {
     );
 }
 
+#[path = "gateway/byok.rs"]
+mod byok;
 #[path = "gateway/cache.rs"]
 mod cache;
 #[path = "gateway/clickhouse.rs"]

@@ -137,6 +137,7 @@ pub fn summary(r: &TraceRow) -> Value {
         "cache_hit": r.cache_hit,
         "cache_saved_usd": r.cache_saved_usd,
         "cache_embedding_usd": r.cache_embedding_usd,
+        "provider_key": opt(&r.provider_key),
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
         "end_user": opt(&r.end_user),

@@ -160,6 +160,31 @@ impl Provider {
         Ok(self)
     }
 
+    /// The credential header for a caller's own key (BYOK), when the key's format fits this
+    /// provider's kind (PRODUCT.md §2.3): `sk-ant-…` is Anthropic's, `AIza…` Google's, any
+    /// other `sk-…` OpenAI's or an OpenAI-compatible vendor's; a key of no known format fits
+    /// the kinds whose keys have none (Azure, Cohere, OpenAI-compatible). Signing kinds
+    /// (Bedrock) never take one.
+    pub fn byok_credential(&self, key: &str) -> Option<(&'static str, String)> {
+        let kind = self.adapter.kind();
+        let fits = if key.starts_with("sk-ant-") {
+            kind == "anthropic"
+        } else if key.starts_with("AIza") {
+            kind == "google"
+        } else if key.starts_with("sk-") {
+            matches!(kind, "openai" | "openai_compatible")
+        } else {
+            matches!(kind, "azure" | "cohere" | "openai_compatible")
+        };
+        if !fits || self.signer.is_some() {
+            return None;
+        }
+        match self.adapter.credential(key) {
+            Ok(Credential::Header(name, value)) => Some((name, value)),
+            _ => None,
+        }
+    }
+
     /// Whether requests carry a key (a header or a signature).
     pub fn has_credential(&self) -> bool {
         self.auth_header.is_some() || self.signer.is_some()

@@ -79,6 +79,7 @@ fn request_head(
     body_len: usize,
     accept: &str,
     extra: &[(&str, &str)],
+    credential: Option<&(&'static str, String)>,
 ) -> Result<Vec<u8>, GatewayError> {
     if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(GatewayError::internal("upstream path contains forbidden bytes"));
@@ -96,7 +97,7 @@ fn request_head(
     // The gateway reads upstream bodies (usage, errors): ask for them uncompressed.
     put(&["Accept: ", accept, "\r\nAccept-Encoding: identity\r\n"]);
     put(&["User-Agent: modelux/", env!("CARGO_PKG_VERSION"), "\r\n"]);
-    if let Some((name, value)) = &provider.auth_header {
+    if let Some((name, value)) = credential.or(provider.auth_header.as_ref()) {
         put(&[name, ": ", value, "\r\n"]);
     }
     for (name, value) in extra {
@@ -165,6 +166,8 @@ pub struct Call<'a> {
     pub body: Bytes,
     pub accept: &'a str,
     pub extra_headers: &'a [(&'a str, &'a str)],
+    /// The caller's own credential (BYOK) in place of the provider's stored one.
+    pub credential: Option<&'a (&'static str, String)>,
 }
 
 pub async fn exchange(
@@ -176,8 +179,15 @@ pub async fn exchange(
 ) -> Result<Exchange, GatewayError> {
     let started = Instant::now();
     let peer = provider.peer(timeouts).await?;
-    let head =
-        request_head(provider, call.method, call.path, call.body.len(), call.accept, call.extra_headers)?;
+    let head = request_head(
+        provider,
+        call.method,
+        call.path,
+        call.body.len(),
+        call.accept,
+        call.extra_headers,
+        call.credential,
+    )?;
     let body = call.body;
     let mut allow_stale_retry = true;
     loop {
@@ -280,6 +290,7 @@ pub async fn verify(
     let signed = provider.signed_headers(&path, b"").map_err(|e| e.message())?;
     let extra: Vec<(&str, &str)> = signed.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let call = Call {
+        credential: None,
         method: "GET",
         path: &path,
         body: Bytes::new(),

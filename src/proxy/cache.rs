@@ -407,6 +407,7 @@ async fn embed(req: &Req<'_>, model: &str, text: &str) -> Result<(Vec<f32>, f64)
         body: Bytes::from(body),
         accept: "application/json",
         extra_headers: &[],
+        credential: None,
     };
     let state = req.state;
     let timeouts = settings.upstream_timeouts();

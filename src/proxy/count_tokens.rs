@@ -42,12 +42,14 @@ pub async fn count(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     let extra = request::anthropic_headers(req.session, Surface::Anthropic);
     let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
     let path = provider.upstream_path("/v1/messages/count_tokens");
+    let byok = req.ctx.provider_key.as_ref().and_then(|k| provider.byok_credential(k.secret()));
     let call = upstream::Call {
         method: "POST",
         path: &path,
         body: upstream_body,
         accept: "application/json",
         extra_headers: &extra_refs,
+        credential: byok.as_ref(),
     };
     let state = req.state;
     let mut ex =

@@ -4,6 +4,7 @@
 
 use super::request::authenticate;
 use super::{billing, chat, count_tokens, embeddings, models, respond, GatewayState, Req, RequestCtx};
+use crate::auth::{ProviderKey, PROVIDER_KEY_HEADER};
 use crate::error::{GatewayError, Surface};
 use crate::replay::live::{self, Grant};
 use pingora::proxy::Session;
@@ -60,6 +61,23 @@ impl Endpoint {
     }
 }
 
+/// `X-Modelux-Provider-Key`: the caller's own provider key for this call (BYOK). A value a
+/// header line cannot carry on to the provider is refused, never sent.
+fn provider_key(header: &pingora::http::RequestHeader) -> Result<Option<ProviderKey>, GatewayError> {
+    let Some(value) = header.headers.get(PROVIDER_KEY_HEADER) else { return Ok(None) };
+    match value.to_str() {
+        Ok(key)
+            if !key.trim().is_empty() && key.len() <= 1024 && key.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(ProviderKey::new(key.trim())))
+        }
+        _ => Err(GatewayError::invalid(
+            "invalid_provider_key",
+            "X-Modelux-Provider-Key must be a provider key: 1 to 1024 visible ASCII characters",
+        )),
+    }
+}
+
 /// Unknown paths are logged cut to this many characters.
 const MAX_LOGGED_PATH: usize = 256;
 
@@ -103,6 +121,7 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
         None => authenticate(req.session, req.snapshot, surface)?,
     };
     req.ctx.principal = Some(principal.clone());
+    req.ctx.provider_key = provider_key(req.session.req_header())?;
     billing::check_requests(req.state, req.ctx, &principal)?;
     match endpoint {
         Endpoint::Models => models::list(req, &principal).await,

@@ -53,12 +53,14 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
         }
     };
     let path = provider.embeddings_path(model);
+    let byok = req.ctx.provider_key.as_ref().and_then(|k| provider.byok_credential(k.secret()));
     let call = upstream::Call {
         method: "POST",
         path: &path,
         body: upstream_body,
         accept: "application/json",
         extra_headers: &[],
+        credential: byok.as_ref(),
     };
     let state = req.state;
     let ex =

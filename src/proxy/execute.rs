@@ -40,6 +40,8 @@ pub(super) struct Prepared {
     /// A passthrough OpenAI stream for which the gateway asked for usage the client did not:
     /// the usage chunk and `"usage":null` members are taken out again on the way back.
     strip_usage: bool,
+    /// The caller's own key (BYOK), when it fits this attempt's provider.
+    credential: Option<(&'static str, String)>,
 }
 
 /// The request being routed, shared by all its attempts.
@@ -211,7 +213,10 @@ impl<'e, 'r> Exec<'e, 'r> {
             _ => Vec::new(),
         };
         extra.extend(provider.signed_headers(&path, &body)?);
+        let credential =
+            self.req.ctx.provider_key.as_ref().and_then(|k| provider.byok_credential(k.secret()));
         Ok(Prepared {
+            credential,
             path,
             body,
             accept,
@@ -242,6 +247,7 @@ async fn run(
             body: prepared.body.clone(),
             accept: prepared.accept,
             extra_headers: &extra,
+            credential: prepared.credential.as_ref(),
         };
         let mut ex = match upstream::exchange(
             &state.connector,

@@ -112,6 +112,8 @@ pub struct RequestCtx {
     pub cache_status: Option<&'static str>,
     /// A cache miss to store once answered, and the client-bound pieces so far.
     pub cache_pending: Option<Box<cache_fill::Pending>>,
+    /// The caller's own provider key for this call (BYOK); only its fingerprint is traced.
+    pub provider_key: Option<crate::auth::ProviderKey>,
     /// A semantic hit's similarity (an exact hit's is 1).
     pub cache_similarity: Option<f32>,
     /// What embedding the prompt for a semantic lookup cost.
@@ -172,6 +174,7 @@ impl RequestCtx {
             cache_hit: None,
             cache_status: None,
             cache_pending: None,
+            provider_key: None,
             cache_similarity: None,
             cache_embedding_usd: 0.0,
             response_body: Vec::new(),
@@ -238,6 +241,7 @@ impl RequestCtx {
             cache_hit: self.cache_hit.is_some(),
             cache_saved_usd: self.cache_hit.unwrap_or(0.0),
             cache_embedding_usd: self.cache_embedding_usd,
+            provider_key: self.provider_key.as_ref().map(|k| k.fingerprint.clone()).unwrap_or_default(),
             response_body: (self.body_cap > 0)
                 .then(|| crate::trace::record::capped_body(&self.response_body, self.body_cap))
                 .flatten(),

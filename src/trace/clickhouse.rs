@@ -28,6 +28,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     (3, "0003_replay_answer", include_str!("../../conf/clickhouse/0003_replay_answer.sql")),
     (4, "0004_cache", include_str!("../../conf/clickhouse/0004_cache.sql")),
     (5, "0005_cache_embedding", include_str!("../../conf/clickhouse/0005_cache_embedding.sql")),
+    (6, "0006_provider_key", include_str!("../../conf/clickhouse/0006_provider_key.sql")),
 ];
 
 /// How long one insert may take before the writer treats the store as unavailable (a hung

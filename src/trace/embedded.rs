@@ -33,7 +33,7 @@ use super::{StoreError, TraceRow, TraceStore};
 
 /// Kept in `PRAGMA user_version`. A file written by a newer schema is refused rather than
 /// misread.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Rows deleted per transaction by `prune`: inserts get the write lock between chunks
 /// instead of waiting for a prune of millions of rows.
@@ -99,7 +99,8 @@ CREATE TABLE IF NOT EXISTS requests (
     replay_answer         BLOB    NOT NULL DEFAULT x'',
     cache_hit             INTEGER NOT NULL DEFAULT 0,
     cache_saved_usd       REAL    NOT NULL DEFAULT 0,
-    cache_embedding_usd   REAL    NOT NULL DEFAULT 0
+    cache_embedding_usd   REAL    NOT NULL DEFAULT 0,
+    provider_key          TEXT    NOT NULL DEFAULT ''
 ) STRICT;
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms DESC, request_id DESC);
 CREATE INDEX IF NOT EXISTS requests_project_ts ON requests (project, ts_ms);
@@ -138,6 +139,11 @@ const ADD_CACHE_EMBEDDING: &str = "
 ALTER TABLE requests ADD COLUMN cache_embedding_usd REAL NOT NULL DEFAULT 0;
 ";
 
+/// Version 5 → 6: the fingerprint of a caller's own provider key (BYOK).
+const ADD_PROVIDER_KEY: &str = "
+ALTER TABLE requests ADD COLUMN provider_key TEXT NOT NULL DEFAULT '';
+";
+
 /// Every column, in `TraceRow` order (the order `bind` and `read_row` use).
 macro_rules! columns {
     () => {
@@ -149,7 +155,8 @@ macro_rules! columns {
          cost_total, latency_ms, ttfb_ms, tag_keys, tag_values, end_user, trace_id, \
          conversation_id, budget_name, budget_action, streamed, bytes_in, bytes_out, \
          decision_trace, request_body, response_body, max_tokens, replay_body, \
-         replay_body_truncated, replay_answer, cache_hit, cache_saved_usd, cache_embedding_usd"
+         replay_body_truncated, replay_answer, cache_hit, cache_saved_usd, cache_embedding_usd, \
+         provider_key"
     };
 }
 
@@ -159,7 +166,7 @@ const INSERT_ROW: &str = concat!(
     "INSERT INTO requests (",
     columns!(),
     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
 );
 const INSERT_TAG: &str = "INSERT INTO request_tags (request_id, idx, key, value) VALUES (?1, ?2, ?3, ?4) \
      ON CONFLICT (request_id, idx) DO UPDATE SET key = excluded.key, value = excluded.value";
@@ -313,6 +320,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if (1..=4).contains(&version) {
         tx.execute_batch(ADD_CACHE_EMBEDDING).map_err(db)?;
     }
+    if (1..=5).contains(&version) {
+        tx.execute_batch(ADD_PROVIDER_KEY).map_err(db)?;
+    }
     tx.execute_batch(SCHEMA).map_err(db)?;
     if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db)?;
@@ -404,6 +414,7 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
                     row.cache_hit,
                     row.cache_saved_usd,
                     row.cache_embedding_usd,
+                    row.provider_key,
                 ])
                 .map_err(db)?;
             // Tags only with a new row: a replayed row already has its tags.
@@ -575,6 +586,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceRow> {
         cache_hit: r.get(50)?,
         cache_saved_usd: r.get(51)?,
         cache_embedding_usd: r.get(52)?,
+        provider_key: r.get(53)?,
     })
 }
 
@@ -987,6 +999,7 @@ mod tests {
             cache_hit: true,
             cache_saved_usd: 0.000123,
             cache_embedding_usd: 0.0000042,
+            provider_key: "sk-proj-...TA0A".into(),
         }
     }
 
@@ -1045,6 +1058,7 @@ mod tests {
             cache_hit: false,
             cache_saved_usd: 0.0,
             cache_embedding_usd: 0.0,
+            provider_key: String::new(),
         }
     }
 
@@ -1532,7 +1546,8 @@ mod tests {
                  ALTER TABLE requests DROP COLUMN replay_answer; \
                  ALTER TABLE requests DROP COLUMN cache_hit; \
                  ALTER TABLE requests DROP COLUMN cache_saved_usd; \
-                 ALTER TABLE requests DROP COLUMN cache_embedding_usd; PRAGMA user_version = 1;",
+                 ALTER TABLE requests DROP COLUMN cache_embedding_usd; \
+                 ALTER TABLE requests DROP COLUMN provider_key; PRAGMA user_version = 1;",
             )
             .unwrap();
         }
@@ -1562,6 +1577,7 @@ mod tests {
             "cache_hit",
             "cache_saved_usd",
             "cache_embedding_usd",
+            "provider_key",
         ] {
             v.as_object_mut().unwrap().remove(k);
         }

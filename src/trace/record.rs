@@ -58,6 +58,9 @@ pub struct TraceEvent {
     pub cache_saved_usd: f64,
     /// What embedding the prompt for a semantic cache lookup cost (hit or miss).
     pub cache_embedding_usd: f64,
+    /// The fingerprint of the caller's own provider key (BYOK), `sk-proj-...TA0A`; empty
+    /// when the stored credentials were used. Never the key.
+    pub provider_key: String,
 }
 
 /// The stored record. Field names are the column names in both stores
@@ -150,6 +153,9 @@ pub struct TraceRow {
     /// What embedding the prompt for a semantic cache lookup cost (hit or miss).
     #[serde(default)]
     pub cache_embedding_usd: f64,
+    /// The fingerprint of the caller's own provider key (BYOK); empty when none.
+    #[serde(default)]
+    pub provider_key: String,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -225,6 +231,7 @@ impl TraceEvent {
             cache_hit: self.cache_hit,
             cache_saved_usd: self.cache_saved_usd,
             cache_embedding_usd: self.cache_embedding_usd,
+            provider_key: self.provider_key,
             request_id: self.request_id,
         }
     }

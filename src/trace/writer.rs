@@ -614,6 +614,7 @@ mod tests {
             cache_hit: false,
             cache_saved_usd: 0.0,
             cache_embedding_usd: 0.0,
+            provider_key: String::new(),
             response_body: None,
         }
     }
