@@ -64,7 +64,9 @@ impl Endpoint {
 /// `X-Modelux-Provider-Key`: the caller's own provider key for this call (BYOK). A value a
 /// header line cannot carry on to the provider is refused, never sent.
 fn provider_key(header: &pingora::http::RequestHeader) -> Result<Option<ProviderKey>, GatewayError> {
-    let Some(value) = header.headers.get(PROVIDER_KEY_HEADER) else { return Ok(None) };
+    // A prebuilt name: looking a `&str` up parses it on every request.
+    static NAME: http::HeaderName = http::HeaderName::from_static(PROVIDER_KEY_HEADER);
+    let Some(value) = header.headers.get(&NAME) else { return Ok(None) };
     match value.to_str() {
         Ok(key)
             if !key.trim().is_empty() && key.len() <= 1024 && key.bytes().all(|b| b.is_ascii_graphic()) =>
