@@ -921,6 +921,26 @@ fn config_errors_name_their_paths() {
     );
 }
 
+/// A management GET with the admin key.
+async fn manage_get(gw: &Gateway, path: &str) -> Response {
+    let auth = format!("Bearer {ADMIN_KEY}");
+    httpc::request(gw.manage, "GET", path, &[("authorization", auth.as_str())], b"").await.unwrap()
+}
+
+/// Polls the logs API until `request_id` is stored (records are written asynchronously).
+async fn wait_for_log(gw: &Gateway, request_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = manage_get(gw, &format!("/manage/v1/logs/{request_id}")).await;
+        if resp.status == 200 {
+            return resp.json().unwrap()["data"].clone();
+        }
+        assert_eq!(resp.status, 404, "{}", resp.text());
+        assert!(Instant::now() < deadline, "request {request_id} never reached the trace store");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[path = "gateway/byok.rs"]
 mod byok;
 #[path = "gateway/cache.rs"]

@@ -67,26 +67,9 @@ async fn the_callers_key_reaches_the_provider_for_that_call_and_only_its_fingerp
     assert_eq!(upstream.request_count(), before);
 
     // 5. The trace keeps the fingerprint; the key is nowhere in the logs API or on disk.
-    let admin = format!("Bearer {ADMIN_KEY}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
-        let r = httpc::request(
-            gw.manage,
-            "GET",
-            &format!("/manage/v1/logs/{byok_id}"),
-            &[("authorization", admin.as_str())],
-            b"",
-        )
-        .await
-        .unwrap();
-        if r.status == 200 || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(log.status, 200, "{}", log.text());
-    assert_eq!(log.json().unwrap()["data"]["provider_key"], "sk-proj-...TA0A");
-    assert!(!log.text().contains("CallerOwnedSecret"));
+    let log = wait_for_log(&gw, &byok_id).await;
+    assert_eq!(log["provider_key"], "sk-proj-...TA0A");
+    assert!(!log.to_string().contains("CallerOwnedSecret"));
     let mut disk = Vec::new();
     all_files_under(gw.config_path.parent().unwrap(), &mut disk);
     assert!(!disk.is_empty());

@@ -458,25 +458,7 @@ async fn semantic_cache_hits_paraphrases_above_the_threshold_only() {
     assert!(metric(&metrics, "modelux_cache_semantic_lookups_total{result=\"hit\"}") >= 2.0, "{metrics}");
     assert!(metric(&metrics, "modelux_cache_semantic_lookups_total{result=\"miss\"}") >= 3.0, "{metrics}");
     let hit_id = hit.header("x-modelux-request-id").unwrap().to_string();
-    let auth = format!("Bearer {ADMIN_KEY}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
-        let r = httpc::request(
-            gw.manage,
-            "GET",
-            &format!("/manage/v1/logs/{hit_id}"),
-            &[("authorization", auth.as_str())],
-            b"",
-        )
-        .await
-        .unwrap();
-        if r.status == 200 || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(log.status, 200, "{}", log.text());
-    let data = &log.json().unwrap()["data"];
+    let data = wait_for_log(&gw, &hit_id).await;
     assert_eq!(data["cache_hit"], true, "{data}");
     assert!(data["cache_embedding_usd"].as_f64().unwrap() > 0.0, "{data}");
 }

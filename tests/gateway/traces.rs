@@ -6,25 +6,6 @@ use super::*;
 
 const FALLBACK: &str = "  fb: { project: default, strategy: fallback, retry_on: [\"5xx\"], attempts: [\"openai/gpt-4o-mini\", \"local/m1\"] }\n";
 
-async fn manage_get(gw: &Gateway, path: &str) -> Response {
-    let auth = format!("Bearer {ADMIN_KEY}");
-    httpc::request(gw.manage, "GET", path, &[("authorization", auth.as_str())], b"").await.unwrap()
-}
-
-/// Polls the logs API until `request_id` is stored (records are written asynchronously).
-async fn wait_for_log(gw: &Gateway, request_id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let resp = manage_get(gw, &format!("/manage/v1/logs/{request_id}")).await;
-        if resp.status == 200 {
-            return resp.json().unwrap()["data"].clone();
-        }
-        assert_eq!(resp.status, 404, "{}", resp.text());
-        assert!(Instant::now() < deadline, "request {request_id} never reached the trace store");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn traced_gateway(top_extra: &str) -> (Gateway, MockServer, MockServer) {
     let failing = mock(MockConfig { script: vec![Behavior::Status(500); 64], ..MockConfig::default() }).await;
     let good = mock(MockConfig::default()).await;
