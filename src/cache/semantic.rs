@@ -193,8 +193,9 @@ pub struct Vectors {
     pub stats: Arc<Stats>,
 }
 
+/// Unix milliseconds: expiries are compared across nodes.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::spend::unix_now_us() / 1000
 }
 
 impl Vectors {

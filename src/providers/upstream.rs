@@ -277,6 +277,34 @@ pub async fn release(connector: &Connector, mut ex: Exchange, idle: Duration) {
     }
 }
 
+/// A whole call: the status and body (at most `limit` bytes), the connection back in the
+/// pool. For the gateway's own calls (key checks, the semantic cache's embeddings), not a
+/// client's answer.
+pub async fn round_trip(
+    connector: &Connector,
+    metrics: &Metrics,
+    timeouts: &Timeouts,
+    provider: &Provider,
+    call: Call<'_>,
+    limit: usize,
+) -> Result<(u16, Bytes), GatewayError> {
+    let mut ex = exchange(connector, metrics, timeouts, provider, call).await?;
+    let status = ex.header.status.as_u16();
+    let body = read_all(&mut ex, limit, provider, timeouts).await;
+    release(connector, ex, timeouts.idle).await;
+    Ok((status, body?))
+}
+
+/// `<provider> answered <status>: <its message>` for a failed call of the gateway's own.
+pub fn answered(provider: &Provider, status: u16, body: &[u8]) -> String {
+    let said = provider
+        .format()
+        .codec()
+        .error_message(body)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect());
+    format!("{} answered {status}: {said}", provider.id)
+}
+
 /// Checks a provider's key with its kind's cheap authenticated read (`Adapter::verify_path`).
 /// `Ok(false)`: the kind has no such read, nothing was checked. `Err`: the provider's own
 /// message (or why it could not be reached).
@@ -304,10 +332,5 @@ pub async fn verify(
     if (200..300).contains(&status) {
         return Ok(true);
     }
-    let said = provider
-        .format()
-        .codec()
-        .error_message(&body)
-        .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(300).collect());
-    Err(format!("{} answered {status}: {said}", provider.id))
+    Err(answered(provider, status, &body))
 }

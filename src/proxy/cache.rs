@@ -412,17 +412,18 @@ async fn embed(req: &Req<'_>, model: &str, text: &str) -> Result<(Vec<f32>, f64)
     let state = req.state;
     let timeouts = settings.upstream_timeouts();
     let work = async {
-        let mut ex = upstream::exchange(&state.connector, &state.metrics, &timeouts, provider, call)
-            .await
-            .map_err(|e| e.to_string())?;
-        let bytes = upstream::read_all(&mut ex, MAX_EMBED_ANSWER, provider, &timeouts)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = ex.header.status.as_u16();
-        upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
+        let (status, bytes) = upstream::round_trip(
+            &state.connector,
+            &state.metrics,
+            &timeouts,
+            provider,
+            call,
+            MAX_EMBED_ANSWER,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         if !(200..300).contains(&status) {
-            let why = wire::error_message(format, &bytes).unwrap_or_default();
-            return Err(format!("{model} answered {status}: {why}"));
+            return Err(upstream::answered(provider, status, &bytes));
         }
         wire::decode_embeddings(format, &bytes)
     };
