@@ -393,6 +393,7 @@ fn trace_event(i: u64) -> modelux::trace::TraceEvent {
         cache_saved_usd: 0.0,
         cache_embedding_usd: 0.0,
         provider_key: String::new(),
+        owned_ids: Vec::new(),
     }
 }
 

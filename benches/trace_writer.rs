@@ -68,6 +68,7 @@ fn event(i: u64) -> TraceEvent {
         cache_saved_usd: 0.0,
         cache_embedding_usd: 0.0,
         provider_key: String::new(),
+        owned_ids: Vec::new(),
     }
 }
 

@@ -205,6 +205,10 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         answer_budget: Default::default(),
         cache: cache.clone(),
         vectors: vectors.clone(),
+        owners: Arc::new(crate::trace::owners::Owners::new(
+            handles.trace_writer.store().clone(),
+            std::time::Duration::from_secs(u64::from(settings.traces.retention_days) * 86_400),
+        )),
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -955,6 +955,8 @@ mod pg;
 mod redis;
 #[path = "gateway/replay.rs"]
 mod replay;
+#[path = "gateway/responses.rs"]
+mod responses;
 #[path = "gateway/routing.rs"]
 mod routing;
 #[path = "gateway/spend.rs"]

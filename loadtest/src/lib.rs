@@ -19,5 +19,6 @@ mod gemini;
 pub mod httpc;
 pub mod mock;
 mod openai;
+mod responses;
 mod template;
 mod wire;

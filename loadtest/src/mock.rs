@@ -24,6 +24,8 @@
 //! | `POST /model/{modelId}/converse`, `…/converse-stream` | Bedrock Converse (event-stream frames) |
 //! | `POST /openai/deployments/{deployment}/chat/completions?api-version=…` | Azure OpenAI chat |
 //! | `POST /openai/deployments/{deployment}/embeddings?api-version=…` | Azure OpenAI embeddings |
+//! | `POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}`, `POST …/{id}/cancel`, `GET …/{id}/input_items` | OpenAI Responses API (also under Azure's `/openai/v1/responses`) |
+//! | `GET /mock/requests` | the requests recorded so far (`--record`), as JSON: method, path, headers |
 //!
 //! Anything else is a 404 in OpenAI's error shape (under
 //! `/openai/deployments/`, or without `api-version`, in Azure's).
@@ -48,7 +50,7 @@ use crate::anthropic::{self, Reply, StopReason};
 use crate::bedrock::{self, Auth};
 use crate::template::{self, StreamTemplates, Template, Templates, Vals};
 use crate::wire::{self, ChunkedDecoder, Decoded};
-use crate::{azure, cohere, gemini, openai};
+use crate::{azure, cohere, gemini, openai, responses};
 
 /// Largest request head (request line + headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -172,6 +174,8 @@ struct Shared {
     content_json: Vec<u8>,
     /// JSON string of each streamed content token.
     token_json: Vec<Vec<u8>>,
+    /// Responses API objects this mock created.
+    responses: responses::Responses,
 }
 
 /// A running mock upstream. Dropping it shuts it down.
@@ -208,6 +212,7 @@ impl MockServer {
             atpl,
             content_json,
             token_json,
+            responses: responses::Responses::new(addr.port()),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -328,6 +333,13 @@ enum Route {
     },
     /// The deployment is in [`Head::param`].
     Azure(azure::Op),
+    /// The response id (if any) is in [`Head::param`], the query in [`Head::query`].
+    Responses {
+        op: responses::Op,
+        azure: bool,
+    },
+    /// `GET /mock/requests`.
+    Recorded,
     NotFound,
 }
 
@@ -349,7 +361,8 @@ impl Route {
             Route::Gemini(_) => Api::Gemini,
             Route::CohereChat | Route::CohereEmbed => Api::Cohere,
             Route::Converse { .. } => Api::Bedrock,
-            Route::Azure(_) => Api::Azure,
+            Route::Azure(_) | Route::Responses { azure: true, .. } => Api::Azure,
+            Route::Responses { azure: false, .. } | Route::Recorded => Api::OpenAi,
             Route::ChatCompletions | Route::Models | Route::Embeddings | Route::NotFound => Api::OpenAi,
         }
     }
@@ -359,6 +372,15 @@ impl Route {
 /// parameter. Only reached when no fixed path matched, so the load path
 /// never pays for it.
 fn route_param(method: &str, path: &str, query: &str) -> (Route, Option<String>) {
+    for (prefix, azure) in [("/v1/responses", false), ("/openai/v1/responses", true)] {
+        if let Some(rest) = path.strip_prefix(prefix).filter(|r| r.is_empty() || r.starts_with('/')) {
+            let (op, id) = responses::Op::from_path(method, rest);
+            return (Route::Responses { op, azure }, id);
+        }
+    }
+    if (method, path) == ("GET", "/mock/requests") {
+        return (Route::Recorded, None);
+    }
     if method != "POST" {
         return (Route::NotFound, None);
     }
@@ -411,6 +433,8 @@ struct Head {
     not_found: Option<String>,
     /// The model / model id / deployment of a path that carries one.
     param: Option<String>,
+    /// The query string, kept only for the routes that read it after routing.
+    query: String,
     /// Bedrock routes only: what the `authorization` header looks like.
     auth: Auth,
     recorded: Option<RecordedRequest>,
@@ -469,6 +493,10 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
         body = BodyKind::Empty;
     }
     let not_found = (route == Route::NotFound).then(|| format!("{method} {path}"));
+    let query = match route {
+        Route::Responses { .. } => full_path.split_once('?').map_or("", |(_, q)| q).to_owned(),
+        _ => String::new(),
+    };
     let recorded = record.then(|| RecordedRequest {
         method: method.to_owned(),
         path: full_path.to_owned(),
@@ -479,7 +507,7 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
             .collect(),
         body: Vec::new(),
     });
-    Ok(Some(Head { len, route, body, close, expect_continue, not_found, param, auth, recorded }))
+    Ok(Some(Head { len, route, body, close, expect_continue, not_found, param, query, auth, recorded }))
 }
 
 /// Per-connection reusable buffers, so steady-state requests do not allocate.
@@ -696,6 +724,20 @@ async fn handle(
         Route::Embeddings => openai::embeddings(&body, None),
         Route::Azure(azure::Op::Embeddings) => openai::embeddings(&body, Some(ctx.param)),
         Route::Azure(azure::Op::NotFound) => azure::error(404, ""),
+        Route::Responses { op, .. } => {
+            responses::answer(&sh.responses, &ctx, op, head.param.as_deref(), &head.query, &body)
+        }
+        Route::Recorded => {
+            let recorded: Vec<serde_json::Value> = lock(&sh.recorded)
+                .iter()
+                .map(|r| {
+                    let headers: serde_json::Map<String, serde_json::Value> =
+                        r.headers.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+                    serde_json::json!({"method": r.method, "path": r.path, "headers": headers})
+                })
+                .collect();
+            Answer::json(200, answer::compact(&recorded))
+        }
         Route::Gemini(op) => gemini::answer(&ctx, op, &body),
         Route::CohereChat => cohere::chat(&ctx, &body),
         Route::CohereEmbed => cohere::embed(&ctx, &body),

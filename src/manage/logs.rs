@@ -138,6 +138,7 @@ pub fn summary(r: &TraceRow) -> Value {
         "cache_saved_usd": r.cache_saved_usd,
         "cache_embedding_usd": r.cache_embedding_usd,
         "provider_key": opt(&r.provider_key),
+        "owned_ids": r.owned_ids,
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
         "end_user": opt(&r.end_user),

@@ -54,6 +54,13 @@ pub trait Adapter: Sync {
         provider.upstream_path("/embeddings")
     }
 
+    /// Path (and query) of an OpenAI REST resource (`/responses`, `/responses/{id}`,
+    /// `/files`, `/batches`, …: `endpoint` starts with `/` and may carry a query) on a kind
+    /// that serves the OpenAI API beyond chat; `None` where the kind does not.
+    fn openai_resource_path(&self, _provider: &Provider, _endpoint: &str) -> Option<String> {
+        None
+    }
+
     /// `Accept` of a streamed call.
     fn stream_accept(&self) -> &'static str {
         "text/event-stream"

@@ -43,6 +43,12 @@ impl Adapter for Azure {
         Azure::path(provider, model, "embeddings")
     }
 
+    /// Azure serves the Responses API, files and batches on its v1 API
+    /// (`/openai/v1/responses`), which takes no `api-version`.
+    fn openai_resource_path(&self, provider: &Provider, endpoint: &str) -> Option<String> {
+        Some(format!("{}/openai/v1{endpoint}", provider.base_path))
+    }
+
     fn takes_api_version(&self) -> bool {
         true
     }

@@ -233,6 +233,13 @@ impl Provider {
         self.adapter.embeddings_path(self, model)
     }
 
+    /// Path (and query) of an OpenAI REST resource (`/responses/{id}`, `/files`, …), when
+    /// this provider's kind serves the OpenAI API beyond chat (OpenAI, Azure OpenAI,
+    /// OpenAI-compatible servers).
+    pub fn openai_resource_path(&self, endpoint: &str) -> Option<String> {
+        self.adapter.openai_resource_path(self, endpoint)
+    }
+
     /// `Accept` of a call: a stream in the kind's framing, or JSON.
     pub fn accept(&self, stream: bool) -> &'static str {
         if stream {

@@ -23,6 +23,10 @@ impl Adapter for OpenAi {
     fn chat_path(&self, provider: &Provider, _model: &str, _stream: bool) -> String {
         provider.upstream_path("/chat/completions")
     }
+
+    fn openai_resource_path(&self, provider: &Provider, endpoint: &str) -> Option<String> {
+        Some(provider.upstream_path(endpoint))
+    }
 }
 
 /// OpenAI-compatible vendors known by provider id: `{ id: groq, kind: openai_compatible }`
@@ -55,5 +59,9 @@ impl Adapter for OpenAiCompatible {
 
     fn chat_path(&self, provider: &Provider, _model: &str, _stream: bool) -> String {
         provider.upstream_path("/chat/completions")
+    }
+
+    fn openai_resource_path(&self, provider: &Provider, endpoint: &str) -> Option<String> {
+        Some(provider.upstream_path(endpoint))
     }
 }

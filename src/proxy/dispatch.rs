@@ -3,6 +3,7 @@
 //! first byte went downstream is rendered once, in the client's wire format, here.
 
 use super::request::authenticate;
+use super::responses::{self, Op as ResponsesOp};
 use super::{billing, chat, count_tokens, embeddings, models, respond, GatewayState, Req, RequestCtx};
 use crate::auth::{ProviderKey, PROVIDER_KEY_HEADER};
 use crate::error::{GatewayError, Surface};
@@ -18,6 +19,10 @@ enum Endpoint {
     Embeddings,
     /// `POST …/dry-run`: the chat body, routed but never sent.
     DryRun,
+    /// `POST /openai/v1/responses`.
+    ResponsesCreate,
+    /// A path under `/openai/v1/responses/{id}`.
+    Responses(ResponsesOp),
 }
 
 impl Endpoint {
@@ -45,6 +50,17 @@ impl Endpoint {
             "/models" => Some((Surface::OpenAi, Endpoint::Models)),
             "/embeddings" => Some((Surface::OpenAi, Endpoint::Embeddings)),
             "/dry-run" => Some((Surface::OpenAi, Endpoint::DryRun)),
+            "/responses" => Some((Surface::OpenAi, Endpoint::ResponsesCreate)),
+            _ if rest.starts_with("/responses/") => {
+                let mut parts = rest["/responses/".len()..].split('/');
+                let op = match (parts.next(), parts.next(), parts.next()) {
+                    (Some(_), None, _) => ResponsesOp::Item,
+                    (Some(_), Some("cancel"), None) => ResponsesOp::Cancel,
+                    (Some(_), Some("input_items"), None) => ResponsesOp::InputItems,
+                    _ => return None,
+                };
+                Some((Surface::OpenAi, Endpoint::Responses(op)))
+            }
             "/messages" if path.starts_with("/v1/") => Some((Surface::Anthropic, Endpoint::Chat)),
             "/messages/count_tokens" if path.starts_with("/v1/") => {
                 Some((Surface::Anthropic, Endpoint::CountTokens))
@@ -53,10 +69,26 @@ impl Endpoint {
         }
     }
 
-    fn method(self) -> &'static str {
+    /// The methods the endpoint answers, as an `Allow` header lists them.
+    fn methods(self) -> &'static str {
         match self {
-            Endpoint::Chat | Endpoint::CountTokens | Endpoint::Embeddings | Endpoint::DryRun => "POST",
-            Endpoint::Models => "GET",
+            Endpoint::Chat
+            | Endpoint::CountTokens
+            | Endpoint::Embeddings
+            | Endpoint::DryRun
+            | Endpoint::ResponsesCreate
+            | Endpoint::Responses(ResponsesOp::Cancel) => "POST",
+            Endpoint::Models | Endpoint::Responses(ResponsesOp::InputItems) => "GET",
+            Endpoint::Responses(ResponsesOp::Item) => "GET, DELETE",
+        }
+    }
+
+    fn allows(self, method: &http::Method) -> bool {
+        match self {
+            Endpoint::Responses(ResponsesOp::Item) => {
+                method == http::Method::GET || method == http::Method::DELETE
+            }
+            _ => method.as_str() == self.methods(),
         }
     }
 }
@@ -111,8 +143,8 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
         message: format!("unknown endpoint {} {path}", header.method),
     })?;
     ctx.surface = surface;
-    if header.method.as_str() != endpoint.method() {
-        return Err(GatewayError::MethodNotAllowed { allowed: endpoint.method() });
+    if !endpoint.allows(&header.method) {
+        return Err(GatewayError::MethodNotAllowed { allowed: endpoint.methods() });
     }
     let principal = match grant {
         Some(grant) => {
@@ -131,5 +163,7 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
         Endpoint::DryRun => chat::complete(req, &principal, true).await,
         Endpoint::CountTokens => count_tokens::count(req, &principal).await,
         Endpoint::Embeddings => embeddings::embed(req, &principal).await,
+        Endpoint::ResponsesCreate => responses::create(req, &principal).await,
+        Endpoint::Responses(op) => responses::resource(req, &principal, op).await,
     }
 }

@@ -1,4 +1,5 @@
-//! Running a routing decision for a chat request: attempts one after another (fallback,
+//! Running a routing decision for a chat request (or an OpenAI Responses API create, which
+//! falls back the same way but only passes bytes through): attempts one after another (fallback,
 //! cost/latency order, cascade) or all at once (ensemble), each bounded by its timeout and
 //! the request's total budget. Nothing reaches the client until an attempt has produced a
 //! usable answer (for streams: its first body bytes), so a failed attempt is invisible.
@@ -44,9 +45,19 @@ pub(super) struct Prepared {
     credential: Option<(&'static str, String)>,
 }
 
+/// Which API the routed request calls.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Api {
+    /// Chat completions / messages: any provider, translated where formats differ.
+    Chat,
+    /// `POST /responses`: OpenAI-family providers only, bytes passed through.
+    Responses,
+}
+
 /// The request being routed, shared by all its attempts.
 pub(super) struct Exec<'e, 'r> {
     req: &'e mut Req<'r>,
+    api: Api,
     client: Surface,
     request: &'e RoutedRequest<'e>,
     body: &'e Bytes,
@@ -146,6 +157,7 @@ impl<'e, 'r> Exec<'e, 'r> {
         let client = req.ctx.surface;
         Exec {
             req,
+            api: Api::Chat,
             client,
             request,
             body,
@@ -154,6 +166,49 @@ impl<'e, 'r> Exec<'e, 'r> {
             want_trace: request.trace,
             info,
         }
+    }
+
+    /// An OpenAI Responses API create: no decision trace in the answer (a chat feature).
+    pub fn responses(
+        req: &'e mut Req<'r>,
+        request: &'e RoutedRequest<'e>,
+        body: &'e Bytes,
+        info: &'e RouteInfo,
+    ) -> Exec<'e, 'r> {
+        Exec { api: Api::Responses, want_trace: false, ..Exec::new(req, request, body, Vec::new(), info) }
+    }
+
+    /// A Responses API create for `target`: the client's bytes (the model rewritten only
+    /// when routing changed it), to a provider that serves the API.
+    fn prepare_responses(&self, target: &Target, upstream_stream: bool) -> Result<Prepared, GatewayError> {
+        let provider = &target.provider;
+        let Some(path) = provider.openai_resource_path("/responses") else {
+            return Err(GatewayError::invalid(
+                "unsupported_provider",
+                format!(
+                    "provider {} (kind {}) does not serve the Responses API; only openai, azure and \
+                     openai_compatible providers do",
+                    provider.id,
+                    provider.adapter.kind()
+                ),
+            ));
+        };
+        let body = if self.request.forwards_verbatim(&target.model) {
+            self.body.clone()
+        } else {
+            Bytes::from(self.request.encode_for_upstream(&target.model))
+        };
+        Ok(Prepared {
+            credential: self.req.ctx.provider_key.as_ref().and_then(|k| provider.byok_credential(k.secret())),
+            path,
+            body,
+            accept: provider.accept(upstream_stream),
+            extra: Vec::new(),
+            format: WireFormat::OpenAi,
+            translated: false,
+            client_wants_usage: true,
+            strip_usage: false,
+        })
     }
 
     fn state(&self) -> &'r GatewayState {
@@ -166,6 +221,9 @@ impl<'e, 'r> Exec<'e, 'r> {
 
     /// The upstream request for `target`. `upstream_stream`: ask the upstream for a stream.
     fn prepare(&mut self, target: &Target, upstream_stream: bool) -> Result<Prepared, GatewayError> {
+        if self.api == Api::Responses {
+            return self.prepare_responses(target, upstream_stream);
+        }
         let provider = &target.provider;
         let format = provider.format();
         let same = format == WireFormat::from(self.client);
@@ -435,6 +493,11 @@ impl Exec<'_, '_> {
         ctx.bill.cost_header = true;
         let mut headers = answer_headers(&ex.header, prepared.translated, served);
         let trace = if self.want_trace { trace_json(ctx) } else { None };
+        if self.api == Api::Responses {
+            if let Some(id) = wire::usage::response_id(&body) {
+                super::passthrough::remember_owned(state, ctx, id);
+            }
+        }
         if !prepared.translated {
             let body = match trace.as_ref().and_then(|t| inject_trace(&body, t)) {
                 Some(with) => Bytes::from(with),
@@ -546,6 +609,8 @@ pub(super) async fn sequential(
                         t.hold_done();
                     }
                     StreamCodec::Transcode(Box::new(t))
+                } else if exec.api == Api::Responses {
+                    StreamCodec::Tap(wire::usage::UsageTap::responses())
                 } else {
                     StreamCodec::Tap(wire::usage::UsageTap::new(prepared.format, prepared.strip_usage))
                 };

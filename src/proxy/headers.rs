@@ -58,7 +58,7 @@ pub fn push_route_headers(headers: &mut Headers, served: &Served<'_>) {
 /// and processing-time headers the SDKs expose. Hop-by-hop and framing headers are the
 /// gateway's own business, and so are `x-ratelimit-*`: the client is held to its key's
 /// limits at the gateway, not to the gateway's own provider account limits.
-fn passthrough_headers(h: &ResponseHeader) -> Headers {
+pub fn passthrough_headers(h: &ResponseHeader) -> Headers {
     let mut out = Vec::with_capacity(8);
     for (n, value) in h.headers.iter() {
         let s = n.as_str();

@@ -16,8 +16,10 @@ mod embeddings;
 mod execute;
 mod headers;
 mod models;
+mod passthrough;
 mod request;
 mod respond;
+mod responses;
 mod stream;
 
 use std::sync::Arc;
@@ -57,6 +59,8 @@ pub struct GatewayState {
     pub cache: Arc<crate::cache::Store>,
     /// The semantic cache's index (filled from the Redis stream too, when shared).
     pub vectors: Arc<crate::cache::semantic::Vectors>,
+    /// Which provider holds a response, file or batch id (`trace::owners`).
+    pub owners: Arc<crate::trace::owners::Owners>,
 }
 
 pub struct Gateway {
@@ -114,6 +118,8 @@ pub struct RequestCtx {
     pub cache_pending: Option<Box<cache_fill::Pending>>,
     /// The caller's own provider key for this call (BYOK); only its fingerprint is traced.
     pub provider_key: Option<crate::auth::ProviderKey>,
+    /// Provider-side ids this request's answer created (a response, a file, a batch).
+    pub owned_ids: Vec<String>,
     /// A semantic hit's similarity (an exact hit's is 1).
     pub cache_similarity: Option<f32>,
     /// What embedding the prompt for a semantic lookup cost.
@@ -176,6 +182,7 @@ impl RequestCtx {
             cache_pending: None,
             provider_key: None,
             cache_similarity: None,
+            owned_ids: Vec::new(),
             cache_embedding_usd: 0.0,
             response_body: Vec::new(),
             body_cap: 0,
@@ -242,6 +249,7 @@ impl RequestCtx {
             cache_saved_usd: self.cache_hit.unwrap_or(0.0),
             cache_embedding_usd: self.cache_embedding_usd,
             provider_key: self.provider_key.as_ref().map(|k| k.fingerprint.clone()).unwrap_or_default(),
+            owned_ids: std::mem::take(&mut self.owned_ids),
             response_body: (self.body_cap > 0)
                 .then(|| crate::trace::record::capped_body(&self.response_body, self.body_cap))
                 .flatten(),

@@ -76,6 +76,14 @@ pub async fn read_json_body(req: &mut Req<'_>) -> Result<Bytes, GatewayError> {
     Ok(body)
 }
 
+/// A small body of any type (a passthrough's: `cancel`), bounded by `limit` and the
+/// client body timeout.
+pub async fn read_body_bounded(req: &mut Req<'_>, limit: u64) -> Result<Bytes, GatewayError> {
+    let body = super::body::read_body(req.session, limit, req.snapshot.settings.client_body_timeout).await?;
+    req.ctx.bytes_in = body.len() as u64;
+    Ok(body)
+}
+
 /// A routed request, read: its body, the body parsed for routing, what the client said
 /// about it, and whether it only asks for the decision.
 pub struct Incoming<'b> {

@@ -13,6 +13,8 @@ use crate::providers::Provider;
 use crate::wire::{self, Transcoder};
 
 /// What a stream's bytes go through on their way to the client.
+// The tap, the common case, is kept inline: boxing it would allocate for every stream.
+#[allow(clippy::large_enum_variant)]
 pub enum StreamCodec {
     /// Same format: passed through, usage read on the way (and the usage the gateway asked
     /// for on the client's behalf taken out again).
@@ -129,6 +131,13 @@ pub async fn stream(
                         status: 200,
                         message,
                     });
+                }
+                if let (StreamCodec::Tap(tap), true) = (&codec, ctx.owned_ids.is_empty()) {
+                    // Known before the client sees the event naming it, so a follow-up can
+                    // never arrive before the gateway knows where the response lives.
+                    if let Some(id) = tap.response_id() {
+                        super::passthrough::remember_owned(state, ctx, id.to_string());
+                    }
                 }
                 if out.is_empty() {
                     continue;

@@ -29,6 +29,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     (4, "0004_cache", include_str!("../../conf/clickhouse/0004_cache.sql")),
     (5, "0005_cache_embedding", include_str!("../../conf/clickhouse/0005_cache_embedding.sql")),
     (6, "0006_provider_key", include_str!("../../conf/clickhouse/0006_provider_key.sql")),
+    (7, "0007_owned_ids", include_str!("../../conf/clickhouse/0007_owned_ids.sql")),
 ];
 
 /// How long one insert may take before the writer treats the store as unavailable (a hung
@@ -484,6 +485,18 @@ impl TraceStore for ClickHouseStore {
         let sql = format!("SELECT ?fields FROM {} FINAL WHERE request_id = ? LIMIT 1", self.table_in_query());
         let q = self.read_query(&sql).bind(request_id);
         self.timed(self.read_timeout, q.fetch_optional::<TraceRow>()).await
+    }
+
+    async fn owner(&self, project: &str, id: &str) -> Result<Option<String>, StoreError> {
+        // A scan of one column on the rare lookup the gateway's memory cannot answer (a
+        // restart, another node).
+        let sql = format!(
+            "SELECT provider FROM {} WHERE project = ? AND has(owned_ids, ?) AND provider != '' \
+             ORDER BY ts_ms DESC LIMIT 1",
+            self.table_in_query()
+        );
+        let q = self.read_query(&sql).bind(project).bind(id);
+        self.timed(self.read_timeout, q.fetch_optional::<String>()).await
     }
 
     async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {

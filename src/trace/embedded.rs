@@ -33,7 +33,7 @@ use super::{StoreError, TraceRow, TraceStore};
 
 /// Kept in `PRAGMA user_version`. A file written by a newer schema is refused rather than
 /// misread.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Rows deleted per transaction by `prune`: inserts get the write lock between chunks
 /// instead of waiting for a prune of millions of rows.
@@ -100,7 +100,8 @@ CREATE TABLE IF NOT EXISTS requests (
     cache_hit             INTEGER NOT NULL DEFAULT 0,
     cache_saved_usd       REAL    NOT NULL DEFAULT 0,
     cache_embedding_usd   REAL    NOT NULL DEFAULT 0,
-    provider_key          TEXT    NOT NULL DEFAULT ''
+    provider_key          TEXT    NOT NULL DEFAULT '',
+    owned_ids             TEXT    NOT NULL DEFAULT '[]'
 ) STRICT;
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms DESC, request_id DESC);
 CREATE INDEX IF NOT EXISTS requests_project_ts ON requests (project, ts_ms);
@@ -112,6 +113,14 @@ CREATE TABLE IF NOT EXISTS request_tags (
     PRIMARY KEY (request_id, idx)
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS request_tags_kv ON request_tags (key, value);
+-- The provider-side ids a request's answer created (a response, a file, a batch), so that
+-- later calls naming one go to the provider that holds it (`owner`).
+CREATE TABLE IF NOT EXISTS request_owned (
+    project    TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    PRIMARY KEY (project, id, request_id)
+) STRICT, WITHOUT ROWID;
 -- Only rows still holding a replay body: expiry finds them without scanning the rest.
 CREATE INDEX IF NOT EXISTS requests_replay_ts ON requests (ts_ms) WHERE length(replay_body) > 0;
 ";
@@ -144,6 +153,12 @@ const ADD_PROVIDER_KEY: &str = "
 ALTER TABLE requests ADD COLUMN provider_key TEXT NOT NULL DEFAULT '';
 ";
 
+/// Version 6 → 7: the provider-side ids an answer created (the `request_owned` table comes
+/// with `SCHEMA`).
+const ADD_OWNED_IDS: &str = "
+ALTER TABLE requests ADD COLUMN owned_ids TEXT NOT NULL DEFAULT '[]';
+";
+
 /// Every column, in `TraceRow` order (the order `bind` and `read_row` use).
 macro_rules! columns {
     () => {
@@ -156,7 +171,7 @@ macro_rules! columns {
          conversation_id, budget_name, budget_action, streamed, bytes_in, bytes_out, \
          decision_trace, request_body, response_body, max_tokens, replay_body, \
          replay_body_truncated, replay_answer, cache_hit, cache_saved_usd, cache_embedding_usd, \
-         provider_key"
+         provider_key, owned_ids"
     };
 }
 
@@ -166,8 +181,13 @@ const INSERT_ROW: &str = concat!(
     "INSERT INTO requests (",
     columns!(),
     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+     ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
 );
+const INSERT_OWNED: &str =
+    "INSERT INTO request_owned (project, id, request_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";
+/// The provider of the newest successful request whose answer created `id` in `project`.
+const SELECT_OWNER: &str = "SELECT r.provider FROM request_owned o JOIN requests r ON r.request_id = \
+     o.request_id WHERE o.project = ?1 AND o.id = ?2 AND r.provider != '' ORDER BY r.ts_ms DESC LIMIT 1";
 const INSERT_TAG: &str = "INSERT INTO request_tags (request_id, idx, key, value) VALUES (?1, ?2, ?3, ?4) \
      ON CONFLICT (request_id, idx) DO UPDATE SET key = excluded.key, value = excluded.value";
 const SELECT_ROWS: &str = concat!("SELECT ", columns!(), " FROM requests r");
@@ -284,6 +304,16 @@ impl TraceStore for EmbeddedStore {
     async fn prune(&self, before_ms: u64) -> Result<u64, StoreError> {
         self.run(move |inner| prune_rows(inner, before_ms, PRUNE_CHUNK)).await
     }
+
+    async fn owner(&self, project: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let (project, id) = (project.to_string(), id.to_string());
+        self.run(move |inner| {
+            let conn = lock(&inner.reader);
+            let mut stmt = conn.prepare_cached(SELECT_OWNER).map_err(db)?;
+            stmt.query_row([project, id], |r| r.get(0)).optional().map_err(db)
+        })
+        .await
+    }
 }
 
 /// A panic while the lock was held unwound through the statement and transaction guards,
@@ -323,6 +353,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if (1..=5).contains(&version) {
         tx.execute_batch(ADD_PROVIDER_KEY).map_err(db)?;
     }
+    if (1..=6).contains(&version) {
+        tx.execute_batch(ADD_OWNED_IDS).map_err(db)?;
+    }
     tx.execute_batch(SCHEMA).map_err(db)?;
     if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db)?;
@@ -355,6 +388,7 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
     {
         let mut row_stmt = tx.prepare_cached(INSERT_ROW).map_err(db)?;
         let mut tag_stmt = tx.prepare_cached(INSERT_TAG).map_err(db)?;
+        let mut owned_stmt = tx.prepare_cached(INSERT_OWNED).map_err(db)?;
         for row in rows {
             let ts_ms = i64::try_from(row.ts_ms).map_err(|_| {
                 StoreError::Data(format!("request {}: ts_ms {} is out of range", row.request_id, row.ts_ms))
@@ -415,12 +449,16 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
                     row.cache_saved_usd,
                     row.cache_embedding_usd,
                     row.provider_key,
+                    json(&row.owned_ids)?,
                 ])
                 .map_err(db)?;
             // Tags only with a new row: a replayed row already has its tags.
             if inserted == 1 {
                 for (i, (k, v)) in row.tag_keys.iter().zip(&row.tag_values).enumerate() {
                     tag_stmt.execute(params![row.request_id, i as i64, k, v]).map_err(db)?;
+                }
+                for id in &row.owned_ids {
+                    owned_stmt.execute(params![row.project, id, row.request_id]).map_err(db)?;
                 }
             }
         }
@@ -500,7 +538,8 @@ fn prune_rows(inner: &Inner, before_ms: u64, chunk: usize) -> Result<u64, StoreE
 /// first, `chunk` rows per transaction, releasing the write lock in between.
 fn delete_chunks(m: &Mutex<Connection>, cond: &str, args: &[Value], chunk: usize) -> Result<u64, StoreError> {
     let select = format!(
-        "SELECT rowid, request_id FROM requests WHERE {cond} ORDER BY ts_ms, request_id LIMIT {chunk}"
+        "SELECT rowid, request_id, project, owned_ids FROM requests WHERE {cond} ORDER BY ts_ms, request_id \
+         LIMIT {chunk}"
     );
     let mut deleted = 0;
     loop {
@@ -509,15 +548,32 @@ fn delete_chunks(m: &Mutex<Connection>, cond: &str, args: &[Value], chunk: usize
         let victims = {
             let mut stmt = tx.prepare_cached(&select).map_err(db)?;
             let rows = stmt
-                .query_map(params_from_iter(args), |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .query_map(params_from_iter(args), |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
                 .map_err(db)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db)?
         };
         {
             let mut tags = tx.prepare_cached("DELETE FROM request_tags WHERE request_id = ?1").map_err(db)?;
+            let mut owned = tx
+                .prepare_cached(
+                    "DELETE FROM request_owned WHERE project = ?1 AND id = ?2 AND request_id = ?3",
+                )
+                .map_err(db)?;
             let mut rows = tx.prepare_cached("DELETE FROM requests WHERE rowid = ?1").map_err(db)?;
-            for (rowid, id) in &victims {
+            for (rowid, id, project, owned_ids) in &victims {
                 tags.execute([id]).map_err(db)?;
+                if owned_ids != "[]" {
+                    for owned_id in serde_json::from_str::<Vec<String>>(owned_ids).unwrap_or_default() {
+                        owned.execute([project, &owned_id, id]).map_err(db)?;
+                    }
+                }
                 rows.execute([rowid]).map_err(db)?;
             }
         }
@@ -587,6 +643,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceRow> {
         cache_saved_usd: r.get(51)?,
         cache_embedding_usd: r.get(52)?,
         provider_key: r.get(53)?,
+        owned_ids: read_json(r, 54)?,
     })
 }
 
@@ -1000,6 +1057,7 @@ mod tests {
             cache_saved_usd: 0.000123,
             cache_embedding_usd: 0.0000042,
             provider_key: "sk-proj-...TA0A".into(),
+            owned_ids: vec!["resp_1".into(), "file-2".into()],
         }
     }
 
@@ -1059,6 +1117,7 @@ mod tests {
             cache_saved_usd: 0.0,
             cache_embedding_usd: 0.0,
             provider_key: String::new(),
+            owned_ids: vec![],
         }
     }
 
@@ -1547,7 +1606,8 @@ mod tests {
                  ALTER TABLE requests DROP COLUMN cache_hit; \
                  ALTER TABLE requests DROP COLUMN cache_saved_usd; \
                  ALTER TABLE requests DROP COLUMN cache_embedding_usd; \
-                 ALTER TABLE requests DROP COLUMN provider_key; PRAGMA user_version = 1;",
+                 ALTER TABLE requests DROP COLUMN provider_key; \
+                 ALTER TABLE requests DROP COLUMN owned_ids; PRAGMA user_version = 1;",
             )
             .unwrap();
         }
@@ -1578,6 +1638,7 @@ mod tests {
             "cache_saved_usd",
             "cache_embedding_usd",
             "provider_key",
+            "owned_ids",
         ] {
             v.as_object_mut().unwrap().remove(k);
         }

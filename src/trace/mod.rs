@@ -5,6 +5,7 @@
 
 pub mod clickhouse;
 pub mod embedded;
+pub mod owners;
 pub mod query;
 pub mod record;
 pub mod render;
@@ -54,4 +55,7 @@ pub trait TraceStore: Send + Sync {
     /// Drops records older than `before_ms` (and, for the embedded store, the oldest ones
     /// beyond its row cap). Returns how many rows (or partitions, for ClickHouse) went.
     async fn prune(&self, before_ms: u64) -> Result<u64, StoreError>;
+    /// The provider that served the newest request in `project` whose answer created the
+    /// provider-side `id` (a response, a file, a batch): where later calls naming it go.
+    async fn owner(&self, project: &str, id: &str) -> Result<Option<String>, StoreError>;
 }

@@ -61,6 +61,8 @@ pub struct TraceEvent {
     /// The fingerprint of the caller's own provider key (BYOK), `sk-proj-...TA0A`; empty
     /// when the stored credentials were used. Never the key.
     pub provider_key: String,
+    /// Provider-side ids the answer created (a response, a file, a batch; see `owner`).
+    pub owned_ids: Vec<String>,
 }
 
 /// The stored record. Field names are the column names in both stores
@@ -156,6 +158,9 @@ pub struct TraceRow {
     /// The fingerprint of the caller's own provider key (BYOK); empty when none.
     #[serde(default)]
     pub provider_key: String,
+    /// Provider-side ids the answer created (a response, a file, a batch).
+    #[serde(default)]
+    pub owned_ids: Vec<String>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -232,6 +237,7 @@ impl TraceEvent {
             cache_saved_usd: self.cache_saved_usd,
             cache_embedding_usd: self.cache_embedding_usd,
             provider_key: self.provider_key,
+            owned_ids: self.owned_ids,
             request_id: self.request_id,
         }
     }

@@ -523,6 +523,9 @@ mod tests {
         async fn prune(&self, before_ms: u64) -> Result<u64, StoreError> {
             self.store.prune(before_ms).await
         }
+        async fn owner(&self, project: &str, id: &str) -> Result<Option<String>, StoreError> {
+            self.store.owner(project, id).await
+        }
     }
 
     struct Rig {
@@ -615,6 +618,7 @@ mod tests {
             cache_saved_usd: 0.0,
             cache_embedding_usd: 0.0,
             provider_key: String::new(),
+            owned_ids: Vec::new(),
             response_body: None,
         }
     }

@@ -380,16 +380,21 @@ pub mod codec {
         }
     }
 
-    /// An OpenAI usage object (chat completion, stream chunk, embeddings): the one reader
-    /// of OpenAI usage, for the codec and the passthrough tap alike.
+    /// An OpenAI usage object (chat completion, stream chunk, embeddings, and the Responses
+    /// API's, whose names differ: `input_tokens`, `output_tokens`, `…_details`): the one
+    /// reader of OpenAI usage, for the codec and the passthrough tap alike.
     pub fn usage(u: &Value) -> Usage {
-        let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+        let n = |p: &str| u.pointer(p).and_then(Value::as_u64);
+        let either = |chat: &str, responses: &str| n(chat).or_else(|| n(responses)).unwrap_or(0);
         Usage {
-            input: n("/prompt_tokens"),
-            output: n("/completion_tokens"),
-            cache_read: n("/prompt_tokens_details/cached_tokens"),
+            input: either("/prompt_tokens", "/input_tokens"),
+            output: either("/completion_tokens", "/output_tokens"),
+            cache_read: either("/prompt_tokens_details/cached_tokens", "/input_tokens_details/cached_tokens"),
             cache_write: 0,
-            reasoning: n("/completion_tokens_details/reasoning_tokens"),
+            reasoning: either(
+                "/completion_tokens_details/reasoning_tokens",
+                "/output_tokens_details/reasoning_tokens",
+            ),
         }
     }
 

@@ -54,6 +54,8 @@ pub struct RoutedRequest<'a> {
     pub trace: bool,
     /// `n`: how many choices the upstream generates (each billed).
     pub choices: u64,
+    /// Responses API: `previous_response_id`, the response this one continues.
+    pub previous_response_id: Option<String>,
 }
 
 fn field_error(code: &'static str, message: impl Into<String>) -> GatewayError {
@@ -67,6 +69,9 @@ pub enum Payload {
     Messages,
     /// Embeddings: `input`, a string or an array.
     Input,
+    /// OpenAI Responses API: `input` (a string or an array) is optional, as a stored
+    /// `prompt` or `previous_response_id` may stand in for it.
+    Responses,
 }
 
 impl<'a> RoutedRequest<'a> {
@@ -110,6 +115,7 @@ impl<'a> RoutedRequest<'a> {
         let mut max_tokens = None;
         let mut trace = false;
         let mut choices = 1;
+        let mut previous_response_id = None;
         let mut seen_interpreted: Vec<&str> = Vec::new();
         for (key, raw) in &top.0 {
             let interpreted = matches!(key.as_str(), "model" | "stream" | "mlx:tags" | "mlx:end_user");
@@ -162,7 +168,16 @@ impl<'a> RoutedRequest<'a> {
                         }
                     }
                 }
-                "max_tokens" | "max_completion_tokens" => {
+                "previous_response_id" if payload == Payload::Responses => {
+                    previous_response_id =
+                        serde_json::from_str::<Option<String>>(raw.get()).map_err(|_| {
+                            field_error("invalid_type", "\"previous_response_id\" must be a string")
+                        })?;
+                }
+                "input" if payload == Payload::Responses && !raw.get().starts_with(['[', '"']) => {
+                    return Err(field_error("invalid_type", "\"input\" must be a string or an array"));
+                }
+                "max_tokens" | "max_completion_tokens" | "max_output_tokens" => {
                     // A malformed value is the upstream's to reject; routing only estimates.
                     max_tokens = serde_json::from_str::<u64>(raw.get()).ok().or(max_tokens);
                 }
@@ -184,14 +199,30 @@ impl<'a> RoutedRequest<'a> {
             }
         }
         let model = model.ok_or_else(|| field_error("missing_field", "Missing required field: model"))?;
-        if !has_messages {
+        if !has_messages && payload != Payload::Responses {
             let name = match payload {
                 Payload::Messages => "messages",
-                Payload::Input => "input",
+                _ => "input",
             };
             return Err(field_error("missing_field", format!("Missing required field: {name}")));
         }
-        Ok(RoutedRequest { fields: top.0, model, stream, tags, end_user, max_tokens, trace, choices })
+        Ok(RoutedRequest {
+            fields: top.0,
+            model,
+            stream,
+            tags,
+            end_user,
+            max_tokens,
+            trace,
+            choices,
+            previous_response_id,
+        })
+    }
+
+    /// Whether the body as sent is what `model`'s upstream gets: the model is unchanged and
+    /// there is no `mlx:*` key to take out.
+    pub fn forwards_verbatim(&self, model: &str) -> bool {
+        model == self.model && !self.fields.iter().any(|(k, _)| k.starts_with(EXTENSION_PREFIX))
     }
 
     /// The body to send upstream: `model` replaced, `mlx:*` keys removed, everything else
@@ -350,6 +381,25 @@ fn push_json_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_bodies_need_no_input_and_forward_verbatim_when_nothing_changes() {
+        let body = br#"{"model":"gpt-4o", "previous_response_id":"resp_1","max_output_tokens":9}"#;
+        let req = RoutedRequest::parse_routed(body, Payload::Responses).unwrap();
+        assert_eq!(req.previous_response_id.as_deref(), Some("resp_1"));
+        assert_eq!(req.max_tokens, Some(9));
+        assert!(req.forwards_verbatim("gpt-4o"));
+        assert!(!req.forwards_verbatim("gpt-4o-mini"));
+        let tagged = br#"{"model":"gpt-4o","input":"x","mlx:tags":{"a":"b"}}"#;
+        assert!(!RoutedRequest::parse_routed(tagged, Payload::Responses)
+            .unwrap()
+            .forwards_verbatim("gpt-4o"));
+        for bad in [&br#"{"model":"m","input":3}"#[..], br#"{"model":"m","previous_response_id":1}"#] {
+            assert!(RoutedRequest::parse_routed(bad, Payload::Responses).is_err());
+        }
+        // Chat still requires its messages.
+        assert!(RoutedRequest::parse(br#"{"model":"m"}"#).is_err());
+    }
 
     #[test]
     fn rewrites_model_and_strips_extensions_keeping_bytes() {

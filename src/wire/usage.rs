@@ -158,6 +158,11 @@ pub struct UsageTap {
     data_skipped: bool,
     /// Data events seen: about one per generated token, an estimate when usage is missing.
     events: u64,
+    /// An OpenAI Responses API stream: usage is in the `response` of its last event
+    /// (`response.completed`, `.incomplete`, `.failed`), the id in its first.
+    responses: bool,
+    /// The response id its first events carry (Responses API streams).
+    response_id: Option<String>,
 }
 
 impl UsageTap {
@@ -177,7 +182,19 @@ impl UsageTap {
             data: Vec::new(),
             has_data: false,
             data_skipped: false,
+            responses: false,
+            response_id: None,
         }
+    }
+
+    /// A tap for an OpenAI Responses API stream (`POST /responses` with `stream: true`).
+    pub fn responses() -> UsageTap {
+        UsageTap { responses: true, ..UsageTap::new(WireFormat::OpenAi, false) }
+    }
+
+    /// The response id the stream announced (Responses API), once seen.
+    pub fn response_id(&self) -> Option<&str> {
+        self.response_id.as_deref()
     }
 
     /// The usage seen so far; `None` until the stream reported one.
@@ -346,6 +363,15 @@ impl UsageTap {
             && (self.format == WireFormat::OpenAi || self.event != EventName::Other)
             && is_object(&self.data)
             && has_usage(&self.data);
+        // The id is in the stream's first event (`response.created`); a few are looked at.
+        if self.responses
+            && self.response_id.is_none()
+            && self.events < 4
+            && self.has_data
+            && !self.data_skipped
+        {
+            self.response_id = response_id(&self.data);
+        }
         let usage_only = wanted && self.scan();
         self.events += u64::from(self.has_data);
         self.event = EventName::Unnamed;
@@ -357,6 +383,21 @@ impl UsageTap {
 
     fn scan(&mut self) -> bool {
         match self.format {
+            WireFormat::OpenAi if self.responses => {
+                #[derive(Deserialize)]
+                struct Response {
+                    usage: Option<Value>,
+                }
+                #[derive(Deserialize)]
+                struct Event {
+                    response: Option<Response>,
+                }
+                let Ok(e) = serde_json::from_slice::<Event>(&self.data) else { return false };
+                if let Some(u) = e.response.and_then(|r| r.usage).filter(Value::is_object) {
+                    self.usage = Some(openai_usage(&u));
+                }
+                false
+            }
             WireFormat::OpenAi => {
                 #[derive(Deserialize)]
                 struct Chunk<'a> {
@@ -405,6 +446,24 @@ impl UsageTap {
             _ => false,
         }
     }
+}
+
+/// `response.id` of a Responses API stream event, or `id` of a whole response body.
+pub fn response_id(json: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Response {
+        id: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Event {
+        id: Option<String>,
+        response: Option<Response>,
+    }
+    if !is_object(json) {
+        return None;
+    }
+    let e = serde_json::from_slice::<Event>(json).ok()?;
+    e.response.and_then(|r| r.id).or(e.id).filter(|id| !id.is_empty())
 }
 
 fn trim_eol(line: &[u8]) -> &[u8] {
@@ -475,6 +534,37 @@ mod tests {
             assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(expected), "chunks {at:?}");
             assert_eq!(got, want, "chunks {at:?}");
         }
+    }
+
+    #[test]
+    fn responses_streams_give_their_id_and_the_completed_usage() {
+        let stream = concat!(
+            "event: response.created\n",
+            "data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_9\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\n",
+            "data: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\" hi\"}\n\n",
+            "event: response.completed\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_9\",\"usage\":{\"input_tokens\":12,",
+            "\"input_tokens_details\":{\"cached_tokens\":4},\"output_tokens\":7,",
+            "\"output_tokens_details\":{\"reasoning_tokens\":2},\"total_tokens\":19}}}\n\n",
+        );
+        // Fed in awkward pieces: the bytes pass unchanged all the same.
+        let mut tap = UsageTap::responses();
+        let mut out = Vec::new();
+        for piece in stream.as_bytes().chunks(7) {
+            tap.feed(piece, &mut out);
+        }
+        tap.finish(&mut out);
+        assert_eq!(out, stream.as_bytes());
+        assert_eq!(tap.response_id(), Some("resp_9"));
+        assert_eq!(
+            tap.usage(),
+            Some(Usage { input: 12, output: 7, cache_read: 4, cache_write: 0, reasoning: 2 })
+        );
+        // A whole Responses body is read the same way.
+        let body = br#"{"id":"resp_9","object":"response","usage":{"input_tokens":3,"output_tokens":5}}"#;
+        assert_eq!(from_body(WireFormat::OpenAi, body).map(|u| (u.input, u.output)), Some((3, 5)));
+        assert_eq!(response_id(body).as_deref(), Some("resp_9"));
     }
 
     #[test]

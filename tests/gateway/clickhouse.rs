@@ -224,6 +224,7 @@ fn full_row(id: &str, ts_ms: u64) -> TraceRow {
         cache_saved_usd: 0.000321,
         cache_embedding_usd: 0.0,
         provider_key: String::new(),
+        owned_ids: vec![],
     }
 }
 
@@ -284,6 +285,7 @@ fn bare_row(id: &str, ts_ms: u64) -> TraceRow {
         cache_saved_usd: 0.0,
         cache_embedding_usd: 0.0,
         provider_key: String::new(),
+        owned_ids: vec![],
     }
 }
 
@@ -315,7 +317,8 @@ async fn clickhouse_prepare_is_idempotent() {
             ("requests".to_string(), 3),
             ("requests".to_string(), 4),
             ("requests".to_string(), 5),
-            ("requests".to_string(), 6)
+            ("requests".to_string(), 6),
+            ("requests".to_string(), 7)
         ]
     );
     let engine: String = server
@@ -331,7 +334,7 @@ async fn clickhouse_prepare_is_idempotent() {
     ClickHouseStore::new(other).prepare().await.unwrap();
     let n: u64 =
         server.client().query("SELECT count() FROM traces.schema_migrations").fetch_one().await.unwrap();
-    assert_eq!(n, 12);
+    assert_eq!(n, 14);
     // A crash part-way through 0002 (one column added, the migration not recorded): the
     // rerun completes it.
     let mut torn = server.settings("traces");

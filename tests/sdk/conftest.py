@@ -151,8 +151,10 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 
 def gateway_config(proxy_port: int, manage_port: int, openai_url: str, local_url: str,
                    fast_model: str = "gpt-4o-mini", upstream_timeout_ms: int = 5000,
-                   anthropic_url: str | None = None, extra_yaml: str = "") -> str:
-    """`extra_yaml`: more top-level sections (budgets, prices, rate_limits). Without a
+                   anthropic_url: str | None = None, extra_yaml: str = "",
+                   extra_configs: str = "") -> str:
+    """`extra_yaml`: more top-level sections (budgets, prices, rate_limits); `extra_configs`:
+    more routing configs, each a `  slug: {...}` line. Without a
     `rate_limits:` section the dev key is unlimited (the suites send bursts); the `limited`
     key always allows two requests a minute."""
     if "rate_limits:" not in extra_yaml:
@@ -190,14 +192,15 @@ routing_configs:
   cached: {{ project: default, strategy: single, model: "{fast_model}", cache: {{ mode: exact, ttl_seconds: 600 }} }}
   cached_embed: {{ project: default, strategy: single, model: "openai/text-embedding-3-small", cache: {{ mode: exact, ttl_seconds: 600 }} }}
   semantic: {{ project: default, strategy: single, model: "{fast_model}", cache: {{ mode: semantic, threshold: 0.95, ttl_seconds: 600, embedding_model: "openai/text-embedding-3-small" }} }}
-{extra_yaml}"""
+{extra_configs}{extra_yaml}"""
 
 
 class Gateway:
     def __init__(self, workdir: Path, name: str, openai_url: str, local_url: str,
                  upstream_timeout_ms: int = 5000, anthropic_url: str | None = None,
-                 extra_yaml: str = ""):
+                 extra_yaml: str = "", extra_configs: str = ""):
         self.extra_yaml = extra_yaml
+        self.extra_configs = extra_configs
         if not MODELUX.exists():
             pytest.fail(f"{MODELUX} not found: build the release binaries or set MODELUX_BIN_DIR")
         self.workdir = workdir
@@ -220,7 +223,7 @@ class Gateway:
     def write_config(self, fast_model: str = "gpt-4o-mini") -> None:
         text = gateway_config(self.proxy_port, self.manage_port, self.openai_url, self.local_url,
                               fast_model, self.upstream_timeout_ms, self.anthropic_url,
-                              self.extra_yaml)
+                              self.extra_yaml, self.extra_configs)
         self.config_path.write_text(text)
 
     @property

@@ -32,6 +32,10 @@ struct Args {
     error_rate: f64,
     #[arg(long, default_value_t = 500)]
     error_status: u16,
+    /// Keep every request (method, path, headers, body) for `GET /mock/requests`. For tests:
+    /// the record grows without bound.
+    #[arg(long)]
+    record: bool,
     /// Tokio worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -59,8 +63,8 @@ async fn run(args: Args) -> io::Result<()> {
         error_rate: args.error_rate,
         error_status: args.error_status,
         script: Vec::new(),
-        // Recording every request would grow without bound under load.
-        record: false,
+        // Recording every request would grow without bound under load: tests ask for it.
+        record: args.record,
     };
     let server = MockServer::start_on(listener, cfg).await?;
     // Scripts (run.sh) parse this line to learn the port.
