@@ -83,9 +83,21 @@ impl Routed<'_> {
     /// without calling anyone (a cache hit): a probe is then sent by the next request
     /// instead of waiting for the next probe interval.
     pub fn return_probes(&self, now: u64, settings: &crate::routing::health::HealthSettings) {
+        self.return_probes_of(|_| true, now, settings);
+    }
+
+    /// `return_probes`, for the members `skipped` picks (attempts that will not be made).
+    pub fn return_probes_of(
+        &self,
+        skipped: impl Fn(&Member) -> bool,
+        now: u64,
+        settings: &crate::routing::health::HealthSettings,
+    ) {
         if let Routed::Config(d) = self {
             for c in d.candidates.iter().filter(|c| matches!(c.reason, crate::routing::Reason::Probe)) {
-                c.member.health.return_probe(now, settings);
+                if skipped(c.member) {
+                    c.member.health.return_probe(now, settings);
+                }
             }
         }
     }

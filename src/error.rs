@@ -45,6 +45,8 @@ pub enum GatewayError {
     UpstreamTimeout { provider: String, after_ms: u64 },
     /// Bug or resource failure inside the gateway.
     Internal { message: String },
+    /// 503: a store the answer depends on could not be read in time; retrying may work.
+    Unavailable { code: &'static str, message: String },
     /// 429: a blocking budget is fully held by reservations of requests in flight (its
     /// settled spend is under the cap): retry shortly.
     BudgetBusy { name: String, committed_usd: f64, in_flight_usd: f64, cap_usd: f64 },
@@ -81,6 +83,7 @@ impl GatewayError {
             GatewayError::UpstreamStatus { .. } | GatewayError::UpstreamConnect { .. } => 502,
             GatewayError::UpstreamTimeout { .. } => 504,
             GatewayError::Internal { .. } => 500,
+            GatewayError::Unavailable { .. } => 503,
             GatewayError::BudgetExceeded(_) => 402,
             GatewayError::BudgetBusy { .. } => 429,
             GatewayError::RateLimited { .. } => 429,
@@ -99,7 +102,7 @@ impl GatewayError {
             GatewayError::Unauthorized { .. } => "authentication_error",
             GatewayError::UpstreamStatus { .. } | GatewayError::UpstreamConnect { .. } => "upstream_error",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
-            GatewayError::Internal { .. } => "server_error",
+            GatewayError::Internal { .. } | GatewayError::Unavailable { .. } => "server_error",
             GatewayError::BudgetExceeded(_) => "budget_exceeded",
             GatewayError::RateLimited { .. } | GatewayError::BudgetBusy { .. } => "rate_limit_error",
         }
@@ -108,7 +111,9 @@ impl GatewayError {
     /// Machine-readable `error.code`; also the `code` label of the error metric.
     pub fn code(&self) -> &'static str {
         match self {
-            GatewayError::InvalidRequest { code, .. } | GatewayError::NotFound { code, .. } => code,
+            GatewayError::InvalidRequest { code, .. }
+            | GatewayError::NotFound { code, .. }
+            | GatewayError::Unavailable { code, .. } => code,
             GatewayError::Unauthorized { .. } => "invalid_api_key",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::RequestTimeout { .. } => "request_timeout",
@@ -133,7 +138,8 @@ impl GatewayError {
             | GatewayError::Unauthorized { message }
             | GatewayError::NotFound { message, .. }
             | GatewayError::RequestTimeout { message }
-            | GatewayError::Internal { message } => message.clone(),
+            | GatewayError::Internal { message }
+            | GatewayError::Unavailable { message, .. } => message.clone(),
             GatewayError::MethodNotAllowed { allowed } => {
                 format!("method not allowed; use {allowed}")
             }

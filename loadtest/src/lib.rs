@@ -15,6 +15,7 @@ mod anthropic;
 mod azure;
 mod bedrock;
 mod cohere;
+mod files;
 mod gemini;
 pub mod httpc;
 pub mod mock;

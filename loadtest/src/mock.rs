@@ -25,6 +25,8 @@
 //! | `POST /openai/deployments/{deployment}/chat/completions?api-version=…` | Azure OpenAI chat |
 //! | `POST /openai/deployments/{deployment}/embeddings?api-version=…` | Azure OpenAI embeddings |
 //! | `POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}`, `POST …/{id}/cancel`, `GET …/{id}/input_items` | OpenAI Responses API (also under Azure's `/openai/v1/responses`) |
+//! | `/v1/files…`, `/v1/batches…` | OpenAI files (multipart upload, list, metadata, `content`, delete) and batches (create, list, retrieve, cancel) |
+//! | `/v1/messages/batches…`, `/v1/files…` with `anthropic-version` | Anthropic message batches (create, list, retrieve, `results` JSONL, cancel, delete) and files |
 //! | `GET /mock/requests` | the requests recorded so far (`--record`), as JSON: method, path, headers |
 //!
 //! Anything else is a 404 in OpenAI's error shape (under
@@ -50,7 +52,7 @@ use crate::anthropic::{self, Reply, StopReason};
 use crate::bedrock::{self, Auth};
 use crate::template::{self, StreamTemplates, Template, Templates, Vals};
 use crate::wire::{self, ChunkedDecoder, Decoded};
-use crate::{azure, cohere, gemini, openai, responses};
+use crate::{azure, cohere, files, gemini, openai, responses};
 
 /// Largest request head (request line + headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -176,6 +178,8 @@ struct Shared {
     token_json: Vec<Vec<u8>>,
     /// Responses API objects this mock created.
     responses: responses::Responses,
+    /// Files and batches this mock holds.
+    files: files::Store,
 }
 
 /// A running mock upstream. Dropping it shuts it down.
@@ -213,6 +217,7 @@ impl MockServer {
             content_json,
             token_json,
             responses: responses::Responses::new(addr.port()),
+            files: files::Store::new(addr.port()),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -338,6 +343,8 @@ enum Route {
         op: responses::Op,
         azure: bool,
     },
+    /// The id (if any) is in [`Head::param`].
+    Files(files::Op),
     /// `GET /mock/requests`.
     Recorded,
     NotFound,
@@ -363,6 +370,8 @@ impl Route {
             Route::Converse { .. } => Api::Bedrock,
             Route::Azure(_) | Route::Responses { azure: true, .. } => Api::Azure,
             Route::Responses { azure: false, .. } | Route::Recorded => Api::OpenAi,
+            Route::Files(op) if op.anthropic() => Api::Anthropic,
+            Route::Files(_) => Api::OpenAi,
             Route::ChatCompletions | Route::Models | Route::Embeddings | Route::NotFound => Api::OpenAi,
         }
     }
@@ -435,6 +444,8 @@ struct Head {
     param: Option<String>,
     /// The query string, kept only for the routes that read it after routing.
     query: String,
+    /// The request's `content-type`, kept only for uploads.
+    content_type: String,
     /// Bedrock routes only: what the `authorization` header looks like.
     auth: Auth,
     recorded: Option<RecordedRequest>,
@@ -452,13 +463,19 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
     let method = req.method.unwrap_or("");
     let full_path = req.path.unwrap_or("");
     let path = full_path.split('?').next().unwrap_or("");
-    let (route, param) = match (method, path) {
+    let (mut route, mut param) = match (method, path) {
         ("POST", "/v1/chat/completions") => (Route::ChatCompletions, None),
         ("GET", "/v1/models") => (Route::Models, None),
         ("POST", "/v1/messages") => (Route::Messages, None),
         ("POST", "/v1/messages/count_tokens") => (Route::CountTokens, None),
         _ => route_param(method, path, full_path.split_once('?').map_or("", |(_, q)| q)),
     };
+    let header = |n: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(n)).map(|h| h.value);
+    if route == Route::NotFound {
+        if let Some((op, id)) = files::Op::from_path(method, path, header("anthropic-version").is_some()) {
+            (route, param) = (Route::Files(op), id);
+        }
+    }
     let auth = if matches!(route, Route::Converse { .. }) {
         let value =
             req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("authorization")).map(|h| h.value);
@@ -494,7 +511,15 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
     }
     let not_found = (route == Route::NotFound).then(|| format!("{method} {path}"));
     let query = match route {
-        Route::Responses { .. } => full_path.split_once('?').map_or("", |(_, q)| q).to_owned(),
+        Route::Responses { .. } | Route::Files(_) => {
+            full_path.split_once('?').map_or("", |(_, q)| q).to_owned()
+        }
+        _ => String::new(),
+    };
+    let content_type = match route {
+        Route::Files(_) => {
+            header("content-type").map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+        }
         _ => String::new(),
     };
     let recorded = record.then(|| RecordedRequest {
@@ -507,7 +532,19 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
             .collect(),
         body: Vec::new(),
     });
-    Ok(Some(Head { len, route, body, close, expect_continue, not_found, param, query, auth, recorded }))
+    Ok(Some(Head {
+        len,
+        route,
+        body,
+        close,
+        expect_continue,
+        not_found,
+        param,
+        query,
+        content_type,
+        auth,
+        recorded,
+    }))
 }
 
 /// Per-connection reusable buffers, so steady-state requests do not allocate.
@@ -726,6 +763,9 @@ async fn handle(
         Route::Azure(azure::Op::NotFound) => azure::error(404, ""),
         Route::Responses { op, .. } => {
             responses::answer(&sh.responses, &ctx, op, head.param.as_deref(), &head.query, &body)
+        }
+        Route::Files(op) => {
+            sh.files.answer(&ctx, op, head.param.as_deref(), &head.query, &head.content_type, &body)
         }
         Route::Recorded => {
             let recorded: Vec<serde_json::Value> = lock(&sh.recorded)

@@ -6,7 +6,7 @@
 //! answered as OpenAI does (400 `previous_response_not_found`, 404), which is what tests of
 //! a gateway's provider affinity need.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,6 +14,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::answer::{self, compact, obj, Answer, Ctx, Event, Obj, J};
+
+/// Responses kept per mock; older ones are forgotten (as OpenAI's expire).
+const MAX_STORED: usize = 10_000;
 
 /// What a path under `…/responses` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,16 +70,17 @@ struct Stored {
 pub(crate) struct Responses {
     /// Makes ids unique across mock processes (a gateway's fallback spans several).
     nonce: u64,
-    stored: Mutex<HashMap<String, Stored>>,
+    /// By id, which sorts by creation (the sequence is its hex tail).
+    stored: Mutex<BTreeMap<String, Stored>>,
 }
 
 impl Responses {
     pub(crate) fn new(port: u16) -> Responses {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        Responses { nonce: nanos ^ (u64::from(port) << 48), stored: Mutex::new(HashMap::new()) }
+        Responses { nonce: nanos ^ (u64::from(port) << 48), stored: Mutex::new(BTreeMap::new()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stored>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Stored>> {
         self.stored.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -399,7 +403,7 @@ fn create(store: &Responses, ctx: &Ctx<'_>, body: &[u8]) -> Answer {
         msg_id: format!("msg_{nonce:016x}{seq:032x}"),
         created_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         model,
-        status: if background { "queued" } else { "completed" },
+        status: if background && req.stream != Some(true) { "queued" } else { "completed" },
         background,
         instructions: req.instructions.unwrap_or(Value::Null),
         max_output_tokens: req.max_output_tokens.map_or(Value::Null, Value::from),
@@ -410,12 +414,16 @@ fn create(store: &Responses, ctx: &Ctx<'_>, body: &[u8]) -> Answer {
         output_tokens: n as u64,
         input_items: items,
     };
-    let answer = if req.stream == Some(true) && !background {
+    let answer = if req.stream == Some(true) {
         stream(events(&s, &tokens))
     } else {
         Answer::json(200, answer::pretty(&render(&s, s.status, s.status == "completed")))
     };
     stored.insert(s.id.clone(), s);
+    // Bounded under load: the oldest go first.
+    while stored.len() > MAX_STORED {
+        stored.pop_first();
+    }
     answer
 }
 

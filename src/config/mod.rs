@@ -55,6 +55,8 @@ pub struct Settings {
     pub threads: usize,
     pub work_stealing: bool,
     pub max_body_bytes: u64,
+    /// Largest upload passed through (`/files`), streamed (`server.max_upload_bytes`).
+    pub max_upload_bytes: u64,
     pub client_body_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
@@ -497,6 +499,14 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         threads: threads.max(1),
         work_stealing: raw.work_stealing.unwrap_or(false),
         max_body_bytes,
+        max_upload_bytes: match raw.max_upload_bytes {
+            Some(0) => {
+                errors.push(ConfigError::new("server.max_upload_bytes", "must be greater than 0"));
+                0
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_UPLOAD_BYTES,
+        },
         client_body_timeout: ms(raw.client_body_timeout_ms, 30_000, "server.client_body_timeout_ms", errors),
         upstream_connect_timeout: ms(
             raw.upstream_connect_timeout_ms,

@@ -9,6 +9,8 @@ use serde::Deserialize;
 pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MANAGE_LISTEN: &str = "127.0.0.1:5100";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+/// OpenAI's own limit on one file (Anthropic's is 500 MB).
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
 
 /// Top-level sections, used to reject unknown top-level keys with a clear message.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
@@ -40,6 +42,8 @@ pub struct RawServer {
     pub work_stealing: Option<bool>,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: Option<u64>,
+    /// Largest upload passed through (OpenAI and Anthropic `/files`); streamed, never held.
+    pub max_upload_bytes: Option<u64>,
     /// Deadline for receiving the whole request body; a slower client gets 408.
     pub client_body_timeout_ms: Option<u64>,
     /// TCP (+TLS) connect deadline per upstream attempt.

@@ -61,6 +61,13 @@ pub trait Adapter: Sync {
         None
     }
 
+    /// Path (and query) of an Anthropic REST resource (`/messages/batches`, `/files`, …:
+    /// `endpoint` starts with `/`, after `/v1`) on a kind that serves Anthropic's API
+    /// beyond messages; `None` where the kind does not.
+    fn anthropic_resource_path(&self, _provider: &Provider, _endpoint: &str) -> Option<String> {
+        None
+    }
+
     /// `Accept` of a streamed call.
     fn stream_accept(&self) -> &'static str {
         "text/event-stream"

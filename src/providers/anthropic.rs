@@ -27,6 +27,10 @@ impl Adapter for Anthropic {
         provider.upstream_path("/v1/messages")
     }
 
+    fn anthropic_resource_path(&self, provider: &Provider, endpoint: &str) -> Option<String> {
+        Some(provider.upstream_path(&format!("/v1{endpoint}")))
+    }
+
     fn verify_path(&self, provider: &Provider) -> Option<String> {
         Some(provider.upstream_path("/v1/models"))
     }

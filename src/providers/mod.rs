@@ -240,6 +240,12 @@ impl Provider {
         self.adapter.openai_resource_path(self, endpoint)
     }
 
+    /// Path (and query) of an Anthropic REST resource (`/messages/batches/{id}`, `/files`,
+    /// …), when this provider's kind serves Anthropic's API beyond messages.
+    pub fn anthropic_resource_path(&self, endpoint: &str) -> Option<String> {
+        self.adapter.anthropic_resource_path(self, endpoint)
+    }
+
     /// `Accept` of a call: a stream in the kind's framing, or JSON.
     pub fn accept(&self, stream: bool) -> &'static str {
         if stream {

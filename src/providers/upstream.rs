@@ -72,11 +72,20 @@ fn map_error(provider: &Provider, e: &PError, timeouts: &Timeouts) -> GatewayErr
 /// Serialises the request head. The head is written by us rather than by pingora's
 /// client, which flushes the head on its own: head and body then leave in one write
 /// (one packet for typical requests instead of two).
+/// How a request body is framed.
+#[derive(Clone, Copy)]
+enum Framing {
+    Length(u64),
+    /// `Transfer-Encoding: chunked`: a streamed body whose length the client did not give.
+    Chunked,
+}
+
+/// A `content-type` among `extra` replaces the JSON default (uploads send multipart).
 fn request_head(
     provider: &Provider,
     method: &str,
     path: &str,
-    body_len: usize,
+    framing: Framing,
     accept: &str,
     extra: &[(&str, &str)],
     credential: Option<&(&'static str, String)>,
@@ -92,7 +101,13 @@ fn request_head(
     };
     put(&[method, " ", path, " HTTP/1.1\r\nHost: ", &provider.host_header, "\r\n"]);
     if method != "GET" {
-        put(&["Content-Type: application/json\r\nContent-Length: ", &body_len.to_string(), "\r\n"]);
+        if !extra.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type")) {
+            put(&["Content-Type: application/json\r\n"]);
+        }
+        match framing {
+            Framing::Length(n) => put(&["Content-Length: ", &n.to_string(), "\r\n"]),
+            Framing::Chunked => put(&["Transfer-Encoding: chunked\r\n"]),
+        }
     }
     // The gateway reads upstream bodies (usage, errors): ask for them uncompressed.
     put(&["Accept: ", accept, "\r\nAccept-Encoding: identity\r\n"]);
@@ -183,7 +198,7 @@ pub async fn exchange(
         provider,
         call.method,
         call.path,
-        call.body.len(),
+        Framing::Length(call.body.len() as u64),
         call.accept,
         call.extra_headers,
         call.credential,
@@ -232,6 +247,107 @@ pub async fn exchange(
             }
         }
     }
+}
+
+/// Where a streamed request body comes from (a client's upload), piece by piece.
+pub trait BodySource: Send {
+    /// The next piece; `None` at the end. An `Err` abandons the request.
+    fn next_piece(&mut self)
+        -> impl std::future::Future<Output = Result<Option<Bytes>, GatewayError>> + Send;
+}
+
+/// Like `exchange`, with the body streamed from `source` as it arrives (`length`: the
+/// client's declared length; otherwise chunked): an upload of any size passes through
+/// holding one piece at a time. The body cannot be sent twice, so only a failure to write
+/// the head to a pooled connection moves to a fresh one.
+pub async fn exchange_streaming<S: BodySource>(
+    connector: &Connector,
+    metrics: &Metrics,
+    timeouts: &Timeouts,
+    provider: &Provider,
+    call: Call<'_>,
+    length: Option<u64>,
+    source: &mut S,
+) -> Result<Exchange, GatewayError> {
+    let started = Instant::now();
+    let peer = provider.peer(timeouts).await?;
+    let framing = length.map_or(Framing::Chunked, Framing::Length);
+    let head = request_head(
+        provider,
+        call.method,
+        call.path,
+        framing,
+        call.accept,
+        call.extra_headers,
+        call.credential,
+    )?;
+    let write_error = |e: std::io::Error| {
+        map_error(provider, &PError::because(ErrorType::WriteError, "writing upstream request", e), timeouts)
+    };
+    let timed_out = || GatewayError::UpstreamTimeout {
+        provider: provider.id.clone(),
+        after_ms: timeouts.read_write.as_millis() as u64,
+    };
+    let mut tries = 0;
+    let mut stream = loop {
+        tries += 1;
+        let (session, reused) =
+            connector.get_http_session(&peer).await.map_err(|e| map_error(provider, &e, timeouts))?;
+        if reused {
+            metrics.upstream_connections_reused.inc();
+        } else {
+            metrics.upstream_connections_new.inc();
+        }
+        let HttpSession::H1(h1) = session else {
+            return Err(GatewayError::internal("expected an HTTP/1.1 upstream session"));
+        };
+        let mut stream = h1.into_inner();
+        match tokio::time::timeout(timeouts.read_write, stream.write_all(&head)).await {
+            Ok(Ok(())) => break stream,
+            Ok(Err(_)) if reused && tries < 3 => continue,
+            Ok(Err(e)) => return Err(write_error(e)),
+            Err(_) => return Err(timed_out()),
+        }
+    };
+    let chunked = length.is_none();
+    while let Some(piece) = source.next_piece().await? {
+        if piece.is_empty() {
+            continue;
+        }
+        let write = async {
+            if chunked {
+                stream.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await?;
+                stream.write_all(&piece).await?;
+                stream.write_all(b"\r\n").await
+            } else {
+                stream.write_all(&piece).await
+            }
+        };
+        match tokio::time::timeout(timeouts.read_write, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(write_error(e)),
+            Err(_) => return Err(timed_out()),
+        }
+    }
+    let finish = async {
+        if chunked {
+            stream.write_all(b"0\r\n\r\n").await?;
+        }
+        stream.flush().await
+    };
+    match tokio::time::timeout(timeouts.read_write, finish).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(write_error(e)),
+        Err(_) => return Err(timed_out()),
+    }
+    let mut session = HttpSession::H1(pingora::protocols::http::v1::client::HttpSession::new(stream));
+    session.set_read_timeout(Some(timeouts.read_write));
+    session.set_write_timeout(Some(timeouts.read_write));
+    session.read_response_header().await.map_err(|e| map_error(provider, &e, timeouts))?;
+    let Some(header) = session.response_header().cloned() else {
+        return Err(GatewayError::internal("upstream response header missing after read"));
+    };
+    Ok(Exchange { session, peer, header, ttfb: started.elapsed(), started })
 }
 
 /// Reads the rest of a (non-streamed) upstream body, bounded by `limit` bytes.

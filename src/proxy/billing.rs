@@ -244,6 +244,17 @@ pub(super) fn record_budget(ctx: &mut RequestCtx, downgraded_from: Option<String
 /// Most a request can cost: its prompt estimate plus `max_tokens` (within the model's output
 /// limit, else that limit) for each of its `n` choices, at the member's prices; the dearest member of a sequence (one answers), the sum
 /// of an ensemble (all answer).
+/// The output tokens a reservation counts on for `model`: the client's `max_tokens`, no more
+/// than the model can produce.
+pub(super) fn reserved_output_tokens(snapshot: &Snapshot, model: &str, max_tokens: Option<u64>) -> u64 {
+    let limit = snapshot.prices.lookup(model).and_then(|i| i.max_output_tokens);
+    match (max_tokens, limit) {
+        (Some(t), Some(l)) => t.min(l),
+        (Some(t), None) => t.min(MAX_RESERVED_OUTPUT_TOKENS),
+        (None, l) => l.unwrap_or(DEFAULT_RESERVED_OUTPUT_TOKENS),
+    }
+}
+
 pub(super) fn max_cost(
     snapshot: &Snapshot,
     members: &[&Member],
@@ -255,14 +266,8 @@ pub(super) fn max_cost(
     let one = |m: &&Member| {
         // Resolved when the config loaded (or, for a direct model, when it was routed).
         let Some(rates) = m.rates else { return 0.0 };
-        let limit = snapshot.prices.lookup(&m.target.model).and_then(|i| i.max_output_tokens);
-        // A client's max_tokens above what the model can produce cannot be billed either.
-        let output = match (max_tokens, limit) {
-            (Some(t), Some(l)) => t.min(l),
-            (Some(t), None) => t.min(MAX_RESERVED_OUTPUT_TOKENS),
-            (None, l) => l.unwrap_or(DEFAULT_RESERVED_OUTPUT_TOKENS),
-        };
-        let output = output.saturating_mul(choices.max(1));
+        let output =
+            reserved_output_tokens(snapshot, &m.target.model, max_tokens).saturating_mul(choices.max(1));
         input_tokens as f64 * rates.input + output as f64 * rates.output.max(rates.reasoning)
     };
     if all_answer {

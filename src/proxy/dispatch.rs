@@ -3,14 +3,15 @@
 //! first byte went downstream is rendered once, in the client's wire format, here.
 
 use super::request::authenticate;
-use super::responses::{self, Op as ResponsesOp};
+use super::resources::{self, Api, Route};
+use super::responses;
 use super::{billing, chat, count_tokens, embeddings, models, respond, GatewayState, Req, RequestCtx};
 use crate::auth::{ProviderKey, PROVIDER_KEY_HEADER};
 use crate::error::{GatewayError, Surface};
 use crate::replay::live::{self, Grant};
 use pingora::proxy::Session;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Endpoint {
     /// OpenAI chat completions or Anthropic messages, by surface.
     Chat,
@@ -21,8 +22,8 @@ enum Endpoint {
     DryRun,
     /// `POST /openai/v1/responses`.
     ResponsesCreate,
-    /// A path under `/openai/v1/responses/{id}`.
-    Responses(ResponsesOp),
+    /// A passthrough resource (`resources`): its row, or the methods its path allows.
+    Resource(Result<&'static Route, &'static str>),
 }
 
 impl Endpoint {
@@ -30,7 +31,9 @@ impl Endpoint {
     /// message paths: an Anthropic client whose base URL is the bare host calls
     /// `/v1/messages`, and one configured with `ANTHROPIC_BASE_URL=…/v1` (as the hosted
     /// service's coding-agent guide suggests) calls `/v1/v1/messages`.
-    fn from_path(path: &str) -> Option<(Surface, Endpoint)> {
+    /// `anthropic_client`: the request carries `anthropic-version` (the Anthropic SDK's bare
+    /// `/v1/files` is otherwise OpenAI's).
+    fn from_path(path: &str, method: &str, anthropic_client: bool) -> Option<(Surface, Endpoint)> {
         let path = match path.strip_prefix("/v1/v1/") {
             Some(rest) if rest.starts_with("messages") => &path[3..],
             _ => path,
@@ -41,7 +44,7 @@ impl Endpoint {
                 "/messages/count_tokens" => Some((Surface::Anthropic, Endpoint::CountTokens)),
                 "/models" => Some((Surface::Anthropic, Endpoint::Models)),
                 "/dry-run" => Some((Surface::Anthropic, Endpoint::DryRun)),
-                _ => None,
+                _ => resource(Api::Anthropic, rest, method).map(|e| (Surface::Anthropic, e)),
             };
         }
         let rest = path.strip_prefix("/openai/v1").or_else(|| path.strip_prefix("/v1"))?;
@@ -51,21 +54,18 @@ impl Endpoint {
             "/embeddings" => Some((Surface::OpenAi, Endpoint::Embeddings)),
             "/dry-run" => Some((Surface::OpenAi, Endpoint::DryRun)),
             "/responses" => Some((Surface::OpenAi, Endpoint::ResponsesCreate)),
-            _ if rest.starts_with("/responses/") => {
-                let mut parts = rest["/responses/".len()..].split('/');
-                let op = match (parts.next(), parts.next(), parts.next()) {
-                    (Some(_), None, _) => ResponsesOp::Item,
-                    (Some(_), Some("cancel"), None) => ResponsesOp::Cancel,
-                    (Some(_), Some("input_items"), None) => ResponsesOp::InputItems,
-                    _ => return None,
-                };
-                Some((Surface::OpenAi, Endpoint::Responses(op)))
-            }
             "/messages" if path.starts_with("/v1/") => Some((Surface::Anthropic, Endpoint::Chat)),
             "/messages/count_tokens" if path.starts_with("/v1/") => {
                 Some((Surface::Anthropic, Endpoint::CountTokens))
             }
-            _ => None,
+            // Anthropic's message batches under the bare `/v1` too, as its messages are, and
+            // its files when an Anthropic client asks.
+            _ if path.starts_with("/v1/messages/batches")
+                || (anthropic_client && path.starts_with("/v1/files")) =>
+            {
+                resource(Api::Anthropic, rest, method).map(|e| (Surface::Anthropic, e))
+            }
+            _ => resource(Api::OpenAi, rest, method).map(|e| (Surface::OpenAi, e)),
         }
     }
 
@@ -76,21 +76,24 @@ impl Endpoint {
             | Endpoint::CountTokens
             | Endpoint::Embeddings
             | Endpoint::DryRun
-            | Endpoint::ResponsesCreate
-            | Endpoint::Responses(ResponsesOp::Cancel) => "POST",
-            Endpoint::Models | Endpoint::Responses(ResponsesOp::InputItems) => "GET",
-            Endpoint::Responses(ResponsesOp::Item) => "GET, DELETE",
+            | Endpoint::ResponsesCreate => "POST",
+            Endpoint::Models => "GET",
+            Endpoint::Resource(Ok(route)) => route.method,
+            Endpoint::Resource(Err(allow)) => allow,
         }
     }
 
     fn allows(self, method: &http::Method) -> bool {
         match self {
-            Endpoint::Responses(ResponsesOp::Item) => {
-                method == http::Method::GET || method == http::Method::DELETE
-            }
+            Endpoint::Resource(found) => found.is_ok(),
             _ => method.as_str() == self.methods(),
         }
     }
+}
+
+/// A passthrough row for `rest` (`/…` after `/v1`).
+fn resource(api: Api, rest: &str, method: &str) -> Option<Endpoint> {
+    resources::find(api, rest.strip_prefix('/')?, method).map(Endpoint::Resource)
 }
 
 /// `X-Modelux-Provider-Key`: the caller's own provider key for this call (BYOK). A value a
@@ -110,6 +113,11 @@ fn provider_key(header: &pingora::http::RequestHeader) -> Result<Option<Provider
             "X-Modelux-Provider-Key must be a provider key: 1 to 1024 visible ASCII characters",
         )),
     }
+}
+
+/// The path after the surface's `…/v1/` (the `/v1/v1/` of a doubled base URL included).
+fn rest_of(path: &str) -> Option<&str> {
+    ["/anthropic/v1/", "/openai/v1/", "/v1/v1/", "/v1/"].iter().find_map(|p| path.strip_prefix(p))
 }
 
 /// Unknown paths are logged cut to this many characters.
@@ -138,10 +146,12 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
     if path.starts_with("/anthropic/") {
         ctx.surface = Surface::Anthropic;
     }
-    let (surface, endpoint) = Endpoint::from_path(path).ok_or_else(|| GatewayError::NotFound {
-        code: "not_found",
-        message: format!("unknown endpoint {} {path}", header.method),
-    })?;
+    let anthropic_client = path.starts_with("/v1/files") && header.headers.contains_key("anthropic-version");
+    let (surface, endpoint) = Endpoint::from_path(path, header.method.as_str(), anthropic_client)
+        .ok_or_else(|| GatewayError::NotFound {
+            code: "not_found",
+            message: format!("unknown endpoint {} {path}", header.method),
+        })?;
     ctx.surface = surface;
     if !endpoint.allows(&header.method) {
         return Err(GatewayError::MethodNotAllowed { allowed: endpoint.methods() });
@@ -164,6 +174,11 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
         Endpoint::CountTokens => count_tokens::count(req, &principal).await,
         Endpoint::Embeddings => embeddings::embed(req, &principal).await,
         Endpoint::ResponsesCreate => responses::create(req, &principal).await,
-        Endpoint::Responses(op) => responses::resource(req, &principal, op).await,
+        Endpoint::Resource(found) => {
+            let route = found.map_err(|allowed| GatewayError::MethodNotAllowed { allowed })?;
+            let path = req.session.req_header().uri.path().to_string();
+            let rest = rest_of(&path).unwrap_or_default();
+            resources::serve(req, &principal, route, rest).await
+        }
     }
 }

@@ -22,7 +22,7 @@ use crate::providers::upstream::{self, Exchange};
 use crate::providers::Target;
 use crate::routing::health::{now_ms, HealthSettings, Sample};
 use crate::routing::{Accept, Aggregation, Failure, Member, RetryOn};
-use crate::wire::canonical::{Request, Response};
+use crate::wire::canonical::{Request, Response, Usage};
 use crate::wire::routed::RoutedRequest;
 use crate::wire::{self, Transcoder, WireFormat};
 use serde_json::value::RawValue;
@@ -435,6 +435,16 @@ pub fn check_accept(accept: &Accept, resp: &Response) -> Result<(), String> {
     Ok(())
 }
 
+/// A Responses API answer that started in the background (`queued`, `in_progress`).
+fn background_started(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Started<'a> {
+        #[serde(borrow)]
+        status: Option<&'a str>,
+    }
+    serde_json::from_slice::<Started>(body).is_ok_and(|s| matches!(s.status, Some("queued" | "in_progress")))
+}
+
 /// Splices `"mlx:trace": {...}` into a JSON object body.
 pub(super) fn inject_trace(body: &[u8], trace: &RawValue) -> Option<Vec<u8>> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -486,6 +496,20 @@ impl Exec<'_, '_> {
         let usage = match &decoded {
             Some(resp) => Some(resp.usage),
             None => prepared.format.codec().usage(&body),
+        };
+        // A background response reports no usage when it starts, and its later usage is
+        // read by no one here: it is billed what was reserved for it, never less.
+        let usage = match usage {
+            None if self.api == Api::Responses && background_started(&body) => Some(Usage {
+                input: self.req.ctx.bill.est_input_tokens,
+                output: billing::reserved_output_tokens(
+                    self.req.snapshot,
+                    &served.target.model,
+                    self.request.max_tokens,
+                ),
+                ..Usage::default()
+            }),
+            usage => usage,
         };
         let (state, session, ctx) = (self.req.state, &mut *self.req.session, &mut *self.req.ctx);
         // Settled before the headers go: they carry the cost and what the budget has left.

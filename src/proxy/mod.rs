@@ -18,6 +18,7 @@ mod headers;
 mod models;
 mod passthrough;
 mod request;
+mod resources;
 mod respond;
 mod responses;
 mod stream;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::answer::MAX_UPSTREAM_BODY;
 use super::headers::{name, passthrough_headers, Headers};
 use super::{respond, GatewayState, Req, RequestCtx};
 use crate::auth::Principal;
@@ -41,9 +42,29 @@ pub fn path_id(id: &str) -> Result<&str, GatewayError> {
     }
 }
 
+/// Who holds `id` for the caller's project, as the trace store remembers it; a store that
+/// cannot be read in time is a 503 (guessing could send the call to the wrong provider).
+pub async fn recorded_owner(
+    req: &Req<'_>,
+    project: &str,
+    id: &str,
+) -> Result<Option<Arc<str>>, GatewayError> {
+    req.state.owners.lookup(project, id).await.map_err(|e| GatewayError::Unavailable {
+        code: "trace_store_unavailable",
+        message: format!("cannot tell which provider holds {id}: {e}"),
+    })
+}
+
+/// The provider kinds of the vendor whose API `serves` is about: where a caller's own key
+/// may look for an id the gateway has no record of.
+fn vendor_kind(kind: &str) -> bool {
+    matches!(kind, "openai" | "azure" | "anthropic")
+}
+
 /// The provider holding `id` for the caller's project. An id no kept record names is sent,
-/// with the caller's own key (BYOK), to a provider whose kind `serves` and whose key format
-/// the key fits (the vendor's own kind first, then by id); otherwise it is unknown here (404): the stored
+/// with the caller's own key (BYOK), to the vendor's own provider (`openai`, `azure` or
+/// `anthropic` kind, by id) that `serves` it and whose key format the key fits, never to a
+/// third-party compatible server; otherwise it is unknown here (404): the stored
 /// credentials are shared by every project, so they reach only what this project created.
 pub async fn owner(
     req: &Req<'_>,
@@ -52,22 +73,20 @@ pub async fn owner(
     serves: impl Fn(&Provider) -> bool,
 ) -> Result<Arc<Provider>, GatewayError> {
     let providers = &req.snapshot.providers;
-    if let Some(owner) = req.state.owners.lookup(&principal.project, id).await {
+    if let Some(owner) = recorded_owner(req, &principal.project, id).await? {
         return providers.get(&*owner).cloned().ok_or_else(|| GatewayError::NotFound {
             code: "not_found",
             message: format!("{id} is held by provider {owner}, which is no longer configured"),
         });
     }
     if let Some(key) = &req.ctx.provider_key {
-        let mut fitting: Vec<&Arc<Provider>> =
-            providers.values().filter(|p| serves(p) && p.byok_credential(key.secret()).is_some()).collect();
-        // The key's format names a vendor (`sk-…` is OpenAI's): its own kind first.
-        let rank = |p: &Provider| match p.adapter.kind() {
-            "openai" | "anthropic" => 0,
-            "azure" => 1,
-            _ => 2,
-        };
-        fitting.sort_by(|a, b| (rank(a), &a.id).cmp(&(rank(b), &b.id)));
+        let mut fitting: Vec<&Arc<Provider>> = providers
+            .values()
+            .filter(|p| {
+                vendor_kind(p.adapter.kind()) && serves(p) && p.byok_credential(key.secret()).is_some()
+            })
+            .collect();
+        fitting.sort_by(|a, b| a.id.cmp(&b.id));
         if let Some(p) = fitting.first() {
             return Ok(Arc::clone(p));
         }
@@ -81,38 +100,21 @@ pub async fn owner(
     })
 }
 
-/// Sends one request to `provider` and relays its answer, whatever its status: the body
-/// streams through untouched. Only the provider's refusal of the gateway's stored
-/// credential is not passed on (its words may quote the key): that is a 502.
-pub async fn forward(
+/// Records an upstream exchange on the request. The provider's refusal of the gateway's
+/// stored credential is not passed on (its words may quote the key): that is a 502. Any
+/// other status passes through, body and all.
+pub async fn answered(
     req: &mut Req<'_>,
-    provider: &Arc<Provider>,
-    method: &str,
-    path: &str,
-    body: Bytes,
-) -> Result<(), GatewayError> {
-    let state = req.state;
-    let settings = &req.snapshot.settings;
-    let accept = req
-        .session
-        .req_header()
-        .headers
-        .get(http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.bytes().any(|b| b == b'\r' || b == b'\n'))
-        .unwrap_or("application/json")
-        .to_string();
-    let byok = req.ctx.provider_key.as_ref().and_then(|k| provider.byok_credential(k.secret()));
-    let call =
-        upstream::Call { method, path, body, accept: &accept, extra_headers: &[], credential: byok.as_ref() };
-    let timeouts = settings.upstream_timeouts();
-    req.ctx.provider = Some(provider.id.clone());
-    let mut ex = upstream::exchange(&state.connector, &state.metrics, &timeouts, provider, call).await?;
+    provider: &Provider,
+    mut ex: Exchange,
+    byok: bool,
+) -> Result<Exchange, GatewayError> {
+    let (state, settings) = (req.state, &req.snapshot.settings);
     req.ctx.ttfb = Some(ex.ttfb);
     req.ctx.served = true;
     let status = ex.header.status.as_u16();
-    if matches!(status, 401 | 403) && byok.is_none() {
-        let _ = upstream::read_all(&mut ex, 64 * 1024, provider, &timeouts).await;
+    if matches!(status, 401 | 403) && !byok {
+        let _ = upstream::read_all(&mut ex, 64 * 1024, provider, &settings.upstream_timeouts()).await;
         req.ctx.upstream_time += ex.started.elapsed();
         upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
         return Err(GatewayError::UpstreamStatus {
@@ -124,23 +126,58 @@ pub async fn forward(
     if !(200..300).contains(&status) {
         req.ctx.error_code = Some("upstream_client_error");
     }
+    Ok(ex)
+}
+
+/// Answers with the upstream's whole body (bounded), after `inspect` has read it; a body
+/// `inspect` returns replaces it.
+pub async fn whole(
+    req: &mut Req<'_>,
+    provider: &Provider,
+    mut ex: Exchange,
+    inspect: impl FnOnce(&mut RequestCtx, &[u8]) -> Option<Vec<u8>>,
+) -> Result<(), GatewayError> {
+    let (state, settings) = (req.state, &req.snapshot.settings);
+    let read = upstream::read_all(&mut ex, MAX_UPSTREAM_BODY, provider, &settings.upstream_timeouts()).await;
+    req.ctx.upstream_time += ex.started.elapsed();
+    let body = match read {
+        Ok(body) => body,
+        Err(e) => {
+            ex.session.shutdown().await;
+            return Err(e);
+        }
+    };
+    let body = match inspect(req.ctx, &body) {
+        Some(changed) => Bytes::from(changed),
+        None => body,
+    };
     let mut headers = passthrough_headers(&ex.header);
     headers.push((name("x-modelux-provider-used"), provider.id.clone()));
-    relay(req, provider, ex, headers).await;
+    let status = ex.header.status.as_u16();
+    respond::whole(req.session, req.ctx, status, headers, body).await;
+    upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
     Ok(())
 }
 
 /// Streams an upstream answer to the client as it arrives, with its status; its length
 /// when the upstream declared one. A failure part-way closes the client's connection: a
 /// cut body must not pass for a whole one.
-async fn relay(req: &mut Req<'_>, provider: &Provider, mut ex: Exchange, mut headers: Headers) {
+pub async fn relay(req: &mut Req<'_>, provider: &Provider, mut ex: Exchange, mut headers: Headers) {
     let (state, settings) = (req.state, &req.snapshot.settings);
     let (session, ctx) = (&mut *req.session, &mut *req.ctx);
     let status = ex.header.status.as_u16();
-    let length = ex.header.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
-    match length {
-        Some(n) => headers.push((http::header::CONTENT_LENGTH, n.to_string())),
-        None => headers.push((http::header::TRANSFER_ENCODING, "chunked".into())),
+    let h = &ex.header.headers;
+    // The upstream's framing decides: a chunked body's `Content-Length` (if any) is wrong.
+    let chunked = h
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("chunked")));
+    let length = h.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).filter(|_| !chunked);
+    match (status, length) {
+        // No body, so no framing.
+        (204 | 304, _) => {}
+        (_, Some(n)) => headers.push((http::header::CONTENT_LENGTH, n.to_string())),
+        (_, None) => headers.push((http::header::TRANSFER_ENCODING, "chunked".into())),
     }
     let resp = match respond::header(status, headers, ctx) {
         Ok(h) => h,

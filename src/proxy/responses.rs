@@ -1,10 +1,8 @@
 //! The OpenAI Responses API (PRODUCT.md §1.3, §4.7). `POST /responses` is routed like chat
 //! (`@config` fallback, budgets, rate limits, pricing) but only to OpenAI-family providers,
 //! and the client's bytes go through untouched but for `model`. A response is remembered
-//! with the provider that created it: a follow-up naming it (`previous_response_id`) and
-//! `GET`/`DELETE`/`cancel`/`input_items` on it go there.
-
-use bytes::Bytes;
+//! with the provider that created it: a follow-up naming it (`previous_response_id`) goes
+//! there, as do `GET`/`DELETE`/`cancel`/`input_items` on it (`resources`).
 
 use super::execute::{self, Exec};
 use super::passthrough;
@@ -12,19 +10,9 @@ use super::request::{self, Incoming};
 use super::{billing, dry_run, Req};
 use crate::auth::Principal;
 use crate::error::GatewayError;
-use crate::routing::Plan;
+use crate::routing::health::now_ms;
+use crate::routing::{Member, Plan};
 use crate::wire::routed::{Payload, RoutedRequest};
-
-/// What a path under `/responses/{id}` asks for.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Op {
-    /// `GET` (retrieve; `?stream=true` replays the stream) or `DELETE`.
-    Item,
-    /// `POST …/cancel`.
-    Cancel,
-    /// `GET …/input_items`.
-    InputItems,
-}
 
 pub async fn create(req: &mut Req<'_>, principal: &Principal) -> Result<(), GatewayError> {
     let snapshot = req.snapshot;
@@ -42,50 +30,107 @@ pub async fn create(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gate
     if incoming.dry_run {
         return dry_run::answer(req, &routed, &facts, 1024).await;
     }
+    let health = &snapshot.health_settings;
+    // Refused after routing: the half-open probe leases it took go back.
+    let refuse = |routed: &crate::admission::Routed<'_>, e: GatewayError| {
+        routed.return_probes(now_ms(), health);
+        Err(e)
+    };
     let (retry_on, total_budget) = match routed.plan() {
         Plan::Sequential { retry_on, total_budget, cascade: false } => (retry_on, total_budget),
         Plan::Sequential { cascade: true, .. } | Plan::Parallel { .. } => {
-            return Err(GatewayError::invalid(
-                "unsupported_policy",
-                format!(
-                    "{} routes with a cascade or an ensemble, which the Responses API does not support; \
-                     use single, fallback, cost or latency routing",
-                    asked.model
-                ),
-            ))
+            let why = format!(
+                "{} routes with a cascade or an ensemble, which the Responses API does not support; use \
+                 single, fallback, cost or latency routing",
+                asked.model
+            );
+            return refuse(&routed, GatewayError::invalid("unsupported_policy", why));
         }
     };
-    let mut attempts = routed.attempts();
-    if let Some(previous) = &asked.previous_response_id {
-        // A continuation is only known to the provider that created what it continues.
-        if let Some(owner) = req.state.owners.lookup(&principal.project, previous).await {
-            attempts.retain(|m| *m.target.provider.id == *owner);
-            if attempts.is_empty() {
-                return Err(GatewayError::invalid(
+    // A continuation is only known to the provider that created what it continues, and only
+    // this project's responses may be continued on the shared stored credentials.
+    let pinned = match &asked.previous_response_id {
+        None => None,
+        Some(previous) => match passthrough::recorded_owner(req, &principal.project, previous).await {
+            Err(e) => return refuse(&routed, e),
+            Ok(Some(owner)) => Some(owner),
+            // The caller's own key reaches only the caller's own responses.
+            Ok(None) if req.ctx.provider_key.is_some() => None,
+            Ok(None) => {
+                let why = format!(
+                    "previous_response_id {previous} was not created through this project (or its record \
+                     is past traces.retention_days)"
+                );
+                return refuse(&routed, GatewayError::NotFound { code: "not_found", message: why });
+            }
+        },
+    };
+    let skip = |m: &Member| -> Option<String> {
+        let provider = &m.target.provider;
+        if provider.openai_resource_path("/responses").is_none() {
+            return Some(format!(
+                "provider {} (kind {}) does not serve the Responses API",
+                provider.id,
+                provider.adapter.kind()
+            ));
+        }
+        match &pinned {
+            Some(owner) if **owner != *provider.id => {
+                Some(format!("previous_response_id is held by provider {owner}"))
+            }
+            _ => None,
+        }
+    };
+    let all = routed.attempts();
+    let (attempts, skipped): (Vec<&Member>, Vec<&Member>) = all.iter().partition(|m| skip(m).is_none());
+    if attempts.is_empty() {
+        let why = match &pinned {
+            Some(owner)
+                if all.iter().any(|m| m.target.provider.openai_resource_path("/responses").is_some()) =>
+            {
+                GatewayError::invalid(
                     "previous_response_elsewhere",
                     format!(
-                        "previous_response_id {previous} was created by provider {owner}, which {} does \
-                         not route to",
+                        "previous_response_id {} was created by provider {owner}, which {} does not route to",
+                        asked.previous_response_id.as_deref().unwrap_or_default(),
                         asked.model
                     ),
-                ));
+                )
             }
-        }
+            _ => {
+                let kinds: Vec<String> = all
+                    .iter()
+                    .map(|m| format!("{} ({})", m.target.provider.id, m.target.provider.adapter.kind()))
+                    .collect();
+                GatewayError::invalid(
+                    "unsupported_provider",
+                    format!(
+                        "the Responses API is served only by openai, azure and openai_compatible providers; \
+                         {} routes to {}",
+                        asked.model,
+                        kinds.join(", ")
+                    ),
+                )
+            }
+        };
+        return refuse(&routed, why);
     }
-    if attempts.iter().all(|m| m.target.provider.openai_resource_path("/responses").is_none()) {
-        let kinds: Vec<String> = attempts
-            .iter()
-            .map(|m| format!("{} ({})", m.target.provider.id, m.target.provider.adapter.kind()))
-            .collect();
-        return Err(GatewayError::invalid(
-            "unsupported_provider",
-            format!(
-                "the Responses API is served only by openai, azure and openai_compatible providers; {} \
-                 routes to {}",
-                asked.model,
-                kinds.join(", ")
-            ),
-        ));
+    // Skipped attempts are never made: in the trace as rejected, their probe leases back.
+    routed.return_probes_of(|m| skipped.iter().any(|s| std::ptr::eq(*s, m)), now_ms(), health);
+    let elapsed = req.ctx.started.elapsed();
+    if let Some(trace) = req.ctx.trace.as_deref_mut() {
+        for m in &skipped {
+            trace.push_attempt(
+                &m.target.provider.id,
+                &m.target.model,
+                "rejected",
+                None,
+                skip(m),
+                elapsed,
+                None,
+                std::time::Duration::ZERO,
+            );
+        }
     }
     let usd =
         billing::max_cost(snapshot, &attempts, false, req.ctx.bill.est_input_tokens, asked.max_tokens, 1);
@@ -94,34 +139,4 @@ pub async fn create(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gate
     let mut exec = Exec::responses(req, asked, &body, &info);
     execute::sequential(&mut exec, &attempts, execute::Sequence { retry_on, total_budget, cascade: false })
         .await
-}
-
-/// `GET`/`DELETE /responses/{id}`, `POST /responses/{id}/cancel`,
-/// `GET /responses/{id}/input_items`: passed to the provider holding the response.
-pub async fn resource(req: &mut Req<'_>, principal: &Principal, op: Op) -> Result<(), GatewayError> {
-    let header = req.session.req_header();
-    let method = header.method.as_str().to_string();
-    let path = header.uri.path();
-    let tail = &path[path.find("/responses/").map_or(path.len(), |i| i + "/responses/".len())..];
-    let id = passthrough::path_id(tail.split('/').next().unwrap_or(""))?.to_string();
-    let suffix = match op {
-        Op::Item => "",
-        Op::Cancel => "/cancel",
-        Op::InputItems => "/input_items",
-    };
-    let query = header.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    if query.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(GatewayError::invalid("invalid_request", "the query string holds forbidden bytes"));
-    }
-    let body = match op {
-        // Cancel takes no body; whatever small one the client sent goes along.
-        Op::Cancel => request::read_body_bounded(req, 64 * 1024).await?,
-        Op::Item | Op::InputItems => Bytes::new(),
-    };
-    let provider = passthrough::owner(req, principal, &id, |p| p.openai_resource_path("/").is_some()).await?;
-    let Some(upstream_path) = provider.openai_resource_path(&format!("/responses/{id}{suffix}{query}"))
-    else {
-        return Err(GatewayError::internal("the provider holding the response serves no Responses API"));
-    };
-    passthrough::forward(req, &provider, &method, &upstream_path, body).await
 }

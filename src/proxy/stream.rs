@@ -69,6 +69,13 @@ impl StreamCodec {
                 t.fail(e.kind(), &e.message(), &mut buf);
                 buf
             }
+            // The Responses API's own error event.
+            (StreamCodec::Tap(t), Surface::OpenAi) if t.is_responses() => {
+                let event = serde_json::json!({
+                    "type": "error", "code": e.code(), "message": e.message(), "param": null,
+                });
+                [b"event: error\ndata: ".as_slice(), event.to_string().as_bytes(), b"\n\n"].concat()
+            }
             (StreamCodec::Tap(_), Surface::OpenAi) => {
                 [b"data: ".as_slice(), &e.to_openai_body(), b"\n\n"].concat()
             }

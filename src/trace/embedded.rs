@@ -204,6 +204,9 @@ struct Inner {
     /// Replay's own read connection: an experiment's pages (read by a low-priority thread)
     /// never hold the one the logs API reads through.
     replay_reader: Mutex<Connection>,
+    /// The request path's lookups of who holds an id (`owner`): never queued behind a
+    /// dashboard's report.
+    owner_reader: Mutex<Connection>,
     /// 0: no cap.
     max_records: u64,
 }
@@ -231,11 +234,14 @@ impl EmbeddedStore {
         reader.pragma_update(None, "query_only", true).map_err(db).map_err(at)?;
         let replay_reader = connect(path).map_err(at)?;
         replay_reader.pragma_update(None, "query_only", true).map_err(db).map_err(at)?;
+        let owner_reader = connect(path).map_err(at)?;
+        owner_reader.pragma_update(None, "query_only", true).map_err(db).map_err(at)?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 reader: Mutex::new(reader),
                 replay_reader: Mutex::new(replay_reader),
+                owner_reader: Mutex::new(owner_reader),
                 max_records,
             }),
         })
@@ -308,7 +314,7 @@ impl TraceStore for EmbeddedStore {
     async fn owner(&self, project: &str, id: &str) -> Result<Option<String>, StoreError> {
         let (project, id) = (project.to_string(), id.to_string());
         self.run(move |inner| {
-            let conn = lock(&inner.reader);
+            let conn = lock(&inner.owner_reader);
             let mut stmt = conn.prepare_cached(SELECT_OWNER).map_err(db)?;
             stmt.query_row([project, id], |r| r.get(0)).optional().map_err(db)
         })

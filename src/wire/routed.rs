@@ -118,7 +118,10 @@ impl<'a> RoutedRequest<'a> {
         let mut previous_response_id = None;
         let mut seen_interpreted: Vec<&str> = Vec::new();
         for (key, raw) in &top.0 {
-            let interpreted = matches!(key.as_str(), "model" | "stream" | "mlx:tags" | "mlx:end_user");
+            let interpreted = matches!(
+                key.as_str(),
+                "model" | "stream" | "mlx:tags" | "mlx:end_user" | "previous_response_id"
+            );
             if interpreted {
                 if seen_interpreted.contains(&key.as_str()) {
                     return Err(field_error("invalid_request", format!("duplicate key \"{key}\"")));

@@ -13,6 +13,10 @@ use super::WireFormat;
 /// Longest line, event data or held event the tap scans; beyond it bytes pass unscanned.
 const MAX_SCAN: usize = 1024 * 1024;
 
+/// Of a Responses API `data:` line longer than `MAX_SCAN` (a `response.completed` event
+/// repeats the whole output, images included), the end is kept: its usage is there.
+const RESPONSES_TAIL: usize = 64 * 1024;
+
 /// The usage of a whole OpenAI (chat completion, embeddings) or Anthropic (message) body;
 /// `None` for other formats or a body without a usage object.
 pub fn from_body(format: WireFormat, body: &[u8]) -> Option<Usage> {
@@ -163,6 +167,10 @@ pub struct UsageTap {
     responses: bool,
     /// The response id its first events carry (Responses API streams).
     response_id: Option<String>,
+    /// Responses: the current line outgrew `MAX_SCAN`; `line` holds its end.
+    line_tail: bool,
+    /// Responses: `data` holds only the end of the event's data.
+    data_tail: bool,
 }
 
 impl UsageTap {
@@ -184,12 +192,19 @@ impl UsageTap {
             data_skipped: false,
             responses: false,
             response_id: None,
+            line_tail: false,
+            data_tail: false,
         }
     }
 
     /// A tap for an OpenAI Responses API stream (`POST /responses` with `stream: true`).
     pub fn responses() -> UsageTap {
         UsageTap { responses: true, ..UsageTap::new(WireFormat::OpenAi, false) }
+    }
+
+    /// Whether this taps a Responses API stream.
+    pub fn is_responses(&self) -> bool {
+        self.responses
     }
 
     /// The response id the stream announced (Responses API), once seen.
@@ -246,7 +261,10 @@ impl UsageTap {
                 out.extend_from_slice(&self.line);
             }
         }
-        if !self.line_skipped && !self.line.is_empty() {
+        if self.line_tail {
+            let line = std::mem::take(&mut self.line);
+            self.data_tail_line(&line);
+        } else if !self.line_skipped && !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
             self.field(trim_eol(&line));
         }
@@ -268,6 +286,13 @@ impl UsageTap {
             self.line.extend_from_slice(bytes);
             return;
         }
+        if self.responses && (self.line_tail || self.line.starts_with(b"data:")) {
+            self.line.extend_from_slice(bytes);
+            let cut = self.line.len().saturating_sub(RESPONSES_TAIL);
+            self.line.drain(..cut);
+            self.line_tail = true;
+            return;
+        }
         // Not a line worth scanning (nor holding): let it and its event through.
         self.line_skipped = true;
         self.data_skipped = true;
@@ -280,8 +305,22 @@ impl UsageTap {
         self.line.clear();
     }
 
+    /// The end of a Responses `data:` line too long to keep whole.
+    fn data_tail_line(&mut self, line: &[u8]) {
+        self.line_tail = false;
+        self.data.clear();
+        self.data.extend_from_slice(trim_eol(line));
+        self.has_data = true;
+        self.data_tail = true;
+    }
+
     /// A whole line, `\n` included.
     fn complete_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        if self.line_tail {
+            // Never set when stripping (Responses streams are not stripped).
+            self.data_tail_line(line);
+            return;
+        }
         let content = trim_eol(line);
         if content.is_empty() {
             let usage_only = self.dispatch();
@@ -373,6 +412,12 @@ impl UsageTap {
             self.response_id = response_id(&self.data);
         }
         let usage_only = wanted && self.scan();
+        if self.data_tail {
+            if let Some(u) = last_usage(&self.data) {
+                self.usage = Some(openai_usage(&u));
+            }
+            self.data_tail = false;
+        }
         self.events += u64::from(self.has_data);
         self.event = EventName::Unnamed;
         self.data.clear();
@@ -446,6 +491,26 @@ impl UsageTap {
             _ => false,
         }
     }
+}
+
+/// The value of the last `"usage": {…}` member in the end of a JSON text.
+fn last_usage(tail: &[u8]) -> Option<Value> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        let colon = skip_ws(tail, at + KEY.len());
+        if tail.get(colon) == Some(&b':') {
+            let value = skip_ws(tail, colon + 1);
+            if tail.get(value) == Some(&b'{') {
+                let mut values = serde_json::Deserializer::from_slice(&tail[value..]).into_iter::<Value>();
+                if let Some(Ok(v)) = values.next() {
+                    return Some(v);
+                }
+            }
+        }
+        end = at;
+    }
+    None
 }
 
 /// `response.id` of a Responses API stream event, or `id` of a whole response body.
@@ -561,6 +626,19 @@ mod tests {
             tap.usage(),
             Some(Usage { input: 12, output: 7, cache_read: 4, cache_write: 0, reasoning: 2 })
         );
+        // A completed event too long to scan whole (2 MiB of output): its end has the usage.
+        let big = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"text\":\"{}\"}}],\"usage\":{{\"input_tokens\":5,\"output_tokens\":600000}},\"metadata\":{{}}}}}}\n\n",
+            "x".repeat(2 << 20)
+        );
+        let mut tap = UsageTap::responses();
+        let mut out = Vec::new();
+        for piece in big.as_bytes().chunks(16 * 1024) {
+            tap.feed(piece, &mut out);
+        }
+        tap.finish(&mut out);
+        assert_eq!(out.len(), big.len());
+        assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((5, 600_000)));
         // A whole Responses body is read the same way.
         let body = br#"{"id":"resp_9","object":"response","usage":{"input_tokens":3,"output_tokens":5}}"#;
         assert_eq!(from_body(WireFormat::OpenAi, body).map(|u| (u.input, u.output)), Some((3, 5)));

@@ -344,6 +344,9 @@ async fn clickhouse_prepare_is_idempotent() {
         "ALTER TABLE traces.requests_torn DROP COLUMN replay_body",
         "ALTER TABLE traces.requests_torn DROP COLUMN replay_body_truncated",
         "ALTER TABLE traces.schema_migrations DELETE WHERE table_name = 'requests_torn' AND version = 2",
+        // And as if the table predated 0007.
+        "ALTER TABLE traces.requests_torn DROP COLUMN owned_ids",
+        "ALTER TABLE traces.schema_migrations DELETE WHERE table_name = 'requests_torn' AND version = 7",
     ] {
         server.client().query(sql).execute().await.unwrap();
     }
@@ -351,7 +354,7 @@ async fn clickhouse_prepare_is_idempotent() {
     for _ in 0..100 {
         let left: u64 = server
             .client()
-            .query("SELECT count() FROM traces.schema_migrations WHERE table_name = 'requests_torn' AND version = 2")
+            .query("SELECT count() FROM traces.schema_migrations WHERE table_name = 'requests_torn' AND version IN (2, 7)")
             .fetch_one()
             .await
             .unwrap();
@@ -360,8 +363,17 @@ async fn clickhouse_prepare_is_idempotent() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A row written before 0007 (no owned_ids in its part) reads back with none.
+    server
+        .client()
+        .query("INSERT INTO traces.requests_torn (ts, ts_ms, request_id, project, provider) VALUES (1763700000, 1763700000000, 'old', 'proj', 'openai')")
+        .execute()
+        .await
+        .unwrap();
     let torn_store = ClickHouseStore::new(torn);
     torn_store.prepare().await.unwrap();
+    assert_eq!(torn_store.get("old").await.unwrap().map(|r| r.owned_ids), Some(vec![]));
+    assert_eq!(torn_store.owner("proj", "x").await.unwrap(), None);
     let mut row = full_row("torn", 1_763_700_000_000);
     row.replay_body = modelux::trace::replay::compress(b"{}");
     torn_store.insert(std::slice::from_ref(&row)).await.unwrap();
@@ -388,6 +400,14 @@ async fn clickhouse_rows_round_trip() {
     let page = store.list(&LogQuery { limit: 10, ..LogQuery::default() }).await.unwrap();
     assert_eq!(page.rows, vec![bare, no_ttfb, full]);
     assert_eq!(page.next_cursor, None);
+    // Who holds an id an answer created: the newest request of that project naming it.
+    let mut owner = full_row("req-owner", t + 3);
+    owner.owned_ids = vec!["resp_ch1".into(), "file-ch2".into()];
+    owner.provider = "azure-east".into();
+    store.insert(&[owner]).await.unwrap();
+    assert_eq!(store.owner("proj", "file-ch2").await.unwrap().as_deref(), Some("azure-east"));
+    assert_eq!(store.owner("other", "file-ch2").await.unwrap(), None);
+    assert_eq!(store.owner("proj", "resp_none").await.unwrap(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,10 @@ async fn call(
     extra: &[(&str, &str)],
 ) -> Response {
     let auth = format!("Bearer {key}");
-    let mut h = vec![("authorization", auth.as_str()), ("content-type", "application/json")];
+    let mut h = vec![("authorization", auth.as_str())];
+    if !extra.iter().any(|(n, _)| *n == "content-type") {
+        h.push(("content-type", "application/json"));
+    }
     h.extend_from_slice(extra);
     httpc::request(gw.proxy, method, path, &h, body).await.unwrap()
 }
@@ -94,6 +97,10 @@ async fn responses_fall_back_among_openai_providers_and_follow_ups_reach_their_c
     let r = call(&gw, "POST", RESPONSES, KEY, &serde_json::to_vec(&follow).unwrap(), &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-modelux-provider-used"), Some("backup"));
+
+    // Another project cannot continue it on the shared credentials.
+    let r = call(&gw, "POST", RESPONSES, OTHER_KEY, &serde_json::to_vec(&follow).unwrap(), &[]).await;
+    assert_eq!(r.status, 404, "{}", r.text());
 
     // 4. Streamed: the SSE passes through; usage from `response.completed` is priced.
     let stream = json!({"model": "@resp", "input": "Stream it", "stream": true});
@@ -214,4 +221,152 @@ async fn responses_fall_back_among_openai_providers_and_follow_ups_reach_their_c
     let r = call(&gw, "GET", &format!("{RESPONSES}/{streamed_id}"), KEY, b"", &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-modelux-provider-used"), Some("openai"), "the primary streamed it");
+}
+
+fn multipart(boundary: &str, fields: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, filename, data) in fields {
+        out.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes(),
+        );
+        if let Some(f) = filename {
+            out.extend_from_slice(
+                format!("; filename=\"{f}\"\r\nContent-Type: application/jsonl").as_bytes(),
+            );
+        }
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_and_batches_reach_the_provider_holding_them_on_both_surfaces() {
+    let openai = mock(MockConfig { tokens: 3, ..MockConfig::default() }).await;
+    let anthropic = mock(MockConfig { tokens: 3, ..MockConfig::default() }).await;
+    let mut cfg = Cfg::new(openai.base_url().leak());
+    let anthropic_root = anthropic.root_url();
+    cfg.anthropic = Some(&anthropic_root);
+    cfg.top_extra = "traces: { flush_interval_ms: 50 }\n".into();
+    let gw = start(cfg).await;
+    let ct = "multipart/form-data; boundary=mlxTestBoundary";
+
+    // OpenAI: upload, list, metadata, content, batch from it, its output file, delete.
+    let lines = b"{\"custom_id\":\"a\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{\"model\":\"gpt-4o-mini\",\"messages\":[]}}\n{\"custom_id\":\"b\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{\"model\":\"gpt-4o-mini\",\"messages\":[]}}\n";
+    let form =
+        multipart("mlxTestBoundary", &[("purpose", None, b"batch"), ("file", Some("in.jsonl"), lines)]);
+    let r = call(&gw, "POST", "/openai/v1/files", KEY, &form, &[("content-type", ct)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let file = r.json().unwrap();
+    let file_id = file["id"].as_str().unwrap().to_string();
+    assert_eq!(file["bytes"], lines.len());
+    assert_eq!(r.header("x-modelux-provider-used"), Some("openai"));
+    let sent = openai.requests().last().unwrap().clone();
+    assert_eq!(sent.header("content-type"), Some(ct), "the multipart type and boundary go through");
+    assert_eq!(sent.body, form, "the upload arrives byte for byte");
+    let log = wait_for_log(&gw, &request_id(&r)).await;
+    assert_eq!(log["owned_ids"], json!([file_id]));
+    assert_eq!(log["bytes_in"], form.len());
+
+    let r = call(&gw, "GET", "/openai/v1/files?purpose=batch&limit=5", KEY, b"", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["data"][0]["id"], file_id.as_str());
+    assert_eq!(openai.requests().last().unwrap().path, "/v1/files?purpose=batch&limit=5");
+    let r = call(&gw, "GET", &format!("/openai/v1/files/{file_id}/content"), KEY, b"", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, lines);
+
+    let batch =
+        json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+    let r = call(&gw, "POST", "/openai/v1/batches", KEY, &serde_json::to_vec(&batch).unwrap(), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let batch_id = r.json().unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(r.json().unwrap()["status"], "validating");
+    let r = call(&gw, "GET", &format!("/openai/v1/batches/{batch_id}"), KEY, b"", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let done = r.json().unwrap();
+    assert_eq!(done["status"], "completed");
+    let output = done["output_file_id"].as_str().unwrap().to_string();
+    // The output file was learned from the batch: it is reachable.
+    let r = call(&gw, "GET", &format!("/openai/v1/files/{output}/content"), KEY, b"", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text().lines().count(), 2);
+    let r = call(&gw, "GET", "/openai/v1/batches?limit=2", KEY, b"", &[]).await;
+    assert_eq!(r.json().unwrap()["data"][0]["id"], batch_id.as_str());
+    let r = call(&gw, "POST", &format!("/openai/v1/batches/{batch_id}/cancel"), KEY, b"", &[]).await;
+    assert_eq!(r.status, 400, "the provider's refusal passes through: {}", r.text());
+    // Another project reaches none of it; a batch from a file it does not hold is refused.
+    let r = call(&gw, "GET", &format!("/openai/v1/files/{file_id}"), OTHER_KEY, b"", &[]).await;
+    assert_eq!(r.status, 404);
+    let r =
+        call(&gw, "POST", "/openai/v1/batches", OTHER_KEY, &serde_json::to_vec(&batch).unwrap(), &[]).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = call(&gw, "POST", "/openai/v1/batches", KEY, b"{}", &[]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(error_of(&r)["code"], "missing_field");
+    let r = call(&gw, "DELETE", &format!("/openai/v1/files/{file_id}"), KEY, b"", &[]).await;
+    assert_eq!((r.status, r.json().unwrap()["deleted"].clone()), (200, json!(true)));
+    let r = call(&gw, "PUT", "/openai/v1/files", KEY, b"", &[]).await;
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, POST")));
+
+    // Anthropic: message batches, their results through the gateway, files (beta header kept).
+    let av = [("x-api-key", KEY), ("anthropic-version", "2023-06-01")];
+    let create = json!({"requests": [
+        {"custom_id": "one", "params": {"model": "claude-3-5-haiku-latest", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}},
+        {"custom_id": "two", "params": {"model": "claude-3-5-haiku-latest", "max_tokens": 8, "messages": [{"role": "user", "content": "yo"}]}}
+    ]});
+    let r =
+        call(&gw, "POST", "/anthropic/v1/messages/batches", KEY, &serde_json::to_vec(&create).unwrap(), &av)
+            .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mb = r.json().unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(r.header("x-modelux-provider-used"), Some("anthropic"));
+    assert_eq!(anthropic.requests().last().unwrap().header("anthropic-version"), Some("2023-06-01"));
+    let r = call(&gw, "GET", &format!("/anthropic/v1/messages/batches/{mb}"), KEY, b"", &av).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ended = r.json().unwrap();
+    assert_eq!(ended["processing_status"], "ended");
+    let url = ended["results_url"].as_str().unwrap();
+    let expected = format!("http://{}/anthropic/v1/messages/batches/{mb}/results", gw.proxy);
+    assert_eq!(url, expected, "results_url points at the gateway");
+    let r = call(&gw, "GET", &format!("/anthropic/v1/messages/batches/{mb}/results"), KEY, b"", &av).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let results: Vec<Value> = r.text().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["result"]["type"], "succeeded");
+    let r = call(&gw, "GET", "/anthropic/v1/messages/batches?limit=5", KEY, b"", &av).await;
+    assert!(r.text().contains(&expected), "{}", r.text());
+    let r = call(&gw, "DELETE", &format!("/anthropic/v1/messages/batches/{mb}"), KEY, b"", &av).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["type"], "message_batch_deleted");
+    let r = call(&gw, "GET", &format!("/anthropic/v1/messages/batches/{mb}"), KEY, b"", &av).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json().unwrap()["type"], "error", "the provider's 404 in its own shape");
+
+    let beta = [
+        ("x-api-key", KEY),
+        ("anthropic-version", "2023-06-01"),
+        ("anthropic-beta", "files-api-2025-04-14"),
+        ("content-type", ct),
+    ];
+    let form = multipart("mlxTestBoundary", &[("file", Some("notes.txt"), b"hello files")]);
+    let r = call(&gw, "POST", "/anthropic/v1/files", KEY, &form, &beta).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let afile = r.json().unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(anthropic.requests().last().unwrap().header("anthropic-beta"), Some("files-api-2025-04-14"));
+    let r = call(&gw, "GET", &format!("/anthropic/v1/files/{afile}"), KEY, b"", &beta[..3]).await;
+    assert_eq!(r.json().unwrap()["size_bytes"], 11);
+    let r = call(&gw, "GET", &format!("/anthropic/v1/files/{afile}/content"), KEY, b"", &beta[..3]).await;
+    assert_eq!(r.body, b"hello files");
+    let r = call(&gw, "DELETE", &format!("/anthropic/v1/files/{afile}"), KEY, b"", &beta[..3]).await;
+    assert_eq!(r.json().unwrap()["type"], "file_deleted");
+    // The bare `/v1` base: an Anthropic client's files are Anthropic's, batches too.
+    let r = call(&gw, "GET", "/v1/files", KEY, b"", &beta[..3]).await;
+    assert_eq!((r.status, r.header("x-modelux-provider-used")), (200, Some("anthropic")), "{}", r.text());
+    let r = call(&gw, "GET", "/v1/messages/batches", KEY, b"", &av).await;
+    assert_eq!((r.status, r.header("x-modelux-provider-used")), (200, Some("anthropic")), "{}", r.text());
+    let r = call(&gw, "GET", "/v1/files", KEY, b"", &[]).await;
+    assert_eq!((r.status, r.header("x-modelux-provider-used")), (200, Some("openai")), "{}", r.text());
 }
