@@ -14,6 +14,8 @@ use crate::answer::{self, compact, obj, Answer};
 pub(crate) enum Op {
     Chat,
     Embeddings,
+    /// Audio and images (`media`).
+    Media(crate::media::Op),
     /// No `api-version`, or a path Azure does not serve: 404.
     NotFound,
 }
@@ -26,7 +28,7 @@ impl Op {
         match endpoint {
             "chat/completions" => Op::Chat,
             "embeddings" => Op::Embeddings,
-            _ => Op::NotFound,
+            other => crate::media::Op::from_endpoint(other).map_or(Op::NotFound, Op::Media),
         }
     }
 }

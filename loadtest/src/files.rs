@@ -156,11 +156,11 @@ fn anthropic_error(status: u16, kind: &str, message: &str) -> Answer {
 }
 
 /// One part of a multipart body.
-struct Part<'a> {
-    name: String,
-    filename: Option<String>,
-    content_type: Option<String>,
-    data: &'a [u8],
+pub(crate) struct Part<'a> {
+    pub(crate) name: String,
+    pub(crate) filename: Option<String>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) data: &'a [u8],
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -168,7 +168,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The parts of a `multipart/form-data` body (RFC 7578).
-fn multipart<'a>(content_type: &str, body: &'a [u8]) -> Option<Vec<Part<'a>>> {
+pub(crate) fn multipart<'a>(content_type: &str, body: &'a [u8]) -> Option<Vec<Part<'a>>> {
     let boundary =
         content_type.split(';').find_map(|p| p.trim().strip_prefix("boundary="))?.trim_matches('"');
     let delimiter = format!("--{boundary}");

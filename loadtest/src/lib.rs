@@ -18,6 +18,7 @@ mod cohere;
 mod files;
 mod gemini;
 pub mod httpc;
+mod media;
 pub mod mock;
 mod openai;
 mod responses;

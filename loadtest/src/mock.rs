@@ -27,6 +27,7 @@
 //! | `POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}`, `POST …/{id}/cancel`, `GET …/{id}/input_items` | OpenAI Responses API (also under Azure's `/openai/v1/responses`) |
 //! | `/v1/files…`, `/v1/batches…` | OpenAI files (multipart upload, list, metadata, `content`, delete) and batches (create, list, retrieve, cancel) |
 //! | `/v1/messages/batches…`, `/v1/files…` with `anthropic-version` | Anthropic message batches (create, list, retrieve, `results` JSONL, cancel, delete) and files |
+//! | `POST /v1/audio/transcriptions`, `…/translations` (multipart), `/v1/audio/speech` (binary or SSE), `/v1/images/generations` | OpenAI audio and images (also under Azure's deployments) |
 //! | `GET /mock/requests` | the requests recorded so far (`--record`), as JSON: method, path, headers |
 //!
 //! Anything else is a 404 in OpenAI's error shape (under
@@ -52,7 +53,7 @@ use crate::anthropic::{self, Reply, StopReason};
 use crate::bedrock::{self, Auth};
 use crate::template::{self, StreamTemplates, Template, Templates, Vals};
 use crate::wire::{self, ChunkedDecoder, Decoded};
-use crate::{azure, cohere, files, gemini, openai, responses};
+use crate::{azure, cohere, files, gemini, media, openai, responses};
 
 /// Largest request head (request line + headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -345,6 +346,7 @@ enum Route {
     },
     /// The id (if any) is in [`Head::param`].
     Files(files::Op),
+    Media(media::Op),
     /// `GET /mock/requests`.
     Recorded,
     NotFound,
@@ -371,7 +373,7 @@ impl Route {
             Route::Azure(_) | Route::Responses { azure: true, .. } => Api::Azure,
             Route::Responses { azure: false, .. } | Route::Recorded => Api::OpenAi,
             Route::Files(op) if op.anthropic() => Api::Anthropic,
-            Route::Files(_) => Api::OpenAi,
+            Route::Files(_) | Route::Media(_) => Api::OpenAi,
             Route::ChatCompletions | Route::Models | Route::Embeddings | Route::NotFound => Api::OpenAi,
         }
     }
@@ -392,6 +394,9 @@ fn route_param(method: &str, path: &str, query: &str) -> (Route, Option<String>)
     }
     if method != "POST" {
         return (Route::NotFound, None);
+    }
+    if let Some(op) = path.strip_prefix("/v1/").and_then(media::Op::from_endpoint) {
+        return (Route::Media(op), None);
     }
     match path {
         "/v1/embeddings" => return (Route::Embeddings, None),
@@ -517,7 +522,7 @@ fn parse_head(buf: &[u8], record: bool) -> io::Result<Option<Head>> {
         _ => String::new(),
     };
     let content_type = match route {
-        Route::Files(_) => {
+        Route::Files(_) | Route::Media(_) | Route::Azure(azure::Op::Media(_)) => {
             header("content-type").map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
         }
         _ => String::new(),
@@ -761,6 +766,10 @@ async fn handle(
         Route::Embeddings => openai::embeddings(&body, None),
         Route::Azure(azure::Op::Embeddings) => openai::embeddings(&body, Some(ctx.param)),
         Route::Azure(azure::Op::NotFound) => azure::error(404, ""),
+        Route::Azure(azure::Op::Media(op)) => {
+            media::answer(&ctx, op, Some(ctx.param), &head.content_type, &body)
+        }
+        Route::Media(op) => media::answer(&ctx, op, None, &head.content_type, &body),
         Route::Responses { op, .. } => {
             responses::answer(&sh.responses, &ctx, op, head.param.as_deref(), &head.query, &body)
         }

@@ -200,9 +200,13 @@ async fn errors_use_openai_envelope() -> R {
     assert_eq!(r.json()?["error"]["type"], "invalid_request_error");
     let r = conn.request("POST", "/v1/chat/completions", &[CT], b"{\"messages\":[]}").await?;
     assert_eq!(r.status, 400);
-    let r = conn.request("POST", "/v1/audio/speech", &[CT], b"{}").await?;
+    let r = conn.request("POST", "/v1/moderations/x", &[CT], b"{}").await?;
     assert_eq!(r.status, 404);
-    assert_eq!(r.json()?["error"]["message"], "Invalid URL (POST /v1/audio/speech)");
+    assert_eq!(r.json()?["error"]["message"], "Invalid URL (POST /v1/moderations/x)");
+    // The speech route's own validation, in the same envelope.
+    let r = conn.request("POST", "/v1/audio/speech", &[CT], b"{}").await?;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()?["error"]["param"], "input");
     Ok(())
 }
 

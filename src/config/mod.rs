@@ -57,6 +57,8 @@ pub struct Settings {
     pub max_body_bytes: u64,
     /// Largest upload passed through (`/files`), streamed (`server.max_upload_bytes`).
     pub max_upload_bytes: u64,
+    /// `server.public_base_url`, without a trailing slash.
+    pub public_base_url: Option<String>,
     pub client_body_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
@@ -499,6 +501,26 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         threads: threads.max(1),
         work_stealing: raw.work_stealing.unwrap_or(false),
         max_body_bytes,
+        public_base_url: match raw.public_base_url.as_deref().map(|u| u.trim_end_matches('/')) {
+            None => None,
+            Some(u) => match url::Url::parse(u) {
+                Ok(parsed)
+                    if matches!(parsed.scheme(), "http" | "https")
+                        && parsed.query().is_none()
+                        && parsed.fragment().is_none()
+                        && parsed.host().is_some() =>
+                {
+                    Some(u.to_string())
+                }
+                _ => {
+                    errors.push(ConfigError::new(
+                        "server.public_base_url",
+                        format!("\"{u}\" is not an http(s) URL without query or fragment"),
+                    ));
+                    None
+                }
+            },
+        },
         max_upload_bytes: match raw.max_upload_bytes {
             Some(0) => {
                 errors.push(ConfigError::new("server.max_upload_bytes", "must be greater than 0"));

@@ -44,6 +44,9 @@ pub struct RawServer {
     pub max_body_bytes: Option<u64>,
     /// Largest upload passed through (OpenAI and Anthropic `/files`); streamed, never held.
     pub max_upload_bytes: Option<u64>,
+    /// How clients reach the proxy (`https://llm.example.com`), for URLs the gateway hands
+    /// back (an Anthropic batch's `results_url`); default: the request's `Host`.
+    pub public_base_url: Option<String>,
     /// Deadline for receiving the whole request body; a slower client gets 408.
     pub client_body_timeout_ms: Option<u64>,
     /// TCP (+TLS) connect deadline per upstream attempt.

@@ -61,6 +61,13 @@ pub trait Adapter: Sync {
         None
     }
 
+    /// Path (and query) of an OpenAI endpoint addressed by model (`/audio/speech`,
+    /// `/images/generations`, …) on a kind that serves OpenAI's audio and images; `None`
+    /// where the kind does not.
+    fn openai_model_path(&self, _provider: &Provider, _model: &str, _endpoint: &str) -> Option<String> {
+        None
+    }
+
     /// Path (and query) of an Anthropic REST resource (`/messages/batches`, `/files`, …:
     /// `endpoint` starts with `/`, after `/v1`) on a kind that serves Anthropic's API
     /// beyond messages; `None` where the kind does not.

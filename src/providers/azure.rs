@@ -49,6 +49,10 @@ impl Adapter for Azure {
         Some(format!("{}/openai/v1{endpoint}", provider.base_path))
     }
 
+    fn openai_model_path(&self, provider: &Provider, model: &str, endpoint: &str) -> Option<String> {
+        Some(Azure::path(provider, model, endpoint.trim_start_matches('/')))
+    }
+
     fn takes_api_version(&self) -> bool {
         true
     }

@@ -240,6 +240,12 @@ impl Provider {
         self.adapter.openai_resource_path(self, endpoint)
     }
 
+    /// Path (and query) of an OpenAI endpoint addressed by model (audio, images), when this
+    /// provider's kind serves it (OpenAI, Azure OpenAI).
+    pub fn openai_model_path(&self, model: &str, endpoint: &str) -> Option<String> {
+        self.adapter.openai_model_path(self, model, endpoint)
+    }
+
     /// Path (and query) of an Anthropic REST resource (`/messages/batches/{id}`, `/files`,
     /// …), when this provider's kind serves Anthropic's API beyond messages.
     pub fn anthropic_resource_path(&self, endpoint: &str) -> Option<String> {

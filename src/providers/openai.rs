@@ -27,6 +27,10 @@ impl Adapter for OpenAi {
     fn openai_resource_path(&self, provider: &Provider, endpoint: &str) -> Option<String> {
         Some(provider.upstream_path(endpoint))
     }
+
+    fn openai_model_path(&self, provider: &Provider, _model: &str, endpoint: &str) -> Option<String> {
+        Some(provider.upstream_path(endpoint))
+    }
 }
 
 /// OpenAI-compatible vendors known by provider id: `{ id: groq, kind: openai_compatible }`

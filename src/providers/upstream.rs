@@ -249,6 +249,9 @@ pub async fn exchange(
     }
 }
 
+/// How long an upload the provider stopped reading waits for the answer it may have sent.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
 /// Where a streamed request body comes from (a client's upload), piece by piece.
 pub trait BodySource: Send {
     /// The next piece; `None` at the end. An `Err` abandons the request.
@@ -310,6 +313,7 @@ pub async fn exchange_streaming<S: BodySource>(
         }
     };
     let chunked = length.is_none();
+    let mut refused = None;
     while let Some(piece) = source.next_piece().await? {
         if piece.is_empty() {
             continue;
@@ -325,24 +329,40 @@ pub async fn exchange_streaming<S: BodySource>(
         };
         match tokio::time::timeout(timeouts.read_write, write).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(write_error(e)),
+            Ok(Err(e)) => {
+                refused = Some(write_error(e));
+                break;
+            }
             Err(_) => return Err(timed_out()),
         }
     }
-    let finish = async {
-        if chunked {
-            stream.write_all(b"0\r\n\r\n").await?;
+    if refused.is_none() {
+        let finish = async {
+            if chunked {
+                stream.write_all(b"0\r\n\r\n").await?;
+            }
+            stream.flush().await
+        };
+        match tokio::time::timeout(timeouts.read_write, finish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => refused = Some(write_error(e)),
+            Err(_) => return Err(timed_out()),
         }
-        stream.flush().await
-    };
-    match tokio::time::timeout(timeouts.read_write, finish).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(write_error(e)),
-        Err(_) => return Err(timed_out()),
     }
     let mut session = HttpSession::H1(pingora::protocols::http::v1::client::HttpSession::new(stream));
     session.set_read_timeout(Some(timeouts.read_write));
     session.set_write_timeout(Some(timeouts.read_write));
+    if let Some(refused) = refused {
+        // The provider stopped reading: it may have answered first (a 413, a 401), and
+        // that answer, not the broken write, is what the client should get.
+        return match tokio::time::timeout(EARLY_ANSWER_WAIT, session.read_response_header()).await {
+            Ok(Ok(())) => match session.response_header().cloned() {
+                Some(header) => Ok(Exchange { session, peer, header, ttfb: started.elapsed(), started }),
+                None => Err(refused),
+            },
+            _ => Err(refused),
+        };
+    }
     session.read_response_header().await.map_err(|e| map_error(provider, &e, timeouts))?;
     let Some(header) = session.response_header().cloned() else {
         return Err(GatewayError::internal("upstream response header missing after read"));

@@ -2,6 +2,7 @@
 //! the path and method, the key, the key's request rate. Any error returned before the
 //! first byte went downstream is rendered once, in the client's wire format, here.
 
+use super::media::{self, Kind as MediaKind};
 use super::request::authenticate;
 use super::resources::{self, Api, Route};
 use super::responses;
@@ -22,6 +23,8 @@ enum Endpoint {
     DryRun,
     /// `POST /openai/v1/responses`.
     ResponsesCreate,
+    /// Audio and images.
+    Media(MediaKind),
     /// A passthrough resource (`resources`): its row, or the methods its path allows.
     Resource(Result<&'static Route, &'static str>),
 }
@@ -35,7 +38,9 @@ impl Endpoint {
     /// `/v1/files` is otherwise OpenAI's).
     fn from_path(path: &str, method: &str, anthropic_client: bool) -> Option<(Surface, Endpoint)> {
         let path = match path.strip_prefix("/v1/v1/") {
-            Some(rest) if rest.starts_with("messages") => &path[3..],
+            Some(rest) if rest.starts_with("messages") || (anthropic_client && rest.starts_with("files")) => {
+                &path[3..]
+            }
             _ => path,
         };
         if let Some(rest) = path.strip_prefix("/anthropic/v1") {
@@ -54,6 +59,10 @@ impl Endpoint {
             "/embeddings" => Some((Surface::OpenAi, Endpoint::Embeddings)),
             "/dry-run" => Some((Surface::OpenAi, Endpoint::DryRun)),
             "/responses" => Some((Surface::OpenAi, Endpoint::ResponsesCreate)),
+            "/audio/transcriptions" => Some((Surface::OpenAi, Endpoint::Media(MediaKind::Transcriptions))),
+            "/audio/translations" => Some((Surface::OpenAi, Endpoint::Media(MediaKind::Translations))),
+            "/audio/speech" => Some((Surface::OpenAi, Endpoint::Media(MediaKind::Speech))),
+            "/images/generations" => Some((Surface::OpenAi, Endpoint::Media(MediaKind::Images))),
             "/messages" if path.starts_with("/v1/") => Some((Surface::Anthropic, Endpoint::Chat)),
             "/messages/count_tokens" if path.starts_with("/v1/") => {
                 Some((Surface::Anthropic, Endpoint::CountTokens))
@@ -76,7 +85,8 @@ impl Endpoint {
             | Endpoint::CountTokens
             | Endpoint::Embeddings
             | Endpoint::DryRun
-            | Endpoint::ResponsesCreate => "POST",
+            | Endpoint::ResponsesCreate
+            | Endpoint::Media(_) => "POST",
             Endpoint::Models => "GET",
             Endpoint::Resource(Ok(route)) => route.method,
             Endpoint::Resource(Err(allow)) => allow,
@@ -146,7 +156,8 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
     if path.starts_with("/anthropic/") {
         ctx.surface = Surface::Anthropic;
     }
-    let anthropic_client = path.starts_with("/v1/files") && header.headers.contains_key("anthropic-version");
+    let anthropic_client = (path.starts_with("/v1/files") || path.starts_with("/v1/v1/files"))
+        && header.headers.contains_key("anthropic-version");
     let (surface, endpoint) = Endpoint::from_path(path, header.method.as_str(), anthropic_client)
         .ok_or_else(|| GatewayError::NotFound {
             code: "not_found",
@@ -167,6 +178,18 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
     req.ctx.principal = Some(principal.clone());
     req.ctx.provider_key = provider_key(req.session.req_header())?;
     billing::check_requests(req.state, req.ctx, &principal)?;
+    // pingora does not answer `Expect: 100-continue` itself; a client waiting for it (curl
+    // sending a large body) would stall before sending its body.
+    if req
+        .session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        && !req.session.is_body_done()
+    {
+        let _ = req.session.downstream_session.write_continue_response().await;
+    }
     match endpoint {
         Endpoint::Models => models::list(req, &principal).await,
         Endpoint::Chat => chat::complete(req, &principal, false).await,
@@ -174,6 +197,7 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
         Endpoint::CountTokens => count_tokens::count(req, &principal).await,
         Endpoint::Embeddings => embeddings::embed(req, &principal).await,
         Endpoint::ResponsesCreate => responses::create(req, &principal).await,
+        Endpoint::Media(kind) => media::serve(req, &principal, kind).await,
         Endpoint::Resource(found) => {
             let route = found.map_err(|allowed| GatewayError::MethodNotAllowed { allowed })?;
             let path = req.session.req_header().uri.path().to_string();

@@ -43,6 +43,8 @@ pub(super) struct Prepared {
     strip_usage: bool,
     /// The caller's own key (BYOK), when it fits this attempt's provider.
     credential: Option<(&'static str, String)>,
+    /// Any 2xx answer streams through unparsed (binary audio).
+    raw: bool,
 }
 
 /// Which API the routed request calls.
@@ -52,12 +54,33 @@ pub(super) enum Api {
     Chat,
     /// `POST /responses`: OpenAI-family providers only, bytes passed through.
     Responses,
+    /// Audio and images (`Media`): OpenAI and Azure only, bytes passed through.
+    Media,
+}
+
+/// An audio or image request: the endpoint it calls and how its body carries `model`.
+pub(super) struct Media {
+    /// `/audio/transcriptions`, `/audio/speech`, `/images/generations`, ...
+    pub endpoint: &'static str,
+    /// A `multipart/form-data` body (audio input); `None`: JSON.
+    pub form: Option<Form>,
+    /// The answer is binary (speech): streamed through as it comes, unparsed.
+    pub raw_answer: bool,
+}
+
+/// Where a multipart body's `model` field is.
+pub(super) struct Form {
+    pub content_type: String,
+    pub boundary: String,
+    /// The `model` value's bytes; `None`: the field is absent (the default model is added).
+    pub model: Option<std::ops::Range<usize>>,
 }
 
 /// The request being routed, shared by all its attempts.
 pub(super) struct Exec<'e, 'r> {
     req: &'e mut Req<'r>,
     api: Api,
+    media: Option<&'e Media>,
     client: Surface,
     request: &'e RoutedRequest<'e>,
     body: &'e Bytes,
@@ -158,6 +181,7 @@ impl<'e, 'r> Exec<'e, 'r> {
         Exec {
             req,
             api: Api::Chat,
+            media: None,
             client,
             request,
             body,
@@ -176,6 +200,83 @@ impl<'e, 'r> Exec<'e, 'r> {
         info: &'e RouteInfo,
     ) -> Exec<'e, 'r> {
         Exec { api: Api::Responses, want_trace: false, ..Exec::new(req, request, body, Vec::new(), info) }
+    }
+
+    /// An audio or image request.
+    pub fn media(
+        req: &'e mut Req<'r>,
+        request: &'e RoutedRequest<'e>,
+        body: &'e Bytes,
+        info: &'e RouteInfo,
+        media: &'e Media,
+    ) -> Exec<'e, 'r> {
+        Exec {
+            api: Api::Media,
+            media: Some(media),
+            want_trace: false,
+            ..Exec::new(req, request, body, Vec::new(), info)
+        }
+    }
+
+    /// Whether every 2xx answer streams through unparsed.
+    fn raw_answer(&self) -> bool {
+        self.media.is_some_and(|m| m.raw_answer)
+    }
+
+    /// An audio or image request for `target`: the client's bytes, `model` rewritten.
+    fn prepare_media(
+        &self,
+        media: &Media,
+        target: &Target,
+        upstream_stream: bool,
+    ) -> Result<Prepared, GatewayError> {
+        let provider = &target.provider;
+        let Some(path) = provider.openai_model_path(&target.model, media.endpoint) else {
+            return Err(GatewayError::invalid(
+                "unsupported_provider",
+                format!(
+                    "provider {} (kind {}) does not serve {}; only openai and azure providers do",
+                    provider.id,
+                    provider.adapter.kind(),
+                    media.endpoint
+                ),
+            ));
+        };
+        let model = target.model.as_bytes();
+        let mut extra = Vec::new();
+        let body = match &media.form {
+            Some(form) => {
+                extra.push(("content-type".to_string(), form.content_type.clone()));
+                match &form.model {
+                    Some(r) if self.body.get(r.clone()) == Some(model) => self.body.clone(),
+                    Some(r) => Bytes::from(wire::multipart::replace(self.body, r.clone(), model)),
+                    None => Bytes::from(
+                        wire::multipart::append(&form.boundary, self.body, "model", model).ok_or_else(
+                            || {
+                                GatewayError::invalid(
+                                    "invalid_multipart",
+                                    "the multipart body has no closing boundary",
+                                )
+                            },
+                        )?,
+                    ),
+                }
+            }
+            None if self.request.forwards_verbatim(&target.model) => self.body.clone(),
+            None => Bytes::from(self.request.encode_for_upstream(&target.model)),
+        };
+        Ok(Prepared {
+            credential: self.req.ctx.provider_key.as_ref().and_then(|k| provider.byok_credential(k.secret())),
+            path,
+            body,
+            accept: if media.raw_answer { "*/*" } else { provider.accept(upstream_stream) },
+            extra,
+            format: WireFormat::OpenAi,
+            translated: false,
+            client_wants_usage: true,
+            strip_usage: false,
+            raw: media.raw_answer,
+        })
     }
 
     /// A Responses API create for `target`: the client's bytes (the model rewritten only
@@ -208,6 +309,7 @@ impl<'e, 'r> Exec<'e, 'r> {
             translated: false,
             client_wants_usage: true,
             strip_usage: false,
+            raw: false,
         })
     }
 
@@ -223,6 +325,9 @@ impl<'e, 'r> Exec<'e, 'r> {
     fn prepare(&mut self, target: &Target, upstream_stream: bool) -> Result<Prepared, GatewayError> {
         if self.api == Api::Responses {
             return self.prepare_responses(target, upstream_stream);
+        }
+        if let Some(media) = self.media {
+            return self.prepare_media(media, target, upstream_stream);
         }
         let provider = &target.provider;
         let format = provider.format();
@@ -283,8 +388,80 @@ impl<'e, 'r> Exec<'e, 'r> {
             translated: !passthrough || (!upstream_stream && self.request.stream),
             client_wants_usage,
             strip_usage,
+            raw: false,
         })
     }
+}
+
+/// The fallback sequence of a decision for a passthrough API (Responses, audio, images),
+/// which neither fans out nor judges answers: an ensemble or a cascade is a 400
+/// `unsupported_policy` naming `what` (the decision's probe leases go back).
+pub(super) fn passthrough_sequence(
+    routed: &crate::admission::Routed<'_>,
+    health: &HealthSettings,
+    model: &str,
+    what: &str,
+) -> Result<Sequence, GatewayError> {
+    match routed.plan() {
+        crate::routing::Plan::Sequential { retry_on, total_budget, cascade: false } => {
+            Ok(Sequence { retry_on, total_budget, cascade: false })
+        }
+        _ => {
+            routed.return_probes(now_ms(), health);
+            Err(GatewayError::invalid(
+                "unsupported_policy",
+                format!(
+                    "{model} routes with a cascade or an ensemble, which {what} does not support; use single, \
+                     fallback, cost or latency routing"
+                ),
+            ))
+        }
+    }
+}
+
+/// The attempts of a decision that `skip` finds no reason to leave out. The others are
+/// never made: they go into the trace as rejected with the reason, and any half-open probe
+/// lease they took goes back.
+pub(super) fn eligible_attempts<'s>(
+    ctx: &mut RequestCtx,
+    routed: &'s crate::admission::Routed<'s>,
+    health: &HealthSettings,
+    skip: impl Fn(&Member) -> Option<String>,
+) -> Vec<&'s Member> {
+    let (attempts, skipped): (Vec<&Member>, Vec<&Member>) =
+        routed.attempts().into_iter().partition(|m| skip(m).is_none());
+    if skipped.is_empty() {
+        return attempts;
+    }
+    routed.return_probes_of(|m| skipped.iter().any(|s| std::ptr::eq(*s, m)), now_ms(), health);
+    let elapsed = ctx.started.elapsed();
+    if let Some(trace) = ctx.trace.as_deref_mut() {
+        for m in &skipped {
+            trace.push_attempt(
+                &m.target.provider.id,
+                &m.target.model,
+                "rejected",
+                None,
+                skip(m),
+                elapsed,
+                None,
+                Duration::ZERO,
+            );
+        }
+    }
+    attempts
+}
+
+/// The 400 for a decision none of whose targets serves `what`: it names them and their kinds.
+pub(super) fn no_provider_serves(all: &[&Member], model: &str, what: &str, kinds: &str) -> GatewayError {
+    let targets: Vec<String> = all
+        .iter()
+        .map(|m| format!("{} ({})", m.target.provider.id, m.target.provider.adapter.kind()))
+        .collect();
+    GatewayError::invalid(
+        "unsupported_provider",
+        format!("{what} is served only by {kinds} providers; {model} routes to {}", targets.join(", ")),
+    )
 }
 
 /// Sends one attempt and waits for as much of the answer as `mode` needs, within `limit`.
@@ -324,7 +501,7 @@ async fn run(
             return Attempted::Status { ex, failure: classify_status(status) };
         }
         match mode {
-            Mode::FirstChunk if is_event_stream(&ex.header, provider) => {
+            Mode::FirstChunk if prepared.raw || is_event_stream(&ex.header, provider) => {
                 match upstream::next_chunk(&mut ex, provider, &settings.upstream_timeouts()).await {
                     Ok(Some(first)) => Attempted::Streaming { ex, first: Some(first) },
                     Ok(None) => Attempted::Failed {
@@ -594,7 +771,7 @@ pub(super) async fn sequential(
         }
         let limit = min_limit(member.timeout, remaining);
         let buffered = seq.cascade && member.accept.is_some();
-        let upstream_stream = exec.request.stream && !buffered;
+        let upstream_stream = (exec.request.stream || exec.raw_answer()) && !buffered;
         let started = Instant::now();
         let prepared = match exec.prepare(&member.target, upstream_stream) {
             Ok(p) => p,
@@ -635,6 +812,8 @@ pub(super) async fn sequential(
                     StreamCodec::Transcode(Box::new(t))
                 } else if exec.api == Api::Responses {
                     StreamCodec::Tap(wire::usage::UsageTap::responses())
+                } else if prepared.raw && !is_event_stream(&ex.header, &member.target.provider) {
+                    StreamCodec::Raw
                 } else {
                     StreamCodec::Tap(wire::usage::UsageTap::new(prepared.format, prepared.strip_usage))
                 };

@@ -15,6 +15,7 @@ mod dry_run;
 mod embeddings;
 mod execute;
 mod headers;
+mod media;
 mod models;
 mod passthrough;
 mod request;

@@ -74,10 +74,19 @@ pub async fn owner(
 ) -> Result<Arc<Provider>, GatewayError> {
     let providers = &req.snapshot.providers;
     if let Some(owner) = recorded_owner(req, &principal.project, id).await? {
-        return providers.get(&*owner).cloned().ok_or_else(|| GatewayError::NotFound {
-            code: "not_found",
-            message: format!("{id} is held by provider {owner}, which is no longer configured"),
-        });
+        return match providers.get(&*owner) {
+            Some(p) if serves(p) => Ok(p.clone()),
+            // An id of another API (a response id on the files path, an Anthropic file as
+            // an OpenAI batch's input): not a thing this endpoint has.
+            Some(_) => Err(GatewayError::NotFound {
+                code: "not_found",
+                message: format!("{id} is not something this endpoint serves"),
+            }),
+            None => Err(GatewayError::NotFound {
+                code: "not_found",
+                message: format!("{id} is held by provider {owner}, which is no longer configured"),
+            }),
+        };
     }
     if let Some(key) = &req.ctx.provider_key {
         let mut fitting: Vec<&Arc<Provider>> = providers
@@ -101,8 +110,8 @@ pub async fn owner(
 }
 
 /// Records an upstream exchange on the request. The provider's refusal of the gateway's
-/// stored credential is not passed on (its words may quote the key): that is a 502. Any
-/// other status passes through, body and all.
+/// stored credential (401) is not passed on (its words may quote the key): that is a 502.
+/// Any other status passes through, body and all.
 pub async fn answered(
     req: &mut Req<'_>,
     provider: &Provider,
@@ -113,7 +122,8 @@ pub async fn answered(
     req.ctx.ttfb = Some(ex.ttfb);
     req.ctx.served = true;
     let status = ex.header.status.as_u16();
-    if matches!(status, 401 | 403) && !byok {
+    // 403 passes through: on these endpoints it is about the resource (a beta not enabled).
+    if status == 401 && !byok {
         let _ = upstream::read_all(&mut ex, 64 * 1024, provider, &settings.upstream_timeouts()).await;
         req.ctx.upstream_time += ex.started.elapsed();
         upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
@@ -154,6 +164,9 @@ pub async fn whole(
     let mut headers = passthrough_headers(&ex.header);
     headers.push((name("x-modelux-provider-used"), provider.id.clone()));
     let status = ex.header.status.as_u16();
+    if !req.session.is_body_done() {
+        req.session.set_keepalive(None);
+    }
     respond::whole(req.session, req.ctx, status, headers, body).await;
     upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
     Ok(())
@@ -165,6 +178,12 @@ pub async fn whole(
 pub async fn relay(req: &mut Req<'_>, provider: &Provider, mut ex: Exchange, mut headers: Headers) {
     let (state, settings) = (req.state, &req.snapshot.settings);
     let (session, ctx) = (&mut *req.session, &mut *req.ctx);
+    // A client that stops reading a long download must not hold it (and the upstream
+    // connection) forever; one whose body was not read cannot send another request.
+    session.downstream_session.set_write_timeout(Some(settings.upstream_timeout));
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
     let status = ex.header.status.as_u16();
     let h = &ex.header.headers;
     // The upstream's framing decides: a chunked body's `Content-Length` (if any) is wrong.

@@ -207,12 +207,17 @@ fn chosen(req: &Req<'_>, route: &Route) -> Result<Arc<Provider>, GatewayError> {
     })
 }
 
-/// The client's upload, piece by piece, bounded in size and in the wait for each piece.
+/// Slowest average an upload may arrive at, once its first `client_body_timeout` is over.
+const MIN_UPLOAD_BYTES_PER_SECOND: f64 = 64.0 * 1024.0;
+
+/// The client's upload, piece by piece, bounded in size, in the wait for each piece and in
+/// its average rate (a trickle must not hold the upstream connection for hours).
 struct Upload<'s> {
     session: &'s mut Session,
     limit: u64,
     read: u64,
     idle: std::time::Duration,
+    started: std::time::Instant,
 }
 
 impl BodySource for Upload<'_> {
@@ -222,6 +227,15 @@ impl BodySource for Upload<'_> {
                 self.read += piece.len() as u64;
                 if self.read > self.limit {
                     return Err(GatewayError::PayloadTooLarge { limit: self.limit });
+                }
+                let allowed = self.idle.as_secs_f64() + self.read as f64 / MIN_UPLOAD_BYTES_PER_SECOND;
+                if self.started.elapsed().as_secs_f64() > allowed {
+                    return Err(GatewayError::RequestTimeout {
+                        message: format!(
+                            "the upload arrived slower than {} KiB/s",
+                            MIN_UPLOAD_BYTES_PER_SECOND as u64 / 1024
+                        ),
+                    });
                 }
                 Ok(Some(piece))
             }
@@ -237,7 +251,8 @@ impl BodySource for Upload<'_> {
     }
 }
 
-/// `Host` as the client addressed the gateway, for URLs it hands back.
+/// `Host` as the client addressed the gateway, for URLs it hands back (when
+/// `server.public_base_url` does not say).
 fn public_base(session: &Session, fallback: &str) -> String {
     let h = &session.req_header().headers;
     let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
@@ -402,6 +417,7 @@ pub async fn serve(
             limit: settings.max_upload_bytes,
             read: 0,
             idle: settings.client_body_timeout,
+            started: std::time::Instant::now(),
         };
         let sent = upstream::exchange_streaming(
             &state.connector,
@@ -421,23 +437,33 @@ pub async fn serve(
     let status = ex.header.status.as_u16();
     let whole = route.reads != Reads::Stream && (200..300).contains(&status);
     let ex = passthrough::answered(req, &provider, ex, byok.is_some()).await?;
-    if !whole {
+    let answered = if !whole {
         let mut headers = passthrough_headers(&ex.header);
         headers.push((name("x-modelux-provider-used"), provider.id.clone()));
         passthrough::relay(req, &provider, ex, headers).await;
-        return Ok(());
+        Ok(())
+    } else {
+        let base = match &settings.public_base_url {
+            Some(url) => format!("{url}{surface_prefix}"),
+            None => format!("{}{surface_prefix}", public_base(req.session, &settings.proxy_listen)),
+        };
+        passthrough::whole(req, &provider, ex, |ctx, body| {
+            for id in learned(route.reads, body) {
+                passthrough::remember_owned(state, ctx, id);
+            }
+            match route.reads {
+                Reads::ResultsUrl { .. } => rewrite_results_urls(body, &base),
+                _ => None,
+            }
+        })
+        .await
+    };
+    // The provider answered before the upload ended: what is still arriving is discarded
+    // for a moment, so closing does not reset the answer away.
+    if !req.session.is_body_done() {
+        let _ = tokio::time::timeout(super::respond::LINGER, req.session.drain_request_body()).await;
     }
-    let base = format!("{}{surface_prefix}", public_base(req.session, &settings.proxy_listen));
-    passthrough::whole(req, &provider, ex, |ctx, body| {
-        for id in learned(route.reads, body) {
-            passthrough::remember_owned(state, ctx, id);
-        }
-        match route.reads {
-            Reads::ResultsUrl { .. } => rewrite_results_urls(body, &base),
-            _ => None,
-        }
-    })
-    .await
+    answered
 }
 
 #[cfg(test)]

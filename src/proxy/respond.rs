@@ -98,7 +98,7 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayErr
     }
 }
 
-const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+pub(super) const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn record_metrics(metrics: &Metrics, ctx: &RequestCtx) {
     metrics.in_flight.dec();

@@ -11,7 +11,7 @@ use super::{billing, dry_run, Req};
 use crate::auth::Principal;
 use crate::error::GatewayError;
 use crate::routing::health::now_ms;
-use crate::routing::{Member, Plan};
+use crate::routing::Member;
 use crate::wire::routed::{Payload, RoutedRequest};
 
 pub async fn create(req: &mut Req<'_>, principal: &Principal) -> Result<(), GatewayError> {
@@ -31,112 +31,92 @@ pub async fn create(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gate
         return dry_run::answer(req, &routed, &facts, 1024).await;
     }
     let health = &snapshot.health_settings;
-    // Refused after routing: the half-open probe leases it took go back.
-    let refuse = |routed: &crate::admission::Routed<'_>, e: GatewayError| {
-        routed.return_probes(now_ms(), health);
-        Err(e)
-    };
-    let (retry_on, total_budget) = match routed.plan() {
-        Plan::Sequential { retry_on, total_budget, cascade: false } => (retry_on, total_budget),
-        Plan::Sequential { cascade: true, .. } | Plan::Parallel { .. } => {
-            let why = format!(
-                "{} routes with a cascade or an ensemble, which the Responses API does not support; use \
-                 single, fallback, cost or latency routing",
-                asked.model
-            );
-            return refuse(&routed, GatewayError::invalid("unsupported_policy", why));
-        }
-    };
+    let sequence = execute::passthrough_sequence(&routed, health, &asked.model, "the Responses API")?;
     // A continuation is only known to the provider that created what it continues, and only
     // this project's responses may be continued on the shared stored credentials.
+    // An unrecorded previous response is reachable only with the caller's own key: then
+    // only attempts that key fits are made.
+    let mut own_key_only = false;
     let pinned = match &asked.previous_response_id {
         None => None,
-        Some(previous) => match passthrough::recorded_owner(req, &principal.project, previous).await {
-            Err(e) => return refuse(&routed, e),
-            Ok(Some(owner)) => Some(owner),
-            // The caller's own key reaches only the caller's own responses.
-            Ok(None) if req.ctx.provider_key.is_some() => None,
-            Ok(None) => {
-                let why = format!(
-                    "previous_response_id {previous} was not created through this project (or its record \
-                     is past traces.retention_days)"
-                );
-                return refuse(&routed, GatewayError::NotFound { code: "not_found", message: why });
+        Some(previous) => {
+            let owner = passthrough::recorded_owner(req, &principal.project, previous).await;
+            match owner {
+                Ok(Some(owner)) => Some(owner),
+                // The caller's own key reaches only the caller's own responses.
+                Ok(None) if req.ctx.provider_key.is_some() => {
+                    own_key_only = true;
+                    None
+                }
+                refused => {
+                    routed.return_probes(now_ms(), health);
+                    return Err(refused.err().unwrap_or_else(|| GatewayError::NotFound {
+                        code: "not_found",
+                        message: format!(
+                            "previous_response_id {previous} was not created through this project (or its \
+                             record is past traces.retention_days)"
+                        ),
+                    }));
+                }
             }
-        },
+        }
     };
-    let skip = |m: &Member| -> Option<String> {
+    let serves = |m: &Member| m.target.provider.openai_resource_path("/responses").is_some();
+    // The closure below cannot borrow the request, which records the skipped attempts.
+    let key = req.ctx.provider_key.as_ref().map(|k| k.secret().to_owned());
+    let attempts = execute::eligible_attempts(req.ctx, &routed, health, |m| {
         let provider = &m.target.provider;
-        if provider.openai_resource_path("/responses").is_none() {
+        if !serves(m) {
             return Some(format!(
                 "provider {} (kind {}) does not serve the Responses API",
                 provider.id,
                 provider.adapter.kind()
             ));
         }
-        match &pinned {
-            Some(owner) if **owner != *provider.id => {
+        match (&pinned, &key) {
+            (Some(owner), _) if **owner != *provider.id => {
                 Some(format!("previous_response_id is held by provider {owner}"))
             }
+            (None, Some(key)) if own_key_only && provider.byok_credential(key).is_none() => Some(format!(
+                "previous_response_id has no record here, and the caller's key does not fit provider {}",
+                provider.id
+            )),
             _ => None,
         }
-    };
-    let all = routed.attempts();
-    let (attempts, skipped): (Vec<&Member>, Vec<&Member>) = all.iter().partition(|m| skip(m).is_none());
+    });
     if attempts.is_empty() {
+        let all = routed.attempts();
         let why = match &pinned {
-            Some(owner)
-                if all.iter().any(|m| m.target.provider.openai_resource_path("/responses").is_some()) =>
-            {
-                GatewayError::invalid(
-                    "previous_response_elsewhere",
-                    format!(
-                        "previous_response_id {} was created by provider {owner}, which {} does not route to",
-                        asked.previous_response_id.as_deref().unwrap_or_default(),
-                        asked.model
-                    ),
-                )
-            }
-            _ => {
-                let kinds: Vec<String> = all
-                    .iter()
-                    .map(|m| format!("{} ({})", m.target.provider.id, m.target.provider.adapter.kind()))
-                    .collect();
-                GatewayError::invalid(
-                    "unsupported_provider",
-                    format!(
-                        "the Responses API is served only by openai, azure and openai_compatible providers; \
-                         {} routes to {}",
-                        asked.model,
-                        kinds.join(", ")
-                    ),
-                )
-            }
+            Some(owner) if all.iter().any(|m| serves(m)) => GatewayError::invalid(
+                "previous_response_elsewhere",
+                format!(
+                    "previous_response_id {} was created by provider {owner}, which {} does not route to",
+                    asked.previous_response_id.as_deref().unwrap_or_default(),
+                    asked.model
+                ),
+            ),
+            _ if own_key_only => GatewayError::NotFound {
+                code: "not_found",
+                message: format!(
+                    "previous_response_id {} has no record here, and X-Modelux-Provider-Key fits none of the \
+                     providers {} routes to",
+                    asked.previous_response_id.as_deref().unwrap_or_default(),
+                    asked.model
+                ),
+            },
+            _ => execute::no_provider_serves(
+                &all,
+                &asked.model,
+                "the Responses API",
+                "openai, azure and openai_compatible",
+            ),
         };
-        return refuse(&routed, why);
-    }
-    // Skipped attempts are never made: in the trace as rejected, their probe leases back.
-    routed.return_probes_of(|m| skipped.iter().any(|s| std::ptr::eq(*s, m)), now_ms(), health);
-    let elapsed = req.ctx.started.elapsed();
-    if let Some(trace) = req.ctx.trace.as_deref_mut() {
-        for m in &skipped {
-            trace.push_attempt(
-                &m.target.provider.id,
-                &m.target.model,
-                "rejected",
-                None,
-                skip(m),
-                elapsed,
-                None,
-                std::time::Duration::ZERO,
-            );
-        }
+        return Err(why);
     }
     let usd =
         billing::max_cost(snapshot, &attempts, false, req.ctx.bill.est_input_tokens, asked.max_tokens, 1);
     billing::reserve(req.state, req.ctx, &eval, usd)?;
     let info = routed.info();
     let mut exec = Exec::responses(req, asked, &body, &info);
-    execute::sequential(&mut exec, &attempts, execute::Sequence { retry_on, total_budget, cascade: false })
-        .await
+    execute::sequential(&mut exec, &attempts, sequence).await
 }

@@ -21,6 +21,8 @@ pub enum StreamCodec {
     Tap(wire::usage::UsageTap),
     /// Different formats (or a trace to splice in): decoded and re-encoded.
     Transcode(Box<Transcoder>),
+    /// A binary answer (speech audio): passed through, not read.
+    Raw,
 }
 
 impl StreamCodec {
@@ -31,6 +33,10 @@ impl StreamCodec {
                 Ok(())
             }
             StreamCodec::Transcode(t) => t.feed(chunk, out),
+            StreamCodec::Raw => {
+                out.extend_from_slice(chunk);
+                Ok(())
+            }
         }
     }
 
@@ -41,6 +47,7 @@ impl StreamCodec {
                 Ok(())
             }
             StreamCodec::Transcode(t) => t.finish(out),
+            StreamCodec::Raw => Ok(()),
         }
     }
 
@@ -48,6 +55,7 @@ impl StreamCodec {
         match self {
             StreamCodec::Tap(t) => t.events(),
             StreamCodec::Transcode(t) => t.events(),
+            StreamCodec::Raw => 0,
         }
     }
 
@@ -58,12 +66,15 @@ impl StreamCodec {
                 let u = t.usage();
                 (u.input > 0 || u.output > 0).then_some(u)
             }
+            StreamCodec::Raw => None,
         }
     }
 
-    /// The in-stream error event that ends a stream the upstream broke off.
+    /// The in-stream error event that ends a stream the upstream broke off (none for a
+    /// binary answer, which is cut off instead).
     fn failure_event(&mut self, client: Surface, e: &GatewayError) -> Vec<u8> {
         match (self, client) {
+            (StreamCodec::Raw, _) => Vec::new(),
             (StreamCodec::Transcode(t), _) => {
                 let mut buf = Vec::new();
                 t.fail(e.kind(), &e.message(), &mut buf);
@@ -130,6 +141,18 @@ pub async fn stream(
             None => upstream::next_chunk(&mut ex, provider, &settings.upstream_timeouts()).await,
         };
         match next {
+            Ok(Some(chunk)) if matches!(codec, StreamCodec::Raw) => {
+                let len = chunk.len() as u64;
+                ctx.capture_response(&chunk);
+                if session.write_response_body(Some(chunk), false).await.is_err() {
+                    ctx.error_code = Some("client_disconnected");
+                    ctx.upstream_time += ex.started.elapsed();
+                    ex.session.shutdown().await;
+                    bill_stream(state, ctx, &codec, false);
+                    return;
+                }
+                ctx.bytes_out += len;
+            }
             Ok(Some(chunk)) => {
                 out.clear();
                 if let Err(message) = codec.feed(&chunk, &mut out) {
@@ -207,6 +230,11 @@ pub async fn stream(
         ctx.error_code = Some("upstream_stream_error");
         if ctx.bill.usage.is_none() {
             bill_stream(state, ctx, &codec, false);
+        }
+        if matches!(codec, StreamCodec::Raw) {
+            // Closed, not finished: a cut binary body must not look whole.
+            session.downstream_session.shutdown().await;
+            return;
         }
         let event = Bytes::from(codec.failure_event(ctx.surface, &e));
         ctx.bytes_out += event.len() as u64;

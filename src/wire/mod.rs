@@ -7,6 +7,7 @@ pub mod codec;
 pub mod cohere;
 pub mod embeddings;
 pub mod gemini;
+pub mod multipart;
 pub mod openai;
 pub mod registry;
 pub mod routed;

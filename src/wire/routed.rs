@@ -72,6 +72,8 @@ pub enum Payload {
     /// OpenAI Responses API: `input` (a string or an array) is optional, as a stored
     /// `prompt` or `previous_response_id` may stand in for it.
     Responses,
+    /// Audio and images: only `model` is read.
+    Free,
 }
 
 impl<'a> RoutedRequest<'a> {
@@ -202,7 +204,7 @@ impl<'a> RoutedRequest<'a> {
             }
         }
         let model = model.ok_or_else(|| field_error("missing_field", "Missing required field: model"))?;
-        if !has_messages && payload != Payload::Responses {
+        if !has_messages && !matches!(payload, Payload::Responses | Payload::Free) {
             let name = match payload {
                 Payload::Messages => "messages",
                 _ => "input",

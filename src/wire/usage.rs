@@ -286,7 +286,9 @@ impl UsageTap {
             self.line.extend_from_slice(bytes);
             return;
         }
-        if self.responses && (self.line_tail || self.line.starts_with(b"data:")) {
+        let data_line =
+            if self.line.is_empty() { bytes.starts_with(b"data:") } else { self.line.starts_with(b"data:") };
+        if self.responses && (self.line_tail || data_line) {
             self.line.extend_from_slice(bytes);
             let cut = self.line.len().saturating_sub(RESPONSES_TAIL);
             self.line.drain(..cut);
@@ -493,7 +495,9 @@ impl UsageTap {
     }
 }
 
-/// The value of the last `"usage": {…}` member in the end of a JSON text.
+/// The value of the last `"usage":` member in the end of a JSON text, when it is an
+/// object (a `null` there means the response has none: an earlier one belongs to
+/// something else).
 fn last_usage(tail: &[u8]) -> Option<Value> {
     const KEY: &[u8] = b"\"usage\"";
     let mut end = tail.len();
@@ -501,12 +505,11 @@ fn last_usage(tail: &[u8]) -> Option<Value> {
         let colon = skip_ws(tail, at + KEY.len());
         if tail.get(colon) == Some(&b':') {
             let value = skip_ws(tail, colon + 1);
-            if tail.get(value) == Some(&b'{') {
-                let mut values = serde_json::Deserializer::from_slice(&tail[value..]).into_iter::<Value>();
-                if let Some(Ok(v)) = values.next() {
-                    return Some(v);
-                }
+            if tail.get(value) != Some(&b'{') {
+                return None;
             }
+            let mut values = serde_json::Deserializer::from_slice(&tail[value..]).into_iter::<Value>();
+            return values.next().and_then(Result::ok);
         }
         end = at;
     }

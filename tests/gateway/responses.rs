@@ -98,8 +98,19 @@ async fn responses_fall_back_among_openai_providers_and_follow_ups_reach_their_c
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-modelux-provider-used"), Some("backup"));
 
-    // Another project cannot continue it on the shared credentials.
+    // Another project cannot continue it on the shared credentials, nor with a key of its
+    // own that fits no provider the model routes to (the stored one would be used).
     let r = call(&gw, "POST", RESPONSES, OTHER_KEY, &serde_json::to_vec(&follow).unwrap(), &[]).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = call(
+        &gw,
+        "POST",
+        RESPONSES,
+        OTHER_KEY,
+        &serde_json::to_vec(&follow).unwrap(),
+        &[("x-modelux-provider-key", "sk-ant-api03-not-an-openai-key")],
+    )
+    .await;
     assert_eq!(r.status, 404, "{}", r.text());
 
     // 4. Streamed: the SSE passes through; usage from `response.completed` is priced.
@@ -223,6 +234,10 @@ async fn responses_fall_back_among_openai_providers_and_follow_ups_reach_their_c
     assert_eq!(r.header("x-modelux-provider-used"), Some("openai"), "the primary streamed it");
 }
 
+fn beta_of(key: &str) -> [(&str, &str); 3] {
+    [("x-api-key", key), ("anthropic-version", "2023-06-01"), ("anthropic-beta", "files-api-2025-04-14")]
+}
+
 fn multipart(boundary: &str, fields: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, filename, data) in fields {
@@ -310,6 +325,53 @@ async fn files_and_batches_reach_the_provider_holding_them_on_both_surfaces() {
     assert_eq!((r.status, r.json().unwrap()["deleted"].clone()), (200, json!(true)));
     let r = call(&gw, "PUT", "/openai/v1/files", KEY, b"", &[]).await;
     assert_eq!((r.status, r.header("allow")), (405, Some("GET, POST")));
+    // A 403 is about the resource here: passed through, unlike a 401 on the stored key.
+    openai.push_script([Behavior::Status(403)]);
+    let r = call(&gw, "GET", "/openai/v1/files", KEY, b"", &[]).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    openai.push_script([Behavior::Status(401)]);
+    let r = call(&gw, "GET", "/openai/v1/files", KEY, b"", &[]).await;
+    assert_eq!((r.status, error_of(&r)["code"].clone()), (502, json!("provider_auth_failed")));
+    // A response id on the files path is not a file, though this project created it.
+    let resp = call(&gw, "POST", RESPONSES, KEY, br#"{"model":"gpt-4o-mini","input":"x"}"#, &[]).await;
+    let resp_id = resp.json().unwrap()["id"].as_str().unwrap().to_string();
+    let r = call(&gw, "GET", &format!("/anthropic/v1/files/{resp_id}"), KEY, b"", &beta_of(KEY)).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+
+    // `Expect: 100-continue` (curl's large uploads) is answered before the body is sent.
+    let mut sock = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "POST /openai/v1/files HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\nContent-Type: {ct}\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        form.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_millis(500), sock.read(&mut buf))
+        .await
+        .expect("no 100 Continue")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 100"), "{}", String::from_utf8_lossy(&buf[..n]));
+    sock.write_all(&form).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = sock.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&chunk[..n]);
+            if answer.windows(7).any(|w| w == b"\"bytes\"") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
 
     // Anthropic: message batches, their results through the gateway, files (beta header kept).
     let av = [("x-api-key", KEY), ("anthropic-version", "2023-06-01")];
@@ -369,4 +431,108 @@ async fn files_and_batches_reach_the_provider_holding_them_on_both_surfaces() {
     assert_eq!((r.status, r.header("x-modelux-provider-used")), (200, Some("anthropic")), "{}", r.text());
     let r = call(&gw, "GET", "/v1/files", KEY, b"", &[]).await;
     assert_eq!((r.status, r.header("x-modelux-provider-used")), (200, Some("openai")), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_and_images_are_routed_by_model_to_openai_and_azure_only() {
+    let openai = mock(MockConfig { tokens: 3, ..MockConfig::default() }).await;
+    let azure = mock(MockConfig::default()).await;
+    let anthropic = mock(MockConfig::default()).await;
+    let mut cfg = Cfg::new(openai.base_url().leak());
+    let anthropic_root = anthropic.root_url();
+    cfg.anthropic = Some(&anthropic_root);
+    cfg.more_providers = format!(
+        "  - {{ id: az, kind: azure, base_url: \"{}\", api_key: \"az-key\", api_version: \"2024-10-21\" }}\n",
+        azure.root_url()
+    );
+    cfg.more_configs = "  voice: { project: default, strategy: fallback, retry_on: [\"5xx\"], attempts: \
+                        [\"anthropic/claude-3-5-haiku-latest\", \"openai/gpt-4o-transcribe\", \"az/whisper-dep\"] }\n  \
+                        draw: { project: default, strategy: ensemble, aggregation: first_valid, members: [\"openai/gpt-image-1\", \"az/img\"] }\n"
+        .into();
+    cfg.top_extra = "traces: { flush_interval_ms: 50 }\nprices:\n  gpt-image-1: { input_per_mtok: 5.0, output_per_mtok: 40.0 }\n".into();
+    let gw = start(cfg).await;
+    let ct = "multipart/form-data; boundary=mlxAudio";
+    let audio: Vec<u8> = (0..40_000u32).map(|i| (i % 256) as u8).collect();
+
+    // Transcription through @voice: the Anthropic target skipped, OpenAI's 500 fallen over,
+    // Azure's deployment answers; only the model field was rewritten.
+    openai.push_script([Behavior::Status(500)]);
+    let form = multipart("mlxAudio", &[("file", Some("a.wav"), &audio), ("model", None, b"@voice")]);
+    let r = call(&gw, "POST", "/openai/v1/audio/transcriptions", KEY, &form, &[("content-type", ct)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-modelux-provider-used"), Some("az"));
+    assert_eq!(r.json().unwrap()["text"], "mock transcript of 40000 bytes");
+    assert_eq!(anthropic.request_count(), 0);
+    let sent = azure.requests().last().unwrap().clone();
+    assert_eq!(sent.path, "/openai/deployments/whisper-dep/audio/transcriptions?api-version=2024-10-21");
+    assert_eq!(sent.header("api-key"), Some("az-key"));
+    assert_eq!(
+        sent.body,
+        multipart("mlxAudio", &[("file", Some("a.wav"), &audio), ("model", None, b"whisper-dep")])
+    );
+    let log = wait_for_log(&gw, &request_id(&r)).await;
+    let statuses: Vec<&str> =
+        log["attempt_details"].as_array().unwrap().iter().map(|a| a["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["rejected", "upstream_error", "success"], "{log}");
+    assert!(log["input_tokens"].as_u64().unwrap() < 100, "audio bytes are not counted as tokens: {log}");
+
+    // No model: openai/whisper-1, added to the form.
+    let form = multipart("mlxAudio", &[("file", Some("a.wav"), &audio[..100])]);
+    let r = call(&gw, "POST", "/openai/v1/audio/translations", KEY, &form, &[("content-type", ct)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = openai.requests().last().unwrap().clone();
+    assert_eq!(sent.path, "/v1/audio/translations");
+    assert!(String::from_utf8_lossy(&sent.body).contains("name=\"model\"\r\n\r\nwhisper-1\r\n"));
+    let r = call(&gw, "POST", "/openai/v1/audio/transcriptions", KEY, b"not a form", &[("content-type", ct)])
+        .await;
+    assert_eq!((r.status, error_of(&r)["code"].clone()), (400, json!("invalid_multipart")));
+
+    // Speech: binary audio streamed back as it comes.
+    let r = call(
+        &gw,
+        "POST",
+        "/openai/v1/audio/speech",
+        KEY,
+        br#"{"model":"openai/tts-1","input":"hello","voice":"alloy"}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("audio/mpeg"));
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.body.len(), 10 + 5 * 4096);
+    assert!(r.body.starts_with(b"ID3"));
+    assert_eq!(r.body[10..20], (0..10u8).collect::<Vec<_>>()[..]);
+
+    // Images: priced from the answer's usage where the table has the model.
+    let r = call(
+        &gw,
+        "POST",
+        "/openai/v1/images/generations",
+        KEY,
+        br#"{"model":"gpt-image-1","prompt":"a cat"}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["usage"]["output_tokens"], 1056);
+    let cost: f64 = r.header("x-modelux-cost-usd").unwrap().parse().unwrap();
+    assert!((cost - (2.0 * 5.0 + 1056.0 * 40.0) / 1e6).abs() < 1e-9, "{cost}");
+    let r = call(&gw, "POST", "/openai/v1/images/generations", KEY, br#"{"prompt":"a dog"}"#, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(openai.requests().last().unwrap().json().unwrap()["model"], "dall-e-2");
+    let r =
+        call(&gw, "POST", "/openai/v1/images/generations", KEY, br#"{"model":"@draw","prompt":"x"}"#, &[])
+            .await;
+    assert_eq!((r.status, error_of(&r)["code"].clone()), (400, json!("unsupported_policy")));
+    let r = call(
+        &gw,
+        "POST",
+        "/openai/v1/audio/speech",
+        KEY,
+        br#"{"model":"anthropic/claude-3-5-haiku-latest","input":"x"}"#,
+        &[],
+    )
+    .await;
+    assert_eq!((r.status, error_of(&r)["code"].clone()), (400, json!("unsupported_provider")));
 }
