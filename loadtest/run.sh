@@ -28,6 +28,8 @@ ONE_CONN=${ONE_CONN:-1}
 # Management PATCHes sent while a second paced gateway phase runs (0 skips): the proxy's
 # tail with the control plane busy, against the same phase without.
 CHURN=${CHURN:-100}
+# Phases for the Responses API and a passthrough call (1), beside the chat route.
+PASSTHROUGH=${PASSTHROUGH:-1}
 # Replay (experiments): this many requests stored, then replayed routing_only on their own
 # (time, memory), and experiments run back to back during a second paced phase (the
 # proxy's tail while one runs). 0 skips.
@@ -193,6 +195,12 @@ printf '%s' '{"model":"mock/mock-model","messages":[{"role":"user","content":"Sa
 BODY_XLAT=$TMP/body-gateway-xlat.json
 printf '%s' '{"model":"mockant/claude-mock","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_XLAT"
 # Translated route: OpenAI client, Gemini upstream (same mock, /v1beta/models/…:generateContent).
+# The Responses API (routed like chat, bytes passed through) and a passthrough naming an id.
+BODY_RESPONSES=$TMP/body-gateway-responses.json
+printf '%s' '{"model":"mock/mock-model","input":[{"role":"user","content":"Say hello in one short sentence."}],"max_output_tokens":16}' >"$BODY_RESPONSES"
+BODY_EMPTY=$TMP/body-empty.json
+printf '{}' >"$BODY_EMPTY"
+
 BODY_XLAT_GEMINI=$TMP/body-gateway-xlat-gemini.json
 printf '%s' '{"model":"mockgem/gemini-mock","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_XLAT_GEMINI"
 # Direct and nginx hops send the same body; the mock echoes any model.
@@ -364,6 +372,8 @@ run_phase() {
         gateway) body=$BODY_GW ;;
         gateway_xlat) body=$BODY_XLAT ;;
         gateway_xlat_gemini) body=$BODY_XLAT_GEMINI ;;
+        gateway_responses) body=$BODY_RESPONSES ;;
+        gateway_passthrough) body=$BODY_EMPTY ;;
         gateway_stream) body=$BODY_GW_STREAM ;;
         gateway_open_streams) body=$BODY_SLOW_STREAM ;;
         *_stream) body=$BODY_MOCK_STREAM ;;
@@ -518,6 +528,19 @@ for mode in sat paced; do
                 --header "Authorization: Bearer $GW_KEY"
             run_phase gateway_xlat_gemini "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
                 --header "Authorization: Bearer $GW_KEY"
+            if [ "$PASSTHROUGH" = 1 ]; then
+                run_phase gateway_responses "$GW_PORT" /openai/v1/responses "$GW_PID" \
+                    --header "Authorization: Bearer $GW_KEY"
+                # A background response, then its cancel over and over: a passthrough
+                # to the provider holding it (answered 200 each time).
+                rid=$(curl -sf -H "Authorization: Bearer $GW_KEY" -H 'content-type: application/json' \
+                    -d '{"model":"mock/mock-model","input":"x","background":true}' \
+                    "http://127.0.0.1:$GW_PORT/openai/v1/responses" |
+                    sed -nE 's/^ *"id": *"([^"]*)".*/\1/p' | head -n 1)
+                [ -n "$rid" ] || die "cannot create the passthrough phase's response"
+                run_phase gateway_passthrough "$GW_PORT" "/openai/v1/responses/$rid/cancel" "$GW_PID" \
+                    --header "Authorization: Bearer $GW_KEY"
+            fi
         fi
     fi
     alive "$NGINX_PID" nginx
@@ -590,6 +613,8 @@ row() {
     [ "$SKIP_GATEWAY" = 1 ] || row gateway
     [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat
     [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat_gemini
+    [ "$SKIP_GATEWAY" = 1 ] || [ "$PASSTHROUGH" != 1 ] || row gateway_responses
+    [ "$SKIP_GATEWAY" = 1 ] || [ "$PASSTHROUGH" != 1 ] || row gateway_passthrough
     row nginx
     [ -z "$PINGORA_BARE" ] || row pingora
     echo
@@ -677,6 +702,9 @@ row() {
             'BEGIN { if (g > 0) printf "Translated route (OpenAI client, Anthropic upstream): **%.1f%%** of the same-format route.\n", 100 * x / g }'
         awk -v x="$(jnum "$TMP/gateway_xlat_gemini.json" rps)" -v g="$(jnum "$TMP/gateway.json" rps)" \
             'BEGIN { if (g > 0) printf "Translated route (OpenAI client, Gemini upstream): **%.1f%%** of the same-format route.\n", 100 * x / g }'
+        if [ "$PASSTHROUGH" = 1 ]; then
+            echo "CPU per request over the same-format chat route's: Responses API create **$(ratio gateway_responses gateway)**, passthrough (\`POST /responses/{id}/cancel\`) **$(ratio gateway_passthrough gateway)**."
+        fi
     else
         echo "Gateway phase skipped (SKIP_GATEWAY=1)."
     fi

@@ -32,6 +32,9 @@ pub struct Exchange {
     /// Time from the start of the attempt to the response header.
     pub ttfb: Duration,
     pub started: Instant,
+    /// The connection may go back to the pool once the answer is read (not after an
+    /// upload the provider stopped reading: the request on it never ended).
+    pub reusable: bool,
 }
 
 fn map_error(provider: &Provider, e: &PError, timeouts: &Timeouts) -> GatewayError {
@@ -227,7 +230,14 @@ pub async fn exchange(
                 let Some(resp) = session.response_header().cloned() else {
                     return Err(GatewayError::internal("upstream response header missing after read"));
                 };
-                return Ok(Exchange { session, peer, header: resp, ttfb: started.elapsed(), started });
+                return Ok(Exchange {
+                    session,
+                    peer,
+                    header: resp,
+                    ttfb: started.elapsed(),
+                    started,
+                    reusable: true,
+                });
             }
             Err(e) => {
                 let stale = reused
@@ -357,7 +367,9 @@ pub async fn exchange_streaming<S: BodySource>(
         // that answer, not the broken write, is what the client should get.
         return match tokio::time::timeout(EARLY_ANSWER_WAIT, session.read_response_header()).await {
             Ok(Ok(())) => match session.response_header().cloned() {
-                Some(header) => Ok(Exchange { session, peer, header, ttfb: started.elapsed(), started }),
+                Some(header) => {
+                    Ok(Exchange { session, peer, header, ttfb: started.elapsed(), started, reusable: false })
+                }
                 None => Err(refused),
             },
             _ => Err(refused),
@@ -367,7 +379,7 @@ pub async fn exchange_streaming<S: BodySource>(
     let Some(header) = session.response_header().cloned() else {
         return Err(GatewayError::internal("upstream response header missing after read"));
     };
-    Ok(Exchange { session, peer, header, ttfb: started.elapsed(), started })
+    Ok(Exchange { session, peer, header, ttfb: started.elapsed(), started, reusable: true })
 }
 
 /// Reads the rest of a (non-streamed) upstream body, bounded by `limit` bytes.
@@ -406,7 +418,7 @@ pub async fn next_chunk(
 
 /// Returns the connection to the pool when the response was read completely.
 pub async fn release(connector: &Connector, mut ex: Exchange, idle: Duration) {
-    if ex.session.response_done() {
+    if ex.reusable && ex.session.response_done() {
         connector.release_http_session(ex.session, &ex.peer, Some(idle)).await;
     } else {
         ex.session.shutdown().await;

@@ -179,16 +179,23 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
     req.ctx.provider_key = provider_key(req.session.req_header())?;
     billing::check_requests(req.state, req.ctx, &principal)?;
     // pingora does not answer `Expect: 100-continue` itself; a client waiting for it (curl
-    // sending a large body) would stall before sending its body.
-    if req
-        .session
-        .req_header()
+    // sending a large body) would stall before sending its body. Not for HTTP/1.0 (RFC
+    // 9110), nor for a body over every limit (its 413 is answered instead).
+    let header = req.session.req_header();
+    let expects = header
         .headers
         .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-        && !req.session.is_body_done()
-    {
-        let _ = req.session.downstream_session.write_continue_response().await;
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects && header.version >= http::Version::HTTP_11 {
+        let settings = &req.snapshot.settings;
+        let declared = header
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if declared <= settings.max_body_bytes.max(settings.max_upload_bytes) && !req.session.is_body_done() {
+            let _ = req.session.downstream_session.write_continue_response().await;
+        }
     }
     match endpoint {
         Endpoint::Models => models::list(req, &principal).await,

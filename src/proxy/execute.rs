@@ -74,6 +74,8 @@ pub(super) struct Form {
     pub boundary: String,
     /// The `model` value's bytes; `None`: the field is absent (the default model is added).
     pub model: Option<std::ops::Range<usize>>,
+    /// Where the closing delimiter starts (an added field goes there).
+    pub closing: usize,
 }
 
 /// The request being routed, shared by all its attempts.
@@ -251,14 +253,13 @@ impl<'e, 'r> Exec<'e, 'r> {
                     Some(r) if self.body.get(r.clone()) == Some(model) => self.body.clone(),
                     Some(r) => Bytes::from(wire::multipart::replace(self.body, r.clone(), model)),
                     None => Bytes::from(
-                        wire::multipart::append(&form.boundary, self.body, "model", model).ok_or_else(
-                            || {
+                        wire::multipart::insert(&form.boundary, self.body, form.closing, "model", model)
+                            .ok_or_else(|| {
                                 GatewayError::invalid(
                                     "invalid_multipart",
                                     "the multipart body has no closing boundary",
                                 )
-                            },
-                        )?,
+                            })?,
                     ),
                 }
             }
@@ -612,16 +613,6 @@ pub fn check_accept(accept: &Accept, resp: &Response) -> Result<(), String> {
     Ok(())
 }
 
-/// A Responses API answer that started in the background (`queued`, `in_progress`).
-fn background_started(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Started<'a> {
-        #[serde(borrow)]
-        status: Option<&'a str>,
-    }
-    serde_json::from_slice::<Started>(body).is_ok_and(|s| matches!(s.status, Some("queued" | "in_progress")))
-}
-
 /// Splices `"mlx:trace": {...}` into a JSON object body.
 pub(super) fn inject_trace(body: &[u8], trace: &RawValue) -> Option<Vec<u8>> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -670,14 +661,17 @@ impl Exec<'_, '_> {
             }
             None => None,
         };
-        let usage = match &decoded {
-            Some(resp) => Some(resp.usage),
-            None => prepared.format.codec().usage(&body),
+        // A Responses answer is read once, for its id and its usage.
+        let created = (self.api == Api::Responses).then(|| wire::usage::read_response(&body));
+        let usage = match (&decoded, &created) {
+            (Some(resp), _) => Some(resp.usage),
+            (None, Some(created)) => created.usage,
+            (None, None) => prepared.format.codec().usage(&body),
         };
         // A background response reports no usage when it starts, and its later usage is
         // read by no one here: it is billed what was reserved for it, never less.
         let usage = match usage {
-            None if self.api == Api::Responses && background_started(&body) => Some(Usage {
+            None if created.as_ref().is_some_and(|c| c.background_started) => Some(Usage {
                 input: self.req.ctx.bill.est_input_tokens,
                 output: billing::reserved_output_tokens(
                     self.req.snapshot,
@@ -688,16 +682,21 @@ impl Exec<'_, '_> {
             }),
             usage => usage,
         };
+        // Images and audio are not text: their size says nothing about tokens. Without a
+        // usage object they are billed on the request's estimate alone.
+        let (usage, output_estimate) = match (self.api, usage) {
+            (Api::Media, Some(u)) if u.input == 0 && u.output == 0 => (None, 0),
+            (Api::Media, u) => (u, 0),
+            (_, u) => (u, crate::estimate::json_tokens(body.len())),
+        };
         let (state, session, ctx) = (self.req.state, &mut *self.req.session, &mut *self.req.ctx);
         // Settled before the headers go: they carry the cost and what the budget has left.
-        billing::bill_answer(state, ctx, usage, true, crate::estimate::json_tokens(body.len()));
+        billing::bill_answer(state, ctx, usage, true, output_estimate);
         ctx.bill.cost_header = true;
         let mut headers = answer_headers(&ex.header, prepared.translated, served);
         let trace = if self.want_trace { trace_json(ctx) } else { None };
-        if self.api == Api::Responses {
-            if let Some(id) = wire::usage::response_id(&body) {
-                super::passthrough::remember_owned(state, ctx, id);
-            }
+        if let Some(id) = created.and_then(|c| c.id) {
+            super::passthrough::remember_owned(state, ctx, id);
         }
         if !prepared.translated {
             let body = match trace.as_ref().and_then(|t| inject_trace(&body, t)) {

@@ -45,10 +45,12 @@ impl Kind {
     }
 }
 
-/// A multipart body's `model` and the bytes a model reads (the fields that are not files).
+/// A multipart body's `model`, `stream` and the bytes a model reads (the fields that are
+/// not files).
 struct FormRead {
     form: Form,
     model: Option<String>,
+    stream: bool,
     text_bytes: usize,
 }
 
@@ -57,18 +59,25 @@ fn read_form(content_type: &str, body: &[u8]) -> Result<FormRead, GatewayError> 
     let Some(boundary) = multipart::boundary(content_type) else {
         return Err(GatewayError::UnsupportedMediaType { content_type: content_type.to_string() });
     };
-    let fields = multipart::fields(boundary, body).map_err(bad)?;
+    let parsed = multipart::parse(boundary, body).map_err(bad)?;
+    if !parsed.fields.iter().any(|f| f.filename.is_some()) {
+        return Err(bad("the form has no file part; send the audio as `file`".into()));
+    }
     let mut model = None;
+    let mut stream = false;
     let mut text_bytes = 0;
-    for f in &fields {
+    for f in &parsed.fields {
         if f.filename.is_some() {
             continue;
         }
         text_bytes += f.value.len();
-        if f.name == "model" {
-            let value = std::str::from_utf8(&body[f.value.clone()])
-                .map_err(|_| bad("the model field is not UTF-8".into()))?;
-            model = Some((f.value.clone(), value.trim().to_string()));
+        let value = || String::from_utf8_lossy(&body[f.value.clone()]).trim().to_string();
+        match f.name.as_str() {
+            // One model only: the provider must run the model the gateway routed and priced.
+            "model" if model.is_some() => return Err(bad("the form has more than one model field".into())),
+            "model" => model = Some((f.value.clone(), value())),
+            "stream" => stream = value().eq_ignore_ascii_case("true"),
+            _ => {}
         }
     }
     let (range, name) = match model {
@@ -76,8 +85,14 @@ fn read_form(content_type: &str, body: &[u8]) -> Result<FormRead, GatewayError> 
         None => (None, None),
     };
     Ok(FormRead {
-        form: Form { content_type: content_type.to_string(), boundary: boundary.to_string(), model: range },
+        form: Form {
+            content_type: content_type.to_string(),
+            boundary: boundary.to_string(),
+            model: range,
+            closing: parsed.closing,
+        },
         model: name,
+        stream,
         text_bytes,
     })
 }
@@ -95,14 +110,26 @@ pub async fn serve(req: &mut Req<'_>, principal: &Principal, kind: Kind) -> Resu
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let body = request::read_body_bounded(req, settings.max_body_bytes).await?;
+        // Audio files are bigger than chat bodies: the upload limit, and a deadline that
+        // grows with the declared size (64 KiB/s at the least).
+        let declared = req
+            .session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let deadline = settings.client_body_timeout + std::time::Duration::from_secs(declared / (64 * 1024));
+        let body = super::body::read_body(req.session, settings.max_upload_bytes, deadline).await?;
+        req.ctx.bytes_in = body.len() as u64;
         let read = read_form(&content_type, &body)?;
         let model = match read.model {
             Some(m) if !m.is_empty() => m,
             _ => kind.default_model().unwrap_or_default().to_string(),
         };
         // Routing reads the model from a JSON body: the form's, as one.
-        let json = serde_json::to_vec(&serde_json::json!({ "model": model })).unwrap_or_default();
+        let json = serde_json::to_vec(&serde_json::json!({ "model": model, "stream": read.stream }))
+            .unwrap_or_default();
         (body, Some(read.form), read.text_bytes, Bytes::from(json))
     } else {
         let body = request::read_json_body(req).await?;
@@ -139,8 +166,14 @@ pub async fn serve(req: &mut Req<'_>, principal: &Principal, kind: Kind) -> Resu
     if attempts.is_empty() {
         return Err(execute::no_provider_serves(&routed.attempts(), &asked.model, what, "openai and azure"));
     }
-    let usd =
-        billing::max_cost(snapshot, &attempts, false, req.ctx.bill.est_input_tokens, asked.max_tokens, 1);
+    let usd = billing::max_cost(
+        snapshot,
+        &attempts,
+        false,
+        req.ctx.bill.est_input_tokens,
+        asked.max_tokens,
+        asked.choices,
+    );
     billing::reserve(req.state, req.ctx, &eval, usd)?;
     let info = routed.info();
     let media = Media { endpoint: what, form, raw_answer: kind == Kind::Speech };
@@ -187,6 +220,10 @@ mod tests {
         let read = read_form(ct, body).unwrap();
         assert_eq!(read.model.as_deref(), Some("@voice"));
         assert_eq!(read.text_bytes, 6);
+        let twice = b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nx\r\n--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n--XX--\r\n";
+        assert_eq!(read_form(ct, twice).err().map(|e| e.code()), Some("invalid_multipart"));
+        let no_file = b"--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XX--\r\n";
+        assert_eq!(read_form(ct, no_file).err().map(|e| e.code()), Some("invalid_multipart"));
         assert!(matches!(
             read_form("application/json", body),
             Err(GatewayError::UnsupportedMediaType { .. })

@@ -399,6 +399,12 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
             let ts_ms = i64::try_from(row.ts_ms).map_err(|_| {
                 StoreError::Data(format!("request {}: ts_ms {} is out of range", row.request_id, row.ts_ms))
             })?;
+            // Almost always none: nothing serialized (nor allocated) for it then.
+            let owned_ids: std::borrow::Cow<'_, str> = if row.owned_ids.is_empty() {
+                std::borrow::Cow::Borrowed("[]")
+            } else {
+                std::borrow::Cow::Owned(json(&row.owned_ids)?)
+            };
             let inserted = row_stmt
                 .execute(params![
                     row.ts,
@@ -455,7 +461,7 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
                     row.cache_saved_usd,
                     row.cache_embedding_usd,
                     row.provider_key,
-                    json(&row.owned_ids)?,
+                    owned_ids,
                 ])
                 .map_err(db)?;
             // Tags only with a new row: a replayed row already has its tags.

@@ -8,9 +8,20 @@ use std::ops::Range;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Field {
     pub name: String,
+    /// `filename` (or RFC 5987's `filename*`): the part is a file.
     pub filename: Option<String>,
     pub value: Range<usize>,
 }
+
+/// A parsed form: its fields, and where its closing delimiter (`CRLF--boundary--`) starts.
+#[derive(Debug)]
+pub struct Form {
+    pub fields: Vec<Field>,
+    pub closing: usize,
+}
+
+/// More parts than any real upload has: refused rather than allocated.
+pub const MAX_PARTS: usize = 1000;
 
 /// The `boundary` parameter of a `multipart/form-data` content type.
 pub fn boundary(content_type: &str) -> Option<&str> {
@@ -27,7 +38,7 @@ pub fn boundary(content_type: &str) -> Option<&str> {
 }
 
 fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|i| i + from)
+    memchr::memmem::find(hay.get(from..)?, needle).map(|i| i + from)
 }
 
 /// The next `CRLF--boundary` that is a delimiter: followed by `--` (the last) or by optional
@@ -51,6 +62,11 @@ fn find_delimiter(body: &[u8], next: &[u8], mut from: usize) -> Option<usize> {
 
 /// The fields of `body`, in order. `Err` says what is malformed.
 pub fn fields(boundary: &str, body: &[u8]) -> Result<Vec<Field>, String> {
+    parse(boundary, body).map(|f| f.fields)
+}
+
+/// The form in `body`. `Err` says what is malformed.
+pub fn parse(boundary: &str, body: &[u8]) -> Result<Form, String> {
     let delimiter = format!("--{boundary}");
     let next = format!("\r\n--{boundary}");
     let mut at = match find(body, delimiter.as_bytes(), 0) {
@@ -63,9 +79,14 @@ pub fn fields(boundary: &str, body: &[u8]) -> Result<Vec<Field>, String> {
         None => return Err("the multipart body has no boundary line".into()),
     };
     let mut out = Vec::new();
+    // Where the delimiter just passed starts (the closing one, once it ends the form).
+    let mut delimiter_at = at.saturating_sub(next.len());
     loop {
         if body.get(at..at + 2) == Some(b"--") {
-            return Ok(out);
+            return Ok(Form { fields: out, closing: delimiter_at });
+        }
+        if out.len() >= MAX_PARTS {
+            return Err(format!("the multipart body has more than {MAX_PARTS} parts"));
         }
         // Transport padding after a delimiter, then its line break.
         while body.get(at).is_some_and(|b| *b == b' ' || *b == b'\t') {
@@ -76,8 +97,7 @@ pub fn fields(boundary: &str, body: &[u8]) -> Result<Vec<Field>, String> {
         }
         at += 2;
         let head_end = find(body, b"\r\n\r\n", at).ok_or("a multipart part has no end of headers")?;
-        let head =
-            std::str::from_utf8(&body[at..head_end]).map_err(|_| "multipart part headers are not UTF-8")?;
+        let head = String::from_utf8_lossy(&body[at..head_end]);
         let value_start = head_end + 4;
         let value_end =
             find_delimiter(body, next.as_bytes(), value_start).ok_or("a multipart part is not terminated")?;
@@ -92,13 +112,14 @@ pub fn fields(boundary: &str, body: &[u8]) -> Result<Vec<Field>, String> {
                 let v = v.trim().trim_matches('"').to_string();
                 match k.trim().to_ascii_lowercase().as_str() {
                     "name" => name = Some(v),
-                    "filename" => filename = Some(v),
+                    "filename" | "filename*" => filename = Some(v),
                     _ => {}
                 }
             }
         }
         let name = name.ok_or("a multipart part has no name")?;
         out.push(Field { name, filename, value: value_start..value_end });
+        delimiter_at = value_end;
         at = value_end + next.len();
     }
 }
@@ -112,10 +133,13 @@ pub fn replace(body: &[u8], range: Range<usize>, value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// `body` with a text field appended before its closing delimiter.
-pub fn append(boundary: &str, body: &[u8], name: &str, value: &[u8]) -> Option<Vec<u8>> {
-    let closing = format!("\r\n--{boundary}--");
-    let at = body.windows(closing.len()).rposition(|w| w == closing.as_bytes())?;
+/// `body` with a text field inserted before its closing delimiter, at `closing`
+/// (`Form::closing`).
+pub fn insert(boundary: &str, body: &[u8], closing: usize, name: &str, value: &[u8]) -> Option<Vec<u8>> {
+    let at = closing;
+    if body.get(at..at + 2) != Some(b"\r\n") {
+        return None;
+    }
     let mut out = Vec::with_capacity(body.len() + value.len() + 128);
     out.extend_from_slice(&body[..at]);
     out.extend_from_slice(
@@ -149,7 +173,8 @@ mod tests {
         assert_eq!(&out[again[0].value.clone()], b"RIFF\r\n--b0x");
         let no_model =
             b"--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nx\r\n--b0--\r\n";
-        let added = append("b0", no_model, "model", b"whisper-1").unwrap();
+        let form = parse("b0", no_model).unwrap();
+        let added = insert("b0", no_model, form.closing, "model", b"whisper-1").unwrap();
         let f = fields("b0", &added).unwrap();
         assert_eq!((f[1].name.as_str(), &added[f[1].value.clone()]), ("model", &b"whisper-1"[..]));
     }

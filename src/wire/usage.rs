@@ -495,9 +495,9 @@ impl UsageTap {
     }
 }
 
-/// The value of the last `"usage":` member in the end of a JSON text, when it is an
-/// object (a `null` there means the response has none: an earlier one belongs to
-/// something else).
+/// The value of the last `"usage": {…}` member in the end of a JSON text. A `"usage":
+/// null` met first means the response has none (an earlier object belongs to something
+/// else, a tool's schema); other values (a caller's metadata string) are passed over.
 fn last_usage(tail: &[u8]) -> Option<Value> {
     const KEY: &[u8] = b"\"usage\"";
     let mut end = tail.len();
@@ -505,15 +505,50 @@ fn last_usage(tail: &[u8]) -> Option<Value> {
         let colon = skip_ws(tail, at + KEY.len());
         if tail.get(colon) == Some(&b':') {
             let value = skip_ws(tail, colon + 1);
-            if tail.get(value) != Some(&b'{') {
-                return None;
+            match tail.get(value) {
+                Some(b'{') => {
+                    let mut values =
+                        serde_json::Deserializer::from_slice(&tail[value..]).into_iter::<Value>();
+                    if let Some(Ok(v)) = values.next() {
+                        return Some(v);
+                    }
+                }
+                Some(b'n') => return None,
+                _ => {}
             }
-            let mut values = serde_json::Deserializer::from_slice(&tail[value..]).into_iter::<Value>();
-            return values.next().and_then(Result::ok);
         }
         end = at;
     }
     None
+}
+
+/// What the gateway reads of a whole Responses API answer, in one pass.
+#[derive(Debug, Default, PartialEq)]
+pub struct ResponseRead {
+    pub id: Option<String>,
+    pub usage: Option<Usage>,
+    /// `queued` or `in_progress`: a background response that has not run yet.
+    pub background_started: bool,
+}
+
+/// A whole Responses API body: its id, its usage, whether it started in the background.
+pub fn read_response(body: &[u8]) -> ResponseRead {
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        id: Option<String>,
+        #[serde(borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+        usage: Option<Value>,
+    }
+    if !is_object(body) {
+        return ResponseRead::default();
+    }
+    let Ok(b) = serde_json::from_slice::<Body>(body) else { return ResponseRead::default() };
+    ResponseRead {
+        id: b.id.filter(|id| !id.is_empty()),
+        usage: b.usage.filter(Value::is_object).map(|u| openai_usage(&u)),
+        background_started: matches!(b.status.as_deref(), Some("queued" | "in_progress")),
+    }
 }
 
 /// `response.id` of a Responses API stream event, or `id` of a whole response body.
@@ -646,6 +681,13 @@ mod tests {
         let body = br#"{"id":"resp_9","object":"response","usage":{"input_tokens":3,"output_tokens":5}}"#;
         assert_eq!(from_body(WireFormat::OpenAi, body).map(|u| (u.input, u.output)), Some((3, 5)));
         assert_eq!(response_id(body).as_deref(), Some("resp_9"));
+        let read = read_response(body);
+        assert_eq!(
+            (read.id.as_deref(), read.usage.map(|u| u.output), read.background_started),
+            (Some("resp_9"), Some(5), false)
+        );
+        let queued = read_response(br#"{"id":"resp_q","status":"queued","usage":null}"#);
+        assert_eq!((queued.usage, queued.background_started), (None, true));
     }
 
     #[test]
