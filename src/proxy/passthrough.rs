@@ -216,15 +216,11 @@ pub async fn relay(req: &mut Req<'_>, provider: &Provider, mut ex: Exchange, mut
     loop {
         match upstream::next_chunk(&mut ex, provider, &timeouts).await {
             Ok(Some(chunk)) => {
-                let len = chunk.len() as u64;
-                ctx.capture_response(&chunk);
-                if session.write_response_body(Some(chunk), false).await.is_err() {
-                    ctx.error_code = Some("client_disconnected");
+                if !respond::piece(session, ctx, chunk).await {
                     ctx.upstream_time += ex.started.elapsed();
                     ex.session.shutdown().await;
                     return;
                 }
-                ctx.bytes_out += len;
             }
             Ok(None) => break,
             Err(e) => {

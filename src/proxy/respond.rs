@@ -68,6 +68,19 @@ pub async fn whole(
     }
 }
 
+/// Sends one piece of a streamed answer (kept for the trace, counted). `false`: the client
+/// went away.
+pub async fn piece(session: &mut Session, ctx: &mut RequestCtx, piece: Bytes) -> bool {
+    let len = piece.len() as u64;
+    ctx.capture_response(&piece);
+    if session.write_response_body(Some(piece), false).await.is_err() {
+        ctx.error_code = Some("client_disconnected");
+        return false;
+    }
+    ctx.bytes_out += len;
+    true
+}
+
 /// Renders a gateway error in the OpenAI envelope.
 pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError) {
     ctx.error_code = Some(err.code());

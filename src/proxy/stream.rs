@@ -141,53 +141,42 @@ pub async fn stream(
             None => upstream::next_chunk(&mut ex, provider, &settings.upstream_timeouts()).await,
         };
         match next {
-            Ok(Some(chunk)) if matches!(codec, StreamCodec::Raw) => {
-                let len = chunk.len() as u64;
-                ctx.capture_response(&chunk);
-                if session.write_response_body(Some(chunk), false).await.is_err() {
-                    ctx.error_code = Some("client_disconnected");
-                    ctx.upstream_time += ex.started.elapsed();
-                    ex.session.shutdown().await;
-                    bill_stream(state, ctx, &codec, false);
-                    return;
-                }
-                ctx.bytes_out += len;
-            }
             Ok(Some(chunk)) => {
-                out.clear();
-                if let Err(message) = codec.feed(&chunk, &mut out) {
-                    break Some(GatewayError::UpstreamStatus {
-                        provider: provider.id.clone(),
-                        status: 200,
-                        message,
-                    });
-                }
-                if let (StreamCodec::Tap(tap), true) = (&codec, ctx.owned_ids.is_empty()) {
-                    // Known before the client sees the event naming it, so a follow-up can
-                    // never arrive before the gateway knows where the response lives.
-                    if let Some(id) = tap.response_id() {
-                        super::passthrough::remember_owned(state, ctx, id.to_string());
-                    }
-                }
-                if out.is_empty() {
-                    continue;
-                }
-                // A tap that changed nothing hands back the chunk as it came: send that.
-                let piece = if out.len() == chunk.len() && out == chunk {
+                // A binary answer goes as it came; the others through their codec.
+                let piece = if matches!(codec, StreamCodec::Raw) {
                     chunk
                 } else {
-                    Bytes::copy_from_slice(&out)
+                    out.clear();
+                    if let Err(message) = codec.feed(&chunk, &mut out) {
+                        break Some(GatewayError::UpstreamStatus {
+                            provider: provider.id.clone(),
+                            status: 200,
+                            message,
+                        });
+                    }
+                    if let (StreamCodec::Tap(tap), true) = (&codec, ctx.owned_ids.is_empty()) {
+                        // Known before the client sees the event naming it, so a follow-up
+                        // can never arrive before the gateway knows where the response lives.
+                        if let Some(id) = tap.response_id() {
+                            super::passthrough::remember_owned(state, ctx, id.to_string());
+                        }
+                    }
+                    if out.is_empty() {
+                        continue;
+                    }
+                    // A tap that changed nothing hands back the chunk as it came: send that.
+                    if out.len() == chunk.len() && out == chunk {
+                        chunk
+                    } else {
+                        Bytes::copy_from_slice(&out)
+                    }
                 };
-                let len = piece.len() as u64;
-                ctx.capture_response(&piece);
-                if session.write_response_body(Some(piece), false).await.is_err() {
-                    ctx.error_code = Some("client_disconnected");
+                if !respond::piece(session, ctx, piece).await {
                     ctx.upstream_time += ex.started.elapsed();
                     ex.session.shutdown().await;
                     bill_stream(state, ctx, &codec, false);
                     return;
                 }
-                ctx.bytes_out += len;
             }
             Ok(None) => {
                 out.clear();
