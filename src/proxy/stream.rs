@@ -120,7 +120,11 @@ pub async fn stream(
     let (session, ctx) = (&mut *req.session, &mut *req.ctx);
     headers.push((http::header::TRANSFER_ENCODING, "chunked".into()));
     ctx.streamed = true;
-    let resp = match respond::header(200, headers, ctx) {
+    // A client that stops reading must not hold the stream (and its upstream) forever.
+    session.downstream_session.set_write_timeout(Some(settings.upstream_timeout));
+    // The upstream's own 2xx (a binary answer's may not be 200); streams are 200.
+    let status = if matches!(codec, StreamCodec::Raw) { ex.header.status.as_u16() } else { 200 };
+    let resp = match respond::header(status, headers, ctx) {
         Ok(h) => h,
         Err(e) => {
             ex.session.shutdown().await;
@@ -128,7 +132,7 @@ pub async fn stream(
             return;
         }
     };
-    ctx.status = 200;
+    ctx.status = status;
     if session.write_response_header(Box::new(resp), false).await.is_err() {
         ctx.error_code = Some("client_disconnected");
         ex.session.shutdown().await;
