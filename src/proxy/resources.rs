@@ -217,19 +217,24 @@ struct Upload<'s> {
     limit: u64,
     read: u64,
     idle: std::time::Duration,
-    started: std::time::Instant,
+    /// Time spent waiting for the client's pieces (not for the provider to take them: a
+    /// slow provider is not the client's fault).
+    waited: std::time::Duration,
 }
 
 impl BodySource for Upload<'_> {
     async fn next_piece(&mut self) -> Result<Option<Bytes>, GatewayError> {
-        match tokio::time::timeout(self.idle, self.session.read_request_body()).await {
+        let asked = std::time::Instant::now();
+        let read = tokio::time::timeout(self.idle, self.session.read_request_body()).await;
+        self.waited += asked.elapsed();
+        match read {
             Ok(Ok(Some(piece))) => {
                 self.read += piece.len() as u64;
                 if self.read > self.limit {
                     return Err(GatewayError::PayloadTooLarge { limit: self.limit });
                 }
                 let allowed = self.idle.as_secs_f64() + self.read as f64 / MIN_UPLOAD_BYTES_PER_SECOND;
-                if self.started.elapsed().as_secs_f64() > allowed {
+                if self.waited.as_secs_f64() > allowed {
                     return Err(GatewayError::RequestTimeout {
                         message: format!(
                             "the upload arrived slower than {} KiB/s",
@@ -417,7 +422,7 @@ pub async fn serve(
             limit: settings.max_upload_bytes,
             read: 0,
             idle: settings.client_body_timeout,
-            started: std::time::Instant::now(),
+            waited: std::time::Duration::ZERO,
         };
         let sent = upstream::exchange_streaming(
             &state.connector,

@@ -536,3 +536,38 @@ async fn audio_and_images_are_routed_by_model_to_openai_and_azure_only() {
     .await;
     assert_eq!((r.status, error_of(&r)["code"].clone()), (400, json!("unsupported_provider")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_trickling_below_the_minimum_rate_is_cut_with_408() {
+    let openai = mock(MockConfig::default()).await;
+    let mut cfg = Cfg::new(openai.base_url().leak());
+    cfg.server_extra = "  client_body_timeout_ms: 300\n";
+    let gw = start(cfg).await;
+    let mut sock = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "POST /openai/v1/files HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    // One byte every 100 ms: each piece comes within the 300 ms wait, the average never
+    // reaches 64 KiB/s, so the upload is cut once 300 ms of waiting have passed.
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    for _ in 0..30 {
+        if sock.write_all(b"-").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buf = [0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), sock.read(&mut buf)).await {
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(2), "cut after {:?}", started.elapsed());
+    assert_eq!(openai.request_count(), 0, "nothing complete reached the provider");
+}
