@@ -198,17 +198,7 @@ pub async fn relay(req: &mut Req<'_>, provider: &Provider, mut ex: Exchange, mut
         (_, Some(n)) => headers.push((http::header::CONTENT_LENGTH, n.to_string())),
         (_, None) => headers.push((http::header::TRANSFER_ENCODING, "chunked".into())),
     }
-    let resp = match respond::header(status, headers, ctx) {
-        Ok(h) => h,
-        Err(e) => {
-            ex.session.shutdown().await;
-            respond::error(session, ctx, &e).await;
-            return;
-        }
-    };
-    ctx.status = status;
-    if session.write_response_header(Box::new(resp), false).await.is_err() {
-        ctx.error_code = Some("client_disconnected");
+    if !respond::stream_header(session, ctx, status, headers).await {
         ex.session.shutdown().await;
         return;
     }

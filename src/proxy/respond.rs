@@ -68,6 +68,24 @@ pub async fn whole(
     }
 }
 
+/// Sends a streamed answer's header. `false`: nothing more can go out (the header could
+/// not be built, and the client got that error instead; or the client went away).
+pub async fn stream_header(session: &mut Session, ctx: &mut RequestCtx, status: u16, extra: Headers) -> bool {
+    let resp = match header(status, extra, ctx) {
+        Ok(h) => h,
+        Err(e) => {
+            error(session, ctx, &e).await;
+            return false;
+        }
+    };
+    ctx.status = status;
+    if session.write_response_header(Box::new(resp), false).await.is_err() {
+        ctx.error_code = Some("client_disconnected");
+        return false;
+    }
+    true
+}
+
 /// Sends one piece of a streamed answer (kept for the trace, counted). `false`: the client
 /// went away.
 pub async fn piece(session: &mut Session, ctx: &mut RequestCtx, piece: Bytes) -> bool {

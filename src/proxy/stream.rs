@@ -124,17 +124,7 @@ pub async fn stream(
     session.downstream_session.set_write_timeout(Some(settings.upstream_timeout));
     // The upstream's own 2xx (a binary answer's may not be 200); streams are 200.
     let status = if matches!(codec, StreamCodec::Raw) { ex.header.status.as_u16() } else { 200 };
-    let resp = match respond::header(status, headers, ctx) {
-        Ok(h) => h,
-        Err(e) => {
-            ex.session.shutdown().await;
-            respond::error(session, ctx, &e).await;
-            return;
-        }
-    };
-    ctx.status = status;
-    if session.write_response_header(Box::new(resp), false).await.is_err() {
-        ctx.error_code = Some("client_disconnected");
+    if !respond::stream_header(session, ctx, status, headers).await {
         ex.session.shutdown().await;
         return;
     }
