@@ -324,14 +324,22 @@ budgets:
         let req =
             BudgetRequest { project: "default", config: Some("chain"), end_user: None, tags: &meta.tags };
         let eval = snap.budgets.evaluate(&counters, &req, true, now.unix_s);
-        eval.reserve(&counters, to_nanos(1.5)).unwrap().settle(to_nanos(1.5));
+        futures::FutureExt::now_or_never(eval.reserve(&counters, to_nanos(1.5)))
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .settle(to_nanos(1.5));
         let (outcome, from, route) = admit_one(&snap, &counters, "@chain", now);
         assert!(matches!(outcome, Outcome::Downgrade(_)), "{outcome:?}");
         assert_eq!((from.as_deref(), route), (Some("@chain"), Ok(vec!["p2/m".to_string()])));
 
         // The project's $3 cap blocks: a 402, whatever the model.
         let eval = snap.budgets.evaluate(&counters, &req, true, now.unix_s);
-        eval.reserve(&counters, to_nanos(2.0)).unwrap().settle(to_nanos(2.0));
+        futures::FutureExt::now_or_never(eval.reserve(&counters, to_nanos(2.0)))
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .settle(to_nanos(2.0));
         let (outcome, _, route) = admit_one(&snap, &counters, "@cheap", now);
         assert_eq!((outcome, route), (Outcome::Block, Err(402)));
 

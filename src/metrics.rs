@@ -41,6 +41,8 @@ pub struct Metrics {
     pub budget_outcomes: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub spend_flushes: IntCounterVec,
+    /// The shared (Redis) counters' health and traffic.
+    pub shared_counters: crate::spend::shared::SharedMetrics,
     /// Trace records by what became of them: `written`, `retried` (sent again after a
     /// failed insert), `spilled` (to the disk queue), `dropped` (queue full), `dead_letter`.
     pub trace_records: IntCounterVec,
@@ -183,6 +185,36 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(spend_flushes.clone()))?;
+        let shared_counters = crate::spend::shared::SharedMetrics {
+            transitions: IntCounterVec::new(
+                Opts::new(
+                    "modelux_counters_transitions_total",
+                    "Shared (Redis) counters becoming unreachable (to=down) or reachable again (to=up)",
+                ),
+                &["to"],
+            )?,
+            errors: IntCounterVec::new(
+                Opts::new("modelux_counters_errors_total", "Shared counter calls that failed or timed out, by operation"),
+                &["op"],
+            )?,
+            local: IntCounterVec::new(
+                Opts::new(
+                    "modelux_counters_local_total",
+                    "Operations counted in process while Redis was out of reach (fail_open), and figures reconciled into it since",
+                ),
+                &["op"],
+            )?,
+            reachable: IntGauge::new("modelux_counters_reachable", "1 while the shared (Redis) counters answer")?,
+            round_trips: IntCounterVec::new(
+                Opts::new("modelux_counters_round_trips_total", "Script calls sent to the shared counters, by operation"),
+                &["op"],
+            )?,
+        };
+        registry.register(Box::new(shared_counters.transitions.clone()))?;
+        registry.register(Box::new(shared_counters.errors.clone()))?;
+        registry.register(Box::new(shared_counters.local.clone()))?;
+        registry.register(Box::new(shared_counters.reachable.clone()))?;
+        registry.register(Box::new(shared_counters.round_trips.clone()))?;
         let trace_records = IntCounterVec::new(
             Opts::new(
                 "modelux_trace_records_total",
@@ -308,6 +340,7 @@ impl Metrics {
             budget_outcomes,
             rate_limited,
             spend_flushes,
+            shared_counters,
             trace_records,
             trace_queue_depth,
             trace_spill_depth,

@@ -14,11 +14,12 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
-use crate::config::store::{ConfigStore, ConfigWatcher};
-use crate::config::{Settings, StateBackend};
+use crate::config::store::{ConfigStore, ConfigWatcher, StateFollower};
+use crate::config::{CounterSettings, Settings, StateBackend};
 use crate::manage::ManageApp;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, GatewayState};
+use crate::spend::shared::SharedSettings;
 use crate::spend::Spend;
 use crate::state::postgres::PostgresState;
 use crate::state::secrets::{KeySource, MasterKey};
@@ -44,6 +45,8 @@ pub struct Handles {
     pub state: Arc<dyn StateStore>,
     /// Seals provider keys at rest.
     pub master: Arc<MasterKey>,
+    /// This node's name (`spend.node_id`, else host name and proxy port).
+    pub node: Arc<str>,
 }
 
 pub struct Options {
@@ -88,7 +91,34 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
         .load_resources(resources, master.clone(), &recorded)
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     state.save_file_versions_now(&store.file_versions()).map_err(|e| vec![e.to_string()])?;
-    let spend = Spend::open(Some(&db)).map_err(|e| vec![format!("embedded store: {e}")])?;
+    let node = match &settings.counters {
+        CounterSettings::Redis { node_id: Some(id), .. } => id.clone(),
+        _ => default_node_id(&settings.proxy_listen),
+    };
+    let spend = match &settings.counters {
+        CounterSettings::Local => Spend::open(Some(&db)).map_err(|e| vec![format!("embedded store: {e}")])?,
+        CounterSettings::Redis { url, timeout, on_error, .. } => {
+            if matches!(settings.state_backend, StateBackend::Sqlite) {
+                tracing::warn!(
+                    "spend.counters: redis with state.backend sqlite: each node writes its settled spend to its own \
+                     file, so a Redis that loses its data can only be re-seeded with this node's figures; use \
+                     state.backend: postgres for several nodes"
+                );
+            }
+            tracing::info!(node = %node, policy = on_error.as_str(), "budget and rate counters shared through Redis");
+            Spend::open_shared(
+                SharedSettings {
+                    url: url.0.clone(),
+                    timeout: *timeout,
+                    on_error: *on_error,
+                    node: node.clone(),
+                },
+                state.clone(),
+                metrics.shared_counters.clone(),
+            )
+            .map_err(|e| vec![format!("spend.counters: {e}")])?
+        }
+    };
     let (traces, trace_writer) = open_traces(&store.load().settings, &metrics)?;
     Ok(Handles {
         store: Arc::new(store),
@@ -98,6 +128,7 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
         trace_writer,
         state,
         master,
+        node: node.into(),
     })
 }
 
@@ -117,6 +148,23 @@ pub fn open_trace_store(settings: &Settings) -> Result<Arc<dyn TraceStore>, Stri
                 .map_err(|e| format!("trace store: {e}"))?,
         ),
     })
+}
+
+/// A node's default name in the shared counters: the host name and the proxy port, stable
+/// across restarts and distinct between nodes (two on one host listen on different ports).
+fn default_node_id(proxy_listen: &str) -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it
+    // (or truncates, which only shortens the name).
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    let host = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".to_string()
+    };
+    let port = proxy_listen.rsplit(':').next().unwrap_or("0");
+    format!("{host}:{port}")
 }
 
 /// The embedded state and spend file in the data dir.
@@ -243,6 +291,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         connector: Connector::new(None),
         changing: Default::default(),
         experiments: experiments.clone(),
+        node: handles.node.clone(),
     };
     let mut manage = Service::new("modelux manage".to_string(), HttpServer::new_app(manage_app()));
     // Creates experiments only (no resource changes), so its own in-flight set is enough.
@@ -269,6 +318,17 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     server.add_service(watcher);
     server.add_service(scheduler);
     server.add_service(flusher);
+    if let StateBackend::Postgres { url } = &settings.state_backend {
+        server.add_service(background_service(
+            "state follower",
+            StateFollower {
+                store: handles.store.clone(),
+                state: handles.state.clone(),
+                url: url.0.clone(),
+                seen: std::sync::atomic::AtomicI64::new(0),
+            },
+        ));
+    }
     server.add_service(background_service("trace writer", ArcService(handles.trace_writer.clone())));
     server
 }

@@ -949,6 +949,8 @@ mod cache;
 mod clickhouse;
 #[path = "gateway/manage.rs"]
 mod manage;
+#[path = "gateway/nodes.rs"]
+mod nodes;
 #[path = "gateway/pg.rs"]
 mod pg;
 #[path = "gateway/redis.rs"]

@@ -85,6 +85,101 @@ pub struct Settings {
     /// `state.master_key`, if set.
     pub master_key: Option<Redacted>,
     pub state_backend: StateBackend,
+    /// `spend.counters` (read at start).
+    pub counters: CounterSettings,
+}
+
+/// Where budget and rate counters live (`spend.counters`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CounterSettings {
+    /// In this process, persisted to the embedded store.
+    #[default]
+    Local,
+    /// In Redis, shared by every node pointed at it.
+    Redis {
+        url: Redacted,
+        timeout: Duration,
+        on_error: crate::spend::shared::OnError,
+        /// `spend.node_id`: this node's name in the shared counters (default: host name
+        /// and proxy port).
+        node_id: Option<String>,
+    },
+}
+
+/// `spend:` and the top-level `redis:` it may take its URL from.
+fn counter_settings(raw: &RawConfig, errors: &mut Vec<ConfigError>) -> CounterSettings {
+    use crate::spend::shared::OnError;
+    let s = &raw.spend;
+    let on_error = match s.on_counter_error.as_deref() {
+        None | Some("fail_closed") => OnError::FailClosed,
+        Some("fail_open") => OnError::FailOpen,
+        Some(other) => {
+            errors.push(ConfigError::new(
+                "spend.on_counter_error",
+                format!("unknown policy \"{other}\" (supported: fail_closed, fail_open)"),
+            ));
+            OnError::FailClosed
+        }
+    };
+    match s.counters.as_deref() {
+        None | Some("local") => {
+            if s.redis.is_some() {
+                errors.push(ConfigError::new("spend.redis", "is only for counters: redis"));
+            }
+            CounterSettings::Local
+        }
+        Some("redis") => {
+            let (redis, at) = match (&s.redis, &raw.redis) {
+                (Some(r), _) => (r, "spend.redis"),
+                (None, Some(r)) => (r, "redis"),
+                (None, None) => {
+                    errors.push(ConfigError::new(
+                        "spend.redis.url",
+                        "counters: redis needs redis: {url: redis://host:port} (or spend.redis.url)",
+                    ));
+                    return CounterSettings::Local;
+                }
+            };
+            let url = redis.url.trim();
+            if !url.starts_with("redis://") || ::redis::Client::open(url).is_err() {
+                errors.push(ConfigError::new(
+                    format!("{at}.url"),
+                    "must be a redis://[:password@]host:port[/db] URL",
+                ));
+                return CounterSettings::Local;
+            }
+            if let Some(0) = redis.timeout_ms {
+                errors.push(ConfigError::new(format!("{at}.timeout_ms"), "must be greater than 0"));
+            }
+            let node_id = match s.node_id.as_deref().map(str::trim) {
+                Some("") => {
+                    errors.push(ConfigError::new("spend.node_id", "must not be empty"));
+                    None
+                }
+                Some(id) if id.len() > 128 || id.chars().any(|c| c.is_control()) => {
+                    errors.push(ConfigError::new(
+                        "spend.node_id",
+                        "must be at most 128 characters, without control characters",
+                    ));
+                    None
+                }
+                other => other.map(str::to_string),
+            };
+            CounterSettings::Redis {
+                url: Redacted(url.to_string()),
+                timeout: Duration::from_millis(redis.timeout_ms.unwrap_or(250).max(1)),
+                on_error,
+                node_id,
+            }
+        }
+        Some(other) => {
+            errors.push(ConfigError::new(
+                "spend.counters",
+                format!("unknown counters backend \"{other}\" (supported: local, redis)"),
+            ));
+            CounterSettings::Local
+        }
+    }
 }
 
 /// Where management state lives (`state.backend`).
@@ -425,6 +520,20 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
                     }
                 }
             }
+            "spend" => {
+                if !value.is_null() {
+                    if let Some(c) = section(value, "spend", &mut errors) {
+                        raw.spend = c;
+                    }
+                }
+            }
+            "redis" => {
+                if !value.is_null() {
+                    if let Some(c) = section(value, "redis", &mut errors) {
+                        raw.redis = Some(c);
+                    }
+                }
+            }
             "budgets" => {
                 for (i, item) in sequence(value, "budgets", &mut errors).into_iter().enumerate() {
                     if let Some(b) = section(item, &format!("budgets[{i}]"), &mut errors) {
@@ -562,6 +671,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         cache_max_vectors: crate::cache::semantic::DEFAULT_MAX_VECTORS,
         master_key: None,
         state_backend: StateBackend::Sqlite,
+        counters: CounterSettings::Local,
     }
 }
 
@@ -798,6 +908,7 @@ pub fn validate(
             format!("unknown state backend \"{other}\" (supported: sqlite, postgres)"),
         )),
     }
+    settings.counters = counter_settings(&raw, &mut errors);
     let limits = &raw.rate_limits;
     let default_rpm = limits.requests_per_minute.unwrap_or(DEFAULT_REQUESTS_PER_MINUTE);
     let default_tpm = limits.tokens_per_minute.unwrap_or(0);

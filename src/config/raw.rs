@@ -27,6 +27,8 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "traces",
     "experiments",
     "cache",
+    "spend",
+    "redis",
 ];
 
 #[derive(Debug, Deserialize, Default)]
@@ -255,6 +257,8 @@ pub struct RawConfig {
     pub state: RawState,
     pub experiments: RawExperiments,
     pub cache: RawCacheStore,
+    pub spend: RawSpend,
+    pub redis: Option<RawRedis>,
     /// Versions of routing configs owned by the state store (their stored version, not one
     /// counted from reloads).
     pub pinned_versions: BTreeMap<String, u32>,
@@ -294,6 +298,30 @@ pub struct RawCacheRedis {
     /// `redis://[:password@]host:port[/db]` (`${ENV}` expands).
     pub url: String,
     /// Each call's bound (default 100 ms): a slower Redis is a miss, not a wait.
+    pub timeout_ms: Option<u64>,
+}
+
+/// `spend:` — where budget and rate counters live.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpend {
+    /// `local` (default): in this process; `redis`: shared by every node on one Redis.
+    pub counters: Option<String>,
+    /// `fail_closed` (default) or `fail_open`: what requests get while Redis is out of reach.
+    pub on_counter_error: Option<String>,
+    /// The counters' Redis (default: the top-level `redis:`).
+    pub redis: Option<RawRedis>,
+    /// This node's name in the shared counters; default `<host name>:<proxy port>`.
+    pub node_id: Option<String>,
+}
+
+/// A Redis server (`redis:` at the top level, or `spend.redis:`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    /// `redis://[:password@]host:port[/db]` (`${ENV}` expands).
+    pub url: String,
+    /// Each call's bound (default 250 ms).
     pub timeout_ms: Option<u64>,
 }
 

@@ -359,6 +359,107 @@ impl BackgroundService for ConfigWatcher {
     }
 }
 
+/// How often a node compares the state store's revision with its own, in case a change
+/// notification was missed (a dropped connection, a failover).
+const REVISION_CHECK: Duration = Duration::from_secs(2);
+/// After the change feed fails, it is tried again this soon.
+const FOLLOW_RETRY: Duration = Duration::from_millis(500);
+
+/// Background service (`state.backend: postgres`): rebuilds this node's snapshot whenever
+/// any node commits a management change. Changes arrive by LISTEN/NOTIFY within
+/// milliseconds; a revision check every `REVISION_CHECK` is the safety net.
+pub struct StateFollower {
+    pub store: Arc<ConfigStore>,
+    pub state: Arc<dyn crate::state::StateStore>,
+    pub url: String,
+    /// The revision this node's snapshot was last built from.
+    pub seen: std::sync::atomic::AtomicI64,
+}
+
+impl StateFollower {
+    /// Loads the live resources and swaps in the snapshot they give, when the revision
+    /// moved past what was last built.
+    async fn refresh(&self, force: bool) {
+        use std::sync::atomic::Ordering;
+        let revision = match self.state.revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "state follower: cannot read the revision; will retry");
+                return;
+            }
+        };
+        if !force && revision <= self.seen.load(Ordering::Acquire) {
+            return;
+        }
+        // Under the change lock: a local management change and this rebuild never interleave.
+        let staged = self.store.stage().await;
+        let resources = match self.state.load().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "state follower: cannot load the state; will retry");
+                return;
+            }
+        };
+        match staged.build(&resources) {
+            Ok(snapshot) => {
+                staged.install(snapshot, resources);
+                self.seen.fetch_max(revision, Ordering::AcqRel);
+                tracing::debug!(revision, "state follower: snapshot rebuilt from the shared state");
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(error = %e, revision, "state follower: the shared state does not build on this node; the previous snapshot stays");
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for StateFollower {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if let Ok(r) = self.state.revision().await {
+            self.seen.fetch_max(r, std::sync::atomic::Ordering::AcqRel);
+        }
+        let mut check = tokio::time::interval(REVISION_CHECK);
+        loop {
+            let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+            let (listening_tx, listening) = tokio::sync::oneshot::channel();
+            let url = self.url.clone();
+            let feed = crate::state::postgres::follow_changes(&url, tx, listening_tx);
+            tokio::pin!(feed);
+            let mut listening = Some(listening);
+            let ended = loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    reason = &mut feed => break reason,
+                    Ok(()) = async { match listening.as_mut() { Some(l) => l.await, None => std::future::pending().await } } => {
+                        listening = None;
+                        // Changes committed while nobody listened.
+                        self.refresh(false).await;
+                    }
+                    Some(_) = changes.recv() => {
+                        // A burst of commits is one rebuild.
+                        while changes.try_recv().is_ok() {}
+                        self.refresh(false).await;
+                    }
+                    _ = check.tick() => self.refresh(false).await,
+                }
+            };
+            tracing::warn!(reason = %ended, "state follower: the change feed stopped; reconnecting (revision checks continue)");
+            let pause = tokio::time::sleep(FOLLOW_RETRY);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = &mut pause => break,
+                    _ = check.tick() => self.refresh(false).await,
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::file_stamp;

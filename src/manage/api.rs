@@ -381,7 +381,13 @@ async fn mutate_inner(
             return Ok(answer);
         }
     }
-    let current = staged.resources();
+    // With a store shared by several nodes, another node may have committed since this
+    // node's snapshot was built: plan on what the store holds now.
+    let current = if state.backend() == "postgres" {
+        Arc::new(state.load().await.map_err(|e| ApiError::unavailable(&e))?)
+    } else {
+        staged.resources()
+    };
     let snapshot = config.load();
     let mut plan = plan(&current, &snapshot)?;
     let candidate = apply(&current, &plan.changes);

@@ -151,8 +151,23 @@ pub async fn handle(app: &ManageApp, call: &Call<'_>, path: &str, rest: &[&str])
     result.unwrap_or_else(ApiError::into_answer)
 }
 
+/// Reads the current level of each whole-budget counter from the shared counters (their
+/// figure across every node), so `standing` shows it; in-process counters need nothing.
+async fn refresh_levels(app: &ManageApp, snapshot: &Snapshot) {
+    let now = crate::spend::unix_now();
+    for b in snapshot.budgets.iter() {
+        let start = b.period.window(now).0;
+        let _ = app
+            .spend
+            .counters
+            .level_now(SpendKey { budget: &b.name, instance: "", period_start: start })
+            .await;
+    }
+}
+
 async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
     let snapshot = app.store.load();
+    refresh_levels(app, &snapshot).await;
     let in_file =
         |b: &&crate::spend::budgets::Budget| snapshot.file_owned.budgets.iter().any(|n| *n == *b.name);
     let file = snapshot.budgets.iter().filter(in_file).map(|b| file_view(app, b)).collect();
@@ -164,6 +179,7 @@ async fn list(app: &ManageApp, call: &Call<'_>) -> Result<Answer, ApiError> {
 
 async fn get(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
     let snapshot = app.store.load();
+    refresh_levels(app, &snapshot).await;
     if let Some(r) = app.state.get(Kind::Budget, key, "").await.map_err(|e| ApiError::unavailable(&e))? {
         let standing = if r.deleted_ms.is_none() { standing_of(app, &r.body) } else { json!({}) };
         return Ok(Answer::data(200, with_standing(view(&r), standing)));

@@ -41,6 +41,8 @@ pub struct ManageApp {
     pub changing: api::InFlight,
     /// The experiment queue and its worker.
     pub experiments: Arc<crate::replay::Experiments>,
+    /// This node's name (`spend.node_id`, else host name and proxy port).
+    pub node: Arc<str>,
 }
 
 /// Reads the request body, up to `api::MAX_BODY`; `Err`: the answer to send instead.
@@ -104,6 +106,7 @@ impl ManageApp {
             ["routing-configs", tail @ ..] => Some(routing_configs::handle(self, call, path, tail).await),
             ["providers", tail @ ..] => Some(providers::handle(self, call, path, tail).await),
             ["budgets", tail @ ..] => Some(budgets::handle(self, call, path, tail).await),
+            ["node"] => Some(self.node_view().await),
             ["experiments", tail @ ..] => Some(experiments::handle(self, call, path, tail).await),
             ["scheduled_experiments", tail @ ..] => Some(scheduled::handle(self, call, path, tail).await),
             _ => None,
@@ -115,6 +118,29 @@ impl ManageApp {
                 None => api::ApiError::not_found("endpoint", path).into_answer(),
             },
         }
+    }
+}
+
+impl ManageApp {
+    /// `GET /node`: which node answered and how it stands with what nodes share.
+    async fn node_view(&self) -> api::Answer {
+        let counters = self.spend.counters.status();
+        let revision = self.state.revision().await.ok();
+        let snapshot = self.store.load();
+        api::Answer::data(
+            200,
+            serde_json::json!({
+                "object": "node",
+                "node": &*self.node,
+                "counters": {
+                    "backend": counters.backend,
+                    "reachable": counters.reachable,
+                    "on_counter_error": counters.on_error,
+                },
+                "state": { "backend": self.state.backend(), "revision": revision },
+                "config_generation": snapshot.generation,
+            }),
+        )
     }
 }
 
@@ -191,15 +217,31 @@ impl ServeHttp for ManageApp {
                     );
                 };
                 let limit = principal.limits.requests_per_minute;
-                let verdict = (limit > 0).then(|| {
-                    self.spend.counters.take(
+                let verdict = if limit > 0 {
+                    let shared = self.spend.counters.take_shared(
                         RateKind::Requests,
                         &principal.limits.rate_key,
                         limit,
                         1,
                         crate::spend::unix_now_us(),
-                    )
-                });
+                    );
+                    match shared.await {
+                        Ok(v) => Some(v),
+                        Err(e) => return json(
+                            503,
+                            openai_error_body(
+                                "server_error",
+                                &format!(
+                                    "the shared rate-limit counters cannot be reached ({}); retry shortly",
+                                    e.0
+                                ),
+                                "counters_unavailable",
+                            ),
+                        ),
+                    }
+                } else {
+                    None
+                };
                 let mut resp = match verdict {
                     Some(v) if !v.allowed => {
                         self.metrics.rate_limited.with_label_values(&["management"]).inc();

@@ -428,6 +428,13 @@ pub static ROUTES: &[Route] = &[
         false,
     ),
     route("DELETE", "/budgets/{id}", "deleteBudget", "budgets", "Delete a budget"),
+    route(
+        "GET",
+        "/node",
+        "getNode",
+        "node",
+        "The node answering: its name, its shared counters' reachability and failure policy, and the state revision its snapshot was built from",
+    ),
     list(
         "/audit-logs",
         "listAuditLogs",

@@ -383,6 +383,8 @@ async fn health(app: &ManageApp, key: &str) -> Result<Answer, ApiError> {
     let totals = report.as_ref().map(|r| &r.totals);
     let mut data = json!({
         "provider": id,
+        // Health is each node's own view of its upstream paths.
+        "node": &*app.node,
         "window_seconds": settings.window.as_secs(),
         "requests_1h": totals.map(|t| t.requests),
         "success_rate_1h": totals.map(|t| rate(t.requests, t.errors)),

@@ -13,7 +13,7 @@ use crate::prices::{Rates, Tokens};
 use crate::routing::trace::{BudgetRecord, CostRecord, UsageRecord};
 use crate::routing::Member;
 use crate::spend::budgets::{Blocked, Evaluation, Hit, Outcome, Reservation, State};
-use crate::spend::counters::{to_nanos, to_usd, Nanos, RateKind, RateVerdict, SpendCounter};
+use crate::spend::counters::{to_nanos, to_usd, CountersDown, Nanos, RateKind, RateVerdict, SpendCounter};
 use crate::spend::period::iso8601;
 use crate::spend::{unix_now, unix_now_us};
 use crate::wire::canonical::Usage;
@@ -92,6 +92,18 @@ impl Bill {
     }
 }
 
+/// Shared counters out of reach under `on_counter_error: fail_closed`: a request that a
+/// budget or a rate limit polices is refused rather than let through unpoliced.
+pub fn counters_unavailable(e: CountersDown) -> GatewayError {
+    GatewayError::Unavailable {
+        code: "counters_unavailable",
+        message: format!(
+            "the shared budget and rate-limit counters cannot be reached ({}); retry shortly",
+            e.0
+        ),
+    }
+}
+
 fn rate_limited(verdict: &RateVerdict, kind: RateKind, requested: Option<u64>) -> GatewayError {
     let retry_after = if verdict.retry_after_us == u64::MAX {
         60
@@ -102,7 +114,7 @@ fn rate_limited(verdict: &RateVerdict, kind: RateKind, requested: Option<u64>) -
 }
 
 /// One request against the key's requests-per-minute limit.
-pub(super) fn check_requests(
+pub(super) async fn check_requests(
     state: &GatewayState,
     ctx: &mut RequestCtx,
     principal: &Principal,
@@ -111,8 +123,12 @@ pub(super) fn check_requests(
     if limit == 0 {
         return Ok(());
     }
-    let verdict =
-        state.spend.counters.take(RateKind::Requests, &principal.limits.rate_key, limit, 1, unix_now_us());
+    let verdict = state
+        .spend
+        .counters
+        .take_shared(RateKind::Requests, &principal.limits.rate_key, limit, 1, unix_now_us())
+        .await
+        .map_err(counters_unavailable)?;
     ctx.bill.requests = Some(RateNote { kind: RateKind::Requests, verdict });
     if verdict.allowed {
         return Ok(());
@@ -123,7 +139,7 @@ pub(super) fn check_requests(
 
 /// Charges the request's estimated tokens (prompt plus `max_tokens`) to the key's
 /// tokens-per-minute limit; `settle` corrects it to the actual count.
-pub(super) fn charge_tokens(
+pub(super) async fn charge_tokens(
     state: &GatewayState,
     ctx: &mut RequestCtx,
     principal: &Principal,
@@ -133,13 +149,12 @@ pub(super) fn charge_tokens(
     if limit == 0 {
         return Ok(());
     }
-    let verdict = state.spend.counters.take(
-        RateKind::Tokens,
-        &principal.limits.rate_key,
-        limit,
-        estimate,
-        unix_now_us(),
-    );
+    let verdict = state
+        .spend
+        .counters
+        .take_shared(RateKind::Tokens, &principal.limits.rate_key, limit, estimate, unix_now_us())
+        .await
+        .map_err(counters_unavailable)?;
     ctx.bill.tokens = Some(RateNote { kind: RateKind::Tokens, verdict });
     if verdict.allowed {
         ctx.bill.tokens_charged = estimate;
@@ -279,7 +294,7 @@ pub(super) fn max_cost(
 
 /// Reserves `usd` on every budget of the request. A budget that blocks refuses once it is
 /// at its cap (requests racing past the evaluation end here): 402.
-pub(super) fn reserve(
+pub(super) async fn reserve(
     state: &GatewayState,
     ctx: &mut RequestCtx,
     eval: &Evaluation<'_, '_>,
@@ -291,7 +306,7 @@ pub(super) fn reserve(
     // One request can never hold more than this: a client-sent max_tokens must not be
     // able to overflow a counter or hold a whole budget by itself.
     let amount = to_nanos(usd).clamp(0, MAX_RESERVATION);
-    match eval.reserve(&*state.spend.counters, amount) {
+    match eval.reserve(&*state.spend.counters, amount).await.map_err(counters_unavailable)? {
         Ok(r) => {
             ctx.bill.reservation = Some(r);
             // A per-instance counter may have been made just now: the headers read it.

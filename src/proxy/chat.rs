@@ -34,7 +34,7 @@ pub async fn complete(
     if !dry_run {
         let estimate =
             facts.est_input_tokens.saturating_add(chat.max_tokens.unwrap_or(0).saturating_mul(chat.choices));
-        billing::charge_tokens(req.state, req.ctx, principal, estimate)?;
+        billing::charge_tokens(req.state, req.ctx, principal, estimate).await?;
     }
     let (eval, routed) = request::admit(req, principal, &incoming, &mut facts, !dry_run)?;
     if dry_run {
@@ -58,7 +58,7 @@ pub async fn complete(
         chat.max_tokens,
         chat.choices,
     );
-    billing::reserve(req.state, req.ctx, &eval, usd)?;
+    billing::reserve(req.state, req.ctx, &eval, usd).await?;
     let anthropic_headers = request::anthropic_headers(req.session, req.ctx.surface);
     let mut exec = Exec::new(req, chat, &body, anthropic_headers, &info);
     match plan {

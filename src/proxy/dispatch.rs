@@ -177,7 +177,7 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
     };
     req.ctx.principal = Some(principal.clone());
     req.ctx.provider_key = provider_key(req.session.req_header())?;
-    billing::check_requests(req.state, req.ctx, &principal)?;
+    billing::check_requests(req.state, req.ctx, &principal).await?;
     // pingora does not answer `Expect: 100-continue` itself; a client waiting for it (curl
     // sending a large body) would stall before sending its body. Not for HTTP/1.0 (RFC
     // 9110), nor for a body over every limit (its 413 is answered instead).

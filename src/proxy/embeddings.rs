@@ -24,7 +24,7 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
         crate::admission::facts(&incoming.request, &incoming.meta, body.len(), &req.ctx.request_id);
     req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(body.len());
     if !incoming.dry_run {
-        billing::charge_tokens(req.state, req.ctx, principal, facts.est_input_tokens)?;
+        billing::charge_tokens(req.state, req.ctx, principal, facts.est_input_tokens).await?;
     }
     let (eval, routed) = request::admit(req, principal, &incoming, &mut facts, !incoming.dry_run)?;
     if incoming.dry_run {
@@ -39,7 +39,7 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     }
     let member = routed.first()?;
     let usd = billing::max_cost(snapshot, &[member], false, req.ctx.bill.est_input_tokens, Some(0), 1);
-    billing::reserve(req.state, req.ctx, &eval, usd)?;
+    billing::reserve(req.state, req.ctx, &eval, usd).await?;
     req.ctx.bill.rates = member.rates;
     let served = Served::new(&info, member, 1);
     let provider = member.target.provider.clone();

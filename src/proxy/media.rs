@@ -148,7 +148,7 @@ pub async fn serve(req: &mut Req<'_>, principal: &Principal, kind: Kind) -> Resu
     // Audio bytes are not tokens: only the text fields count towards the estimate.
     req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(text_bytes);
     if !incoming.dry_run {
-        billing::charge_tokens(req.state, req.ctx, principal, facts.est_input_tokens)?;
+        billing::charge_tokens(req.state, req.ctx, principal, facts.est_input_tokens).await?;
     }
     let (eval, routed) = request::admit(req, principal, &incoming, &mut facts, !incoming.dry_run)?;
     if incoming.dry_run {
@@ -174,7 +174,7 @@ pub async fn serve(req: &mut Req<'_>, principal: &Principal, kind: Kind) -> Resu
         asked.max_tokens,
         asked.choices,
     );
-    billing::reserve(req.state, req.ctx, &eval, usd)?;
+    billing::reserve(req.state, req.ctx, &eval, usd).await?;
     let info = routed.info();
     let media = Media { endpoint: what, form, raw_answer: kind == Kind::Speech };
     let mut exec = Exec::media(req, asked, &body, &info, &media);

@@ -24,7 +24,7 @@ pub async fn create(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gate
     req.ctx.bill.est_input_tokens = crate::estimate::reserved_tokens(body.len());
     if !incoming.dry_run {
         let estimate = facts.est_input_tokens.saturating_add(asked.max_tokens.unwrap_or(0));
-        billing::charge_tokens(req.state, req.ctx, principal, estimate)?;
+        billing::charge_tokens(req.state, req.ctx, principal, estimate).await?;
     }
     let (eval, routed) = request::admit(req, principal, &incoming, &mut facts, !incoming.dry_run)?;
     if incoming.dry_run {
@@ -115,7 +115,7 @@ pub async fn create(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gate
     }
     let usd =
         billing::max_cost(snapshot, &attempts, false, req.ctx.bill.est_input_tokens, asked.max_tokens, 1);
-    billing::reserve(req.state, req.ctx, &eval, usd)?;
+    billing::reserve(req.state, req.ctx, &eval, usd).await?;
     let info = routed.info();
     let mut exec = Exec::responses(req, asked, &body, &info);
     execute::sequential(&mut exec, &attempts, sequence).await

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 
-use super::counters::{to_usd, Counters, Nanos, SpendCounter, SpendKey, SpendLevel};
+use super::counters::{
+    to_usd, Counters, CountersDown, Hold, Nanos, ReserveItem, SpendCounter, SpendKey, SpendLevel,
+};
 use super::period::{iso8601, Period};
 
 /// What happens once a budget's cap is reached.
@@ -359,44 +361,41 @@ impl<'b, 'r> Evaluation<'b, 'r> {
         }
     }
 
+    /// The counters a reservation or a charge takes from, with the caps enforced
+    /// (`block` budgets on policed traffic).
+    fn items(&self) -> Vec<ReserveItem<'_>> {
+        self.hits
+            .iter()
+            .map(|hit| ReserveItem {
+                key: hit.key(),
+                cap: (self.policed && hit.budget.action == Action::Block).then_some(hit.budget.cap),
+                enforced: self.policed && !matches!(hit.budget.action, Action::WarnOnly),
+                counter: hit.counter.clone(),
+                period_end: hit.period_end,
+            })
+            .collect()
+    }
+
     /// Adds spent `amount` to every matched budget without a cap check: money already spent
     /// (a semantic cache hit's embeddings call) is counted, never refused.
     pub fn charge(&self, counters: &dyn Counters, amount: Nanos) {
-        for hit in &self.hits {
-            let counter = match &hit.counter {
-                Some(c) => c.clone(),
-                None => counters.spend_counter(&hit.key()),
-            };
-            counter.settle(0, amount);
+        if !self.hits.is_empty() {
+            counters.charge(&self.items(), amount);
         }
     }
 
     /// Reserves `amount` on every matched budget; enforced (`block`, policed) budgets refuse
     /// once settled spend plus reservations reach their cap. On refusal nothing stays
-    /// reserved and the refusing hit is returned.
-    pub fn reserve(
+    /// reserved and the refusing hit is returned. `Err`: shared counters could not be
+    /// reached and their policy is to refuse.
+    pub async fn reserve(
         &self,
         counters: &dyn Counters,
         amount: Nanos,
-    ) -> Result<Reservation, (usize, SpendLevel)> {
-        let mut holds: Vec<Arc<dyn SpendCounter>> = Vec::with_capacity(self.hits.len());
-        for (i, hit) in self.hits.iter().enumerate() {
-            let cap = (self.policed && hit.budget.action == Action::Block).then_some(hit.budget.cap);
-            let counter = match &hit.counter {
-                Some(c) => c.clone(),
-                None => counters.spend_counter(&hit.key()),
-            };
-            match counter.reserve(amount, cap) {
-                Ok(_) => holds.push(counter),
-                Err(level) => {
-                    for h in &holds {
-                        h.settle(amount, 0);
-                    }
-                    return Err((i, level));
-                }
-            }
-        }
-        Ok(Reservation { holds, amount, settled: false })
+    ) -> Result<Result<Reservation, (usize, SpendLevel)>, CountersDown> {
+        let items = self.items();
+        let held = counters.reserve_all(&items, amount).await?;
+        Ok(held.map(|hold| Reservation { hold, amount, settled: false }))
     }
 }
 
@@ -447,14 +446,14 @@ impl Blocked {
 /// A request's reserved estimate on each of its budgets. `settle` replaces it by the
 /// actual cost; dropped unsettled (the request failed or was abandoned), it is released.
 pub struct Reservation {
-    holds: Vec<Arc<dyn SpendCounter>>,
+    hold: Box<dyn Hold>,
     amount: Nanos,
     settled: bool,
 }
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation").field("holds", &self.holds.len()).field("amount", &self.amount).finish()
+        f.debug_struct("Reservation").field("amount", &self.amount).field("settled", &self.settled).finish()
     }
 }
 
@@ -468,9 +467,7 @@ impl Reservation {
             return;
         }
         self.settled = true;
-        for h in &self.holds {
-            h.settle(self.amount, actual);
-        }
+        self.hold.settle(self.amount, actual);
     }
 }
 
@@ -486,6 +483,16 @@ impl Drop for Reservation {
 mod tests {
     use super::*;
     use crate::spend::counters::{to_nanos, LocalCounters};
+    use futures::FutureExt;
+
+    /// Reserves `usd` on in-process counters (which answer at once).
+    fn reserve_now(
+        eval: &Evaluation<'_, '_>,
+        c: &dyn Counters,
+        usd: f64,
+    ) -> Result<Reservation, (usize, SpendLevel)> {
+        eval.reserve(c, to_nanos(usd)).now_or_never().expect("local counters answer at once").unwrap()
+    }
 
     fn budget(name: &str, scope: Scope, cap: f64, action: Action) -> Budget {
         Budget {
@@ -590,9 +597,9 @@ mod tests {
         let c: Arc<dyn Counters> = Arc::new(LocalCounters::new());
         let req = BudgetRequest { project: "p", config: None, end_user: None, tags: &[] };
         let eval = b.evaluate(&*c, &req, true, NOW);
-        let r1 = eval.reserve(&*c, to_nanos(0.6)).unwrap();
-        let mut r2 = eval.reserve(&*c, to_nanos(0.6)).unwrap();
-        let (i, level) = eval.reserve(&*c, to_nanos(0.6)).unwrap_err();
+        let r1 = reserve_now(&eval, &*c, 0.6).unwrap();
+        let mut r2 = reserve_now(&eval, &*c, 0.6).unwrap();
+        let (i, level) = reserve_now(&eval, &*c, 0.6).unwrap_err();
         assert_eq!(&*eval.hits[i].budget.name, "cap");
         assert_eq!(level.used, to_nanos(1.2));
         // The refused request left nothing reserved on the accounting-only budget.
@@ -607,7 +614,7 @@ mod tests {
         );
         // Unpoliced: never refused.
         let eval = b.evaluate(&*c, &req, false, NOW);
-        assert!(eval.reserve(&*c, to_nanos(5.0)).is_ok());
+        assert!(reserve_now(&eval, &*c, 5.0).is_ok());
     }
 
     #[test]
@@ -622,7 +629,7 @@ mod tests {
         }
         assert_eq!(local.spend_counters(), 0, "evaluations alone add no counters");
         let req = BudgetRequest { project: "p", config: None, end_user: Some("bob"), tags: &[] };
-        let mut r = b.evaluate(&*c, &req, true, NOW).reserve(&*c, to_nanos(0.5)).unwrap();
+        let mut r = reserve_now(&b.evaluate(&*c, &req, true, NOW), &*c, 0.5).unwrap();
         assert_eq!(local.spend_counters(), 1);
         r.settle(0);
         drop(r);
@@ -636,7 +643,7 @@ mod tests {
         let c: Arc<dyn Counters> = Arc::new(LocalCounters::new());
         let req = BudgetRequest { project: "p", config: None, end_user: None, tags: &[] };
         let eval = b.evaluate(&*c, &req, true, NOW);
-        drop(eval.reserve(&*c, to_nanos(0.3)).unwrap());
+        drop(reserve_now(&eval, &*c, 0.3).unwrap());
         let level = c.spend(&eval.hits[0].key());
         assert_eq!(level, SpendLevel { committed: to_nanos(0.3), used: to_nanos(0.3) });
     }

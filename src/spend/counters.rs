@@ -3,9 +3,12 @@
 //! implements the same trait, and the request path does not change.
 
 use std::borrow::Borrow;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use dashmap::DashMap;
 
@@ -78,8 +81,105 @@ pub trait SpendCounter: Send + Sync {
     fn settle(&self, reserved: Nanos, actual: Nanos);
 }
 
-/// Where counters live. Every method is non-blocking and cheap: it runs on the request
-/// path (a shared backend would batch or cache behind this interface).
+/// A shared counter backend could not be reached (or answered nonsense): what the request
+/// gets then is `spend.on_counter_error`'s choice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountersDown(pub String);
+
+/// A counters call: ready at once for counters of this process, or a round trip to a
+/// shared backend. No allocation on the ready path.
+pub enum Pending<'a, T> {
+    Ready(Option<T>),
+    Remote(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+}
+
+impl<T> Pending<'_, T> {
+    pub fn ready(value: T) -> Self {
+        Pending::Ready(Some(value))
+    }
+}
+
+impl<T: Unpin> Future for Pending<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.get_mut() {
+            // Polled again after it answered: a caller bug, answered by never finishing
+            // rather than a panic on the request path.
+            Pending::Ready(v) => v.take().map_or(Poll::Pending, Poll::Ready),
+            Pending::Remote(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// One budget counter a reservation takes from, with the cap it must stay under.
+pub struct ReserveItem<'k> {
+    pub key: SpendKey<'k>,
+    /// `Some`: refuse once settled spend plus reservations reach it.
+    pub cap: Option<Nanos>,
+    /// The budget decides something about the request (blocks or downgrades it), rather
+    /// than only counting: shared counters out of reach under `fail_closed` refuse it.
+    pub enforced: bool,
+    /// The counter, when the caller already holds it (saves a lookup).
+    pub counter: Option<Arc<dyn SpendCounter>>,
+    /// End of the counter's period (Unix seconds): a shared backend expires it after.
+    pub period_end: i64,
+}
+
+/// Amounts held on a request's budget counters until it settles.
+pub trait Hold: Send + Sync {
+    /// Replaces the `reserved` amount by `actual` on every counter of the hold.
+    fn settle(&self, reserved: Nanos, actual: Nanos);
+}
+
+/// Holds on counters of this process.
+struct LocalHold(Vec<Arc<dyn SpendCounter>>);
+
+impl Hold for LocalHold {
+    fn settle(&self, reserved: Nanos, actual: Nanos) {
+        for c in &self.0 {
+            c.settle(reserved, actual);
+        }
+    }
+}
+
+/// A reservation's answer: the hold, or the index of the item that refused and its level.
+pub type Reserved = Result<Box<dyn Hold>, (usize, SpendLevel)>;
+
+/// Reserves on each item in turn through its `SpendCounter`; on a refusal the holds already
+/// taken are released. Atomic per counter, not across them: enough within one process.
+pub fn reserve_each(counters: &dyn Counters, items: &[ReserveItem<'_>], amount: Nanos) -> Reserved {
+    let mut holds: Vec<Arc<dyn SpendCounter>> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let counter = match &item.counter {
+            Some(c) => c.clone(),
+            None => counters.spend_counter(&item.key),
+        };
+        match counter.reserve(amount, item.cap) {
+            Ok(_) => holds.push(counter),
+            Err(level) => {
+                for h in &holds {
+                    h.settle(amount, 0);
+                }
+                return Err((i, level));
+            }
+        }
+    }
+    Ok(Box::new(LocalHold(holds)))
+}
+
+/// Where the counters live and whether they can be reached, for health and the README's
+/// failure policy (`spend.on_counter_error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountersStatus {
+    pub backend: &'static str,
+    pub reachable: bool,
+    pub on_error: Option<&'static str>,
+}
+
+/// Where counters live. The sync methods are non-blocking and cheap (a shared backend
+/// answers them from this node's view of the shared counters); the `Pending` ones are where
+/// a shared backend makes its one round trip.
 pub trait Counters: Send + Sync {
     /// The counter of `key`, created at zero if it does not exist yet.
     fn spend_counter(&self, key: &SpendKey<'_>) -> Arc<dyn SpendCounter>;
@@ -109,6 +209,47 @@ pub trait Counters: Send + Sync {
     fn take(&self, kind: RateKind, key: &str, per_minute: u64, cost: u64, now_us: u64) -> RateVerdict;
     /// Corrects an earlier `take` once the real cost is known (`delta` may be negative).
     fn adjust(&self, kind: RateKind, key: &str, per_minute: u64, delta: i64);
+
+    /// `take`, where the limiter is shared: `Err` when it cannot be reached and the
+    /// failure policy is to refuse.
+    fn take_shared(
+        &self,
+        kind: RateKind,
+        key: &str,
+        per_minute: u64,
+        cost: u64,
+        now_us: u64,
+    ) -> Pending<'_, Result<RateVerdict, CountersDown>> {
+        Pending::ready(Ok(self.take(kind, key, per_minute, cost, now_us)))
+    }
+
+    /// Reserves `amount` on every item, refusing (and holding nothing) if any item's cap is
+    /// reached. `Err` when a shared backend cannot be reached and the policy is to refuse.
+    fn reserve_all<'a>(
+        &'a self,
+        items: &'a [ReserveItem<'a>],
+        amount: Nanos,
+    ) -> Pending<'a, Result<Reserved, CountersDown>>;
+
+    /// Adds spent `amount` to each key without a cap check (money already spent).
+    fn charge(&self, keys: &[ReserveItem<'_>], amount: Nanos) {
+        for item in keys {
+            match &item.counter {
+                Some(c) => c.settle(0, amount),
+                None => self.spend_counter(&item.key).settle(0, amount),
+            }
+        }
+    }
+
+    /// The current level of `key` as every node sees it (the management API's figure): a
+    /// shared backend reads it fresh.
+    fn level_now<'a>(&'a self, key: SpendKey<'a>) -> Pending<'a, Result<SpendLevel, CountersDown>> {
+        Pending::ready(Ok(self.spend(&key)))
+    }
+
+    fn status(&self) -> CountersStatus {
+        CountersStatus { backend: "local", reachable: true, on_error: None }
+    }
 }
 
 /// A spend counter whose settled value should be persisted.
@@ -363,6 +504,14 @@ impl Counters for LocalCounters {
         }
         let tat = map.entry(key.into()).or_insert_with(|| AtomicU64::new(0));
         gcra(&tat, per_minute, cost, now_us)
+    }
+
+    fn reserve_all<'a>(
+        &'a self,
+        items: &'a [ReserveItem<'a>],
+        amount: Nanos,
+    ) -> Pending<'a, Result<Reserved, CountersDown>> {
+        Pending::ready(Ok(reserve_each(self, items, amount)))
     }
 
     fn adjust(&self, kind: RateKind, key: &str, per_minute: u64, delta: i64) {

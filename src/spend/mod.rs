@@ -5,6 +5,7 @@
 pub mod budgets;
 pub mod counters;
 pub mod period;
+pub mod shared;
 pub mod store;
 
 use std::path::Path;
@@ -12,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use counters::{Counters, LocalCounters, SpendRow};
+use shared::{SeedSource, SharedCounters, SharedMetrics, SharedSettings};
 use store::SpendStore;
+
+use crate::state::StateStore;
 
 /// Longest period (a month) in seconds, rounded up: counters older than this are history.
 const LONGEST_PERIOD_S: i64 = 32 * 86_400;
@@ -27,13 +31,18 @@ pub fn unix_now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
+/// Where this process's counters live.
+enum Backend {
+    /// In process, persisted to `store` (the embedded file).
+    Local { counters: Arc<LocalCounters>, store: Option<SpendStore>, unsaved: Mutex<Vec<SpendRow>> },
+    /// In Redis; this node's settled figures persisted to the state store.
+    Shared { counters: Arc<SharedCounters>, state: Arc<dyn StateStore> },
+}
+
 /// The process's counters and their persistence.
 pub struct Spend {
     pub counters: Arc<dyn Counters>,
-    local: Arc<LocalCounters>,
-    store: Option<SpendStore>,
-    /// Rows a failed write still owes the store.
-    unsaved: Mutex<Vec<SpendRow>>,
+    backend: Backend,
 }
 
 impl Spend {
@@ -48,38 +57,79 @@ impl Spend {
             }
             None => None,
         };
-        Ok(Spend { counters: local.clone(), local, store, unsaved: Mutex::new(Vec::new()) })
+        Ok(Spend {
+            counters: local.clone(),
+            backend: Backend::Local { counters: local, store, unsaved: Mutex::new(Vec::new()) },
+        })
+    }
+
+    /// Counters shared through Redis; this node's figures are written to (and its own and
+    /// a re-seed's rows read from) `state`. Blocks while connecting (start-up).
+    pub fn open_shared(
+        settings: SharedSettings,
+        state: Arc<dyn StateStore>,
+        metrics: SharedMetrics,
+    ) -> Result<Spend, String> {
+        let since = unix_now() - LONGEST_PERIOD_S;
+        let rows = state.load_spend_now(since).map_err(|e| format!("reading durable spend: {e}"))?;
+        let source_state = state.clone();
+        let source: SeedSource = Arc::new(move || {
+            source_state.load_spend_now(unix_now() - LONGEST_PERIOD_S).map_err(|e| e.to_string())
+        });
+        let shared = Arc::new(SharedCounters::open(settings, rows, source, metrics)?);
+        Ok(Spend { counters: shared.clone(), backend: Backend::Shared { counters: shared, state } })
     }
 
     /// Writes settled spend to the store (blocking: call from a blocking context). Rows a
     /// failed write could not save are kept and retried with the next flush.
     pub fn flush(&self) -> Result<usize, String> {
-        let Some(store) = &self.store else { return Ok(0) };
-        let mut unsaved = self.unsaved.lock().map_err(|_| "spend flush lock poisoned".to_string())?;
-        let fresh = self.local.dirty_rows();
-        if fresh.is_empty() && unsaved.is_empty() {
-            return Ok(0);
+        match &self.backend {
+            Backend::Local { counters, store, unsaved } => {
+                let Some(store) = store else { return Ok(0) };
+                let mut unsaved = unsaved.lock().map_err(|_| "spend flush lock poisoned".to_string())?;
+                let fresh = counters.dirty_rows();
+                if fresh.is_empty() && unsaved.is_empty() {
+                    return Ok(0);
+                }
+                // Values are absolute: a fresh row supersedes an unsaved one for the same counter.
+                unsaved.retain(|old| {
+                    !fresh.iter().any(|n| {
+                        n.budget == old.budget
+                            && n.instance == old.instance
+                            && n.period_start == old.period_start
+                    })
+                });
+                unsaved.extend(fresh);
+                store.save(&unsaved, unix_now())?;
+                let n = unsaved.len();
+                unsaved.clear();
+                Ok(n)
+            }
+            Backend::Shared { counters, state } => {
+                let rows = counters.dirty_rows();
+                if rows.is_empty() {
+                    return Ok(0);
+                }
+                if let Err(e) = state.save_spend_now(&rows) {
+                    counters.redirty(&rows);
+                    return Err(e.to_string());
+                }
+                Ok(rows.len())
+            }
         }
-        // Values are absolute: a fresh row supersedes an unsaved one for the same counter.
-        unsaved.retain(|old| {
-            !fresh.iter().any(|n| {
-                n.budget == old.budget && n.instance == old.instance && n.period_start == old.period_start
-            })
-        });
-        unsaved.extend(fresh);
-        let now = unix_now();
-        store.save(&unsaved, now)?;
-        let n = unsaved.len();
-        unsaved.clear();
-        Ok(n)
     }
 
     /// Forgets finished periods in memory and old history on disk.
     pub fn prune(&self) -> Result<(), String> {
         let now = unix_now();
-        self.local.forget_before(now - LONGEST_PERIOD_S);
-        if let Some(store) = &self.store {
-            store.prune(now - HISTORY_S)?;
+        match &self.backend {
+            Backend::Local { counters, store, .. } => {
+                counters.forget_before(now - LONGEST_PERIOD_S);
+                if let Some(store) = store {
+                    store.prune(now - HISTORY_S)?;
+                }
+            }
+            Backend::Shared { counters, .. } => counters.forget_before(now - LONGEST_PERIOD_S),
         }
         Ok(())
     }

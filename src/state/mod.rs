@@ -289,6 +289,17 @@ pub trait StateStore: Send + Sync {
     /// Blocks (start-up, blocking pool).
     fn save_file_versions_now(&self, rows: &[FileVersion]) -> Result<(), StateError>;
 
+    /// Writes nodes' settled spend (absolute per node; a row never lowers a newer figure).
+    /// Blocks (the spend flusher's blocking thread).
+    fn save_spend_now(&self, rows: &[crate::spend::shared::NodeSpendRow]) -> Result<(), StateError>;
+
+    /// Every node's settled spend of periods that started at or after `since`. Blocks.
+    fn load_spend_now(&self, since: i64) -> Result<Vec<crate::spend::shared::NodeSpendRow>, StateError>;
+
+    /// The latest committed revision (0 before any change): nodes compare it with the one
+    /// their snapshot was built from.
+    async fn revision(&self) -> Result<i64, StateError>;
+
     /// Every version of resource `id`, oldest first.
     async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError>;
 

@@ -13,6 +13,8 @@ use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row};
 
+use crate::spend::shared::NodeSpendRow;
+
 use super::{
     Actor, AuditEntry, AuditQuery, Change, ExperimentQuery, ExperimentRow, FileVersion, Idempotent, Kind,
     ListQuery, Op, StateError, StateStore, Stored, Version,
@@ -105,7 +107,23 @@ CREATE TABLE experiment_decisions (
     PRIMARY KEY (experiment_id, seq)
 );
 ",
+    "
+CREATE TABLE budget_spend_nodes (
+    budget       TEXT   NOT NULL,
+    instance     TEXT   NOT NULL,
+    period_start BIGINT NOT NULL,
+    node         TEXT   NOT NULL,
+    period_end   BIGINT NOT NULL,
+    spend_nanos  BIGINT NOT NULL,
+    updated_ms   BIGINT NOT NULL,
+    PRIMARY KEY (budget, instance, period_start, node)
+);
+",
 ];
+
+/// The channel every commit notifies (payload: the new revision), so each node rebuilds
+/// its snapshot within moments of a change made through any node.
+pub const CHANGES_CHANNEL: &str = "modelux_state";
 
 /// Serialises schema migrations across nodes (an arbitrary constant: "mlx" + 1).
 const MIGRATION_LOCK: i64 = 0x6d6c_7801;
@@ -172,6 +190,53 @@ impl PostgresState {
             self.runtime.as_ref().ok_or_else(|| StateError::Unavailable("state store closed".into()))?;
         let client = self.client.clone();
         blocking(runtime, async move { load_live(&*client.lock().await).await })
+    }
+}
+
+/// Listens for committed changes on a connection of its own, sending each notified
+/// revision to `changes`; returns (with the reason) when the connection ends or fails, for
+/// the caller to reconnect. `listening` is told once `LISTEN` is in effect (changes
+/// committed before that are the caller's to catch with a revision check).
+pub async fn follow_changes(
+    url: &str,
+    changes: tokio::sync::mpsc::UnboundedSender<i64>,
+    listening: tokio::sync::oneshot::Sender<()>,
+) -> String {
+    let (client, mut connection) = match tokio_postgres::connect(url, NoTls).await {
+        Ok(c) => c,
+        Err(e) => return strip_password(&e.to_string()),
+    };
+    // The connection delivers notifications only while polled: poll it here, alongside
+    // the one statement this client sends.
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let statement = format!("LISTEN {CHANGES_CHANNEL}");
+    let listen = client.batch_execute(&statement);
+    tokio::pin!(listen);
+    use futures::StreamExt;
+    let mut listened = false;
+    let mut listening = Some(listening);
+    loop {
+        tokio::select! {
+            r = &mut listen, if !listened => {
+                if let Err(e) = r {
+                    return strip_password(&e.to_string());
+                }
+                listened = true;
+                if let Some(tx) = listening.take() {
+                    let _ = tx.send(());
+                }
+            }
+            m = messages.next() => match m {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if changes.send(n.payload().parse().unwrap_or(0)).is_err() {
+                        return "the follower stopped".into();
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return strip_password(&e.to_string()),
+                None => return "the connection closed".into(),
+            },
+        }
     }
 }
 
@@ -366,6 +431,8 @@ async fn commit_changes(client: &mut Client, changes: &[Change]) -> Result<i64, 
             .map_err(db)?;
         }
     }
+    // Delivered to every listening node when (and only if) the transaction commits.
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &revision.to_string()]).await.map_err(db)?;
     tx.commit().await.map_err(db)?;
     Ok(revision)
 }
@@ -451,6 +518,72 @@ impl StateStore for PostgresState {
             }
             tx.commit().await.map_err(db)
         })
+    }
+
+    fn save_spend_now(&self, rows: &[NodeSpendRow]) -> Result<(), StateError> {
+        let runtime =
+            self.runtime.as_ref().ok_or_else(|| StateError::Unavailable("state store closed".into()))?;
+        let (client, rows) = (self.client.clone(), rows.to_vec());
+        blocking(runtime, async move {
+            let mut client = client.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            let now = (crate::spend::unix_now_us() / 1000) as i64;
+            for r in &rows {
+                // Absolute figures that only grow: an older write never lowers a newer one.
+                tx.execute(
+                    "INSERT INTO budget_spend_nodes (budget, instance, period_start, node, period_end, spend_nanos, updated_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (budget, instance, period_start, node) DO UPDATE \
+                     SET spend_nanos = GREATEST(budget_spend_nodes.spend_nanos, EXCLUDED.spend_nanos), \
+                     period_end = EXCLUDED.period_end, updated_ms = EXCLUDED.updated_ms",
+                    &[&r.budget, &r.instance, &r.period_start, &r.node, &r.period_end, &r.spend_nanos, &now],
+                )
+                .await
+                .map_err(db)?;
+            }
+            tx.commit().await.map_err(db)
+        })
+    }
+
+    fn load_spend_now(&self, since: i64) -> Result<Vec<NodeSpendRow>, StateError> {
+        let runtime =
+            self.runtime.as_ref().ok_or_else(|| StateError::Unavailable("state store closed".into()))?;
+        let client = self.client.clone();
+        blocking(runtime, async move {
+            let rows = client
+                .lock()
+                .await
+                .query(
+                    "SELECT budget, instance, period_start, period_end, node, spend_nanos FROM budget_spend_nodes \
+                     WHERE period_start >= $1",
+                    &[&since],
+                )
+                .await
+                .map_err(db)?;
+            Ok(rows
+                .iter()
+                .map(|r| NodeSpendRow {
+                    budget: r.get(0),
+                    instance: r.get(1),
+                    period_start: r.get(2),
+                    period_end: r.get(3),
+                    node: r.get(4),
+                    spend_nanos: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    async fn revision(&self) -> Result<i64, StateError> {
+        self.run(|client| async move {
+            let row = client
+                .lock()
+                .await
+                .query_one("SELECT COALESCE(MAX(revision), 0) FROM revisions", &[])
+                .await
+                .map_err(db)?;
+            Ok(row.get(0))
+        })
+        .await
     }
 
     async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError> {

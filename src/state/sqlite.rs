@@ -13,6 +13,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
 
+use crate::spend::shared::NodeSpendRow;
+
 use super::{
     Actor, AuditEntry, AuditQuery, Change, ExperimentQuery, ExperimentRow, FileVersion, Idempotent, Kind,
     ListQuery, Op, StateError, StateStore, Stored, Version,
@@ -104,6 +106,18 @@ CREATE TABLE experiment_decisions (
     seq           INTEGER NOT NULL,
     body          TEXT    NOT NULL,
     PRIMARY KEY (experiment_id, seq)
+) WITHOUT ROWID;
+",
+    "
+CREATE TABLE budget_spend_nodes (
+    budget       TEXT    NOT NULL,
+    instance     TEXT    NOT NULL,
+    period_start INTEGER NOT NULL,
+    node         TEXT    NOT NULL,
+    period_end   INTEGER NOT NULL,
+    spend_nanos  INTEGER NOT NULL,
+    updated_ms   INTEGER NOT NULL,
+    PRIMARY KEY (budget, instance, period_start, node)
 ) WITHOUT ROWID;
 ",
 ];
@@ -452,6 +466,52 @@ impl StateStore for SqliteState {
             .map_err(db)?;
         }
         tx.commit().map_err(db)
+    }
+
+    fn save_spend_now(&self, rows: &[NodeSpendRow]) -> Result<(), StateError> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let now = crate::spend::unix_now_us() as i64 / 1000;
+        for r in rows {
+            // Absolute figures that only grow: an older write never lowers a newer one.
+            tx.execute(
+                "INSERT INTO budget_spend_nodes (budget, instance, period_start, node, period_end, spend_nanos, updated_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (budget, instance, period_start, node) DO UPDATE \
+                 SET spend_nanos = MAX(spend_nanos, excluded.spend_nanos), period_end = excluded.period_end, updated_ms = excluded.updated_ms",
+                params![r.budget, r.instance, r.period_start, r.node, r.period_end, r.spend_nanos, now],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    async fn revision(&self) -> Result<i64, StateError> {
+        self.run(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(revision), 0) FROM revisions", [], |r| r.get(0)).map_err(db)
+        })
+        .await
+    }
+
+    fn load_spend_now(&self, since: i64) -> Result<Vec<NodeSpendRow>, StateError> {
+        let conn = lock(&self.conn);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT budget, instance, period_start, period_end, node, spend_nanos FROM budget_spend_nodes WHERE period_start >= ?1",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![since], |r| {
+                Ok(NodeSpendRow {
+                    budget: r.get(0)?,
+                    instance: r.get(1)?,
+                    period_start: r.get(2)?,
+                    period_end: r.get(3)?,
+                    node: r.get(4)?,
+                    spend_nanos: r.get(5)?,
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<Result<_, _>>().map_err(db)
     }
 
     async fn versions(&self, id: &str) -> Result<Vec<Version>, StateError> {

@@ -12,8 +12,20 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
         let port = super::free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Self::spawn(port, &dir);
+        RedisServer { port, child, _dir: dir }
+    }
+
+    /// Starts it again on its port after `stop`, empty (nothing is persisted): what a Redis
+    /// restarted without persistence looks like to its clients.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, &self._dir);
+    }
+
+    fn spawn(port: u16, dir: &tempfile::TempDir) -> Child {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -27,7 +39,7 @@ impl RedisServer {
             assert!(Instant::now() < deadline, "redis-server did not come up on port {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        RedisServer { port, child, _dir: dir }
+        child
     }
 
     pub fn url(&self) -> String {

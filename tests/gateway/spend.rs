@@ -8,9 +8,9 @@ use modelux::spend::period::Period;
 
 /// `local/m1` costs a cent per token (prompt or completion), so budgets of a few dollars
 /// are reached in a few requests.
-const CENT_A_TOKEN: &str = "prices:\n  m1: { input_per_mtok: 10000, output_per_mtok: 10000 }\n";
+pub(super) const CENT_A_TOKEN: &str = "prices:\n  m1: { input_per_mtok: 10000, output_per_mtok: 10000 }\n";
 
-fn body_for(model: &str, extra: Value) -> Value {
+pub(super) fn body_for(model: &str, extra: Value) -> Value {
     let mut v = json!({"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16});
     if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
         obj.extend(more);
@@ -33,7 +33,7 @@ async fn budget_gateway(upstream: &MockServer, budgets: &str, extra_configs: &st
     start(cfg).await
 }
 
-fn cost_of(resp: &Response) -> f64 {
+pub(super) fn cost_of(resp: &Response) -> f64 {
     resp.header("x-modelux-cost-usd")
         .unwrap_or_else(|| panic!("no cost header: {}", resp.text()))
         .parse()

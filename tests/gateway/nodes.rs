@@ -1,0 +1,390 @@
+//! Several gateway nodes, one policy: three gateways on one PostgreSQL (management state)
+//! and one Redis (budget and rate counters), each started by the test on loopback. Budgets
+//! and rate limits hold across the nodes, a Redis outage follows the configured policy and
+//! loses no settled spend, and a management change made on one node is served by the others
+//! within a second.
+
+use super::pg::PgServer;
+use super::redis::RedisServer;
+use super::spend::{body_for, cost_of, CENT_A_TOKEN};
+use super::*;
+
+const NODES: usize = 3;
+
+struct Cluster {
+    nodes: Vec<Gateway>,
+    pg: PgServer,
+    pg_url: String,
+    redis: Option<RedisServer>,
+}
+
+/// Three gateways sharing one database and (`counters`: `Some(policy)`) one Redis.
+async fn cluster(upstream: &MockServer, counters: Option<&str>, top_extra: &str) -> Cluster {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let pg_url = pg.database("modelux_nodes").await;
+    let redis = match counters {
+        Some(_) => Some(tokio::task::spawn_blocking(RedisServer::start).await.unwrap()),
+        None => None,
+    };
+    let mut yaml = format!("state: {{ backend: postgres, url: \"{pg_url}\" }}\n{CENT_A_TOKEN}{top_extra}");
+    if let (Some(policy), Some(r)) = (counters, &redis) {
+        yaml.push_str(&format!(
+            "redis: {{ url: \"{}\" }}\nspend: {{ counters: redis, on_counter_error: {policy} }}\n",
+            r.url()
+        ));
+    }
+    let mut nodes = Vec::new();
+    for _ in 0..NODES {
+        let mut cfg = Cfg::new(upstream.base_url().leak());
+        cfg.top_extra = yaml.clone();
+        cfg.more_configs = "  cheap: { project: default, strategy: single, model: \"local/m1\" }\n".into();
+        nodes.push(start(cfg).await);
+    }
+    Cluster { nodes, pg, pg_url, redis }
+}
+
+async fn ask_node(gw: &Gateway, model: &str) -> Response {
+    let auth = format!("Bearer {KEY}");
+    post_to(gw, CHAT, &[("authorization", &auth)], &body_for(model, json!({}))).await
+}
+
+async fn manage_call(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> Response {
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let bytes = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+    httpc::request(
+        gw.manage,
+        method,
+        path,
+        &[("authorization", &auth), ("content-type", "application/json")],
+        &bytes,
+    )
+    .await
+    .unwrap()
+}
+
+/// A budget's settled spend as the management API of `gw` reports it (across all nodes).
+async fn budget_spend(gw: &Gateway, name: &str) -> f64 {
+    let r = manage_call(gw, "GET", &format!("/manage/v1/budgets/{name}"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json().unwrap()["data"]["spend_usd"].as_f64().unwrap()
+}
+
+/// Every node's durable figure for `budget`, summed, from PostgreSQL.
+async fn durable_spend(url: &str, budget: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT COALESCE(SUM(spend_nanos), 0)::BIGINT FROM budget_spend_nodes WHERE budget = $1",
+            &[&budget],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+/// Polls `check` every 20 ms until it holds; how long that took (panics after `limit`).
+async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_never_overspend_a_shared_budget() {
+    let upstream = mock(MockConfig { latency: Duration::from_millis(30), ..MockConfig::default() }).await;
+    let budgets = "budgets:\n  - { name: small, scope: routing_config, routing_config: \"@cheap\", period: daily, cap_usd: 2.0, action: block }\n";
+    let c = cluster(&upstream, Some("fail_closed"), budgets).await;
+    let body = serde_json::to_vec(&body_for("@cheap", json!({}))).unwrap();
+    let tasks: Vec<_> = (0..256)
+        .map(|i| {
+            let (proxy, body) = (c.nodes[i % NODES].proxy, body.clone());
+            tokio::spawn(async move {
+                let auth = format!("Bearer {KEY}");
+                httpc::request(
+                    proxy,
+                    "POST",
+                    CHAT,
+                    &[("authorization", &auth), ("content-type", "application/json")],
+                    &body,
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    let (mut served, mut blocked, mut held, mut billed) = (0usize, 0, 0, 0.0);
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            200 => {
+                served += 1;
+                billed += cost_of(&r);
+            }
+            402 => {
+                // A 402 only once settled spend is at the cap, whichever node answers.
+                let spent = error_of(&r)["budget"]["spend_usd"].as_f64().unwrap();
+                assert!(spent >= 2.0 - 1e-9, "402 at ${spent} of a $2 cap: {}", r.text());
+                blocked += 1;
+            }
+            429 => {
+                assert_eq!(error_of(&r)["code"], "budget_reserved", "{}", r.text());
+                held += 1;
+            }
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(served + blocked + held, 256);
+    assert!(served > 0 && blocked + held > 0, "{served} served, {blocked} blocked, {held} held");
+    let reservation = (body.len() as f64 / 3.0).ceil() * 0.01 + 16.0 * 0.01;
+    for gw in &c.nodes {
+        let spent = budget_spend(gw, "small").await;
+        assert!((spent - billed).abs() < 1e-6, "node sees ${spent}, ${billed} was billed");
+        assert!(spent <= 2.0 + reservation, "spent ${spent} over a $2 cap (+{reservation})");
+    }
+    assert_eq!(upstream.request_count(), served);
+    // Each node's settled figure reaches the database (the re-seed's source).
+    let billed_nanos = modelux::spend::counters::to_nanos(billed);
+    within(Duration::from_secs(5), "durable spend", || async {
+        (durable_spend(&c.pg_url, "small").await - billed_nanos).abs() <= served as i64
+    })
+    .await;
+    let node = manage_call(&c.nodes[1], "GET", "/manage/v1/node", None).await.json().unwrap();
+    assert_eq!(
+        node["data"]["counters"],
+        json!({"backend": "redis", "reachable": true, "on_counter_error": "fail_closed"})
+    );
+    assert_eq!(node["data"]["state"]["backend"], "postgres");
+    assert!(node["data"]["node"].as_str().unwrap().ends_with(&format!(":{}", c.nodes[1].proxy.port())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_holds_across_three_nodes() {
+    let upstream = mock(MockConfig::default()).await;
+    let limits = "rate_limits: { requests_per_minute: 600, management_requests_per_minute: 0 }\n";
+    let c = cluster(&upstream, Some("fail_closed"), limits).await;
+    let body = serde_json::to_vec(&body_for("local/m1", json!({}))).unwrap();
+    let started = Instant::now();
+    let sent = std::sync::Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..48)
+        .map(|w| {
+            let (proxies, body, sent): (Vec<_>, _, _) =
+                (c.nodes.iter().map(|g| g.proxy).collect(), body.clone(), sent.clone());
+            tokio::spawn(async move {
+                let (mut allowed, mut limited) = (0usize, 0usize);
+                loop {
+                    let i = sent.fetch_add(1, Ordering::Relaxed);
+                    if i >= 900 {
+                        return (allowed, limited);
+                    }
+                    let auth = format!("Bearer {KEY}");
+                    let r = httpc::request(
+                        proxies[(i + w) % NODES],
+                        "POST",
+                        CHAT,
+                        &[("authorization", &auth), ("content-type", "application/json")],
+                        &body,
+                    )
+                    .await
+                    .unwrap();
+                    match r.status {
+                        200 => allowed += 1,
+                        429 => {
+                            assert_eq!(error_of(&r)["code"], "rate_limited", "{}", r.text());
+                            limited += 1;
+                        }
+                        s => panic!("unexpected {s}: {}", r.text()),
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut allowed, mut limited) = (0, 0);
+    for w in workers {
+        let (a, l) = w.await.unwrap();
+        allowed += a;
+        limited += l;
+    }
+    let elapsed = started.elapsed();
+    // GCRA: a minute's allowance in a burst, then one request per 100 ms comes back.
+    let refilled = (elapsed.as_millis() / 100) as usize + 1;
+    assert_eq!(allowed + limited, 900);
+    assert!(
+        (600..=600 + refilled).contains(&allowed),
+        "{allowed} admitted in {elapsed:?} across three nodes"
+    );
+}
+
+/// Redis killed and restarted (empty) mid-run under `fail_closed`: policed requests get
+/// 503 `counters_unavailable` meanwhile, counted-only traffic is served and reconciled, and
+/// the re-seed from PostgreSQL loses no settled spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_fail_closed_refuses_policed_requests_and_loses_no_spend() {
+    let upstream = mock(MockConfig::default()).await;
+    let budgets = "budgets:\n  - { name: day, scope: project, project: default, period: daily, cap_usd: 100, action: block }\n  - { name: cheap-day, scope: routing_config, routing_config: \"@cheap\", period: daily, cap_usd: 100, action: block }\n";
+    let mut c = cluster(&upstream, Some("fail_closed"), budgets).await;
+    let mut billed = 0.0;
+    for gw in &c.nodes[..2] {
+        let r = ask_node(gw, "@cheap").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        billed += cost_of(&r);
+    }
+    // Written to the database before the outage (the flusher runs every 500 ms).
+    let before = modelux::spend::counters::to_nanos(billed);
+    within(Duration::from_secs(5), "durable spend", || async {
+        durable_spend(&c.pg_url, "day").await == before
+    })
+    .await;
+
+    c.redis.as_mut().unwrap().stop();
+    let r = ask_node(&c.nodes[2], "@cheap").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(error_of(&r)["code"], "counters_unavailable");
+    assert_eq!(error_of(&r)["type"], "server_error");
+    let anthropic = post_to(
+        &c.nodes[2],
+        "/anthropic/v1/messages",
+        &[("x-api-key", KEY), ("anthropic-version", "2023-06-01")],
+        &json!({"model": "@cheap", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(anthropic.status, 503, "{}", anthropic.text());
+    assert_eq!(anthropic.json().unwrap()["type"], "error");
+    // Direct traffic is counted, not policed: served, and counted in process meanwhile.
+    let direct = ask_node(&c.nodes[2], "local/m1").await;
+    assert_eq!(direct.status, 200, "{}", direct.text());
+    billed += cost_of(&direct);
+    assert!(
+        metric_value(&metrics(&c.nodes[2]).await, "modelux_counters_transitions_total", &[("to", "down")])
+            >= 1.0
+    );
+
+    c.redis.as_mut().unwrap().restart();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = ask_node(&c.nodes[0], "@cheap").await;
+        if r.status == 200 {
+            billed += cost_of(&r);
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "not served again after Redis came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Re-seeded from the database by one node, the outage's spend pushed by the node that
+    // counted it: every node reads the whole figure again, nothing twice.
+    for gw in &c.nodes {
+        within(Duration::from_secs(5), "spend after the re-seed", || async {
+            (budget_spend(gw, "day").await - billed).abs() < 1e-6
+        })
+        .await;
+    }
+    assert!(
+        metric_value(&metrics(&c.nodes[2]).await, "modelux_counters_transitions_total", &[("to", "up")])
+            >= 1.0
+    );
+}
+
+/// The same outage under `fail_open`: served throughout, counted in process, reconciled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_fail_open_serves_and_reconciles() {
+    let upstream = mock(MockConfig::default()).await;
+    let budgets = "budgets:\n  - { name: day, scope: project, project: default, period: daily, cap_usd: 100, action: block }\n";
+    let mut c = cluster(&upstream, Some("fail_open"), budgets).await;
+    let mut billed = 0.0;
+    let r = ask_node(&c.nodes[0], "@cheap").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    billed += cost_of(&r);
+    c.redis.as_mut().unwrap().stop();
+    for gw in &c.nodes {
+        let r = ask_node(gw, "@cheap").await;
+        assert_eq!(r.status, 200, "fail_open serves during the outage: {}", r.text());
+        billed += cost_of(&r);
+    }
+    let text = metrics(&c.nodes[1]).await;
+    assert!(metric_value(&text, "modelux_counters_local_total", &[("op", "reserve")]) >= 1.0, "{text}");
+    c.redis.as_mut().unwrap().restart();
+    for gw in &c.nodes {
+        within(Duration::from_secs(5), "reconciled spend", || async {
+            (budget_spend(gw, "day").await - billed).abs() < 1e-6
+        })
+        .await;
+    }
+    let r = ask_node(&c.nodes[2], "@cheap").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        manage_call(&c.nodes[2], "GET", "/manage/v1/node", None).await.json().unwrap()["data"]["counters"]
+            ["reachable"],
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_on_one_node_is_served_by_the_others_within_a_second() {
+    let upstream = mock(MockConfig::default()).await;
+    let c = cluster(&upstream, None, "").await;
+    let (a, b, cc) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+
+    // A key made on A works on C.
+    let made =
+        manage_call(a, "POST", "/manage/v1/api-keys", Some(json!({"project": "default", "name": "shared"})))
+            .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let key = made.json().unwrap()["data"].clone();
+    let secret = key["key"].as_str().unwrap().to_string();
+    let chat = |gw: &Gateway, model: &str| {
+        let (proxy, auth, body) = (gw.proxy, format!("Bearer {secret}"), chat_body(model));
+        async move { httpc::request(proxy, "POST", CHAT, &[("authorization", &auth)], &body).await.unwrap() }
+    };
+    within(Duration::from_secs(1), "a new key on node C", || async { chat(cc, "@fast").await.status == 200 })
+        .await;
+
+    // Revoked on A: refused by B and C within a second.
+    let revoked =
+        manage_call(a, "DELETE", &format!("/manage/v1/api-keys/{}", key["id"].as_str().unwrap()), None).await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    for gw in [b, cc] {
+        within(Duration::from_secs(1), "a revoked key refused", || async {
+            chat(gw, "@fast").await.status == 401
+        })
+        .await;
+    }
+
+    // A routing config made and patched on B is served at its new version by C.
+    let rc = json!({"slug": "production", "project": "default", "strategy": "single", "model": "openai/gpt-4o-mini"});
+    assert_eq!(manage_call(b, "POST", "/manage/v1/routing-configs", Some(rc)).await.status, 201);
+    let patched = manage_call(
+        b,
+        "PATCH",
+        "/manage/v1/routing-configs/production",
+        Some(json!({"model": "openai/gpt-4o"})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    let version_on_c = || async {
+        let r = ask_node(cc, "@production").await;
+        r.status == 200 && r.header("x-modelux-config-version") == Some("v2")
+    };
+    within(Duration::from_secs(1), "the patched config on node C", version_on_c).await;
+    // And a change made on C while its snapshot is current keeps B's change (planned on the
+    // shared state, not on a node's copy).
+    let again = manage_call(
+        cc,
+        "PATCH",
+        "/manage/v1/routing-configs/production",
+        Some(json!({"model": "openai/gpt-4o-mini"})),
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.json().unwrap()["data"]["version"], 3);
+    drop(c.pg);
+}
