@@ -57,12 +57,6 @@ CLK_TCK=$(getconf CLK_TCK)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/modelux-load.XXXXXX")
 PIDS=()
 
-log() { printf '[run.sh] %s\n' "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
 cleanup() {
     local rc=$? pid
     # Only the processes this script started, by PID: TERM, then KILL.
@@ -89,14 +83,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-need() { command -v "$1" >/dev/null 2>&1; }
-
-apt_install() {
-    need apt-get || die "$* missing and apt-get unavailable"
-    log "installing $*"
-    timeout 600 apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq "$@" >/dev/null
-}
+LOG_TAG=run.sh
+# shellcheck source=loadtest/lib.sh
+. "$ROOT/loadtest/lib.sh"
 
 need curl || apt_install curl
 need taskset || apt_install util-linux
@@ -105,41 +94,6 @@ if ! need nginx && ! [ -x /usr/sbin/nginx ]; then
     apt_install nginx-light || apt_install nginx
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-
-# A port nobody listens on right now (small race window is acceptable here).
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        # Below the kernel's ephemeral range (32768+), where loadgen's own client sockets
-        # (and their TIME_WAIT remains) would collide with a listener.
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
-
-# wait_status URL STATUS: poll until URL answers STATUS, bounded.
-wait_status() {
-    local url=$1 want=$2 code
-    for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
-        [ "$code" = "$want" ] && return 0
-        sleep 0.1
-    done
-    die "$url did not answer $want within ${READY_TIMEOUT_S}s (last: ${code:-none})"
-}
-
-alive() { kill -0 "$1" 2>/dev/null || die "$2 exited early"; }
-
-# CPU ticks (utime+stime, all threads) and RSS (KiB) of a PID.
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-
-# Numeric field of loadgen's one-line JSON (no jq dependency).
-jnum() { sed -nE "s/.*\"$2\":(-?[0-9][0-9.eE+-]*).*/\1/p" "$1"; }
 
 # ---------------------------------------------------------------- build
 if [ "$SKIP_BUILD" != 1 ]; then
@@ -152,20 +106,6 @@ fi
 for b in mock-upstream loadgen; do [ -x "$BIN/$b" ] || die "missing $BIN/$b"; done
 [ "$SKIP_GATEWAY" = 1 ] || [ -x "$BIN/modelux" ] || die "missing $BIN/modelux (SKIP_GATEWAY=1 to skip)"
 
-# Other work on the machine (a cargo build, say) skews every number here:
-# sample overall CPU use for a second before starting anything.
-busy_pct() {
-    local a b
-    read -ra a </proc/stat
-    sleep 1
-    read -ra b </proc/stat
-    awk -v a="${a[*]}" -v b="${b[*]}" 'BEGIN {
-        n = split(a, x, " "); split(b, y, " ")
-        for (i = 2; i <= n && i <= 9; i++) { d = y[i] - x[i]; t += d; if (i == 5 || i == 6) idle += d }
-        # Parenthesized: a bare ">" after printf is an output redirection.
-        printf "%d", ((t > 0) ? 100 * (t - idle) / t : 0)
-    }'
-}
 BUSY=$(busy_pct)
 if [ "$BUSY" -gt 10 ]; then
     log "warning: the machine is already ${BUSY}% busy; results will be noisy"
@@ -228,45 +168,7 @@ done
 # ---------------------------------------------------------------- clickhouse
 TRACES_YAML=
 if [ "$TRACE_STORE" = clickhouse ] && [ "$SKIP_GATEWAY" != 1 ]; then
-    CH_BIN=$(command -v clickhouse-server || { [ -x /usr/sbin/clickhouse-server ] && echo /usr/sbin/clickhouse-server; } || true)
-    if [ -z "$CH_BIN" ]; then
-        apt_install clickhouse-server
-        CH_BIN=$(command -v clickhouse-server || echo /usr/sbin/clickhouse-server)
-    fi
-    CH=$TMP/clickhouse
-    mkdir -p "$CH/data" "$CH/tmp" "$CH/user_files" "$CH/format_schemas"
-    CH_HTTP=$(free_port) || die "no free port"
-    CH_TCP=$(free_port) || die "no free port"
-    cat >"$CH/config.xml" <<XML
-<?xml version="1.0"?>
-<yandex>
-  <logger><level>warning</level><console>1</console></logger>
-  <http_port>$CH_HTTP</http_port>
-  <tcp_port>$CH_TCP</tcp_port>
-  <listen_host>127.0.0.1</listen_host>
-  <path>$CH/data/</path>
-  <tmp_path>$CH/tmp/</tmp_path>
-  <user_files_path>$CH/user_files/</user_files_path>
-  <format_schema_path>$CH/format_schemas/</format_schema_path>
-  <users_config>users.xml</users_config>
-  <default_profile>default</default_profile>
-  <default_database>default</default_database>
-  <mark_cache_size>268435456</mark_cache_size>
-</yandex>
-XML
-    cat >"$CH/users.xml" <<XML
-<?xml version="1.0"?>
-<yandex>
-  <profiles><default></default></profiles>
-  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
-  <quotas><default></default></quotas>
-</yandex>
-XML
-    (cd "$CH" && exec taskset -c "$LOAD_CPU" "$CH_BIN" --config-file="$CH/config.xml") >"$TMP/clickhouse.log" 2>&1 &
-    CH_PID=$!
-    PIDS+=("$CH_PID")
-    wait_status "http://127.0.0.1:$CH_HTTP/ping" 200
-    log "clickhouse on 127.0.0.1:$CH_HTTP, pid $CH_PID"
+    start_clickhouse "$LOAD_CPU"
     TRACES_YAML="traces: { clickhouse: { url: \"http://127.0.0.1:$CH_HTTP\" }, flush_interval_ms: 500 }"
 fi
 

@@ -410,6 +410,8 @@ impl StateFollower {
                 for e in &errors {
                     tracing::error!(error = %e, revision, "state follower: the shared state does not build on this node; the previous snapshot stays");
                 }
+                // Said once per revision: the next change is tried again.
+                self.seen.fetch_max(revision, Ordering::AcqRel);
             }
         }
     }
@@ -435,8 +437,9 @@ impl BackgroundService for StateFollower {
                     reason = &mut feed => break reason,
                     Ok(()) = async { match listening.as_mut() { Some(l) => l.await, None => std::future::pending().await } } => {
                         listening = None;
-                        // Changes committed while nobody listened.
-                        self.refresh(false).await;
+                        // Changes committed while nobody listened (or before this service
+                        // started, after the snapshot was first built).
+                        self.refresh(true).await;
                     }
                     Some(_) = changes.recv() => {
                         // A burst of commits is one rebuild.

@@ -227,17 +227,19 @@ impl ServeHttp for ManageApp {
                     );
                     match shared.await {
                         Ok(v) => Some(v),
-                        Err(e) => return json(
-                            503,
-                            openai_error_body(
-                                "server_error",
-                                &format!(
+                        Err(e) => {
+                            return json(
+                                503,
+                                openai_error_body(
+                                    "server_error",
+                                    &format!(
                                     "the shared rate-limit counters cannot be reached ({}); retry shortly",
                                     e.0
                                 ),
-                                "counters_unavailable",
-                            ),
-                        ),
+                                    "counters_unavailable",
+                                ),
+                            )
+                        }
                     }
                 } else {
                     None

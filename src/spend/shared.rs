@@ -14,11 +14,16 @@
 //! settlement can be retried, replayed after an outage or re-seeded from the durable store
 //! by several nodes at once without counting anything twice.
 //!
+//! Each reservation is also a member `<hold id>:<amount>` of the sorted set `<counter>:h`,
+//! scored by when its lease ends (`HOLD_LEASE_S`): a release removes its member and lowers
+//! `r` only if the member was still there, so a release retried after a lost answer, or one
+//! for a reservation Redis never saw, changes nothing; and the reservations of a node that
+//! died with requests in flight are dropped when their lease ends.
+//!
 //! `mlx:spend:epoch` marks a seeded Redis. When Redis comes back empty (a restart without
 //! persistence), scripts refuse until one node re-seeds it from the durable rows (every
 //! node's last written figures) in one script that only the first caller applies; every
-//! live node then pushes its own newer figures. Reservations made before the loss carry the
-//! old epoch and are not released twice.
+//! live node then pushes its own newer figures when it sees the new epoch.
 //!
 //! While Redis cannot be reached, `on_counter_error` decides: `fail_closed` refuses what a
 //! budget or a limit polices (503 `counters_unavailable`), `fail_open` serves and counts in
@@ -102,19 +107,31 @@ const BACKOFF: Duration = Duration::from_millis(500);
 const RECONCILE_EVERY: Duration = Duration::from_millis(200);
 /// Counters outlive their period by this much (late settlements, reporting).
 const EXPIRY_GRACE_S: i64 = 86_400;
-/// Keys per reconciliation or seed script call.
+/// Keys per reconciliation script call.
 const CHUNK: usize = 200;
+/// A reservation is dropped this long after it was made if it was never settled (its
+/// node died, or its release was lost): longer than any request runs.
+const HOLD_LEASE_S: i64 = 3_600;
 
 const RESERVE: &str = r"
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then return {-1} end
+local now = tonumber(redis.call('TIME')[1])
 local amount = tonumber(ARGV[1])
 local out = {0, epoch}
 for i = 2, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 't', 'r', ARGV[2])
+  local k = KEYS[i]
+  local expired = redis.call('ZRANGEBYSCORE', k .. ':h', '-inf', now)
+  if #expired > 0 then
+    local gone = 0
+    for _, m in ipairs(expired) do gone = gone + (tonumber(string.match(m, ':(%d+)$')) or 0) end
+    redis.call('ZREMRANGEBYSCORE', k .. ':h', '-inf', now)
+    if redis.call('HINCRBY', k, 'r', string.format('%d', -gone)) < 0 then redis.call('HSET', k, 'r', '0') end
+  end
+  local v = redis.call('HMGET', k, 't', 'r', ARGV[2])
   local t = tonumber(v[1]) or 0
   local r = tonumber(v[2]) or 0
-  local cap = tonumber(ARGV[2 * i - 1])
+  local cap = tonumber(ARGV[2 * i + 1])
   if cap >= 0 and t + r >= cap then
     return {1, i - 2, t, r}
   end
@@ -124,7 +141,9 @@ for i = 2, #KEYS do
 end
 for i = 2, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'r', ARGV[1])
-  redis.call('EXPIREAT', KEYS[i], ARGV[2 * i])
+  redis.call('ZADD', KEYS[i] .. ':h', string.format('%d', now + tonumber(ARGV[4])), ARGV[3])
+  redis.call('EXPIREAT', KEYS[i], ARGV[2 * i + 2])
+  redis.call('EXPIREAT', KEYS[i] .. ':h', ARGV[2 * i + 2])
 end
 return out
 ";
@@ -132,12 +151,11 @@ return out
 const SETTLE: &str = r"
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then return {-1} end
-local release = epoch == ARGV[1] and tonumber(ARGV[2]) > 0
 local out = {0, epoch}
 for i = 2, #KEYS do
   local k = KEYS[i]
-  if release then
-    if redis.call('HINCRBY', k, 'r', '-' .. ARGV[2]) < 0 then redis.call('HSET', k, 'r', 0) end
+  if ARGV[1] ~= '' and redis.call('ZREM', k .. ':h', ARGV[1]) == 1 then
+    if redis.call('HINCRBY', k, 'r', '-' .. ARGV[2]) < 0 then redis.call('HSET', k, 'r', '0') end
   end
   local want = tonumber(ARGV[2 * i])
   local have = tonumber(redis.call('HGET', k, ARGV[3])) or 0
@@ -146,9 +164,10 @@ for i = 2, #KEYS do
     redis.call('HINCRBY', k, 't', string.format('%d', want - have))
   end
   redis.call('EXPIREAT', k, ARGV[2 * i + 1])
-  local v = redis.call('HMGET', k, 't', 'r')
+  local v = redis.call('HMGET', k, 't', 'r', ARGV[3])
   out[#out + 1] = tonumber(v[1]) or 0
   out[#out + 1] = tonumber(v[2]) or 0
+  out[#out + 1] = tonumber(v[3]) or 0
 end
 return out
 ";
@@ -248,6 +267,14 @@ impl Cell {
         self.reserved.store(reserved, Ordering::Release);
     }
 
+    /// Redis knows more of this node's spend than the process (a restart that lost figures
+    /// not yet written): take it, so later settlements add to it.
+    fn hydrate(&self, mine: Nanos) {
+        if self.own.fetch_max(mine, Ordering::AcqRel) < mine {
+            self.dirty_store.store(true, Ordering::Release);
+        }
+    }
+
     /// Adds `actual` settled spend of this node; the new absolute figure.
     fn add_own(&self, actual: Nanos) -> Nanos {
         let own = self.own.fetch_add(actual, Ordering::AcqRel) + actual;
@@ -323,10 +350,12 @@ fn rate_key(kind: RateKind, key: &str) -> String {
     format!("mlx:rate:{}:{key}", kind.unit())
 }
 
-/// A release of a reservation that did not reach Redis, retried by the reconciler.
+/// A release of a reservation that may not have reached Redis, retried by the reconciler
+/// (a release that did arrive finds no member the second time and changes nothing).
 struct Owed {
     keys: Vec<(String, Arc<Cell>)>,
-    epoch: String,
+    /// The hold's member in each counter's `:h` set.
+    member: String,
     reserved: Nanos,
 }
 
@@ -353,6 +382,9 @@ struct Inner {
     retry_at_ms: AtomicU64,
     /// Redis has no epoch: a re-seed is due.
     needs_seed: AtomicBool,
+    /// The epoch Redis last answered with: a new one means it was re-seeded, and this
+    /// node's figures may be newer than the store's.
+    epoch: Mutex<String>,
     owed: Mutex<Vec<Owed>>,
     seed_source: SeedSource,
     metrics: SharedMetrics,
@@ -396,6 +428,7 @@ impl SharedCounters {
             started: Instant::now(),
             retry_at_ms: AtomicU64::new(0),
             needs_seed: AtomicBool::new(true),
+            epoch: Mutex::new(String::new()),
             owed: Mutex::new(Vec::new()),
             seed_source,
             metrics,
@@ -564,7 +597,32 @@ impl Inner {
         }
     }
 
+    /// Notes the epoch a script answered with; when it changed, this node's figures are
+    /// pushed again (another node re-seeded Redis from the store, which may lag).
+    fn observe_epoch(&self, epoch: &str) {
+        let Ok(mut last) = self.epoch.lock() else { return };
+        if *last == epoch {
+            return;
+        }
+        let changed = !last.is_empty();
+        *last = epoch.to_string();
+        drop(last);
+        if changed {
+            self.mark_all_dirty();
+            self.wake.notify_one();
+        }
+    }
+
+    fn mark_all_dirty(&self) {
+        for e in self.cells.iter() {
+            if e.value().own.load(Ordering::Acquire) > 0 {
+                e.value().dirty_redis.store(true, Ordering::Release);
+            }
+        }
+    }
+
     fn mark_up(&self) {
+        self.retry_at_ms.store(0, Ordering::Release);
         if !self.reachable.swap(true, Ordering::AcqRel) {
             self.metrics.transitions.with_label_values(&["up"]).inc();
             self.metrics.reachable.set(1);
@@ -598,7 +656,16 @@ impl Inner {
                     self.mark_down(op, "not seeded");
                     return Err(CountersDown("Redis is being re-seeded".into()));
                 }
-                self.mark_up();
+                // A script that does not check the epoch (the limiter) answers an empty Redis
+                // too: it does not make the counters usable before the re-seed.
+                if !self.needs_seed.load(Ordering::Acquire) {
+                    self.mark_up();
+                }
+                if matches!(op, "reserve" | "settle" | "reconcile") {
+                    if let Some(epoch) = text_at(&v, 1) {
+                        self.observe_epoch(&epoch);
+                    }
+                }
                 Ok(v)
             }
             Ok(Err(e)) => {
@@ -631,14 +698,19 @@ impl Inner {
             }
         }
         if !self.reachable.load(Ordering::Acquire) || self.needs_seed.load(Ordering::Acquire) {
-            // A probe that also tells whether Redis still has its epoch.
-            self.retry_at_ms.store(0, Ordering::Release);
+            // A probe that also tells whether Redis still has its epoch (requests keep
+            // failing fast meanwhile: the gate opens only when it answers).
             let Some(conn) = self.conn.load_full() else { return };
             let mut c = (*conn).clone();
             let mut exists = redis::cmd("EXISTS");
             exists.arg(EPOCH_KEY);
             match tokio::time::timeout(self.timeout, exists.query_async::<i64>(&mut c)).await {
-                Ok(Ok(1)) => self.needs_seed.store(false, Ordering::Release),
+                Ok(Ok(1)) => {
+                    if self.needs_seed.swap(false, Ordering::AcqRel) {
+                        // Told Redis lost its counters, found it seeded: another node did it.
+                        self.mark_all_dirty();
+                    }
+                }
                 Ok(Ok(_)) => {
                     if let Err(e) = self.seed().await {
                         self.mark_down("seed", &e);
@@ -661,6 +733,9 @@ impl Inner {
         let source = self.seed_source.clone();
         let rows =
             tokio::task::spawn_blocking(move || source()).await.map_err(|e| format!("seed task: {e}"))??;
+        // Counters whose period (and grace) is over would expire as soon as written.
+        let now = super::unix_now();
+        let rows: Vec<_> = rows.into_iter().filter(|r| r.period_end + EXPIRY_GRACE_S > now).collect();
         let epoch = hex::encode(rand::random::<[u8; 8]>());
         let Some(conn) = self.conn.load_full() else { return Err("no connection".into()) };
         let mut c = (*conn).clone();
@@ -682,12 +757,7 @@ impl Inner {
         if applied == epoch {
             tracing::warn!(rows = rows.len(), "shared counters: seeded Redis from the durable store");
         }
-        for e in self.cells.iter() {
-            if e.value().own.load(Ordering::Acquire) > 0 {
-                e.value().dirty_redis.store(true, Ordering::Release);
-            }
-        }
-        // Reservations made before the loss are gone with it (their epoch is stale).
+        self.mark_all_dirty();
         self.needs_seed.store(false, Ordering::Release);
         Ok(())
     }
@@ -699,7 +769,7 @@ impl Inner {
         };
         let mut failed = Vec::new();
         for o in owed {
-            if self.send_settle(&o.keys, &o.epoch, o.reserved, "settle").await.is_err() {
+            if self.send_settle(&o.keys, &o.member, o.reserved, "settle").await.is_err() {
                 failed.push(o);
             }
         }
@@ -733,17 +803,17 @@ impl Inner {
         self.metrics.local.with_label_values(&["reconciled"]).inc_by(pushed as u64);
     }
 
-    /// One settle script over `keys`: releases `reserved` of a hold made under `epoch`
-    /// and raises this node's figure on each to its current `own`.
+    /// One settle script over `keys`: releases the hold `member` (`reserved` on each) if
+    /// Redis still has it, and raises this node's figure on each to its current `own`.
     async fn send_settle(
         &self,
         keys: &[(String, Arc<Cell>)],
-        epoch: &str,
+        member: &str,
         reserved: Nanos,
         op: &'static str,
     ) -> Result<(), CountersDown> {
         let mut inv = self.scripts.settle.prepare_invoke();
-        inv.key(EPOCH_KEY).arg(epoch).arg(reserved).arg(&self.field);
+        inv.key(EPOCH_KEY).arg(member).arg(reserved).arg(&self.field);
         for (k, cell) in keys {
             inv.key(k)
                 .arg(cell.own.load(Ordering::Acquire))
@@ -752,8 +822,10 @@ impl Inner {
         let v = self.call(op, inv).await?;
         let n = ints(&v);
         for (i, (_, cell)) in keys.iter().enumerate() {
-            if let (Some(&t), Some(&r)) = (n.get(2 + 2 * i), n.get(3 + 2 * i)) {
+            let at = 2 + 3 * i;
+            if let (Some(&t), Some(&r), Some(&mine)) = (n.get(at), n.get(at + 1), n.get(at + 2)) {
                 cell.seen(t, r);
+                cell.hydrate(mine);
             }
         }
         Ok(())
@@ -769,7 +841,7 @@ struct SharedHold {
     inner: Arc<Inner>,
     handle: tokio::runtime::Handle,
     keys: Vec<(String, Arc<Cell>)>,
-    epoch: String,
+    member: String,
 }
 
 impl Hold for SharedHold {
@@ -779,14 +851,14 @@ impl Hold for SharedHold {
             // Until Redis answers, this node's view drops its own reservation at once.
             cell.reserved.fetch_sub(reserved, Ordering::AcqRel);
         }
-        let (inner, keys, epoch) = (self.inner.clone(), self.keys.clone(), self.epoch.clone());
+        let (inner, keys, member) = (self.inner.clone(), self.keys.clone(), self.member.clone());
         self.handle.spawn(async move {
-            if inner.send_settle(&keys, &epoch, reserved, "settle").await.is_err() {
+            if inner.send_settle(&keys, &member, reserved, "settle").await.is_err() {
                 for (_, c) in &keys {
                     c.dirty_redis.store(true, Ordering::Release);
                 }
                 if let Ok(mut o) = inner.owed.lock() {
-                    o.push(Owed { keys, epoch, reserved });
+                    o.push(Owed { keys, member, reserved });
                 }
             }
         });
@@ -896,14 +968,22 @@ impl Counters for SharedCounters {
                     (redis_key(i.key.budget, i.key.instance, i.key.period_start), cell)
                 })
                 .collect();
+            let member = format!("{:016x}:{amount}", rand::random::<u64>());
             let mut inv = self.inner.scripts.reserve.prepare_invoke();
-            inv.key(EPOCH_KEY).arg(amount).arg(&self.inner.field);
+            inv.key(EPOCH_KEY).arg(amount).arg(&self.inner.field).arg(&member).arg(HOLD_LEASE_S);
             for (item, (k, _)) in items.iter().zip(&keys) {
                 inv.key(k).arg(item.cap.unwrap_or(-1)).arg(item.period_end + EXPIRY_GRACE_S);
             }
             let v = match self.inner.call("reserve", inv).await {
                 Ok(v) => v,
-                Err(e) => return self.reserve_locally(items, amount, e),
+                Err(e) => {
+                    // The script may have run with its answer lost: release the hold when
+                    // Redis answers again (a no-op if it never arrived).
+                    if let Ok(mut o) = self.inner.owed.lock() {
+                        o.push(Owed { keys, member, reserved: amount });
+                    }
+                    return self.reserve_locally(items, amount, e);
+                }
             };
             let n = ints(&v);
             if n.first() == Some(&1) {
@@ -914,20 +994,17 @@ impl Counters for SharedCounters {
                 }
                 return Ok(Err((i, SpendLevel { committed: t, used: t.saturating_add(r) })));
             }
-            let epoch = text_at(&v, 1).unwrap_or_default();
             for (i, (_, cell)) in keys.iter().enumerate() {
                 let at = 2 + 3 * i;
                 if let (Some(&t), Some(&r), Some(&mine)) = (n.get(at), n.get(at + 1), n.get(at + 2)) {
                     cell.seen(t, r);
-                    // Redis knows more of this node's spend than the process (a restart that
-                    // lost unwritten figures): take it, so later settlements add to it.
-                    cell.own.fetch_max(mine, Ordering::AcqRel);
+                    cell.hydrate(mine);
                 }
             }
             let Some(handle) = self.handle() else {
                 return Err(CountersDown("the counters are shut down".into()));
             };
-            Ok(Ok(Box::new(SharedHold { inner: self.inner.clone(), handle, keys, epoch }) as Box<dyn Hold>))
+            Ok(Ok(Box::new(SharedHold { inner: self.inner.clone(), handle, keys, member }) as Box<dyn Hold>))
         }))
     }
 

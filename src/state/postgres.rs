@@ -127,6 +127,8 @@ pub const CHANGES_CHANNEL: &str = "modelux_state";
 
 /// Serialises schema migrations across nodes (an arbitrary constant: "mlx" + 1).
 const MIGRATION_LOCK: i64 = 0x6d6c_7801;
+/// Serialises commits across nodes ("mlx" + 2).
+const COMMIT_LOCK: i64 = 0x6d6c_7802;
 
 pub struct PostgresState {
     client: Arc<tokio::sync::Mutex<Client>>,
@@ -340,6 +342,9 @@ fn text(v: &Option<Value>) -> Option<String> {
 async fn commit_changes(client: &mut Client, changes: &[Change]) -> Result<i64, StateError> {
     let Some(first) = changes.first() else { return Err(StateError::Conflict("nothing to change".into())) };
     let tx = client.transaction().await.map_err(db)?;
+    // Commits one at a time across nodes, so revisions become visible in order: a node
+    // that has seen revision n has seen every revision before it.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK]).await.map_err(db)?;
     let revision: i64 = tx
         .query_one(
             "INSERT INTO revisions (created_ms, action) VALUES ($1, $2) RETURNING revision",
