@@ -15,8 +15,8 @@
 #   SKIP_BUILD=1 loadtest/nodes.sh    # reuse target/release
 #
 # Cores (this is written for a 2-core machine): the gateways share core $PROXY_CPU; load
-# generators, the mock, Redis, PostgreSQL and ClickHouse share core $LOAD_CPU. With one
-# core per node, give each node its own with NODE_CPUS="0 2 3".
+# generators, the mock, Redis ($REDIS_CPU), PostgreSQL and ClickHouse share core $LOAD_CPU.
+# With one core per node, give each node its own with NODE_CPUS="0 2 3".
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +28,9 @@ RATE=${RATE:-2000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 NODE_CPUS=${NODE_CPUS:-"$PROXY_CPU $PROXY_CPU $PROXY_CPU"}
+# Redis's core: with the load generators by default; REDIS_CPU=0 puts it beside the
+# gateways (a Redis on a busy core adds its scheduling delay to every round trip).
+REDIS_CPU=${REDIS_CPU:-$LOAD_CPU}
 SKIP_BUILD=${SKIP_BUILD:-0}
 BUILD_TIMEOUT_S=${BUILD_TIMEOUT_S:-3600}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-60}
@@ -93,7 +96,7 @@ BUSY=$(busy_pct)
 # ---------------------------------------------------------------- shared services
 REDIS_PORT=$(free_port) || die "no free port"
 mkdir -p "$TMP/redis"
-taskset -c "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+taskset -c "$REDIS_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --dir "$TMP/redis" >"$TMP/redis.log" 2>&1 &
 REDIS_PID=$!
 PIDS+=("$REDIS_PID")
@@ -288,7 +291,8 @@ row() {
     echo "## modelux: several nodes"
     echo
     echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) · $(nproc) CPUs · budgeted, rate-limited route (@capped) ·" \
-        "${WARMUP_S}s warmup + ${DURATION_S}s per phase · gateways on CPU(s) $NODE_CPUS, everything else on CPU $LOAD_CPU"
+        "${WARMUP_S}s warmup + ${DURATION_S}s per phase · gateways on CPU(s) $NODE_CPUS, Redis on CPU $REDIS_CPU," \
+        "everything else on CPU $LOAD_CPU"
     echo
     echo "| phase | req/s | gateway CPU µs/req | p50 µs | p99 µs | Redis round trips/req | Redis CPU µs/req | errors |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|"

@@ -228,17 +228,15 @@ impl ServeHttp for ManageApp {
                     match shared.await {
                         Ok(v) => Some(v),
                         Err(e) => {
+                            tracing::debug!(reason = %e.0, "management call refused: shared counters out of reach");
                             return json(
                                 503,
                                 openai_error_body(
                                     "server_error",
-                                    &format!(
-                                    "the shared rate-limit counters cannot be reached ({}); retry shortly",
-                                    e.0
-                                ),
+                                    "the rate-limit counters cannot be reached right now; retry shortly",
                                     "counters_unavailable",
                                 ),
-                            )
+                            );
                         }
                     }
                 } else {

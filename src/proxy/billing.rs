@@ -95,12 +95,11 @@ impl Bill {
 /// Shared counters out of reach under `on_counter_error: fail_closed`: a request that a
 /// budget or a rate limit polices is refused rather than let through unpoliced.
 pub fn counters_unavailable(e: CountersDown) -> GatewayError {
+    // The cause is for operators (logged, and counted per transition), not for clients.
+    tracing::debug!(reason = %e.0, "refused: shared counters out of reach (fail_closed)");
     GatewayError::Unavailable {
         code: "counters_unavailable",
-        message: format!(
-            "the shared budget and rate-limit counters cannot be reached ({}); retry shortly",
-            e.0
-        ),
+        message: "the budget and rate-limit counters cannot be reached right now; retry shortly".into(),
     }
 }
 

@@ -1,10 +1,12 @@
 //! Budget and rate counters shared by every gateway node through Redis
 //! (`spend.counters: redis`), behind the same `Counters` trait as the in-process ones.
 //!
-//! Each operation is one atomic server-side script (`EVALSHA`, reloaded on `NOSCRIPT`):
-//! a reservation checks every budget of the request and holds on all of them or none; a
+//! Each operation is an atomic server-side script (`EVALSHA`, reloaded on `NOSCRIPT`): a
+//! reservation checks every budget of the request and holds on all of them or none; a
 //! settlement releases the hold and records the spend; the rate limiter is the same GCRA as
-//! in process, on Redis's clock so nodes with skewed clocks agree.
+//! in process, on Redis's clock so nodes with skewed clocks agree. Operations queued on one
+//! thread at the same moment go in one call (`BATCH`, `SETTLE`): under load a burst of
+//! requests costs one round trip, not one each; alone, a request's operation goes at once.
 //!
 //! A budget counter is a hash `mlx:spend:<period start>:<budget length>:<budget>:<instance>`
 //! holding `t` (settled spend of all nodes), `r` (reservations in flight) and `n:<node>`
@@ -109,62 +111,47 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(200);
 const EXPIRY_GRACE_S: i64 = 86_400;
 /// Keys per reconciliation script call.
 const CHUNK: usize = 200;
+/// Holds per settle script call.
+const SETTLE_BATCH: usize = 256;
+/// Takes and reservations per batch script call (a longer script holds Redis up for
+/// every node).
+const OP_BATCH: usize = 128;
 /// A reservation is dropped this long after it was made if it was never settled (its
 /// node died, or its release was lost): longer than any request runs.
 const HOLD_LEASE_S: i64 = 3_600;
 
-const RESERVE: &str = r"
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then return {-1} end
-local now = tonumber(redis.call('TIME')[1])
-local amount = tonumber(ARGV[1])
-local out = {0, epoch}
-for i = 2, #KEYS do
-  local k = KEYS[i]
-  local expired = redis.call('ZRANGEBYSCORE', k .. ':h', '-inf', now)
-  if #expired > 0 then
-    local gone = 0
-    for _, m in ipairs(expired) do gone = gone + (tonumber(string.match(m, ':(%d+)$')) or 0) end
-    redis.call('ZREMRANGEBYSCORE', k .. ':h', '-inf', now)
-    if redis.call('HINCRBY', k, 'r', string.format('%d', -gone)) < 0 then redis.call('HSET', k, 'r', '0') end
-  end
-  local v = redis.call('HMGET', k, 't', 'r', ARGV[2])
-  local t = tonumber(v[1]) or 0
-  local r = tonumber(v[2]) or 0
-  local cap = tonumber(ARGV[2 * i + 1])
-  if cap >= 0 and t + r >= cap then
-    return {1, i - 2, t, r}
-  end
-  out[#out + 1] = t
-  out[#out + 1] = r + amount
-  out[#out + 1] = tonumber(v[3]) or 0
-end
-for i = 2, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'r', ARGV[1])
-  redis.call('ZADD', KEYS[i] .. ':h', string.format('%d', now + tonumber(ARGV[4])), ARGV[3])
-  redis.call('EXPIREAT', KEYS[i], ARGV[2 * i + 2])
-  redis.call('EXPIREAT', KEYS[i] .. ':h', ARGV[2 * i + 2])
-end
-return out
-";
-
+/// Settlements of several holds in one call: ARGV[1] is this node's field, ARGV[2] the
+/// number of holds, then per hold its member, the amount it reserved on each of its keys,
+/// how many keys and their KEYS indexes; then per key (KEYS[2..]) this node's figure and
+/// when the counter expires. Each key's figure is pushed once however many holds it had.
 const SETTLE: &str = r"
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then return {-1} end
+local at = 3
+for h = 1, tonumber(ARGV[2]) do
+  local member, reserved, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  if member ~= '' then
+    for j = 1, n do
+      local k = KEYS[tonumber(ARGV[at + 2 + j])]
+      if redis.call('ZREM', k .. ':h', member) == 1 then
+        if redis.call('HINCRBY', k, 'r', string.format('%d', -tonumber(reserved))) < 0 then redis.call('HSET', k, 'r', '0') end
+      end
+    end
+  end
+  at = at + 3 + n
+end
 local out = {0, epoch}
 for i = 2, #KEYS do
   local k = KEYS[i]
-  if ARGV[1] ~= '' and redis.call('ZREM', k .. ':h', ARGV[1]) == 1 then
-    if redis.call('HINCRBY', k, 'r', '-' .. ARGV[2]) < 0 then redis.call('HSET', k, 'r', '0') end
-  end
-  local want = tonumber(ARGV[2 * i])
-  local have = tonumber(redis.call('HGET', k, ARGV[3])) or 0
+  local want = tonumber(ARGV[at])
+  local have = tonumber(redis.call('HGET', k, ARGV[1])) or 0
   if want > have then
-    redis.call('HSET', k, ARGV[3], ARGV[2 * i])
+    redis.call('HSET', k, ARGV[1], ARGV[at])
     redis.call('HINCRBY', k, 't', string.format('%d', want - have))
   end
-  redis.call('EXPIREAT', k, ARGV[2 * i + 1])
-  local v = redis.call('HMGET', k, 't', 'r', ARGV[3])
+  redis.call('EXPIREAT', k, ARGV[at + 1])
+  at = at + 2
+  local v = redis.call('HMGET', k, 't', 'r', ARGV[1])
   out[#out + 1] = tonumber(v[1]) or 0
   out[#out + 1] = tonumber(v[2]) or 0
   out[#out + 1] = tonumber(v[3]) or 0
@@ -199,30 +186,6 @@ end
 return out
 ";
 
-/// GCRA as in `counters::gcra`, on Redis's clock (µs).
-const TAKE: &str = r"
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local per = tonumber(ARGV[1])
-local minute = 60000000
-local inc = math.floor(tonumber(ARGV[2]) * minute / per)
-local tat = tonumber(redis.call('GET', KEYS[1])) or 0
-local base = math.max(tat, now)
-local nxt = base + inc
-local function remaining(at)
-  local room = now + minute - at
-  if room < 0 then room = 0 end
-  return math.floor(room * per / minute)
-end
-if nxt > now + minute then
-  local retry = -1
-  if inc <= minute then retry = nxt - minute - now end
-  return {0, remaining(base), base - now, retry}
-end
-redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1000)
-return {1, remaining(nxt), nxt - now, 0}
-";
-
 const ADJUST: &str = r"
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if not tat then return 0 end
@@ -234,12 +197,129 @@ redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', math.max(math.ceil((n
 return 1
 ";
 
+/// Limiter takes and reservations queued on one thread, in one call: ARGV[1] is this
+/// node's field, ARGV[2] the number of operations, then per operation either
+/// `t, <key index>, <per minute>, <cost>` (GCRA as in `counters::gcra`, on Redis's clock in µs) or
+/// `r, <amount>, <member>, <lease s>, <key count>, then per key <index>, <cap>, <expiry>`
+/// (a reservation). One answer per operation, in order; each operation sees
+/// the ones before it.
+const BATCH: &str = r"
+local epoch = redis.call('GET', KEYS[1])
+local clock = redis.call('TIME')
+local now_s = tonumber(clock[1])
+local now = now_s * 1000000 + tonumber(clock[2])
+local minute = 60000000
+local out = {}
+local at = 3
+for o = 1, tonumber(ARGV[2]) do
+  if ARGV[at] == 't' then
+    local key = KEYS[tonumber(ARGV[at + 1])]
+    local per = tonumber(ARGV[at + 2])
+    local inc = math.floor(tonumber(ARGV[at + 3]) * minute / per)
+    at = at + 4
+    local tat = tonumber(redis.call('GET', key)) or 0
+    local base = math.max(tat, now)
+    local nxt = base + inc
+    local function remaining(x)
+      local room = now + minute - x
+      if room < 0 then room = 0 end
+      return math.floor(room * per / minute)
+    end
+    if nxt > now + minute then
+      local retry = -1
+      if inc <= minute then retry = nxt - minute - now end
+      out[o] = {0, remaining(base), base - now, retry}
+    else
+      redis.call('SET', key, string.format('%d', nxt), 'PX', string.format('%d', math.ceil((nxt - now) / 1000) + 1000))
+      out[o] = {1, remaining(nxt), nxt - now, 0}
+    end
+  else
+    local amount, member, lease, n = ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+    local first = at + 5
+    at = first + 3 * n
+    if not epoch then
+      out[o] = {-1}
+    else
+      local answer = {0, epoch}
+      for j = 0, n - 1 do
+        local k = KEYS[tonumber(ARGV[first + 3 * j])]
+        local expired = redis.call('ZRANGEBYSCORE', k .. ':h', '-inf', now_s)
+        if #expired > 0 then
+          local gone = 0
+          for _, m in ipairs(expired) do gone = gone + (tonumber(string.match(m, ':(%d+)$')) or 0) end
+          redis.call('ZREMRANGEBYSCORE', k .. ':h', '-inf', now_s)
+          if redis.call('HINCRBY', k, 'r', string.format('%d', -gone)) < 0 then redis.call('HSET', k, 'r', '0') end
+        end
+        local v = redis.call('HMGET', k, 't', 'r', ARGV[1])
+        local t = tonumber(v[1]) or 0
+        local r = tonumber(v[2]) or 0
+        local cap = tonumber(ARGV[first + 3 * j + 1])
+        if cap >= 0 and t + r >= cap then
+          answer = {1, j, t, r}
+          break
+        end
+        answer[#answer + 1] = t
+        answer[#answer + 1] = r + tonumber(amount)
+        answer[#answer + 1] = tonumber(v[3]) or 0
+      end
+      if answer[1] == 0 then
+        for j = 0, n - 1 do
+          local k = KEYS[tonumber(ARGV[first + 3 * j])]
+          local expiry = ARGV[first + 3 * j + 2]
+          redis.call('HINCRBY', k, 'r', amount)
+          redis.call('ZADD', k .. ':h', string.format('%d', now_s + lease), member)
+          redis.call('EXPIREAT', k, expiry)
+          redis.call('EXPIREAT', k .. ':h', expiry)
+        end
+      end
+      out[o] = answer
+    end
+  end
+end
+return out
+";
+
+/// Answers a thread's queue if the task that was to send it is dropped before taking it
+/// (its runtime shutting down): waiting operations get an error instead of waiting on.
+struct QueueGuard {
+    inner: Arc<Inner>,
+    thread: std::thread::ThreadId,
+    armed: bool,
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            // Dropping the queued operations drops their reply senders.
+            drop(self.inner.ops.remove(&self.thread));
+        }
+    }
+}
+
+fn first_of(v: &redis::Value) -> Option<&redis::Value> {
+    match v {
+        redis::Value::Array(items) => items.first(),
+        _ => None,
+    }
+}
+
+/// One operation of a batch (see `BATCH`).
+enum Op {
+    Take { key: String, per_minute: u64, cost: u64 },
+    Reserve { keys: Vec<(String, i64, i64)>, cells: Vec<Arc<Cell>>, amount: Nanos, member: String },
+}
+
+/// An operation waiting for its thread's next batch, and where its answer goes.
+struct QueuedOp {
+    op: Op,
+    reply: tokio::sync::oneshot::Sender<Result<redis::Value, CountersDown>>,
+}
+
 struct Scripts {
-    reserve: Script,
+    batch: Script,
     settle: Script,
     seed: Script,
     levels: Script,
-    take: Script,
     adjust: Script,
 }
 
@@ -350,9 +430,10 @@ fn rate_key(kind: RateKind, key: &str) -> String {
     format!("mlx:rate:{}:{key}", kind.unit())
 }
 
-/// A release of a reservation that may not have reached Redis, retried by the reconciler
-/// (a release that did arrive finds no member the second time and changes nothing).
-struct Owed {
+/// A hold to release (a settlement waiting to be sent, or one owed after a failure and
+/// retried by the reconciler: a release that did arrive finds no member the second time
+/// and changes nothing).
+struct SettleJob {
     keys: Vec<(String, Arc<Cell>)>,
     /// The hold's member in each counter's `:h` set.
     member: String,
@@ -374,6 +455,10 @@ struct Inner {
     field: String,
     scripts: Scripts,
     cells: FastMap<CellKey, Arc<Cell>>,
+    /// The counters' own runtime, for work queued outside any runtime.
+    runtime_handle: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// A connection per thread that calls (`None` while it is being made).
+    by_thread: Arc<FastMap<std::thread::ThreadId, Option<ConnectionManager>>>,
     /// The rate limiter while Redis is out of reach (`fail_open`).
     fallback: LocalCounters,
     reachable: AtomicBool,
@@ -385,7 +470,14 @@ struct Inner {
     /// The epoch Redis last answered with: a new one means it was re-seeded, and this
     /// node's figures may be newer than the store's.
     epoch: Mutex<String>,
-    owed: Mutex<Vec<Owed>>,
+    owed: Mutex<Vec<SettleJob>>,
+    /// Settlements waiting to be sent, per thread that made them: a task on that thread
+    /// sends whatever queued while it waited its turn, in one call on the thread's own
+    /// connection (a separate worker thread cost a context switch per batch).
+    settles: FastMap<std::thread::ThreadId, Vec<SettleJob>>,
+    /// Takes and reservations waiting, per thread, batched the same way (a burst of
+    /// requests on one thread makes one round trip, not one each).
+    ops: FastMap<std::thread::ThreadId, Vec<QueuedOp>>,
     seed_source: SeedSource,
     metrics: SharedMetrics,
     wake: tokio::sync::Notify,
@@ -415,14 +507,15 @@ impl SharedCounters {
             field: format!("n:{}", settings.node),
             node: settings.node,
             scripts: Scripts {
-                reserve: Script::new(RESERVE),
+                batch: Script::new(BATCH),
                 settle: Script::new(SETTLE),
                 seed: Script::new(SEED),
                 levels: Script::new(LEVELS),
-                take: Script::new(TAKE),
                 adjust: Script::new(ADJUST),
             },
             cells: FastMap::default(),
+            by_thread: Arc::new(FastMap::default()),
+            runtime_handle: std::sync::OnceLock::new(),
             fallback: LocalCounters::new(),
             reachable: AtomicBool::new(false),
             started: Instant::now(),
@@ -430,6 +523,8 @@ impl SharedCounters {
             needs_seed: AtomicBool::new(true),
             epoch: Mutex::new(String::new()),
             owed: Mutex::new(Vec::new()),
+            settles: FastMap::default(),
+            ops: FastMap::default(),
             seed_source,
             metrics,
             wake: tokio::sync::Notify::new(),
@@ -447,6 +542,7 @@ impl SharedCounters {
             cell.dirty_redis.store(true, Ordering::Release);
         }
         inner.metrics.reachable.set(0);
+        let _ = inner.runtime_handle.set(runtime.handle().clone());
         // The first connection and seed, before traffic; then the reconciler keeps both.
         let (tx, rx) = std::sync::mpsc::channel();
         let first = inner.clone();
@@ -546,12 +642,20 @@ fn ints(v: &redis::Value) -> Vec<i64> {
     }
 }
 
+/// The epoch of a granted reservation's answer (`{0, epoch, …}`); takes and refusals
+/// carry none.
+fn granted_epoch(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::Array(items) if matches!(items.first(), Some(redis::Value::Int(0))) => text_at(v, 1),
+        _ => None,
+    }
+}
+
 fn text_at(v: &redis::Value, i: usize) -> Option<String> {
     match v {
         redis::Value::Array(items) => match items.get(i)? {
             redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
             redis::Value::SimpleString(s) => Some(s.clone()),
-            redis::Value::Int(n) => Some(n.to_string()),
             _ => None,
         },
         _ => None,
@@ -630,6 +734,41 @@ impl Inner {
         }
     }
 
+    /// The connection for a call from this thread: its own once made (so a call never
+    /// wakes another thread and back), the shared one until then or outside a runtime.
+    fn connection(&self) -> Option<ConnectionManager> {
+        let shared = || self.conn.load_full().map(|c| (*c).clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return shared() };
+        let thread = std::thread::current().id();
+        if let Some(c) = self.by_thread.get(&thread) {
+            return c.clone().or_else(shared);
+        }
+        let base = shared()?;
+        self.by_thread.insert(thread, None);
+        let config = self.connection_config();
+        let (client, slots) = (self.client.clone(), self.by_thread.clone());
+        // Made on this thread's runtime, so its driver runs here too.
+        runtime.spawn(async move {
+            match ConnectionManager::new_with_config(client, config).await {
+                Ok(c) => {
+                    slots.insert(thread, Some(c));
+                }
+                Err(_) => {
+                    // Tried again by a later call; the shared connection serves meanwhile.
+                    slots.remove(&thread);
+                }
+            }
+        });
+        Some(base)
+    }
+
+    fn connection_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout.max(Duration::from_millis(200)))
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1)
+    }
+
     /// One script call, bounded by the timeout. Fails at once while backing off.
     async fn call(
         &self,
@@ -640,10 +779,9 @@ impl Inner {
         {
             return Err(CountersDown("Redis is out of reach".into()));
         }
-        let Some(conn) = self.conn.load_full() else {
+        let Some(mut c) = self.connection() else {
             return Err(CountersDown("no connection to Redis yet".into()));
         };
-        let mut c = (*conn).clone();
         self.metrics.round_trips.with_label_values(&[op]).inc();
         match tokio::time::timeout(self.timeout, inv.invoke_async::<redis::Value>(&mut c)).await {
             Ok(Ok(v)) => {
@@ -661,8 +799,8 @@ impl Inner {
                 if !self.needs_seed.load(Ordering::Acquire) {
                     self.mark_up();
                 }
-                if matches!(op, "reserve" | "settle" | "reconcile") {
-                    if let Some(epoch) = text_at(&v, 1) {
+                if matches!(op, "settle" | "reconcile") {
+                    if let Some(epoch) = granted_epoch(&v) {
                         self.observe_epoch(&epoch);
                     }
                 }
@@ -685,11 +823,7 @@ impl Inner {
     /// delivers owed releases and pushes this node's figures Redis may lack.
     async fn reconcile(&self) {
         if self.conn.load().is_none() {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(self.timeout.max(Duration::from_millis(200)))
-                .set_response_timeout(self.timeout)
-                .set_number_of_retries(1);
-            match ConnectionManager::new_with_config(self.client.clone(), config).await {
+            match ConnectionManager::new_with_config(self.client.clone(), self.connection_config()).await {
                 Ok(c) => self.conn.store(Some(Arc::new(c))),
                 Err(e) => {
                     self.mark_down("connect", &e.to_string());
@@ -768,15 +902,196 @@ impl Inner {
             Err(_) => return,
         };
         let mut failed = Vec::new();
-        for o in owed {
-            if self.send_settle(&o.keys, &o.member, o.reserved, "settle").await.is_err() {
-                failed.push(o);
+        let mut jobs = owed.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let batch: Vec<SettleJob> = jobs.by_ref().take(SETTLE_BATCH).collect();
+            if self.send_settles(&batch, &[], "settle").await.is_err() {
+                failed.extend(batch);
+                failed.extend(jobs);
+                break;
             }
         }
         if !failed.is_empty() {
             if let Ok(mut o) = self.owed.lock() {
                 o.extend(failed);
             }
+        }
+    }
+
+    /// Queues a take or a reservation for this thread's next batch and waits for its answer.
+    async fn submit(self: &Arc<Self>, op: Op) -> Result<redis::Value, CountersDown> {
+        let thread = std::thread::current().id();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut q = self.ops.entry(thread).or_default();
+            q.push(QueuedOp { op, reply: tx });
+            q.len() == 1
+        };
+        if first {
+            let guard = QueueGuard { inner: self.clone(), thread, armed: true };
+            let send = async move {
+                let mut guard = guard;
+                // The requests ready on this thread right now join the batch.
+                tokio::task::yield_now().await;
+                guard.armed = false;
+                guard.inner.send_ops(thread).await;
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => drop(h.spawn(send)),
+                Err(_) => match self.runtime_handle.get() {
+                    Some(rt) => drop(rt.spawn(send)),
+                    // Dropping `send` drops its guard, which answers the queue.
+                    None => drop(send),
+                },
+            }
+        }
+        // `call` bounds the round trip; this bounds the wait for a batch to go at all.
+        match tokio::time::timeout(self.timeout * 2 + Duration::from_millis(100), rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(CountersDown("the counters call was dropped".into())),
+            Err(_) => Err(CountersDown("no answer from the counters batch in time".into())),
+        }
+    }
+
+    /// Sends `thread`'s queued operations, at most `OP_BATCH` per script call, and hands
+    /// out the answers. Operations whose caller has gone are not sent.
+    async fn send_ops(self: &Arc<Self>, thread: std::thread::ThreadId) {
+        let mut queued: Vec<QueuedOp> = self
+            .ops
+            .get_mut(&thread)
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|q| !q.reply.is_closed())
+            .collect();
+        while !queued.is_empty() {
+            let rest = queued.split_off(queued.len().min(OP_BATCH));
+            self.send_op_batch(queued).await;
+            queued = rest;
+        }
+    }
+
+    async fn send_op_batch(self: &Arc<Self>, queued: Vec<QueuedOp>) {
+        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut keys: Vec<&str> = Vec::new();
+        let mut inv = self.scripts.batch.prepare_invoke();
+        inv.key(EPOCH_KEY).arg(&self.field).arg(queued.len());
+        for q in &queued {
+            match &q.op {
+                Op::Take { key, per_minute, cost } => {
+                    let i = *index.entry(key.as_str()).or_insert_with(|| {
+                        keys.push(key.as_str());
+                        keys.len() + 1
+                    });
+                    inv.arg("t").arg(i).arg((*per_minute).max(1)).arg(*cost);
+                }
+                Op::Reserve { keys: ks, amount, member, .. } => {
+                    inv.arg("r").arg(*amount).arg(member).arg(HOLD_LEASE_S).arg(ks.len());
+                    for (k, cap, expiry) in ks {
+                        let i = *index.entry(k.as_str()).or_insert_with(|| {
+                            keys.push(k.as_str());
+                            keys.len() + 1
+                        });
+                        inv.arg(i).arg(*cap).arg(*expiry);
+                    }
+                }
+            }
+        }
+        for k in &keys {
+            inv.key(*k);
+        }
+        let answer = self.call("batch", inv).await;
+        let answers = match &answer {
+            Ok(redis::Value::Array(items)) => Some(items.as_slice()),
+            _ => None,
+        };
+        let mut unseeded = false;
+        for (i, q) in queued.into_iter().enumerate() {
+            let reply = match (&answer, answers.and_then(|a| a.get(i))) {
+                (Err(e), _) => Err(e.clone()),
+                (Ok(_), Some(v)) => {
+                    if matches!(v, redis::Value::Array(a) if matches!(a.first(), Some(redis::Value::Int(-1))))
+                    {
+                        unseeded = true;
+                        Err(CountersDown("Redis is being re-seeded".into()))
+                    } else {
+                        Ok(v.clone())
+                    }
+                }
+                (Ok(_), None) => Err(CountersDown("a batch answer was short".into())),
+            };
+            if let Err(Ok(v)) = q.reply.send(reply) {
+                // The caller went away after its reservation was granted: release it.
+                if let (Op::Reserve { keys, cells, amount, member }, Some(redis::Value::Int(0))) =
+                    (q.op, first_of(&v))
+                {
+                    let keys = keys.into_iter().map(|(k, _, _)| k).zip(cells).collect();
+                    self.queue_settle(SettleJob { keys, member, reserved: amount });
+                }
+            }
+        }
+        if unseeded {
+            if !self.needs_seed.swap(true, Ordering::AcqRel) {
+                tracing::error!("shared counters: Redis came back without its counters; re-seeding from the durable store");
+            }
+            self.wake.notify_one();
+            self.mark_down("batch", "not seeded");
+        } else if let Some(epoch) = answers.into_iter().flatten().find_map(granted_epoch) {
+            self.observe_epoch(&epoch);
+        }
+    }
+
+    /// Queues a settlement; the first of a batch starts the task that sends it.
+    fn queue_settle(self: &Arc<Self>, job: SettleJob) {
+        let thread = std::thread::current().id();
+        let first = {
+            let mut q = self.settles.entry(thread).or_default();
+            q.push(job);
+            q.len() == 1
+        };
+        if !first {
+            return;
+        }
+        let guard = SettleGuard { inner: self.clone(), thread, armed: true };
+        let send = async move {
+            let mut guard = guard;
+            // Let the requests that are ready on this thread settle first: they join the batch.
+            tokio::task::yield_now().await;
+            guard.armed = false;
+            guard.inner.send_queued(thread).await;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn(send)),
+            Err(_) => match self.runtime_handle.get() {
+                Some(rt) => drop(rt.spawn(send)),
+                // Dropping `send` drops its guard, which hands the queue to the reconciler.
+                None => drop(send),
+            },
+        }
+    }
+
+    /// Sends what `thread` queued, in batches; what fails is owed and retried by the
+    /// reconciler.
+    async fn send_queued(&self, thread: std::thread::ThreadId) {
+        let jobs = self.settles.get_mut(&thread).map(|mut q| std::mem::take(&mut *q)).unwrap_or_default();
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let batch: Vec<SettleJob> = jobs.by_ref().take(SETTLE_BATCH).collect();
+            if self.send_settles(&batch, &[], "settle").await.is_err() {
+                self.owe(batch);
+            }
+        }
+    }
+
+    /// Settlements that did not reach Redis: released and pushed by the reconciler.
+    fn owe(&self, jobs: Vec<SettleJob>) {
+        for job in &jobs {
+            for (_, c) in &job.keys {
+                c.dirty_redis.store(true, Ordering::Release);
+            }
+        }
+        if let Ok(mut o) = self.owed.lock() {
+            o.extend(jobs);
         }
     }
 
@@ -792,7 +1107,7 @@ impl Inner {
         }
         let mut pushed = 0usize;
         for chunk in dirty.chunks(CHUNK) {
-            if self.send_settle(chunk, "", 0, "reconcile").await.is_err() {
+            if self.send_settles(&[], chunk, "reconcile").await.is_err() {
                 for (_, c) in &dirty[pushed..] {
                     c.dirty_redis.store(true, Ordering::Release);
                 }
@@ -803,18 +1118,31 @@ impl Inner {
         self.metrics.local.with_label_values(&["reconciled"]).inc_by(pushed as u64);
     }
 
-    /// One settle script over `keys`: releases the hold `member` (`reserved` on each) if
-    /// Redis still has it, and raises this node's figure on each to its current `own`.
-    async fn send_settle(
+    /// One settle script: releases each job's hold (if Redis still has it) and raises this
+    /// node's figure, once, on every key of the jobs and of `push`.
+    async fn send_settles(
         &self,
-        keys: &[(String, Arc<Cell>)],
-        member: &str,
-        reserved: Nanos,
+        jobs: &[SettleJob],
+        push: &[(String, Arc<Cell>)],
         op: &'static str,
     ) -> Result<(), CountersDown> {
+        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut keys: Vec<&(String, Arc<Cell>)> = Vec::new();
+        for k in jobs.iter().flat_map(|j| j.keys.iter()).chain(push) {
+            index.entry(k.0.as_str()).or_insert_with(|| {
+                keys.push(k);
+                keys.len() + 1
+            });
+        }
         let mut inv = self.scripts.settle.prepare_invoke();
-        inv.key(EPOCH_KEY).arg(member).arg(reserved).arg(&self.field);
-        for (k, cell) in keys {
+        inv.key(EPOCH_KEY).arg(&self.field).arg(jobs.len());
+        for job in jobs {
+            inv.arg(&job.member).arg(job.reserved).arg(job.keys.len());
+            for (k, _) in &job.keys {
+                inv.arg(index.get(k.as_str()).copied().unwrap_or(0));
+            }
+        }
+        for (k, cell) in &keys {
             inv.key(k)
                 .arg(cell.own.load(Ordering::Acquire))
                 .arg(cell.period_end.load(Ordering::Acquire) + EXPIRY_GRACE_S);
@@ -836,10 +1164,27 @@ impl Inner {
     }
 }
 
-/// A hold on shared counters: settled by a script sent from the counters' runtime.
+/// Hands a thread's queued settlements to the reconciler if the task that was to send them
+/// is dropped before taking them (its runtime shutting down).
+struct SettleGuard {
+    inner: Arc<Inner>,
+    thread: std::thread::ThreadId,
+    armed: bool,
+}
+
+impl Drop for SettleGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some((_, jobs)) = self.inner.settles.remove(&self.thread) {
+                self.inner.owe(jobs);
+            }
+        }
+    }
+}
+
+/// A hold on shared counters: settled in process at once, in Redis by a batch.
 struct SharedHold {
     inner: Arc<Inner>,
-    handle: tokio::runtime::Handle,
     keys: Vec<(String, Arc<Cell>)>,
     member: String,
 }
@@ -851,17 +1196,7 @@ impl Hold for SharedHold {
             // Until Redis answers, this node's view drops its own reservation at once.
             cell.reserved.fetch_sub(reserved, Ordering::AcqRel);
         }
-        let (inner, keys, member) = (self.inner.clone(), self.keys.clone(), self.member.clone());
-        self.handle.spawn(async move {
-            if inner.send_settle(&keys, &member, reserved, "settle").await.is_err() {
-                for (_, c) in &keys {
-                    c.dirty_redis.store(true, Ordering::Release);
-                }
-                if let Ok(mut o) = inner.owed.lock() {
-                    o.push(Owed { keys, member, reserved });
-                }
-            }
-        });
+        self.inner.queue_settle(SettleJob { keys: self.keys.clone(), member: self.member.clone(), reserved });
     }
 }
 
@@ -912,6 +1247,7 @@ impl Counters for SharedCounters {
                 .unwrap_or(i64::MAX);
         let delta_us = if delta >= 0 { inc } else { -inc };
         let (inner, key) = (self.inner.clone(), rate_key(kind, key));
+        let handle = tokio::runtime::Handle::try_current().unwrap_or(handle);
         handle.spawn(async move {
             let mut inv = inner.scripts.adjust.prepare_invoke();
             inv.key(key).arg(delta_us);
@@ -931,9 +1267,8 @@ impl Counters for SharedCounters {
         let redis_key = rate_key(kind, key);
         let key = key.to_string();
         Pending::Remote(Box::pin(async move {
-            let mut inv = self.inner.scripts.take.prepare_invoke();
-            inv.key(&redis_key).arg(per_minute.max(1)).arg(cost);
-            match self.inner.call("take", inv).await {
+            let op = Op::Take { key: redis_key, per_minute, cost };
+            match self.inner.submit(op).await {
                 Ok(v) => {
                     let n = ints(&v);
                     let at = |i: usize| n.get(i).copied().unwrap_or(0);
@@ -969,18 +1304,25 @@ impl Counters for SharedCounters {
                 })
                 .collect();
             let member = format!("{:016x}:{amount}", rand::random::<u64>());
-            let mut inv = self.inner.scripts.reserve.prepare_invoke();
-            inv.key(EPOCH_KEY).arg(amount).arg(&self.inner.field).arg(&member).arg(HOLD_LEASE_S);
-            for (item, (k, _)) in items.iter().zip(&keys) {
-                inv.key(k).arg(item.cap.unwrap_or(-1)).arg(item.period_end + EXPIRY_GRACE_S);
-            }
-            let v = match self.inner.call("reserve", inv).await {
+            let op = Op::Reserve {
+                keys: items
+                    .iter()
+                    .zip(&keys)
+                    .map(|(item, (k, _))| {
+                        (k.clone(), item.cap.unwrap_or(-1), item.period_end + EXPIRY_GRACE_S)
+                    })
+                    .collect(),
+                cells: keys.iter().map(|(_, c)| c.clone()).collect(),
+                amount,
+                member: member.clone(),
+            };
+            let v = match self.inner.submit(op).await {
                 Ok(v) => v,
                 Err(e) => {
                     // The script may have run with its answer lost: release the hold when
                     // Redis answers again (a no-op if it never arrived).
                     if let Ok(mut o) = self.inner.owed.lock() {
-                        o.push(Owed { keys, member, reserved: amount });
+                        o.push(SettleJob { keys, member, reserved: amount });
                     }
                     return self.reserve_locally(items, amount, e);
                 }
@@ -1001,10 +1343,7 @@ impl Counters for SharedCounters {
                     cell.hydrate(mine);
                 }
             }
-            let Some(handle) = self.handle() else {
-                return Err(CountersDown("the counters are shut down".into()));
-            };
-            Ok(Ok(Box::new(SharedHold { inner: self.inner.clone(), handle, keys, member }) as Box<dyn Hold>))
+            Ok(Ok(Box::new(SharedHold { inner: self.inner.clone(), keys, member }) as Box<dyn Hold>))
         }))
     }
 
