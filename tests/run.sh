@@ -38,7 +38,7 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 &&
     install_package postgresql "by the state-store tests"
 fi
 # The shared-cache tests run a real Redis.
-command -v redis-server >/dev/null 2>&1 || install_package redis-server "by the shared-cache tests"
+command -v redis-server >/dev/null 2>&1 || install_package redis-server "by the shared-cache and shared-counter tests"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
