@@ -400,6 +400,12 @@ impl StateFollower {
                 return;
             }
         };
+        // Nothing this node lacks (its own change, or a check that found none): no rebuild,
+        // so the config generation moves only when the config does.
+        if same_resources(&resources, &staged.resources()) {
+            self.seen.fetch_max(revision, Ordering::AcqRel);
+            return;
+        }
         match staged.build(&resources) {
             Ok(snapshot) => {
                 staged.install(snapshot, resources);
@@ -415,6 +421,15 @@ impl StateFollower {
             }
         }
     }
+}
+
+/// Whether two loads of the state hold the same resources at the same versions.
+fn same_resources(a: &[Stored], b: &[Stored]) -> bool {
+    let key = |r: &Stored| (r.id.clone(), r.version, r.deleted_ms);
+    let (mut x, mut y): (Vec<_>, Vec<_>) = (a.iter().map(key).collect(), b.iter().map(key).collect());
+    x.sort();
+    y.sort();
+    x == y
 }
 
 #[async_trait]

@@ -767,6 +767,9 @@ impl Inner {
             .set_connection_timeout(self.timeout.max(Duration::from_millis(200)))
             .set_response_timeout(self.timeout)
             .set_number_of_retries(1)
+            // Without it a write behind an unacknowledged one waits for its ACK (Nagle):
+            // pipelined batches would stall.
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
     }
 
     /// One script call, bounded by the timeout. Fails at once while backing off.
