@@ -10,6 +10,19 @@ die() {
 
 need() { command -v "$1" >/dev/null 2>&1; }
 
+# Stops the processes the script started (PIDS), by PID: TERM, up to 5 s, then KILL.
+stop_started() {
+    local pid alive
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+        alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+}
+
 apt_install() {
     need apt-get || die "$* missing and apt-get unavailable"
     log "installing $*"

@@ -58,16 +58,8 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/modelux-load.XXXXXX")
 PIDS=()
 
 cleanup() {
-    local rc=$? pid
-    # Only the processes this script started, by PID: TERM, then KILL.
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 1 50); do
-        local alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    local rc=$?
+    stop_started
     if [ "$rc" != 0 ]; then
         log "failed; logs kept in $TMP"
         for f in "$TMP"/*.log "$TMP"/nginx/error.log; do
