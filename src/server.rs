@@ -113,7 +113,7 @@ pub fn open(options: &Options) -> Result<Handles, Vec<String>> {
                     on_error: *on_error,
                     node: node.clone(),
                 },
-                state.clone(),
+                Arc::new(crate::state::SpendRowsIn(state.clone())),
                 metrics.shared_counters.clone(),
             )
             .map_err(|e| vec![format!("spend.counters: {e}")])?

@@ -13,10 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use counters::{Counters, LocalCounters, SpendRow};
-use shared::{SeedSource, SharedCounters, SharedMetrics, SharedSettings};
+use shared::{SeedSource, SharedCounters, SharedMetrics, SharedSettings, SpendRows};
 use store::SpendStore;
-
-use crate::state::StateStore;
 
 /// Longest period (a month) in seconds, rounded up: counters older than this are history.
 const LONGEST_PERIOD_S: i64 = 32 * 86_400;
@@ -36,7 +34,7 @@ enum Backend {
     /// In process, persisted to `store` (the embedded file).
     Local { counters: Arc<LocalCounters>, store: Option<SpendStore>, unsaved: Mutex<Vec<SpendRow>> },
     /// In Redis; this node's settled figures persisted to the state store.
-    Shared { counters: Arc<SharedCounters>, state: Arc<dyn StateStore> },
+    Shared { counters: Arc<SharedCounters>, rows: Arc<dyn SpendRows> },
 }
 
 /// The process's counters and their persistence.
@@ -64,20 +62,18 @@ impl Spend {
     }
 
     /// Counters shared through Redis; this node's figures are written to (and its own and
-    /// a re-seed's rows read from) `state`. Blocks while connecting (start-up).
+    /// a re-seed's rows read from) `rows`. Blocks while connecting (start-up).
     pub fn open_shared(
         settings: SharedSettings,
-        state: Arc<dyn StateStore>,
+        rows: Arc<dyn SpendRows>,
         metrics: SharedMetrics,
     ) -> Result<Spend, String> {
         let since = unix_now() - LONGEST_PERIOD_S;
-        let rows = state.load_spend_now(since).map_err(|e| format!("reading durable spend: {e}"))?;
-        let source_state = state.clone();
-        let source: SeedSource = Arc::new(move || {
-            source_state.load_spend_now(unix_now() - LONGEST_PERIOD_S).map_err(|e| e.to_string())
-        });
-        let shared = Arc::new(SharedCounters::open(settings, rows, source, metrics)?);
-        Ok(Spend { counters: shared.clone(), backend: Backend::Shared { counters: shared, state } })
+        let own = rows.load(since).map_err(|e| format!("reading durable spend: {e}"))?;
+        let source_rows = rows.clone();
+        let source: SeedSource = Arc::new(move || source_rows.load(unix_now() - LONGEST_PERIOD_S));
+        let shared = Arc::new(SharedCounters::open(settings, own, source, metrics)?);
+        Ok(Spend { counters: shared.clone(), backend: Backend::Shared { counters: shared, rows } })
     }
 
     /// Writes settled spend to the store (blocking: call from a blocking context). Rows a
@@ -105,14 +101,14 @@ impl Spend {
                 unsaved.clear();
                 Ok(n)
             }
-            Backend::Shared { counters, state } => {
+            Backend::Shared { counters, rows: store } => {
                 let rows = counters.dirty_rows();
                 if rows.is_empty() {
                     return Ok(0);
                 }
-                if let Err(e) = state.save_spend_now(&rows) {
+                if let Err(e) = store.save(&rows) {
                     counters.redirty(&rows);
-                    return Err(e.to_string());
+                    return Err(e);
                 }
                 Ok(rows.len())
             }

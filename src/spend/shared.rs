@@ -91,6 +91,15 @@ pub struct NodeSpendRow {
     pub spend_nanos: Nanos,
 }
 
+/// Where nodes' settled figures are kept durably (the state store). Blocking calls: the
+/// spend flusher's and the re-seed's blocking threads make them.
+pub trait SpendRows: Send + Sync {
+    /// Writes absolute figures (a row never lowers a newer figure of its node).
+    fn save(&self, rows: &[NodeSpendRow]) -> Result<(), String>;
+    /// Every node's figures of periods that started at or after `since` (Unix seconds).
+    fn load(&self, since: i64) -> Result<Vec<NodeSpendRow>, String>;
+}
+
 /// Reads every node's durable rows of current periods (for a re-seed). Blocking.
 pub type SeedSource = Arc<dyn Fn() -> Result<Vec<NodeSpendRow>, String> + Send + Sync>;
 

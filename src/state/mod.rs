@@ -343,3 +343,16 @@ pub trait StateStore: Send + Sync {
         since_ms: i64,
     ) -> Result<Option<Idempotent>, StateError>;
 }
+
+/// The state store as the durable home of nodes' settled spend (`spend::shared`).
+pub struct SpendRowsIn(pub std::sync::Arc<dyn StateStore>);
+
+impl crate::spend::shared::SpendRows for SpendRowsIn {
+    fn save(&self, rows: &[crate::spend::shared::NodeSpendRow]) -> Result<(), String> {
+        self.0.save_spend_now(rows).map_err(|e| e.to_string())
+    }
+
+    fn load(&self, since: i64) -> Result<Vec<crate::spend::shared::NodeSpendRow>, String> {
+        self.0.load_spend_now(since).map_err(|e| e.to_string())
+    }
+}
