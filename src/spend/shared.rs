@@ -125,6 +125,9 @@ const SETTLE_BATCH: usize = 256;
 /// Takes and reservations per batch script call (a longer script holds Redis up for
 /// every node).
 const OP_BATCH: usize = 128;
+/// How long a node's claim on its name lasts unless renewed (the reconciler renews it every
+/// `RECONCILE_EVERY`): a node that starts under the name of a running one is refused.
+const NODE_LEASE_MS: u64 = 3_000;
 /// A reservation is dropped this long after it was made if it was never settled (its
 /// node died, or its release was lost): longer than any request runs.
 const HOLD_LEASE_S: i64 = 3_600;
@@ -183,6 +186,14 @@ for i = 2, #KEYS do
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
+";
+
+/// Takes or renews this node's name for `ARGV[2]` ms unless another process holds it.
+const LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 ";
 
 const LEVELS: &str = r"
@@ -326,6 +337,7 @@ struct QueuedOp {
 
 struct Scripts {
     batch: Script,
+    lease: Script,
     settle: Script,
     seed: Script,
     levels: Script,
@@ -476,6 +488,10 @@ struct Inner {
     retry_at_ms: AtomicU64,
     /// Redis has no epoch: a re-seed is due.
     needs_seed: AtomicBool,
+    /// This process's claim on `node` (`mlx:node:<node>`).
+    token: String,
+    /// Another running process holds this node's name.
+    name_taken: AtomicBool,
     /// The epoch Redis last answered with: a new one means it was re-seeded, and this
     /// node's figures may be newer than the store's.
     epoch: Mutex<String>,
@@ -517,6 +533,7 @@ impl SharedCounters {
             node: settings.node,
             scripts: Scripts {
                 batch: Script::new(BATCH),
+                lease: Script::new(LEASE),
                 settle: Script::new(SETTLE),
                 seed: Script::new(SEED),
                 levels: Script::new(LEVELS),
@@ -531,6 +548,8 @@ impl SharedCounters {
             retry_at_ms: AtomicU64::new(0),
             needs_seed: AtomicBool::new(true),
             epoch: Mutex::new(String::new()),
+            token: hex::encode(rand::random::<[u8; 8]>()),
+            name_taken: AtomicBool::new(false),
             owed: Mutex::new(Vec::new()),
             settles: FastMap::default(),
             ops: FastMap::default(),
@@ -560,6 +579,26 @@ impl SharedCounters {
             let _ = tx.send(());
         });
         let _ = rx.recv_timeout(settings.timeout.max(Duration::from_millis(500)) * 4);
+        // The name may still be held by this node's previous process (a crash or a quick
+        // restart): its claim runs out within NODE_LEASE_MS.
+        let deadline = Instant::now() + Duration::from_millis(NODE_LEASE_MS + 500);
+        while inner.name_taken.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(RECONCILE_EVERY);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let again = inner.clone();
+            runtime.spawn(async move {
+                again.claim_name().await;
+                let _ = tx.send(());
+            });
+            let _ = rx.recv_timeout(settings.timeout.max(Duration::from_millis(500)) * 2);
+        }
+        if inner.name_taken.load(Ordering::Acquire) {
+            runtime.shutdown_background();
+            return Err(format!(
+                "another running node uses the node name \"{}\" in these counters; give each node its own spend.node_id",
+                inner.node
+            ));
+        }
         let looping = inner.clone();
         runtime.spawn(async move {
             loop {
@@ -868,8 +907,33 @@ impl Inner {
             }
             self.mark_up();
         }
+        self.claim_name().await;
         self.deliver_owed().await;
         self.push_dirty().await;
+    }
+
+    /// Claims or renews this node's name; two processes under one name would each raise
+    /// the same figure and count half the spend.
+    async fn claim_name(&self) {
+        let Some(conn) = self.conn.load_full() else { return };
+        let mut c = (*conn).clone();
+        let mut inv = self.scripts.lease.prepare_invoke();
+        inv.key(format!("mlx:node:{}", self.node)).arg(&self.token).arg(NODE_LEASE_MS);
+        match tokio::time::timeout(self.timeout, inv.invoke_async::<i64>(&mut c)).await {
+            Ok(Ok(1)) => {
+                if self.name_taken.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(node = %self.node, "shared counters: this node's name is its own again");
+                }
+            }
+            Ok(Ok(_)) => {
+                if !self.name_taken.swap(true, Ordering::AcqRel) {
+                    self.metrics.errors.with_label_values(&["node_name"]).inc();
+                    tracing::error!(node = %self.node, "shared counters: another running process uses this node's name; give each node its own spend.node_id (their spend would be counted once, not twice)");
+                }
+            }
+            // Unreachable: the probe and the calls report it.
+            _ => {}
+        }
     }
 
     /// Writes every node's durable figures into an empty Redis, once (the script does

@@ -452,3 +452,33 @@ async fn an_emptied_redis_is_reseeded_once_and_holds_release_once() {
     let l = a.level_now(key).await.unwrap();
     assert_eq!(l.used, 1_054, "{l:?}");
 }
+
+/// Two running processes under one node name would each raise the same figure and count
+/// half the spend: the second is refused at start, naming the setting to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_under_a_running_nodes_name_is_refused() {
+    use modelux::spend::shared::{OnError, SeedSource, SharedCounters, SharedSettings};
+
+    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
+    let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
+    let metrics = modelux::metrics::Metrics::new().unwrap();
+    let open = |node: &str| {
+        let settings = SharedSettings {
+            url: redis.url(),
+            timeout: Duration::from_millis(250),
+            on_error: OnError::FailClosed,
+            node: node.into(),
+        };
+        let (source, m) = (source.clone(), metrics.shared_counters.clone());
+        std::thread::spawn(move || SharedCounters::open(settings, Vec::new(), source, m)).join().unwrap()
+    };
+    let first = open("edge-1").unwrap();
+    let err = open("edge-1").err().expect("a second edge-1 is refused");
+    assert!(err.contains("spend.node_id") && err.contains("edge-1"), "{err}");
+    assert!(open("edge-2").is_ok(), "another name starts");
+    // Once the first is gone, its name is free again after its claim runs out.
+    drop(first);
+    let started = Instant::now();
+    assert!(open("edge-1").is_ok(), "the name is free again");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
