@@ -920,11 +920,10 @@ impl Inner {
         let mut inv = self.scripts.lease.prepare_invoke();
         inv.key(format!("mlx:node:{}", self.node)).arg(&self.token).arg(NODE_LEASE_MS);
         match tokio::time::timeout(self.timeout, inv.invoke_async::<i64>(&mut c)).await {
-            Ok(Ok(1)) => {
-                if self.name_taken.swap(false, Ordering::AcqRel) {
-                    tracing::warn!(node = %self.node, "shared counters: this node's name is its own again");
-                }
+            Ok(Ok(1)) if self.name_taken.swap(false, Ordering::AcqRel) => {
+                tracing::warn!(node = %self.node, "shared counters: this node's name is its own again");
             }
+            Ok(Ok(1)) => {}
             Ok(Ok(_)) => {
                 if !self.name_taken.swap(true, Ordering::AcqRel) {
                     self.metrics.errors.with_label_values(&["node_name"]).inc();
