@@ -924,13 +924,11 @@ impl Inner {
                 tracing::warn!(node = %self.node, "shared counters: this node's name is its own again");
             }
             Ok(Ok(1)) => {}
-            Ok(Ok(_)) => {
-                if !self.name_taken.swap(true, Ordering::AcqRel) {
-                    self.metrics.errors.with_label_values(&["node_name"]).inc();
-                    tracing::error!(node = %self.node, "shared counters: another running process uses this node's name; give each node its own spend.node_id (their spend would be counted once, not twice)");
-                }
+            Ok(Ok(_)) if !self.name_taken.swap(true, Ordering::AcqRel) => {
+                self.metrics.errors.with_label_values(&["node_name"]).inc();
+                tracing::error!(node = %self.node, "shared counters: another running process uses this node's name; give each node its own spend.node_id (their spend would be counted once, not twice)");
             }
-            // Unreachable: the probe and the calls report it.
+            // Already noted; or Redis unreachable, which the probe and the calls report.
             _ => {}
         }
     }
