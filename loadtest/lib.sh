@@ -125,3 +125,23 @@ XML
     wait_status "http://127.0.0.1:$CH_HTTP/ping" 200
     log "clickhouse on 127.0.0.1:$CH_HTTP, pid $CH_PID"
 }
+
+# start_mock NAME CPU [mock-upstream args…]: the bundled mock on a free loopback port,
+# pinned to CPU, logs in $TMP/NAME.*; sets MOCK_STARTED_PID and MOCK_STARTED_ADDR
+# (host:port) and adds the PID to PIDS.
+start_mock() {
+    local name=$1 cpu=$2
+    shift 2
+    taskset -c "$cpu" "$BIN/mock-upstream" --listen 127.0.0.1:0 --threads 1 "$@" \
+        >"$TMP/$name.out" 2>"$TMP/$name.log" &
+    MOCK_STARTED_PID=$!
+    PIDS+=("$MOCK_STARTED_PID")
+    MOCK_STARTED_ADDR=
+    for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
+        MOCK_STARTED_ADDR=$(sed -n 's/^listening on //p' "$TMP/$name.out")
+        [ -n "$MOCK_STARTED_ADDR" ] && return 0
+        alive "$MOCK_STARTED_PID" "mock-upstream ($name)"
+        sleep 0.1
+    done
+    die "mock-upstream ($name) did not report its address"
+}

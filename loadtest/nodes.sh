@@ -117,17 +117,8 @@ PG_URL="postgres://modelux@127.0.0.1:$PG_PORT/modelux"
 log "postgres on 127.0.0.1:$PG_PORT, pid $PG_PID; redis on 127.0.0.1:$REDIS_PORT, pid $REDIS_PID"
 start_clickhouse "$LOAD_CPU"
 
-taskset -c "$LOAD_CPU" "$BIN/mock-upstream" --listen 127.0.0.1:0 --threads 1 >"$TMP/mock.out" 2>"$TMP/mock.log" &
-MOCK_PID=$!
-PIDS+=("$MOCK_PID")
-MOCK_ADDR=
-for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
-    MOCK_ADDR=$(sed -n 's/^listening on //p' "$TMP/mock.out")
-    [ -n "$MOCK_ADDR" ] && break
-    alive "$MOCK_PID" mock-upstream
-    sleep 0.1
-done
-[ -n "$MOCK_ADDR" ] || die "mock-upstream did not report its address"
+start_mock mock "$LOAD_CPU"
+MOCK_ADDR=$MOCK_STARTED_ADDR
 
 BODY=$TMP/body.json
 printf '%s' '{"model":"@capped","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY"

@@ -104,18 +104,8 @@ if [ "$BUSY" -gt 10 ]; then
 fi
 
 # ---------------------------------------------------------------- mock
-taskset -c "$MOCK_CPU" "$BIN/mock-upstream" --listen 127.0.0.1:0 --threads 1 \
-    >"$TMP/mock.out" 2>"$TMP/mock.log" &
-MOCK_PID=$!
-PIDS+=("$MOCK_PID")
-MOCK_ADDR=
-for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
-    MOCK_ADDR=$(sed -n 's/^listening on //p' "$TMP/mock.out")
-    [ -n "$MOCK_ADDR" ] && break
-    alive "$MOCK_PID" mock-upstream
-    sleep 0.1
-done
-[ -n "$MOCK_ADDR" ] || die "mock-upstream did not report its address"
+start_mock mock "$MOCK_CPU"
+MOCK_ADDR=$MOCK_STARTED_ADDR
 MOCK_PORT=${MOCK_ADDR##*:}
 wait_status "http://$MOCK_ADDR/v1/models" 200
 log "mock upstream on $MOCK_ADDR"
@@ -144,18 +134,8 @@ cp "$BODY_GW_STREAM" "$BODY_MOCK_STREAM"
 # Open streams: a second mock that takes 8 s to stream its answer (80 tokens, 100 ms apart).
 BODY_SLOW_STREAM=$TMP/body-gateway-slow.json
 printf '%s' '{"model":"slow/mock-model","stream":true,"messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' >"$BODY_SLOW_STREAM"
-taskset -c "$MOCK_CPU" "$BIN/mock-upstream" --listen 127.0.0.1:0 --threads 1 --tokens 80 \
-    --inter-token-ms 100 >"$TMP/mock-slow.out" 2>"$TMP/mock-slow.log" &
-SLOW_PID=$!
-PIDS+=("$SLOW_PID")
-SLOW_ADDR=
-for _ in $(seq 1 $((READY_TIMEOUT_S * 10))); do
-    SLOW_ADDR=$(sed -n 's/^listening on //p' "$TMP/mock-slow.out")
-    [ -n "$SLOW_ADDR" ] && break
-    alive "$SLOW_PID" "mock-upstream (slow)"
-    sleep 0.1
-done
-[ -n "$SLOW_ADDR" ] || die "the slow mock-upstream did not report its address"
+start_mock mock-slow "$MOCK_CPU" --tokens 80 --inter-token-ms 100
+SLOW_ADDR=$MOCK_STARTED_ADDR
 
 # ---------------------------------------------------------------- clickhouse
 TRACES_YAML=
