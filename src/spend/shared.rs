@@ -658,10 +658,6 @@ impl SharedCounters {
             busy || k.period_start >= before
         });
     }
-
-    pub fn node(&self) -> &str {
-        &self.inner.node
-    }
 }
 
 impl Drop for SharedCounters {

@@ -6,8 +6,9 @@
 
 use super::pg::PgServer;
 use super::redis::RedisServer;
-use super::spend::{body_for, cost_of, CENT_A_TOKEN};
+use super::spend::{body_for, cost_of, post_all, CENT_A_TOKEN};
 use super::*;
+use modelux::spend::shared::{NodeSpendRow, OnError, SeedSource, SharedCounters, SharedSettings};
 
 const NODES: usize = 3;
 
@@ -83,6 +84,24 @@ async fn durable_spend(url: &str, budget: &str) -> i64 {
     row.get(0)
 }
 
+/// Shared counters of node `node` on `redis`, opened (it blocks) on a thread of its own.
+fn open_counters(
+    redis: &RedisServer,
+    node: &str,
+    own: Vec<NodeSpendRow>,
+    source: &SeedSource,
+    metrics: &modelux::metrics::Metrics,
+) -> Result<SharedCounters, String> {
+    let settings = SharedSettings {
+        url: redis.url(),
+        timeout: Duration::from_millis(250),
+        on_error: OnError::FailClosed,
+        node: node.into(),
+    };
+    let (source, m) = (source.clone(), metrics.shared_counters.clone());
+    std::thread::spawn(move || SharedCounters::open(settings, own, source, m)).join().unwrap()
+}
+
 /// Polls `check` every 20 ms until it holds; how long that took (panics after `limit`).
 async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
 where
@@ -105,23 +124,8 @@ async fn three_nodes_never_overspend_a_shared_budget() {
     let budgets = "budgets:\n  - { name: small, scope: routing_config, routing_config: \"@cheap\", period: daily, cap_usd: 2.0, action: block }\n";
     let c = cluster(&upstream, Some("fail_closed"), budgets).await;
     let body = serde_json::to_vec(&body_for("@cheap", json!({}))).unwrap();
-    let tasks: Vec<_> = (0..256)
-        .map(|i| {
-            let (proxy, body) = (c.nodes[i % NODES].proxy, body.clone());
-            tokio::spawn(async move {
-                let auth = format!("Bearer {KEY}");
-                httpc::request(
-                    proxy,
-                    "POST",
-                    CHAT,
-                    &[("authorization", &auth), ("content-type", "application/json")],
-                    &body,
-                )
-                .await
-                .unwrap()
-            })
-        })
-        .collect();
+    let proxies: Vec<_> = c.nodes.iter().map(|g| g.proxy).collect();
+    let tasks = post_all(&proxies, &body, 256);
     let (mut served, mut blocked, mut held, mut billed) = (0usize, 0, 0, 0.0);
     for t in tasks {
         let r = t.await.unwrap();
@@ -396,7 +400,6 @@ async fn a_change_on_one_node_is_served_by_the_others_within_a_second() {
 async fn an_emptied_redis_is_reseeded_once_and_holds_release_once() {
     use modelux::spend::counters::{Counters, ReserveItem, SpendKey};
     use modelux::spend::period::Period;
-    use modelux::spend::shared::{NodeSpendRow, OnError, SeedSource, SharedCounters, SharedSettings};
 
     let mut redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
     let (start, end) = Period::Daily.window(modelux::spend::unix_now());
@@ -413,15 +416,8 @@ async fn an_emptied_redis_is_reseeded_once_and_holds_release_once() {
     let source: SeedSource = std::sync::Arc::new(move || Ok(rows.clone()));
     let metrics = modelux::metrics::Metrics::new().unwrap();
     let open = |node: &str| {
-        let settings = SharedSettings {
-            url: redis.url(),
-            timeout: Duration::from_millis(250),
-            on_error: OnError::FailClosed,
-            node: node.into(),
-        };
-        let (source, m) = (source.clone(), metrics.shared_counters.clone());
         let own = if node == "a" { vec![row("a", 50)] } else { vec![] };
-        std::thread::spawn(move || SharedCounters::open(settings, own, source, m).unwrap()).join().unwrap()
+        open_counters(&redis, node, own, &source, &metrics).unwrap()
     };
     let (a, b) = (open("a"), open("b"));
     let key = SpendKey { budget: "b", instance: "", period_start: start };
@@ -457,21 +453,10 @@ async fn an_emptied_redis_is_reseeded_once_and_holds_release_once() {
 /// half the spend: the second is refused at start, naming the setting to change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_under_a_running_nodes_name_is_refused() {
-    use modelux::spend::shared::{OnError, SeedSource, SharedCounters, SharedSettings};
-
     let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
     let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
     let metrics = modelux::metrics::Metrics::new().unwrap();
-    let open = |node: &str| {
-        let settings = SharedSettings {
-            url: redis.url(),
-            timeout: Duration::from_millis(250),
-            on_error: OnError::FailClosed,
-            node: node.into(),
-        };
-        let (source, m) = (source.clone(), metrics.shared_counters.clone());
-        std::thread::spawn(move || SharedCounters::open(settings, Vec::new(), source, m)).join().unwrap()
-    };
+    let open = |node: &str| open_counters(&redis, node, Vec::new(), &source, &metrics);
     let first = open("edge-1").unwrap();
     let err = open("edge-1").err().expect("a second edge-1 is refused");
     assert!(err.contains("spend.node_id") && err.contains("edge-1"), "{err}");

@@ -33,6 +33,24 @@ async fn budget_gateway(upstream: &MockServer, budgets: &str, extra_configs: &st
     start(cfg).await
 }
 
+/// `n` chat requests with `body`, all at once, spread over `proxies` in turn.
+pub(super) fn post_all(
+    proxies: &[SocketAddr],
+    body: &[u8],
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Response>> {
+    (0..n)
+        .map(|i| {
+            let (proxy, body) = (proxies[i % proxies.len()], body.to_vec());
+            tokio::spawn(async move {
+                let auth = format!("Bearer {KEY}");
+                let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+                httpc::request(proxy, "POST", CHAT, &headers, &body).await.unwrap()
+            })
+        })
+        .collect()
+}
+
 pub(super) fn cost_of(resp: &Response) -> f64 {
     resp.header("x-modelux-cost-usd")
         .unwrap_or_else(|| panic!("no cost header: {}", resp.text()))
@@ -242,23 +260,7 @@ async fn concurrent_requests_never_overspend_by_more_than_one_reservation() {
     let budgets = "  - { name: small, scope: routing_config, routing_config: \"@cheap\", period: daily, cap_usd: 2.0, action: block }\n";
     let gw = budget_gateway(&upstream, budgets, "").await;
     let body = serde_json::to_vec(&body_for("@cheap", json!({}))).unwrap();
-    let tasks: Vec<_> = (0..256)
-        .map(|_| {
-            let (proxy, body) = (gw.proxy, body.clone());
-            tokio::spawn(async move {
-                let auth = format!("Bearer {KEY}");
-                httpc::request(
-                    proxy,
-                    "POST",
-                    CHAT,
-                    &[("authorization", &auth), ("content-type", "application/json")],
-                    &body,
-                )
-                .await
-                .unwrap()
-            })
-        })
-        .collect();
+    let tasks = post_all(&[gw.proxy], &body, 256);
     let (mut served, mut refused, mut billed) = (0, 0, 0.0);
     for t in tasks {
         let r = t.await.unwrap();
