@@ -298,6 +298,7 @@ fn spend_checks(c: &mut Criterion) {
         cap_usd: 1e6,
         soft: to_nanos(8e5),
         soft_limit_pct: 80.0,
+        alert_pcts: vec![80.0],
         action: if i.is_multiple_of(2) { Action::Block } else { Action::WarnOnly },
     };
     let mut list = vec![budget(0, Scope::Org), budget(1, Scope::EndUser(None))];

@@ -57,6 +57,11 @@ pub struct Metrics {
     pub cache_stores: IntCounter,
     /// Entries pushed out for room (not expiries).
     pub cache_evictions: IntCounter,
+    /// Webhook delivery attempts by outcome: `delivered`, `retry` (failed, tried again
+    /// later), `failed` (given up).
+    pub webhook_attempts: IntCounterVec,
+    /// Webhook events this node observed (budget thresholds, provider health), by type.
+    pub webhook_events: IntCounterVec,
     /// Store calls that failed (`get`, `put`, `embed`, `index`): the request was served
     /// uncached, or its answer not indexed.
     pub cache_errors: IntCounterVec,
@@ -298,6 +303,22 @@ impl Metrics {
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(cache_stores.clone()))?;
         registry.register(Box::new(cache_evictions.clone()))?;
+        let webhook_attempts = IntCounterVec::new(
+            Opts::new(
+                "modelux_webhook_attempts_total",
+                "Webhook delivery attempts: delivered, retry (failed, tried again later) or failed (given up)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(webhook_attempts.clone()))?;
+        let webhook_events = IntCounterVec::new(
+            Opts::new(
+                "modelux_webhook_events_total",
+                "Webhook events this node observed and wrote to the outbox (budget thresholds, provider health)",
+            ),
+            &["type"],
+        )?;
+        registry.register(Box::new(webhook_events.clone()))?;
         let cache_errors = IntCounterVec::new(
             Opts::new(
                 "modelux_cache_errors_total",
@@ -350,6 +371,8 @@ impl Metrics {
             cache_entries,
             cache_stores,
             cache_evictions,
+            webhook_attempts,
+            webhook_events,
             cache_errors,
             cache_semantic,
             cache_vectors,

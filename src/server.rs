@@ -280,6 +280,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         crate::replay::live::reachable(&settings.proxy_listen)
             .map(|proxy| crate::replay::runner::LiveTarget { proxy, grants }),
     );
+    let wake = Arc::new(tokio::sync::Notify::new());
     let manage_app = || ManageApp {
         store: handles.store.clone(),
         metrics: handles.metrics.clone(),
@@ -292,6 +293,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         changing: Default::default(),
         experiments: experiments.clone(),
         node: handles.node.clone(),
+        webhooks: wake.clone(),
     };
     let mut manage = Service::new("modelux manage".to_string(), HttpServer::new_app(manage_app()));
     // Creates experiments only (no resource changes), so its own in-flight set is enough.
@@ -318,6 +320,18 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     server.add_service(watcher);
     server.add_service(scheduler);
     server.add_service(flusher);
+    server.add_service(background_service(
+        "webhook sender",
+        crate::manage::webhook_sender::WebhookSender::new(
+            handles.store.clone(),
+            handles.state.clone(),
+            handles.spend.counters.clone(),
+            handles.master.clone(),
+            handles.metrics.clone(),
+            handles.node.clone(),
+            wake.clone(),
+        ),
+    ));
     if let StateBackend::Postgres { url } = &settings.state_backend {
         server.add_service(background_service(
             "state follower",

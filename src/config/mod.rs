@@ -87,6 +87,58 @@ pub struct Settings {
     pub state_backend: StateBackend,
     /// `spend.counters` (read at start).
     pub counters: CounterSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// `webhooks:` (PRODUCT.md §11.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookSettings {
+    pub timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub retry_window: Duration,
+    pub poll_interval: Duration,
+    pub secret_overlap: Duration,
+    pub org_id: String,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> WebhookSettings {
+        WebhookSettings {
+            timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(30),
+            backoff_cap: Duration::from_secs(3600),
+            retry_window: Duration::from_secs(86_400),
+            poll_interval: Duration::from_secs(1),
+            secret_overlap: Duration::from_secs(86_400),
+            org_id: "default".into(),
+        }
+    }
+}
+
+fn webhook_settings(raw: &raw::RawWebhooks, errors: &mut Vec<ConfigError>) -> WebhookSettings {
+    let d = WebhookSettings::default();
+    let ms = |v: Option<u64>, default: Duration, name: &str, errors: &mut Vec<ConfigError>| match v {
+        Some(0) => {
+            errors.push(ConfigError::new(format!("webhooks.{name}"), "must be greater than 0"));
+            default
+        }
+        Some(n) => Duration::from_millis(n),
+        None => default,
+    };
+    let org_id = raw.org_id.clone().unwrap_or(d.org_id.clone());
+    if org_id.trim().is_empty() {
+        errors.push(ConfigError::new("webhooks.org_id", "must not be empty"));
+    }
+    WebhookSettings {
+        timeout: ms(raw.timeout_ms, d.timeout, "timeout_ms", errors),
+        backoff_base: ms(raw.backoff_base_ms, d.backoff_base, "backoff_base_ms", errors),
+        backoff_cap: ms(raw.backoff_cap_ms, d.backoff_cap, "backoff_cap_ms", errors),
+        retry_window: ms(raw.retry_window_ms, d.retry_window, "retry_window_ms", errors),
+        poll_interval: ms(raw.poll_interval_ms, d.poll_interval, "poll_interval_ms", errors),
+        secret_overlap: ms(raw.secret_overlap_ms, d.secret_overlap, "secret_overlap_ms", errors),
+        org_id,
+    }
 }
 
 /// Where budget and rate counters live (`spend.counters`).
@@ -499,6 +551,13 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
                     }
                 }
             }
+            "webhooks" => {
+                if !value.is_null() {
+                    if let Some(w) = section(value, "webhooks", &mut errors) {
+                        raw.webhooks = w;
+                    }
+                }
+            }
             "experiments" => {
                 if !value.is_null() {
                     if let Some(e) = section(value, "experiments", &mut errors) {
@@ -672,6 +731,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
         master_key: None,
         state_backend: StateBackend::Sqlite,
         counters: CounterSettings::Local,
+        webhooks: WebhookSettings::default(),
     }
 }
 
@@ -847,6 +907,7 @@ pub fn validate(
     let mut errors = Vec::new();
     let mut settings = settings(&raw.server, &raw.traces, base_dir, &mut errors);
     settings.master_key = raw.state.master_key.clone().map(Redacted);
+    settings.webhooks = webhook_settings(&raw.webhooks, &mut errors);
     match raw.experiments.retention_days {
         Some(0) => errors.push(ConfigError::new("experiments.retention_days", "must be greater than 0")),
         Some(days) => settings.experiment_retention_days = days,
@@ -1237,6 +1298,31 @@ fn budgets(
         if !(soft_limit_pct > 0.0 && soft_limit_pct <= 100.0) {
             errors.push(ConfigError::new(format!("{path}.soft_limit_pct"), "must be in (0, 100]"));
         }
+        let mut alert_pcts = Vec::new();
+        match &b.alert_thresholds {
+            None => alert_pcts.push(soft_limit_pct),
+            Some(list) => {
+                for (i, t) in list.iter().enumerate() {
+                    if !(t.pct.is_finite() && t.pct > 0.0 && t.pct <= 1000.0) {
+                        errors.push(ConfigError::new(
+                            format!("{path}.alert_thresholds[{i}].pct"),
+                            "must be a percentage of the cap in (0, 1000]",
+                        ));
+                    }
+                    for (j, c) in t.channels.iter().flatten().enumerate() {
+                        if c != "webhook" {
+                            errors.push(ConfigError::new(
+                                format!("{path}.alert_thresholds[{i}].channels[{j}]"),
+                                format!("\"{c}\" is not a channel this gateway sends; use \"webhook\""),
+                            ));
+                        }
+                    }
+                    alert_pcts.push(t.pct);
+                }
+            }
+        }
+        alert_pcts.sort_by(f64::total_cmp);
+        alert_pcts.dedup();
         let action = match (b.action, b.downgrade_to) {
             (BudgetActionKind::Block, None) => Some(Action::Block),
             (BudgetActionKind::WarnOnly, None) => Some(Action::WarnOnly),
@@ -1285,6 +1371,7 @@ fn budgets(
             soft: crate::spend::counters::to_nanos(b.cap_usd * soft_limit_pct / 100.0),
             soft_limit_pct,
             action,
+            alert_pcts,
         });
     }
     Budgets::new(list)

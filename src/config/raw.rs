@@ -29,6 +29,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "cache",
     "spend",
     "redis",
+    "webhooks",
 ];
 
 #[derive(Debug, Deserialize, Default)]
@@ -196,6 +197,19 @@ pub struct RawBudget {
     /// With `action: downgrade`: the model (`gpt-4o-mini`, `provider/model`) or `@config`
     /// that serves instead once the cap is reached.
     pub downgrade_to: Option<String>,
+    /// Percentages of the cap at which `budget.threshold_reached` is sent, once per period
+    /// each (default: `soft_limit_pct`).
+    #[serde(default)]
+    pub alert_thresholds: Option<Vec<RawAlertThreshold>>,
+}
+
+/// One `alert_thresholds` entry.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlertThreshold {
+    pub pct: f64,
+    /// Where the alert goes: `webhook` (the default, and the only channel this build has).
+    pub channels: Option<Vec<String>>,
 }
 
 /// One entry of `prices:` — a model's prices in USD per million tokens, replacing or adding
@@ -259,9 +273,31 @@ pub struct RawConfig {
     pub cache: RawCacheStore,
     pub spend: RawSpend,
     pub redis: Option<RawRedis>,
+    pub webhooks: RawWebhooks,
     /// Versions of routing configs owned by the state store (their stored version, not one
     /// counted from reloads).
     pub pinned_versions: BTreeMap<String, u32>,
+}
+
+/// `webhooks:` — how events are delivered (the endpoints themselves are created through the
+/// management API). Every field has the default PRODUCT.md §11.1 states; tests shorten them.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhooks {
+    /// Each attempt's bound (default 10,000).
+    pub timeout_ms: Option<u64>,
+    /// The first retry's delay; each later one doubles it (default 30,000).
+    pub backoff_base_ms: Option<u64>,
+    /// The longest delay between attempts (default 3,600,000).
+    pub backoff_cap_ms: Option<u64>,
+    /// How long a delivery is retried before it is `failed` (default 86,400,000).
+    pub retry_window_ms: Option<u64>,
+    /// How often the outbox is read for new events and due retries (default 1,000).
+    pub poll_interval_ms: Option<u64>,
+    /// How long a rotated-out signing secret keeps signing (default 86,400,000).
+    pub secret_overlap_ms: Option<u64>,
+    /// `org_id` of every event's envelope (default `default`).
+    pub org_id: Option<String>,
 }
 
 /// `experiments:` — replays of stored traffic (README: Experiments).

@@ -392,6 +392,10 @@ async fn mutate_inner(
     let mut plan = plan(&current, &snapshot)?;
     let candidate = apply(&current, &plan.changes);
     let built = staged.build(&candidate).map_err(ApiError::invalid)?;
+    // Written to the webhook outbox in the change's own transaction.
+    for c in &mut plan.changes {
+        c.events = super::webhooks::events_of(c, &snapshot.settings.webhooks.org_id);
+    }
     let answer = Answer::data(plan.status, plan.data);
     if let (Some((key, fp)), Some(first)) = (&idempotency, plan.changes.first_mut()) {
         first.idempotent = Some(Idempotent {
@@ -425,6 +429,7 @@ pub fn change(call: &Call<'_>, op: Op, resource: Stored, base: Option<i64>, acti
         after: None,
         now_ms: now_ms(),
         idempotent: None,
+        events: Vec::new(),
     }
 }
 

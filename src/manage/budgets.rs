@@ -101,11 +101,14 @@ fn file_view(app: &ManageApp, b: &crate::spend::budgets::Budget) -> Value {
         soft_limit_pct: Some(b.soft_limit_pct),
         action: BudgetActionKind::Block,
         downgrade_to: None,
+        alert_thresholds: None,
     };
+    let thresholds: Vec<Value> =
+        b.alert_pcts.iter().map(|p| json!({ "pct": p, "channels": ["webhook"] })).collect();
     let v = json!({
         "id": &*b.name, "object": RESOURCE, "name": &*b.name, "period": b.period.as_str(), "cap_usd": b.cap_usd,
         "soft_limit_pct": b.soft_limit_pct, "action": b.action.as_str(), "version": null, "managed_by": "file",
-        "created_at": null, "updated_at": null,
+        "alert_thresholds": thresholds, "created_at": null, "updated_at": null,
     });
     with_standing(v, standing(app, &entry))
 }

@@ -13,6 +13,8 @@ pub mod projects;
 pub mod providers;
 pub mod routing_configs;
 pub mod scheduled;
+pub mod webhook_sender;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -43,6 +45,8 @@ pub struct ManageApp {
     pub experiments: Arc<crate::replay::Experiments>,
     /// This node's name (`spend.node_id`, else host name and proxy port).
     pub node: Arc<str>,
+    /// Wakes the webhook sender (a test event, a replay).
+    pub webhooks: Arc<tokio::sync::Notify>,
 }
 
 /// Reads the request body, up to `api::MAX_BODY`; `Err`: the answer to send instead.
@@ -109,6 +113,7 @@ impl ManageApp {
             ["node"] => Some(self.node_view().await),
             ["experiments", tail @ ..] => Some(experiments::handle(self, call, path, tail).await),
             ["scheduled_experiments", tail @ ..] => Some(scheduled::handle(self, call, path, tail).await),
+            ["webhooks", tail @ ..] => Some(webhooks::handle(self, call, path, tail).await),
             _ => None,
         };
         match answer {

@@ -606,6 +606,93 @@ pub static ROUTES: &[Route] = &[
             "Fire the schedule now",
         )
     },
+    list(
+        "/webhooks/endpoints",
+        "listWebhookEndpoints",
+        "webhooks",
+        "Webhook endpoints",
+        &[("include_deleted", "also deleted endpoints")],
+    ),
+    with_body(
+        route(
+            "POST",
+            "/webhooks/endpoints",
+            "createWebhookEndpoint",
+            "webhooks",
+            "Register an endpoint (its signing_secret is shown once)",
+        ),
+        body::<crate::manage::webhooks::EndpointCreate>,
+        true,
+    ),
+    route("GET", "/webhooks/endpoints/{id}", "getWebhookEndpoint", "webhooks", "An endpoint"),
+    with_body(
+        route(
+            "PATCH",
+            "/webhooks/endpoints/{id}",
+            "updateWebhookEndpoint",
+            "webhooks",
+            "Change an endpoint's url, event_types, description or active",
+        ),
+        body::<crate::manage::webhooks::EndpointPatch>,
+        false,
+    ),
+    route(
+        "DELETE",
+        "/webhooks/endpoints/{id}",
+        "deleteWebhookEndpoint",
+        "webhooks",
+        "Soft-delete an endpoint (queued deliveries still go out)",
+    ),
+    route(
+        "POST",
+        "/webhooks/endpoints/{id}/rotate-secret",
+        "rotateWebhookSecret",
+        "webhooks",
+        "A new signing secret (shown once); the old one keeps signing for 24 h",
+    ),
+    Route {
+        accepted: true,
+        ..with_body(
+            route(
+                "POST",
+                "/webhooks/endpoints/{id}/test",
+                "testWebhookEndpoint",
+                "webhooks",
+                "Send a synthetic event of a type to this endpoint",
+            ),
+            body::<crate::manage::webhooks::TestEvent>,
+            false,
+        )
+    },
+    list(
+        "/webhooks/deliveries",
+        "listWebhookDeliveries",
+        "webhooks",
+        "Deliveries, newest first",
+        &[
+            ("endpoint_id", "only this endpoint's"),
+            ("status", "pending, delivered or failed"),
+            ("event_type", "only this event type's"),
+        ],
+    ),
+    route(
+        "GET",
+        "/webhooks/deliveries/{id}",
+        "getWebhookDelivery",
+        "webhooks",
+        "A delivery: its payload and every attempt",
+    ),
+    Route {
+        accepted: true,
+        ..route(
+            "POST",
+            "/webhooks/deliveries/{id}/replay",
+            "replayWebhookDelivery",
+            "webhooks",
+            "Send the same payload again",
+        )
+    },
+    route("GET", "/webhooks/event-types", "listWebhookEventTypes", "webhooks", "Event types and what sends them"),
     route("GET", "/openapi.json", "getOpenApi", "meta", "This document"),
 ];
 

@@ -325,8 +325,12 @@ impl Shared {
                     apply_report(&mut row.body, &report);
                     self.judge(&mut row, report.similarity.as_ref()).await;
                     row.status = "completed".into();
+                    let events = self.events_of(&row);
                     let (state, r) = (self.state.clone(), row.clone());
-                    match self.store(async move { state.update_experiment(&r, &["running"]).await }).await {
+                    match self
+                        .store(async move { state.update_experiment_with(&r, &["running"], &events).await })
+                        .await
+                    {
                         Ok(true) => tracing::info!(
                             experiment = %id,
                             requests = report.outcomes.len(),
@@ -360,6 +364,46 @@ impl Shared {
             Err(Stop::Failed(message)) => self.fail(row, &message).await,
         }
         self.cancels.remove(id);
+    }
+
+    /// The webhook events a finished experiment sends: `experiment.completed`, and
+    /// `experiment.regression_detected` on a scheduled run's transition into breach.
+    fn events_of(&self, row: &ExperimentRow) -> Vec<crate::state::webhooks::Event> {
+        let snapshot = self.config.load();
+        let org = &snapshot.settings.webhooks.org_id;
+        let b = &row.body;
+        let data = json!({
+            "experiment": {
+                "id": row.id,
+                "project": row.project,
+                "schedule_id": if row.schedule_id.is_empty() { Value::Null } else { json!(row.schedule_id) },
+                "name": b["name"],
+                "status": row.status,
+                "verdict": b["verdict"],
+                "regression_detected": b["regression_detected"],
+                "requests": b["requests"],
+                "matched_requests": b["matched_requests"],
+                "baseline_summary": b["baseline_summary"],
+                "candidate_summary": b["candidate_summary"],
+                "deltas": b["deltas"],
+                "completed_at": b["completed_at"],
+            }
+        });
+        let now = now_ms();
+        let mut events =
+            vec![crate::state::webhooks::Event::new("experiment.completed", org, data.clone(), now)];
+        if b["regression_detected"] == json!(true) {
+            let mut regression = data;
+            regression["criteria_results"] = b["criteria_results"].clone();
+            regression["signal_key"] = b["signal_key"].clone();
+            events.push(crate::state::webhooks::Event::new(
+                "experiment.regression_detected",
+                org,
+                regression,
+                now,
+            ));
+        }
+        events
     }
 
     /// A scheduled run's verdict by its schedule's success criteria, and whether it is the

@@ -125,6 +125,8 @@ pub struct Health {
     last_sample_ms: AtomicU64,
     total_samples: AtomicU64,
     total_failures: AtomicU64,
+    /// Opens plus closes so far: a reader polling now and then sees a flap it missed.
+    transitions: AtomicU64,
 }
 
 /// What a decision sees of a target right now.
@@ -184,6 +186,7 @@ impl Health {
             last_sample_ms: AtomicU64::new(0),
             total_samples: AtomicU64::new(0),
             total_failures: AtomicU64::new(0),
+            transitions: AtomicU64::new(0),
         }
     }
 
@@ -228,6 +231,7 @@ impl Health {
                     w.ok = 1;
                     w.fail = 0;
                     self.state.store(CLOSED, Ordering::Release);
+                    self.transitions.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Sample::Failure => {
@@ -264,6 +268,7 @@ impl Health {
                 CLOSED if rate_low || streak => {
                     self.opened_at_ms.store(now, Ordering::Relaxed);
                     self.state.store(OPEN, Ordering::Release);
+                    self.transitions.fetch_add(1, Ordering::Relaxed);
                 }
                 // A failed probe: stay open for another full interval.
                 OPEN => self.opened_at_ms.store(now, Ordering::Relaxed),
@@ -346,6 +351,11 @@ impl Health {
             },
             last_sample_age_ms: (last != 0).then(|| now.saturating_sub(last)),
         }
+    }
+
+    /// How many times the target opened or closed so far.
+    pub fn transitions(&self) -> u64 {
+        self.transitions.load(Ordering::Relaxed)
     }
 
     pub fn totals(&self) -> (u64, u64) {

@@ -61,6 +61,8 @@ pub struct Budget {
     pub soft: Nanos,
     pub soft_limit_pct: f64,
     pub action: Action,
+    /// Percentages of the cap that send `budget.threshold_reached`, ascending.
+    pub alert_pcts: Vec<f64>,
 }
 
 /// Instance names longer than this are cut: they come from clients (end-user ids, tag
@@ -503,6 +505,7 @@ mod tests {
             cap_usd: cap,
             soft: to_nanos(cap * 0.8),
             soft_limit_pct: 80.0,
+            alert_pcts: vec![80.0],
             action,
         }
     }

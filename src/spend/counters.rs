@@ -247,6 +247,12 @@ pub trait Counters: Send + Sync {
         Pending::ready(Ok(self.spend(&key)))
     }
 
+    /// Every budget counter this process holds, with its settled spend (for shared
+    /// counters: the last shared figure it saw), so alerts can be raised off the request path.
+    fn spend_levels(&self) -> Vec<CounterLevel> {
+        Vec::new()
+    }
+
     fn status(&self) -> CountersStatus {
         CountersStatus { backend: "local", reachable: true, on_error: None }
     }
@@ -356,6 +362,15 @@ impl SpendCounter for SpendCell {
             self.dirty.store(true, Ordering::Release);
         }
     }
+}
+
+/// One budget counter's settled spend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterLevel {
+    pub budget: String,
+    pub instance: String,
+    pub period_start: i64,
+    pub committed: Nanos,
 }
 
 /// Maps of the request path hash with aHash: several times faster than SipHash on short
@@ -495,6 +510,18 @@ impl Counters for LocalCounters {
 
     fn find_spend_counter(&self, key: &SpendKey<'_>) -> Option<Arc<dyn SpendCounter>> {
         self.spend.get(key as &dyn KeyView).map(|c| c.clone() as Arc<dyn SpendCounter>)
+    }
+
+    fn spend_levels(&self) -> Vec<CounterLevel> {
+        self.spend
+            .iter()
+            .map(|e| CounterLevel {
+                budget: e.key().budget.to_string(),
+                instance: e.key().instance.to_string(),
+                period_start: e.key().period_start,
+                committed: e.value().committed.load(Ordering::Acquire),
+            })
+            .collect()
     }
 
     fn take(&self, kind: RateKind, key: &str, per_minute: u64, cost: u64, now_us: u64) -> RateVerdict {

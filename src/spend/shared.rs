@@ -1295,6 +1295,19 @@ impl Counters for SharedCounters {
         self.inner.cell(key)
     }
 
+    fn spend_levels(&self) -> Vec<super::counters::CounterLevel> {
+        self.inner
+            .cells
+            .iter()
+            .map(|e| super::counters::CounterLevel {
+                budget: e.key().budget.to_string(),
+                instance: e.key().instance.to_string(),
+                period_start: e.key().period_start,
+                committed: e.value().level().committed,
+            })
+            .collect()
+    }
+
     fn find_spend_counter(&self, key: &SpendKey<'_>) -> Option<Arc<dyn SpendCounter>> {
         let k = CellKey {
             budget: key.budget.into(),

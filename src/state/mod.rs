@@ -10,6 +10,7 @@
 pub mod postgres;
 pub mod secrets;
 pub mod sqlite;
+pub mod webhooks;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -24,6 +25,7 @@ pub enum Kind {
     Provider,
     Budget,
     ScheduledExperiment,
+    WebhookEndpoint,
 }
 
 impl Kind {
@@ -36,6 +38,7 @@ impl Kind {
             Kind::Provider => "provider",
             Kind::Budget => "budget",
             Kind::ScheduledExperiment => "scheduled_experiment",
+            Kind::WebhookEndpoint => "webhook_endpoint",
         }
     }
 
@@ -49,6 +52,7 @@ impl Kind {
             Kind::Provider => "prov_",
             Kind::Budget => "bud_",
             Kind::ScheduledExperiment => "sched_",
+            Kind::WebhookEndpoint => "whep_",
         }
     }
 
@@ -61,6 +65,7 @@ impl Kind {
             Kind::Provider,
             Kind::Budget,
             Kind::ScheduledExperiment,
+            Kind::WebhookEndpoint,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -169,6 +174,8 @@ pub struct Change {
     pub after: Option<Value>,
     pub now_ms: i64,
     pub idempotent: Option<Idempotent>,
+    /// Webhook events the change causes, written to the outbox in its transaction.
+    pub events: Vec<webhooks::Event>,
 }
 
 /// One audit-log entry.
@@ -314,7 +321,18 @@ pub trait StateStore: Send + Sync {
     /// Writes `row`'s status, body and time only if the stored experiment's status is one of
     /// `from` (never re-creating a deleted one); whether it did. `from` holds the code's own
     /// status names.
-    async fn update_experiment(&self, row: &ExperimentRow, from: &[&str]) -> Result<bool, StateError>;
+    async fn update_experiment(&self, row: &ExperimentRow, from: &[&str]) -> Result<bool, StateError> {
+        self.update_experiment_with(row, from, &[]).await
+    }
+
+    /// `update_experiment`, writing `events` to the webhook outbox in the same transaction
+    /// (only if the experiment was written).
+    async fn update_experiment_with(
+        &self,
+        row: &ExperimentRow,
+        from: &[&str],
+        events: &[webhooks::Event],
+    ) -> Result<bool, StateError>;
 
     async fn experiment(&self, id: &str) -> Result<Option<ExperimentRow>, StateError>;
 
@@ -334,6 +352,53 @@ pub trait StateStore: Send + Sync {
 
     /// Decisions numbered above `after`, in order, at most `limit`.
     async fn decisions(&self, id: &str, after: i64, limit: usize) -> Result<Vec<(i64, Value)>, StateError>;
+
+    /// Writes events to the webhook outbox (one whose dedup key was written before is
+    /// skipped); how many were new.
+    async fn enqueue_events(&self, events: &[webhooks::Event]) -> Result<usize, StateError>;
+
+    /// Turns up to `limit` undispatched events into one delivery per live endpoint
+    /// subscribed to each (due at `now_ms`, given up after `window_ms`); how many events.
+    async fn dispatch_events(&self, now_ms: i64, window_ms: i64, limit: usize) -> Result<usize, StateError>;
+
+    /// Leases up to `limit` pending deliveries due at `now_ms` whose lease has run out to
+    /// `owner`, until `lease_until_ms`: one node sends a delivery at a time.
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<webhooks::Delivery>, StateError>;
+
+    /// Records an attempt of delivery `id` and its new status, if `owner` still holds its
+    /// lease; whether it did.
+    async fn record_attempt(
+        &self,
+        id: &str,
+        owner: &str,
+        result: &webhooks::AttemptResult,
+    ) -> Result<bool, StateError>;
+
+    async fn deliveries(
+        &self,
+        query: &webhooks::DeliveryQuery,
+    ) -> Result<Vec<webhooks::Delivery>, StateError>;
+
+    /// A delivery with its attempts, oldest first.
+    async fn delivery(
+        &self,
+        id: &str,
+    ) -> Result<Option<(webhooks::Delivery, Vec<webhooks::Attempt>)>, StateError>;
+
+    /// Makes delivery `id` pending again, due at `now_ms`, given up after `deadline_ms`
+    /// (its attempts so far are kept); the delivery after, or `None`.
+    async fn replay_delivery(
+        &self,
+        id: &str,
+        now_ms: i64,
+        deadline_ms: i64,
+    ) -> Result<Option<webhooks::Delivery>, StateError>;
 
     /// The stored answer for an idempotency key, if one younger than `since_ms` exists.
     async fn idempotent(

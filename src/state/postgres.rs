@@ -11,10 +11,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, GenericClient, NoTls, Row};
 
 use crate::spend::shared::NodeSpendRow;
 
+use super::webhooks::{Attempt, AttemptResult, Delivery, DeliveryQuery, Event};
 use super::{
     Actor, AuditEntry, AuditQuery, Change, ExperimentQuery, ExperimentRow, FileVersion, Idempotent, Kind,
     ListQuery, Op, StateError, StateStore, Stored, Version,
@@ -117,6 +119,50 @@ CREATE TABLE budget_spend_nodes (
     spend_nanos  BIGINT NOT NULL,
     updated_ms   BIGINT NOT NULL,
     PRIMARY KEY (budget, instance, period_start, node)
+);
+",
+    "
+CREATE TABLE webhook_events (
+    seq           BIGSERIAL PRIMARY KEY,
+    id            TEXT   NOT NULL UNIQUE,
+    type          TEXT   NOT NULL,
+    dedup         TEXT   UNIQUE,
+    only_endpoint TEXT,
+    body          TEXT   NOT NULL,
+    created_ms    BIGINT NOT NULL,
+    dispatched    BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX webhook_events_undispatched ON webhook_events (dispatched, seq);
+CREATE TABLE webhook_deliveries (
+    seq             BIGSERIAL PRIMARY KEY,
+    id              TEXT   NOT NULL UNIQUE,
+    event_id        TEXT   NOT NULL,
+    endpoint_id     TEXT   NOT NULL,
+    type            TEXT   NOT NULL,
+    body            TEXT   NOT NULL,
+    status          TEXT   NOT NULL,
+    attempts        BIGINT NOT NULL,
+    next_attempt_ms BIGINT NOT NULL,
+    deadline_ms     BIGINT NOT NULL,
+    lease_owner     TEXT   NOT NULL DEFAULT '',
+    lease_until_ms  BIGINT NOT NULL DEFAULT 0,
+    last_status     BIGINT,
+    last_error      TEXT,
+    created_ms      BIGINT NOT NULL,
+    updated_ms      BIGINT NOT NULL
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
+CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, seq);
+CREATE TABLE webhook_attempts (
+    delivery_id      TEXT   NOT NULL,
+    n                BIGINT NOT NULL,
+    started_ms       BIGINT NOT NULL,
+    duration_ms      BIGINT NOT NULL,
+    status_code      BIGINT,
+    error            TEXT,
+    response_excerpt TEXT   NOT NULL,
+    node             TEXT   NOT NULL,
+    PRIMARY KEY (delivery_id, n)
 );
 ",
 ];
@@ -335,6 +381,50 @@ async fn load_live(client: &Client) -> Result<Vec<Stored>, StateError> {
     client.query(&sql, &[]).await.map_err(db)?.iter().map(read_resource).collect()
 }
 
+/// Writes events to the outbox; one whose dedup key (or id) is there already is skipped.
+async fn write_events(c: &impl GenericClient, events: &[Event]) -> Result<usize, StateError> {
+    let mut new = 0;
+    for e in events {
+        new += c
+            .execute(
+                "INSERT INTO webhook_events (id, type, dedup, only_endpoint, body, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[&e.id, &e.event_type, &e.dedup, &e.only_endpoint, &e.body, &e.created_ms],
+            )
+            .await
+            .map_err(db)?;
+    }
+    Ok(new as usize)
+}
+
+const DELIVERY_COLUMNS: &str =
+    "seq, id, event_id, endpoint_id, type, body, status, attempts, next_attempt_ms, \
+     deadline_ms, last_status, last_error, created_ms, updated_ms";
+
+fn read_delivery(r: &Row) -> Delivery {
+    Delivery {
+        seq: r.get(0),
+        id: r.get(1),
+        event_id: r.get(2),
+        endpoint_id: r.get(3),
+        event_type: r.get(4),
+        body: r.get(5),
+        status: r.get(6),
+        attempts: r.get(7),
+        next_attempt_ms: r.get(8),
+        deadline_ms: r.get(9),
+        last_status: r.get(10),
+        last_error: r.get(11),
+        created_ms: r.get(12),
+        updated_ms: r.get(13),
+    }
+}
+
+async fn one_delivery(c: &impl GenericClient, id: &str) -> Result<Option<Delivery>, StateError> {
+    let sql = format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1");
+    Ok(c.query_opt(&sql, &[&id]).await.map_err(db)?.as_ref().map(read_delivery))
+}
+
 fn text(v: &Option<Value>) -> Option<String> {
     v.as_ref().map(Value::to_string)
 }
@@ -435,6 +525,9 @@ async fn commit_changes(client: &mut Client, changes: &[Change]) -> Result<i64, 
             .await
             .map_err(db)?;
         }
+    }
+    for c in changes {
+        write_events(&tx, &c.events).await?;
     }
     // Delivered to every listening node when (and only if) the transaction commits.
     tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &revision.to_string()]).await.map_err(db)?;
@@ -762,21 +855,238 @@ impl StateStore for PostgresState {
         .await
     }
 
-    async fn update_experiment(&self, row: &ExperimentRow, from: &[&str]) -> Result<bool, StateError> {
-        let row = row.clone();
+    async fn update_experiment_with(
+        &self,
+        row: &ExperimentRow,
+        from: &[&str],
+        events: &[Event],
+    ) -> Result<bool, StateError> {
+        let (row, events) = (row.clone(), events.to_vec());
         let condition = super::status_list(from);
         self.run(|c| async move {
             let body = row.body.to_string();
-            let n = c
-                .lock()
-                .await
+            let mut client = c.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            let n = tx
                 .execute(
                     &format!("UPDATE experiments SET status = $2, body = $3, updated_ms = $4 WHERE id = $1 AND {condition}"),
                     &[&row.id, &row.status, &body, &row.updated_ms],
                 )
                 .await
                 .map_err(db)?;
+            if n == 1 {
+                write_events(&tx, &events).await?;
+            }
+            tx.commit().await.map_err(db)?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn enqueue_events(&self, events: &[Event]) -> Result<usize, StateError> {
+        let events = events.to_vec();
+        self.run(|c| async move { write_events(&*c.lock().await, &events).await }).await
+    }
+
+    async fn dispatch_events(&self, now_ms: i64, window_ms: i64, limit: usize) -> Result<usize, StateError> {
+        self.run(|c| async move {
+            let mut client = c.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            let limit = limit as i64;
+            // SKIP LOCKED: nodes dispatching at once take different events.
+            let events: Vec<Event> = tx
+                .query(
+                    "SELECT id, type, dedup, only_endpoint, body, created_ms FROM webhook_events \
+                     WHERE NOT dispatched ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    &[&limit],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| Event {
+                    id: r.get(0),
+                    event_type: r.get(1),
+                    dedup: r.get(2),
+                    only_endpoint: r.get(3),
+                    body: r.get(4),
+                    created_ms: r.get(5),
+                })
+                .collect();
+            if events.is_empty() {
+                return Ok(0);
+            }
+            let sql = format!(
+                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = $1 AND deleted_ms IS NULL ORDER BY seq"
+            );
+            let endpoints: Vec<Stored> = tx
+                .query(&sql, &[&Kind::WebhookEndpoint.as_str()])
+                .await
+                .map_err(db)?
+                .iter()
+                .map(read_resource)
+                .collect::<Result<_, _>>()?;
+            for e in &events {
+                for d in super::webhooks::fan_out(e, &endpoints, now_ms, window_ms) {
+                    tx.execute(
+                        "INSERT INTO webhook_deliveries (id, event_id, endpoint_id, type, body, status, attempts, \
+                         next_attempt_ms, deadline_ms, created_ms, updated_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $9)",
+                        &[
+                            &d.id,
+                            &d.event_id,
+                            &d.endpoint_id,
+                            &d.event_type,
+                            &d.body,
+                            &d.status,
+                            &d.next_attempt_ms,
+                            &d.deadline_ms,
+                            &d.created_ms,
+                        ],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
+                tx.execute("UPDATE webhook_events SET dispatched = TRUE WHERE id = $1", &[&e.id])
+                    .await
+                    .map_err(db)?;
+            }
+            tx.commit().await.map_err(db)?;
+            Ok(events.len())
+        })
+        .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StateError> {
+        let owner = owner.to_string();
+        self.run(|c| async move {
+            let limit = limit as i64;
+            let sql = format!(
+                "UPDATE webhook_deliveries SET lease_owner = $1, lease_until_ms = $2 WHERE id IN ( \
+                 SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_ms <= $3 \
+                 AND lease_until_ms < $3 ORDER BY next_attempt_ms LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 RETURNING {DELIVERY_COLUMNS}"
+            );
+            let rows =
+                c.lock().await.query(&sql, &[&owner, &lease_until_ms, &now_ms, &limit]).await.map_err(db)?;
+            Ok(rows.iter().map(read_delivery).collect())
+        })
+        .await
+    }
+
+    async fn record_attempt(
+        &self,
+        id: &str,
+        owner: &str,
+        result: &AttemptResult,
+    ) -> Result<bool, StateError> {
+        let (id, owner, result) = (id.to_string(), owner.to_string(), result.clone());
+        self.run(|c| async move {
+            let mut client = c.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            let a = &result.attempt;
+            let finished = a.started_ms + a.duration_ms;
+            let n = tx
+                .query_opt(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, status = $3, next_attempt_ms = $4, \
+                     last_status = $5, last_error = $6, updated_ms = $7, lease_owner = '', lease_until_ms = 0 \
+                     WHERE id = $1 AND lease_owner = $2 RETURNING attempts",
+                    &[&id, &owner, &result.status, &result.next_attempt_ms, &a.status_code, &a.error, &finished],
+                )
+                .await
+                .map_err(db)?
+                .map(|r| r.get::<_, i64>(0));
+            if let Some(n) = n {
+                tx.execute(
+                    "INSERT INTO webhook_attempts (delivery_id, n, started_ms, duration_ms, status_code, error, \
+                     response_excerpt, node) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &[&id, &n, &a.started_ms, &a.duration_ms, &a.status_code, &a.error, &a.response_excerpt, &a.node],
+                )
+                .await
+                .map_err(db)?;
+            }
+            tx.commit().await.map_err(db)?;
+            Ok(n.is_some())
+        })
+        .await
+    }
+
+    async fn deliveries(&self, q: &DeliveryQuery) -> Result<Vec<Delivery>, StateError> {
+        let q = q.clone();
+        self.run(|c| async move {
+            let mut sql = format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE seq < $1");
+            let before = q.before_seq.unwrap_or(i64::MAX);
+            let mut values: Vec<&(dyn ToSql + Sync)> = vec![&before];
+            for (column, value) in [
+                ("endpoint_id", &q.endpoint_id),
+                ("status", &q.status),
+                ("type", &q.event_type),
+                ("event_id", &q.event_id),
+            ] {
+                if let Some(v) = value {
+                    values.push(v);
+                    sql.push_str(&format!(" AND {column} = ${}", values.len()));
+                }
+            }
+            sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", q.limit));
+            let rows = c.lock().await.query(&sql, &values).await.map_err(db)?;
+            Ok(rows.iter().map(read_delivery).collect())
+        })
+        .await
+    }
+
+    async fn delivery(&self, id: &str) -> Result<Option<(Delivery, Vec<Attempt>)>, StateError> {
+        let id = id.to_string();
+        self.run(|c| async move {
+            let client = c.lock().await;
+            let Some(d) = one_delivery(&*client, &id).await? else { return Ok(None) };
+            let attempts = client
+                .query(
+                    "SELECT n, started_ms, duration_ms, status_code, error, response_excerpt, node \
+                     FROM webhook_attempts WHERE delivery_id = $1 ORDER BY n",
+                    &[&id],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| Attempt {
+                    n: r.get(0),
+                    started_ms: r.get(1),
+                    duration_ms: r.get(2),
+                    status_code: r.get(3),
+                    error: r.get(4),
+                    response_excerpt: r.get(5),
+                    node: r.get(6),
+                })
+                .collect();
+            Ok(Some((d, attempts)))
+        })
+        .await
+    }
+
+    async fn replay_delivery(
+        &self,
+        id: &str,
+        now_ms: i64,
+        deadline_ms: i64,
+    ) -> Result<Option<Delivery>, StateError> {
+        let id = id.to_string();
+        self.run(|c| async move {
+            let client = c.lock().await;
+            client
+                .execute(
+                    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = $2, deadline_ms = $3, \
+                     updated_ms = $2 WHERE id = $1",
+                    &[&id, &now_ms, &deadline_ms],
+                )
+                .await
+                .map_err(db)?;
+            one_delivery(&*client, &id).await
         })
         .await
     }

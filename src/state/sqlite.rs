@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::spend::shared::NodeSpendRow;
 
+use super::webhooks::{Attempt, AttemptResult, Delivery, DeliveryQuery, Event};
 use super::{
     Actor, AuditEntry, AuditQuery, Change, ExperimentQuery, ExperimentRow, FileVersion, Idempotent, Kind,
     ListQuery, Op, StateError, StateStore, Stored, Version,
@@ -118,6 +119,50 @@ CREATE TABLE budget_spend_nodes (
     spend_nanos  INTEGER NOT NULL,
     updated_ms   INTEGER NOT NULL,
     PRIMARY KEY (budget, instance, period_start, node)
+) WITHOUT ROWID;
+",
+    "
+CREATE TABLE webhook_events (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT    NOT NULL UNIQUE,
+    type          TEXT    NOT NULL,
+    dedup         TEXT    UNIQUE,
+    only_endpoint TEXT,
+    body          TEXT    NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    dispatched    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX webhook_events_undispatched ON webhook_events (dispatched, seq);
+CREATE TABLE webhook_deliveries (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              TEXT    NOT NULL UNIQUE,
+    event_id        TEXT    NOT NULL,
+    endpoint_id     TEXT    NOT NULL,
+    type            TEXT    NOT NULL,
+    body            TEXT    NOT NULL,
+    status          TEXT    NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_ms INTEGER NOT NULL,
+    deadline_ms     INTEGER NOT NULL,
+    lease_owner     TEXT    NOT NULL DEFAULT '',
+    lease_until_ms  INTEGER NOT NULL DEFAULT 0,
+    last_status     INTEGER,
+    last_error      TEXT,
+    created_ms      INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
+CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, seq);
+CREATE TABLE webhook_attempts (
+    delivery_id      TEXT    NOT NULL,
+    n                INTEGER NOT NULL,
+    started_ms       INTEGER NOT NULL,
+    duration_ms      INTEGER NOT NULL,
+    status_code      INTEGER,
+    error            TEXT,
+    response_excerpt TEXT    NOT NULL,
+    node             TEXT    NOT NULL,
+    PRIMARY KEY (delivery_id, n)
 ) WITHOUT ROWID;
 ",
 ];
@@ -243,6 +288,7 @@ fn commit_changes(conn: &mut Connection, changes: &[Change]) -> Result<i64, Stat
     let revision = tx.last_insert_rowid();
     for c in changes {
         write_change(&tx, revision, c)?;
+        write_events(&tx, &c.events)?;
     }
     tx.commit().map_err(db)?;
     Ok(revision)
@@ -331,6 +377,56 @@ fn write_change(tx: &rusqlite::Transaction<'_>, revision: i64, c: &Change) -> Re
         .map_err(db)?;
     }
     Ok(())
+}
+
+/// Writes events to the outbox; one whose dedup key (or id) is there already is skipped.
+fn write_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<usize, StateError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO webhook_events (id, type, dedup, only_endpoint, body, created_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(db)?;
+    let mut new = 0;
+    for e in events {
+        new += stmt
+            .execute(params![e.id, e.event_type, e.dedup, e.only_endpoint, e.body, e.created_ms])
+            .map_err(db)?;
+    }
+    Ok(new)
+}
+
+const DELIVERY_COLUMNS: &str =
+    "seq, id, event_id, endpoint_id, type, body, status, attempts, next_attempt_ms, \
+     deadline_ms, last_status, last_error, created_ms, updated_ms";
+
+fn read_delivery(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
+    Ok(Delivery {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        event_id: r.get(2)?,
+        endpoint_id: r.get(3)?,
+        event_type: r.get(4)?,
+        body: r.get(5)?,
+        status: r.get(6)?,
+        attempts: r.get(7)?,
+        next_attempt_ms: r.get(8)?,
+        deadline_ms: r.get(9)?,
+        last_status: r.get(10)?,
+        last_error: r.get(11)?,
+        created_ms: r.get(12)?,
+        updated_ms: r.get(13)?,
+    })
+}
+
+fn one_delivery(conn: &Connection, id: &str) -> Result<Option<Delivery>, StateError> {
+    conn.query_row(
+        &format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?1"),
+        [id],
+        read_delivery,
+    )
+    .optional()
+    .map_err(db)
 }
 
 fn load_live(conn: &Connection) -> Result<Vec<Stored>, StateError> {
@@ -640,11 +736,17 @@ impl StateStore for SqliteState {
         .await
     }
 
-    async fn update_experiment(&self, row: &ExperimentRow, from: &[&str]) -> Result<bool, StateError> {
-        let row = row.clone();
+    async fn update_experiment_with(
+        &self,
+        row: &ExperimentRow,
+        from: &[&str],
+        events: &[Event],
+    ) -> Result<bool, StateError> {
+        let (row, events) = (row.clone(), events.to_vec());
         let condition = super::status_list(from);
         self.run(move |conn| {
-            let n = conn
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            let n = tx
                 .execute(
                     &format!(
                         "UPDATE experiments SET status = ?2, body = ?3, updated_ms = ?4 WHERE id = ?1 AND {condition}"
@@ -652,7 +754,244 @@ impl StateStore for SqliteState {
                     params![row.id, row.status, row.body.to_string(), row.updated_ms],
                 )
                 .map_err(db)?;
+            if n == 1 {
+                write_events(&tx, &events)?;
+            }
+            tx.commit().map_err(db)?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn enqueue_events(&self, events: &[Event]) -> Result<usize, StateError> {
+        let events = events.to_vec();
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            let n = write_events(&tx, &events)?;
+            tx.commit().map_err(db)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn dispatch_events(&self, now_ms: i64, window_ms: i64, limit: usize) -> Result<usize, StateError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            let events: Vec<Event> = {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT id, type, dedup, only_endpoint, body, created_ms FROM webhook_events \
+                         WHERE dispatched = 0 ORDER BY seq LIMIT ?1",
+                    )
+                    .map_err(db)?;
+                let rows = stmt
+                    .query_map([limit as i64], |r| {
+                        Ok(Event {
+                            id: r.get(0)?,
+                            event_type: r.get(1)?,
+                            dedup: r.get(2)?,
+                            only_endpoint: r.get(3)?,
+                            body: r.get(4)?,
+                            created_ms: r.get(5)?,
+                        })
+                    })
+                    .map_err(db)?;
+                rows.collect::<Result<_, _>>().map_err(db)?
+            };
+            if events.is_empty() {
+                return Ok(0);
+            }
+            let endpoints = list_resources(
+                &tx,
+                Kind::WebhookEndpoint,
+                &ListQuery { include_deleted: false, limit: 10_000, ..Default::default() },
+            )?;
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO webhook_deliveries (id, event_id, endpoint_id, type, body, status, attempts, \
+                         next_attempt_ms, deadline_ms, created_ms, updated_ms) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?9)",
+                    )
+                    .map_err(db)?;
+                let mut done =
+                    tx.prepare_cached("UPDATE webhook_events SET dispatched = 1 WHERE id = ?1").map_err(db)?;
+                for e in &events {
+                    for d in super::webhooks::fan_out(e, &endpoints, now_ms, window_ms) {
+                        insert
+                            .execute(params![
+                                d.id,
+                                d.event_id,
+                                d.endpoint_id,
+                                d.event_type,
+                                d.body,
+                                d.status,
+                                d.next_attempt_ms,
+                                d.deadline_ms,
+                                d.created_ms
+                            ])
+                            .map_err(db)?;
+                    }
+                    done.execute([&e.id]).map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(events.len())
+        })
+        .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StateError> {
+        let owner = owner.to_string();
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            let due: Vec<Delivery> = {
+                let mut stmt = tx
+                    .prepare_cached(&format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE status = 'pending' \
+                         AND next_attempt_ms <= ?1 AND lease_until_ms < ?1 ORDER BY next_attempt_ms LIMIT ?2"
+                    ))
+                    .map_err(db)?;
+                let rows = stmt.query_map(params![now_ms, limit as i64], read_delivery).map_err(db)?;
+                rows.collect::<Result<_, _>>().map_err(db)?
+            };
+            {
+                let mut lease = tx
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET lease_owner = ?2, lease_until_ms = ?3 WHERE id = ?1",
+                    )
+                    .map_err(db)?;
+                for d in &due {
+                    lease.execute(params![d.id, owner, lease_until_ms]).map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(due)
+        })
+        .await
+    }
+
+    async fn record_attempt(
+        &self,
+        id: &str,
+        owner: &str,
+        result: &AttemptResult,
+    ) -> Result<bool, StateError> {
+        let (id, owner, result) = (id.to_string(), owner.to_string(), result.clone());
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            let a = &result.attempt;
+            let n = tx
+                .execute(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?3, next_attempt_ms = ?4, \
+                     last_status = ?5, last_error = ?6, updated_ms = ?7, lease_owner = '', lease_until_ms = 0 \
+                     WHERE id = ?1 AND lease_owner = ?2",
+                    params![
+                        id,
+                        owner,
+                        result.status,
+                        result.next_attempt_ms,
+                        a.status_code,
+                        a.error,
+                        a.started_ms + a.duration_ms
+                    ],
+                )
+                .map_err(db)?;
+            if n == 1 {
+                tx.execute(
+                    "INSERT INTO webhook_attempts (delivery_id, n, started_ms, duration_ms, status_code, error, \
+                     response_excerpt, node) \
+                     SELECT ?1, attempts, ?2, ?3, ?4, ?5, ?6, ?7 FROM webhook_deliveries WHERE id = ?1",
+                    params![id, a.started_ms, a.duration_ms, a.status_code, a.error, a.response_excerpt, a.node],
+                )
+                .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn deliveries(&self, q: &DeliveryQuery) -> Result<Vec<Delivery>, StateError> {
+        let q = q.clone();
+        self.run(move |conn| {
+            let mut sql = format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE seq < ?1");
+            let mut args: Vec<String> = Vec::new();
+            for (column, value) in [
+                ("endpoint_id", &q.endpoint_id),
+                ("status", &q.status),
+                ("type", &q.event_type),
+                ("event_id", &q.event_id),
+            ] {
+                if let Some(v) = value {
+                    args.push(v.clone());
+                    sql.push_str(&format!(" AND {column} = ?{}", args.len() + 1));
+                }
+            }
+            sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", q.limit));
+            let mut stmt = conn.prepare(&sql).map_err(db)?;
+            let mut values: Vec<&dyn rusqlite::ToSql> = Vec::new();
+            let before = q.before_seq.unwrap_or(i64::MAX);
+            values.push(&before);
+            for a in &args {
+                values.push(a);
+            }
+            let rows = stmt.query_map(values.as_slice(), read_delivery).map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn delivery(&self, id: &str) -> Result<Option<(Delivery, Vec<Attempt>)>, StateError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let Some(d) = one_delivery(conn, &id)? else { return Ok(None) };
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT n, started_ms, duration_ms, status_code, error, response_excerpt, node \
+                     FROM webhook_attempts WHERE delivery_id = ?1 ORDER BY n",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([&id], |r| {
+                    Ok(Attempt {
+                        n: r.get(0)?,
+                        started_ms: r.get(1)?,
+                        duration_ms: r.get(2)?,
+                        status_code: r.get(3)?,
+                        error: r.get(4)?,
+                        response_excerpt: r.get(5)?,
+                        node: r.get(6)?,
+                    })
+                })
+                .map_err(db)?;
+            let attempts = rows.collect::<Result<_, _>>().map_err(db)?;
+            Ok(Some((d, attempts)))
+        })
+        .await
+    }
+
+    async fn replay_delivery(
+        &self,
+        id: &str,
+        now_ms: i64,
+        deadline_ms: i64,
+    ) -> Result<Option<Delivery>, StateError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = ?2, deadline_ms = ?3, \
+                 updated_ms = ?2 WHERE id = ?1",
+                params![id, now_ms, deadline_ms],
+            )
+            .map_err(db)?;
+            one_delivery(conn, &id)
         })
         .await
     }
@@ -758,6 +1097,7 @@ mod tests {
             after: Some(json!({"name": slug})),
             now_ms: 1_000,
             idempotent: None,
+            events: Vec::new(),
         }
     }
 
