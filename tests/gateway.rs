@@ -967,6 +967,8 @@ mod spend;
 mod traces;
 #[path = "gateway/traces_clickhouse.rs"]
 mod traces_clickhouse;
+#[path = "gateway/webhooks.rs"]
+mod webhooks;
 
 // ------------------------------------------------------------------ translation
 

@@ -5,7 +5,7 @@
 use super::pg::PgServer;
 use super::*;
 
-async fn call(
+pub(super) async fn call(
     gw: &Gateway,
     method: &str,
     path: &str,
@@ -24,36 +24,36 @@ async fn chat_with(gw: &Gateway, key: &str) -> Response {
     httpc::request(gw.proxy, "POST", CHAT, &[("authorization", &auth)], &chat_body("@fast")).await.unwrap()
 }
 
-fn data(resp: &Response) -> Value {
+pub(super) fn data(resp: &Response) -> Value {
     resp.json().unwrap()["data"].clone()
 }
 
 /// Where the gateway under test keeps its management state: the embedded SQLite file, or a
 /// database on a PostgreSQL server of the test's own. Every scenario runs on both.
-struct Backend {
+pub(super) struct Backend {
     yaml: String,
     pg: Option<PgServer>,
 }
 
 impl Backend {
-    fn sqlite() -> Backend {
+    pub(super) fn sqlite() -> Backend {
         Backend { yaml: String::new(), pg: None }
     }
 
-    async fn postgres() -> Backend {
+    pub(super) async fn postgres() -> Backend {
         let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
         let url = pg.database("modelux_test").await;
         Backend { yaml: format!("state: {{ backend: postgres, url: \"{url}\" }}\n"), pg: Some(pg) }
     }
 
-    fn cfg(&self, upstream: &MockServer) -> Cfg<'static> {
+    pub(super) fn cfg(&self, upstream: &MockServer) -> Cfg<'static> {
         let mut cfg = Cfg::new(upstream.base_url().leak());
         cfg.top_extra = self.yaml.clone();
         cfg
     }
 
     /// Files that hold the stored state (searched for plaintext secrets).
-    fn files(&self, data_dir: &std::path::Path) -> Vec<PathBuf> {
+    pub(super) fn files(&self, data_dir: &std::path::Path) -> Vec<PathBuf> {
         match &self.pg {
             None => vec![data_dir.join("modelux.db"), data_dir.join("modelux.db-wal")],
             Some(pg) => pg.files(),
@@ -61,7 +61,11 @@ impl Backend {
     }
 }
 
-fn with_data_dir(upstream: &MockServer, data: &tempfile::TempDir, backend: &Backend) -> Cfg<'static> {
+pub(super) fn with_data_dir(
+    upstream: &MockServer,
+    data: &tempfile::TempDir,
+    backend: &Backend,
+) -> Cfg<'static> {
     let mut cfg = backend.cfg(upstream);
     cfg.server_extra = format!("  data_dir: \"{}\"", data.path().display()).leak();
     cfg
