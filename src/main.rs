@@ -72,6 +72,16 @@ enum Command {
         #[command(subcommand)]
         command: admin::ExperimentsCommand,
     },
+    /// The MCP server (every management operation as a tool) for local MCP clients, over
+    /// stdin and stdout, calling the gateway's management API with a management key.
+    Mcp {
+        #[command(flatten)]
+        conn: admin::Conn,
+        /// Serve over stdin/stdout (the only transport here; HTTP clients use
+        /// http://<manage_listen>/mcp on the gateway itself).
+        #[arg(long)]
+        stdio: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -162,6 +172,36 @@ fn main() -> ExitCode {
         Command::Budgets { conn, command } => admin::budgets(&conn, command),
         Command::Replay(args) => admin::replay(*args),
         Command::Experiments { conn, command } => admin::experiments(&conn, command),
+        Command::Mcp { conn, stdio } => mcp(conn, stdio),
+    }
+}
+
+fn mcp(conn: admin::Conn, stdio: bool) -> ExitCode {
+    if !stdio {
+        eprintln!("modelux mcp: pass --stdio (HTTP MCP clients connect to http://<manage_listen>/mcp)");
+        return ExitCode::from(2);
+    }
+    let Some(key) = conn.admin_key else {
+        eprintln!("modelux mcp: a management key is required (--admin-key or MODELUX_ADMIN_KEY)");
+        return ExitCode::from(2);
+    };
+    // stdout carries the protocol: logs go to stderr only.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("modelux mcp: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(modelux::manage::mcp::serve_stdio(conn.manage_url, key)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("modelux mcp: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

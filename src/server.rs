@@ -281,7 +281,8 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             .map(|proxy| crate::replay::runner::LiveTarget { proxy, grants }),
     );
     let wake = Arc::new(tokio::sync::Notify::new());
-    let manage_app = || ManageApp {
+    let changing = Arc::new(crate::manage::api::InFlight::default());
+    let manage_app = |mcp: Option<Arc<crate::manage::mcp::McpHttp>>| ManageApp {
         store: handles.store.clone(),
         metrics: handles.metrics.clone(),
         spend: handles.spend.clone(),
@@ -290,15 +291,21 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         state: handles.state.clone(),
         master: handles.master.clone(),
         connector: Connector::new(None),
-        changing: Default::default(),
+        changing: changing.clone(),
         experiments: experiments.clone(),
         node: handles.node.clone(),
         webhooks: wake.clone(),
+        mcp,
     };
-    let mut manage = Service::new("modelux manage".to_string(), HttpServer::new_app(manage_app()));
+    // The MCP tools call the management handlers on an instance of their own (sharing
+    // everything, the in-flight changes included).
+    let mcp = Arc::new(crate::manage::mcp::McpHttp::new(Arc::new(manage_app(None))));
+    let mut manage = Service::new("modelux manage".to_string(), HttpServer::new_app(manage_app(Some(mcp))));
     // Creates experiments only (no resource changes), so its own in-flight set is enough.
-    let scheduler =
-        background_service("experiment scheduler", crate::manage::scheduled::Scheduler { app: manage_app() });
+    let scheduler = background_service(
+        "experiment scheduler",
+        crate::manage::scheduled::Scheduler { app: manage_app(None) },
+    );
     manage.add_tcp(&settings.manage_listen);
     manage.threads = Some(1);
 

@@ -8,6 +8,7 @@ pub mod budgets;
 pub mod experiments;
 pub mod keys;
 pub mod logs;
+pub mod mcp;
 pub mod openapi;
 pub mod projects;
 pub mod providers;
@@ -39,14 +40,16 @@ pub struct ManageApp {
     pub master: Arc<crate::state::secrets::MasterKey>,
     /// For provider credential checks (its own pool: never the proxy's connections).
     pub connector: pingora::connectors::http::Connector,
-    /// Resources with a change being applied.
-    pub changing: api::InFlight,
+    /// Resources with a change being applied (shared with the MCP tools' instance).
+    pub changing: Arc<api::InFlight>,
     /// The experiment queue and its worker.
     pub experiments: Arc<crate::replay::Experiments>,
     /// This node's name (`spend.node_id`, else host name and proxy port).
     pub node: Arc<str>,
     /// Wakes the webhook sender (a test event, a replay).
     pub webhooks: Arc<tokio::sync::Notify>,
+    /// `/mcp` (the listener's instance only; the tools run on an instance of their own).
+    pub mcp: Option<Arc<mcp::McpHttp>>,
 }
 
 /// Reads the request body, up to `api::MAX_BODY`; `Err`: the answer to send instead.
@@ -81,10 +84,9 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, api::Answer> 
 }
 
 impl ManageApp {
-    /// A resource endpoint (`rest`: the path below `/manage/v1/`), or `None` if not one.
     /// A management endpoint (`rest`: the path below `/manage/v1/`). Only what the route
     /// table lists is dispatched, so the OpenAPI document covers every answered path.
-    async fn resource(&self, call: &api::Call<'_>, path: &str, rest: &str) -> api::Answer {
+    pub(crate) async fn resource(&self, call: &api::Call<'_>, path: &str, rest: &str) -> api::Answer {
         match openapi::find(call.method, rest) {
             Err(None) => return api::ApiError::not_found("endpoint", path).into_answer(),
             Err(Some(allowed)) => {
@@ -189,6 +191,13 @@ impl ServeHttp for ManageApp {
             (header("idempotency-key"), header("if-match"), header("user-agent").unwrap_or_default());
         let ip =
             session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()).unwrap_or_default();
+        let mcp_head = (path == "/mcp").then(|| {
+            let mut head = http::Request::builder().method(method.clone()).uri(req.uri.clone());
+            for (name, value) in req.headers.iter() {
+                head = head.header(name, value);
+            }
+            head
+        });
         let body = match read_body(session).await {
             Ok(b) => b,
             Err(answer) => return finish(answer),
@@ -206,7 +215,10 @@ impl ServeHttp for ManageApp {
                 json(200, format!(r#"{{"status":"ready","config_generation":{generation}}}"#).into_bytes())
             }
             (_, p)
-                if p.starts_with("/manage/v1/") || p == "/manage/v1" || p.starts_with("/api/manage/v1") =>
+                if p.starts_with("/manage/v1/")
+                    || p == "/manage/v1"
+                    || p.starts_with("/api/manage/v1")
+                    || (p == "/mcp" && self.mcp.is_some()) =>
             {
                 let snapshot = self.store.load();
                 let principal = auth::bearer_token(auth_header.as_deref())
@@ -263,6 +275,20 @@ impl ServeHttp for ManageApp {
                         let secs = v.retry_after_us.div_ceil(1_000_000).max(1);
                         resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
                         resp
+                    }
+                    _ if p == "/mcp" => {
+                        let request = mcp_head.map(|h| h.body(bytes::Bytes::from(body)));
+                        match (&self.mcp, request) {
+                            (Some(mcp), Some(Ok(request))) => mcp.serve(request, (*principal).clone()).await,
+                            _ => json(
+                                400,
+                                openai_error_body(
+                                    "invalid_request_error",
+                                    "malformed MCP request",
+                                    "invalid_request",
+                                ),
+                            ),
+                        }
                     }
                     _ => {
                         let call = api::Call {

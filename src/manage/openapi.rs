@@ -696,6 +696,88 @@ pub static ROUTES: &[Route] = &[
     route("GET", "/openapi.json", "getOpenApi", "meta", "This document"),
 ];
 
+/// The JSON Schema of an MCP tool's arguments for route `r`: its path parameters, its query
+/// parameters (and the page's), and its request body's fields (flattened when the body is an
+/// object with properties, else under `body`), with the schemas the body refers to in
+/// `$defs`. Built from the same types as the OpenAPI document, so the two cannot drift.
+pub fn tool_input_schema(r: &Route) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let mut props = Map::new();
+    let mut required: Vec<Value> = Vec::new();
+    for name in path_params(r) {
+        props.insert(
+            name.into(),
+            json!({"type": "string", "description": "id (or slug where the resource has one)"}),
+        );
+        required.push(json!(name));
+    }
+    if r.paged {
+        props.insert(
+            "limit".into(),
+            json!({"type": "integer", "minimum": 1, "maximum": 200, "description": "page size (default 50)"}),
+        );
+        props.insert(
+            "cursor".into(),
+            json!({"type": "string", "description": "next_cursor of the previous page"}),
+        );
+    }
+    for (name, description) in r.query {
+        props.insert((*name).into(), json!({"type": "string", "description": description}));
+    }
+    let mut defs = Map::new();
+    let mut open = false;
+    if let Some(body) = r.body {
+        let body = body();
+        for (name, schema) in &body.schemas {
+            let text = serde_json::to_string(schema)
+                .unwrap_or_default()
+                .replace("#/components/schemas/", "#/$defs/");
+            defs.insert(name.clone(), serde_json::from_str(&text).unwrap_or(Value::Null));
+        }
+        match defs.get(&body.name).and_then(|s| s.get("properties")).and_then(Value::as_object).cloned() {
+            Some(fields) => {
+                for (k, v) in fields {
+                    props.entry(k).or_insert(v);
+                }
+                let main = &defs[&body.name];
+                if let Some(list) = main.get("required").and_then(Value::as_array) {
+                    required.extend(list.iter().cloned());
+                }
+                open = main.get("additionalProperties").is_some_and(|a| a != &Value::Bool(false));
+            }
+            None => {
+                props.insert("body".into(), json!({"$ref": format!("#/$defs/{}", body.name)}));
+                required.push(json!("body"));
+            }
+        }
+    }
+    let mut schema = json!({"type": "object", "properties": props, "required": required});
+    if !defs.is_empty() {
+        schema["$defs"] = Value::Object(defs);
+    }
+    if open {
+        schema["additionalProperties"] = json!(true);
+    }
+    schema
+}
+
+/// The `{name}` parameters of a route's path, in order.
+pub fn path_params(r: &Route) -> impl Iterator<Item = &'static str> {
+    r.path.split('/').filter(|s| s.starts_with('{')).map(|s| s.trim_matches(|c| c == '{' || c == '}'))
+}
+
+/// Whether the body's fields are the tool's arguments (else they are under `body`).
+pub fn flattens_body(r: &Route) -> bool {
+    r.body.is_some_and(|b| {
+        let b = b();
+        b.schemas.iter().any(|(name, schema)| {
+            *name == b.name
+                && serde_json::to_value(schema)
+                    .is_ok_and(|v| v.get("properties").is_some_and(serde_json::Value::is_object))
+        })
+    })
+}
+
 /// The route `method` and `path` (below `/manage/v1`, no leading slash) match: `Ok(route)`,
 /// `Err(Some(allowed))` when the path exists with other methods, `Err(None)` when not at all.
 pub fn find(method: &str, path: &str) -> Result<&'static Route, Option<String>> {
