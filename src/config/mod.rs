@@ -100,6 +100,7 @@ pub struct WebhookSettings {
     pub poll_interval: Duration,
     pub secret_overlap: Duration,
     pub org_id: String,
+    pub retention: Duration,
 }
 
 impl Default for WebhookSettings {
@@ -112,15 +113,19 @@ impl Default for WebhookSettings {
             poll_interval: Duration::from_secs(1),
             secret_overlap: Duration::from_secs(86_400),
             org_id: "default".into(),
+            retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
 
 fn webhook_settings(raw: &raw::RawWebhooks, errors: &mut Vec<ConfigError>) -> WebhookSettings {
     let d = WebhookSettings::default();
-    let ms = |v: Option<u64>, default: Duration, name: &str, errors: &mut Vec<ConfigError>| match v {
-        Some(0) => {
-            errors.push(ConfigError::new(format!("webhooks.{name}"), "must be greater than 0"));
+    const DAY_MS: u64 = 86_400_000;
+    let ms = |v: Option<u64>, default: Duration, name: &str, max: u64, errors: &mut Vec<ConfigError>| match v
+    {
+        Some(n) if n == 0 || n > max => {
+            errors
+                .push(ConfigError::new(format!("webhooks.{name}"), format!("must be from 1 to {max} (ms)")));
             default
         }
         Some(n) => Duration::from_millis(n),
@@ -131,13 +136,21 @@ fn webhook_settings(raw: &raw::RawWebhooks, errors: &mut Vec<ConfigError>) -> We
         errors.push(ConfigError::new("webhooks.org_id", "must not be empty"));
     }
     WebhookSettings {
-        timeout: ms(raw.timeout_ms, d.timeout, "timeout_ms", errors),
-        backoff_base: ms(raw.backoff_base_ms, d.backoff_base, "backoff_base_ms", errors),
-        backoff_cap: ms(raw.backoff_cap_ms, d.backoff_cap, "backoff_cap_ms", errors),
-        retry_window: ms(raw.retry_window_ms, d.retry_window, "retry_window_ms", errors),
-        poll_interval: ms(raw.poll_interval_ms, d.poll_interval, "poll_interval_ms", errors),
-        secret_overlap: ms(raw.secret_overlap_ms, d.secret_overlap, "secret_overlap_ms", errors),
+        timeout: ms(raw.timeout_ms, d.timeout, "timeout_ms", 120_000, errors),
+        backoff_base: ms(raw.backoff_base_ms, d.backoff_base, "backoff_base_ms", DAY_MS, errors),
+        backoff_cap: ms(raw.backoff_cap_ms, d.backoff_cap, "backoff_cap_ms", DAY_MS, errors),
+        retry_window: ms(raw.retry_window_ms, d.retry_window, "retry_window_ms", 30 * DAY_MS, errors),
+        poll_interval: ms(raw.poll_interval_ms, d.poll_interval, "poll_interval_ms", 60_000, errors),
+        secret_overlap: ms(raw.secret_overlap_ms, d.secret_overlap, "secret_overlap_ms", 30 * DAY_MS, errors),
         org_id,
+        retention: match raw.retention_days {
+            Some(0) => {
+                errors.push(ConfigError::new("webhooks.retention_days", "must be greater than 0"));
+                d.retention
+            }
+            Some(days) => Duration::from_secs(u64::from(days) * 86_400),
+            None => d.retention,
+        },
     }
 }
 

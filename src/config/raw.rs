@@ -298,6 +298,9 @@ pub struct RawWebhooks {
     pub secret_overlap_ms: Option<u64>,
     /// `org_id` of every event's envelope (default `default`).
     pub org_id: Option<String>,
+    /// Finished deliveries (and their attempts) are deleted this many days after their last
+    /// attempt (default 30).
+    pub retention_days: Option<u32>,
 }
 
 /// `experiments:` — replays of stored traffic (README: Experiments).

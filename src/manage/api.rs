@@ -264,6 +264,9 @@ pub struct Plan {
     pub status: u16,
     /// The answer's `data`.
     pub data: Value,
+    /// Fields of `data` holding a secret shown once (a new key, a signing secret): the copy
+    /// kept for `Idempotency-Key` replays has them replaced by `null`, so no secret is stored.
+    pub secret_fields: &'static [&'static str],
 }
 
 /// Resources with a change in flight (by lock key): a second change of the same resource
@@ -396,6 +399,12 @@ async fn mutate_inner(
     for c in &mut plan.changes {
         c.events = super::webhooks::events_of(c, &snapshot.settings.webhooks.org_id);
     }
+    let mut kept = plan.data.clone();
+    for field in plan.secret_fields {
+        if let Some(v) = kept.get_mut(*field) {
+            *v = Value::Null;
+        }
+    }
     let answer = Answer::data(plan.status, plan.data);
     if let (Some((key, fp)), Some(first)) = (&idempotency, plan.changes.first_mut()) {
         first.idempotent = Some(Idempotent {
@@ -403,7 +412,7 @@ async fn mutate_inner(
             key: key.to_string(),
             fingerprint: fp.clone(),
             status: answer.status,
-            body: answer.body.clone(),
+            body: Answer::data(answer.status, kept).body,
             created_ms: now,
         });
     }
@@ -473,7 +482,7 @@ pub fn create_plan(call: &Call<'_>, r: Stored, action: &str, view: fn(&Stored) -
     let data = view(&r);
     let mut c = change(call, Op::Create, r, None, action.into());
     c.after = Some(data.clone());
-    Plan { changes: vec![c], status: 201, data }
+    Plan { changes: vec![c], status: 201, data, secret_fields: &[] }
 }
 
 /// `old` becoming `new` (its next version), audited as `action`.
@@ -488,7 +497,7 @@ pub fn update_plan(
     let mut c = change(call, Op::Update, new, Some(old.version), action.into());
     c.before = Some(view(old));
     c.after = Some(data.clone());
-    Plan { changes: vec![c], status: 200, data }
+    Plan { changes: vec![c], status: 200, data, secret_fields: &[] }
 }
 
 /// The change that soft-deletes (or revokes) `old`, audited as `action`.
@@ -506,7 +515,7 @@ pub fn delete_change(call: &Call<'_>, old: &Stored, action: &str, view: fn(&Stor
 pub fn delete_plan(call: &Call<'_>, old: &Stored, action: &str, view: fn(&Stored) -> Value) -> Plan {
     let c = delete_change(call, old, action, view);
     let data = c.after.clone().unwrap_or(Value::Null);
-    Plan { changes: vec![c], status: 200, data }
+    Plan { changes: vec![c], status: 200, data, secret_fields: &[] }
 }
 
 /// The live stored resource `found` picked out of `current`, held to `If-Match`; without

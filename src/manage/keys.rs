@@ -203,6 +203,7 @@ async fn create(app: &ManageApp, call: &Call<'_>, kind: Kind, path: &str) -> Ans
         let mut plan = api::create_plan(call, r, &format!("{}.created", kind.as_str()), view);
         // The plaintext is in this answer only (not in the audit entry's copy).
         plan.data["key"] = json!(secret);
+        plan.secret_fields = &["key"];
         Ok(plan)
     })
     .await

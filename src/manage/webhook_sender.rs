@@ -11,7 +11,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read as _;
-use std::net::ToSocketAddrs as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -106,6 +105,9 @@ impl WebhookSender {
                 }
             }
         }
+        // The lease is taken now (not when the round began): an attempt starts only while at
+        // least its whole timeout is left on it (`deliver`).
+        let now = crate::manage::api::now_ms();
         let lease_until = now + (settings.timeout + settings.timeout.min(LEASE_MARGIN)).as_millis() as i64;
         let due = match self.state.claim_deliveries(&self.node, now, lease_until, BATCH).await {
             Ok(d) => d,
@@ -114,7 +116,7 @@ impl WebhookSender {
                 return;
             }
         };
-        let sends = due.into_iter().map(|d| self.deliver(d, &snapshot));
+        let sends = due.into_iter().map(|d| self.deliver(d, &snapshot, lease_until));
         futures::future::join_all(sends).await;
     }
 
@@ -125,7 +127,10 @@ impl WebhookSender {
         let health_now = crate::routing::health::now_ms();
         let mut events = Vec::new();
         for (key, cell) in snapshot.health.snapshot() {
-            let (healthy, transitions) = (cell.is_healthy(), cell.transitions());
+            // States alternate from healthy, so the count alone says where the cell stands
+            // (reading the state separately could pair a new state with an old count).
+            let transitions = cell.transitions();
+            let healthy = transitions.is_multiple_of(2);
             // A cell starts healthy with no transitions (and is listed once it has traffic).
             let (was, before) = seen.health.insert(key.clone(), (healthy, transitions)).unwrap_or((true, 0));
             if transitions == before {
@@ -239,10 +244,16 @@ impl WebhookSender {
     }
 
     /// One attempt of `d`, recorded with its outcome.
-    async fn deliver(&self, d: Delivery, snapshot: &Snapshot) {
+    async fn deliver(&self, d: Delivery, snapshot: &Snapshot, lease_until: i64) {
         let settings = snapshot.settings.webhooks.clone();
-        let started_ms = crate::manage::api::now_ms();
         let endpoint = self.state.get(Kind::WebhookEndpoint, &d.endpoint_id, "").await;
+        let started_ms = crate::manage::api::now_ms();
+        if started_ms + settings.timeout.as_millis() as i64 > lease_until {
+            // Too little lease left for a whole attempt: another node may take the delivery
+            // once the lease runs out; sending now could overlap with it.
+            tracing::debug!(delivery = %d.id, "webhook lease too short to send; left to run out");
+            return;
+        }
         let prepared = match endpoint {
             Ok(Some(e)) => self.prepare(&d, &e.body, snapshot, started_ms),
             Ok(None) => Err(Refusal::Final(format!("endpoint {} no longer exists", d.endpoint_id))),
@@ -272,7 +283,8 @@ impl WebhookSender {
         let (status, next) = if ok {
             ("delivered", finished)
         } else {
-            let next = finished.saturating_add(backoff(d.attempts + 1, &settings).as_millis() as i64);
+            let since_replay = d.attempts + 1 - d.backoff_from;
+            let next = finished.saturating_add(backoff(since_replay, &settings).as_millis() as i64);
             if final_refusal || next > d.deadline_ms {
                 ("failed", finished)
             } else {
@@ -430,23 +442,21 @@ fn slack_body(envelope: &str) -> Vec<u8> {
 /// never to this gateway's own listeners. The receiver's status and the first bytes of
 /// its answer, or why there was none.
 fn send(r: Request, timeout: Duration) -> Result<(u16, String), String> {
-    let parsed = url::Url::parse(&r.url).map_err(|e| e.to_string())?;
-    let host =
-        parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = parsed.port_or_known_default().unwrap_or(80);
-    let addrs: Vec<_> =
-        (host.as_str(), port).to_socket_addrs().map_err(|e| format!("cannot resolve {host}: {e}"))?.collect();
-    if addrs.iter().any(|a| is_own_listener(*a, &r.snapshot)) {
-        return Err("refused: the URL resolves to this gateway's own listener".into());
-    }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .proxy(None)
         .max_redirects(0)
         .timeout_global(Some(timeout))
         .user_agent(concat!("modelux-webhooks/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+        .build();
+    let agent = ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::new(),
+        Guarded {
+            snapshot: r.snapshot.clone(),
+            inner: ureq::unversioned::resolver::DefaultResolver::default(),
+        },
+    );
     let timestamp = crate::spend::unix_now().to_string();
     let mut req = agent
         .post(&r.url)
@@ -459,7 +469,10 @@ fn send(r: Request, timeout: Duration) -> Result<(u16, String), String> {
     if let Some(previous) = &r.previous_signature {
         req = req.header("x-modelux-signature-previous", previous);
     }
-    let mut resp = req.send(&r.body[..]).map_err(|e| e.to_string())?;
+    let mut resp = req.send(&r.body[..]).map_err(|e| match e {
+        ureq::Error::Other(inner) => inner.to_string(),
+        e => e.to_string(),
+    })?;
     let status = resp.status().as_u16();
     let mut excerpt = Vec::with_capacity(EXCERPT);
     // A receiver that answers and then stalls its body does not hold the attempt: the
@@ -468,10 +481,54 @@ fn send(r: Request, timeout: Duration) -> Result<(u16, String), String> {
     Ok((status, String::from_utf8_lossy(&excerpt).into_owned()))
 }
 
+const OWN_LISTENER: &str = "refused: the URL resolves to this gateway's own listener";
+
+/// Resolves once, within the attempt's timeout, and refuses addresses of this gateway's own
+/// listeners: the addresses checked are the ones connected to (no second lookup a
+/// rebinding name could answer differently).
+struct Guarded {
+    snapshot: Arc<Snapshot>,
+    inner: ureq::unversioned::resolver::DefaultResolver,
+}
+
+impl std::fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guarded")
+    }
+}
+
+impl ureq::unversioned::resolver::Resolver for Guarded {
+    fn resolve(
+        &self,
+        uri: &http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        if addrs.iter().any(|a| is_own_listener(*a, &self.snapshot)) {
+            return Err(ureq::Error::Other(OWN_LISTENER.into()));
+        }
+        Ok(addrs)
+    }
+}
+
+/// How often finished deliveries past their retention are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 #[async_trait]
 impl BackgroundService for WebhookSender {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut pruned: Option<Instant> = None;
         loop {
+            if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                pruned = Some(Instant::now());
+                let retention = self.store.load().settings.webhooks.retention.as_millis() as i64;
+                match self.state.prune_webhooks(crate::manage::api::now_ms() - retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deliveries = n, "old webhook deliveries deleted"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune webhook deliveries"),
+                }
+            }
             let interval = self.store.load().settings.webhooks.poll_interval;
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}

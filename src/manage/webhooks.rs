@@ -132,17 +132,20 @@ pub fn url_problem(url: &str, snapshot: &Snapshot) -> Option<String> {
     }
 }
 
-/// Whether `addr` reaches one of this gateway's listeners.
+/// Whether `addr` reaches one of this gateway's listeners (IPv4-mapped IPv6 addresses
+/// compared as the IPv4 address they are).
 pub fn is_own_listener(addr: SocketAddr, snapshot: &Snapshot) -> bool {
     let s = &snapshot.settings;
+    let ip = addr.ip().to_canonical();
     [&s.proxy_listen, &s.manage_listen].into_iter().any(|listen| {
         let Ok(mut bound) = listen.to_socket_addrs() else { return false };
         bound.any(|l| {
+            let lip = l.ip().to_canonical();
             l.port() == addr.port()
-                && (l.ip() == addr.ip()
-                    || (l.ip().is_unspecified() && is_local(addr.ip()))
-                    || (l.ip().is_loopback() && addr.ip().is_loopback())
-                    || addr.ip().is_unspecified())
+                && (lip == ip
+                    || (lip.is_unspecified() && is_local(ip))
+                    || (lip.is_loopback() && ip.is_loopback())
+                    || ip.is_unspecified())
         })
     })
 }
@@ -269,8 +272,10 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
         let mut r = api::new_resource(Kind::WebhookEndpoint, String::new(), id.clone(), stored);
         r.id = id.clone();
         let mut plan = api::create_plan(call, r, "webhook_endpoint.created", view);
-        // The plaintext is in this answer only (not in the audit entry's copy).
+        // The plaintext is in this answer only (not in the audit entry's or the
+        // idempotency record's copy).
         plan.data["signing_secret"] = json!(secret);
+        plan.secret_fields = &["signing_secret"];
         Ok(plan)
     })
     .await
@@ -342,6 +347,7 @@ async fn rotate(app: &ManageApp, call: &Call<'_>, path: &str, id: &str) -> Answe
             view,
         );
         plan.data["signing_secret"] = json!(secret);
+        plan.secret_fields = &["signing_secret"];
         Ok(plan)
     })
     .await
@@ -466,7 +472,14 @@ async fn delivery(app: &ManageApp, id: &str) -> Result<Answer, ApiError> {
 async fn replay(app: &ManageApp, id: &str) -> Result<Answer, ApiError> {
     let window = app.store.load().settings.webhooks.retry_window.as_millis() as i64;
     let now = api::now_ms();
-    match app.state.replay_delivery(id, now, now + window).await.map_err(|e| ApiError::unavailable(&e))? {
+    let replayed = match app.state.replay_delivery(id, now, now + window).await {
+        Ok(r) => r,
+        Err(crate::state::StateError::Conflict(m)) => {
+            return Err(ApiError::conflict("delivery_in_flight", "webhook_delivery", id, m))
+        }
+        Err(e) => return Err(ApiError::unavailable(&e)),
+    };
+    match replayed {
         Some(d) => {
             app.webhooks.notify_one();
             Ok(Answer::data(202, delivery_view(&d)))

@@ -422,11 +422,13 @@ impl Shared {
             ..Default::default()
         };
         let state = self.state.clone();
+        // The previous run's verdict; unknown when it cannot be read (then no transition is
+        // claimed: a false regression would page someone).
         let previous = match self.store(async move { state.experiments(&q).await }).await {
-            Ok(rows) => rows.first().and_then(|r| r.body["verdict"].as_str().map(str::to_string)),
+            Ok(rows) => Some(rows.first().and_then(|r| r.body["verdict"].as_str().map(str::to_string))),
             Err(_) => None,
         };
-        let regression = verdict == "fail" && previous.as_deref() != Some("fail");
+        let regression = verdict == "fail" && previous.is_some_and(|p| p.as_deref() != Some("fail"));
         if let Value::Object(m) = &mut row.body {
             m.insert("verdict".into(), json!(verdict));
             m.insert("criteria_results".into(), details);

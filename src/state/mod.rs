@@ -391,14 +391,19 @@ pub trait StateStore: Send + Sync {
         id: &str,
     ) -> Result<Option<(webhooks::Delivery, Vec<webhooks::Attempt>)>, StateError>;
 
-    /// Makes delivery `id` pending again, due at `now_ms`, given up after `deadline_ms`
-    /// (its attempts so far are kept); the delivery after, or `None`.
+    /// Makes delivery `id` pending again, due at `now_ms`, given up after `deadline_ms`, its
+    /// backoff started over (its attempts so far are kept); the delivery after, or `None`.
+    /// `Conflict` while an attempt holds its lease.
     async fn replay_delivery(
         &self,
         id: &str,
         now_ms: i64,
         deadline_ms: i64,
     ) -> Result<Option<webhooks::Delivery>, StateError>;
+
+    /// Deletes finished deliveries (delivered, failed) last changed before `before_ms`, with
+    /// their attempts, and dispatched events created before it; how many deliveries.
+    async fn prune_webhooks(&self, before_ms: i64) -> Result<u64, StateError>;
 
     /// The stored answer for an idempotency key, if one younger than `since_ms` exists.
     async fn idempotent(

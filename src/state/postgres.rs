@@ -146,6 +146,7 @@ CREATE TABLE webhook_deliveries (
     deadline_ms     BIGINT NOT NULL,
     lease_owner     TEXT   NOT NULL DEFAULT '',
     lease_until_ms  BIGINT NOT NULL DEFAULT 0,
+    backoff_from    BIGINT NOT NULL DEFAULT 0,
     last_status     BIGINT,
     last_error      TEXT,
     created_ms      BIGINT NOT NULL,
@@ -153,6 +154,7 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
 CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, seq);
+CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
 CREATE TABLE webhook_attempts (
     delivery_id      TEXT   NOT NULL,
     n                BIGINT NOT NULL,
@@ -399,7 +401,7 @@ async fn write_events(c: &impl GenericClient, events: &[Event]) -> Result<usize,
 
 const DELIVERY_COLUMNS: &str =
     "seq, id, event_id, endpoint_id, type, body, status, attempts, next_attempt_ms, \
-     deadline_ms, last_status, last_error, created_ms, updated_ms";
+     deadline_ms, last_status, last_error, created_ms, updated_ms, backoff_from";
 
 fn read_delivery(r: &Row) -> Delivery {
     Delivery {
@@ -417,6 +419,7 @@ fn read_delivery(r: &Row) -> Delivery {
         last_error: r.get(11),
         created_ms: r.get(12),
         updated_ms: r.get(13),
+        backoff_from: r.get(14),
     }
 }
 
@@ -1065,6 +1068,33 @@ impl StateStore for PostgresState {
                 })
                 .collect();
             Ok(Some((d, attempts)))
+        })
+        .await
+    }
+
+    async fn prune_webhooks(&self, before_ms: i64) -> Result<u64, StateError> {
+        self.run(|c| async move {
+            let mut client = c.lock().await;
+            let tx = client.transaction().await.map_err(db)?;
+            tx.execute(
+                "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries \
+                 WHERE status IN ('delivered', 'failed') AND updated_ms < $1)",
+                &[&before_ms],
+            )
+            .await
+            .map_err(db)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM webhook_deliveries WHERE status IN ('delivered', 'failed') AND updated_ms < $1",
+                    &[&before_ms],
+                )
+                .await
+                .map_err(db)?;
+            tx.execute("DELETE FROM webhook_events WHERE dispatched AND created_ms < $1", &[&before_ms])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(n)
         })
         .await
     }

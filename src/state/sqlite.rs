@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::spend::shared::NodeSpendRow;
 
-use super::webhooks::{Attempt, AttemptResult, Delivery, DeliveryQuery, Event};
+use super::webhooks::{Attempt, AttemptResult, Delivery, DeliveryQuery, Event, IN_FLIGHT};
 use super::{
     Actor, AuditEntry, AuditQuery, Change, ExperimentQuery, ExperimentRow, FileVersion, Idempotent, Kind,
     ListQuery, Op, StateError, StateStore, Stored, Version,
@@ -146,6 +146,7 @@ CREATE TABLE webhook_deliveries (
     deadline_ms     INTEGER NOT NULL,
     lease_owner     TEXT    NOT NULL DEFAULT '',
     lease_until_ms  INTEGER NOT NULL DEFAULT 0,
+    backoff_from    INTEGER NOT NULL DEFAULT 0,
     last_status     INTEGER,
     last_error      TEXT,
     created_ms      INTEGER NOT NULL,
@@ -153,6 +154,7 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
 CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, seq);
+CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
 CREATE TABLE webhook_attempts (
     delivery_id      TEXT    NOT NULL,
     n                INTEGER NOT NULL,
@@ -398,7 +400,7 @@ fn write_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<usiz
 
 const DELIVERY_COLUMNS: &str =
     "seq, id, event_id, endpoint_id, type, body, status, attempts, next_attempt_ms, \
-     deadline_ms, last_status, last_error, created_ms, updated_ms";
+     deadline_ms, last_status, last_error, created_ms, updated_ms, backoff_from";
 
 fn read_delivery(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
     Ok(Delivery {
@@ -416,6 +418,7 @@ fn read_delivery(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
         last_error: r.get(11)?,
         created_ms: r.get(12)?,
         updated_ms: r.get(13)?,
+        backoff_from: r.get(14)?,
     })
 }
 
@@ -804,7 +807,7 @@ impl StateStore for SqliteState {
             let endpoints = list_resources(
                 &tx,
                 Kind::WebhookEndpoint,
-                &ListQuery { include_deleted: false, limit: 10_000, ..Default::default() },
+                &ListQuery { include_deleted: false, limit: i64::MAX as usize, ..Default::default() },
             )?;
             {
                 let mut insert = tx
@@ -851,6 +854,13 @@ impl StateStore for SqliteState {
         let owner = owner.to_string();
         self.run(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            // Pending past their retry window (the gateway was down meanwhile): failed, not sent.
+            tx.execute(
+                "UPDATE webhook_deliveries SET status = 'failed', updated_ms = ?1 \
+                 WHERE status = 'pending' AND deadline_ms < ?1 AND lease_until_ms < ?1",
+                [now_ms],
+            )
+            .map_err(db)?;
             let due: Vec<Delivery> = {
                 let mut stmt = tx
                     .prepare_cached(&format!(
@@ -977,6 +987,29 @@ impl StateStore for SqliteState {
         .await
     }
 
+    async fn prune_webhooks(&self, before_ms: i64) -> Result<u64, StateError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            tx.execute(
+                "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries \
+                 WHERE status IN ('delivered', 'failed') AND updated_ms < ?1)",
+                [before_ms],
+            )
+            .map_err(db)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM webhook_deliveries WHERE status IN ('delivered', 'failed') AND updated_ms < ?1",
+                    [before_ms],
+                )
+                .map_err(db)?;
+            tx.execute("DELETE FROM webhook_events WHERE dispatched = 1 AND created_ms < ?1", [before_ms])
+                .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn replay_delivery(
         &self,
         id: &str,
@@ -985,13 +1018,17 @@ impl StateStore for SqliteState {
     ) -> Result<Option<Delivery>, StateError> {
         let id = id.to_string();
         self.run(move |conn| {
-            conn.execute(
-                "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = ?2, deadline_ms = ?3, \
-                 updated_ms = ?2 WHERE id = ?1",
-                params![id, now_ms, deadline_ms],
-            )
-            .map_err(db)?;
-            one_delivery(conn, &id)
+            let n = conn
+                .execute(
+                    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = ?2, deadline_ms = ?3, \
+                     updated_ms = ?2, backoff_from = attempts WHERE id = ?1 AND lease_until_ms < ?2",
+                    params![id, now_ms, deadline_ms],
+                )
+                .map_err(db)?;
+            match one_delivery(conn, &id)? {
+                Some(_) if n == 0 => Err(StateError::Conflict(IN_FLIGHT.into())),
+                found => Ok(found),
+            }
         })
         .await
     }
@@ -1099,6 +1136,64 @@ mod tests {
             idempotent: None,
             events: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn outbox_events_are_deduplicated_leased_once_expired_replayed_and_pruned() {
+        use crate::state::webhooks::{Attempt, AttemptResult, DeliveryQuery, Event};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteState::open(&dir.path().join("modelux.db")).unwrap();
+        let mut endpoint = change(Op::Create, "whep_1", "whep_1", 1, None);
+        endpoint.resource.kind = Kind::WebhookEndpoint;
+        endpoint.resource.body = json!({"url": "http://127.0.0.1:9/x", "event_types": ["budget.exceeded"]});
+        // The event is written with the change that causes it.
+        endpoint.events =
+            vec![Event { dedup: Some("k".into()), ..Event::new("budget.exceeded", "o", json!({}), 1_000) }];
+        store.commit(&[endpoint]).await.unwrap();
+        let twice = Event { dedup: Some("k".into()), ..Event::new("budget.exceeded", "o", json!({}), 1_100) };
+        assert_eq!(store.enqueue_events(&[twice]).await.unwrap(), 0, "same dedup key: written once");
+        assert_eq!(store.dispatch_events(2_000, 10_000, 10).await.unwrap(), 1);
+        assert_eq!(store.dispatch_events(2_000, 10_000, 10).await.unwrap(), 0);
+        let first = store.claim_deliveries("a", 2_000, 5_000, 10).await.unwrap();
+        assert_eq!(first.len(), 1);
+        let id = first[0].id.clone();
+        assert!(store.claim_deliveries("b", 3_000, 6_000, 10).await.unwrap().is_empty(), "leased to a");
+        assert!(
+            matches!(store.replay_delivery(&id, 3_000, 20_000).await, Err(StateError::Conflict(_))),
+            "no replay while an attempt is in flight"
+        );
+        let attempt = |node: &str| AttemptResult {
+            attempt: Attempt {
+                n: 1,
+                started_ms: 3_000,
+                duration_ms: 5,
+                status_code: Some(500),
+                error: None,
+                response_excerpt: "no".into(),
+                node: node.into(),
+            },
+            status: "pending",
+            next_attempt_ms: 4_000,
+        };
+        assert!(!store.record_attempt(&id, "b", &attempt("b")).await.unwrap(), "b holds no lease");
+        assert!(store.record_attempt(&id, "a", &attempt("a")).await.unwrap());
+        // Past its window while nobody sent it: failed at the next claim, not sent.
+        assert!(store.claim_deliveries("b", 13_000, 16_000, 10).await.unwrap().is_empty());
+        let (d, attempts) = store.delivery(&id).await.unwrap().unwrap();
+        assert_eq!((d.status.as_str(), d.attempts, attempts.len()), ("failed", 1, 1));
+        let replayed = store.replay_delivery(&id, 14_000, 30_000).await.unwrap().unwrap();
+        assert_eq!(
+            (replayed.status.as_str(), replayed.backoff_from, replayed.deadline_ms),
+            ("pending", 1, 30_000)
+        );
+        let q = DeliveryQuery { status: Some("pending".into()), limit: 10, ..Default::default() };
+        assert_eq!(store.deliveries(&q).await.unwrap().len(), 1);
+        assert_eq!(store.prune_webhooks(i64::MAX).await.unwrap(), 0, "pending deliveries are kept");
+        assert_eq!(store.claim_deliveries("b", 14_000, 16_000, 10).await.unwrap().len(), 1);
+        let done = AttemptResult { status: "delivered", ..attempt("b") };
+        assert!(store.record_attempt(&id, "b", &done).await.unwrap());
+        assert_eq!(store.prune_webhooks(i64::MAX).await.unwrap(), 1);
+        assert!(store.delivery(&id).await.unwrap().is_none());
     }
 
     #[tokio::test]

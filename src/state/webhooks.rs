@@ -46,6 +46,9 @@ impl Event {
     }
 }
 
+/// `replay_delivery`'s conflict: an attempt is being sent.
+pub const IN_FLIGHT: &str = "the delivery is being sent right now; replay it once this attempt is recorded";
+
 /// `pending` until a 2xx answer (`delivered`) or until its retry window closes (`failed`).
 pub const STATUSES: &[&str] = &["pending", "delivered", "failed"];
 
@@ -68,6 +71,8 @@ pub struct Delivery {
     pub last_error: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// `attempts` when the delivery was last replayed: backoff counts from there.
+    pub backoff_from: i64,
 }
 
 /// One attempt of a delivery.
@@ -141,6 +146,7 @@ pub fn fan_out(event: &Event, endpoints: &[Stored], now_ms: i64, window_ms: i64)
             last_error: None,
             created_ms: now_ms,
             updated_ms: now_ms,
+            backoff_from: 0,
         })
         .collect()
 }

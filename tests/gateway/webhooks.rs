@@ -22,6 +22,7 @@ const FAST: &str = "webhooks: { timeout_ms: 1000, backoff_base_ms: 200, backoff_
 #[derive(Clone)]
 struct Received {
     at: Instant,
+    path: String,
     headers: HashMap<String, String>,
     body: Vec<u8>,
 }
@@ -71,7 +72,9 @@ impl Drop for Receiver {
     }
 }
 
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(HashMap<String, String>, Vec<u8>)> {
+async fn read_request(
+    sock: &mut tokio::net::TcpStream,
+) -> Option<(String, HashMap<String, String>, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -85,6 +88,7 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(HashMap<Strin
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let path = head.split(' ').nth(1).unwrap_or_default().to_string();
     let headers: HashMap<String, String> = head
         .lines()
         .skip(1)
@@ -100,7 +104,7 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(HashMap<Strin
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Some((headers, body))
+    Some((path, headers, body))
 }
 
 impl Receiver {
@@ -114,10 +118,10 @@ impl Receiver {
                 let Ok((mut sock, _)) = listener.accept().await else { return };
                 let book = shared.clone();
                 tokio::spawn(async move {
-                    let Some((headers, body)) = read_request(&mut sock).await else { return };
+                    let Some((path, headers, body)) = read_request(&mut sock).await else { return };
                     let reply = {
                         let mut b = book.lock().unwrap();
-                        b.got.push(Received { at: Instant::now(), headers, body });
+                        b.got.push(Received { at: Instant::now(), path, headers, body });
                         b.plan.pop_front().unwrap_or(Reply::Status(b.default))
                     };
                     let status = match reply {
@@ -128,7 +132,7 @@ impl Receiver {
                         }
                     };
                     let answer = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: 9\r\nconnection: close\r\n\r\nanswer{status}"
+                        "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\nlocation: /elsewhere\r\ncontent-length: 9\r\nconnection: close\r\n\r\nanswer{status}"
                     );
                     let _ = sock.write_all(answer.as_bytes()).await;
                     let _ = sock.shutdown().await;
@@ -234,9 +238,13 @@ async fn webhooks_are_signed_retried_replayed_and_rotated_on(backend: Backend) {
 
     // Bad endpoints are refused with the field's path.
     let own = format!("http://127.0.0.1:{}/x", gw.manage.port());
+    let own_mapped = format!("http://[::ffff:127.0.0.1]:{}/x", gw.proxy.port());
+    let own_by_name = format!("http://localhost:{}/x", gw.proxy.port());
     for (body, path) in [
         (json!({"url": "ftp://x/y", "event_types": ["budget.exceeded"]}), "url"),
         (json!({"url": own, "event_types": ["budget.exceeded"]}), "url"),
+        (json!({"url": own_mapped, "event_types": ["budget.exceeded"]}), "url"),
+        (json!({"url": own_by_name, "event_types": ["budget.exceeded"]}), "url"),
         (json!({"url": a.url(), "event_types": ["budget.nope"]}), "event_types[0]"),
         (json!({"url": a.url(), "event_types": []}), "event_types"),
         (json!({"url": a.url(), "event_types": "budget.exceeded"}), "event_types"),
@@ -256,7 +264,7 @@ async fn webhooks_are_signed_retried_replayed_and_rotated_on(backend: Backend) {
     let (a_id, a_secret) = create_endpoint(&gw, &a.url(), &["routing_config.updated"]).await;
     let shown = data(&call(&gw, "GET", &format!("/manage/v1/webhooks/endpoints/{a_id}"), None, &[]).await);
     assert!(shown.get("signing_secret").is_none() && !shown.to_string().contains(&a_secret), "{shown}");
-    a.plan(&[Reply::Status(500), Reply::Status(503)]);
+    a.plan(&[Reply::Status(302), Reply::Status(503)]);
     let rc = json!({"slug": "hooked", "project": "default", "strategy": "single", "model": "gpt-4o-mini"});
     let r = call(&gw, "POST", "/manage/v1/routing-configs", Some(rc), &[]).await;
     assert_eq!(r.status, 201, "{}", r.text());
@@ -291,7 +299,8 @@ async fn webhooks_are_signed_retried_replayed_and_rotated_on(backend: Backend) {
     let d = delivery_status(&gw, &delivery_id, "delivered").await;
     let history: Vec<Value> = d["attempt_history"].as_array().unwrap().clone();
     let statuses: Vec<&Value> = history.iter().map(|a| &a["status_code"]).collect();
-    assert_eq!(statuses, [&json!(500), &json!(503), &json!(200)], "{d:#}");
+    assert_eq!(statuses, [&json!(302), &json!(503), &json!(200)], "{d:#}");
+    assert!(got.iter().all(|r| r.path == "/hook"), "a redirect is never followed: {got:?}");
     assert_eq!(history[2]["response_body"], "answer200");
     assert_eq!(d["payload"], envelope);
     assert_eq!(d["endpoint_id"], a_id);
@@ -373,11 +382,41 @@ async fn webhooks_are_signed_retried_replayed_and_rotated_on(backend: Backend) {
     assert!(verifies(r, "x-modelux-signature-previous", &a_secret), "{r:?}");
     assert!(!verifies(r, "x-modelux-signature", &a_secret));
 
+    // An idempotent create replays the endpoint without its secret (shown once; the
+    // replay record keeps no copy).
+    let body = json!({"url": a.url(), "event_types": ["api_key.revoked"]});
+    let first = call(
+        &gw,
+        "POST",
+        "/manage/v1/webhooks/endpoints",
+        Some(body.clone()),
+        &[("idempotency-key", "hook-1")],
+    )
+    .await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    let idem_secret = data(&first)["signing_secret"].as_str().unwrap().to_string();
+    let again =
+        call(&gw, "POST", "/manage/v1/webhooks/endpoints", Some(body), &[("idempotency-key", "hook-1")])
+            .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(data(&again)["id"], data(&first)["id"]);
+    assert!(data(&again)["signing_secret"].is_null(), "{}", again.text());
+    let r = call(
+        &gw,
+        "DELETE",
+        &format!("/manage/v1/webhooks/endpoints/{}", data(&first)["id"].as_str().unwrap()),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
     // The audit log and the stored state never hold a signing secret in plaintext.
     let audit = call(&gw, "GET", "/manage/v1/audit-logs?resource_type=webhook_endpoint", None, &[]).await;
     let audit = audit.text();
     assert!(audit.contains("webhook_endpoint.secret_rotated"), "{audit}");
-    for secret in [&a_secret, &new_secret, &b_secret] {
+    for secret in [&a_secret, &new_secret, &b_secret, &idem_secret] {
         assert!(!audit.contains(secret.as_str()));
         for file in backend.files(data_dir.path()) {
             if let Ok(bytes) = std::fs::read(&file) {
