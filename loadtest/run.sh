@@ -28,6 +28,9 @@ ONE_CONN=${ONE_CONN:-1}
 # Management PATCHes sent while a second paced gateway phase runs (0 skips): the proxy's
 # tail with the control plane busy, against the same phase without.
 CHURN=${CHURN:-100}
+# Webhook endpoints registered (all event types, pointed at the mock) before load: the
+# proxied route with the outbox and its sender active, against a run without.
+WEBHOOKS=${WEBHOOKS:-0}
 # Phases for the Responses API and a passthrough call (1), beside the chat route.
 PASSTHROUGH=${PASSTHROUGH:-1}
 # Replay (experiments): this many requests stored, then replayed routing_only on their own
@@ -180,6 +183,15 @@ YAML
     sleep 1
     rss_kib "$GW_PID" >"$TMP/gateway.start.rss"
     log "gateway on 127.0.0.1:$GW_PORT (manage $GW_MANAGE_PORT), pid $GW_PID"
+    registered=0
+    for i in $(seq 1 "$WEBHOOKS"); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H "Authorization: Bearer $MANAGE_KEY" \
+            -H 'content-type: application/json' \
+            -d "{\"url\":\"http://127.0.0.1:$MOCK_PORT/webhook/$i\",\"event_types\":[\"*\"]}" \
+            "http://127.0.0.1:$GW_MANAGE_PORT/manage/v1/webhooks/endpoints") || true
+        [ "$code" = 201 ] && registered=$((registered + 1))
+    done
+    [ "$WEBHOOKS" = 0 ] || log "webhook endpoints registered: $registered of $WEBHOOKS"
 fi
 
 # ---------------------------------------------------------------- bare pingora

@@ -186,9 +186,7 @@ fn mcp(conn: admin::Conn, stdio: bool) -> ExitCode {
         return ExitCode::from(2);
     };
     // stdout carries the protocol: logs go to stderr only.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt().with_env_filter(log_filter("warn")).with_writer(std::io::stderr).init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -205,9 +203,19 @@ fn mcp(conn: admin::Conn, stdio: bool) -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// `RUST_LOG` (default `default`), with the MCP SDK held to warnings whatever it says: at
+/// debug it logs every tool call's arguments and result, secrets included.
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    match "rmcp=warn".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+fn init_logging() {
+    let filter = log_filter("info");
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 

@@ -217,6 +217,14 @@ fn editable<'a>(
     call: &Call<'_>,
 ) -> Result<&'a Stored, ApiError> {
     let project = call.param("project").unwrap_or_default();
+    if project.is_empty() && current.iter().filter(|r| r.kind == kind && r.slug == key).nth(1).is_some() {
+        return Err(ApiError::conflict(
+            "ambiguous_key_name",
+            resource_name(kind),
+            key,
+            format!("more than one project has a key named \"{key}\"; name the project (?project=) or use the key's id"),
+        ));
+    }
     api::editable(current, resource_name(kind), key, key.starts_with("file:"), call, |r| {
         r.kind == kind && (r.id == key || (r.slug == key && (r.project == project || project.is_empty())))
     })

@@ -63,9 +63,11 @@ fn tool(r: &Route) -> Tool {
     };
     let description =
         format!("{} ({} /manage/v1{}). Returns the REST API's JSON.", r.summary, r.method, r.path);
-    let annotations = ToolAnnotations::new()
-        .read_only(r.method == "GET")
-        .destructive(r.method == "DELETE" || r.operation_id.starts_with("rollback"));
+    // Anything but a read, a create, a dry-run validation or a test event changes or
+    // replaces what exists: clients should confirm those.
+    let read_only = r.method == "GET" || r.operation_id.starts_with("validate");
+    let additive = r.creates || r.operation_id.starts_with("test");
+    let annotations = ToolAnnotations::new().read_only(read_only).destructive(!read_only && !additive);
     Tool::new(tool_name(r), description, Arc::new(schema)).annotate(annotations)
 }
 
@@ -84,10 +86,22 @@ fn setup_tool() -> Tool {
     .annotate(ToolAnnotations::new().read_only(true))
 }
 
-pub fn tools() -> Vec<Tool> {
-    let mut all: Vec<Tool> = routes().map(tool).collect();
-    all.push(setup_tool());
-    all
+/// Every tool (built once: schemas do not change while the process runs).
+pub fn tools() -> &'static [Tool] {
+    static TOOLS: std::sync::OnceLock<Vec<Tool>> = std::sync::OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let mut all: Vec<Tool> = routes().map(tool).collect();
+        all.push(setup_tool());
+        all
+    })
+}
+
+/// Who calls a tool over HTTP: the key and where the call came from (for the audit log).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub ip: String,
+    pub user_agent: String,
 }
 
 /// How a tool call reaches the management API.
@@ -97,7 +111,7 @@ pub trait Dispatch: Send + Sync {
     /// (HTTP) or as the dispatcher's own key (stdio): the status and JSON answer.
     async fn call(
         &self,
-        principal: Option<&Principal>,
+        caller: Option<&Caller>,
         method: &str,
         rest: &str,
         query: &str,
@@ -112,13 +126,13 @@ pub struct InProcess(pub Arc<ManageApp>);
 impl Dispatch for InProcess {
     async fn call(
         &self,
-        principal: Option<&Principal>,
+        caller: Option<&Caller>,
         method: &str,
         rest: &str,
         query: &str,
         body: &[u8],
     ) -> (u16, Value) {
-        let Some(principal) = principal else {
+        let Some(caller) = caller else {
             return (
                 401,
                 json!({"error": {"type": "authentication_error", "code": "invalid_api_key", "message": "missing management key"}}),
@@ -128,10 +142,17 @@ impl Dispatch for InProcess {
             method,
             query,
             body,
-            principal,
+            principal: &caller.principal,
             idempotency_key: None,
             if_match: None,
-            origin: crate::state::Origin { ip: String::new(), user_agent: "mcp".into() },
+            origin: crate::state::Origin {
+                ip: caller.ip.clone(),
+                user_agent: if caller.user_agent.is_empty() {
+                    "mcp".into()
+                } else {
+                    format!("mcp; {}", caller.user_agent)
+                },
+            },
         };
         let path = format!("/manage/v1/{rest}");
         let answer = self.0.resource(&call, &path, rest).await;
@@ -149,7 +170,7 @@ pub struct Remote {
 impl Dispatch for Remote {
     async fn call(
         &self,
-        _: Option<&Principal>,
+        _: Option<&Caller>,
         method: &str,
         rest: &str,
         query: &str,
@@ -196,6 +217,53 @@ impl Dispatch for Remote {
     }
 }
 
+/// The path below `/manage/v1/`, query string and body of a call of `route` with `args`.
+fn request(route: &Route, mut args: Map<String, Value>) -> Result<(String, String, Vec<u8>), String> {
+    let text = |v: Value| match v {
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    let mut rest = route.path.trim_start_matches('/').to_string();
+    for p in openapi::path_params(route) {
+        let value = args
+            .remove(p)
+            .map(text)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("argument \"{p}\" is required"))?;
+        // Ids, slugs, versions and request ids are all URL-safe; anything else could only
+        // aim the call at another path.
+        if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~@:".contains(&b))
+            || value.bytes().all(|b| b == b'.')
+        {
+            return Err(format!("argument \"{p}\" is not an id or slug: {value:?}"));
+        }
+        rest = rest.replace(&format!("{{{p}}}"), &value);
+    }
+    let query = {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        let paged: &[&str] = if route.paged { &["limit", "cursor"] } else { &[] };
+        for name in paged.iter().copied().chain(route.query.iter().map(|(n, _)| *n)) {
+            if let Some(v) = args.remove(name) {
+                if !v.is_null() {
+                    query.append_pair(name, &text(v));
+                }
+            }
+        }
+        query.finish()
+    };
+    let body = if route.body.is_none() {
+        if let Some(extra) = args.keys().next() {
+            return Err(format!("unknown argument \"{extra}\""));
+        }
+        Vec::new()
+    } else if openapi::flattens_body(route) {
+        serde_json::to_vec(&Value::Object(args)).unwrap_or_default()
+    } else {
+        serde_json::to_vec(args.get("body").unwrap_or(&Value::Null)).unwrap_or_default()
+    };
+    Ok((rest, query, body))
+}
+
 /// The MCP server's handler: the tools over a dispatcher.
 #[derive(Clone)]
 pub struct Tools {
@@ -210,61 +278,30 @@ impl Tools {
     /// Runs tool `name` with `args` as `principal`: the REST status and JSON.
     pub async fn run(
         &self,
-        principal: Option<&Principal>,
+        caller: Option<&Caller>,
         name: &str,
-        mut args: Map<String, Value>,
+        args: Map<String, Value>,
     ) -> Result<(u16, Value), String> {
         if name == SETUP_STATUS {
-            return Ok((200, self.setup_status(principal).await));
+            return Ok((200, self.setup_status(caller).await));
         }
         let Some(route) = routes().find(|r| tool_name(r) == name) else {
             return Err(format!("unknown tool \"{name}\""));
         };
-        let text = |v: Value| match v {
-            Value::String(s) => s,
-            other => other.to_string(),
-        };
-        let mut rest = route.path.trim_start_matches('/').to_string();
-        for p in openapi::path_params(route) {
-            let value = args
-                .remove(p)
-                .map(text)
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| format!("argument \"{p}\" is required"))?;
-            // Ids, slugs, versions and request ids are all URL-safe; anything else could only
-            // aim the call at another path.
-            if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~@:".contains(&b)) {
-                return Err(format!("argument \"{p}\" is not an id or slug: {value:?}"));
+        match request(route, args) {
+            Ok((rest, query, body)) => {
+                Ok(self.dispatch.call(caller, route.method, &rest, &query, &body).await)
             }
-            rest = rest.replace(&format!("{{{p}}}"), &value);
+            // Bad arguments are the tool's error (the model sees it and can correct itself).
+            Err(message) => Ok((
+                400,
+                json!({"error": {"type": "invalid_request", "code": "invalid_arguments", "message": message}}),
+            )),
         }
-        let query = {
-            let mut query = url::form_urlencoded::Serializer::new(String::new());
-            let paged: &[&str] = if route.paged { &["limit", "cursor"] } else { &[] };
-            for name in paged.iter().copied().chain(route.query.iter().map(|(n, _)| *n)) {
-                if let Some(v) = args.remove(name) {
-                    if !v.is_null() {
-                        query.append_pair(name, &text(v));
-                    }
-                }
-            }
-            query.finish()
-        };
-        let body = if route.body.is_none() {
-            if let Some(extra) = args.keys().next() {
-                return Err(format!("unknown argument \"{extra}\""));
-            }
-            Vec::new()
-        } else if openapi::flattens_body(route) {
-            serde_json::to_vec(&Value::Object(args)).unwrap_or_default()
-        } else {
-            serde_json::to_vec(args.get("body").unwrap_or(&Value::Null)).unwrap_or_default()
-        };
-        Ok(self.dispatch.call(principal, route.method, &rest, &query, &body).await)
     }
 
     /// A summary of what is configured, from the same API calls a user would make.
-    async fn setup_status(&self, principal: Option<&Principal>) -> Value {
+    async fn setup_status(&self, caller: Option<&Caller>) -> Value {
         let mut out = Map::new();
         let mut next = Vec::new();
         for (key, rest) in [
@@ -277,7 +314,7 @@ impl Tools {
             ("webhook_endpoints", "webhooks/endpoints"),
             ("scheduled_experiments", "scheduled_experiments"),
         ] {
-            let (status, v) = self.dispatch.call(principal, "GET", rest, "limit=200", b"").await;
+            let (status, v) = self.dispatch.call(caller, "GET", rest, "limit=200", b"").await;
             if status != 200 {
                 out.insert(key.into(), json!({"error": v["error"]}));
                 continue;
@@ -327,7 +364,7 @@ impl Tools {
             }
             out.insert(key.into(), summary);
         }
-        let (status, node) = self.dispatch.call(principal, "GET", "node", "", b"").await;
+        let (status, node) = self.dispatch.call(caller, "GET", "node", "", b"").await;
         if status == 200 {
             out.insert("node".into(), node["data"].clone());
         }
@@ -353,11 +390,11 @@ impl rmcp::ServerHandler for Tools {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        Ok(ListToolsResult::with_all_items(tools()))
+        Ok(ListToolsResult::with_all_items(tools().to_vec()))
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
-        tools().into_iter().find(|t| t.name == name)
+        tools().iter().find(|t| t.name == name).cloned()
     }
 
     async fn call_tool(
@@ -365,13 +402,13 @@ impl rmcp::ServerHandler for Tools {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        let principal = context
+        let caller = context
             .extensions
             .get::<http::request::Parts>()
-            .and_then(|parts| parts.extensions.get::<Principal>())
+            .and_then(|parts| parts.extensions.get::<Caller>())
             .cloned();
         let args = request.arguments.unwrap_or_default();
-        match self.run(principal.as_ref(), &request.name, args).await {
+        match self.run(caller.as_ref(), &request.name, args).await {
             Ok((status, body)) if status < 400 => Ok(CallToolResult::structured(body).into()),
             Ok((_, body)) => Ok(CallToolResult::structured_error(body).into()),
             Err(message) => Err(McpError::invalid_params(message, None)),
@@ -399,13 +436,9 @@ impl McpHttp {
         McpHttp { service: StreamableHttpService::new(move || Ok(tools.clone()), Default::default(), config) }
     }
 
-    /// Serves one HTTP request of `principal`: status, headers and body.
-    pub async fn serve(
-        &self,
-        mut request: http::Request<Bytes>,
-        principal: Principal,
-    ) -> http::Response<Vec<u8>> {
-        request.extensions_mut().insert(principal);
+    /// Serves one HTTP request of `caller`: status, headers and body.
+    pub async fn serve(&self, mut request: http::Request<Bytes>, caller: Caller) -> http::Response<Vec<u8>> {
+        request.extensions_mut().insert(caller);
         let request = request.map(http_body_util::Full::new);
         let mut service = self.service.clone();
         let response = match tower_service::Service::call(&mut service, request).await {
@@ -485,10 +518,10 @@ mod tests {
             assert!(names.iter().any(|n| n == expected), "no tool {expected}: {names:?}");
         }
         assert_eq!(names.len(), ROUTES.len(), "one per route (less the OpenAPI document) plus setup status");
-        let create = tools().into_iter().find(|t| t.name == "create_project").unwrap();
+        let create = tools().iter().find(|t| t.name == "create_project").unwrap();
         let schema = Value::Object((*create.input_schema).clone());
         assert!(schema["properties"]["name"].is_object(), "{schema}");
-        let rollback = tools().into_iter().find(|t| t.name == "rollback_routing_config").unwrap();
+        let rollback = tools().iter().find(|t| t.name == "rollback_routing_config").unwrap();
         let schema = Value::Object((*rollback.input_schema).clone());
         assert_eq!(schema["required"][0], "id", "{schema}");
         assert!(schema["properties"]["version"].is_object(), "{schema}");

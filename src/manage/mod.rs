@@ -224,7 +224,7 @@ impl ServeHttp for ManageApp {
                 let principal = auth::bearer_token(auth_header.as_deref())
                     .and_then(|t| snapshot.management_keys.authenticate(t));
                 let Some(principal) = principal else {
-                    return json(
+                    let mut resp = json(
                         401,
                         openai_error_body(
                             "authentication_error",
@@ -232,6 +232,9 @@ impl ServeHttp for ManageApp {
                             "invalid_api_key",
                         ),
                     );
+                    resp.headers_mut()
+                        .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+                    return resp;
                 };
                 let limit = principal.limits.requests_per_minute;
                 let verdict = if limit > 0 {
@@ -279,7 +282,14 @@ impl ServeHttp for ManageApp {
                     _ if p == "/mcp" => {
                         let request = mcp_head.map(|h| h.body(bytes::Bytes::from(body)));
                         match (&self.mcp, request) {
-                            (Some(mcp), Some(Ok(request))) => mcp.serve(request, (*principal).clone()).await,
+                            (Some(mcp), Some(Ok(request))) => {
+                                let caller = mcp::Caller {
+                                    principal: (*principal).clone(),
+                                    ip: ip.clone(),
+                                    user_agent: user_agent.clone(),
+                                };
+                                mcp.serve(request, caller).await
+                            }
                             _ => json(
                                 400,
                                 openai_error_body(

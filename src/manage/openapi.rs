@@ -244,19 +244,28 @@ pub static ROUTES: &[Route] = &[
         body::<KeyCreate>,
         true,
     ),
-    route("GET", "/api-keys/{id}", "getApiKey", "api-keys", "Get a project key"),
-    with_body(
-        route(
-            "PATCH",
-            "/api-keys/{id}",
-            "updateApiKey",
-            "api-keys",
-            "Rename a project key or change its limits",
-        ),
-        body::<KeyPatch>,
-        false,
-    ),
-    route("DELETE", "/api-keys/{id}", "revokeApiKey", "api-keys", "Revoke a project key"),
+    Route {
+        query: PROJECT,
+        ..route("GET", "/api-keys/{id}", "getApiKey", "api-keys", "Get a project key (id, or name with project)")
+    },
+    Route {
+        query: PROJECT,
+        ..with_body(
+            route(
+                "PATCH",
+                "/api-keys/{id}",
+                "updateApiKey",
+                "api-keys",
+                "Rename a project key or change its limits",
+            ),
+            body::<KeyPatch>,
+            false,
+        )
+    },
+    Route {
+        query: PROJECT,
+        ..route("DELETE", "/api-keys/{id}", "revokeApiKey", "api-keys", "Revoke a project key (id, or name with project)")
+    },
     list(
         "/management-keys",
         "listManagementKeys",
@@ -477,6 +486,17 @@ pub static ROUTES: &[Route] = &[
             ("end", "RFC 3339 time or unix ms"),
             ("granularity", "minute, hour or day"),
             ("group_by", "model, provider, project, routing_config, end_user or tag:<key>"),
+            ("project", "project"),
+            ("status", "2xx, 4xx, 5xx or a status code"),
+            ("model", "requested or served model"),
+            ("provider", "provider id"),
+            ("routing_config", "@slug"),
+            ("end_user", "end user id"),
+            ("tags", "JSON object or tag=k=v"),
+            ("trace_id", "X-Modelux-Trace-Id"),
+            ("conversation_id", "X-Modelux-Conversation-Id"),
+            ("min_latency_ms", "slowest only"),
+            ("include_comparison", "true: the previous period beside this one"),
         ],
         ..route(
             "GET",
@@ -705,10 +725,12 @@ pub fn tool_input_schema(r: &Route) -> serde_json::Value {
     let mut props = Map::new();
     let mut required: Vec<Value> = Vec::new();
     for name in path_params(r) {
-        props.insert(
-            name.into(),
-            json!({"type": "string", "description": "id (or slug where the resource has one)"}),
-        );
+        let description = match name {
+            "version" => "a version number",
+            "request_id" => "the request's id (X-Modelux-Request-Id)",
+            _ => "id (or slug where the resource has one)",
+        };
+        props.insert(name.into(), json!({"type": "string", "description": description}));
         required.push(json!(name));
     }
     if r.paged {
@@ -740,8 +762,11 @@ pub fn tool_input_schema(r: &Route) -> serde_json::Value {
                     props.entry(k).or_insert(v);
                 }
                 let main = &defs[&body.name];
-                if let Some(list) = main.get("required").and_then(Value::as_array) {
-                    required.extend(list.iter().cloned());
+                // A PATCH takes any subset of the fields (a merge patch).
+                if r.method != "PATCH" {
+                    if let Some(list) = main.get("required").and_then(Value::as_array) {
+                        required.extend(list.iter().cloned());
+                    }
                 }
                 open = main.get("additionalProperties").is_some_and(|a| a != &Value::Bool(false));
             }
