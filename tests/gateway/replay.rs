@@ -456,12 +456,22 @@ async fn bad_experiments_name_their_field_and_a_cancelled_one_stops() {
 async fn scheduled_experiments_fire_on_their_cron_and_judge_each_run() {
     let upstream = mock(MockConfig::default()).await;
     let mut cfg = Cfg::new(upstream.base_url().leak());
-    cfg.top_extra = format!("{PRICES}traces: {{ flush_interval_ms: 50 }}\n");
+    cfg.top_extra =
+        format!("{PRICES}traces: {{ flush_interval_ms: 50 }}\nwebhooks: {{ poll_interval_ms: 50 }}\n");
     let gw = start(cfg).await;
     for _ in 0..5 {
         assert_eq!(chat(&gw, "@fast", &[]).await.status, 200);
     }
     stored_rows(&gw, 5).await;
+    let receiver = super::webhooks::Receiver::start(200).await;
+    let hook = manage(
+        &gw,
+        "POST",
+        "/manage/v1/webhooks/endpoints",
+        Some(json!({"url": receiver.url(), "event_types": ["experiment.completed", "experiment.regression_detected"]})),
+    )
+    .await;
+    assert_eq!(hook.status, 201, "{}", hook.text());
 
     let definition = json!({
         "projectId": "default", "name": "daily m1 check", "candidatePolicy": "single",
@@ -537,6 +547,30 @@ async fn scheduled_experiments_fire_on_their_cron_and_judge_each_run() {
         (third["verdict"].clone(), third["regression_detected"].clone()),
         (json!("fail"), json!(false))
     );
+    // Each run sends experiment.completed; only the transition into breach sends
+    // experiment.regression_detected.
+    let got = receiver
+        .until("three completions", |g| {
+            g.iter().filter(|r| r.header("x-modelux-event") == "experiment.completed").count() >= 3
+                && g.iter().any(|r| r.header("x-modelux-event") == "experiment.regression_detected")
+        })
+        .await;
+    let completed: Vec<Value> = got
+        .iter()
+        .filter(|r| r.header("x-modelux-event") == "experiment.completed")
+        .map(|r| r.json()["data"]["experiment"].clone())
+        .collect();
+    let of = |run: &Value| completed.iter().find(|e| e["id"] == run["id"]).cloned();
+    assert_eq!(completed.len(), 3, "{completed:?}");
+    assert_eq!(of(&first).unwrap()["verdict"], "pass");
+    assert_eq!(of(&second).unwrap()["verdict"], "fail");
+    assert_eq!(of(&third).unwrap()["schedule_id"], id.as_str());
+    let regressions = receiver.of_type("experiment.regression_detected");
+    assert_eq!(regressions.len(), 1, "{regressions:?}");
+    let r = regressions[0].json();
+    assert_eq!(r["data"]["experiment"]["id"], second["id"], "{r}");
+    assert_eq!(r["data"]["signal_key"], format!("{id}:regression"));
+
     // Similarity is not measured by routing_only: inconclusive.
     manage(
         &gw,

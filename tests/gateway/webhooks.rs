@@ -20,7 +20,7 @@ const FAST: &str = "webhooks: { timeout_ms: 1000, backoff_base_ms: 200, backoff_
                     retry_window_ms: 2500, poll_interval_ms: 50, secret_overlap_ms: 60000 }\n";
 
 #[derive(Clone)]
-struct Received {
+pub(super) struct Received {
     at: Instant,
     path: String,
     headers: HashMap<String, String>,
@@ -34,11 +34,11 @@ impl std::fmt::Debug for Received {
 }
 
 impl Received {
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap()
     }
 
-    fn header(&self, name: &str) -> &str {
+    pub(super) fn header(&self, name: &str) -> &str {
         self.headers.get(name).map(String::as_str).unwrap_or("")
     }
 }
@@ -60,7 +60,7 @@ struct Book {
 }
 
 /// A webhook receiver: a plain HTTP/1.1 server on loopback that records every request.
-struct Receiver {
+pub(super) struct Receiver {
     addr: SocketAddr,
     book: Arc<Mutex<Book>>,
     task: tokio::task::JoinHandle<()>,
@@ -108,7 +108,7 @@ async fn read_request(
 }
 
 impl Receiver {
-    async fn start(default: u16) -> Receiver {
+    pub(super) async fn start(default: u16) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let book = Arc::new(Mutex::new(Book { default, ..Book::default() }));
@@ -142,7 +142,7 @@ impl Receiver {
         Receiver { addr, book, task }
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("http://{}/hook", self.addr)
     }
 
@@ -154,16 +154,16 @@ impl Receiver {
         self.book.lock().unwrap().default = status;
     }
 
-    fn got(&self) -> Vec<Received> {
+    pub(super) fn got(&self) -> Vec<Received> {
         self.book.lock().unwrap().got.clone()
     }
 
-    fn of_type(&self, event_type: &str) -> Vec<Received> {
+    pub(super) fn of_type(&self, event_type: &str) -> Vec<Received> {
         self.got().into_iter().filter(|r| r.header("x-modelux-event") == event_type).collect()
     }
 
     /// Waits until `done` holds for what was received.
-    async fn until(&self, what: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+    pub(super) async fn until(&self, what: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let got = self.got();
