@@ -206,6 +206,27 @@ const fn with_body(mut r: Route, body: fn() -> Body, creates: bool) -> Route {
 
 const PROJECT: &[(&str, &str)] = &[("project", "only this project's (id or slug)")];
 
+/// The filters the logs and the analytics report share, then `extra`.
+macro_rules! log_filters {
+    ($($extra:expr),* $(,)?) => {
+        &[
+            ("start", "RFC 3339 time or unix ms"),
+            ("end", "RFC 3339 time or unix ms"),
+            ("project", "project"),
+            ("status", "2xx, 4xx, 5xx or a status code"),
+            ("model", "requested or served model"),
+            ("provider", "provider id"),
+            ("routing_config", "@slug"),
+            ("end_user", "end user id"),
+            ("tags", "JSON object or tag=k=v"),
+            ("trace_id", "X-Modelux-Trace-Id"),
+            ("conversation_id", "X-Modelux-Conversation-Id"),
+            ("min_latency_ms", "slowest only"),
+            $($extra),*
+        ]
+    };
+}
+
 pub static ROUTES: &[Route] = &[
     list(
         "/projects",
@@ -463,41 +484,16 @@ pub static ROUTES: &[Route] = &[
         "listLogs",
         "logs",
         "Request logs, newest first",
-        &[
-            ("start", "RFC 3339 time or unix ms"),
-            ("end", "RFC 3339 time or unix ms"),
-            ("project", "project"),
-            ("status", "2xx, 4xx, 5xx or a status code"),
-            ("model", "requested or served model"),
-            ("provider", "provider id"),
-            ("routing_config", "@slug"),
-            ("end_user", "end user id"),
-            ("tags", "JSON object or tag=k=v"),
-            ("trace_id", "X-Modelux-Trace-Id"),
-            ("conversation_id", "X-Modelux-Conversation-Id"),
-            ("min_latency_ms", "slowest only"),
-        ],
+        log_filters!(),
     ),
     route("GET", "/logs/{request_id}", "getLog", "logs", "One request's log record"),
     route("GET", "/logs/{request_id}/trace", "getLogTrace", "logs", "One request's decision trace"),
     Route {
-        query: &[
-            ("start", "RFC 3339 time or unix ms"),
-            ("end", "RFC 3339 time or unix ms"),
+        query: log_filters!(
             ("granularity", "minute, hour or day"),
             ("group_by", "model, provider, project, routing_config, end_user or tag:<key>"),
-            ("project", "project"),
-            ("status", "2xx, 4xx, 5xx or a status code"),
-            ("model", "requested or served model"),
-            ("provider", "provider id"),
-            ("routing_config", "@slug"),
-            ("end_user", "end user id"),
-            ("tags", "JSON object or tag=k=v"),
-            ("trace_id", "X-Modelux-Trace-Id"),
-            ("conversation_id", "X-Modelux-Conversation-Id"),
-            ("min_latency_ms", "slowest only"),
             ("include_comparison", "true: the previous period beside this one"),
-        ],
+        ),
         ..route(
             "GET",
             "/analytics/report",

@@ -201,6 +201,12 @@ async fn delivery_status(gw: &Gateway, id: &str, want: &str) -> Value {
     }
 }
 
+/// `POST …/endpoints/{id}/test` with an event of `event_type`.
+async fn send_test(gw: &Gateway, id: &str, event_type: &str) -> Response {
+    let path = format!("/manage/v1/webhooks/endpoints/{id}/test");
+    call(gw, "POST", &path, Some(json!({ "event_type": event_type })), &[]).await
+}
+
 async fn create_endpoint(gw: &Gateway, url: &str, types: &[&str]) -> (String, String) {
     let r = call(
         gw,
@@ -308,14 +314,7 @@ async fn webhooks_are_signed_retried_replayed_and_rotated_on(backend: Backend) {
 
     // B always fails: given up after the retry window, then replayed once it recovers.
     let (b_id, b_secret) = create_endpoint(&gw, &b.url(), &["budget.exceeded"]).await;
-    let r = call(
-        &gw,
-        "POST",
-        &format!("/manage/v1/webhooks/endpoints/{b_id}/test"),
-        Some(json!({"event_type": "budget.exceeded"})),
-        &[],
-    )
-    .await;
+    let r = send_test(&gw, &b_id, "budget.exceeded").await;
     assert_eq!(r.status, 202, "{}", r.text());
     let test_id = data(&r)["id"].as_str().unwrap().to_string();
     let failed = delivery_status(&gw, &test_id, "failed").await;
@@ -367,14 +366,7 @@ async fn webhooks_are_signed_retried_replayed_and_rotated_on(backend: Backend) {
     assert_ne!(new_secret, a_secret);
     assert!(rotated["previous_secret_expires_at"].is_string(), "{rotated}");
     let before = a.got().len();
-    let r = call(
-        &gw,
-        "POST",
-        &format!("/manage/v1/webhooks/endpoints/{a_id}/test"),
-        Some(json!({"event_type": "provider.health_changed"})),
-        &[],
-    )
-    .await;
+    let r = send_test(&gw, &a_id, "provider.health_changed").await;
     assert_eq!(r.status, 202, "{}", r.text());
     let got = a.until("the test event", |g| g.len() > before).await;
     let r = &got[before];
@@ -444,14 +436,7 @@ async fn webhooks_are_signed_retried_replayed_and_rotated_on(backend: Backend) {
     assert_eq!(r.status, 200, "{}", r.text());
     let gone = data(&call(&gw, "GET", &format!("/manage/v1/webhooks/endpoints/{b_id}"), None, &[]).await);
     assert!(gone["deleted_at"].is_string(), "{gone}");
-    let r = call(
-        &gw,
-        "POST",
-        &format!("/manage/v1/webhooks/endpoints/{b_id}/test"),
-        Some(json!({"event_type": "budget.exceeded"})),
-        &[],
-    )
-    .await;
+    let r = send_test(&gw, &b_id, "budget.exceeded").await;
     assert_eq!(r.status, 404, "{}", r.text());
     let listed = call(&gw, "GET", "/manage/v1/webhooks/endpoints", None, &[]).await.json().unwrap();
     assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
