@@ -31,8 +31,11 @@ use crate::state::secrets::MasterKey;
 use crate::state::webhooks::{Attempt, AttemptResult, Delivery, Event};
 use crate::state::{Kind, StateStore};
 
-/// Deliveries sent at once by one node.
-const BATCH: usize = 16;
+/// Deliveries sent at once by one node. Few: each send holds a blocking thread, and
+/// every new thread costs its own allocator heap.
+const BATCH: usize = 4;
+/// Batches sent back to back in one round while more are due.
+const BATCHES_PER_ROUND: usize = 25;
 /// Events dispatched per store call.
 const DISPATCH_BATCH: usize = 100;
 /// A lease outlives the attempt's timeout by up to this much (a clock step, a slow store
@@ -50,6 +53,8 @@ pub struct WebhookSender {
     pub node: Arc<str>,
     pub wake: Arc<tokio::sync::Notify>,
     observed: Mutex<Observed>,
+    /// One client for every attempt (its connections and buffers reused).
+    agent: ureq::Agent,
 }
 
 /// What this node saw last, so only changes raise events.
@@ -73,7 +78,28 @@ impl WebhookSender {
         node: Arc<str>,
         wake: Arc<tokio::sync::Notify>,
     ) -> WebhookSender {
-        WebhookSender { store, state, counters, master, metrics, node, wake, observed: Mutex::default() }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .proxy(None)
+            .max_redirects(0)
+            .user_agent(concat!("modelux-webhooks/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            Guarded { store: store.clone(), inner: ureq::unversioned::resolver::DefaultResolver::default() },
+        );
+        WebhookSender {
+            store,
+            state,
+            counters,
+            master,
+            metrics,
+            node,
+            wake,
+            observed: Mutex::default(),
+            agent,
+        }
     }
 
     /// One round: observe, write, dispatch, send what is due.
@@ -105,19 +131,26 @@ impl WebhookSender {
                 }
             }
         }
-        // The lease is taken now (not when the round began): an attempt starts only while at
-        // least its whole timeout is left on it (`deliver`).
-        let now = crate::manage::api::now_ms();
-        let lease_until = now + (settings.timeout + settings.timeout.min(LEASE_MARGIN)).as_millis() as i64;
-        let due = match self.state.claim_deliveries(&self.node, now, lease_until, BATCH).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read due webhook deliveries");
-                return;
+        for _ in 0..BATCHES_PER_ROUND {
+            // The lease is taken now (not when the round began): an attempt starts only
+            // while at least its whole timeout is left on it (`deliver`).
+            let now = crate::manage::api::now_ms();
+            let lease_until =
+                now + (settings.timeout + settings.timeout.min(LEASE_MARGIN)).as_millis() as i64;
+            let due = match self.state.claim_deliveries(&self.node, now, lease_until, BATCH).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read due webhook deliveries");
+                    return;
+                }
+            };
+            let claimed = due.len();
+            let sends = due.into_iter().map(|d| self.deliver(d, &snapshot, lease_until));
+            futures::future::join_all(sends).await;
+            if claimed < BATCH {
+                break;
             }
-        };
-        let sends = due.into_iter().map(|d| self.deliver(d, &snapshot, lease_until));
-        futures::future::join_all(sends).await;
+        }
     }
 
     /// `provider.health_changed` for each cell whose state changed since the last round (a
@@ -263,7 +296,8 @@ impl WebhookSender {
         let (status_code, error, excerpt, final_refusal) = match prepared {
             Ok(request) => {
                 let timeout = settings.timeout;
-                match tokio::task::spawn_blocking(move || send(request, timeout)).await {
+                let agent = self.agent.clone();
+                match tokio::task::spawn_blocking(move || send(&agent, request, timeout)).await {
                     Ok(Ok((status, excerpt))) => (Some(i64::from(status)), None, excerpt, false),
                     Ok(Err(e)) => (None, Some(e), String::new(), false),
                     Err(e) => (None, Some(format!("send task failed: {e}")), String::new(), false),
@@ -358,7 +392,6 @@ impl WebhookSender {
             event_type: d.event_type.clone(),
             delivery_id: d.id.clone(),
             attempt: d.attempts + 1,
-            snapshot: self.store.load(),
         })
     }
 }
@@ -378,7 +411,6 @@ struct Request {
     event_type: String,
     delivery_id: String,
     attempt: i64,
-    snapshot: Arc<Snapshot>,
 }
 
 /// Lowercase hex HMAC-SHA256 of `body` keyed by the secret as given to the user.
@@ -441,25 +473,13 @@ fn slack_body(envelope: &str) -> Vec<u8> {
 /// POSTs one attempt: never through an environment proxy, never following a redirect,
 /// never to this gateway's own listeners. The receiver's status and the first bytes of
 /// its answer, or why there was none.
-fn send(r: Request, timeout: Duration) -> Result<(u16, String), String> {
-    let config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .max_redirects(0)
-        .timeout_global(Some(timeout))
-        .user_agent(concat!("modelux-webhooks/", env!("CARGO_PKG_VERSION")))
-        .build();
-    let agent = ureq::Agent::with_parts(
-        config,
-        ureq::unversioned::transport::DefaultConnector::new(),
-        Guarded {
-            snapshot: r.snapshot.clone(),
-            inner: ureq::unversioned::resolver::DefaultResolver::default(),
-        },
-    );
+fn send(agent: &ureq::Agent, r: Request, timeout: Duration) -> Result<(u16, String), String> {
     let timestamp = crate::spend::unix_now().to_string();
     let mut req = agent
         .post(&r.url)
+        .config()
+        .timeout_global(Some(timeout))
+        .build()
         .header("content-type", "application/json")
         .header("x-modelux-signature", &r.signature)
         .header("x-modelux-event", &r.event_type)
@@ -487,7 +507,7 @@ const OWN_LISTENER: &str = "refused: the URL resolves to this gateway's own list
 /// listeners: the addresses checked are the ones connected to (no second lookup a
 /// rebinding name could answer differently).
 struct Guarded {
-    snapshot: Arc<Snapshot>,
+    store: Arc<ConfigStore>,
     inner: ureq::unversioned::resolver::DefaultResolver,
 }
 
@@ -505,7 +525,8 @@ impl ureq::unversioned::resolver::Resolver for Guarded {
         timeout: ureq::unversioned::transport::NextTimeout,
     ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
         let addrs = self.inner.resolve(uri, config, timeout)?;
-        if addrs.iter().any(|a| is_own_listener(*a, &self.snapshot)) {
+        let snapshot = self.store.load();
+        if addrs.iter().any(|a| is_own_listener(*a, &snapshot)) {
             return Err(ureq::Error::Other(OWN_LISTENER.into()));
         }
         Ok(addrs)
