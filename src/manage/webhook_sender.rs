@@ -536,9 +536,21 @@ impl ureq::unversioned::resolver::Resolver for Guarded {
 /// How often finished deliveries past their retention are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// Lowers the calling thread to nice 10; threads it starts later (the blocking pool's, where
+/// sends and store calls run) inherit it. Deliveries then take a small share of a core the
+/// proxy is busy on instead of an equal one, yet still go out under sustained load (an idle
+/// scheduling class would hold budget alerts back exactly when traffic peaks). Best effort.
+fn lower_priority() {
+    // SAFETY: acts on the calling thread (its own tid) only.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+    }
+}
+
 #[async_trait]
 impl BackgroundService for WebhookSender {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        lower_priority();
         let mut pruned: Option<Instant> = None;
         loop {
             if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
