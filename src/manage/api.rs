@@ -153,6 +153,11 @@ impl ApiError {
         e
     }
 
+    /// A secret could not be sealed under the master key.
+    pub fn sealing(e: String) -> ApiError {
+        ApiError::new(500, "internal_error", "encryption_failed", e)
+    }
+
     pub fn unavailable(e: &StateError) -> ApiError {
         ApiError::new(503, "service_unavailable", "state_store_unavailable", e.to_string())
     }

@@ -218,7 +218,13 @@ impl Dispatch for Remote {
 }
 
 /// The path below `/manage/v1/`, query string and body of a call of `route` with `args`.
-fn request(route: &Route, mut args: Map<String, Value>) -> Result<(String, String, Vec<u8>), String> {
+/// `nested_body`: the tool's schema has the body under `body` (its fields are not an
+/// object's properties), as `openapi::tool_input_schema` decided.
+fn request(
+    route: &Route,
+    nested_body: bool,
+    mut args: Map<String, Value>,
+) -> Result<(String, String, Vec<u8>), String> {
     let text = |v: Value| match v {
         Value::String(s) => s,
         other => other.to_string(),
@@ -256,10 +262,10 @@ fn request(route: &Route, mut args: Map<String, Value>) -> Result<(String, Strin
             return Err(format!("unknown argument \"{extra}\""));
         }
         Vec::new()
-    } else if openapi::flattens_body(route) {
-        serde_json::to_vec(&Value::Object(args)).unwrap_or_default()
-    } else {
+    } else if nested_body {
         serde_json::to_vec(args.get("body").unwrap_or(&Value::Null)).unwrap_or_default()
+    } else {
+        serde_json::to_vec(&Value::Object(args)).unwrap_or_default()
     };
     Ok((rest, query, body))
 }
@@ -288,7 +294,13 @@ impl Tools {
         let Some(route) = routes().find(|r| tool_name(r) == name) else {
             return Err(format!("unknown tool \"{name}\""));
         };
-        match request(route, args) {
+        let nested_body = route.body.is_some()
+            && tools()
+                .iter()
+                .find(|t| t.name == name)
+                .and_then(|t| t.input_schema.get("properties"))
+                .is_some_and(|p| p.get("body").is_some());
+        match request(route, nested_body, args) {
             Ok((rest, query, body)) => {
                 Ok(self.dispatch.call(caller, route.method, &rest, &query, &body).await)
             }

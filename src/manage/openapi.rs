@@ -787,18 +787,6 @@ pub fn path_params(r: &Route) -> impl Iterator<Item = &'static str> {
     r.path.split('/').filter(|s| s.starts_with('{')).map(|s| s.trim_matches(|c| c == '{' || c == '}'))
 }
 
-/// Whether the body's fields are the tool's arguments (else they are under `body`).
-pub fn flattens_body(r: &Route) -> bool {
-    r.body.is_some_and(|b| {
-        let b = b();
-        b.schemas.iter().any(|(name, schema)| {
-            *name == b.name
-                && serde_json::to_value(schema)
-                    .is_ok_and(|v| v.get("properties").is_some_and(serde_json::Value::is_object))
-        })
-    })
-}
-
 /// The route `method` and `path` (below `/manage/v1`, no leading slash) match: `Ok(route)`,
 /// `Err(Some(allowed))` when the path exists with other methods, `Err(None)` when not at all.
 pub fn find(method: &str, path: &str) -> Result<&'static Route, Option<String>> {

@@ -173,7 +173,7 @@ async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
     };
     let sealed = match api_key.as_deref().map(|k| app.master.encrypt(k)).transpose() {
         Ok(s) => s,
-        Err(e) => return ApiError::new(500, "internal_error", "encryption_failed", e).into_answer(),
+        Err(e) => return ApiError::sealing(e).into_answer(),
     };
     let lock = format!("{RESOURCE}:{slug}");
     api::mutate(&app.store, &app.state, &app.changing, call, path, &lock, |current, snapshot| {
@@ -284,7 +284,7 @@ async fn patch(app: &ManageApp, call: &Call<'_>, path: &str, key: &str) -> Answe
     if input.api_key.is_some() {
         body["api_key_enc"] = match api_key.as_deref().map(|k| app.master.encrypt(k)).transpose() {
             Ok(s) => json!(s),
-            Err(e) => return ApiError::new(500, "internal_error", "encryption_failed", e).into_answer(),
+            Err(e) => return ApiError::sealing(e).into_answer(),
         };
         body["key_last4"] = last4(api_key.as_deref());
     }

@@ -233,14 +233,7 @@ async fn get(app: &ManageApp, id: &str) -> Result<Answer, ApiError> {
 }
 
 fn sealed(app: &ManageApp, secret: &str) -> Result<String, ApiError> {
-    app.master.encrypt(secret).map_err(|e| {
-        ApiError::new(
-            500,
-            "server_error",
-            "secret_sealing_failed",
-            format!("cannot seal the signing secret: {e}"),
-        )
-    })
+    app.master.encrypt(secret).map_err(ApiError::sealing)
 }
 
 async fn create(app: &ManageApp, call: &Call<'_>, path: &str) -> Answer {
