@@ -170,6 +170,7 @@ fn through_writer(
                 retention: Duration::from_secs(86_400 * 365 * 50),
                 replay_retention: Duration::from_secs(86_400),
                 spill_dir: dir.path().join("spill"),
+                max_spill_bytes: u64::MAX,
                 dead_letter: dir.path().join("dead.jsonl"),
             },
         )

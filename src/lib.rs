@@ -4,6 +4,7 @@ pub mod admission;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod estimate;
 pub mod manage;

@@ -4,8 +4,8 @@
 
 use dashmap::DashMap;
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::routing::health::{now_ms, HealthRegistry, HealthSettings};
@@ -70,6 +70,13 @@ pub struct Metrics {
     pub cache_semantic: IntCounterVec,
     pub cache_vectors: IntGauge,
     pub cache_vector_bytes: IntGauge,
+    /// Client connections open, by listener (`proxy`, `manage`).
+    pub client_connections: IntGaugeVec,
+    /// Client connections turned away at the listener's `max_connections`, by listener.
+    pub client_connections_refused: IntCounterVec,
+    /// Clients cut off for being too slow, by listener and phase: `header` (the request
+    /// head did not arrive in time), `body` (nor did the body).
+    pub client_timeouts: IntCounterVec,
     target_healthy: GaugeVec,
     target_success_rate: GaugeVec,
     target_samples: GaugeVec,
@@ -340,6 +347,27 @@ impl Metrics {
         registry.register(Box::new(cache_semantic.clone()))?;
         registry.register(Box::new(cache_vectors.clone()))?;
         registry.register(Box::new(cache_vector_bytes.clone()))?;
+        let client_connections = IntGaugeVec::new(
+            Opts::new("modelux_client_connections", "Client connections open, by listener"),
+            &["listener"],
+        )?;
+        let client_connections_refused = IntCounterVec::new(
+            Opts::new(
+                "modelux_client_connections_refused_total",
+                "Client connections answered 503 and closed because the listener was at max_connections",
+            ),
+            &["listener"],
+        )?;
+        let client_timeouts = IntCounterVec::new(
+            Opts::new(
+                "modelux_client_timeouts_total",
+                "Clients cut off for being too slow: the request head (header) or body (body) did not arrive in time",
+            ),
+            &["listener", "phase"],
+        )?;
+        registry.register(Box::new(client_connections.clone()))?;
+        registry.register(Box::new(client_connections_refused.clone()))?;
+        registry.register(Box::new(client_timeouts.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -377,6 +405,9 @@ impl Metrics {
             cache_semantic,
             cache_vectors,
             cache_vector_bytes,
+            client_connections,
+            client_connections_refused,
+            client_timeouts,
             target_healthy,
             target_success_rate,
             target_samples,

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::apps::http_app::HttpServer;
 use pingora::connectors::http::Connector;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
@@ -144,8 +143,11 @@ pub fn open_trace_store(settings: &Settings) -> Result<Arc<dyn TraceStore>, Stri
             table: c.table.clone(),
         })),
         None => Arc::new(
-            EmbeddedStore::open(&settings.data_dir.join(EMBEDDED_TRACES_FILE), t.max_records)
-                .map_err(|e| format!("trace store: {e}"))?,
+            EmbeddedStore::open(
+                &settings.data_dir.join(EMBEDDED_TRACES_FILE),
+                crate::trace::embedded::Bounds { max_records: t.max_records, max_bytes: t.max_bytes },
+            )
+            .map_err(|e| format!("trace store: {e}"))?,
         ),
     })
 }
@@ -193,6 +195,7 @@ pub fn open_traces(
             retention: Duration::from_secs(u64::from(t.retention_days) * 86_400),
             replay_retention: Duration::from_secs(u64::from(t.replay_hours) * 3_600),
             spill_dir: settings.data_dir.join("trace-spill"),
+            max_spill_bytes: t.max_spill_bytes,
             dead_letter: settings.data_dir.join("trace-dead-letter.jsonl"),
         },
     )
@@ -258,10 +261,15 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
             std::time::Duration::from_secs(u64::from(settings.traces.retention_days) * 86_400),
         )),
     });
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway { state },
-        "modelux proxy",
+    let limits = settings.connections;
+    let mut proxy = Service::new(
+        "modelux proxy".to_string(),
+        crate::conn::Guarded::new(
+            pingora::proxy::http_proxy(&server.configuration, Gateway { state }),
+            crate::conn::Policy::new(&limits, limits.max_proxy, crate::proxy::overloaded_body),
+            "proxy",
+            &handles.metrics,
+        ),
     );
     // pingora reads each client connection through a 64 KiB buffer by default, held for
     // the connection's life: with a thousand streams open that alone is 64 MiB. Request
@@ -300,7 +308,15 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
     // The MCP tools call the management handlers on an instance of their own (sharing
     // everything, the in-flight changes included).
     let mcp = Arc::new(crate::manage::mcp::McpHttp::new(Arc::new(manage_app(None))));
-    let mut manage = Service::new("modelux manage".to_string(), HttpServer::new_app(manage_app(Some(mcp))));
+    let mut manage = Service::new(
+        "modelux manage".to_string(),
+        crate::conn::Guarded::new(
+            manage_app(Some(mcp)),
+            crate::conn::Policy::new(&limits, limits.max_manage, crate::manage::overloaded_body),
+            "manage",
+            &handles.metrics,
+        ),
+    );
     // Creates experiments only (no resource changes), so its own in-flight set is enough.
     let scheduler = background_service(
         "experiment scheduler",

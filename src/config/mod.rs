@@ -60,6 +60,10 @@ pub struct Settings {
     /// `server.public_base_url`, without a trailing slash.
     pub public_base_url: Option<String>,
     pub client_body_timeout: Duration,
+    /// The client connections' limits (`server.client_header_timeout_ms`,
+    /// `keepalive_timeout_seconds`, `max_connections`, `manage_max_connections`); read when
+    /// the listeners start.
+    pub connections: ConnectionLimits,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub upstream_idle_timeout: Duration,
@@ -285,6 +289,10 @@ pub struct TraceSettings {
     pub clickhouse: Option<ClickHouseConfig>,
     pub retention_days: u32,
     pub max_records: u64,
+    /// Embedded store only: bytes its records' pages may take; 0: no cap.
+    pub max_bytes: u64,
+    /// Bytes of spilled batches kept on disk.
+    pub max_spill_bytes: u64,
     pub queue_capacity: usize,
     pub batch_size: usize,
     pub flush_interval: Duration,
@@ -641,6 +649,31 @@ pub fn parse(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawC
     }
 }
 
+/// `traces.max_bytes` by default: 2 GiB, about 1.7 million records without bodies.
+pub const DEFAULT_TRACE_BYTES: u64 = 2 << 30;
+/// Below this a cap would prune on nearly every batch.
+const MIN_TRACE_BYTES: u64 = 16 << 20;
+
+/// Limits on client connections, per listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    /// 0: no keep-alive.
+    pub keepalive_seconds: u64,
+    pub max_proxy: usize,
+    pub max_manage: usize,
+}
+
+fn connection_cap(v: Option<usize>, default: usize, path: &str, errors: &mut Vec<ConfigError>) -> usize {
+    match v.unwrap_or(default) {
+        0 => {
+            errors.push(ConfigError::new(path, "must be at least 1"));
+            1
+        }
+        n => n,
+    }
+}
+
 pub(crate) const ID_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, _, -, .";
 
 pub(crate) fn valid_id(s: &str) -> bool {
@@ -711,6 +744,28 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
             None => DEFAULT_MAX_UPLOAD_BYTES,
         },
         client_body_timeout: ms(raw.client_body_timeout_ms, 30_000, "server.client_body_timeout_ms", errors),
+        connections: ConnectionLimits {
+            header_timeout: ms(
+                raw.client_header_timeout_ms,
+                10_000,
+                "server.client_header_timeout_ms",
+                errors,
+            ),
+            keepalive_seconds: match raw.keepalive_timeout_seconds.unwrap_or(60) {
+                s if s > 3_600 => {
+                    errors.push(ConfigError::new("server.keepalive_timeout_seconds", "must be at most 3600"));
+                    s
+                }
+                s => s,
+            },
+            max_proxy: connection_cap(raw.max_connections, 10_000, "server.max_connections", errors),
+            max_manage: connection_cap(
+                raw.manage_max_connections,
+                256,
+                "server.manage_max_connections",
+                errors,
+            ),
+        },
         upstream_connect_timeout: ms(
             raw.upstream_connect_timeout_ms,
             5_000,
@@ -786,6 +841,18 @@ fn trace_settings(raw: &RawTraces, errors: &mut Vec<ConfigError>) -> TraceSettin
             .try_into()
             .unwrap_or(u32::MAX),
         max_records: raw.max_records.unwrap_or(1_000_000),
+        max_bytes: match raw.max_bytes {
+            Some(n) if n > 0 && n < MIN_TRACE_BYTES => {
+                errors.push(ConfigError::new(
+                    "traces.max_bytes",
+                    format!("must be 0 (no cap) or at least {MIN_TRACE_BYTES} (16 MiB)"),
+                ));
+                n
+            }
+            Some(n) => n,
+            None => DEFAULT_TRACE_BYTES,
+        },
+        max_spill_bytes: positive(raw.max_spill_bytes, 1 << 30, "traces.max_spill_bytes", errors),
         queue_capacity: positive(
             raw.queue_capacity.map(|v| v as u64),
             65_536,

@@ -52,6 +52,17 @@ pub struct RawServer {
     pub public_base_url: Option<String>,
     /// Deadline for receiving the whole request body; a slower client gets 408.
     pub client_body_timeout_ms: Option<u64>,
+    /// Deadline for receiving a request's whole head (request line and headers), counted
+    /// from the connection opening, or from the first byte after a keep-alive wait.
+    pub client_header_timeout_ms: Option<u64>,
+    /// How long an idle keep-alive connection waits for its next request; 0 closes the
+    /// connection after every answer.
+    pub keepalive_timeout_seconds: Option<u64>,
+    /// Client connections open at once on the proxy listener; one more is answered 503
+    /// and closed.
+    pub max_connections: Option<usize>,
+    /// The same cap for the management listener.
+    pub manage_max_connections: Option<usize>,
     /// TCP (+TLS) connect deadline per upstream attempt.
     pub upstream_connect_timeout_ms: Option<u64>,
     /// Deadline for upstream response headers, and the longest silence allowed between
@@ -123,6 +134,12 @@ pub struct RawTraces {
     pub retention_days: Option<u32>,
     /// Embedded store only: the most records kept (default 1,000,000; 0: no cap).
     pub max_records: Option<u64>,
+    /// Embedded store only: the most bytes the records' pages may take (default 2 GiB;
+    /// 0: no cap). The oldest records go first.
+    pub max_bytes: Option<u64>,
+    /// Bytes the disk queue (`<data_dir>/trace-spill`) may hold while the store is out of
+    /// reach (default 1 GiB); batches beyond it are dropped and counted.
+    pub max_spill_bytes: Option<u64>,
     /// Records waiting for the writer; when full, new records are dropped and counted
     /// (default 65,536).
     pub queue_capacity: Option<usize>,

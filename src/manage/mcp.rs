@@ -463,6 +463,27 @@ impl McpHttp {
             Err(never) => match never {},
         };
         let mut out = http::Response::from_parts(parts, bytes);
+        let json = out
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("json"));
+        if out.status().as_u16() >= 400 && !json {
+            // The transport's own refusals (406, 415, …) come as plain text: the management
+            // listener answers errors in its envelope.
+            let status = out.status().as_u16();
+            let code = match status {
+                405 => "method_not_allowed",
+                406 => "not_acceptable",
+                415 => "unsupported_media_type",
+                _ => "invalid_request",
+            };
+            let message = String::from_utf8_lossy(out.body()).trim().to_string();
+            *out.body_mut() =
+                super::api::ApiError::new(status, "invalid_request", code, message).into_answer().body;
+            out.headers_mut()
+                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        }
         out.headers_mut().remove(http::header::TRANSFER_ENCODING);
         let len = out.body().len();
         out.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));

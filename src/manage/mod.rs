@@ -20,8 +20,9 @@ pub mod webhooks;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 
 use crate::auth;
 use crate::config::store::ConfigStore;
@@ -52,8 +53,28 @@ pub struct ManageApp {
     pub mcp: Option<Arc<mcp::McpHttp>>,
 }
 
-/// Reads the request body, up to `api::MAX_BODY`; `Err`: the answer to send instead.
-async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, api::Answer> {
+/// Reads the request body, up to `api::MAX_BODY` and within `server.client_body_timeout_ms`;
+/// `Err`: the answer to send instead.
+async fn read_body(session: &mut ServerSession, app: &ManageApp) -> Result<Vec<u8>, api::Answer> {
+    let deadline = app.store.load().settings.client_body_timeout;
+    match tokio::time::timeout(deadline, read_body_bounded(session)).await {
+        Ok(read) => read,
+        Err(_) => {
+            app.metrics.client_timeouts.with_label_values(&["manage", "body"]).inc();
+            // What is left of the body would be read as the next request.
+            session.set_keepalive(None);
+            Err(api::ApiError::new(
+                408,
+                "invalid_request",
+                "request_timeout",
+                format!("the request body was not received within {} ms", deadline.as_millis()),
+            )
+            .into_answer())
+        }
+    }
+}
+
+async fn read_body_bounded(session: &mut ServerSession) -> Result<Vec<u8>, api::Answer> {
     let mut body = Vec::new();
     loop {
         match session.read_request_body().await {
@@ -178,8 +199,89 @@ fn respond(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec
     resp
 }
 
+/// The 503 body over `server.manage_max_connections`, in the management envelope.
+pub fn overloaded_body(_path: &str) -> bytes::Bytes {
+    bytes::Bytes::from(
+        api::ApiError::new(
+            503,
+            "server_error",
+            "too_many_connections",
+            "the management listener is at its connection limit; retry shortly",
+        )
+        .into_answer()
+        .body,
+    )
+}
+
+/// The management listener's HTTP exchange (pingora's `HttpServer` app, but answering a
+/// malformed request head with 400 in the management envelope instead of a bare close and
+/// an error log line per bad client, and leaving keep-alive to `conn::Guarded`).
 #[async_trait]
-impl ServeHttp for ManageApp {
+impl HttpServerApp for ManageApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed management request head");
+                if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
+                    let answer = api::ApiError::new(
+                        400,
+                        "invalid_request",
+                        "invalid_http_request",
+                        "the request line or headers are not valid HTTP/1.1",
+                    )
+                    .into_answer();
+                    let _ = write_answer(&mut session, finish(answer)).await;
+                }
+                session.shutdown().await;
+                return None;
+            }
+        }
+        crate::conn::head_read();
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let response = match crate::conn::framing_problem(session.req_header()) {
+            Some(problem) => {
+                session.set_keepalive(None);
+                finish(
+                    api::ApiError::new(400, "invalid_request", "invalid_http_request", problem).into_answer(),
+                )
+            }
+            None => self.response(&mut session).await,
+        };
+        if let Err(e) = write_answer(&mut session, response).await {
+            tracing::debug!(error = %e, "management client went away before its answer");
+            return None;
+        }
+        let persistent = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(reusable) => reusable.map(|s| ReusedHttpStream::from_reusable_stream(s, persistent)),
+            Err(e) => {
+                tracing::debug!(error = %e, "management connection not reusable");
+                None
+            }
+        }
+    }
+}
+
+async fn write_answer(session: &mut ServerSession, response: http::Response<Vec<u8>>) -> pingora::Result<()> {
+    let (parts, body) = response.into_parts();
+    let mut header: pingora::http::ResponseHeader = parts.into();
+    if !header.headers.contains_key(http::header::CONTENT_LENGTH) {
+        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    }
+    session.write_response_header(Box::new(header)).await?;
+    session.write_response_body(bytes::Bytes::from(body), true).await?;
+    session.finish_body().await
+}
+
+impl ManageApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
@@ -198,7 +300,7 @@ impl ServeHttp for ManageApp {
             }
             head
         });
-        let body = match read_body(session).await {
+        let body = match read_body(session, self).await {
             Ok(b) => b,
             Err(answer) => return finish(answer),
         };

@@ -101,6 +101,12 @@ impl Endpoint {
     }
 }
 
+/// Whether a request to `path` is answered in Anthropic's format (before its headers are
+/// read: the Anthropic client's bare `/v1/files` is not told apart here).
+pub(super) fn is_anthropic_path(path: &str) -> bool {
+    matches!(Endpoint::from_path(path, "POST", false), Some((Surface::Anthropic, _)))
+}
+
 /// A passthrough row for `rest` (`/…` after `/v1`).
 fn resource(api: Api, rest: &str, method: &str) -> Option<Endpoint> {
     resources::find(api, rest.strip_prefix('/')?, method).map(Endpoint::Resource)
@@ -142,8 +148,25 @@ pub async fn handle(state: &GatewayState, session: &mut Session, ctx: &mut Reque
         None => state.store.load(),
     };
     let mut req = Req { state, snapshot: &snapshot, session, ctx };
-    if let Err(err) = serve(&mut req, grant.as_deref()).await {
-        respond::error(req.session, req.ctx, &err).await;
+    match serve(&mut req, grant.as_deref()).await {
+        Err(err) => {
+            if matches!(err, GatewayError::RequestTimeout { .. }) {
+                state.metrics.client_timeouts.with_label_values(&["proxy", "body"]).inc();
+            }
+            respond::error(req.session, req.ctx, &err).await;
+        }
+        // Every path answers; one that did not would leave its client waiting. A client
+        // that went away has nobody to answer.
+        Ok(())
+            if req.session.response_written().is_none()
+                && req.ctx.error_code != Some("client_disconnected") =>
+        {
+            tracing::error!(endpoint = %req.ctx.endpoint, "request finished without an answer; answering 500");
+            req.session.set_keepalive(None);
+            let err = GatewayError::internal("the gateway finished this request without answering it");
+            respond::error(req.session, req.ctx, &err).await;
+        }
+        Ok(()) => {}
     }
 }
 
@@ -164,6 +187,10 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
             message: format!("unknown endpoint {} {path}", header.method),
         })?;
     ctx.surface = surface;
+    if let Some(problem) = crate::conn::framing_problem(header) {
+        req.session.set_keepalive(None);
+        return Err(GatewayError::invalid("invalid_request", problem));
+    }
     if !endpoint.allows(&header.method) {
         return Err(GatewayError::MethodNotAllowed { allowed: endpoint.methods() });
     }

@@ -281,6 +281,16 @@ impl Drop for RequestCtx {
     }
 }
 
+/// The 503 body over `server.max_connections`, in the wire format of the request's path.
+pub fn overloaded_body(path: &str) -> Bytes {
+    let surface = if dispatch::is_anthropic_path(path) { Surface::Anthropic } else { Surface::OpenAi };
+    let err = crate::error::GatewayError::Unavailable {
+        code: "too_many_connections",
+        message: "the gateway is at its connection limit; retry shortly".into(),
+    };
+    Bytes::from(surface.codec().error_body(&err))
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
@@ -290,6 +300,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn early_request_filter(&self, _session: &mut Session, ctx: &mut RequestCtx) -> PResult<()> {
+        crate::conn::head_read();
         ctx.started = Instant::now();
         self.state.metrics.in_flight.inc();
         Ok(())

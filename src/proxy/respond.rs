@@ -17,7 +17,15 @@ pub fn header(status: u16, extra: Headers, ctx: &RequestCtx) -> Result<ResponseH
         let mut h = ResponseHeader::build_no_case(status, Some(extra.len() + 8))?;
         h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in extra {
-            h.append_header(name, value)?;
+            // A value a header cannot carry (client data validated at the read should never
+            // get here) is left out rather than costing the client its answer.
+            match http::HeaderValue::try_from(value) {
+                Ok(value) => h.append_header(name, value)?,
+                Err(_) => {
+                    tracing::warn!(header = %name, "response header value cannot be carried; left out");
+                    false
+                }
+            };
         }
         let mut spend = Vec::new();
         super::billing::push_headers(&ctx.bill, &mut spend);
@@ -40,12 +48,21 @@ pub async fn whole(
     body: Bytes,
 ) {
     extra.push((http::header::CONTENT_LENGTH, body.len().to_string()));
-    let resp = match header(status, extra, ctx) {
-        Ok(h) => h,
+    let (status, resp, body) = match header(status, extra, ctx) {
+        Ok(h) => (status, h, body),
         Err(e) => {
-            tracing::error!(error = %e, "cannot build response");
-            ctx.status = 500;
-            return;
+            tracing::error!(error = %e, "cannot build response; answering 500 and closing");
+            session.set_keepalive(None);
+            match internal_error(ctx) {
+                Some(answer) => answer,
+                None => {
+                    // Not even the fixed answer could be built: the client sees the close.
+                    ctx.status = 500;
+                    ctx.error_code = Some("internal_error");
+                    session.shutdown().await;
+                    return;
+                }
+            }
         }
     };
     ctx.status = status;
@@ -66,6 +83,20 @@ pub async fn whole(
             ctx.error_code.get_or_insert("client_disconnected");
         }
     }
+}
+
+/// The answer when a response could not be built: a 500 in the client's format, made of
+/// fixed parts only, that closes the connection (whatever failed may have left the
+/// exchange in a state the next request should not inherit).
+fn internal_error(ctx: &mut RequestCtx) -> Option<(u16, ResponseHeader, Bytes)> {
+    let err = GatewayError::internal("the gateway could not build its answer to this request");
+    ctx.error_code = Some(err.code());
+    let body = Bytes::from(ctx.surface.codec().error_body(&err));
+    let mut h = ResponseHeader::build_no_case(500, Some(4)).ok()?;
+    h.insert_header(REQUEST_ID, ctx.request_id.as_str()).ok()?;
+    h.insert_header(http::header::CONTENT_TYPE, "application/json").ok()?;
+    h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string()).ok()?;
+    Some((500, h, body))
 }
 
 /// Sends a streamed answer's header. `false`: nothing more can go out (the header could

@@ -20,6 +20,9 @@ use store::SpendStore;
 const LONGEST_PERIOD_S: i64 = 32 * 86_400;
 /// Rows of finished periods are kept this long for reporting, then pruned.
 const HISTORY_S: i64 = 400 * 86_400;
+/// Finished periods' spend kept on disk at most (a row per budget, instance and period,
+/// ~100 bytes): per-user budgets over many users would otherwise grow it without bound.
+pub const MAX_HISTORY_ROWS: u64 = 1_000_000;
 
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
@@ -122,7 +125,7 @@ impl Spend {
             Backend::Local { counters, store, .. } => {
                 counters.forget_before(now - LONGEST_PERIOD_S);
                 if let Some(store) = store {
-                    store.prune(now - HISTORY_S)?;
+                    store.prune(now - HISTORY_S, now - LONGEST_PERIOD_S, MAX_HISTORY_ROWS)?;
                 }
             }
             Backend::Shared { counters, .. } => counters.forget_before(now - LONGEST_PERIOD_S),

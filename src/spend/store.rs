@@ -78,11 +78,28 @@ impl SpendStore {
         tx.commit().map_err(|e| e.to_string())
     }
 
-    /// Deletes counters of periods that started before `before`.
-    pub fn prune(&self, before: i64) -> Result<usize, String> {
+    /// Deletes counters of periods that started before `before`, then, while more than
+    /// `max_rows` remain, the oldest of those that started before `live_since` (periods
+    /// still running are never touched: their budgets are being enforced).
+    pub fn prune(&self, before: i64, live_since: i64, max_rows: u64) -> Result<usize, String> {
         let conn = self.conn.lock().map_err(|_| "spend store lock poisoned".to_string())?;
-        conn.execute("DELETE FROM budget_spend WHERE period_start < ?1", params![before])
-            .map_err(|e| e.to_string())
+        let mut deleted = conn
+            .execute("DELETE FROM budget_spend WHERE period_start < ?1", params![before])
+            .map_err(|e| e.to_string())?;
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM budget_spend", [], |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        let excess = u64::try_from(rows).unwrap_or(0).saturating_sub(max_rows);
+        if excess > 0 {
+            deleted += conn
+                .execute(
+                    "DELETE FROM budget_spend WHERE rowid IN (SELECT rowid FROM budget_spend \
+                     WHERE period_start < ?1 ORDER BY period_start LIMIT ?2)",
+                    params![live_since, i64::try_from(excess).unwrap_or(i64::MAX)],
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(deleted)
     }
 }
 
@@ -107,7 +124,22 @@ mod tests {
         rows.sort_by(|x, y| x.budget.cmp(&y.budget));
         assert_eq!(rows, vec![row("a", 100, 9), row("b", 50, 7)]);
         assert_eq!(store.load(60).unwrap(), vec![row("a", 100, 9)]);
-        assert_eq!(store.prune(60).unwrap(), 1);
+        assert_eq!(store.prune(60, 0, u64::MAX).unwrap(), 1);
         assert_eq!(store.load(0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn history_is_capped_by_rows_without_touching_running_periods() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SpendStore::open(&dir.path().join("modelux.db")).unwrap();
+        let rows: Vec<SpendRow> = (0..50).map(|i| row(&format!("b{i}"), 100 + i, 1)).collect();
+        store.save(&rows, 1).unwrap();
+        // Over a 10-row cap, only finished periods (started before 140) may go: 40 of them.
+        assert_eq!(store.prune(0, 140, 10).unwrap(), 40);
+        let left = store.load(0).unwrap();
+        assert_eq!(left.len(), 10);
+        assert!(left.iter().all(|r| r.period_start >= 140));
+        // Nothing finished is left to go: running periods stay even over the cap.
+        assert_eq!(store.prune(0, 140, 5).unwrap(), 0);
     }
 }

@@ -9,9 +9,12 @@
 //!   with `requests`, in the same transaction.
 //! * Filters and order run in SQL (bound parameters only); reports select just the columns
 //!   they aggregate and aggregate in Rust with exactly `query::report_from_rows`'s rules.
-//! * Retention: nothing here runs on its own. The writer calls `prune` periodically; it
-//!   drops records older than the retention, then the oldest beyond `max_records`, so the
-//!   file stays bounded (SQLite reuses the freed pages; the file itself does not shrink).
+//! * Retention: the writer calls `prune` periodically to drop records older than the
+//!   retention. The caps (`Bounds`) are enforced as records arrive: an insert that leaves
+//!   more than `max_records` plus a twentieth, or pages over `max_bytes`, deletes the
+//!   oldest records down to the caps. SQLite reuses the freed pages, so under any sustained
+//!   rate the file stays within `max_bytes` plus one prune's slack (the file never shrinks),
+//!   and the WAL is truncated back to `WAL_LIMIT` after each checkpoint.
 //!
 //! SQLite calls block, so each runs on tokio's blocking pool. There are three connections:
 //! inserts and prunes use one, the logs and reports reads another, replay reads the third,
@@ -20,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -207,14 +211,26 @@ struct Inner {
     /// The request path's lookups of who holds an id (`owner`): never queued behind a
     /// dashboard's report.
     owner_reader: Mutex<Connection>,
-    /// 0: no cap.
-    max_records: u64,
+    bounds: Bounds,
+    /// Records in the file: counted once at open, then kept by inserts and deletes.
+    rows: AtomicU64,
 }
+
+/// What the embedded store keeps at most. 0: no cap.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bounds {
+    pub max_records: u64,
+    /// Bytes of the pages holding records (the file less its free pages).
+    pub max_bytes: u64,
+}
+
+/// A WAL grown by a long read is cut back to this after its checkpoint.
+const WAL_LIMIT: i64 = 64 << 20;
 
 impl EmbeddedStore {
     /// Opens (creating it and its directory if needed) the store at `path` and brings its
-    /// schema up to date. `max_records` caps the rows `prune` keeps; 0 means no cap.
-    pub fn open(path: &Path, max_records: u64) -> Result<EmbeddedStore, StoreError> {
+    /// schema up to date.
+    pub fn open(path: &Path, bounds: Bounds) -> Result<EmbeddedStore, StoreError> {
         let at = |e: StoreError| match e {
             StoreError::Transient(m) => StoreError::Transient(format!("{}: {m}", path.display())),
             StoreError::Data(m) => StoreError::Data(format!("{}: {m}", path.display())),
@@ -229,7 +245,10 @@ impl EmbeddedStore {
         writer.pragma_update(None, "journal_mode", "WAL").map_err(db).map_err(at)?;
         // Index pages of a busy table stay cached across batches (default is 2 MiB).
         writer.pragma_update(None, "cache_size", -16_000).map_err(db).map_err(at)?;
+        writer.pragma_update(None, "journal_size_limit", WAL_LIMIT).map_err(db).map_err(at)?;
         migrate(&mut writer).map_err(at)?;
+        let rows: i64 =
+            writer.query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).map_err(db).map_err(at)?;
         let reader = connect(path).map_err(at)?;
         reader.pragma_update(None, "query_only", true).map_err(db).map_err(at)?;
         let replay_reader = connect(path).map_err(at)?;
@@ -242,7 +261,8 @@ impl EmbeddedStore {
                 reader: Mutex::new(reader),
                 replay_reader: Mutex::new(replay_reader),
                 owner_reader: Mutex::new(owner_reader),
-                max_records,
+                bounds,
+                rows: AtomicU64::new(u64::try_from(rows).unwrap_or(0)),
             }),
         })
     }
@@ -275,7 +295,12 @@ impl TraceStore for EmbeddedStore {
         }
         // The blocking pool needs owned rows; the copy is small beside the SQLite work.
         let rows = rows.to_vec();
-        self.run(move |inner| insert_rows(&mut lock(&inner.writer), &rows)).await
+        self.run(move |inner| {
+            let added = insert_rows(&mut lock(&inner.writer), &rows)?;
+            inner.rows.fetch_add(added, Ordering::Relaxed);
+            enforce_bounds(inner)
+        })
+        .await
     }
 
     async fn list(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
@@ -389,7 +414,9 @@ fn db(e: rusqlite::Error) -> StoreError {
 // ---- writes ----
 
 /// One transaction per batch: all rows or none, so a failed batch can be retried whole.
-fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreError> {
+/// Inserts `rows`; how many were new.
+fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<u64, StoreError> {
+    let mut added = 0;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
     {
         let mut row_stmt = tx.prepare_cached(INSERT_ROW).map_err(db)?;
@@ -466,6 +493,7 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
                 .map_err(db)?;
             // Tags only with a new row: a replayed row already has its tags.
             if inserted == 1 {
+                added += 1;
                 for (i, (k, v)) in row.tag_keys.iter().zip(&row.tag_values).enumerate() {
                     tag_stmt.execute(params![row.request_id, i as i64, k, v]).map_err(db)?;
                 }
@@ -475,7 +503,40 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<(), StoreErro
             }
         }
     }
-    tx.commit().map_err(db)
+    tx.commit().map_err(db)?;
+    Ok(added)
+}
+
+/// Deletes the oldest records while the store is over a cap: down to `max_records`, once it
+/// is a twentieth over (so deletes come in runs, not a few rows per batch), and to 95% of
+/// `max_bytes` by the share of pages in use.
+fn enforce_bounds(inner: &Inner) -> Result<(), StoreError> {
+    let Bounds { max_records, max_bytes } = inner.bounds;
+    let rows = inner.rows.load(Ordering::Relaxed);
+    let mut excess = 0;
+    if max_records > 0 && rows > max_records + (max_records / 20).max(1) {
+        excess = rows - max_records;
+    }
+    if max_bytes > 0 {
+        let used = used_bytes(&lock(&inner.writer))?;
+        if used > max_bytes && rows > 0 {
+            let target = max_bytes - max_bytes / 20;
+            let share = (used - target) as f64 / used as f64;
+            excess = excess.max(((rows as f64 * share).ceil() as u64).clamp(1, rows));
+        }
+    }
+    if excess > 0 {
+        let deleted = delete_chunks(&inner.writer, "1", &[], PRUNE_CHUNK, excess)?;
+        inner.rows.fetch_sub(deleted.min(inner.rows.load(Ordering::Relaxed)), Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Bytes of the pages in use (the file less its free list); both reads are of the header.
+fn used_bytes(conn: &Connection) -> Result<u64, StoreError> {
+    let pragma = |name: &str| conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0)).map_err(db);
+    let used_pages = pragma("page_count")?.saturating_sub(pragma("freelist_count")?);
+    Ok(u64::try_from(used_pages.saturating_mul(pragma("page_size")?)).unwrap_or(0))
 }
 
 /// Counters and sizes are compared nowhere in SQL, so they are stored bit for bit as
@@ -519,17 +580,18 @@ fn parse_floats(s: &str) -> Option<Vec<f64>> {
 /// Deletes the oldest rows first: those older than `before_ms`, then those beyond the cap.
 fn prune_rows(inner: &Inner, before_ms: u64, chunk: usize) -> Result<u64, StoreError> {
     let mut deleted = match i64::try_from(before_ms) {
-        Ok(before) => delete_chunks(&inner.writer, "ts_ms < ?1", &[Value::Integer(before)], chunk)?,
+        Ok(before) => delete_chunks(&inner.writer, "ts_ms < ?1", &[Value::Integer(before)], chunk, u64::MAX)?,
         // Beyond every storable timestamp: everything goes.
-        Err(_) => delete_chunks(&inner.writer, "1", &[], chunk)?,
+        Err(_) => delete_chunks(&inner.writer, "1", &[], chunk, u64::MAX)?,
     };
-    if inner.max_records > 0 {
+    let max_records = inner.bounds.max_records;
+    if max_records > 0 {
         // The newest row beyond the cap, in list order; it and everything older go.
         let cut: Option<(i64, String)> = lock(&inner.writer)
             .query_row(
                 "SELECT ts_ms, request_id FROM requests ORDER BY ts_ms DESC, request_id DESC \
                  LIMIT 1 OFFSET ?1",
-                [i64::try_from(inner.max_records).unwrap_or(i64::MAX)],
+                [i64::try_from(max_records).unwrap_or(i64::MAX)],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
@@ -540,21 +602,31 @@ fn prune_rows(inner: &Inner, before_ms: u64, chunk: usize) -> Result<u64, StoreE
                 "ts_ms <= ?1 AND (ts_ms < ?1 OR request_id <= ?2)",
                 &[Value::Integer(ts_ms), Value::Text(id)],
                 chunk,
+                u64::MAX,
             )?;
         }
     }
+    inner.rows.fetch_sub(deleted.min(inner.rows.load(Ordering::Relaxed)), Ordering::Relaxed);
     Ok(deleted)
 }
 
 /// Deletes the rows matching `cond` (our own SQL, never user text) and their tags, oldest
-/// first, `chunk` rows per transaction, releasing the write lock in between.
-fn delete_chunks(m: &Mutex<Connection>, cond: &str, args: &[Value], chunk: usize) -> Result<u64, StoreError> {
-    let select = format!(
-        "SELECT rowid, request_id, project, owned_ids FROM requests WHERE {cond} ORDER BY ts_ms, request_id \
-         LIMIT {chunk}"
-    );
+/// first, at most `limit` of them, `chunk` rows per transaction, releasing the write lock
+/// in between.
+fn delete_chunks(
+    m: &Mutex<Connection>,
+    cond: &str,
+    args: &[Value],
+    chunk: usize,
+    limit: u64,
+) -> Result<u64, StoreError> {
     let mut deleted = 0;
     loop {
+        let this = (chunk as u64).min(limit - deleted);
+        let select = format!(
+            "SELECT rowid, request_id, project, owned_ids FROM requests WHERE {cond} ORDER BY ts_ms, request_id \
+             LIMIT {this}"
+        );
         let mut conn = lock(m);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
         let victims = {
@@ -591,7 +663,7 @@ fn delete_chunks(m: &Mutex<Connection>, cond: &str, args: &[Value], chunk: usize
         }
         tx.commit().map_err(db)?;
         deleted += victims.len() as u64;
-        if victims.len() < chunk {
+        if (victims.len() as u64) < this || deleted >= limit {
             return Ok(deleted);
         }
     }
@@ -1009,7 +1081,7 @@ mod tests {
     const BASE_MS: u64 = 1_763_700_000_000;
 
     fn open(dir: &tempfile::TempDir, max_records: u64) -> EmbeddedStore {
-        EmbeddedStore::open(&dir.path().join("data/traces.db"), max_records).unwrap()
+        EmbeddedStore::open(&dir.path().join("data/traces.db"), Bounds { max_records, max_bytes: 0 }).unwrap()
     }
 
     /// Every field set, with values that are easy to get subtly wrong.
@@ -1487,6 +1559,57 @@ mod tests {
         assert_eq!(count(&store, "request_tags"), 0);
     }
 
+    /// Sustained inserts crossing the caps many times: the record count never passes the
+    /// cap by more than its twentieth plus a batch, the newest records are the ones kept,
+    /// and with a byte cap the file stops growing (freed pages are reused).
+    #[tokio::test]
+    async fn caps_hold_as_records_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, 1_000);
+        let batch = 100;
+        for i in 0..60u64 {
+            let rows: Vec<TraceRow> = (0..batch)
+                .map(|j| bare_row(&format!("r{:06}", i * batch + j), BASE_MS + i * batch + j))
+                .collect();
+            store.insert(&rows).await.unwrap();
+            let n = count(&store, "requests");
+            assert!(n <= 1_000 + 50 + batch as i64, "{n} rows after batch {i}");
+            assert_eq!(n as u64, store.inner.rows.load(Ordering::Relaxed));
+        }
+        // The newest are kept: the last id is there, the first long gone.
+        assert!(store.get("r005999").await.unwrap().is_some());
+        assert!(store.get("r000000").await.unwrap().is_none());
+        drop(store);
+        // Reopened, the count is read back.
+        let store = open(&dir, 1_000);
+        assert_eq!(store.inner.rows.load(Ordering::Relaxed) as i64, count(&store, "requests"));
+        drop(store);
+
+        // A byte cap: rows with bodies (~4 KiB each) into a 2 MiB cap, 10× over.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/traces.db");
+        let store = EmbeddedStore::open(&path, Bounds { max_records: 0, max_bytes: 2 << 20 }).unwrap();
+        let mut sizes = Vec::new();
+        for i in 0..50u64 {
+            let rows: Vec<TraceRow> = (0..100)
+                .map(|j| {
+                    let mut r = bare_row(&format!("b{:06}", i * 100 + j), BASE_MS + i * 100 + j);
+                    r.request_body = "x".repeat(4_000);
+                    r
+                })
+                .collect();
+            store.insert(&rows).await.unwrap();
+            let used = used_bytes(&lock(&store.inner.writer)).unwrap();
+            assert!(used <= (2 << 20) + 600 * 1024, "{used} bytes in use after batch {i}");
+            sizes.push(std::fs::metadata(&path).unwrap().len());
+        }
+        // Once full, the file holds steady: its size at the end is within a batch's pages of
+        // its size a third of the way in.
+        let (third, last) = (sizes[16], sizes[49]);
+        assert!(last <= third + 600 * 1024, "file grew from {third} to {last}");
+        assert!(count(&store, "requests") < 1_000, "byte cap kept {}", count(&store, "requests"));
+    }
+
     #[tokio::test]
     async fn reopen_keeps_data_and_schema_version() {
         let dir = tempfile::tempdir().unwrap();
@@ -1510,7 +1633,7 @@ mod tests {
         // A file from a newer build is refused, not misread.
         lock(&store.inner.writer).pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         drop(store);
-        let err = EmbeddedStore::open(&dir.path().join("data/traces.db"), 0).err().unwrap();
+        let err = EmbeddedStore::open(&dir.path().join("data/traces.db"), Bounds::default()).err().unwrap();
         assert!(matches!(err, StoreError::Transient(ref m) if m.contains("newer")), "{err:?}");
     }
 

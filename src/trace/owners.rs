@@ -99,7 +99,7 @@ mod tests {
     #[tokio::test]
     async fn ids_resolve_from_memory_then_from_the_store_per_project() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&dir.path().join("t.db"), 0).unwrap());
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("t.db"), Default::default()).unwrap());
         let owners = Owners::new(store.clone(), Duration::from_secs(3600));
         owners.remember("p1", "resp_a", "openai");
         assert_eq!(owners.lookup("p1", "resp_a").await.unwrap().as_deref(), Some("openai"));

@@ -12,9 +12,10 @@ use super::TraceRow;
 
 pub struct Spill {
     dir: PathBuf,
-    /// Sequence number → (file, rows in it).
-    files: BTreeMap<u64, (PathBuf, u64)>,
+    /// Sequence number → (file, rows in it, bytes).
+    files: BTreeMap<u64, (PathBuf, u64, u64)>,
     rows: u64,
+    bytes: u64,
 }
 
 /// The front of the queue, read for one replay.
@@ -31,19 +32,22 @@ impl Spill {
         fs::create_dir_all(dir)?;
         let mut files = BTreeMap::new();
         let mut rows = 0;
+        let mut bytes = 0;
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if let Some(seq) = name.strip_suffix(".jsonl").and_then(|s| s.parse::<u64>().ok()) {
                 let n = io::BufReader::new(fs::File::open(&path)?).lines().count() as u64;
+                let size = fs::metadata(&path)?.len();
                 rows += n;
-                files.insert(seq, (path, n));
+                bytes += size;
+                files.insert(seq, (path, n, size));
             } else if name.ends_with(".tmp") {
                 // A write that never finished: its batch was never acknowledged as spilled.
                 let _ = fs::remove_file(&path);
             }
         }
-        Ok(Spill { dir: dir.to_path_buf(), files, rows })
+        Ok(Spill { dir: dir.to_path_buf(), files, rows, bytes })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -53,6 +57,11 @@ impl Spill {
     /// Records waiting on disk.
     pub fn rows(&self) -> u64 {
         self.rows
+    }
+
+    /// Bytes of the files waiting on disk.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// The highest sequence number on disk (new batches must be numbered above it).
@@ -70,16 +79,18 @@ impl Spill {
         }
         let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
+        let size = file.metadata()?.len();
         fs::rename(&tmp, &path)?;
         self.rows += rows.len() as u64;
-        self.files.insert(seq, (path, rows.len() as u64));
+        self.bytes += size;
+        self.files.insert(seq, (path, rows.len() as u64, size));
         Ok(())
     }
 
     /// Reads whole files from the front until `max_rows` is reached (at least one file).
     pub fn front(&self, max_rows: usize) -> io::Result<Front> {
         let mut front = Front { seqs: Vec::new(), rows: Vec::new(), bad_lines: Vec::new() };
-        for (&seq, (path, n)) in &self.files {
+        for (&seq, (path, n, _)) in &self.files {
             if !front.seqs.is_empty() && front.rows.len() + *n as usize > max_rows {
                 break;
             }
@@ -98,8 +109,9 @@ impl Spill {
     /// Forgets files whose rows reached the store (or the dead-letter file).
     pub fn remove(&mut self, seqs: &[u64]) -> io::Result<()> {
         for seq in seqs {
-            if let Some((path, n)) = self.files.remove(seq) {
+            if let Some((path, n, size)) = self.files.remove(seq) {
                 self.rows -= n;
+                self.bytes -= size;
                 fs::remove_file(path)?;
             }
         }

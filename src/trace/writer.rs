@@ -84,6 +84,8 @@ pub struct WriterSettings {
     /// Replay bodies older than this are emptied (`traces.replay_hours` at start).
     pub replay_retention: Duration,
     pub spill_dir: PathBuf,
+    /// Spilled batches may take this many bytes on disk; later ones are dropped (counted).
+    pub max_spill_bytes: u64,
     pub dead_letter: PathBuf,
 }
 
@@ -198,6 +200,17 @@ impl TraceWriter {
     }
 
     fn spill(&self, st: &mut State, seq: u64, batch: &[TraceRow]) {
+        if st.spill.bytes() >= self.settings.max_spill_bytes {
+            // The disk queue is full: the earliest records of the outage are kept, and
+            // what does not fit is counted.
+            tracing::error!(
+                records = batch.len(),
+                spilled_bytes = st.spill.bytes(),
+                "trace spill directory is at traces.max_spill_bytes; dropping records"
+            );
+            self.metrics.trace_records.with_label_values(&["dropped"]).inc_by(batch.len() as u64);
+            return;
+        }
         match st.spill.push(seq, batch) {
             Ok(()) => {
                 self.metrics.trace_records.with_label_values(&["spilled"]).inc_by(batch.len() as u64);
@@ -539,7 +552,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new().unwrap());
         let store = Arc::new(Faulty {
-            store: EmbeddedStore::open(&dir.path().join("traces.db"), 0).unwrap(),
+            store: EmbeddedStore::open(&dir.path().join("traces.db"), Default::default()).unwrap(),
             down: AtomicBool::new(false),
             hang: AtomicBool::new(false),
             hanging: tokio::sync::Notify::new(),
@@ -552,12 +565,17 @@ mod tests {
 
     impl Rig {
         fn writer(&self, batch_size: usize) -> TraceWriter {
+            self.writer_spilling(batch_size, u64::MAX)
+        }
+
+        fn writer_spilling(&self, batch_size: usize, max_spill_bytes: u64) -> TraceWriter {
             let settings = WriterSettings {
                 batch_size,
                 flush_interval: Duration::from_secs(3600),
                 retention: Duration::from_secs(30 * 86_400),
                 replay_retention: Duration::from_secs(86_400),
                 spill_dir: self.dir.path().join("trace-spill"),
+                max_spill_bytes,
                 dead_letter: self.dir.path().join("trace-dead-letter.jsonl"),
             };
             TraceWriter::new(self.queue.clone(), self.store.clone(), self.metrics.clone(), settings).unwrap()
@@ -684,6 +702,36 @@ mod tests {
         assert_eq!(rig.count("retried"), 30);
         assert_eq!(rig.count("dropped"), 0);
         assert_eq!(std::fs::read_dir(rig.dir.path().join("trace-spill")).unwrap().count(), 0);
+    }
+
+    /// A long outage fills the spill directory to its cap and no further: the first
+    /// batches wait on disk, later ones are dropped and counted, and what was kept is
+    /// replayed when the store returns.
+    #[tokio::test]
+    async fn the_spill_directory_stops_at_its_cap() {
+        let rig = rig(&[]);
+        rig.store.down.store(true, Ordering::SeqCst);
+        // One batch of 10 is about 7 KiB of JSON: a 12 KiB cap takes two.
+        let writer = rig.writer_spilling(10, 12 * 1024);
+        rig.submit(0..100);
+        writer.finish().await;
+        let kept = writer.spilled().await;
+        assert!((10..=40).contains(&kept), "{kept} records spilled");
+        assert_eq!(rig.count("spilled"), kept);
+        assert_eq!(rig.count("dropped"), 100 - kept);
+        let bytes: u64 = std::fs::read_dir(rig.dir.path().join("trace-spill"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        // Over the cap by less than the batch that crossed it.
+        let per_batch = bytes / (kept / 10);
+        assert!(bytes < 12 * 1024 + per_batch, "{bytes} bytes on disk");
+        drop(writer);
+        rig.store.down.store(false, Ordering::SeqCst);
+        let writer = rig.writer(10);
+        writer.finish().await;
+        assert_eq!(writer.spilled().await, 0);
+        assert_eq!(rig.accepted(), ids(0..kept as usize), "the outage's first records are kept, in order");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

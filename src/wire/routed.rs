@@ -58,6 +58,23 @@ pub struct RoutedRequest<'a> {
     pub previous_response_id: Option<String>,
 }
 
+/// The longest `model` accepted. Real model ids (fine-tunes, Bedrock ARNs, Azure
+/// deployments) stay well under it; the name is echoed in a response header, and a client's
+/// HTTP parser may refuse a long one.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+/// Why a `model` cannot be served, if it cannot. The served model is echoed in
+/// `X-Modelux-Model-Used`, so anything a header value cannot carry (control characters,
+/// CR/LF) is refused where the request is read, rather than failing to build the answer.
+pub fn model_problem(model: &str) -> Option<String> {
+    if model.len() > MAX_MODEL_BYTES {
+        return Some(format!("\"model\" is {} bytes long; the limit is {MAX_MODEL_BYTES}", model.len()));
+    }
+    model.chars().find(|c| c.is_control()).map(|c| {
+        format!("\"model\" contains the control character U+{:04X}; model names are printable text", c as u32)
+    })
+}
+
 fn field_error(code: &'static str, message: impl Into<String>) -> GatewayError {
     GatewayError::invalid(code, message)
 }
@@ -122,7 +139,13 @@ impl<'a> RoutedRequest<'a> {
         for (key, raw) in &top.0 {
             let interpreted = matches!(
                 key.as_str(),
-                "model" | "stream" | "mlx:tags" | "mlx:end_user" | "previous_response_id"
+                "model"
+                    | "stream"
+                    | "mlx:tags"
+                    | "mlx:end_user"
+                    | "mlx:trace"
+                    | "mlx:cache"
+                    | "previous_response_id"
             );
             if interpreted {
                 if seen_interpreted.contains(&key.as_str()) {
@@ -134,6 +157,9 @@ impl<'a> RoutedRequest<'a> {
                 "model" => {
                     let m: String = serde_json::from_str(raw.get())
                         .map_err(|_| field_error("invalid_type", "\"model\" must be a string"))?;
+                    if let Some(problem) = model_problem(&m) {
+                        return Err(field_error("invalid_model", problem));
+                    }
                     model = Some(m);
                 }
                 "stream" => {
@@ -194,6 +220,23 @@ impl<'a> RoutedRequest<'a> {
                     trace = serde_json::from_str::<Option<bool>>(raw.get())
                         .map_err(|_| field_error("invalid_type", "\"mlx:trace\" must be a boolean"))?
                         .unwrap_or(false);
+                }
+                "mlx:cache" => {
+                    // Read by the cache (`{"skip": true}`); a malformed one is refused here,
+                    // not taken as "no directive".
+                    let ok = match serde_json::from_str::<serde_json::Value>(raw.get()) {
+                        Ok(serde_json::Value::Null) => true,
+                        Ok(serde_json::Value::Object(o)) => {
+                            o.get("skip").is_none_or(|v| v.is_boolean() || v.is_null())
+                        }
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(field_error(
+                            "invalid_type",
+                            "\"mlx:cache\" must be an object such as {\"skip\": true}",
+                        ));
+                    }
                 }
                 "mlx:end_user" => {
                     let u: Option<String> = serde_json::from_str(raw.get())

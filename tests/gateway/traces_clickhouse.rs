@@ -226,7 +226,9 @@ async fn clickhouse_and_the_embedded_store_give_the_same_answers() {
     let page = clickhouse.list(&LogQuery { limit: 200, ..LogQuery::default() }).await.unwrap();
     assert_eq!(page.rows.len(), ids.len());
     let dir = tempfile::tempdir().unwrap();
-    let embedded = modelux::trace::embedded::EmbeddedStore::open(&dir.path().join("traces.db"), 0).unwrap();
+    let embedded =
+        modelux::trace::embedded::EmbeddedStore::open(&dir.path().join("traces.db"), Default::default())
+            .unwrap();
     embedded.prepare().await.unwrap();
     embedded.insert(&page.rows).await.unwrap();
 
