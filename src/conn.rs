@@ -23,39 +23,52 @@ use prometheus::{IntCounter, IntGauge};
 use crate::config::ConnectionLimits;
 use crate::metrics::Metrics;
 
-tokio::task_local! {
+/// The connection's state the listener's app reports to, per request.
+struct Exchange {
     /// Set once the current request's head is read (its deadline no longer applies).
-    static HEAD_READ: Arc<AtomicBool>;
+    head_read: AtomicBool,
+    /// `keepalive_timeout_seconds: 0`: every answer closes the connection.
+    no_keepalive: bool,
+}
+
+tokio::task_local! {
+    static EXCHANGE: Arc<Exchange>;
 }
 
 /// The listener's app has read the current request's head: from here on the request's own
-/// deadlines (the body's, the upstream's) apply, not the head's.
-pub fn head_read() {
-    let _ = HEAD_READ.try_with(|read| read.store(true, Ordering::Relaxed));
+/// deadlines (the body's, the upstream's) apply, not the head's. pingora sets the session's
+/// keep-alive from the request itself as it reads the head, so the listener's "no
+/// keep-alive" is applied again here.
+pub fn head_read(session: &mut ServerSession) {
+    let no_keepalive = EXCHANGE
+        .try_with(|x| {
+            x.head_read.store(true, Ordering::Relaxed);
+            x.no_keepalive
+        })
+        .unwrap_or(false);
+    if no_keepalive {
+        session.set_keepalive(None);
+    }
 }
 
-/// Why a request's framing is refused, if it is: a transfer coding other than `chunked`
-/// (RFC 9112 §6.1: one the gateway does not decode), or both `Transfer-Encoding` and
-/// `Content-Length` (§6.3: the classic request-smuggling shape; the front and the gateway
-/// could disagree on where the body ends). Answered with an error and a close.
+/// Why a request's framing is refused, if it is: a transfer coding other than one
+/// `chunked` (RFC 9112 §6.1: one the gateway does not decode; `chunked, chunked` is a
+/// classic smuggling shape, where a front and the gateway could disagree on where the body
+/// ends). Answered with an error and a close.
 pub fn framing_problem(head: &pingora::http::RequestHeader) -> Option<&'static str> {
-    let mut codings = head.headers.get_all(http::header::TRANSFER_ENCODING).iter().peekable();
-    codings.peek()?;
-    let only_chunked = codings
-        .all(|v| v.to_str().is_ok_and(|v| v.split(',').all(|c| c.trim().eq_ignore_ascii_case("chunked"))));
-    if !only_chunked || head.headers.get_all(http::header::TRANSFER_ENCODING).iter().count() > 1 {
-        return Some("the only Transfer-Encoding accepted is a single \"chunked\"");
-    }
-    if head.headers.contains_key(http::header::CONTENT_LENGTH) {
-        return Some("a request may not carry both Transfer-Encoding and Content-Length");
-    }
-    None
+    let mut lines = head.headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    let first = lines.next()?;
+    let single_chunked = first.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+    // With both headers pingora has already dropped Content-Length and will close after
+    // the answer (RFC 9112 §6.3), so that shape needs nothing here.
+    (!single_chunked || lines.next().is_some())
+        .then_some("the only Transfer-Encoding accepted is a single \"chunked\"")
 }
 
 /// What one listener allows its clients.
 pub struct Policy {
-    /// How long a request's head may take: from the connection opening, or from the first
-    /// byte after a keep-alive wait.
+    /// How long a request's head may take from the connection opening (on a kept-alive
+    /// connection: this plus the keep-alive time, from the previous answer).
     pub header_timeout: Duration,
     /// How long an idle connection waits for its next request; 0: no keep-alive.
     pub keepalive_seconds: u64,
@@ -114,12 +127,13 @@ impl<A> Guarded<A> {
     async fn refuse(&self, stream: Stream) {
         self.counters.refused.inc();
         let mut session = ServerSession::new_http1(stream);
-        session.set_keepalive(None);
         let wait = self.policy.header_timeout.min(Duration::from_secs(1));
         let path = match tokio::time::timeout(wait, session.read_request()).await {
             Ok(Ok(true)) => session.req_header().uri.path().to_string(),
             _ => return,
         };
+        // After the read: pingora sets keep-alive from the request's own headers.
+        session.set_keepalive(None);
         let body = (self.policy.overloaded)(&path);
         let Ok(header) = overloaded_header(body.len()) else { return };
         let answer = async {
@@ -128,6 +142,9 @@ impl<A> Guarded<A> {
             session.finish_body().await
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+        // Closing with the body unread would reset the connection, which can destroy the
+        // answer before the client reads it: take what is still arriving, briefly.
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.drain_request_body()).await;
         session.shutdown().await;
     }
 }
@@ -143,13 +160,20 @@ fn overloaded_header(len: usize) -> pingora::Result<ResponseHeader> {
 /// Keeps the open-connection count right however the connection ends.
 struct Slot<'a> {
     open: &'a AtomicUsize,
-    gauge: &'a IntGauge,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
+    }
+}
+
+/// The gauge of connections being served (not those being turned away).
+struct Gauge<'a>(&'a IntGauge);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -160,27 +184,31 @@ where
 {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        self.counters.open.inc();
-        let _slot = Slot { open: &self.open, gauge: &self.counters.open };
+        let _slot = Slot { open: &self.open };
         if open > self.policy.max_connections {
             self.refuse(stream).await;
             return None;
         }
-        let read = Arc::new(AtomicBool::new(false));
+        self.counters.open.inc();
+        let _gauge = Gauge(&self.counters.open);
+        let exchange = Arc::new(Exchange {
+            head_read: AtomicBool::new(false),
+            no_keepalive: self.policy.keepalive_seconds == 0,
+        });
         let mut session = ServerSession::new_http1(stream);
         let mut deadline = self.policy.header_timeout;
         loop {
             session.set_keepalive(self.keepalive(shutdown));
             // Requests a client sent without waiting for answers are served in order.
             session.set_pipelining_enabled(true);
-            read.store(false, Ordering::Relaxed);
-            let serve = HEAD_READ.scope(read.clone(), self.app.process_new_http(session, shutdown));
+            exchange.head_read.store(false, Ordering::Relaxed);
+            let serve = EXCHANGE.scope(exchange.clone(), self.app.process_new_http(session, shutdown));
             tokio::pin!(serve);
             let reused = tokio::select! {
                 biased;
                 reused = &mut serve => reused,
                 _ = tokio::time::sleep(deadline) => {
-                    if read.load(Ordering::Relaxed) {
+                    if exchange.head_read.load(Ordering::Relaxed) {
                         serve.await
                     } else {
                         // Dropping the session closes the connection.
@@ -194,8 +222,11 @@ where
             if let Some(persistent) = persistent {
                 persistent.apply_to_session(&mut session);
             }
-            // pingora bounds the keep-alive wait itself (it ends the connection quietly);
-            // the head then has its own time on top.
+            // pingora bounds the keep-alive wait itself, per read (it ends an idle
+            // connection quietly); the head then has its own time on top. Counted from the
+            // end of the previous exchange, not from the next head's first byte: the bytes
+            // of a pipelined next request may already be read, and the loop cannot see
+            // them to know whether to wait for more.
             deadline = self.policy.header_timeout + Duration::from_secs(self.policy.keepalive_seconds);
         }
     }

@@ -53,7 +53,8 @@ pub struct RawServer {
     /// Deadline for receiving the whole request body; a slower client gets 408.
     pub client_body_timeout_ms: Option<u64>,
     /// Deadline for receiving a request's whole head (request line and headers), counted
-    /// from the connection opening, or from the first byte after a keep-alive wait.
+    /// from the connection opening (a kept-alive connection's next head: within
+    /// `keepalive_timeout_seconds` plus this of the previous answer).
     pub client_header_timeout_ms: Option<u64>,
     /// How long an idle keep-alive connection waits for its next request; 0 closes the
     /// connection after every answer.

@@ -242,7 +242,7 @@ impl HttpServerApp for ManageApp {
                 return None;
             }
         }
-        crate::conn::head_read();
+        crate::conn::head_read(&mut session);
         if *shutdown.borrow() {
             session.set_keepalive(None);
         }

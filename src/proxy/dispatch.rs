@@ -156,10 +156,11 @@ pub async fn handle(state: &GatewayState, session: &mut Session, ctx: &mut Reque
             respond::error(req.session, req.ctx, &err).await;
         }
         // Every path answers; one that did not would leave its client waiting. A client
-        // that went away has nobody to answer.
+        // that went away has nobody to answer, nor one whose connection was closed because
+        // not even the fixed 500 could be built (`internal_error`).
         Ok(())
             if req.session.response_written().is_none()
-                && req.ctx.error_code != Some("client_disconnected") =>
+                && !matches!(req.ctx.error_code, Some("client_disconnected" | "internal_error")) =>
         {
             tracing::error!(endpoint = %req.ctx.endpoint, "request finished without an answer; answering 500");
             req.session.set_keepalive(None);

@@ -299,8 +299,8 @@ impl ProxyHttp for Gateway {
         RequestCtx::new(self.state.traces.clone())
     }
 
-    async fn early_request_filter(&self, _session: &mut Session, ctx: &mut RequestCtx) -> PResult<()> {
-        crate::conn::head_read();
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> PResult<()> {
+        crate::conn::head_read(session);
         ctx.started = Instant::now();
         self.state.metrics.in_flight.inc();
         Ok(())

@@ -212,8 +212,12 @@ struct Inner {
     /// dashboard's report.
     owner_reader: Mutex<Connection>,
     bounds: Bounds,
-    /// Records in the file: counted once at open, then kept by inserts and deletes.
+    /// Records in the file: counted at open and at each periodic prune, kept in between by
+    /// inserts and by each committed delete.
     rows: AtomicU64,
+    /// Held while the caps are enforced: an insert the writer gave up waiting on may still
+    /// be enforcing when the next one arrives, and two would each delete for the same excess.
+    enforcing: Mutex<()>,
 }
 
 /// What the embedded store keeps at most. 0: no cap.
@@ -263,6 +267,7 @@ impl EmbeddedStore {
                 owner_reader: Mutex::new(owner_reader),
                 bounds,
                 rows: AtomicU64::new(u64::try_from(rows).unwrap_or(0)),
+                enforcing: Mutex::new(()),
             }),
         })
     }
@@ -298,7 +303,12 @@ impl TraceStore for EmbeddedStore {
         self.run(move |inner| {
             let added = insert_rows(&mut lock(&inner.writer), &rows)?;
             inner.rows.fetch_add(added, Ordering::Relaxed);
-            enforce_bounds(inner)
+            // The rows are in: a cap that cannot be enforced now is the next insert's (or
+            // the periodic prune's) to enforce, not a reason to fail this one.
+            if let Err(e) = enforce_bounds(inner) {
+                tracing::warn!(error = %e, "trace store over its cap; deleting the oldest records failed");
+            }
+            Ok(())
         })
         .await
     }
@@ -511,10 +521,15 @@ fn insert_rows(conn: &mut Connection, rows: &[TraceRow]) -> Result<u64, StoreErr
 /// is a twentieth over (so deletes come in runs, not a few rows per batch), and to 95% of
 /// `max_bytes` by the share of pages in use.
 fn enforce_bounds(inner: &Inner) -> Result<(), StoreError> {
+    let _enforcing = match inner.enforcing.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+    };
     let Bounds { max_records, max_bytes } = inner.bounds;
     let rows = inner.rows.load(Ordering::Relaxed);
     let mut excess = 0;
-    if max_records > 0 && rows > max_records + (max_records / 20).max(1) {
+    if max_records > 0 && rows > max_records.saturating_add((max_records / 20).max(1)) {
         excess = rows - max_records;
     }
     if max_bytes > 0 {
@@ -526,11 +541,15 @@ fn enforce_bounds(inner: &Inner) -> Result<(), StoreError> {
         }
     }
     if excess > 0 {
-        let deleted = delete_chunks(&inner.writer, "1", &[], PRUNE_CHUNK, excess)?;
-        inner.rows.fetch_sub(deleted.min(inner.rows.load(Ordering::Relaxed)), Ordering::Relaxed);
+        // A store found far over its cap (one opened with a new, lower cap) is brought down
+        // over several inserts rather than holding this one for the whole of it.
+        delete_chunks(inner, "1", &[], PRUNE_CHUNK, excess.min(MAX_DELETE_PER_INSERT))?;
     }
     Ok(())
 }
+
+/// Rows one insert may delete to enforce the caps (a few chunks).
+const MAX_DELETE_PER_INSERT: u64 = 5 * PRUNE_CHUNK as u64;
 
 /// Bytes of the pages in use (the file less its free list); both reads are of the header.
 fn used_bytes(conn: &Connection) -> Result<u64, StoreError> {
@@ -580,9 +599,9 @@ fn parse_floats(s: &str) -> Option<Vec<f64>> {
 /// Deletes the oldest rows first: those older than `before_ms`, then those beyond the cap.
 fn prune_rows(inner: &Inner, before_ms: u64, chunk: usize) -> Result<u64, StoreError> {
     let mut deleted = match i64::try_from(before_ms) {
-        Ok(before) => delete_chunks(&inner.writer, "ts_ms < ?1", &[Value::Integer(before)], chunk, u64::MAX)?,
+        Ok(before) => delete_chunks(inner, "ts_ms < ?1", &[Value::Integer(before)], chunk, u64::MAX)?,
         // Beyond every storable timestamp: everything goes.
-        Err(_) => delete_chunks(&inner.writer, "1", &[], chunk, u64::MAX)?,
+        Err(_) => delete_chunks(inner, "1", &[], chunk, u64::MAX)?,
     };
     let max_records = inner.bounds.max_records;
     if max_records > 0 {
@@ -598,7 +617,7 @@ fn prune_rows(inner: &Inner, before_ms: u64, chunk: usize) -> Result<u64, StoreE
             .map_err(db)?;
         if let Some((ts_ms, id)) = cut {
             deleted += delete_chunks(
-                &inner.writer,
+                inner,
                 "ts_ms <= ?1 AND (ts_ms < ?1 OR request_id <= ?2)",
                 &[Value::Integer(ts_ms), Value::Text(id)],
                 chunk,
@@ -606,15 +625,18 @@ fn prune_rows(inner: &Inner, before_ms: u64, chunk: usize) -> Result<u64, StoreE
             )?;
         }
     }
-    inner.rows.fetch_sub(deleted.min(inner.rows.load(Ordering::Relaxed)), Ordering::Relaxed);
+    // Now and then the count is taken again, so nothing can leave it adrift for long.
+    let rows: i64 =
+        lock(&inner.writer).query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).map_err(db)?;
+    inner.rows.store(u64::try_from(rows).unwrap_or(0), Ordering::Relaxed);
     Ok(deleted)
 }
 
 /// Deletes the rows matching `cond` (our own SQL, never user text) and their tags, oldest
 /// first, at most `limit` of them, `chunk` rows per transaction, releasing the write lock
-/// in between.
+/// in between. The record count goes down with each committed chunk.
 fn delete_chunks(
-    m: &Mutex<Connection>,
+    inner: &Inner,
     cond: &str,
     args: &[Value],
     chunk: usize,
@@ -627,7 +649,7 @@ fn delete_chunks(
             "SELECT rowid, request_id, project, owned_ids FROM requests WHERE {cond} ORDER BY ts_ms, request_id \
              LIMIT {this}"
         );
-        let mut conn = lock(m);
+        let mut conn = lock(&inner.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
         let victims = {
             let mut stmt = tx.prepare_cached(&select).map_err(db)?;
@@ -663,6 +685,9 @@ fn delete_chunks(
         }
         tx.commit().map_err(db)?;
         deleted += victims.len() as u64;
+        let gone = victims.len() as u64;
+        let _ =
+            inner.rows.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(gone)));
         if (victims.len() as u64) < this || deleted >= limit {
             return Ok(deleted);
         }

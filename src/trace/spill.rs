@@ -109,10 +109,15 @@ impl Spill {
     /// Forgets files whose rows reached the store (or the dead-letter file).
     pub fn remove(&mut self, seqs: &[u64]) -> io::Result<()> {
         for seq in seqs {
-            if let Some((path, n, size)) = self.files.remove(seq) {
+            if let Some((path, n, size)) = self.files.get(seq) {
+                // Forgotten only once gone from disk, so the byte count never undercounts.
+                match fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
                 self.rows -= n;
                 self.bytes -= size;
-                fs::remove_file(path)?;
+                self.files.remove(seq);
             }
         }
         Ok(())

@@ -297,3 +297,43 @@ async fn management_listener_answers_bad_heads_and_slow_bodies() {
     assert_metric(&gw, "modelux_client_timeouts_total", &[("listener", "manage"), ("phase", "body")], 1.0)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_off_closes_after_each_answer_and_odd_transfer_codings_are_refused() {
+    let upstream = mock(MockConfig::default()).await;
+    let gw =
+        start(Cfg { server_extra: "  keepalive_timeout_seconds: 0", ..Cfg::new(&upstream.base_url()) }).await;
+    let body = String::from_utf8(chat_body("@fast")).unwrap();
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(raw_post(CHAT, "", &body).as_bytes()).await.unwrap();
+    let answers = read_responses(&mut s, 1).await;
+    assert!(answers[0].0.starts_with("HTTP/1.1 200"), "{answers:?}");
+    assert!(answers[0].0.to_ascii_lowercase().contains("connection: close"), "{}", answers[0].0);
+    assert!(closes_within(&mut s, Duration::from_millis(500)).await);
+    // The management listener too.
+    let mut m = tokio::net::TcpStream::connect(gw.manage).await.unwrap();
+    m.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let answers = read_responses(&mut m, 1).await;
+    assert!(answers[0].0.to_ascii_lowercase().contains("connection: close"), "{}", answers[0].0);
+    assert!(closes_within(&mut m, Duration::from_millis(500)).await);
+
+    // `chunked, chunked` and an unknown coding: 400 in the caller's format, then a close.
+    for (te, path) in [("chunked, chunked", CHAT), ("gzip, chunked", "/anthropic/v1/messages")] {
+        let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+        let wire = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ntransfer-encoding: {te}\r\n\r\n{chunked}"
+        );
+        s.write_all(wire.as_bytes()).await.unwrap();
+        let answers = read_responses(&mut s, 1).await;
+        assert!(answers[0].0.starts_with("HTTP/1.1 400"), "{te}: {answers:?}");
+        let v: Value = serde_json::from_slice(&answers[0].1).unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains("Transfer-Encoding"), "{v}");
+        if path == CHAT {
+            assert_eq!(v["error"]["code"], "invalid_request");
+        } else {
+            assert_eq!(v["type"], "error");
+        }
+        assert!(closes_within(&mut s, Duration::from_millis(500)).await);
+    }
+}
