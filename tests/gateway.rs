@@ -947,6 +947,8 @@ mod byok;
 mod cache;
 #[path = "gateway/clickhouse.rs"]
 mod clickhouse;
+#[path = "gateway/fuzz.rs"]
+mod fuzz;
 #[path = "gateway/hostile.rs"]
 mod hostile;
 #[path = "gateway/manage.rs"]

@@ -56,5 +56,8 @@ fi
 echo "== release build"
 cargo build --release -p modelux -p modelux-loadtest
 
+echo "== HTTP fuzz run over the release binary (short, seeded; loadtest/fuzz.sh runs a long one)"
+SKIP_BUILD=1 SEED=20 REQUESTS=8000 MINUTES=3 loadtest/fuzz.sh
+
 echo "== official OpenAI and Anthropic Python SDKs against the release binary"
 tests/sdk/run.sh

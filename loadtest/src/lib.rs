@@ -16,6 +16,7 @@ mod azure;
 mod bedrock;
 mod cohere;
 mod files;
+pub mod fuzz;
 mod gemini;
 pub mod httpc;
 mod media;
