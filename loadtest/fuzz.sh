@@ -8,7 +8,7 @@
 #
 # Fails when any request failed its check, when the gateway's RSS grew more than
 # MAX_RSS_GROWTH from the end of the first tenth to the end, or when its log shows a panic.
-# The report (JSON) goes to REPORT_OUT when set.
+# The report (JSON) goes to REPORT_OUT, the gateway's log to LOG_OUT, when set.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,6 +29,7 @@ TMP=$(mktemp -d)
 PIDS=()
 cleanup() {
     stop_started
+    if [ -n "${LOG_OUT:-}" ]; then cp "$TMP/gateway.log" "$LOG_OUT" || true; fi
     rm -rf "$TMP"
 }
 trap cleanup EXIT

@@ -204,14 +204,25 @@ fn mcp(conn: admin::Conn, stdio: bool) -> ExitCode {
 }
 
 /// `RUST_LOG` (default `default`), with the MCP SDK held to warnings whatever it says: at
-/// debug it logs every tool call's arguments and result, secrets included.
+/// debug it logs every tool call's arguments and result, secrets included. pingora's proxy
+/// layer is off unless `RUST_LOG` names it: every request is answered by our own
+/// `request_filter`, so all it has left to log is each client that resets or garbles its
+/// connection before a request head, at ERROR, one line per connection, which a hostile
+/// client could use to flood the log.
 fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    match "rmcp=warn".parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
+    let mut held = vec!["rmcp=warn"];
+    if !asked.contains("pingora_proxy") {
+        held.push("pingora_proxy=off");
     }
+    for directive in held {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    filter
 }
 
 fn init_logging() {
