@@ -249,6 +249,8 @@ impl EmbeddedStore {
         writer.pragma_update(None, "journal_mode", "WAL").map_err(db).map_err(at)?;
         // Index pages of a busy table stay cached across batches (default is 2 MiB).
         writer.pragma_update(None, "cache_size", -16_000).map_err(db).map_err(at)?;
+        // The deletes' working table (at most a chunk of ids) stays in memory.
+        writer.pragma_update(None, "temp_store", "MEMORY").map_err(db).map_err(at)?;
         writer.pragma_update(None, "journal_size_limit", WAL_LIMIT).map_err(db).map_err(at)?;
         migrate(&mut writer).map_err(at)?;
         let rows: i64 =
@@ -645,50 +647,57 @@ fn delete_chunks(
     let mut deleted = 0;
     loop {
         let this = (chunk as u64).min(limit - deleted);
-        let select = format!(
-            "SELECT rowid, request_id, project, owned_ids FROM requests WHERE {cond} ORDER BY ts_ms, request_id \
-             LIMIT {this}"
-        );
         let mut conn = lock(&inner.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
-        let victims = {
-            let mut stmt = tx.prepare_cached(&select).map_err(db)?;
-            let rows = stmt
-                .query_map(params_from_iter(args), |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
-                })
+        // Set-based: the chunk's rows are picked once into a temporary table, then each
+        // table loses them in one statement. At the cap every insert is matched by a
+        // delete; measured against a statement per row: 46.1 against 47.7 µs per request
+        // (gateway on one core at a 20,000 cap, 4 interleaved runs each, ±8% run to run).
+        tx.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS doomed (rid INTEGER PRIMARY KEY, request_id TEXT NOT NULL, \
+             project TEXT NOT NULL, owned_ids TEXT NOT NULL); DELETE FROM doomed;",
+        )
+        .map_err(db)?;
+        let picked = tx
+            .prepare_cached(&format!(
+                "INSERT INTO doomed SELECT rowid, request_id, project, owned_ids FROM requests WHERE {cond} \
+                 ORDER BY ts_ms, request_id LIMIT {this}"
+            ))
+            .map_err(db)?
+            .execute(params_from_iter(args))
+            .map_err(db)? as u64;
+        tx.prepare_cached("DELETE FROM request_tags WHERE request_id IN (SELECT request_id FROM doomed)")
+            .map_err(db)?
+            .execute([])
+            .map_err(db)?;
+        let owners: Vec<(String, String, String)> = {
+            let mut stmt = tx
+                .prepare_cached("SELECT request_id, project, owned_ids FROM doomed WHERE owned_ids <> '[]'")
                 .map_err(db)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(db)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db)?
         };
-        {
-            let mut tags = tx.prepare_cached("DELETE FROM request_tags WHERE request_id = ?1").map_err(db)?;
+        if !owners.is_empty() {
             let mut owned = tx
                 .prepare_cached(
                     "DELETE FROM request_owned WHERE project = ?1 AND id = ?2 AND request_id = ?3",
                 )
                 .map_err(db)?;
-            let mut rows = tx.prepare_cached("DELETE FROM requests WHERE rowid = ?1").map_err(db)?;
-            for (rowid, id, project, owned_ids) in &victims {
-                tags.execute([id]).map_err(db)?;
-                if owned_ids != "[]" {
-                    for owned_id in serde_json::from_str::<Vec<String>>(owned_ids).unwrap_or_default() {
-                        owned.execute([project, &owned_id, id]).map_err(db)?;
-                    }
+            for (id, project, owned_ids) in &owners {
+                for owned_id in serde_json::from_str::<Vec<String>>(owned_ids).unwrap_or_default() {
+                    owned.execute([project, &owned_id, id]).map_err(db)?;
                 }
-                rows.execute([rowid]).map_err(db)?;
             }
         }
+        tx.prepare_cached("DELETE FROM requests WHERE rowid IN (SELECT rid FROM doomed)")
+            .map_err(db)?
+            .execute([])
+            .map_err(db)?;
         tx.commit().map_err(db)?;
-        deleted += victims.len() as u64;
-        let gone = victims.len() as u64;
+        deleted += picked;
         let _ =
-            inner.rows.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(gone)));
-        if (victims.len() as u64) < this || deleted >= limit {
+            inner.rows.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(picked)));
+        if picked < this || deleted >= limit {
             return Ok(deleted);
         }
     }
