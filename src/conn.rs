@@ -72,6 +72,8 @@ pub struct Policy {
     pub header_timeout: Duration,
     /// How long an idle connection waits for its next request; 0: no keep-alive.
     pub keepalive_seconds: u64,
+    /// The longest one write to the client may wait.
+    pub write_timeout: Duration,
     pub max_connections: usize,
     /// The body of the 503 sent over the cap, in the format the request's path speaks.
     pub overloaded: fn(path: &str) -> Bytes,
@@ -82,6 +84,7 @@ impl Policy {
         Policy {
             header_timeout: limits.header_timeout,
             keepalive_seconds: limits.keepalive_seconds,
+            write_timeout: limits.write_timeout,
             max_connections,
             overloaded,
         }
@@ -199,6 +202,9 @@ where
         let mut deadline = self.policy.header_timeout;
         loop {
             session.set_keepalive(self.keepalive(shutdown));
+            // A client that stops reading its answer (a stream, say) would hold the
+            // request, and its upstream, for as long as the answer runs.
+            session.set_write_timeout(Some(self.policy.write_timeout));
             // Requests a client sent without waiting for answers are served in order.
             session.set_pipelining_enabled(true);
             exchange.head_read.store(false, Ordering::Relaxed);

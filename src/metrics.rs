@@ -75,7 +75,8 @@ pub struct Metrics {
     /// Client connections turned away at the listener's `max_connections`, by listener.
     pub client_connections_refused: IntCounterVec,
     /// Clients cut off for being too slow, by listener and phase: `header` (the request
-    /// head did not arrive in time), `body` (nor did the body).
+    /// head did not arrive in time), `body` (nor did the body), `write` (the client stopped
+    /// reading its answer).
     pub client_timeouts: IntCounterVec,
     target_healthy: GaugeVec,
     target_success_rate: GaugeVec,
@@ -361,7 +362,7 @@ impl Metrics {
         let client_timeouts = IntCounterVec::new(
             Opts::new(
                 "modelux_client_timeouts_total",
-                "Clients cut off for being too slow: the request head (header) or body (body) did not arrive in time",
+                "Clients cut off for being too slow: the request head (header) or body (body) did not arrive in time, or the answer could not be written (write)",
             ),
             &["listener", "phase"],
         )?;

@@ -658,6 +658,7 @@ const MIN_TRACE_BYTES: u64 = 16 << 20;
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
+    pub write_timeout: Duration,
     /// 0: no keep-alive.
     pub keepalive_seconds: u64,
     pub max_proxy: usize,
@@ -751,6 +752,7 @@ fn settings(raw: &RawServer, traces: &RawTraces, base_dir: &Path, errors: &mut V
                 "server.client_header_timeout_ms",
                 errors,
             ),
+            write_timeout: ms(raw.client_write_timeout_ms, 30_000, "server.client_write_timeout_ms", errors),
             keepalive_seconds: match raw.keepalive_timeout_seconds.unwrap_or(60) {
                 s if s > 3_600 => {
                     errors.push(ConfigError::new("server.keepalive_timeout_seconds", "must be at most 3600"));

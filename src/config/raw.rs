@@ -59,6 +59,9 @@ pub struct RawServer {
     /// How long an idle keep-alive connection waits for its next request; 0 closes the
     /// connection after every answer.
     pub keepalive_timeout_seconds: Option<u64>,
+    /// The longest one write to a client may wait (a client that stops reading its answer
+    /// is cut off after this).
+    pub client_write_timeout_ms: Option<u64>,
     /// Client connections open at once on the proxy listener; one more is answered 503
     /// and closed.
     pub max_connections: Option<usize>,

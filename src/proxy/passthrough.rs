@@ -178,9 +178,9 @@ pub async fn whole(
 pub async fn relay(req: &mut Req<'_>, provider: &Provider, mut ex: Exchange, mut headers: Headers) {
     let (state, settings) = (req.state, &req.snapshot.settings);
     let (session, ctx) = (&mut *req.session, &mut *req.ctx);
-    // A client that stops reading a long download must not hold it (and the upstream
-    // connection) forever; one whose body was not read cannot send another request.
-    session.downstream_session.set_write_timeout(Some(settings.upstream_timeout));
+    // (A client that stops reading the download is cut off by the connection's write
+    // timeout, `server.client_write_timeout_ms`.) One whose body was not read cannot send
+    // another request.
     if !session.is_body_done() {
         session.set_keepalive(None);
     }
@@ -225,8 +225,8 @@ pub async fn relay(req: &mut Req<'_>, provider: &Provider, mut ex: Exchange, mut
         }
     }
     ctx.upstream_time += ex.started.elapsed();
-    if session.write_response_body(None, true).await.is_err() {
-        ctx.error_code = Some("client_disconnected");
+    if let Err(e) = session.write_response_body(None, true).await {
+        respond::client_gone(ctx, &e);
     }
     upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
 }

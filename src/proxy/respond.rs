@@ -76,14 +76,24 @@ pub async fn whole(
         ctx.error_code.get_or_insert("client_disconnected");
         return;
     }
+    // The write timeout bounds one write; a whole answer is one write, so a large one gets a
+    // second more per MIN_SEND_RATE bytes (a slow but reading client is not cut off).
+    if let Some(base) = session.get_write_timeout() {
+        session.set_write_timeout(Some(base + std::time::Duration::from_secs(len / MIN_SEND_RATE)));
+    }
     match session.write_response_body(Some(body), true).await {
         Ok(()) => ctx.bytes_out += len,
         Err(e) => {
             tracing::debug!(error = %e, "client went away during the response body");
-            ctx.error_code.get_or_insert("client_disconnected");
+            if ctx.error_code.is_none() {
+                client_gone(ctx, &e);
+            }
         }
     }
 }
+
+/// Bytes a second a client must at least read a large whole answer at.
+const MIN_SEND_RATE: u64 = 8 * 1024;
 
 /// The answer when a response could not be built: a 500 in the client's format, made of
 /// fixed parts only, that closes the connection (whatever failed may have left the
@@ -122,12 +132,23 @@ pub async fn stream_header(session: &mut Session, ctx: &mut RequestCtx, status: 
 pub async fn piece(session: &mut Session, ctx: &mut RequestCtx, piece: Bytes) -> bool {
     let len = piece.len() as u64;
     ctx.capture_response(&piece);
-    if session.write_response_body(Some(piece), false).await.is_err() {
-        ctx.error_code = Some("client_disconnected");
+    if let Err(e) = session.write_response_body(Some(piece), false).await {
+        client_gone(ctx, &e);
         return false;
     }
     ctx.bytes_out += len;
     true
+}
+
+/// A write to the client failed: it went away, or stopped reading for longer than
+/// `server.client_write_timeout_ms` (counted apart: the gateway cut it off).
+pub fn client_gone(ctx: &mut RequestCtx, e: &pingora::Error) {
+    let code = if *e.etype() == pingora::ErrorType::WriteTimedout {
+        "client_write_timeout"
+    } else {
+        "client_disconnected"
+    };
+    ctx.error_code = Some(code);
 }
 
 /// Renders a gateway error in the OpenAI envelope.
@@ -185,5 +206,8 @@ pub fn record_metrics(metrics: &Metrics, ctx: &RequestCtx) {
     metrics.bytes_out.with_label_values(&[ctx.surface.as_str()]).inc_by(ctx.bytes_out);
     if let Some(code) = ctx.error_code {
         metrics.errors.with_label_values(&[ctx.surface.as_str(), code]).inc();
+        if code == "client_write_timeout" {
+            metrics.client_timeouts.with_label_values(&["proxy", "write"]).inc();
+        }
     }
 }

@@ -120,8 +120,6 @@ pub async fn stream(
     let (session, ctx) = (&mut *req.session, &mut *req.ctx);
     headers.push((http::header::TRANSFER_ENCODING, "chunked".into()));
     ctx.streamed = true;
-    // A client that stops reading must not hold the stream (and its upstream) forever.
-    session.downstream_session.set_write_timeout(Some(settings.upstream_timeout));
     // The upstream's own 2xx (a binary answer's may not be 200); streams are 200.
     let status = if matches!(codec, StreamCodec::Raw) { ex.header.status.as_u16() } else { 200 };
     if !respond::stream_header(session, ctx, status, headers).await {
@@ -225,8 +223,8 @@ pub async fn stream(
         let _ = session.write_response_body(Some(event), true).await;
         return;
     }
-    if session.write_response_body(None, true).await.is_err() {
-        ctx.error_code = Some("client_disconnected");
+    if let Err(e) = session.write_response_body(None, true).await {
+        respond::client_gone(ctx, &e);
     }
     upstream::release(&state.connector, ex, settings.upstream_idle_timeout).await;
 }

@@ -337,3 +337,44 @@ async fn keepalive_off_closes_after_each_answer_and_odd_transfer_codings_are_ref
         assert!(closes_within(&mut s, Duration::from_millis(500)).await);
     }
 }
+
+/// A client that stops reading its answer is cut off at the write timeout, and the request
+/// ends instead of waiting on the client for as long as it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_at_the_write_timeout() {
+    // A 600,000-token stream: tens of MB, far more than the socket buffers hold.
+    let upstream = mock(MockConfig { tokens: 600_000, ..MockConfig::default() }).await;
+    let gw =
+        start(Cfg { server_extra: "  client_write_timeout_ms: 500", ..Cfg::new(&upstream.base_url()) }).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.proxy).await.unwrap();
+    let body = serde_json::to_string(
+        &json!({"model": "@fast", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .unwrap();
+    s.write_all(raw_post(CHAT, "", &body).as_bytes()).await.unwrap();
+    // Read the head, then stop reading: once the socket buffers are full (megabytes on
+    // loopback, at the debug build's pace), a write waits, and is cut at 500 ms.
+    let mut first = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut first)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    loop {
+        let text = metrics(&gw).await;
+        let cut = metric_value(
+            &text,
+            "modelux_client_timeouts_total",
+            &[("listener", "proxy"), ("phase", "write")],
+        );
+        if cut == 1.0 {
+            assert_eq!(metric_value(&text, "modelux_errors_total", &[("code", "client_write_timeout")]), 1.0);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(40), "never cut off");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
+    // The gateway is fine for everyone else.
+    assert_eq!(post(&gw, Some(KEY), &chat_body("@fast")).await.status, 200);
+}
