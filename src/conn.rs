@@ -65,6 +65,10 @@ pub fn framing_problem(head: &pingora::http::RequestHeader) -> Option<&'static s
         .then_some("the only Transfer-Encoding accepted is a single \"chunked\"")
 }
 
+/// Bytes a second a client must at least read a large whole answer at: the write timeout
+/// bounds one write, and a whole answer is one write, so it gets a second more per this.
+pub const MIN_SEND_RATE: u64 = 8 * 1024;
+
 /// What one listener allows its clients.
 pub struct Policy {
     /// How long a request's head may take from the connection opening (on a kept-alive

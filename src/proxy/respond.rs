@@ -77,9 +77,10 @@ pub async fn whole(
         return;
     }
     // The write timeout bounds one write; a whole answer is one write, so a large one gets a
-    // second more per MIN_SEND_RATE bytes (a slow but reading client is not cut off).
+    // second more per `conn::MIN_SEND_RATE` bytes (a slow but reading client is not cut off).
     if let Some(base) = session.get_write_timeout() {
-        session.set_write_timeout(Some(base + std::time::Duration::from_secs(len / MIN_SEND_RATE)));
+        session
+            .set_write_timeout(Some(base + std::time::Duration::from_secs(len / crate::conn::MIN_SEND_RATE)));
     }
     match session.write_response_body(Some(body), true).await {
         Ok(()) => ctx.bytes_out += len,
@@ -91,9 +92,6 @@ pub async fn whole(
         }
     }
 }
-
-/// Bytes a second a client must at least read a large whole answer at.
-const MIN_SEND_RATE: u64 = 8 * 1024;
 
 /// The answer when a response could not be built: a 500 in the client's format, made of
 /// fixed parts only, that closes the connection (whatever failed may have left the
