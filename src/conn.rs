@@ -65,9 +65,17 @@ pub fn framing_problem(head: &pingora::http::RequestHeader) -> Option<&'static s
         .then_some("the only Transfer-Encoding accepted is a single \"chunked\"")
 }
 
-/// Bytes a second a client must at least read a large whole answer at: the write timeout
-/// bounds one write, and a whole answer is one write, so it gets a second more per this.
-pub const MIN_SEND_RATE: u64 = 8 * 1024;
+/// Bytes a second a client must at least read a large whole answer at.
+const MIN_SEND_RATE: u64 = 8 * 1024;
+
+/// Before an answer of `len` bytes goes out in one write: the write timeout bounds one
+/// write, so a large answer gets a second more per `MIN_SEND_RATE` bytes (a slow but
+/// reading client is not cut off).
+pub fn allow_for_answer(session: &mut ServerSession, len: usize) {
+    if let Some(base) = session.get_write_timeout() {
+        session.set_write_timeout(Some(base + Duration::from_secs(len as u64 / MIN_SEND_RATE)));
+    }
+}
 
 /// What one listener allows its clients.
 pub struct Policy {

@@ -597,102 +597,33 @@ async fn exchange(addr: SocketAddr, case: &Case, bound: Duration) -> io::Result<
         }
         After::Read => {}
     }
-    match tokio::time::timeout(bound, read_answer(&mut s)).await {
+    // The request's method frames the answer (a HEAD's has no body).
+    let method =
+        case.bytes.split(|b| *b == b' ').next().and_then(|m| std::str::from_utf8(m).ok()).unwrap_or("GET");
+    match tokio::time::timeout(bound, read_answer(s, addr, method)).await {
         Ok(seen) => Ok(seen),
         Err(_) => Ok(Seen::Hung),
     }
 }
 
-/// Reads one answer (skipping 1xx interim answers), framed by Content-Length, chunked
-/// encoding, or the close.
-async fn read_answer(s: &mut TcpStream) -> Seen {
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let status = resp.code.unwrap_or(0);
-                let header = |name: &str| {
-                    resp.headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| String::from_utf8_lossy(h.value).to_string())
-                };
-                let content_type = header("content-type").unwrap_or_default();
-                let length = header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
-                let chunked =
-                    header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-                if (100..200).contains(&status) && status != 101 {
-                    buf.drain(..head_len);
-                    continue;
-                }
-                let mut body = buf[head_len..].to_vec();
-                return match (length, chunked) {
-                    (Some(n), false) => {
-                        while body.len() < n {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => {
-                                    return Seen::Partial(format!(
-                                        "status {status}: {} of {n} body bytes",
-                                        body.len()
-                                    ))
-                                }
-                                Ok(k) => body.extend_from_slice(&chunk[..k]),
-                            }
-                        }
-                        body.truncate(n);
-                        Seen::Answer { status, body, content_type }
-                    }
-                    (_, true) => loop {
-                        if let Some(decoded) = dechunk(&body) {
-                            break Seen::Answer { status, body: decoded, content_type };
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => {
-                                break Seen::Partial(format!("status {status}: chunked body cut off"))
-                            }
-                            Ok(k) => body.extend_from_slice(&chunk[..k]),
-                        }
-                    },
-                    (None, false) => loop {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => break Seen::Answer { status, body, content_type },
-                            Ok(k) => body.extend_from_slice(&chunk[..k]),
-                        }
-                    },
-                };
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(e) => return Seen::Partial(format!("unparseable answer head: {e}")),
-        }
-        match s.read(&mut chunk).await {
-            Ok(0) if buf.is_empty() => return Seen::Closed,
-            Ok(0) => return Seen::Partial(format!("{} bytes of an answer head, then the close", buf.len())),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && buf.is_empty() => return Seen::Reset,
-            Err(e) => return Seen::Partial(format!("read error after {} bytes: {e}", buf.len())),
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-        }
+/// Reads one answer off `s` with the harness's HTTP client (1xx skipped; framed by
+/// Content-Length, chunked encoding or the close), after telling apart a close or reset
+/// before any byte.
+async fn read_answer(mut s: TcpStream, addr: SocketAddr, method: &str) -> Seen {
+    let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
+    match s.read_buf(&mut buf).await {
+        Ok(0) => return Seen::Closed,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Seen::Reset,
+        Err(e) => return Seen::Partial(format!("read error before any byte: {e}")),
+        Ok(_) => {}
     }
-}
-
-/// A whole chunked body decoded, or `None` while incomplete.
-fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&raw[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        raw = &raw[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        if raw.len() < size + 2 {
-            return None;
-        }
-        out.extend_from_slice(&raw[..size]);
-        raw = &raw[size + 2..];
+    match crate::httpc::Conn::from_stream(s, buf, addr).read_response(method).await {
+        Ok(r) => Seen::Answer {
+            status: r.status,
+            content_type: r.header("content-type").unwrap_or_default().to_string(),
+            body: r.body,
+        },
+        Err(e) => Seen::Partial(e.to_string()),
     }
 }
 

@@ -147,6 +147,35 @@ impl Conn {
             stream.write_all(&self.head).await?;
             stream.write_all(body).await?;
         }
+        self.read_head_of(method).await
+    }
+
+    /// Wraps a stream connected to `addr`, with bytes already read from it in `buf`, to read
+    /// answers off it (the fuzz run writes its own, malformed, requests). The address is
+    /// given: a peer that already closed has none to ask the socket for.
+    pub fn from_stream(stream: TcpStream, buf: BytesMut, addr: SocketAddr) -> Conn {
+        Conn {
+            addr,
+            host: addr.to_string(),
+            stream: Some(stream),
+            buf,
+            head: Vec::new(),
+            dirty: true,
+            close_after: false,
+        }
+    }
+
+    /// Reads the whole answer to a request of `method` already sent (1xx skipped).
+    pub async fn read_response(&mut self, method: &str) -> io::Result<Response> {
+        let (status, headers, kind) = self.read_head_of(method).await?;
+        let mut s = StreamingResponse { status, headers, conn: ConnSlot::Borrowed(self), kind };
+        let body = s.collect().await?;
+        Ok(Response { status: s.status, headers: std::mem::take(&mut s.headers), body })
+    }
+
+    /// Reads an answer's head and how its body is framed.
+    async fn read_head_of(&mut self, method: &str) -> io::Result<(u16, Vec<(String, String)>, BodyKind)> {
+        let stream = self.stream.as_mut().ok_or_else(not_connected)?;
         loop {
             let (status, hdrs, len, close) = read_head(stream, &mut self.buf).await?;
             // Interim responses (100 Continue, 103 Early Hints) precede the

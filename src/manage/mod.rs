@@ -277,11 +277,7 @@ async fn write_answer(session: &mut ServerSession, response: http::Response<Vec<
         header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     }
     session.write_response_header(Box::new(header)).await?;
-    // As on the proxy: one write per answer, so a large one gets longer than the base.
-    if let Some(base) = session.get_write_timeout() {
-        let extra = std::time::Duration::from_secs(body.len() as u64 / crate::conn::MIN_SEND_RATE);
-        session.set_write_timeout(Some(base + extra));
-    }
+    crate::conn::allow_for_answer(session, body.len());
     session.write_response_body(bytes::Bytes::from(body), true).await?;
     session.finish_body().await
 }

@@ -76,12 +76,7 @@ pub async fn whole(
         ctx.error_code.get_or_insert("client_disconnected");
         return;
     }
-    // The write timeout bounds one write; a whole answer is one write, so a large one gets a
-    // second more per `conn::MIN_SEND_RATE` bytes (a slow but reading client is not cut off).
-    if let Some(base) = session.get_write_timeout() {
-        session
-            .set_write_timeout(Some(base + std::time::Duration::from_secs(len / crate::conn::MIN_SEND_RATE)));
-    }
+    crate::conn::allow_for_answer(session, body.len());
     match session.write_response_body(Some(body), true).await {
         Ok(()) => ctx.bytes_out += len,
         Err(e) => {
