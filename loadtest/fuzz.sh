@@ -35,6 +35,7 @@ cleanup() {
 trap cleanup EXIT
 
 need curl || apt_install curl
+need taskset || apt_install util-linux
 if [ "$SKIP_BUILD" != 1 ]; then
     (cd "$ROOT" && cargo build --release -p modelux -p modelux-loadtest) || die "cargo build failed"
 fi
