@@ -7,12 +7,14 @@
 #   2. the same node config with the counters on Redis (spend.counters: redis),
 #   3. three nodes on the same Redis, PostgreSQL and ClickHouse, loaded at once.
 #
-# It prints req/s, CPU µs per request (gateway process), p50/p99 at 32 paced connections,
+# It prints req/s, CPU µs per request (gateway process), p50/p99 at 32 paced connections
+# (in-process and Redis counters alternating, PACED_ROUNDS rounds each, and their medians),
 # Redis round trips and Redis CPU per request, and the ratios. Every phase is bounded.
 #
 #   loadtest/nodes.sh                 # 10 s per phase
 #   DURATION_S=20 loadtest/nodes.sh
 #   SKIP_BUILD=1 loadtest/nodes.sh    # reuse target/release
+#   PACED_ROUNDS=5 loadtest/nodes.sh  # paced rounds per gateway, alternating (default 3)
 #
 # Cores (this is written for a 2-core machine): the gateways share core $PROXY_CPU; load
 # generators, the mock, Redis ($REDIS_CPU), PostgreSQL and ClickHouse share core $LOAD_CPU.
@@ -24,6 +26,7 @@ DURATION_S=${DURATION_S:-10}
 WARMUP_S=${WARMUP_S:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 PACED_CONNECTIONS=${PACED_CONNECTIONS:-32}
+PACED_ROUNDS=${PACED_ROUNDS:-3}
 RATE=${RATE:-2000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
@@ -215,12 +218,28 @@ phase() {
 set -- $NODE_CPUS
 start_gateway local "$1" local
 phase local local --connections "$CONNECTIONS"
-phase local.paced local --connections "$PACED_CONNECTIONS" --rate "$RATE"
-stop_gateway local
-
 start_gateway n1 "$1" redis
 phase redis n1 --connections "$CONNECTIONS"
-phase redis.paced n1 --connections "$PACED_CONNECTIONS" --rate "$RATE"
+# Paced latency, the two gateways alternating (a p99 here moves by milliseconds from one
+# 10 s window to the next, so single phases side by side say little): the medians of
+# PACED_ROUNDS rounds each, and of the per-round differences.
+for round in $(seq 1 "$PACED_ROUNDS"); do
+    phase "local.paced.$round" local --connections "$PACED_CONNECTIONS" --rate "$RATE"
+    phase "redis.paced.$round" n1 --connections "$PACED_CONNECTIONS" --rate "$RATE"
+done
+stop_gateway local
+# The median round stands for the paced rows below.
+median_round() {
+    for round in $(seq 1 "$PACED_ROUNDS"); do
+        echo "$(($(jnum "$TMP/redis.paced.$round.json" p99_us) - $(jnum "$TMP/local.paced.$round.json" p99_us))) $round"
+    done | sort -n | awk -v m=$(((PACED_ROUNDS + 1) / 2)) 'NR == m { print $2 }'
+}
+MEDIAN_ROUND=$(median_round)
+for kind in local redis; do
+    for ext in json ticks redis_ticks trips; do
+        cp "$TMP/$kind.paced.$MEDIAN_ROUND.$ext" "$TMP/$kind.paced.$ext"
+    done
+done
 start_gateway n2 "$2" redis
 start_gateway n3 "$3" redis
 
@@ -281,8 +300,8 @@ row() {
     echo "|---|---:|---:|---:|---:|---:|---:|---:|"
     row local "1 node, in-process counters, $CONNECTIONS conns"
     row redis "1 node, Redis counters, $CONNECTIONS conns"
-    row local.paced "1 node, in-process, $PACED_CONNECTIONS conns at $RATE/s"
-    row redis.paced "1 node, Redis, $PACED_CONNECTIONS conns at $RATE/s"
+    row local.paced "1 node, in-process, $PACED_CONNECTIONS conns at $RATE/s (median round)"
+    row redis.paced "1 node, Redis, $PACED_CONNECTIONS conns at $RATE/s (median round)"
     total_rps=0 total_n=0 total_ticks=0 total_trips=0
     for n in n1 n2 n3; do
         cp "$TMP/three.redis_ticks" "$TMP/three-$n.redis_ticks"
@@ -294,8 +313,16 @@ row() {
     done
     echo
     awk -v l="$(cpu_us local)" -v r="$(cpu_us redis)" 'BEGIN { printf "- CPU per request, Redis ÷ in-process counters: %.2f\n", r / l }'
-    awk -v l="$(jnum "$TMP/local.paced.json" p99_us)" -v r="$(jnum "$TMP/redis.paced.json" p99_us)" \
-        'BEGIN { printf "- p99 added by Redis counters at %d paced connections: %+d µs\n", '"$PACED_CONNECTIONS"', r - l }'
+    d50=() d99=()
+    for round in $(seq 1 "$PACED_ROUNDS"); do
+        d50+=($(($(jnum "$TMP/redis.paced.$round.json" p50_us) - $(jnum "$TMP/local.paced.$round.json" p50_us))))
+        d99+=($(($(jnum "$TMP/redis.paced.$round.json" p99_us) - $(jnum "$TMP/local.paced.$round.json" p99_us))))
+    done
+    mid=$(((PACED_ROUNDS + 1) / 2))
+    printf -- '- added by Redis counters at %d paced connections, p50 / p99 per round:' "$PACED_CONNECTIONS"
+    for i in "${!d50[@]}"; do printf ' %+d / %+d µs;' "${d50[$i]}" "${d99[$i]}"; done
+    printf ' median %+d / %+d µs\n' "$(printf '%s\n' "${d50[@]}" | sort -n | sed -n "${mid}p")" \
+        "$(printf '%s\n' "${d99[@]}" | sort -n | sed -n "${mid}p")"
     awk -v t="$total_rps" -v one="$(jnum "$TMP/redis.json" rps)" -v n="$total_n" -v ticks="$total_ticks" \
         -v trips="$total_trips" -v rt="$(cat "$TMP/three.redis_ticks")" -v k="$CLK_TCK" 'BEGIN {
         printf "- three nodes: %.0f req/s in all, %.2f× one node (all three share CPU %s here)\n", t, t / one, "'"$PROXY_CPU"'"

@@ -13,7 +13,9 @@ use crate::prices::{Rates, Tokens};
 use crate::routing::trace::{BudgetRecord, CostRecord, UsageRecord};
 use crate::routing::Member;
 use crate::spend::budgets::{Blocked, Evaluation, Hit, Outcome, Reservation, State};
-use crate::spend::counters::{to_nanos, to_usd, CountersDown, Nanos, RateKind, RateVerdict, SpendCounter};
+use crate::spend::counters::{
+    to_nanos, to_usd, CountersDown, Nanos, RateKind, RateVerdict, SpendCounter, Take,
+};
 use crate::spend::period::iso8601;
 use crate::spend::{unix_now, unix_now_us};
 use crate::wire::canonical::Usage;
@@ -84,11 +86,22 @@ pub struct Bill {
     pub est_input_tokens: u64,
     /// Whole answers carry `X-Modelux-Cost-Usd` (streams cannot: headers go first).
     pub cost_header: bool,
+    /// This request's rate-limit takes wait to go with its reservation in one round trip
+    /// (shared counters, on an endpoint that reserves); `take_deferred` settles them where
+    /// a request answers without one.
+    pub defer_takes: bool,
+    /// The takes waiting, in the order they are judged.
+    deferred: Vec<Take>,
 }
 
 impl Bill {
     pub fn new() -> Bill {
         Bill::default()
+    }
+
+    /// Rate-limit takes still waiting for a reservation.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
     }
 }
 
@@ -122,18 +135,12 @@ pub(super) async fn check_requests(
     if limit == 0 {
         return Ok(());
     }
-    let verdict = state
-        .spend
-        .counters
-        .take_shared(RateKind::Requests, &principal.limits.rate_key, limit, 1, unix_now_us())
-        .await
-        .map_err(counters_unavailable)?;
-    ctx.bill.requests = Some(RateNote { kind: RateKind::Requests, verdict });
-    if verdict.allowed {
-        return Ok(());
-    }
-    state.metrics.rate_limited.with_label_values(&["requests"]).inc();
-    Err(rate_limited(&verdict, RateKind::Requests, None))
+    take(
+        state,
+        ctx,
+        Take { kind: RateKind::Requests, key: principal.limits.rate_key.clone(), per_minute: limit, cost: 1 },
+    )
+    .await
 }
 
 /// Charges the request's estimated tokens (prompt plus `max_tokens`) to the key's
@@ -148,20 +155,61 @@ pub(super) async fn charge_tokens(
     if limit == 0 {
         return Ok(());
     }
+    let key = principal.limits.rate_key.clone();
+    take(state, ctx, Take { kind: RateKind::Tokens, key, per_minute: limit, cost: estimate }).await
+}
+
+/// Judges `t` now, or holds it back for the reservation when the request defers its takes.
+async fn take(state: &GatewayState, ctx: &mut RequestCtx, t: Take) -> Result<(), GatewayError> {
+    if ctx.bill.defer_takes {
+        ctx.bill.deferred.push(t);
+        return Ok(());
+    }
     let verdict = state
         .spend
         .counters
-        .take_shared(RateKind::Tokens, &principal.limits.rate_key, limit, estimate, unix_now_us())
+        .take_shared(t.kind, &t.key, t.per_minute, t.cost, unix_now_us())
         .await
         .map_err(counters_unavailable)?;
-    ctx.bill.tokens = Some(RateNote { kind: RateKind::Tokens, verdict });
+    note_take(state, ctx, &t, verdict)
+}
+
+/// Records a take's verdict for the headers (and what a tokens take charged); a refusal
+/// is the request's 429.
+fn note_take(
+    state: &GatewayState,
+    ctx: &mut RequestCtx,
+    t: &Take,
+    verdict: RateVerdict,
+) -> Result<(), GatewayError> {
+    let note = Some(RateNote { kind: t.kind, verdict });
+    match t.kind {
+        RateKind::Requests => ctx.bill.requests = note,
+        RateKind::Tokens => ctx.bill.tokens = note,
+    }
     if verdict.allowed {
-        ctx.bill.tokens_charged = estimate;
+        if t.kind == RateKind::Tokens {
+            ctx.bill.tokens_charged = t.cost;
+        }
         return Ok(());
     }
-    state.metrics.rate_limited.with_label_values(&["tokens"]).inc();
-    let requested = (verdict.retry_after_us == u64::MAX).then_some(estimate);
-    Err(rate_limited(&verdict, RateKind::Tokens, requested))
+    let (label, requested) = match t.kind {
+        RateKind::Requests => ("requests", None),
+        RateKind::Tokens => ("tokens", (verdict.retry_after_us == u64::MAX).then_some(t.cost)),
+    };
+    state.metrics.rate_limited.with_label_values(&[label]).inc();
+    Err(rate_limited(&verdict, t.kind, requested))
+}
+
+/// Judges the takes still held back, one after the other: for a request that answers
+/// without a reservation (a cache hit, a dry run, no budget, an error). Takes are no
+/// longer deferred after this.
+pub(super) async fn take_deferred(state: &GatewayState, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+    ctx.bill.defer_takes = false;
+    for t in std::mem::take(&mut ctx.bill.deferred) {
+        take(state, ctx, t).await?;
+    }
+    Ok(())
 }
 
 /// Go-style duration (`1s`, `6m0s`, `17ms`), the format of OpenAI's `x-ratelimit-reset-*`.
@@ -300,12 +348,27 @@ pub(super) async fn reserve(
     usd: f64,
 ) -> Result<(), GatewayError> {
     if eval.hits.is_empty() {
-        return Ok(());
+        return take_deferred(state, ctx).await;
     }
     // One request can never hold more than this: a client-sent max_tokens must not be
     // able to overflow a counter or hold a whole budget by itself.
     let amount = to_nanos(usd).clamp(0, MAX_RESERVATION);
-    match eval.reserve(&*state.spend.counters, amount).await.map_err(counters_unavailable)? {
+    ctx.bill.defer_takes = false;
+    let takes = std::mem::take(&mut ctx.bill.deferred);
+    let reserved = if takes.is_empty() {
+        eval.reserve(&*state.spend.counters, amount).await
+    } else {
+        let (verdicts, reserved) = eval
+            .take_and_reserve(&*state.spend.counters, &takes, amount)
+            .await
+            .map_err(counters_unavailable)?;
+        for (t, verdict) in takes.iter().zip(verdicts) {
+            note_take(state, ctx, t, verdict)?;
+        }
+        // Every take allowed: the reservation was made.
+        reserved.ok_or_else(|| CountersDown("no reservation after the takes".into()))
+    };
+    match reserved.map_err(counters_unavailable)? {
         Ok(r) => {
             ctx.bill.reservation = Some(r);
             // A per-instance counter may have been made just now: the headers read it.

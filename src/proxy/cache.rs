@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use super::cache_fill::{Kind, Pending};
 use super::headers::{name, Headers};
-use super::{respond, Req};
+use super::{billing, respond, Req};
 use crate::admission::RouteInfo;
 use crate::auth::Principal;
 use crate::cache::semantic::{self, Indexed};
@@ -186,11 +186,15 @@ pub async fn lookup(
     if bypass.is_none() {
         if let Some(entry) = fetch(req, &key, settings).await.filter(|e| matches!(e.answer, Answer::Chat(_)))
         {
+            // A hit counts against the rate limits like any request (before it answers).
+            billing::take_deferred(req.state, req.ctx).await?;
             metrics.cache_lookups.with_label_values(&["hit"]).inc();
             serve_hit(req, info, &entry, 1.0, asked).await;
             return Ok(true);
         }
         if let (Mode::Semantic, Some(model)) = (settings.mode, settings.embedding_model.as_deref()) {
+            // The embeddings call costs money: a request over its rate limit never makes it.
+            billing::take_deferred(req.state, req.ctx).await?;
             match semantic(req, settings, &scope, &decoded, model).await {
                 Semantic::Hit(entry, similarity) => {
                     metrics.cache_lookups.with_label_values(&["hit"]).inc();
@@ -312,6 +316,7 @@ pub async fn lookup_embeddings(
     if bypass.is_none() {
         if let Some(entry) = fetch(req, &key, settings).await {
             if let Answer::Embeddings(e) = &entry.answer {
+                billing::take_deferred(req.state, req.ctx).await?;
                 req.state.metrics.cache_lookups.with_label_values(&["hit"]).inc();
                 let body = wire::embeddings::encode_response(e, &entry.model, encoding);
                 answer_hit(req, info, &entry, 1.0, "application/json", false, body).await;

@@ -38,6 +38,7 @@ pub async fn complete(
     }
     let (eval, routed) = request::admit(req, principal, &incoming, &mut facts, !dry_run)?;
     if dry_run {
+        billing::take_deferred(req.state, req.ctx).await?;
         return dry_run::answer(req, &routed, &facts, 1024).await;
     }
     let info = routed.info();

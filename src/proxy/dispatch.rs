@@ -148,7 +148,15 @@ pub async fn handle(state: &GatewayState, session: &mut Session, ctx: &mut Reque
         None => state.store.load(),
     };
     let mut req = Req { state, snapshot: &snapshot, session, ctx };
-    match serve(&mut req, grant.as_deref()).await {
+    let mut served = serve(&mut req, grant.as_deref()).await;
+    if req.ctx.bill.has_deferred() {
+        // A request that ended before its reservation (an error) still counts against its
+        // rate limits; a refusal is its answer, as it would have been had it come first.
+        if let (Err(limited), Err(_)) = (billing::take_deferred(state, req.ctx).await, &served) {
+            served = Err(limited);
+        }
+    }
+    match served {
         Err(err) => {
             if matches!(err, GatewayError::RequestTimeout { .. }) {
                 state.metrics.client_timeouts.with_label_values(&["proxy", "body"]).inc();
@@ -205,6 +213,10 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
     };
     req.ctx.principal = Some(principal.clone());
     req.ctx.provider_key = provider_key(req.session.req_header())?;
+    // Shared counters: the rate-limit takes of an endpoint that reserves go with its
+    // reservation, one round trip instead of two (judged in the same order).
+    req.ctx.bill.defer_takes = matches!(endpoint, Endpoint::Chat | Endpoint::Embeddings)
+        && req.state.spend.counters.combines_takes();
     billing::check_requests(req.state, req.ctx, &principal).await?;
     // pingora does not answer `Expect: 100-continue` itself; a client waiting for it (curl
     // sending a large body) would stall before sending its body. Not for HTTP/1.0 (RFC

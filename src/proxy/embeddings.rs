@@ -28,6 +28,7 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
     }
     let (eval, routed) = request::admit(req, principal, &incoming, &mut facts, !incoming.dry_run)?;
     if incoming.dry_run {
+        billing::take_deferred(req.state, req.ctx).await?;
         return dry_run::answer(req, &routed, &facts, 0).await;
     }
     let info = routed.info();

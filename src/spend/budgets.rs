@@ -9,7 +9,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 
 use super::counters::{
-    to_usd, Counters, CountersDown, Hold, Nanos, ReserveItem, SpendCounter, SpendKey, SpendLevel,
+    to_usd, Counters, CountersDown, Hold, Nanos, RateVerdict, ReserveItem, SpendCounter, SpendKey,
+    SpendLevel, Take,
 };
 use super::period::{iso8601, Period};
 
@@ -398,6 +399,20 @@ impl<'b, 'r> Evaluation<'b, 'r> {
         let items = self.items();
         let held = counters.reserve_all(&items, amount).await?;
         Ok(held.map(|hold| Reservation { hold, amount, settled: false }))
+    }
+
+    /// `reserve`, after the request's rate-limit `takes` (in order, up to the first
+    /// refusal; the reservation only if every take allowed): one round trip on shared
+    /// counters.
+    pub async fn take_and_reserve(
+        &self,
+        counters: &dyn Counters,
+        takes: &[Take],
+        amount: Nanos,
+    ) -> Result<(Vec<RateVerdict>, Option<Result<Reservation, (usize, SpendLevel)>>), CountersDown> {
+        let items = self.items();
+        let (verdicts, held) = counters.take_and_reserve(takes, &items, amount).await?;
+        Ok((verdicts, held.map(|h| h.map(|hold| Reservation { hold, amount, settled: false }))))
     }
 }
 

@@ -146,6 +146,19 @@ impl Hold for LocalHold {
 /// A reservation's answer: the hold, or the index of the item that refused and its level.
 pub type Reserved = Result<Box<dyn Hold>, (usize, SpendLevel)>;
 
+/// A rate-limit take held back to go with the request's reservation (`take_and_reserve`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Take {
+    pub kind: RateKind,
+    pub key: Arc<str>,
+    pub per_minute: u64,
+    pub cost: u64,
+}
+
+/// Each take's verdict, in order, up to the first refusal; then the reservation, made only
+/// when every take was allowed.
+pub type TakenAndReserved = (Vec<RateVerdict>, Option<Reserved>);
+
 /// Reserves on each item in turn through its `SpendCounter`; on a refusal the holds already
 /// taken are released. Atomic per counter, not across them: enough within one process.
 pub fn reserve_each(counters: &dyn Counters, items: &[ReserveItem<'_>], amount: Nanos) -> Reserved {
@@ -230,6 +243,36 @@ pub trait Counters: Send + Sync {
         items: &'a [ReserveItem<'a>],
         amount: Nanos,
     ) -> Pending<'a, Result<Reserved, CountersDown>>;
+
+    /// Whether rate-limit takes are worth holding back to go with the reservation: true
+    /// where each call is a round trip (shared counters), so a request makes one, not two.
+    fn combines_takes(&self) -> bool {
+        false
+    }
+
+    /// `takes` in order, stopping at the first refusal; then, only if every one allowed,
+    /// `reserve_all`. The same answers as those calls one after the other; shared counters
+    /// make it one atomic round trip.
+    fn take_and_reserve<'a>(
+        &'a self,
+        takes: &'a [Take],
+        items: &'a [ReserveItem<'a>],
+        amount: Nanos,
+    ) -> Pending<'a, Result<TakenAndReserved, CountersDown>> {
+        Pending::Remote(Box::pin(async move {
+            let mut verdicts = Vec::with_capacity(takes.len());
+            for t in takes {
+                let now_us = crate::spend::unix_now_us();
+                let verdict = self.take_shared(t.kind, &t.key, t.per_minute, t.cost, now_us).await?;
+                verdicts.push(verdict);
+                if !verdict.allowed {
+                    return Ok((verdicts, None));
+                }
+            }
+            let held = self.reserve_all(items, amount).await?;
+            Ok((verdicts, Some(held)))
+        }))
+    }
 
     /// Adds spent `amount` to each key without a cap check (money already spent).
     fn charge(&self, keys: &[ReserveItem<'_>], amount: Nanos) {

@@ -43,8 +43,9 @@ use redis::Script;
 
 use super::counters::{
     reserve_each, Counters, CountersDown, CountersStatus, Hold, LocalCounters, Nanos, Pending, RateKind,
-    RateVerdict, ReserveItem, Reserved, SpendCounter, SpendKey, SpendLevel,
+    RateVerdict, ReserveItem, Reserved, SpendCounter, SpendKey, SpendLevel, Take, TakenAndReserved,
 };
+use super::unix_now_us;
 
 /// What requests get while the shared counters cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,82 +219,108 @@ return 1
 ";
 
 /// Limiter takes and reservations queued on one thread, in one call: ARGV[1] is this
-/// node's field, ARGV[2] the number of operations, then per operation either
-/// `t, <key index>, <per minute>, <cost>` (GCRA as in `counters::gcra`, on Redis's clock in µs) or
-/// `r, <amount>, <member>, <lease s>, <key count>, then per key <index>, <cap>, <expiry>`
-/// (a reservation). One answer per operation, in order; each operation sees
-/// the ones before it.
+/// node's field, ARGV[2] the number of operations, then per operation one of
+/// - `t, <key index>, <per minute>, <cost>`: a take (GCRA as in `counters::gcra`, on
+///   Redis's clock in µs);
+/// - `r, <amount>, <member>, <lease s>, <key count>`, then per key `<index>, <cap>, <expiry>`:
+///   a reservation;
+/// - `g, <take count>`, that many takes' `<key index>, <per minute>, <cost>`, then a
+///   reservation's fields: the takes in order up to the first refusal, and the reservation
+///   only if every take allowed; its answer is the list of theirs (a request's whole
+///   admission in one round trip).
+///
+/// One answer per operation, in order; each operation sees the ones before it.
 const BATCH: &str = r"
 local epoch = redis.call('GET', KEYS[1])
 local clock = redis.call('TIME')
 local now_s = tonumber(clock[1])
 local now = now_s * 1000000 + tonumber(clock[2])
 local minute = 60000000
+local function take(at)
+  local key = KEYS[tonumber(ARGV[at])]
+  local per = tonumber(ARGV[at + 1])
+  local inc = math.floor(tonumber(ARGV[at + 2]) * minute / per)
+  local tat = tonumber(redis.call('GET', key)) or 0
+  local base = math.max(tat, now)
+  local nxt = base + inc
+  local function remaining(x)
+    local room = now + minute - x
+    if room < 0 then room = 0 end
+    return math.floor(room * per / minute)
+  end
+  if nxt > now + minute then
+    local retry = -1
+    if inc <= minute then retry = nxt - minute - now end
+    return {0, remaining(base), base - now, retry}
+  end
+  redis.call('SET', key, string.format('%d', nxt), 'PX', string.format('%d', math.ceil((nxt - now) / 1000) + 1000))
+  return {1, remaining(nxt), nxt - now, 0}
+end
+-- The reservation whose fields start at ARGV[at] (made only when `run`), and where the
+-- next operation starts.
+local function reserve(at, run)
+  local amount, member, lease, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  local first = at + 4
+  local nxt = first + 3 * n
+  if not run then return nil, nxt end
+  if not epoch then return {-1}, nxt end
+  local answer = {0, epoch}
+  for j = 0, n - 1 do
+    local k = KEYS[tonumber(ARGV[first + 3 * j])]
+    local expired = redis.call('ZRANGEBYSCORE', k .. ':h', '-inf', now_s)
+    if #expired > 0 then
+      local gone = 0
+      for _, m in ipairs(expired) do gone = gone + (tonumber(string.match(m, ':(%d+)$')) or 0) end
+      redis.call('ZREMRANGEBYSCORE', k .. ':h', '-inf', now_s)
+      if redis.call('HINCRBY', k, 'r', string.format('%d', -gone)) < 0 then redis.call('HSET', k, 'r', '0') end
+    end
+    local v = redis.call('HMGET', k, 't', 'r', ARGV[1])
+    local t = tonumber(v[1]) or 0
+    local r = tonumber(v[2]) or 0
+    local cap = tonumber(ARGV[first + 3 * j + 1])
+    if cap >= 0 and t + r >= cap then
+      return {1, j, t, r}, nxt
+    end
+    answer[#answer + 1] = t
+    answer[#answer + 1] = r + tonumber(amount)
+    answer[#answer + 1] = tonumber(v[3]) or 0
+  end
+  for j = 0, n - 1 do
+    local k = KEYS[tonumber(ARGV[first + 3 * j])]
+    local expiry = ARGV[first + 3 * j + 2]
+    redis.call('HINCRBY', k, 'r', amount)
+    redis.call('ZADD', k .. ':h', string.format('%d', now_s + lease), member)
+    redis.call('EXPIREAT', k, expiry)
+    redis.call('EXPIREAT', k .. ':h', expiry)
+  end
+  return answer, nxt
+end
 local out = {}
 local at = 3
 for o = 1, tonumber(ARGV[2]) do
-  if ARGV[at] == 't' then
-    local key = KEYS[tonumber(ARGV[at + 1])]
-    local per = tonumber(ARGV[at + 2])
-    local inc = math.floor(tonumber(ARGV[at + 3]) * minute / per)
+  local kind = ARGV[at]
+  if kind == 't' then
+    out[o] = take(at + 1)
     at = at + 4
-    local tat = tonumber(redis.call('GET', key)) or 0
-    local base = math.max(tat, now)
-    local nxt = base + inc
-    local function remaining(x)
-      local room = now + minute - x
-      if room < 0 then room = 0 end
-      return math.floor(room * per / minute)
-    end
-    if nxt > now + minute then
-      local retry = -1
-      if inc <= minute then retry = nxt - minute - now end
-      out[o] = {0, remaining(base), base - now, retry}
-    else
-      redis.call('SET', key, string.format('%d', nxt), 'PX', string.format('%d', math.ceil((nxt - now) / 1000) + 1000))
-      out[o] = {1, remaining(nxt), nxt - now, 0}
-    end
+  elseif kind == 'r' then
+    out[o], at = reserve(at + 1, true)
   else
-    local amount, member, lease, n = ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
-    local first = at + 5
-    at = first + 3 * n
-    if not epoch then
-      out[o] = {-1}
-    else
-      local answer = {0, epoch}
-      for j = 0, n - 1 do
-        local k = KEYS[tonumber(ARGV[first + 3 * j])]
-        local expired = redis.call('ZRANGEBYSCORE', k .. ':h', '-inf', now_s)
-        if #expired > 0 then
-          local gone = 0
-          for _, m in ipairs(expired) do gone = gone + (tonumber(string.match(m, ':(%d+)$')) or 0) end
-          redis.call('ZREMRANGEBYSCORE', k .. ':h', '-inf', now_s)
-          if redis.call('HINCRBY', k, 'r', string.format('%d', -gone)) < 0 then redis.call('HSET', k, 'r', '0') end
-        end
-        local v = redis.call('HMGET', k, 't', 'r', ARGV[1])
-        local t = tonumber(v[1]) or 0
-        local r = tonumber(v[2]) or 0
-        local cap = tonumber(ARGV[first + 3 * j + 1])
-        if cap >= 0 and t + r >= cap then
-          answer = {1, j, t, r}
-          break
-        end
-        answer[#answer + 1] = t
-        answer[#answer + 1] = r + tonumber(amount)
-        answer[#answer + 1] = tonumber(v[3]) or 0
+    local answers = {}
+    local allowed = true
+    local n = tonumber(ARGV[at + 1])
+    at = at + 2
+    for _ = 1, n do
+      if allowed then
+        local a = take(at)
+        answers[#answers + 1] = a
+        allowed = a[1] == 1
       end
-      if answer[1] == 0 then
-        for j = 0, n - 1 do
-          local k = KEYS[tonumber(ARGV[first + 3 * j])]
-          local expiry = ARGV[first + 3 * j + 2]
-          redis.call('HINCRBY', k, 'r', amount)
-          redis.call('ZADD', k .. ':h', string.format('%d', now_s + lease), member)
-          redis.call('EXPIREAT', k, expiry)
-          redis.call('EXPIREAT', k .. ':h', expiry)
-        end
-      end
-      out[o] = answer
+      at = at + 3
     end
+    local r
+    r, at = reserve(at, allowed)
+    if r then answers[#answers + 1] = r end
+    out[o] = answers
   end
 end
 return out
@@ -325,8 +352,38 @@ fn first_of(v: &redis::Value) -> Option<&redis::Value> {
 
 /// One operation of a batch (see `BATCH`).
 enum Op {
-    Take { key: String, per_minute: u64, cost: u64 },
-    Reserve { keys: Vec<(String, i64, i64)>, cells: Vec<Arc<Cell>>, amount: Nanos, member: String },
+    Take {
+        key: String,
+        per_minute: u64,
+        cost: u64,
+    },
+    Reserve(ReserveOp),
+    /// Takes (key, per minute, cost), then the reservation if every take allowed.
+    Gated {
+        takes: Vec<(String, u64, u64)>,
+        reserve: ReserveOp,
+    },
+}
+
+/// A reservation as a batch sends it: per key its Redis key, cap (-1: none) and expiry.
+struct ReserveOp {
+    keys: Vec<(String, i64, i64)>,
+    cells: Vec<Arc<Cell>>,
+    amount: Nanos,
+    member: String,
+}
+
+impl Op {
+    /// The reservation's own answer within the operation's answer `v`, if it was made.
+    fn reservation<'v>(&self, v: &'v redis::Value) -> Option<(&ReserveOp, &'v redis::Value)> {
+        match (self, v) {
+            (Op::Reserve(r), _) => Some((r, v)),
+            (Op::Gated { takes, reserve }, redis::Value::Array(items)) if items.len() == takes.len() + 1 => {
+                items.last().map(|a| (reserve, a))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// An operation waiting for its thread's next batch, and where its answer goes.
@@ -666,6 +723,44 @@ impl Drop for SharedCounters {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// A reservation's fields in a `BATCH` call (after its `r`), its keys indexed in `keys`.
+fn reserve_args<'o>(
+    inv: &mut redis::ScriptInvocation<'_>,
+    r: &'o ReserveOp,
+    index: &mut std::collections::HashMap<&'o str, usize>,
+    keys: &mut Vec<&'o str>,
+) {
+    inv.arg(r.amount).arg(&r.member).arg(HOLD_LEASE_S).arg(r.keys.len());
+    for (k, cap, expiry) in &r.keys {
+        let i = *index.entry(k.as_str()).or_insert_with(|| {
+            keys.push(k.as_str());
+            keys.len() + 1
+        });
+        inv.arg(i).arg(*cap).arg(*expiry);
+    }
+}
+
+impl ReserveOp {
+    /// The settlement that gives the hold back (a no-op where Redis never made it).
+    fn release(&self) -> SettleJob {
+        let keys = self.keys.iter().map(|(k, _, _)| k.clone()).zip(self.cells.iter().cloned()).collect();
+        SettleJob { keys, member: self.member.clone(), reserved: self.amount }
+    }
+}
+
+/// A take's answer `{allowed, remaining, reset µs, retry µs (-1: never)}`.
+fn verdict_of(v: &redis::Value, per_minute: u64) -> RateVerdict {
+    let n = ints(v);
+    let at = |i: usize| n.get(i).copied().unwrap_or(0);
+    RateVerdict {
+        allowed: at(0) == 1,
+        limit: per_minute,
+        remaining: at(1).max(0) as u64,
+        reset_us: at(2).max(0) as u64,
+        retry_after_us: if at(3) < 0 { u64::MAX } else { at(3) as u64 },
     }
 }
 
@@ -1054,15 +1149,20 @@ impl Inner {
                     });
                     inv.arg("t").arg(i).arg((*per_minute).max(1)).arg(*cost);
                 }
-                Op::Reserve { keys: ks, amount, member, .. } => {
-                    inv.arg("r").arg(*amount).arg(member).arg(HOLD_LEASE_S).arg(ks.len());
-                    for (k, cap, expiry) in ks {
-                        let i = *index.entry(k.as_str()).or_insert_with(|| {
-                            keys.push(k.as_str());
+                Op::Reserve(r) => {
+                    inv.arg("r");
+                    reserve_args(&mut inv, r, &mut index, &mut keys);
+                }
+                Op::Gated { takes, reserve } => {
+                    inv.arg("g").arg(takes.len());
+                    for (key, per_minute, cost) in takes {
+                        let i = *index.entry(key.as_str()).or_insert_with(|| {
+                            keys.push(key.as_str());
                             keys.len() + 1
                         });
-                        inv.arg(i).arg(*cap).arg(*expiry);
+                        inv.arg(i).arg((*per_minute).max(1)).arg(*cost);
                     }
+                    reserve_args(&mut inv, reserve, &mut index, &mut keys);
                 }
             }
         }
@@ -1075,27 +1175,30 @@ impl Inner {
             _ => None,
         };
         let mut unseeded = false;
+        let mut epoch = None;
         for (i, q) in queued.into_iter().enumerate() {
             let reply = match (&answer, answers.and_then(|a| a.get(i))) {
                 (Err(e), _) => Err(e.clone()),
-                (Ok(_), Some(v)) => {
-                    if matches!(v, redis::Value::Array(a) if matches!(a.first(), Some(redis::Value::Int(-1))))
-                    {
+                (Ok(_), Some(v)) => match q.op.reservation(v).map(|(_, r)| first_of(r)) {
+                    Some(Some(redis::Value::Int(-1))) => {
                         unseeded = true;
                         Err(CountersDown("Redis is being re-seeded".into()))
-                    } else {
-                        Ok(v.clone())
                     }
-                }
+                    _ => Ok(v.clone()),
+                },
                 (Ok(_), None) => Err(CountersDown("a batch answer was short".into())),
             };
+            if epoch.is_none() {
+                if let Ok(v) = &reply {
+                    epoch = q.op.reservation(v).and_then(|(_, r)| granted_epoch(r));
+                }
+            }
             if let Err(Ok(v)) = q.reply.send(reply) {
                 // The caller went away after its reservation was granted: release it.
-                if let (Op::Reserve { keys, cells, amount, member }, Some(redis::Value::Int(0))) =
-                    (q.op, first_of(&v))
-                {
-                    let keys = keys.into_iter().map(|(k, _, _)| k).zip(cells).collect();
-                    self.queue_settle(SettleJob { keys, member, reserved: amount });
+                if let Some((r, answer)) = q.op.reservation(&v) {
+                    if matches!(first_of(answer), Some(redis::Value::Int(0))) {
+                        self.queue_settle(r.release());
+                    }
                 }
             }
         }
@@ -1105,7 +1208,7 @@ impl Inner {
             }
             self.wake.notify_one();
             self.mark_down("batch", "not seeded");
-        } else if let Some(epoch) = answers.into_iter().flatten().find_map(granted_epoch) {
+        } else if let Some(epoch) = epoch {
             self.observe_epoch(&epoch);
         }
     }
@@ -1270,6 +1373,52 @@ impl Hold for SharedHold {
 }
 
 impl SharedCounters {
+    /// The reservation of `amount` on `items`, as a batch sends it.
+    fn reserve_op(&self, items: &[ReserveItem<'_>], amount: Nanos) -> ReserveOp {
+        let mut keys = Vec::with_capacity(items.len());
+        let mut cells = Vec::with_capacity(items.len());
+        for i in items {
+            let cell = self.inner.cell(&i.key);
+            cell.period_end.store(i.period_end, Ordering::Release);
+            let key = redis_key(i.key.budget, i.key.instance, i.key.period_start);
+            keys.push((key, i.cap.unwrap_or(-1), i.period_end + EXPIRY_GRACE_S));
+            cells.push(cell);
+        }
+        let member = format!("{:016x}:{amount}", rand::random::<u64>());
+        ReserveOp { keys, cells, amount, member }
+    }
+
+    /// A reservation's answer `v`: granted (this node's view of each counter updated) or
+    /// refused by the budget at the index it names.
+    fn reserved(&self, v: &redis::Value, release: SettleJob) -> Reserved {
+        let n = ints(v);
+        let SettleJob { keys, member, .. } = release;
+        if n.first() == Some(&1) {
+            let i = n.get(1).copied().unwrap_or(0).max(0) as usize;
+            let (t, r) = (n.get(2).copied().unwrap_or(0), n.get(3).copied().unwrap_or(0));
+            if let Some((_, cell)) = keys.get(i) {
+                cell.seen(t, r);
+            }
+            return Err((i, SpendLevel { committed: t, used: t.saturating_add(r) }));
+        }
+        for (i, (_, cell)) in keys.iter().enumerate() {
+            let at = 2 + 3 * i;
+            if let (Some(&t), Some(&r), Some(&mine)) = (n.get(at), n.get(at + 1), n.get(at + 2)) {
+                cell.seen(t, r);
+                cell.hydrate(mine);
+            }
+        }
+        Ok(Box::new(SharedHold { inner: self.inner.clone(), keys, member }) as Box<dyn Hold>)
+    }
+
+    /// A reservation whose answer was lost may have been made: released when Redis answers
+    /// again (a no-op if it never arrived).
+    fn owe_release(&self, release: SettleJob) {
+        if let Ok(mut o) = self.inner.owed.lock() {
+            o.push(release);
+        }
+    }
+
     fn handle(&self) -> Option<tokio::runtime::Handle> {
         self.runtime.as_ref().map(|r| r.handle().clone())
     }
@@ -1351,17 +1500,7 @@ impl Counters for SharedCounters {
         Pending::Remote(Box::pin(async move {
             let op = Op::Take { key: redis_key, per_minute, cost };
             match self.inner.submit(op).await {
-                Ok(v) => {
-                    let n = ints(&v);
-                    let at = |i: usize| n.get(i).copied().unwrap_or(0);
-                    Ok(RateVerdict {
-                        allowed: at(0) == 1,
-                        limit: per_minute,
-                        remaining: at(1).max(0) as u64,
-                        reset_us: at(2).max(0) as u64,
-                        retry_after_us: if at(3) < 0 { u64::MAX } else { at(3) as u64 },
-                    })
-                }
+                Ok(v) => Ok(verdict_of(&v, per_minute)),
                 Err(e) if self.inner.on_error == OnError::FailClosed => Err(e),
                 Err(_) => {
                     self.inner.locally("take");
@@ -1377,55 +1516,73 @@ impl Counters for SharedCounters {
         amount: Nanos,
     ) -> Pending<'a, Result<Reserved, CountersDown>> {
         Pending::Remote(Box::pin(async move {
-            let keys: Vec<(String, Arc<Cell>)> = items
-                .iter()
-                .map(|i| {
-                    let cell = self.inner.cell(&i.key);
-                    cell.period_end.store(i.period_end, Ordering::Release);
-                    (redis_key(i.key.budget, i.key.instance, i.key.period_start), cell)
-                })
-                .collect();
-            let member = format!("{:016x}:{amount}", rand::random::<u64>());
-            let op = Op::Reserve {
-                keys: items
-                    .iter()
-                    .zip(&keys)
-                    .map(|(item, (k, _))| {
-                        (k.clone(), item.cap.unwrap_or(-1), item.period_end + EXPIRY_GRACE_S)
-                    })
-                    .collect(),
-                cells: keys.iter().map(|(_, c)| c.clone()).collect(),
-                amount,
-                member: member.clone(),
-            };
-            let v = match self.inner.submit(op).await {
-                Ok(v) => v,
+            let op = self.reserve_op(items, amount);
+            let release = op.release();
+            match self.inner.submit(Op::Reserve(op)).await {
+                Ok(v) => Ok(self.reserved(&v, release)),
                 Err(e) => {
                     // The script may have run with its answer lost: release the hold when
                     // Redis answers again (a no-op if it never arrived).
-                    if let Ok(mut o) = self.inner.owed.lock() {
-                        o.push(SettleJob { keys, member, reserved: amount });
-                    }
-                    return self.reserve_locally(items, amount, e);
+                    self.owe_release(release);
+                    self.reserve_locally(items, amount, e)
                 }
+            }
+        }))
+    }
+
+    fn combines_takes(&self) -> bool {
+        true
+    }
+
+    fn take_and_reserve<'a>(
+        &'a self,
+        takes: &'a [Take],
+        items: &'a [ReserveItem<'a>],
+        amount: Nanos,
+    ) -> Pending<'a, Result<TakenAndReserved, CountersDown>> {
+        Pending::Remote(Box::pin(async move {
+            let op = self.reserve_op(items, amount);
+            let release = op.release();
+            let gated = Op::Gated {
+                takes: takes.iter().map(|t| (rate_key(t.kind, &t.key), t.per_minute, t.cost)).collect(),
+                reserve: op,
             };
-            let n = ints(&v);
-            if n.first() == Some(&1) {
-                let i = n.get(1).copied().unwrap_or(0).max(0) as usize;
-                let (t, r) = (n.get(2).copied().unwrap_or(0), n.get(3).copied().unwrap_or(0));
-                if let Some((_, cell)) = keys.get(i) {
-                    cell.seen(t, r);
+            let answer = self.inner.submit(gated).await.and_then(|v| match v {
+                redis::Value::Array(answers) if !answers.is_empty() => Ok(answers),
+                _ => Err(CountersDown("a take-and-reserve answer was not a list".into())),
+            });
+            let e = match answer {
+                Ok(answers) => {
+                    let verdicts: Vec<RateVerdict> =
+                        takes.iter().zip(&answers).map(|(t, a)| verdict_of(a, t.per_minute)).collect();
+                    if verdicts.last().is_some_and(|v| !v.allowed) {
+                        return Ok((verdicts, None));
+                    }
+                    match answers.get(takes.len()) {
+                        Some(r) if verdicts.len() == takes.len() => {
+                            return Ok((verdicts, Some(self.reserved(r, release))));
+                        }
+                        _ => CountersDown("a take-and-reserve answer was short".into()),
+                    }
                 }
-                return Ok(Err((i, SpendLevel { committed: t, used: t.saturating_add(r) })));
+                Err(e) => e,
+            };
+            self.owe_release(release);
+            if self.inner.on_error == OnError::FailClosed {
+                // A take is always policed.
+                return Err(e);
             }
-            for (i, (_, cell)) in keys.iter().enumerate() {
-                let at = 2 + 3 * i;
-                if let (Some(&t), Some(&r), Some(&mine)) = (n.get(at), n.get(at + 1), n.get(at + 2)) {
-                    cell.seen(t, r);
-                    cell.hydrate(mine);
+            let mut verdicts = Vec::with_capacity(takes.len());
+            for t in takes {
+                self.inner.locally("take");
+                let verdict = self.inner.fallback.take(t.kind, &t.key, t.per_minute, t.cost, unix_now_us());
+                verdicts.push(verdict);
+                if !verdict.allowed {
+                    return Ok((verdicts, None));
                 }
             }
-            Ok(Ok(Box::new(SharedHold { inner: self.inner.clone(), keys, member }) as Box<dyn Hold>))
+            let held = self.reserve_locally(items, amount, e)?;
+            Ok((verdicts, Some(held)))
         }))
     }
 

@@ -302,7 +302,8 @@ async fn redis_outage_fail_closed_refuses_policed_requests_and_loses_no_spend() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_outage_fail_open_serves_and_reconciles() {
     let upstream = mock(MockConfig::default()).await;
-    let budgets = "budgets:\n  - { name: day, scope: project, project: default, period: daily, cap_usd: 100, action: block }\n";
+    // A rate limit too: the takes that go with each reservation fall back in process.
+    let budgets = "budgets:\n  - { name: day, scope: project, project: default, period: daily, cap_usd: 100, action: block }\nrate_limits: { requests_per_minute: 1000, management_requests_per_minute: 0 }\n";
     let mut c = cluster(&upstream, Some("fail_open"), budgets).await;
     let mut billed = 0.0;
     let r = ask_node(&c.nodes[0], "@cheap").await;
@@ -316,6 +317,7 @@ async fn redis_outage_fail_open_serves_and_reconciles() {
     }
     let text = metrics(&c.nodes[1]).await;
     assert!(metric_value(&text, "modelux_counters_local_total", &[("op", "reserve")]) >= 1.0, "{text}");
+    assert!(metric_value(&text, "modelux_counters_local_total", &[("op", "take")]) >= 1.0, "{text}");
     c.redis.as_mut().unwrap().restart();
     for gw in &c.nodes {
         within(Duration::from_secs(5), "reconciled spend", || async {
@@ -466,4 +468,72 @@ async fn a_second_process_under_a_running_nodes_name_is_refused() {
     let started = Instant::now();
     assert!(open("edge-1").is_ok(), "the name is free again");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Reservations Redis holds right now, summed over every budget counter (`r`), and the
+/// hold members still listed.
+async fn held_in_redis(url: &str) -> (i64, usize) {
+    let client = ::redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg("mlx:spend:*").query_async(&mut c).await.unwrap();
+    let (mut reserved, mut members) = (0i64, 0usize);
+    for k in keys.iter().filter(|k| *k != "mlx:spend:epoch") {
+        if k.ends_with(":h") {
+            let n: usize = ::redis::cmd("ZCARD").arg(k).query_async(&mut c).await.unwrap();
+            members += n;
+        } else {
+            let r: Option<i64> = ::redis::cmd("HGET").arg(k).arg("r").query_async(&mut c).await.unwrap();
+            reserved += r.unwrap_or(0);
+        }
+    }
+    (reserved, members)
+}
+
+/// With counters on Redis, a request's rate-limit takes go with its reservation in one
+/// script call (one round trip before the upstream call, where there were two), judged as
+/// before: the same headers, a refusal holds nothing, a request that fails still counts, a
+/// 429 still comes before any other error, and a cache hit counts like any request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_takes_ride_with_the_reservation_in_one_round_trip() {
+    let upstream = mock(MockConfig::default()).await;
+    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
+    let mut cfg = Cfg::new(upstream.base_url().leak());
+    cfg.top_extra = format!(
+        "{CENT_A_TOKEN}rate_limits: {{ requests_per_minute: 4, tokens_per_minute: 100000, management_requests_per_minute: 0 }}\n\
+         budgets:\n  - {{ name: day, scope: project, project: default, period: daily, cap_usd: 100, action: block }}\n\
+         redis: {{ url: \"{}\" }}\nspend: {{ counters: redis, on_counter_error: fail_closed }}\n",
+        redis.url()
+    );
+    cfg.more_configs = "  cached: { project: default, strategy: single, model: \"local/m1\", cache: { mode: exact, ttl_seconds: 60 } }\n".into();
+    let gw = start(cfg).await;
+    let batches = |text: &str| metric_value(text, "modelux_counters_round_trips_total", &[("op", "batch")]);
+
+    // Two requests alone: requests take, tokens take and reservation in one call each.
+    for remaining in ["3", "2"] {
+        let before = batches(&metrics(&gw).await);
+        let r = ask_node(&gw, "local/m1").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some(remaining));
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("100000"));
+        assert_eq!(batches(&metrics(&gw).await) - before, 1.0, "round trips before the call");
+    }
+    // A miss, then its hit: the hit is counted against the limit too.
+    let r = ask_node(&gw, "@cached").await;
+    assert_eq!((r.status, r.header("x-modelux-cache")), (200, Some("MISS")), "{}", r.text());
+    let r = ask_node(&gw, "@cached").await;
+    assert_eq!((r.status, r.header("x-modelux-cache")), (200, Some("HIT")), "{}", r.text());
+    // Over the limit: refused with nothing reserved, before the body is even judged.
+    let r = ask_node(&gw, "local/m1").await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(error_of(&r)["code"], "rate_limited");
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    let auth = format!("Bearer {KEY}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let bad = httpc::request(gw.proxy, "POST", CHAT, &headers, b"{not json").await.unwrap();
+    assert_eq!(bad.status, 429, "a 429 comes before a 400: {}", bad.text());
+    assert_eq!(upstream.request_count(), 3);
+    within(Duration::from_secs(3), "holds released", || async {
+        held_in_redis(&redis.url()).await == (0, 0)
+    })
+    .await;
 }
