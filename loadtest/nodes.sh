@@ -191,6 +191,22 @@ round_trips() {
         awk '/^modelux_counters_round_trips_total/ { s += $NF } END { printf "%d", s }'
 }
 
+# The counters-wait histogram's cumulative buckets, one "le count" line each.
+wait_buckets() {
+    local manage_var="GW_MANAGE_$1"
+    curl -s "http://127.0.0.1:${!manage_var}/metrics" |
+        sed -nE 's/^modelux_counters_wait_seconds_bucket\{le="([^"]+)"\} ([0-9]+)$/\1 \2/p'
+}
+
+# wait_quantile NAME Q: the smallest bucket bound (µs) that holds fraction Q of the waits
+# on Redis during phase NAME ("-" when there were none).
+wait_quantile() {
+    paste -d ' ' "$TMP/$1.wait0" "$TMP/$1.wait1" | awk -v q="$2" '{ le[NR] = $1; n[NR] = $4 - $2 } END {
+        if (NR == 0 || n[NR] == 0) { print "-"; exit }
+        for (i = 1; i <= NR; i++) if (n[i] >= q * n[NR]) { if (le[i] == "+Inf") print "+Inf"; else printf "%d", le[i] * 1e6; exit }
+    }'
+}
+
 # phase NAME GATEWAY [loadgen args…]: one loadgen against GATEWAY; records its JSON, the
 # gateway's CPU ticks, Redis's CPU ticks and the Redis round trips of the phase.
 phase() {
@@ -206,12 +222,14 @@ phase() {
     t0=$(cpu_ticks "${!pid_var}")
     r0=$(cpu_ticks "$REDIS_PID")
     rt0=$(round_trips "$gw")
+    wait_buckets "$gw" >"$TMP/$name.wait0"
     log "phase $name"
     timeout $((DURATION_S + WARMUP_S + 60)) taskset -c "$LOAD_CPU" "$BIN/loadgen" "${common[@]}" \
         --warmup-s "$WARMUP_S" --duration-s "$DURATION_S" "$@" >"$TMP/$name.json" || die "$name: loadgen failed"
     echo "$(($(cpu_ticks "${!pid_var}") - t0))" >"$TMP/$name.ticks"
     echo "$(($(cpu_ticks "$REDIS_PID") - r0))" >"$TMP/$name.redis_ticks"
     echo "$(($(round_trips "$gw") - rt0))" >"$TMP/$name.trips"
+    wait_buckets "$gw" >"$TMP/$name.wait1"
 }
 
 # ---------------------------------------------------------------- phases
@@ -323,6 +341,13 @@ row() {
     for i in "${!d50[@]}"; do printf ' %+d / %+d µs;' "${d50[$i]}" "${d99[$i]}"; done
     printf ' median %+d / %+d µs\n' "$(printf '%s\n' "${d50[@]}" | sort -n | sed -n "${mid}p")" \
         "$(printf '%s\n' "${d99[@]}" | sort -n | sed -n "${mid}p")"
+    # Measured inside the gateway: what each take or reservation waited on Redis (the
+    # histogram's bucket bounds), free of the load generator's own scheduling noise.
+    printf -- '- each request'"'"'s wait on Redis in those rounds (modelux_counters_wait_seconds), p50 / p99 at most:'
+    for round in $(seq 1 "$PACED_ROUNDS"); do
+        printf ' %s / %s µs;' "$(wait_quantile "redis.paced.$round" 0.5)" "$(wait_quantile "redis.paced.$round" 0.99)"
+    done
+    echo
     awk -v t="$total_rps" -v one="$(jnum "$TMP/redis.json" rps)" -v n="$total_n" -v ticks="$total_ticks" \
         -v trips="$total_trips" -v rt="$(cat "$TMP/three.redis_ticks")" -v k="$CLK_TCK" 'BEGIN {
         printf "- three nodes: %.0f req/s in all, %.2f× one node (all three share CPU %s here)\n", t, t / one, "'"$PROXY_CPU"'"

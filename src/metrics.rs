@@ -222,12 +222,22 @@ impl Metrics {
                 Opts::new("modelux_counters_round_trips_total", "Script calls sent to the shared counters, by operation"),
                 &["op"],
             )?,
+            wait: prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "modelux_counters_wait_seconds",
+                    "How long a request waited on the shared counters for a rate-limit take or a reservation (the latency Redis adds before its upstream call)",
+                )
+                .buckets(vec![
+                    0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0,
+                ]),
+            )?,
         };
         registry.register(Box::new(shared_counters.transitions.clone()))?;
         registry.register(Box::new(shared_counters.errors.clone()))?;
         registry.register(Box::new(shared_counters.local.clone()))?;
         registry.register(Box::new(shared_counters.reachable.clone()))?;
         registry.register(Box::new(shared_counters.round_trips.clone()))?;
+        registry.register(Box::new(shared_counters.wait.clone()))?;
         let trace_records = IntCounterVec::new(
             Opts::new(
                 "modelux_trace_records_total",

@@ -42,10 +42,15 @@ pub async fn complete(
         return dry_run::answer(req, &routed, &facts, 1024).await;
     }
     let info = routed.info();
-    if snapshot.any_cache && super::cache::lookup(req, principal, &eval, &info, &chat.model, &body).await? {
-        // Answered without calling anyone: a probe lease the decision took goes back.
+    let looked_up = match snapshot.any_cache {
+        true => super::cache::lookup(req, principal, &eval, &info, &chat.model, &body).await,
+        false => Ok(false),
+    };
+    if !matches!(looked_up, Ok(false)) {
+        // Answered without calling anyone (a hit, or a rate limit's refusal): a probe lease
+        // the decision took goes back.
         routed.return_probes(crate::routing::health::now_ms(), &snapshot.health_settings);
-        return Ok(());
+        return looked_up.map(drop);
     }
     let attempts = routed.attempts();
     let plan = routed.plan();
@@ -59,7 +64,11 @@ pub async fn complete(
         chat.max_tokens,
         chat.choices,
     );
-    billing::reserve(req.state, req.ctx, &eval, usd).await?;
+    if let Err(refused) = billing::reserve(req.state, req.ctx, &eval, usd).await {
+        // Refused before any call (a rate limit, a budget): its probe lease goes back.
+        routed.return_probes(crate::routing::health::now_ms(), &snapshot.health_settings);
+        return Err(refused);
+    }
     let anthropic_headers = request::anthropic_headers(req.session, req.ctx.surface);
     let mut exec = Exec::new(req, chat, &body, anthropic_headers, &info);
     match plan {

@@ -136,6 +136,20 @@ fn rest_of(path: &str) -> Option<&str> {
     ["/anthropic/v1/", "/openai/v1/", "/v1/v1/", "/v1/"].iter().find_map(|p| path.strip_prefix(p))
 }
 
+/// Bodies up to this size are read before a deferred rate-limit take can refuse them.
+const DEFERRABLE_BODY_BYTES: u64 = 64 * 1024;
+
+/// Whether reading the body before a rate limit can refuse the request costs little: a
+/// declared small body, not one the client holds back for `Expect: 100-continue`.
+fn refusal_costs_little(header: &pingora::http::RequestHeader) -> bool {
+    !header.headers.contains_key(http::header::EXPECT)
+        && header
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .is_some_and(|n| n <= DEFERRABLE_BODY_BYTES)
+}
+
 /// Unknown paths are logged cut to this many characters.
 const MAX_LOGGED_PATH: usize = 256;
 
@@ -149,6 +163,9 @@ pub async fn handle(state: &GatewayState, session: &mut Session, ctx: &mut Reque
     };
     let mut req = Req { state, snapshot: &snapshot, session, ctx };
     let mut served = serve(&mut req, grant.as_deref()).await;
+    if matches!(served, Err(GatewayError::RequestTimeout { .. })) {
+        state.metrics.client_timeouts.with_label_values(&["proxy", "body"]).inc();
+    }
     if req.ctx.bill.has_deferred() {
         // A request that ended before its reservation (an error) still counts against its
         // rate limits; a refusal is its answer, as it would have been had it come first.
@@ -157,12 +174,7 @@ pub async fn handle(state: &GatewayState, session: &mut Session, ctx: &mut Reque
         }
     }
     match served {
-        Err(err) => {
-            if matches!(err, GatewayError::RequestTimeout { .. }) {
-                state.metrics.client_timeouts.with_label_values(&["proxy", "body"]).inc();
-            }
-            respond::error(req.session, req.ctx, &err).await;
-        }
+        Err(err) => respond::error(req.session, req.ctx, &err).await,
         // Every path answers; one that did not would leave its client waiting. A client
         // that went away has nobody to answer, nor one whose connection was closed because
         // not even the fixed 500 could be built (`internal_error`).
@@ -216,7 +228,8 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
     // Shared counters: the rate-limit takes of an endpoint that reserves go with its
     // reservation, one round trip instead of two (judged in the same order).
     req.ctx.bill.defer_takes = matches!(endpoint, Endpoint::Chat | Endpoint::Embeddings)
-        && req.state.spend.counters.combines_takes();
+        && req.state.spend.counters.combines_takes()
+        && refusal_costs_little(req.session.req_header());
     billing::check_requests(req.state, req.ctx, &principal).await?;
     // pingora does not answer `Expect: 100-continue` itself; a client waiting for it (curl
     // sending a large body) would stall before sending its body. Not for HTTP/1.0 (RFC

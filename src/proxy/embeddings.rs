@@ -32,15 +32,21 @@ pub async fn embed(req: &mut Req<'_>, principal: &Principal) -> Result<(), Gatew
         return dry_run::answer(req, &routed, &facts, 0).await;
     }
     let info = routed.info();
-    if req.snapshot.any_cache
-        && super::cache::lookup_embeddings(req, principal, &info, &incoming.request.model, &body).await?
-    {
+    let looked_up = match req.snapshot.any_cache {
+        true => super::cache::lookup_embeddings(req, principal, &info, &incoming.request.model, &body).await,
+        false => Ok(false),
+    };
+    if !matches!(looked_up, Ok(false)) {
+        // A hit, or a rate limit's refusal: no call, so a probe lease goes back.
         routed.return_probes(crate::routing::health::now_ms(), &snapshot.health_settings);
-        return Ok(());
+        return looked_up.map(drop);
     }
     let member = routed.first()?;
     let usd = billing::max_cost(snapshot, &[member], false, req.ctx.bill.est_input_tokens, Some(0), 1);
-    billing::reserve(req.state, req.ctx, &eval, usd).await?;
+    if let Err(refused) = billing::reserve(req.state, req.ctx, &eval, usd).await {
+        routed.return_probes(crate::routing::health::now_ms(), &snapshot.health_settings);
+        return Err(refused);
+    }
     req.ctx.bill.rates = member.rates;
     let served = Served::new(&info, member, 1);
     let provider = member.target.provider.clone();

@@ -78,6 +78,8 @@ pub struct SharedMetrics {
     pub reachable: prometheus::IntGauge,
     /// `modelux_counters_round_trips_total{op}`: script calls sent.
     pub round_trips: prometheus::IntCounterVec,
+    /// `modelux_counters_wait_seconds`: how long each take or reservation waited.
+    pub wait: prometheus::Histogram,
 }
 
 /// One node's settled spend of one counter, as written to the durable store.
@@ -1084,6 +1086,13 @@ impl Inner {
 
     /// Queues a take or a reservation for this thread's next batch and waits for its answer.
     async fn submit(self: &Arc<Self>, op: Op) -> Result<redis::Value, CountersDown> {
+        let started = Instant::now();
+        let answer = self.queue_and_wait(op).await;
+        self.metrics.wait.observe(started.elapsed().as_secs_f64());
+        answer
+    }
+
+    async fn queue_and_wait(self: &Arc<Self>, op: Op) -> Result<redis::Value, CountersDown> {
         let thread = std::thread::current().id();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let first = {
@@ -1182,7 +1191,12 @@ impl Inner {
                 (Ok(_), Some(v)) => match q.op.reservation(v).map(|(_, r)| first_of(r)) {
                     Some(Some(redis::Value::Int(-1))) => {
                         unseeded = true;
-                        Err(CountersDown("Redis is being re-seeded".into()))
+                        match q.op {
+                            // Its takes were judged: the caller keeps their verdicts and
+                            // reserves in process.
+                            Op::Gated { .. } => Ok(v.clone()),
+                            _ => Err(CountersDown("Redis is being re-seeded".into())),
+                        }
                     }
                     _ => Ok(v.clone()),
                 },
@@ -1559,6 +1573,19 @@ impl Counters for SharedCounters {
                         return Ok((verdicts, None));
                     }
                     match answers.get(takes.len()) {
+                        Some(r)
+                            if verdicts.len() == takes.len()
+                                && first_of(r) == Some(&redis::Value::Int(-1)) =>
+                        {
+                            // Redis lost its counters (nothing was reserved there): as a
+                            // reservation alone would be while it is re-seeded.
+                            let held = self.reserve_locally(
+                                items,
+                                amount,
+                                CountersDown("Redis is being re-seeded".into()),
+                            )?;
+                            return Ok((verdicts, Some(held)));
+                        }
                         Some(r) if verdicts.len() == takes.len() => {
                             return Ok((verdicts, Some(self.reserved(r, release))));
                         }

@@ -537,3 +537,37 @@ async fn rate_limit_takes_ride_with_the_reservation_in_one_round_trip() {
     })
     .await;
 }
+
+/// A take-and-reserve call that finds Redis emptied (no epoch): its takes were judged there,
+/// and its reservation goes the way a reservation alone would while Redis is re-seeded (in
+/// process where nothing is enforced, under `fail_closed` too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_and_reserve_on_an_emptied_redis_keeps_its_verdicts() {
+    use modelux::spend::counters::{Counters, RateKind, ReserveItem, SpendKey, Take};
+    use modelux::spend::period::Period;
+
+    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
+    let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
+    let metrics = modelux::metrics::Metrics::new().unwrap();
+    let a = open_counters(&redis, "a", Vec::new(), &source, &metrics).unwrap();
+    let (start, end) = Period::Daily.window(modelux::spend::unix_now());
+    let key = SpendKey { budget: "b", instance: "", period_start: start };
+    let counted = [ReserveItem { key, cap: None, enforced: false, counter: None, period_end: end }];
+    let take = [Take { kind: RateKind::Requests, key: "k".into(), per_minute: 600, cost: 1 }];
+    let (verdicts, held) = a.take_and_reserve(&take, &counted, 10).await.unwrap();
+    assert!(verdicts.len() == 1 && verdicts[0].allowed && verdicts[0].remaining == 599, "{verdicts:?}");
+    assert!(matches!(held, Some(Ok(_))));
+
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+    let (verdicts, held) = a.take_and_reserve(&take, &counted, 10).await.unwrap();
+    assert!(verdicts.len() == 1 && verdicts[0].allowed, "{verdicts:?}");
+    assert!(matches!(held, Some(Ok(_))), "reserved in process while Redis is re-seeded");
+    let local = metric_value(
+        &String::from_utf8(metrics.render()).unwrap(),
+        "modelux_counters_local_total",
+        &[("op", "reserve")],
+    );
+    assert_eq!(local, 1.0);
+}
