@@ -8,6 +8,11 @@ use pingora::proxy::Session;
 
 use crate::error::GatewayError;
 
+/// The body length the client declared in `Content-Length`, when it is a number.
+pub fn declared_length(header: &pingora::http::RequestHeader) -> Option<u64> {
+    header.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+}
+
 /// Reads the complete body. Rejects by `Content-Length` before reading anything when the
 /// declared size is over `limit`, and while reading when a chunked body grows past it.
 pub async fn read_body(session: &mut Session, limit: u64, deadline: Duration) -> Result<Bytes, GatewayError> {

@@ -143,11 +143,7 @@ const DEFERRABLE_BODY_BYTES: u64 = 64 * 1024;
 /// declared small body, not one the client holds back for `Expect: 100-continue`.
 fn refusal_costs_little(header: &pingora::http::RequestHeader) -> bool {
     !header.headers.contains_key(http::header::EXPECT)
-        && header
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-            .is_some_and(|n| n <= DEFERRABLE_BODY_BYTES)
+        && super::body::declared_length(header).is_some_and(|n| n <= DEFERRABLE_BODY_BYTES)
 }
 
 /// Unknown paths are logged cut to this many characters.
@@ -241,11 +237,7 @@ async fn serve(req: &mut Req<'_>, grant: Option<&Grant>) -> Result<(), GatewayEr
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expects && header.version >= http::Version::HTTP_11 {
         let settings = &req.snapshot.settings;
-        let declared = header
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let declared = super::body::declared_length(header).unwrap_or(0);
         if declared <= settings.max_body_bytes.max(settings.max_upload_bytes) && !req.session.is_body_done() {
             let _ = req.session.downstream_session.write_continue_response().await;
         }

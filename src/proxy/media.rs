@@ -112,13 +112,7 @@ pub async fn serve(req: &mut Req<'_>, principal: &Principal, kind: Kind) -> Resu
             .to_string();
         // Audio files are bigger than chat bodies: the upload limit, and a deadline that
         // grows with the declared size (64 KiB/s at the least).
-        let declared = req
-            .session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let declared = super::body::declared_length(req.session.req_header()).unwrap_or(0);
         let deadline = settings.client_body_timeout + std::time::Duration::from_secs(declared / (64 * 1024));
         let body = super::body::read_body(req.session, settings.max_upload_bytes, deadline).await?;
         req.ctx.bytes_in = body.len() as u64;

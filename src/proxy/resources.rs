@@ -353,10 +353,7 @@ pub async fn serve(
     }
     let content_type =
         header.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let length = header
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let length = super::body::declared_length(header);
     let surface_prefix = if header.uri.path().starts_with("/anthropic/") { "/anthropic" } else { "" };
     let body = match route.body {
         Body::None => Bytes::new(),
