@@ -7,6 +7,8 @@
 //! in process, on Redis's clock so nodes with skewed clocks agree. Operations queued on one
 //! thread at the same moment go in one call (`BATCH`, `SETTLE`): under load a burst of
 //! requests costs one round trip, not one each; alone, a request's operation goes at once.
+//! Settlements wait a moment for the thread's next batch and go in front of it, pipelined
+//! in the same round trip, so a request costs one round trip rather than two.
 //!
 //! A budget counter is a hash `mlx:spend:<period start>:<budget length>:<budget>:<instance>`
 //! holding `t` (settled spend of all nodes), `r` (reservations in flight) and `n:<node>`
@@ -38,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::counters::{
@@ -125,6 +127,10 @@ const EXPIRY_GRACE_S: i64 = 86_400;
 const CHUNK: usize = 200;
 /// Holds per settle script call.
 const SETTLE_BATCH: usize = 256;
+/// How long settlements wait for a batch of takes and reservations on their thread to carry
+/// them (one round trip for both) before they go on their own. A hold released this much
+/// later only makes other nodes a moment more cautious; this node's view drops it at once.
+const SETTLE_RIDE: Duration = Duration::from_millis(1);
 /// Takes and reservations per batch script call (a longer script holds Redis up for
 /// every node).
 const OP_BATCH: usize = 128;
@@ -403,6 +409,41 @@ struct Scripts {
     adjust: Script,
 }
 
+/// A script call being built: sent as `EVALSHA` alone, or pipelined behind another so one
+/// round trip carries both (what `redis::ScriptInvocation` cannot be).
+struct Eval<'s> {
+    script: &'s Script,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'s> Eval<'s> {
+    fn new(script: &'s Script) -> Eval<'s> {
+        Eval { script, keys: Vec::new(), args: Vec::new() }
+    }
+
+    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        key.write_redis_args(&mut self.keys);
+        self
+    }
+
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    fn cmd(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(self.keys.len()).arg(&self.keys[..]).arg(&self.args[..]);
+        cmd
+    }
+
+    /// Loads the script (Redis restarted without it), before sending it again.
+    async fn load(&self, c: &mut ConnectionManager) -> redis::RedisResult<()> {
+        self.script.prepare_invoke().load_async(c).await.map(drop)
+    }
+}
+
 /// This node's view of one shared budget counter.
 #[derive(Default)]
 struct Cell {
@@ -555,9 +596,10 @@ struct Inner {
     /// node's figures may be newer than the store's.
     epoch: Mutex<String>,
     owed: Mutex<Vec<SettleJob>>,
-    /// Settlements waiting to be sent, per thread that made them: a task on that thread
-    /// sends whatever queued while it waited its turn, in one call on the thread's own
-    /// connection (a separate worker thread cost a context switch per batch).
+    /// Settlements waiting to be sent, per thread that made them: the thread's next batch
+    /// of takes and reservations carries them, or after `SETTLE_RIDE` a task on that
+    /// thread sends whatever queued, in one call on the thread's own connection (a
+    /// separate worker thread cost a context switch per batch).
     settles: FastMap<std::thread::ThreadId, Vec<SettleJob>>,
     /// Takes and reservations waiting, per thread, batched the same way (a burst of
     /// requests on one thread makes one round trip, not one each).
@@ -730,7 +772,7 @@ impl Drop for SharedCounters {
 
 /// A reservation's fields in a `BATCH` call (after its `r`), its keys indexed in `keys`.
 fn reserve_args<'o>(
-    inv: &mut redis::ScriptInvocation<'_>,
+    inv: &mut Eval<'_>,
     r: &'o ReserveOp,
     index: &mut std::collections::HashMap<&'o str, usize>,
     keys: &mut Vec<&'o str>,
@@ -800,6 +842,18 @@ fn text_at(v: &redis::Value, i: usize) -> Option<String> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+/// A settle script's answer: the levels of `cells` (in the call's order) as Redis has them.
+fn settled_levels(cells: &[Arc<Cell>], v: &redis::Value) {
+    let n = ints(v);
+    for (i, cell) in cells.iter().enumerate() {
+        let at = 2 + 3 * i;
+        if let (Some(&t), Some(&r), Some(&mine)) = (n.get(at), n.get(at + 1), n.get(at + 2)) {
+            cell.seen(t, r);
+            cell.hydrate(mine);
+        }
     }
 }
 
@@ -914,21 +968,104 @@ impl Inner {
     }
 
     /// One script call, bounded by the timeout. Fails at once while backing off.
-    async fn call(
-        &self,
-        op: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Result<redis::Value, CountersDown> {
+    /// A connection to call on, unless Redis is known to be out of reach (the round trip
+    /// about to be made is counted).
+    fn ready(&self, op: &'static str) -> Result<ConnectionManager, CountersDown> {
         if !self.reachable.load(Ordering::Acquire) && self.now_ms() < self.retry_at_ms.load(Ordering::Acquire)
         {
             return Err(CountersDown("Redis is out of reach".into()));
         }
-        let Some(mut c) = self.connection() else {
+        let Some(c) = self.connection() else {
             return Err(CountersDown("no connection to Redis yet".into()));
         };
         self.metrics.round_trips.with_label_values(&[op]).inc();
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<redis::Value>(&mut c)).await {
-            Ok(Ok(v)) => {
+        Ok(c)
+    }
+
+    async fn call(&self, op: &'static str, eval: Eval<'_>) -> Result<redis::Value, CountersDown> {
+        let mut c = self.ready(op)?;
+        let cmd = eval.cmd();
+        let sent = async {
+            match cmd.query_async::<redis::Value>(&mut c).await {
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    eval.load(&mut c).await?;
+                    cmd.query_async(&mut c).await
+                }
+                answer => answer,
+            }
+        };
+        let answer = tokio::time::timeout(self.timeout, sent).await.ok();
+        self.answered(op, answer)
+    }
+
+    /// Settlements riding in front of a batch: both scripts in one round trip, settling
+    /// first (a released hold makes room for the batch's reservations). Answers the
+    /// settlement's and the batch's results.
+    async fn call_riding(
+        &self,
+        settle: Eval<'_>,
+        batch: Eval<'_>,
+    ) -> (Result<redis::Value, CountersDown>, Result<redis::Value, CountersDown>) {
+        let mut c = match self.ready("batch") {
+            Ok(c) => c,
+            Err(e) => return (Err(e.clone()), Err(e)),
+        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(settle.cmd()).add_command(batch.cmd());
+        let sent = async {
+            let answers = c.req_packed_commands(&pipe, 0, 2).await?;
+            let Ok([settled, batched]) = <[redis::Value; 2]>::try_from(answers) else {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::ResponseError,
+                    "a pipelined answer was short",
+                )));
+            };
+            // Each script ran unless Redis lacked it (it restarted, or flushed its scripts):
+            // that one is loaded and sent again on its own.
+            let settled = match settled.extract_error() {
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => match settle.load(&mut c).await {
+                    Ok(()) => settle.cmd().query_async(&mut c).await,
+                    Err(e) => Err(e),
+                },
+                answer => answer,
+            };
+            let batched = match batched.extract_error() {
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    batch.load(&mut c).await?;
+                    batch.cmd().query_async(&mut c).await
+                }
+                answer => answer,
+            };
+            Ok((settled, batched))
+        };
+        match tokio::time::timeout(self.timeout, sent).await {
+            Ok(Ok((settled, batched))) => {
+                let settled = match settled {
+                    Ok(v) => self.answered("settle", Some(Ok(v))),
+                    Err(e) => Err(CountersDown(e.to_string())),
+                };
+                (settled, self.answered("batch", Some(batched)))
+            }
+            Ok(Err(e)) => {
+                let e = self.answered("batch", Some(Err(e)));
+                (e.clone(), e)
+            }
+            Err(_) => {
+                let e = self.answered("batch", None);
+                (e.clone(), e)
+            }
+        }
+    }
+
+    /// A call's answer (`None`: none within the timeout), with what it says about Redis:
+    /// reachable, unreachable, or without its counters.
+    fn answered(
+        &self,
+        op: &'static str,
+        answer: Option<redis::RedisResult<redis::Value>>,
+    ) -> Result<redis::Value, CountersDown> {
+        match answer {
+            Some(Ok(v)) => {
                 if matches!(&v, redis::Value::Array(a) if matches!(a.first(), Some(redis::Value::Int(-1)))) {
                     // Redis lost its counters: refuse until it is re-seeded.
                     if !self.needs_seed.swap(true, Ordering::AcqRel) {
@@ -950,12 +1087,12 @@ impl Inner {
                 }
                 Ok(v)
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 let e = e.to_string();
                 self.mark_down(op, &e);
                 Err(CountersDown(e))
             }
-            Err(_) => {
+            None => {
                 let e = format!("no answer within {} ms", self.timeout.as_millis());
                 self.mark_down(op, &e);
                 Err(CountersDown(e))
@@ -1139,15 +1276,16 @@ impl Inner {
             .collect();
         while !queued.is_empty() {
             let rest = queued.split_off(queued.len().min(OP_BATCH));
-            self.send_op_batch(queued).await;
+            self.send_op_batch(thread, queued).await;
             queued = rest;
         }
     }
 
-    async fn send_op_batch(self: &Arc<Self>, queued: Vec<QueuedOp>) {
+    /// One batch script call, carrying the settlements queued on `thread` in front of it.
+    async fn send_op_batch(self: &Arc<Self>, thread: std::thread::ThreadId, queued: Vec<QueuedOp>) {
         let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         let mut keys: Vec<&str> = Vec::new();
-        let mut inv = self.scripts.batch.prepare_invoke();
+        let mut inv = Eval::new(&self.scripts.batch);
         inv.key(EPOCH_KEY).arg(&self.field).arg(queued.len());
         for q in &queued {
             match &q.op {
@@ -1178,7 +1316,25 @@ impl Inner {
         for k in &keys {
             inv.key(*k);
         }
-        let answer = self.call("batch", inv).await;
+        let riding: Vec<SettleJob> = self
+            .settles
+            .get_mut(&thread)
+            .map(|mut q| {
+                let n = q.len().min(SETTLE_BATCH);
+                q.drain(..n).collect()
+            })
+            .unwrap_or_default();
+        let answer = if riding.is_empty() {
+            self.call("batch", inv).await
+        } else {
+            let (settle, cells) = self.settle_eval(&riding, &[]);
+            let (settled, answer) = self.call_riding(settle, inv).await;
+            match settled {
+                Ok(v) => settled_levels(&cells, &v),
+                Err(_) => self.owe(riding),
+            }
+            answer
+        };
         let answers = match &answer {
             Ok(redis::Value::Array(items)) => Some(items.as_slice()),
             _ => None,
@@ -1241,8 +1397,9 @@ impl Inner {
         let guard = SettleGuard { inner: self.clone(), thread, armed: true };
         let send = async move {
             let mut guard = guard;
-            // Let the requests that are ready on this thread settle first: they join the batch.
-            tokio::task::yield_now().await;
+            // Meanwhile the thread's next batch of takes and reservations takes them along,
+            // and the requests that end on this thread join them.
+            tokio::time::sleep(SETTLE_RIDE).await;
             guard.armed = false;
             guard.inner.send_queued(thread).await;
         };
@@ -1312,6 +1469,15 @@ impl Inner {
         push: &[(String, Arc<Cell>)],
         op: &'static str,
     ) -> Result<(), CountersDown> {
+        let (eval, cells) = self.settle_eval(jobs, push);
+        let v = self.call(op, eval).await?;
+        settled_levels(&cells, &v);
+        Ok(())
+    }
+
+    /// The settle script's call for `jobs` and `push`, and the counters its answer gives
+    /// the levels of, in order.
+    fn settle_eval(&self, jobs: &[SettleJob], push: &[(String, Arc<Cell>)]) -> (Eval<'_>, Vec<Arc<Cell>>) {
         let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         let mut keys: Vec<&(String, Arc<Cell>)> = Vec::new();
         for k in jobs.iter().flat_map(|j| j.keys.iter()).chain(push) {
@@ -1320,7 +1486,7 @@ impl Inner {
                 keys.len() + 1
             });
         }
-        let mut inv = self.scripts.settle.prepare_invoke();
+        let mut inv = Eval::new(&self.scripts.settle);
         inv.key(EPOCH_KEY).arg(&self.field).arg(jobs.len());
         for job in jobs {
             inv.arg(&job.member).arg(job.reserved).arg(job.keys.len());
@@ -1333,16 +1499,7 @@ impl Inner {
                 .arg(cell.own.load(Ordering::Acquire))
                 .arg(cell.period_end.load(Ordering::Acquire) + EXPIRY_GRACE_S);
         }
-        let v = self.call(op, inv).await?;
-        let n = ints(&v);
-        for (i, (_, cell)) in keys.iter().enumerate() {
-            let at = 2 + 3 * i;
-            if let (Some(&t), Some(&r), Some(&mine)) = (n.get(at), n.get(at + 1), n.get(at + 2)) {
-                cell.seen(t, r);
-                cell.hydrate(mine);
-            }
-        }
-        Ok(())
+        (inv, keys.into_iter().map(|(_, c)| c.clone()).collect())
     }
 
     fn locally(&self, op: &str) {
@@ -1494,7 +1651,7 @@ impl Counters for SharedCounters {
         let (inner, key) = (self.inner.clone(), rate_key(kind, key));
         let handle = tokio::runtime::Handle::try_current().unwrap_or(handle);
         handle.spawn(async move {
-            let mut inv = inner.scripts.adjust.prepare_invoke();
+            let mut inv = Eval::new(&inner.scripts.adjust);
             inv.key(key).arg(delta_us);
             // A correction that does not arrive only affects this minute's allowance.
             let _ = inner.call("adjust", inv).await;
@@ -1625,7 +1782,7 @@ impl Counters for SharedCounters {
 
     fn level_now<'a>(&'a self, key: SpendKey<'a>) -> Pending<'a, Result<SpendLevel, CountersDown>> {
         Pending::Remote(Box::pin(async move {
-            let mut inv = self.inner.scripts.levels.prepare_invoke();
+            let mut inv = Eval::new(&self.inner.scripts.levels);
             inv.key(redis_key(key.budget, key.instance, key.period_start));
             let v = self.inner.call("levels", inv).await?;
             let n = ints(&v);
