@@ -304,6 +304,7 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
         node: handles.node.clone(),
         webhooks: wake.clone(),
         mcp,
+        cache: cache.clone(),
     };
     // The MCP tools call the management handlers on an instance of their own (sharing
     // everything, the in-flight changes included).

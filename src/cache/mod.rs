@@ -432,13 +432,11 @@ impl EmbeddedCache {
         self.inner.insert(key, Arc::new(entry));
     }
 
-    /// Bytes held (moka's weighted size; settles after pending maintenance).
-    pub fn bytes(&self) -> u64 {
-        self.inner.weighted_size()
-    }
-
-    pub fn entries(&self) -> u64 {
-        self.inner.entry_count()
+    /// Bytes and entries held, once the writes moka applies lazily are applied (its
+    /// figures lag them otherwise: a cache of one entry read 0).
+    pub fn size(&self) -> (u64, u64) {
+        self.inner.run_pending_tasks();
+        (self.inner.weighted_size(), self.inner.entry_count())
     }
 }
 
@@ -482,10 +480,10 @@ impl Store {
         }
     }
 
-    /// Bytes and entries held, for the in-process store.
+    /// Bytes and entries held, for the in-process store (read when metrics are scraped).
     pub fn size(&self) -> Option<(u64, u64)> {
         match self {
-            Store::Embedded(c) => Some((c.bytes(), c.entries())),
+            Store::Embedded(c) => Some(c.size()),
             Store::Redis(_) => None,
         }
     }

@@ -51,6 +51,8 @@ pub struct ManageApp {
     pub webhooks: Arc<tokio::sync::Notify>,
     /// `/mcp` (the listener's instance only; the tools run on an instance of their own).
     pub mcp: Option<Arc<mcp::McpHttp>>,
+    /// The response cache, whose size `/metrics` reports.
+    pub cache: Arc<crate::cache::Store>,
 }
 
 /// Reads the request body, up to `api::MAX_BODY` and within `server.client_body_timeout_ms`;
@@ -310,6 +312,10 @@ impl ManageApp {
                 let snapshot = self.store.load();
                 self.metrics.refresh_health(&snapshot.health, &snapshot.health_settings);
                 self.metrics.trace_queue_depth.set(self.traces.depth() as i64);
+                if let Some((bytes, entries)) = self.cache.size() {
+                    self.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                    self.metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+                }
                 respond(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             ("GET", "/healthz") => json(200, br#"{"status":"ok"}"#.to_vec()),

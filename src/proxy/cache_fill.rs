@@ -136,10 +136,6 @@ pub async fn finish(ctx: &mut RequestCtx) {
         metrics.cache_vectors.set(stats.vectors.load(Ordering::Relaxed) as i64);
         metrics.cache_vector_bytes.set(stats.bytes.load(Ordering::Relaxed) as i64);
     }
-    if let Some((bytes, entries)) = pending.store.size() {
-        metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
-    }
 }
 
 #[cfg(test)]

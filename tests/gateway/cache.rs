@@ -98,6 +98,11 @@ async fn exact_cache_hits_across_surfaces_and_streams() {
     assert_eq!(openai_text(&hit), text);
     assert_eq!(hit.json().unwrap()["object"], "chat.completion");
     assert_eq!(calls(), 1);
+    // The embedded store's size as it is when scraped (moka applies writes lazily: read
+    // at the store, a cache of one entry showed 0).
+    let metrics = httpc::request(gw.manage, "GET", "/metrics", &[], b"").await.unwrap().text();
+    assert_eq!(metric_value(&metrics, "modelux_cache_entries", &[]), 1.0, "{metrics}");
+    assert!(metric_value(&metrics, "modelux_cache_bytes", &[]) > 100.0, "{metrics}");
 
     // 3. The other surface shares the entry, answered in its own shape.
     let claude = send(
