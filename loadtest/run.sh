@@ -33,6 +33,10 @@ CHURN=${CHURN:-100}
 WEBHOOKS=${WEBHOOKS:-0}
 # Phases for the Responses API and a passthrough call (1), beside the chat route.
 PASSTHROUGH=${PASSTHROUGH:-1}
+# Exact response-cache hits (1): the chat request over and over through a project with
+# `cache: {mode: exact}`, so every request after the first is answered from the cache;
+# beside the proxied route and nginx (0 skips).
+CACHE_HIT=${CACHE_HIT:-1}
 # Replay (experiments): this many requests stored, then replayed routing_only on their own
 # (time, memory), and experiments run back to back during a second paced phase (the
 # proxy's tail while one runs). 0 skips.
@@ -55,6 +59,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release
 
 GW_KEY=mlx_sk_loadtest_0123456789abcdef
+GW_CACHE_KEY=mlx_sk_loadtest_cached_0123456789ab
 MANAGE_KEY=mlx_mk_loadtest_0123456789abcdef
 CLK_TCK=$(getconf CLK_TCK)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/modelux-load.XXXXXX")
@@ -166,6 +171,10 @@ projects:
     keys:
       # Far above what one run sends, so the limiter runs on every request but never refuses.
       - { name: load, key: "$GW_KEY", requests_per_minute: 1000000000 }
+  - id: cached
+    cache: { mode: exact, ttl_seconds: 3600 }
+    keys:
+      - { name: load-cached, key: "$GW_CACHE_KEY", requests_per_minute: 1000000000 }
 management_keys:
   - { name: admin, key: "$MANAGE_KEY" }
 # The churn phase sends more management calls than the default 60 a minute.
@@ -255,7 +264,7 @@ run_phase() {
     shift 4
     local base=${name%.*} body=$BODY_MOCK stream=()
     case $base in
-        gateway) body=$BODY_GW ;;
+        gateway | gateway_cache_hit) body=$BODY_GW ;;
         gateway_xlat) body=$BODY_XLAT ;;
         gateway_xlat_gemini) body=$BODY_XLAT_GEMINI ;;
         gateway_responses) body=$BODY_RESPONSES ;;
@@ -414,6 +423,17 @@ for mode in sat paced; do
                 --header "Authorization: Bearer $GW_KEY"
             run_phase gateway_xlat_gemini "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
                 --header "Authorization: Bearer $GW_KEY"
+            if [ "$CACHE_HIT" = 1 ]; then
+                # The sanity request is the miss that fills the entry; the phase's are hits.
+                lookups() {
+                    curl -sf "http://127.0.0.1:$GW_MANAGE_PORT/metrics" |
+                        awk -v r="$1" '$1 == "modelux_cache_lookups_total{result=\"" r "\"}" { print $2 }'
+                }
+                hits0=$(lookups hit)
+                run_phase gateway_cache_hit "$GW_PORT" /openai/v1/chat/completions "$GW_PID" \
+                    --header "Authorization: Bearer $GW_CACHE_KEY"
+                echo "$(( ${hits0:-0} )) $(lookups hit)" >"$TMP/cache_hits"
+            fi
             if [ "$PASSTHROUGH" = 1 ]; then
                 run_phase gateway_responses "$GW_PORT" /openai/v1/responses "$GW_PID" \
                     --header "Authorization: Bearer $GW_KEY"
@@ -499,6 +519,7 @@ row() {
     [ "$SKIP_GATEWAY" = 1 ] || row gateway
     [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat
     [ "$SKIP_GATEWAY" = 1 ] || row gateway_xlat_gemini
+    [ "$SKIP_GATEWAY" = 1 ] || [ "$CACHE_HIT" != 1 ] || row gateway_cache_hit
     [ "$SKIP_GATEWAY" = 1 ] || [ "$PASSTHROUGH" != 1 ] || row gateway_responses
     [ "$SKIP_GATEWAY" = 1 ] || [ "$PASSTHROUGH" != 1 ] || row gateway_passthrough
     row nginx
@@ -588,6 +609,13 @@ row() {
             'BEGIN { if (g > 0) printf "Translated route (OpenAI client, Anthropic upstream): **%.1f%%** of the same-format route.\n", 100 * x / g }'
         awk -v x="$(jnum "$TMP/gateway_xlat_gemini.json" rps)" -v g="$(jnum "$TMP/gateway.json" rps)" \
             'BEGIN { if (g > 0) printf "Translated route (OpenAI client, Gemini upstream): **%.1f%%** of the same-format route.\n", 100 * x / g }'
+        if [ "$CACHE_HIT" = 1 ]; then
+            read -r h0 h1 <"$TMP/cache_hits"
+            awk -v c="$(jnum "$TMP/gateway_cache_hit.json" rps)" -v g="$(jnum "$TMP/gateway.json" rps)" \
+                -v vsg="$(ratio gateway_cache_hit gateway)" -v vsn="$(ratio gateway_cache_hit nginx)" \
+                -v all="$(jnum "$TMP/gateway_cache_hit.json" completed_all)" -v hits="$(( ${h1:-0} - ${h0:-0} ))" \
+                'BEGIN { if (g > 0) printf "Exact cache hits: **%.2f×** the proxied route'"'"'s throughput; CPU per hit **%s×** the proxied route'"'"'s, **%s×** nginx'"'"'s per proxied request; %d of the phase'"'"'s %d requests were hits.\n", c / g, vsg, vsn, hits, all }'
+        fi
         if [ "$PASSTHROUGH" = 1 ]; then
             echo "CPU per request over the same-format chat route's: Responses API create **$(ratio gateway_responses gateway)**, passthrough (\`POST /responses/{id}/cancel\`) **$(ratio gateway_passthrough gateway)**."
         fi
