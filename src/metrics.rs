@@ -219,7 +219,7 @@ impl Metrics {
             )?,
             reachable: IntGauge::new("modelux_counters_reachable", "1 while the shared (Redis) counters answer")?,
             round_trips: IntCounterVec::new(
-                Opts::new("modelux_counters_round_trips_total", "Script calls sent to the shared counters, by operation"),
+                Opts::new("modelux_counters_round_trips_total", "Round trips to the shared counters' Redis, by operation"),
                 &["op"],
             )?,
             wait: prometheus::Histogram::with_opts(

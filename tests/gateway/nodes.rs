@@ -541,7 +541,7 @@ async fn rate_limit_takes_ride_with_the_reservation_in_one_round_trip() {
 /// A settlement goes in front of its thread's next batch, pipelined in the same round trip
 /// and settling first (a request costs one round trip, not two); with no batch to carry it,
 /// it goes alone a moment later. Scripts Redis lost (`SCRIPT FLUSH`) are loaded again and
-/// both calls sent again.
+/// both calls sent again, in the same call.
 #[tokio::test]
 async fn a_settlement_rides_in_front_of_the_next_batch() {
     use modelux::spend::counters::{Counters, ReserveItem, SpendKey};
@@ -551,45 +551,73 @@ async fn a_settlement_rides_in_front_of_the_next_batch() {
     let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
     let metrics = modelux::metrics::Metrics::new().unwrap();
     let a = open_counters(&redis, "a", Vec::new(), &source, &metrics).unwrap();
-    let round_trips = |op: &str| {
+    let counted = |name: &str, op: &str| {
         let text = String::from_utf8(metrics.render()).unwrap();
-        metric_value(&text, "modelux_counters_round_trips_total", &[("op", op)])
+        metric_value(&text, name, &[("op", op)])
     };
+    let round_trips = |op: &str| counted("modelux_counters_round_trips_total", op);
     let (start, end) = Period::Daily.window(modelux::spend::unix_now());
-    let key = SpendKey { budget: "b", instance: "", period_start: start };
-    // Under a cap of 90, a hold of 100 fits only if the one before was released first.
-    let items = [ReserveItem { key, cap: Some(90), enforced: true, counter: None, period_end: end }];
-    let released = || async { held_in_redis(&redis.url()).await == (0, 0) };
+    let item = |budget: &'static str, cap: i64| ReserveItem {
+        key: SpendKey { budget, instance: "", period_start: start },
+        cap: Some(cap),
+        enforced: true,
+        counter: None,
+        period_end: end,
+    };
 
     // Nothing to carry it: it goes alone.
+    let warm = [item("warm", 1_000)];
     let settles = round_trips("settle");
-    a.reserve_all(&items, 100).await.unwrap().unwrap().settle(100, 40);
-    within(Duration::from_secs(2), "settled alone", released).await;
+    a.reserve_all(&warm, 100).await.unwrap().unwrap().settle(100, 40);
+    within(Duration::from_secs(2), "settled alone", || async { held_in_redis(&redis.url()).await == (0, 0) })
+        .await;
     assert_eq!(round_trips("settle") - settles, 1.0);
 
-    let second = a.reserve_all(&items, 100).await.unwrap().unwrap();
-    let (batches, settles) = (round_trips("batch"), round_trips("settle"));
-    second.settle(100, 30);
-    let third = a.reserve_all(&items, 100).await.unwrap();
-    let (b, s) = (round_trips("batch") - batches, round_trips("settle") - settles);
-    let third = match third {
-        Ok(hold) => hold,
-        Err(refused) => panic!("the release did not go first: {refused:?}, {b} batch, {s} settle"),
-    };
-    assert_eq!((b, s), (1.0, 0.0), "one round trip for both");
-    assert_eq!(held_in_redis(&redis.url()).await, (100, 1), "only the third hold is left");
-    assert_eq!(a.level_now(key).await.unwrap().committed, 70);
+    // Under a cap of 90, a second hold of 100 fits only if the first was released before
+    // it. The settlement waits a millisecond for the batch: a machine that stalls this
+    // thread longer sends it alone, so a budget of its own per attempt, a few attempts.
+    const BUDGETS: [&str; 5] = ["b1", "b2", "b3", "b4", "b5"];
+    let mut rode = None;
+    for budget in BUDGETS {
+        let items = [item(budget, 90)];
+        let first = a.reserve_all(&items, 100).await.unwrap().unwrap();
+        let (batches, settles) = (round_trips("batch"), round_trips("settle"));
+        first.settle(100, 30);
+        let second = a.reserve_all(&items, 100).await.unwrap();
+        if (round_trips("batch") - batches, round_trips("settle") - settles) != (1.0, 0.0) {
+            continue;
+        }
+        let second = match second {
+            Ok(hold) => hold,
+            Err(refused) => panic!("the release did not go first: {refused:?}"),
+        };
+        let level = a.level_now(items[0].key).await.unwrap();
+        assert_eq!((level.committed, level.used), (30, 130), "settled, and only the second hold left");
+        rode = Some((budget, second));
+        break;
+    }
+    let Some((budget, second)) = rode else { panic!("no settlement rode in front of a batch") };
 
-    // Redis loses its scripts while a settlement rides: both are loaded and sent again.
+    // Redis loses its scripts while a settlement rides: both are loaded and sent again in
+    // that call, nothing owed, nothing marked down.
     let client = ::redis::Client::open(redis.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = ::redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
-    third.settle(100, 20);
-    let items = [ReserveItem { key, cap: Some(1_000), enforced: true, counter: None, period_end: end }];
-    let fourth = a.reserve_all(&items, 10).await.expect("answered after loading the script again");
-    fourth.expect("granted").settle(10, 0);
-    within(Duration::from_secs(2), "all released", released).await;
-    assert_eq!(a.level_now(key).await.unwrap().committed, 90);
+    let settles = round_trips("settle");
+    second.settle(100, 20);
+    let items = [item(budget, 1_000)];
+    let third = a.reserve_all(&items, 10).await.expect("answered after loading the scripts again");
+    let third = third.expect("granted");
+    if round_trips("settle") == settles {
+        let level = a.level_now(items[0].key).await.unwrap();
+        assert_eq!((level.committed, level.used), (50, 60), "the settlement went first, in the call");
+    }
+    third.settle(10, 0);
+    within(Duration::from_secs(2), "all released", || async { held_in_redis(&redis.url()).await == (0, 0) })
+        .await;
+    assert_eq!(a.level_now(items[0].key).await.unwrap().committed, 50);
+    assert_eq!(counted("modelux_counters_errors_total", "settle"), 0.0);
+    assert_eq!(counted("modelux_counters_errors_total", "batch"), 0.0);
 }
 
 /// A take-and-reserve call that finds Redis emptied (no epoch): its takes were judged there,
