@@ -44,6 +44,11 @@ pub trait TraceStore: Send + Sync {
     async fn prepare(&self) -> Result<(), StoreError>;
     /// Writes rows in one batch, in order.
     async fn insert(&self, rows: &[TraceRow]) -> Result<(), StoreError>;
+    /// `insert` of rows the caller keeps too (the writer holds its batch until the store
+    /// took it): a store that must own its rows shares them instead of copying them.
+    async fn insert_shared(&self, rows: std::sync::Arc<[TraceRow]>) -> Result<(), StoreError> {
+        self.insert(&rows).await
+    }
     /// Newest first: `ts_ms` descending, then `request_id` descending.
     async fn list(&self, query: &LogQuery) -> Result<LogPage, StoreError>;
     async fn get(&self, request_id: &str) -> Result<Option<TraceRow>, StoreError>;

@@ -99,9 +99,9 @@ pub struct TraceWriter {
 
 struct State {
     pending: Vec<TraceRow>,
-    /// A copy of the batch being inserted: the server's runtime may cancel the writer at
-    /// any await when it shuts down, and `finish` then writes this batch again.
-    inflight: Vec<TraceRow>,
+    /// The batch being inserted (shared with the store): the server's runtime may cancel
+    /// the writer at any await when it shuts down, and `finish` then writes it again.
+    inflight: Option<Arc<[TraceRow]>>,
     /// When the oldest pending record arrived.
     pending_since: Option<Instant>,
     /// Sequence number of the last batch formed.
@@ -127,7 +127,7 @@ impl TraceWriter {
         metrics.trace_spill_depth.set(spill.rows() as i64);
         let state = State {
             pending: Vec::new(),
-            inflight: Vec::new(),
+            inflight: None,
             pending_since: None,
             seq: spill.last_seq(),
             spill,
@@ -187,7 +187,8 @@ impl TraceWriter {
             self.spill(st, seq, &batch);
             return;
         }
-        st.inflight.clone_from(&batch);
+        let batch: Arc<[TraceRow]> = batch.into();
+        st.inflight = Some(batch.clone());
         match self.insert(st, batch).await {
             Ok(()) => st.backoff = MIN_BACKOFF,
             Err(Unavailable(e, rows)) => {
@@ -196,7 +197,7 @@ impl TraceWriter {
                 self.back_off(st);
             }
         }
-        st.inflight.clear();
+        st.inflight = None;
     }
 
     fn spill(&self, st: &mut State, seq: u64, batch: &[TraceRow]) {
@@ -231,7 +232,7 @@ impl TraceWriter {
 
     /// Inserts `rows`, bisecting around records the store refuses. Keeps draining the
     /// queue while waiting on the store.
-    async fn insert(&self, st: &mut State, rows: Vec<TraceRow>) -> Result<(), Unavailable> {
+    async fn insert(&self, st: &mut State, rows: Arc<[TraceRow]>) -> Result<(), Unavailable> {
         if !st.prepared {
             let prepared = {
                 let fut = self.store.prepare();
@@ -239,14 +240,14 @@ impl TraceWriter {
             };
             match prepared {
                 Ok(()) => st.prepared = true,
-                Err(e) => return Err(Unavailable(e.to_string(), rows)),
+                Err(e) => return Err(Unavailable(e.to_string(), rows.to_vec())),
             }
         }
         let mut stack = vec![rows];
         while let Some(rows) = stack.pop() {
             let started = Instant::now();
             let result = {
-                let fut = self.store.insert(&rows);
+                let fut = self.store.insert_shared(rows.clone());
                 self.while_draining(st, fut).await
             };
             let outcome = match &result {
@@ -265,17 +266,16 @@ impl TraceWriter {
                 Err(StoreError::Transient(e)) => {
                     // Hand back what is left, in order (the stack's top is the front).
                     stack.push(rows);
-                    return Err(Unavailable(e, stack.into_iter().rev().flatten().collect()));
+                    return Err(Unavailable(e, stack.iter().rev().flat_map(|r| r.iter().cloned()).collect()));
                 }
                 Err(StoreError::Data(e)) if rows.len() == 1 => {
                     tracing::error!(error = %e, request_id = %rows[0].request_id, "trace record refused by the store; written to the dead-letter file");
                     self.dead_letter(&e, &rows, &[]);
                 }
                 Err(StoreError::Data(_)) => {
-                    let mut rows = rows;
-                    let second = rows.split_off(rows.len() / 2);
-                    stack.push(second);
-                    stack.push(rows);
+                    let (first, second) = rows.split_at(rows.len() / 2);
+                    stack.push(second.into());
+                    stack.push(first.into());
                 }
             }
         }
@@ -356,7 +356,7 @@ impl TraceWriter {
             self.dead_letter("unreadable line in the disk queue", &[], &front.bad_lines);
         }
         let n = front.rows.len() as u64;
-        match self.insert(st, front.rows).await {
+        match self.insert(st, front.rows.into()).await {
             Ok(()) => {
                 self.metrics.trace_records.with_label_values(&["retried"]).inc_by(n);
                 if let Err(e) = st.spill.remove(&front.seqs) {
@@ -393,9 +393,9 @@ impl TraceWriter {
     /// Used at shutdown (the queue may still receive records of requests cancelled by it).
     pub async fn finish(&self) {
         let mut st = self.state.lock().await;
-        if !st.inflight.is_empty() {
+        if let Some(inflight) = st.inflight.take() {
             // Interrupted mid-insert: write it again (inserts are idempotent).
-            let mut batch = std::mem::take(&mut st.inflight);
+            let mut batch = inflight.to_vec();
             batch.append(&mut st.pending);
             st.pending = batch;
         }
