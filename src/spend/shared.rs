@@ -1417,6 +1417,18 @@ impl Inner {
     /// reconciler.
     async fn send_queued(&self, thread: std::thread::ThreadId) {
         let jobs = self.settles.get_mut(&thread).map(|mut q| std::mem::take(&mut *q)).unwrap_or_default();
+        self.send_jobs(jobs).await;
+    }
+
+    /// Sends the settlements queued on every thread now, not when they would have ridden:
+    /// a level read next includes every answer this node has given.
+    async fn send_all_queued(&self) {
+        let jobs: Vec<SettleJob> =
+            self.settles.iter_mut().flat_map(|mut q| std::mem::take(q.value_mut())).collect();
+        self.send_jobs(jobs).await;
+    }
+
+    async fn send_jobs(&self, jobs: Vec<SettleJob>) {
         let mut jobs = jobs.into_iter().peekable();
         while jobs.peek().is_some() {
             let batch: Vec<SettleJob> = jobs.by_ref().take(SETTLE_BATCH).collect();
@@ -1782,6 +1794,7 @@ impl Counters for SharedCounters {
 
     fn level_now<'a>(&'a self, key: SpendKey<'a>) -> Pending<'a, Result<SpendLevel, CountersDown>> {
         Pending::Remote(Box::pin(async move {
+            self.inner.send_all_queued().await;
             let mut inv = Eval::new(&self.inner.scripts.levels);
             inv.key(redis_key(key.budget, key.instance, key.period_start));
             let v = self.inner.call("levels", inv).await?;
