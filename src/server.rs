@@ -374,13 +374,20 @@ pub fn build(handles: &Handles, options: &Options) -> Server {
 /// How long the runtimes get for blocking work once the grace period is over.
 const GRACEFUL_RUNTIME_TIMEOUT_SECONDS: u64 = 5;
 
+/// How long the process waits at exit for Redis to take the settlements still waiting.
+const SETTLE_AT_EXIT: Duration = Duration::from_secs(2);
+
 /// What the process does last, after the server stopped (or once the requests in flight
 /// drained during a graceful shutdown): records of requests that finished (or were
 /// cancelled) as the server stopped are written, or left in the disk queue for the next
-/// start, and spend settled after the flusher's last round is written. `false`: the spend
-/// could not be written.
+/// start, budget holds still to be released in Redis are released (shared counters), and
+/// spend settled after the flusher's last round is written. `false`: the spend could not
+/// be written.
 pub fn finish(handles: &Handles) -> bool {
     handles.trace_writer.finish_blocking();
+    if !handles.spend.settle_before_exit(SETTLE_AT_EXIT) {
+        tracing::warn!("some budget holds were not released in Redis before exit; they lapse within an hour");
+    }
     match handles.spend.flush() {
         Ok(_) => true,
         Err(e) => {

@@ -118,6 +118,15 @@ impl Spend {
         }
     }
 
+    /// Before the process exits: shared counters send the settlements still waiting
+    /// (blocking, at most `limit`). `false`: some releases did not reach Redis.
+    pub fn settle_before_exit(&self, limit: std::time::Duration) -> bool {
+        match &self.backend {
+            Backend::Local { .. } => true,
+            Backend::Shared { counters, .. } => counters.settle_before_exit(limit),
+        }
+    }
+
     /// Forgets finished periods in memory and old history on disk.
     pub fn prune(&self) -> Result<(), String> {
         let now = unix_now();

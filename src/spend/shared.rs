@@ -1606,6 +1606,24 @@ impl SharedCounters {
         self.runtime.as_ref().map(|r| r.handle().clone())
     }
 
+    /// Sends what is still waiting (settlements about to ride, releases owed after a
+    /// failure) before the process exits, waiting at most `limit`: a hold left in Redis
+    /// would keep its budget's room for an hour. Tries Redis even within the pause after
+    /// a failure. Blocking; for after the server stopped. `false`: some of it did not
+    /// reach Redis.
+    pub fn settle_before_exit(&self, limit: Duration) -> bool {
+        let Some(handle) = self.handle() else { return false };
+        let inner = self.inner.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        handle.spawn(async move {
+            inner.retry_at_ms.store(0, Ordering::Release);
+            inner.send_all_queued().await;
+            inner.deliver_owed().await;
+            let _ = tx.send(inner.owed.lock().is_ok_and(|o| o.is_empty()));
+        });
+        rx.recv_timeout(limit).unwrap_or(false)
+    }
+
     /// An outage's answer to a reservation: refused when a budget polices the request and
     /// the policy is `fail_closed`; else counted in process.
     fn reserve_locally(

@@ -632,6 +632,44 @@ async fn a_settlement_rides_in_front_of_the_next_batch() {
     assert_eq!((level.committed, level.used), (25, 25));
 }
 
+/// On its way out a node releases the holds still waiting: a settlement about to ride,
+/// and a release owed after Redis failed to answer, even within the pause that follows a
+/// failure (a hold left in Redis would keep its budget's room for an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exiting_node_releases_its_waiting_holds() {
+    use modelux::spend::counters::{Counters, ReserveItem, SpendKey};
+    use modelux::spend::period::Period;
+
+    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
+    let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
+    let metrics = modelux::metrics::Metrics::new().unwrap();
+    let a = open_counters(&redis, "a", Vec::new(), &source, &metrics).unwrap();
+    let (start, end) = Period::Daily.window(modelux::spend::unix_now());
+    let key = SpendKey { budget: "b", instance: "", period_start: start };
+    let items = [ReserveItem { key, cap: Some(1_000), enforced: true, counter: None, period_end: end }];
+
+    // Queued to ride: sent at once.
+    a.reserve_all(&items, 100).await.unwrap().unwrap().settle(100, 10);
+    assert!(tokio::task::block_in_place(|| a.settle_before_exit(Duration::from_secs(2))));
+    assert_eq!(held_in_redis(&redis.url()).await, (0, 0));
+
+    // Owed: Redis holds its writes past the call's timeout, so the release is owed and
+    // calls pause for half a second; the exit does not wait that pause out.
+    let hold = a.reserve_all(&items, 100).await.unwrap().unwrap();
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("CLIENT").arg("PAUSE").arg(400).arg("WRITE").query_async(&mut c).await.unwrap();
+    hold.settle(100, 20);
+    let failed = || {
+        let text = String::from_utf8(metrics.render()).unwrap();
+        metric_value(&text, "modelux_counters_errors_total", &[("op", "settle")]) >= 1.0
+    };
+    within(Duration::from_secs(2), "the settlement timed out", || async { failed() }).await;
+    assert!(tokio::task::block_in_place(|| a.settle_before_exit(Duration::from_secs(2))));
+    assert_eq!(held_in_redis(&redis.url()).await, (0, 0));
+    assert_eq!(a.level_now(key).await.unwrap().committed, 30);
+}
+
 /// A take-and-reserve call that finds Redis emptied (no epoch): its takes were judged there,
 /// and its reservation goes the way a reservation alone would while Redis is re-seeded (in
 /// process where nothing is enforced, under `fail_closed` too).
