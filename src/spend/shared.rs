@@ -1421,7 +1421,9 @@ impl Inner {
     }
 
     /// Sends the settlements queued on every thread now, not when they would have ridden:
-    /// a level read next includes every answer this node has given.
+    /// a level read next includes every answer this node has given. (A reservation queued
+    /// at that moment on another thread may then reach Redis before a release it would
+    /// have ridden behind: it is judged as if it had come a moment earlier.)
     async fn send_all_queued(&self) {
         let jobs: Vec<SettleJob> =
             self.settles.iter_mut().flat_map(|mut q| std::mem::take(q.value_mut())).collect();
@@ -1609,19 +1611,30 @@ impl SharedCounters {
     /// Sends what is still waiting (settlements about to ride, releases owed after a
     /// failure) before the process exits, waiting at most `limit`: a hold left in Redis
     /// would keep its budget's room for an hour. Tries Redis even within the pause after
-    /// a failure. Blocking; for after the server stopped. `false`: some of it did not
-    /// reach Redis.
+    /// a failure, and again while anything is left (a send already under way elsewhere
+    /// may fail and owe its releases after this one looked). Blocking; for after the
+    /// server stopped. `false`: some of it did not reach Redis.
     pub fn settle_before_exit(&self, limit: Duration) -> bool {
         let Some(handle) = self.handle() else { return false };
         let inner = self.inner.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         handle.spawn(async move {
-            inner.retry_at_ms.store(0, Ordering::Release);
-            inner.send_all_queued().await;
-            inner.deliver_owed().await;
-            let _ = tx.send(inner.owed.lock().is_ok_and(|o| o.is_empty()));
+            let deadline = Instant::now() + limit;
+            let waiting = |inner: &Inner| {
+                inner.owed.lock().map_or(true, |o| !o.is_empty())
+                    || inner.settles.iter().any(|q| !q.is_empty())
+            };
+            let mut quiet = 0;
+            while quiet < 2 && Instant::now() < deadline {
+                inner.retry_at_ms.store(0, Ordering::Release);
+                inner.send_all_queued().await;
+                inner.deliver_owed().await;
+                quiet = if waiting(&inner) { 0 } else { quiet + 1 };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tx.send(quiet >= 2);
         });
-        rx.recv_timeout(limit).unwrap_or(false)
+        rx.recv_timeout(limit + Duration::from_millis(100)).unwrap_or(false)
     }
 
     /// An outage's answer to a reservation: refused when a budget polices the request and

@@ -113,8 +113,9 @@ struct State {
     last_prune: Option<Instant>,
 }
 
-/// The store is unavailable: why, and the rows it did not take (in order).
-struct Unavailable(String, Vec<TraceRow>);
+/// The store is unavailable: why, and the rows it did not take (in order, in parts; copied
+/// out only where they are spilled).
+struct Unavailable(String, Vec<Arc<[TraceRow]>>);
 
 impl TraceWriter {
     pub fn new(
@@ -191,7 +192,8 @@ impl TraceWriter {
         st.inflight = Some(batch.clone());
         match self.insert(st, batch).await {
             Ok(()) => st.backoff = MIN_BACKOFF,
-            Err(Unavailable(e, rows)) => {
+            Err(Unavailable(e, parts)) => {
+                let rows: Vec<TraceRow> = parts.iter().flat_map(|p| p.iter().cloned()).collect();
                 tracing::warn!(error = %e, records = rows.len(), "trace store unavailable; spilling to disk");
                 self.spill(st, seq, &rows);
                 self.back_off(st);
@@ -240,7 +242,7 @@ impl TraceWriter {
             };
             match prepared {
                 Ok(()) => st.prepared = true,
-                Err(e) => return Err(Unavailable(e.to_string(), rows.to_vec())),
+                Err(e) => return Err(Unavailable(e.to_string(), vec![rows])),
             }
         }
         let mut stack = vec![rows];
@@ -266,7 +268,8 @@ impl TraceWriter {
                 Err(StoreError::Transient(e)) => {
                     // Hand back what is left, in order (the stack's top is the front).
                     stack.push(rows);
-                    return Err(Unavailable(e, stack.iter().rev().flat_map(|r| r.iter().cloned()).collect()));
+                    stack.reverse();
+                    return Err(Unavailable(e, stack));
                 }
                 Err(StoreError::Data(e)) if rows.len() == 1 => {
                     tracing::error!(error = %e, request_id = %rows[0].request_id, "trace record refused by the store; written to the dead-letter file");
