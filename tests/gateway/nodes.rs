@@ -102,6 +102,25 @@ fn open_counters(
     std::thread::spawn(move || SharedCounters::open(settings, own, source, m)).join().unwrap()
 }
 
+/// A Redis and one node's counters on it (`fail_closed`, no durable rows), their metrics,
+/// and today's daily period.
+struct OneNode {
+    redis: RedisServer,
+    a: SharedCounters,
+    metrics: modelux::metrics::Metrics,
+    start: i64,
+    end: i64,
+}
+
+async fn one_node() -> OneNode {
+    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
+    let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
+    let metrics = modelux::metrics::Metrics::new().unwrap();
+    let a = open_counters(&redis, "a", Vec::new(), &source, &metrics).unwrap();
+    let (start, end) = modelux::spend::period::Period::Daily.window(modelux::spend::unix_now());
+    OneNode { redis, a, metrics, start, end }
+}
+
 /// Polls `check` every 20 ms until it holds; how long that took (panics after `limit`).
 async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
 where
@@ -550,18 +569,13 @@ async fn rate_limit_takes_ride_with_the_reservation_in_one_round_trip() {
 #[tokio::test]
 async fn a_settlement_rides_in_front_of_the_next_batch() {
     use modelux::spend::counters::{Counters, ReserveItem, SpendKey};
-    use modelux::spend::period::Period;
 
-    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
-    let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
-    let metrics = modelux::metrics::Metrics::new().unwrap();
-    let a = open_counters(&redis, "a", Vec::new(), &source, &metrics).unwrap();
+    let OneNode { redis, a, metrics, start, end } = one_node().await;
     let counted = |name: &str, op: &str| {
         let text = String::from_utf8(metrics.render()).unwrap();
         metric_value(&text, name, &[("op", op)])
     };
     let round_trips = |op: &str| counted("modelux_counters_round_trips_total", op);
-    let (start, end) = Period::Daily.window(modelux::spend::unix_now());
     let item = |budget: &'static str, cap: i64| ReserveItem {
         key: SpendKey { budget, instance: "", period_start: start },
         cap: Some(cap),
@@ -638,13 +652,8 @@ async fn a_settlement_rides_in_front_of_the_next_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exiting_node_releases_its_waiting_holds() {
     use modelux::spend::counters::{Counters, ReserveItem, SpendKey};
-    use modelux::spend::period::Period;
 
-    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
-    let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
-    let metrics = modelux::metrics::Metrics::new().unwrap();
-    let a = open_counters(&redis, "a", Vec::new(), &source, &metrics).unwrap();
-    let (start, end) = Period::Daily.window(modelux::spend::unix_now());
+    let OneNode { redis, a, metrics, start, end } = one_node().await;
     let key = SpendKey { budget: "b", instance: "", period_start: start };
     let items = [ReserveItem { key, cap: Some(1_000), enforced: true, counter: None, period_end: end }];
 
@@ -676,13 +685,8 @@ async fn an_exiting_node_releases_its_waiting_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_and_reserve_on_an_emptied_redis_keeps_its_verdicts() {
     use modelux::spend::counters::{Counters, RateKind, ReserveItem, SpendKey, Take};
-    use modelux::spend::period::Period;
 
-    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
-    let source: SeedSource = std::sync::Arc::new(|| Ok(Vec::new()));
-    let metrics = modelux::metrics::Metrics::new().unwrap();
-    let a = open_counters(&redis, "a", Vec::new(), &source, &metrics).unwrap();
-    let (start, end) = Period::Daily.window(modelux::spend::unix_now());
+    let OneNode { redis, a, metrics, start, end } = one_node().await;
     let key = SpendKey { budget: "b", instance: "", period_start: start };
     let counted = [ReserveItem { key, cap: None, enforced: false, counter: None, period_end: end }];
     let take = [Take { kind: RateKind::Requests, key: "k".into(), per_minute: 600, cost: 1 }];
