@@ -439,9 +439,20 @@ impl<'s> Eval<'s> {
         cmd
     }
 
-    /// Loads the script (Redis restarted without it), before sending it again.
-    async fn load(&self, c: &mut ConnectionManager) -> redis::RedisResult<()> {
-        self.script.prepare_invoke().load_async(c).await.map(drop)
+    /// `answer` to this call as sent; when Redis lacked the script (it restarted, or
+    /// flushed its scripts) the script never ran: it is loaded and the call sent again.
+    async fn unless_missing(
+        &self,
+        c: &mut ConnectionManager,
+        answer: redis::RedisResult<redis::Value>,
+    ) -> redis::RedisResult<redis::Value> {
+        match answer {
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                self.script.prepare_invoke().load_async(c).await?;
+                self.cmd().query_async(c).await
+            }
+            answer => answer,
+        }
     }
 }
 
@@ -985,15 +996,9 @@ impl Inner {
 
     async fn call(&self, op: &'static str, eval: Eval<'_>) -> Result<redis::Value, CountersDown> {
         let mut c = self.ready(op)?;
-        let cmd = eval.cmd();
         let sent = async {
-            match cmd.query_async::<redis::Value>(&mut c).await {
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                    eval.load(&mut c).await?;
-                    cmd.query_async(&mut c).await
-                }
-                answer => answer,
-            }
+            let answer = eval.cmd().query_async::<redis::Value>(&mut c).await;
+            eval.unless_missing(&mut c, answer).await
         };
         let answer = tokio::time::timeout(self.timeout, sent).await.ok();
         self.answered(op, answer)
@@ -1021,25 +1026,12 @@ impl Inner {
                     "a pipelined answer was short",
                 )));
             };
-            // Each script ran unless Redis lacked it (it restarted, or flushed its scripts):
-            // that one is loaded and sent again on its own. (Had only the settle script
+            // A script Redis lacked is sent again on its own. (Had only the settle script
             // gone missing, the batch ran first: right after, a reservation the release
             // would have made room for may be refused, as it would have been a moment
             // earlier.)
-            let settled = match settled.extract_error() {
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => match settle.load(&mut c).await {
-                    Ok(()) => settle.cmd().query_async(&mut c).await,
-                    Err(e) => Err(e),
-                },
-                answer => answer,
-            };
-            let batched = match batched.extract_error() {
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => match batch.load(&mut c).await {
-                    Ok(()) => batch.cmd().query_async(&mut c).await,
-                    Err(e) => Err(e),
-                },
-                answer => answer,
-            };
+            let settled = settle.unless_missing(&mut c, settled.extract_error()).await;
+            let batched = batch.unless_missing(&mut c, batched.extract_error()).await;
             Ok::<_, redis::RedisError>((settled, batched))
         };
         match tokio::time::timeout(self.timeout, sent).await {
